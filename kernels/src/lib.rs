@@ -1,0 +1,14 @@
+//! qlorad-kernels: the NF4 format (byte-compatible with bitsandbytes) and the numeric ops of qlorad.
+//!
+//! Tensors in, tensors out: nothing here knows about models. Every op has a CPU implementation that
+//! is always compiled and serves as the reference for the CUDA one (behind the `cuda` feature).
+
+pub mod dynamic;
+pub mod error;
+pub mod nf4;
+pub mod nf4_matmul;
+pub mod nf4_op;
+
+pub use error::{KernelError, Result};
+pub use nf4::{Absmax, DoubleQuant, Nf4Config, Nf4Tensor, NF4_CODE};
+pub use nf4_op::{nf4_linear, Nf4Matmul, Nf4MatmulGrad, Nf4Weight};

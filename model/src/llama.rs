@@ -1,0 +1,358 @@
+//! The Llama/Mistral decoder (transformers' `modeling_llama.py` / `modeling_mistral.py`): RMSNorm,
+//! rotary embeddings (non-interleaved, "rotate half"), grouped-query attention with an optional
+//! sliding window (Mistral), SwiGLU MLP, tied or separate LM head.
+//!
+//! The forward pass takes a *flattened batch*: the new tokens of several sequences are concatenated
+//! into one `(tokens, hidden)` matrix so every projection runs once for the whole batch (as vLLM and
+//! TGI do); only attention is per sequence, against that sequence's own [`KvCache`].
+
+use crate::config::Config;
+use crate::error::{ModelError, Result};
+use crate::kv_cache::KvCache;
+use crate::linear::BaseLinear;
+use crate::loader::{LayerWeights, ModelWeights};
+use candle_core::{Device, Tensor};
+
+/// One sequence's share of a forward pass: its new tokens and its cache (positions continue from
+/// `cache.len()`).
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+/// Which logits to compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// The last new token of each sequence: `(num_seqs, vocab)`.
+    Last,
+    /// Every new token: `(total_tokens, vocab)`.
+    All,
+}
+
+struct Attention {
+    q: Box<dyn BaseLinear>,
+    k: Box<dyn BaseLinear>,
+    v: Box<dyn BaseLinear>,
+    o: Box<dyn BaseLinear>,
+}
+
+struct Mlp {
+    gate: Box<dyn BaseLinear>,
+    up: Box<dyn BaseLinear>,
+    down: Box<dyn BaseLinear>,
+}
+
+struct Block {
+    input_norm: Tensor,
+    attn: Attention,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+/// A loaded Llama/Mistral model.
+pub struct Llama {
+    cfg: Config,
+    embed: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    /// `None` when tied to the embedding.
+    lm_head: Option<Tensor>,
+    /// `(max_positions, head_dim / 2)` tables.
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+impl Llama {
+    /// Builds the model from loaded weights.
+    pub fn new(cfg: Config, w: ModelWeights) -> Result<Self> {
+        let device = Device::Cpu;
+        let (cos, sin) = rope_tables(&cfg, &device)?;
+        let blocks = w
+            .layers
+            .into_iter()
+            .map(|l: LayerWeights| Block {
+                input_norm: l.input_norm,
+                attn: Attention {
+                    q: l.q,
+                    k: l.k,
+                    v: l.v,
+                    o: l.o,
+                },
+                post_norm: l.post_norm,
+                mlp: Mlp {
+                    gate: l.gate,
+                    up: l.up,
+                    down: l.down,
+                },
+            })
+            .collect();
+        Ok(Self {
+            cfg,
+            embed: w.embed,
+            blocks,
+            norm: w.norm,
+            lm_head: w.lm_head,
+            cos,
+            sin,
+            device,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// A fresh cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.cfg.num_layers)
+    }
+
+    /// Bytes of base weights held (projections in their storage format, plus embeddings and norms).
+    pub fn weight_bytes(&self) -> usize {
+        let t = |x: &Tensor| x.elem_count() * x.dtype().size_in_bytes();
+        let mut total = t(&self.embed) + t(&self.norm) + self.lm_head.as_ref().map_or(0, t);
+        for b in &self.blocks {
+            total += t(&b.input_norm) + t(&b.post_norm);
+            for l in b.linears() {
+                total += l.storage_bytes();
+            }
+        }
+        total
+    }
+
+    /// Runs the new tokens of every sequence through the model, appending to their caches.
+    pub fn forward(&self, seqs: &mut [SeqInput<'_>], logits: Logits) -> Result<Tensor> {
+        let max_pos = self.cfg.max_position_embeddings;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        for s in seqs.iter() {
+            if s.tokens.is_empty() {
+                return Err(ModelError::Invalid("a sequence has no new tokens".into()));
+            }
+            let start = s.cache.len();
+            if start + s.tokens.len() > max_pos {
+                return Err(ModelError::Invalid(format!(
+                    "sequence of {} tokens exceeds the context length {max_pos}",
+                    start + s.tokens.len()
+                )));
+            }
+            if let Some(&bad) = s
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.cfg.vocab_size)
+            {
+                return Err(ModelError::Invalid(format!(
+                    "token id {bad} is outside the vocabulary ({})",
+                    self.cfg.vocab_size
+                )));
+            }
+            ids.extend_from_slice(s.tokens);
+            positions.extend((start..start + s.tokens.len()).map(|p| p as u32));
+        }
+        let t = ids.len();
+        let ids = Tensor::from_vec(ids, t, &self.device)?;
+        let pos = Tensor::from_vec(positions, t, &self.device)?;
+        let cos = self.cos.index_select(&pos, 0)?; // (tokens, head_dim/2)
+        let sin = self.sin.index_select(&pos, 0)?;
+        let mut x = self.embed.index_select(&ids, 0)?; // (tokens, hidden)
+        for (li, block) in self.blocks.iter().enumerate() {
+            x = block.forward(&self.cfg, li, &x, &cos, &sin, seqs)?;
+        }
+        for s in seqs.iter_mut() {
+            s.cache.advance(s.tokens.len());
+        }
+        let x = match logits {
+            Logits::All => x,
+            Logits::Last => {
+                let mut last = Vec::with_capacity(seqs.len());
+                let mut off = 0u32;
+                for s in seqs.iter() {
+                    off += s.tokens.len() as u32;
+                    last.push(off - 1);
+                }
+                let n = last.len();
+                x.index_select(&Tensor::from_vec(last, n, &self.device)?, 0)?
+            }
+        };
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Ok(x.matmul(&head.t()?)?) // (rows, vocab)
+    }
+}
+
+impl Block {
+    fn linears(&self) -> [&dyn BaseLinear; 7] {
+        [
+            self.attn.q.as_ref(),
+            self.attn.k.as_ref(),
+            self.attn.v.as_ref(),
+            self.attn.o.as_ref(),
+            self.mlp.gate.as_ref(),
+            self.mlp.up.as_ref(),
+            self.mlp.down.as_ref(),
+        ]
+    }
+
+    fn forward(
+        &self,
+        cfg: &Config,
+        layer: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        seqs: &mut [SeqInput<'_>],
+    ) -> Result<Tensor> {
+        let eps = cfg.rms_norm_eps as f32;
+        let h = candle_nn::ops::rms_norm(x, &self.input_norm, eps)?;
+        let a = self.attn.forward(cfg, layer, &h, cos, sin, seqs)?;
+        let x = (x + a)?;
+        let h = candle_nn::ops::rms_norm(&x, &self.post_norm, eps)?;
+        let gate = candle_nn::ops::silu(&self.mlp.gate.forward(&h)?)?;
+        let up = self.mlp.up.forward(&h)?;
+        let m = self.mlp.down.forward(&(gate * up)?)?;
+        Ok((x + m)?)
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        cfg: &Config,
+        layer: usize,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        seqs: &mut [SeqInput<'_>],
+    ) -> Result<Tensor> {
+        let (t, _) = h.dims2()?;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        // (tokens, heads * hd) → (1, heads, tokens, hd) for the rope kernel
+        let to_heads = |y: Tensor, heads: usize| -> Result<Tensor> {
+            Ok(y.reshape((t, heads, hd))?
+                .transpose(0, 1)?
+                .contiguous()?
+                .unsqueeze(0)?)
+        };
+        let q = to_heads(self.q.forward(h)?, nh)?;
+        let k = to_heads(self.k.forward(h)?, nkv)?;
+        let v = to_heads(self.v.forward(h)?, nkv)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?.squeeze(0)?; // (heads, tokens, hd)
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?;
+        let v = v.squeeze(0)?;
+        let mut outs = Vec::with_capacity(seqs.len());
+        let mut off = 0;
+        for s in seqs.iter_mut() {
+            let n = s.tokens.len();
+            let past = s.cache.len();
+            let (kk, vv) = s
+                .cache
+                .append(layer, &k.narrow(1, off, n)?, &v.narrow(1, off, n)?)?;
+            let qi = q.narrow(1, off, n)?;
+            outs.push(attend(cfg, &qi, &kk, &vv, past)?); // (n, heads * hd)
+            off += n;
+        }
+        let a = Tensor::cat(&outs, 0)?;
+        self.o.forward(&a)
+    }
+}
+
+/// Causal grouped-query attention of `n` new queries against `past + n` cached keys.
+/// q: (heads, n, hd); k, v: (kv_heads, past + n, hd) → (n, heads * hd).
+fn attend(cfg: &Config, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
+    let (nh, n, hd) = q.dims3()?;
+    let nkv = cfg.num_kv_heads;
+    let group = nh / nkv;
+    let total = past + n;
+    // Query heads h·group .. h·group+group share kv head h: fold the group into the row dimension
+    // instead of repeating K and V.
+    let qg = q.reshape((nkv, group * n, hd))?;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let scores = (qg.matmul(&k.t()?)? * scale)?; // (kv, group*n, total)
+    let scores = match attention_mask(n, past, cfg.sliding_window, q.device())? {
+        Some(mask) => scores
+            .reshape((nkv, group, n, total))?
+            .broadcast_add(&mask)?
+            .reshape((nkv, group * n, total))?,
+        None => scores,
+    };
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    let out = probs.matmul(&v.contiguous()?)?; // (kv, group*n, hd)
+    Ok(out
+        .reshape((nh, n, hd))?
+        .transpose(0, 1)?
+        .reshape((n, nh * hd))?)
+}
+
+/// Additive mask `(n, past + n)`: query i (at position past + i) sees keys at positions ≤ past + i
+/// and, with a sliding window w, > past + i - w. `None` when nothing is masked (a single decode token
+/// with no window limit).
+fn attention_mask(
+    n: usize,
+    past: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let total = past + n;
+    let limited = window.is_some_and(|w| total > w);
+    if n == 1 && !limited {
+        return Ok(None);
+    }
+    let mut m = vec![0f32; n * total];
+    for i in 0..n {
+        let qpos = past + i;
+        for j in 0..total {
+            let causal = j > qpos;
+            let outside = window.is_some_and(|w| qpos >= w && j <= qpos - w);
+            if causal || outside {
+                m[i * total + j] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(m, (n, total), device)?))
+}
+
+/// RoPE cos/sin tables `(max_positions, head_dim / 2)`, from the configured inverse frequencies.
+fn rope_tables(cfg: &Config, device: &Device) -> Result<(Tensor, Tensor)> {
+    let inv = cfg.rope_inv_freq();
+    let n = cfg.max_position_embeddings;
+    let half = inv.len();
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for &f in &inv {
+            // f32 product, as transformers forms `position * inv_freq` in float32.
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, half), device)?,
+        Tensor::from_vec(sin, (n, half), device)?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mask_is_causal_and_windowed() {
+        let m = attention_mask(3, 2, None, &Device::Cpu).unwrap().unwrap();
+        let v = m.to_vec2::<f32>().unwrap();
+        assert_eq!(v[0][..3], [0.0, 0.0, 0.0]);
+        assert!(v[0][3].is_infinite() && v[1][4].is_infinite() && v[2][4] == 0.0);
+        let w = attention_mask(1, 5, Some(3), &Device::Cpu)
+            .unwrap()
+            .unwrap();
+        let w = w.to_vec2::<f32>().unwrap();
+        // query at position 5 sees positions 3, 4, 5 only
+        assert!(w[0][2].is_infinite() && w[0][3] == 0.0 && w[0][5] == 0.0);
+        assert!(attention_mask(1, 5, None, &Device::Cpu).unwrap().is_none());
+    }
+}
