@@ -264,7 +264,11 @@ fn dequantize_into(
         for (j, o) in chunk.iter_mut().enumerate() {
             let i = chunk_start + j;
             let byte = packed[i / 2];
-            let nib = if i.is_multiple_of(2) { byte >> 4 } else { byte & 0x0f };
+            let nib = if i.is_multiple_of(2) {
+                byte >> 4
+            } else {
+                byte & 0x0f
+            };
             *o = code[nib as usize] * absmax[i / blocksize];
         }
     };

@@ -109,7 +109,11 @@ fn gemv_xwt(x: &[f32], m: usize, w: &Nf4Tensor, absmax: &[f32], n: usize, k: usi
                 for cc in c..seg_end {
                     let e = base + cc;
                     let byte = w.packed[e / 2];
-                    let nib = if e.is_multiple_of(2) { byte >> 4 } else { byte & 0x0f };
+                    let nib = if e.is_multiple_of(2) {
+                        byte >> 4
+                    } else {
+                        byte & 0x0f
+                    };
                     let wv = lut[nib as usize];
                     for (r, a) in acc.iter_mut().enumerate() {
                         *a += wv * x[r * k + cc];

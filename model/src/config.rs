@@ -39,10 +39,14 @@ pub struct HfConfig {
     pub head_dim: Option<usize>,
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "default_theta")]
-    pub rope_theta: f64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<serde_json::Value>,
+    /// transformers ≥ 5 writes `rope_parameters` (`rope_theta`, `rope_type`, scaling fields) instead of
+    /// the top-level `rope_theta` / `rope_scaling`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<serde_json::Value>,
     #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
     pub vocab_size: usize,
@@ -68,9 +72,6 @@ pub struct HfConfig {
 
 fn default_eps() -> f64 {
     1e-6
-}
-fn default_theta() -> f64 {
-    10_000.0
 }
 fn default_max_pos() -> usize {
     2048
@@ -172,7 +173,16 @@ impl Config {
         if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {head_dim} must be positive and even"));
         }
-        let rope_scaling = parse_rope_scaling(raw.rope_scaling.as_ref())?;
+        let params = raw.rope_parameters.as_ref().filter(|v| v.is_object());
+        let rope_theta = raw
+            .rope_theta
+            .or_else(|| {
+                params
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(|t| t.as_f64())
+            })
+            .unwrap_or(10_000.0);
+        let rope_scaling = parse_rope_scaling(raw.rope_scaling.as_ref().or(params))?;
         // Mistral's sliding window only matters when it is shorter than the context.
         let sliding_window = match arch {
             Arch::Mistral => raw
@@ -189,7 +199,7 @@ impl Config {
             num_kv_heads,
             head_dim,
             rms_norm_eps: raw.rms_norm_eps,
-            rope_theta: raw.rope_theta,
+            rope_theta,
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings,
             vocab_size: raw.vocab_size,
@@ -304,6 +314,18 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.contains("multiple"), "{e}");
+    }
+
+    #[test]
+    fn transformers_v5_rope_parameters() {
+        let c = parse(&format!(
+            r#"{{"model_type":"llama",{BASE},"rope_parameters":{{"rope_theta":500000.0,"rope_type":"default"}}}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.rope_theta, c.rope_scaling.clone()),
+            (500000.0, RopeScaling::None)
+        );
     }
 
     #[test]
