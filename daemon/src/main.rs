@@ -17,10 +17,12 @@ fn main() -> ExitCode {
     match cli::run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: the error and its causes, outermost first.
-            let mut msg = e.to_string();
+            // One line: the error and its causes, outermost first. Some library errors append a
+            // backtrace on later lines (candle with RUST_BACKTRACE set): keep the first line of each.
+            let first_line = |s: String| s.lines().next().unwrap_or_default().to_string();
+            let mut msg = first_line(e.to_string());
             for cause in e.chain().skip(1) {
-                let c = cause.to_string();
+                let c = first_line(cause.to_string());
                 if !msg.contains(&c) {
                     msg.push_str(": ");
                     msg.push_str(&c);

@@ -100,11 +100,16 @@ pub fn dynamic_signed_code() -> [f32; 256] {
 /// `v_j = 2j/65535 - 1`, i.e. the number of code midpoints strictly below `v_j` (f32 throughout).
 fn quantize_lut(code: &[f32; 256]) -> Vec<u8> {
     let mids: Vec<f32> = code.windows(2).map(|w| (w[0] + w[1]) * 0.5).collect();
+    // v_j increases with j, so the count of midpoints below it only grows: one merge pass.
+    let mut below = 0usize;
     (0..65536u32)
         .map(|j| {
             let jf = j as f32;
             let v = (jf + jf) / 65535.0 - 1.0;
-            mids.partition_point(|&m| m < v) as u8
+            while below < mids.len() && mids[below] < v {
+                below += 1;
+            }
+            below as u8
         })
         .collect()
 }

@@ -260,16 +260,36 @@ fn dequantize_into(
     out: &mut [f32],
 ) {
     const PAR_MIN: usize = 1 << 16;
+    // Walk block by block with a 16-entry table of `code * absmax` (the same f32 products as
+    // bitsandbytes' `code[q] * absmax[block]`), two elements per packed byte.
     let work = |chunk_start: usize, chunk: &mut [f32]| {
-        for (j, o) in chunk.iter_mut().enumerate() {
-            let i = chunk_start + j;
-            let byte = packed[i / 2];
-            let nib = if i.is_multiple_of(2) {
-                byte >> 4
-            } else {
-                byte & 0x0f
-            };
-            *o = code[nib as usize] * absmax[i / blocksize];
+        let end = chunk_start + chunk.len();
+        let (mut i, mut o) = (chunk_start, 0usize);
+        while i < end {
+            let b = i / blocksize;
+            let seg_end = ((b + 1) * blocksize).min(end);
+            let scale = absmax[b];
+            let lut = code.map(|c| c * scale);
+            if !i.is_multiple_of(2) {
+                chunk[o] = lut[(packed[i / 2] & 0x0f) as usize];
+                i += 1;
+                o += 1;
+            }
+            let pairs = (seg_end - i) / 2;
+            for (dst, &byte) in chunk[o..o + 2 * pairs]
+                .chunks_exact_mut(2)
+                .zip(&packed[i / 2..i / 2 + pairs])
+            {
+                dst[0] = lut[(byte >> 4) as usize];
+                dst[1] = lut[(byte & 0x0f) as usize];
+            }
+            i += 2 * pairs;
+            o += 2 * pairs;
+            if i < seg_end {
+                chunk[o] = lut[(packed[i / 2] >> 4) as usize];
+                i += 1;
+                o += 1;
+            }
         }
     };
     if out.len() < PAR_MIN {

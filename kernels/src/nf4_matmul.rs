@@ -11,7 +11,7 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 /// Inputs with at most this many rows use the fused GEMV path.
-const GEMV_MAX_ROWS: usize = 4;
+const GEMV_MAX_ROWS: usize = 8;
 /// Rows of W dequantized per tile on the tiled path.
 const TILE_ROWS: usize = 64;
 
@@ -76,53 +76,28 @@ pub fn matmul_xwt(x: &[f32], m: usize, w: &Nf4Tensor, absmax: &[f32]) -> Vec<f32
     out
 }
 
-/// Fused decode path: each output feature j reads row j of W once, 4 bits per weight.
+/// Output rows handled per rayon task on the GEMV path.
+const GEMV_ROWS_PER_TASK: usize = 16;
+
+/// Fused decode path: each output feature j reads row j of W once, 4 bits per weight. Per block the
+/// codes are expanded into unscaled NF4 values and dotted with x (16 independent lanes, FMA where the
+/// CPU has it), then scaled by the block's absmax once.
 fn gemv_xwt(x: &[f32], m: usize, w: &Nf4Tensor, absmax: &[f32], n: usize, k: usize) -> Vec<f32> {
     let bs = w.blocksize;
     let mut out_t = vec![0f32; n * m];
-    out_t.par_chunks_mut(m).enumerate().for_each(|(j, acc)| {
-        let base = j * k;
-        let mut c = 0;
-        while c < k {
-            let i = base + c;
-            let block = i / bs;
-            let seg_end = ((block + 1) * bs - base).min(k);
-            let scale = absmax[block];
-            let mut lut = [0f32; 16];
-            for (l, code) in lut.iter_mut().zip(w.code.iter()) {
-                *l = code * scale;
-            }
-            if i.is_multiple_of(2) && (seg_end - c).is_multiple_of(2) {
-                // aligned: one byte holds columns (c, c+1)
-                let bytes = &w.packed[i / 2..(base + seg_end) / 2];
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let xr = &x[r * k + c..r * k + seg_end];
-                    let mut s0 = 0f32;
-                    let mut s1 = 0f32;
-                    for (b, xx) in bytes.iter().zip(xr.chunks_exact(2)) {
-                        s0 += lut[(b >> 4) as usize] * xx[0];
-                        s1 += lut[(b & 0x0f) as usize] * xx[1];
-                    }
-                    *a += s0 + s1;
-                }
+    // Rows of whole blocks (k a multiple of the blocksize: every real model) take the fast kernels.
+    let whole_blocks = k.is_multiple_of(bs);
+    out_t
+        .par_chunks_mut(m * GEMV_ROWS_PER_TASK)
+        .enumerate()
+        .for_each(|(t, acc)| {
+            let row0 = t * GEMV_ROWS_PER_TASK;
+            if whole_blocks {
+                gemv_rows(x, m, w, absmax, k, row0, acc);
             } else {
-                for cc in c..seg_end {
-                    let e = base + cc;
-                    let byte = w.packed[e / 2];
-                    let nib = if e.is_multiple_of(2) {
-                        byte >> 4
-                    } else {
-                        byte & 0x0f
-                    };
-                    let wv = lut[nib as usize];
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        *a += wv * x[r * k + cc];
-                    }
-                }
+                gemv_rows_unaligned(x, m, w, absmax, k, row0, acc);
             }
-            c = seg_end;
-        }
-    });
+        });
     if m == 1 {
         return out_t;
     }
@@ -133,6 +108,151 @@ fn gemv_xwt(x: &[f32], m: usize, w: &Nf4Tensor, absmax: &[f32], n: usize, k: usi
         }
     }
     out
+}
+
+fn gemv_rows(
+    x: &[f32],
+    m: usize,
+    w: &Nf4Tensor,
+    absmax: &[f32],
+    k: usize,
+    row0: usize,
+    acc: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+        unsafe { gemv_rows_avx2(x, m, w, absmax, k, row0, acc) };
+        return;
+    }
+    gemv_rows_impl(x, m, w, absmax, k, row0, acc);
+}
+
+/// AVX2 kernel: 16 weights per step. The 16 nibbles of 8 packed bytes are widened to i32 indices
+/// and looked up in the block's scaled 16-entry table with two 8-lane permutes and a blend on bit 3
+/// (the vector form of a 16-entry LUT), then fused-multiply-added with x into running accumulators.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemv_rows_avx2(
+    x: &[f32],
+    m: usize,
+    w: &Nf4Tensor,
+    absmax: &[f32],
+    k: usize,
+    row0: usize,
+    acc: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    const MAX_M: usize = GEMV_MAX_ROWS;
+    debug_assert!(m <= MAX_M && w.blocksize.is_multiple_of(16));
+    let bs = w.blocksize;
+    let mask_lo = _mm_set1_epi8(0x0f);
+    for (r, out) in acc.chunks_mut(m).enumerate() {
+        let base = (row0 + r) * k;
+        let mut lanes = [_mm256_setzero_ps(); 2 * MAX_M];
+        for (bi, c) in (0..k).step_by(bs).enumerate() {
+            let scale = absmax[base / bs + bi];
+            let lut = w.code.map(|v| v * scale);
+            let lut_lo = _mm256_loadu_ps(lut.as_ptr());
+            let lut_hi = _mm256_loadu_ps(lut.as_ptr().add(8));
+            let bytes = w.packed.as_ptr().add((base + c) / 2);
+            for s in (0..bs).step_by(16) {
+                // 8 bytes → 16 nibbles in element order (high nibble first).
+                let v = _mm_loadl_epi64(bytes.add(s / 2) as *const __m128i);
+                let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask_lo);
+                let lo = _mm_and_si128(v, mask_lo);
+                let nib = _mm_unpacklo_epi8(hi, lo);
+                let i0 = _mm256_cvtepu8_epi32(nib);
+                let i1 = _mm256_cvtepu8_epi32(_mm_srli_si128(nib, 8));
+                let pick = |idx: __m256i| {
+                    let a = _mm256_permutevar8x32_ps(lut_lo, idx);
+                    let b = _mm256_permutevar8x32_ps(lut_hi, idx);
+                    _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)))
+                };
+                let (w0, w1) = (pick(i0), pick(i1));
+                for i in 0..m {
+                    let xp = x.as_ptr().add(i * k + c + s);
+                    lanes[2 * i] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp), lanes[2 * i]);
+                    lanes[2 * i + 1] =
+                        _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(8)), lanes[2 * i + 1]);
+                }
+            }
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            let mut buf = [0f32; 8];
+            _mm256_storeu_ps(
+                buf.as_mut_ptr(),
+                _mm256_add_ps(lanes[2 * i], lanes[2 * i + 1]),
+            );
+            *o += buf.iter().sum::<f32>();
+        }
+    }
+}
+
+/// Portable version: per block a scaled table, 16 running lanes per row.
+fn gemv_rows_impl(
+    x: &[f32],
+    m: usize,
+    w: &Nf4Tensor,
+    absmax: &[f32],
+    k: usize,
+    row0: usize,
+    acc: &mut [f32],
+) {
+    let bs = w.blocksize;
+    let mut vals = vec![0f32; bs];
+    for (r, out) in acc.chunks_mut(m).enumerate() {
+        let base = (row0 + r) * k;
+        let mut lanes = vec![[0f32; 16]; m];
+        for (bi, c) in (0..k).step_by(bs).enumerate() {
+            let lut = w.code.map(|v| v * absmax[base / bs + bi]);
+            let bytes = &w.packed[(base + c) / 2..(base + c + bs) / 2];
+            for (v, &byte) in vals.chunks_exact_mut(2).zip(bytes) {
+                v[0] = lut[(byte >> 4) as usize];
+                v[1] = lut[(byte & 0x0f) as usize];
+            }
+            for (i, l) in lanes.iter_mut().enumerate() {
+                let xs = &x[i * k + c..i * k + c + bs];
+                for (cv, cx) in vals.chunks_exact(16).zip(xs.chunks_exact(16)) {
+                    for j in 0..16 {
+                        l[j] += cv[j] * cx[j];
+                    }
+                }
+            }
+        }
+        for (o, l) in out.iter_mut().zip(&lanes) {
+            *o += l.iter().sum::<f32>();
+        }
+    }
+}
+
+/// General rows (blocks straddle rows, odd k): element-wise with a per-block scaled table.
+fn gemv_rows_unaligned(
+    x: &[f32],
+    m: usize,
+    w: &Nf4Tensor,
+    absmax: &[f32],
+    k: usize,
+    row0: usize,
+    acc: &mut [f32],
+) {
+    let bs = w.blocksize;
+    for (r, out) in acc.chunks_mut(m).enumerate() {
+        let base = (row0 + r) * k;
+        for c in 0..k {
+            let e = base + c;
+            let byte = w.packed[e / 2];
+            let nib = if e.is_multiple_of(2) {
+                byte >> 4
+            } else {
+                byte & 0x0f
+            };
+            let wv = w.code[nib as usize] * absmax[e / bs];
+            for (i, o) in out.iter_mut().enumerate() {
+                *o += wv * x[i * k + c];
+            }
+        }
+    }
 }
 
 /// `dy (m×n) · W (n×k) → dx (m×k)`: the input gradient of `y = x·Wᵀ`, re-dequantizing W one tile

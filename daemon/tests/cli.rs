@@ -1,0 +1,232 @@
+//! The `qlorad` binary end to end: generation on the real model in both storage modes, and bad input
+//! giving one clear error line (naming the file and tensor), a non-zero exit and no panic.
+
+use qlorad_tests::{fixture, smollm2};
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn qlorad(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_qlorad"))
+        .args(args)
+        .output()
+        .expect("run qlorad")
+}
+
+/// Asserts a clean failure: non-zero exit, exactly one stderr line, naming every `needle`.
+fn assert_one_line_error(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one error line expected, got: {stderr}");
+    assert!(lines[0].starts_with("qlorad: error: "), "{stderr}");
+    for n in needles {
+        assert!(
+            lines[0].contains(n),
+            "error line should name {n:?}: {}",
+            lines[0]
+        );
+    }
+}
+
+/// A copy of the tiny fp32 Llama fixture whose config/weights a test then breaks.
+fn tiny_copy(dir: &Path) {
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(fixture("tiny-llama/fp32").join(f), dir.join(f)).unwrap();
+    }
+}
+
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&p, v.to_string()).unwrap();
+}
+
+#[test]
+fn generate_answers_paris_in_both_quant_modes() {
+    let Some(dir) = smollm2() else { return };
+    let dir = dir.to_str().unwrap();
+    for quant in ["nf4", "none"] {
+        let out = qlorad(&[
+            "generate",
+            "--model",
+            dir,
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+            "--quant",
+            quant,
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("Paris"), "quant {quant}: {text}");
+    }
+}
+
+#[test]
+fn missing_model_folder() {
+    let out = qlorad(&[
+        "generate",
+        "--model",
+        "/nonexistent/model",
+        "--prompt",
+        "hi",
+    ]);
+    assert_one_line_error(&out, &["/nonexistent/model"]);
+}
+
+#[test]
+fn corrupt_safetensors_names_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_copy(d.path());
+    let st = d.path().join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap(); // truncated
+    let out = qlorad(&[
+        "generate",
+        "--model",
+        d.path().to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_one_line_error(&out, &["model.safetensors"]);
+    std::fs::write(&st, b"not a safetensors file at all").unwrap();
+    let out = qlorad(&[
+        "generate",
+        "--model",
+        d.path().to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_one_line_error(&out, &["model.safetensors", "invalid safetensors"]);
+}
+
+#[test]
+fn unsupported_architecture_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_copy(d.path());
+    edit_config(d.path(), |v| v["model_type"] = "gpt2".into());
+    let out = qlorad(&[
+        "generate",
+        "--model",
+        d.path().to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_one_line_error(&out, &["config.json", "unsupported architecture", "gpt2"]);
+}
+
+#[test]
+fn shape_mismatch_names_the_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_copy(d.path());
+    edit_config(d.path(), |v| v["intermediate_size"] = 96.into());
+    let out = qlorad(&[
+        "generate",
+        "--model",
+        d.path().to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_one_line_error(
+        &out,
+        &[
+            "model.layers.0.mlp.gate_proj.weight",
+            "[128, 64]",
+            "[96, 64]",
+        ],
+    );
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    tiny_copy(d.path());
+    edit_config(d.path(), |v| v["num_hidden_layers"] = 3.into());
+    let out = qlorad(&[
+        "generate",
+        "--model",
+        d.path().to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert_one_line_error(&out, &["missing tensor", "model.layers.2."]);
+}
+
+#[test]
+fn bad_gguf_files_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let junk = d.path().join("junk.gguf");
+    std::fs::write(&junk, b"definitely not gguf").unwrap();
+    let out_dir = d.path().join("out");
+    let out = qlorad(&[
+        "import-gguf",
+        "--gguf",
+        junk.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, &["junk.gguf"]);
+    assert!(
+        !out_dir.exists(),
+        "nothing may be left under the output name"
+    );
+    let missing = d.path().join("missing.gguf");
+    let out = qlorad(&[
+        "import-gguf",
+        "--gguf",
+        missing.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, &["missing.gguf"]);
+}
+
+#[test]
+fn truncated_gguf_names_file_and_tensor() {
+    let Some(model) = smollm2() else { return };
+    let gguf = model.join("../cache/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let Ok(bytes) = std::fs::read(&gguf) else {
+        eprintln!("skipping: {} not found", gguf.display());
+        return;
+    };
+    let d = tempfile::tempdir().unwrap();
+    let cut = d.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let out_dir = d.path().join("out");
+    let out = qlorad(&[
+        "import-gguf",
+        "--gguf",
+        cut.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, &["cut.gguf", "tensor blk."]);
+    assert!(!out_dir.exists());
+}
+
+#[test]
+fn quantize_refuses_to_overwrite() {
+    let d = tempfile::tempdir().unwrap();
+    let out_dir = d.path().join("q");
+    std::fs::create_dir(&out_dir).unwrap();
+    let src = fixture("tiny-llama/fp32");
+    let out = qlorad(&[
+        "quantize",
+        "--model",
+        src.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_one_line_error(&out, &["already exists"]);
+}
