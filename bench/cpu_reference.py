@@ -18,6 +18,8 @@ Measurements (all on CPU, fp32 activations, torch.set_num_threads(--threads, def
                   prefill time, i.e. generate()'s decode rate including its per-step overheads;
                   generate_wall_s is the raw median wall time.
   load_s          wall time of from_pretrained (NF4: includes quantizing the weights with bitsandbytes).
+  cpu_util_*      per measured run: process CPU seconds / wall seconds (about --threads on a quiet machine;
+                  well below it means other processes took the cores and the timing is not trustworthy).
   rss_mb          peak RSS (getrusage ru_maxrss) at the end of the run; rss_load_mb right after loading;
                   rss_now_mb = current VmRSS at the end.
 
@@ -186,13 +188,22 @@ def main():
         assert cache.get_seq_length() == P + D, cache.get_seq_length()
         return steps, toks
 
-    prefill_times, decode_times, step_ms = [], [], []
+    def cpu_s():
+        t = os.times()
+        return t.user + t.system
+
+    prefill_times, decode_times, step_ms, util_pre, util_dec = [], [], [], [], []
     tokens = None
     with torch.inference_mode():
         for r in range(R + 1):  # run 0 is the warm-up
+            c0 = cpu_s()
             out, cache, dtp = prefill()
+            c1 = cpu_s()
             steps, toks = decode(out, cache)
+            c2 = cpu_s()
             del out, cache
+            # process CPU seconds per wall second: ~threads when the cores are ours, less under contention
+            up, ud = (c1 - c0) / dtp, (c2 - c1) / max(sum(steps), 1e-9)
             if r == 0:
                 log(f"[{args.quant}] warm-up: prefill {dtp*1e3:.1f} ms, decode {sum(steps)*1e3:.1f} ms")
                 tokens = toks
@@ -201,9 +212,11 @@ def main():
                 log(f"[{args.quant}] WARNING: greedy tokens differ between runs")
             prefill_times.append(dtp)
             decode_times.append(sum(steps))
+            util_pre.append(up)
+            util_dec.append(ud)
             step_ms.extend(s * 1e3 for s in steps)
             log(f"[{args.quant}] run {r}: prefill {dtp*1e3:.1f} ms ({P/dtp:.1f} tok/s), "
-                f"decode {sum(steps)*1e3:.1f} ms ({D/sum(steps):.1f} tok/s)")
+                f"decode {sum(steps)*1e3:.1f} ms ({D/sum(steps):.1f} tok/s); cpu util {up:.2f}/{ud:.2f} of {args.threads}")
 
         gen_wall = None
         if not args.no_generate:
@@ -237,6 +250,9 @@ def main():
         "prefill_s": prefill_times,
         "decode_s": decode_times,
         "decode_step_ms_median": statistics.median(step_ms),
+        "cpu_util_prefill": util_pre,
+        "cpu_util_decode": util_dec,
+        "loadavg_end": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None,
         "load_s": load_s,
         "rss_load_mb": rss_load,
         "rss_mb": peak_rss_mb(),

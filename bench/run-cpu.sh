@@ -170,5 +170,12 @@ for q in ("none", "nf4"):
     g = b.get("generate_tok_s"); x = a.get("decode_tok_s")
     ratio = (x / g) if isinstance(x, (int, float)) and g else None
     print(f"| {q} | decode tok/s vs transformers generate() | {fmt(x)} | {fmt(g)} | {fmt(ratio, 3)} | higher |")
+for q in ("none", "nf4"):
+    b = results.get(q, {}).get("transformers", {})
+    th = b.get("threads") or 1
+    utils = (b.get("cpu_util_prefill") or []) + (b.get("cpu_util_decode") or [])
+    if utils and min(utils) < 0.8 * th:
+        print(f"\nWARNING: transformers {q}: CPU utilisation fell to {min(utils):.2f} of {th} threads in a measured "
+              "run: other processes were using the cores; rerun on a quiet machine.")
 print(f"\nwrote {outjson}")
 EOF

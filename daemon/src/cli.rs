@@ -1,4 +1,5 @@
-//! Command-line interface of `qlorad`: the one-shot commands (generate, import-gguf, quantize).
+//! Command-line interface of `qlorad`: `serve` and the one-shot commands (generate, import-gguf,
+//! quantize).
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -18,6 +19,8 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(crate::server::ServeArgs),
     /// Generate a completion for one prompt and print it.
     Generate(GenerateArgs),
     /// Convert a llama.cpp GGUF file into a Hugging Face model folder.
@@ -98,6 +101,7 @@ struct QuantizeArgs {
 
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Serve(a) => crate::server::serve(a),
         Command::Generate(a) => generate(a),
         Command::ImportGguf(a) => {
             let dtype = match a.dtype.as_str() {

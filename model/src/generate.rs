@@ -94,6 +94,41 @@ impl StopMatcher {
     }
 }
 
+/// Incremental detokenization (the prefix/read-offset scheme of TGI's `decode_token`): text is
+/// emitted only once the tokens decode to complete UTF-8 (byte-level BPE can split a character
+/// across tokens), and a few tokens of left context keep word-boundary spaces right. Owns no borrow
+/// of the tokenizer, so one can live in each sequence of a batch.
+#[derive(Debug, Default, Clone)]
+pub struct IncrementalDecoder {
+    ids: Vec<u32>,
+    prefix_offset: usize,
+    read_offset: usize,
+}
+
+impl IncrementalDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a token; returns the new text it completes (possibly empty).
+    pub fn step(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let prefix = tok.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
+        let text = tok.decode(&self.ids[self.prefix_offset..], true)?;
+        if text.len() > prefix.len()
+            && !text.ends_with('\u{FFFD}')
+            && text.is_char_boundary(prefix.len())
+        {
+            let new = text[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(new)
+        } else {
+            Ok(String::new())
+        }
+    }
+}
+
 /// Generates a completion of `prompt` (token ids), calling `on_text` with each final piece of text.
 pub fn generate(
     model: &Llama,
@@ -116,7 +151,7 @@ pub fn generate(
     let mut cache = model.new_cache();
     let mut sampler = Sampler::new(params.sampling.clone());
     let mut stop = StopMatcher::new(&params.stop);
-    let mut stream = tok.inner().decode_stream(true);
+    let mut detok = IncrementalDecoder::new();
     let eos = tok.eos_ids();
     let mut tokens = Vec::new();
     let mut text = String::new();
@@ -137,10 +172,8 @@ pub fn generate(
             break;
         }
         tokens.push(id);
-        let piece = stream
-            .step(id)
-            .map_err(|e| ModelError::Tokenize(e.to_string()))?;
-        if let Some(piece) = piece {
+        let piece = detok.step(tok, id)?;
+        if !piece.is_empty() {
             let (out, hit) = stop.push(&piece);
             text.push_str(&out);
             on_text(&out);
@@ -151,8 +184,9 @@ pub fn generate(
         }
         next_input = vec![id];
     }
-    if finish == FinishReason::Length || !stop.pending.is_empty() {
-        let rest = stop.flush();
+    // Text held back as a possible stop-string prefix was not one after all.
+    let rest = stop.flush();
+    if !rest.is_empty() {
         text.push_str(&rest);
         on_text(&rest);
     }

@@ -1,0 +1,380 @@
+//! The HTTP API: OpenAI-compatible routes plus health, readiness and metrics.
+
+pub mod error;
+pub mod openai;
+
+use crate::engine::{EngineHandle, Event, Request, SubmitError};
+use crate::metrics::Metrics;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use error::ApiError;
+use openai::{ChatRequest, CompletionRequest, ModelCard, Sampling, Usage};
+use qlorad_model::{FinishReason, Tokenizer};
+use serde_json::json;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+/// Shared state of the handlers: cheap to clone (all `Arc`s).
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub tok: Arc<Tokenizer>,
+    pub model_id: Arc<str>,
+    pub context_len: usize,
+    pub metrics: Arc<Metrics>,
+    pub created: u64,
+    pub max_body_bytes: usize,
+    pub ids: Arc<AtomicU64>,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Builds the router.
+pub fn router(state: AppState) -> Router {
+    let limit = state.max_body_bytes;
+    Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{*id}", get(model))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+async fn ready(State(st): State<AppState>) -> Response {
+    if st.engine.is_alive() {
+        Json(json!({"status": "ready", "model": &*st.model_id, "inflight": st.engine.inflight()}))
+            .into_response()
+    } else {
+        ApiError::unavailable("the inference engine is not running").into_response()
+    }
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        st.metrics.encode(),
+    )
+        .into_response()
+}
+
+fn card(st: &AppState) -> ModelCard {
+    ModelCard {
+        id: st.model_id.to_string(),
+        object: "model",
+        created: st.created,
+        owned_by: "qlorad",
+    }
+}
+
+async fn models(State(st): State<AppState>) -> Response {
+    let resp = Json(json!({"object": "list", "data": [card(&st)]})).into_response();
+    record(&st, "/v1/models", resp.status(), Instant::now());
+    resp
+}
+
+async fn model(State(st): State<AppState>, Path(id): Path<String>) -> Response {
+    let resp = if id == *st.model_id {
+        Json(card(&st)).into_response()
+    } else {
+        ApiError::model_not_found(&id).into_response()
+    };
+    record(&st, "/v1/models/{id}", resp.status(), Instant::now());
+    resp
+}
+
+fn record(st: &AppState, route: &str, status: StatusCode, started: Instant) {
+    st.metrics
+        .http_requests
+        .with_label_values(&[route, status.as_str()])
+        .inc();
+    st.metrics
+        .http_latency
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// Parses a JSON body, mapping every failure to an OpenAI error.
+fn parse<T: serde::de::DeserializeOwned>(
+    st: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<T, ApiError> {
+    let bytes = body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(st.max_body_bytes)
+        } else {
+            ApiError::invalid(format!("could not read the request body: {rej}"), None)
+        }
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
+}
+
+fn check_model(st: &AppState, model: &str) -> Result<(), ApiError> {
+    if model == &*st.model_id {
+        Ok(())
+    } else {
+        Err(ApiError::model_not_found(model))
+    }
+}
+
+/// Validates limits against the context and submits; returns the event stream.
+fn submit(
+    st: &AppState,
+    prompt: Vec<u32>,
+    sampling: &Sampling,
+    default_max: Option<usize>,
+) -> Result<(UnboundedReceiver<Event>, usize), ApiError> {
+    let n = prompt.len();
+    if n == 0 {
+        return Err(ApiError::invalid("the prompt is empty", Some("prompt")));
+    }
+    let room = st.context_len.saturating_sub(n);
+    let params = sampling.to_params(default_max.unwrap_or(room).max(1))?;
+    if n + params.max_tokens > st.context_len {
+        return Err(ApiError::invalid(
+            format!(
+                "This model's maximum context length is {} tokens. However, you requested {} tokens ({n} in the prompt, {} in the completion).",
+                st.context_len,
+                n + params.max_tokens,
+                params.max_tokens
+            ),
+            Some("max_tokens"),
+        )
+        .with_code("context_length_exceeded"));
+    }
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    st.engine
+        .submit(Request {
+            prompt,
+            params,
+            events: tx,
+        })
+        .map_err(|e| match e {
+            SubmitError::QueueFull(_) => ApiError::overloaded(e.to_string()),
+            SubmitError::Stopped => ApiError::unavailable(e.to_string()),
+        })?;
+    Ok((rx, n))
+}
+
+fn new_id(st: &AppState, prefix: &str) -> String {
+    let n = st.ids.fetch_add(1, Ordering::Relaxed);
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!("{prefix}-{t:x}{n:04x}")
+}
+
+/// The two completion routes differ only in how the prompt is built and how chunks look.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+async fn chat(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let started = Instant::now();
+    let resp = match chat_inner(&st, body) {
+        Ok((rx, n, req)) => respond(&st, Kind::Chat, rx, n, req.model, &req.sampling).await,
+        Err(e) => e.into_response(),
+    };
+    record(&st, "/v1/chat/completions", resp.status(), started);
+    resp
+}
+
+fn chat_inner(
+    st: &AppState,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(UnboundedReceiver<Event>, usize, ChatRequest), ApiError> {
+    let req: ChatRequest = parse(st, body)?;
+    check_model(st, &req.model)?;
+    let msgs = req.messages()?;
+    let text = st
+        .tok
+        .apply_chat_template(&msgs, true)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+    let ids = st.tok.encode(&text, false).map_err(ApiError::internal)?;
+    let (rx, n) = submit(st, ids, &req.sampling, None)?;
+    Ok((rx, n, req))
+}
+
+async fn completions(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let started = Instant::now();
+    let inner = || -> Result<_, ApiError> {
+        let req: CompletionRequest = parse(&st, body)?;
+        check_model(&st, &req.model)?;
+        let ids = st
+            .tok
+            .encode(req.prompt()?, true)
+            .map_err(ApiError::internal)?;
+        // OpenAI's legacy completions default to 16 tokens.
+        let (rx, n) = submit(&st, ids, &req.sampling, Some(16))?;
+        Ok((rx, n, req))
+    };
+    let resp = match inner() {
+        Ok((rx, n, req)) => respond(&st, Kind::Text, rx, n, req.model, &req.sampling).await,
+        Err(e) => e.into_response(),
+    };
+    record(&st, "/v1/completions", resp.status(), started);
+    resp
+}
+
+async fn respond(
+    st: &AppState,
+    kind: Kind,
+    rx: UnboundedReceiver<Event>,
+    n: usize,
+    model: String,
+    s: &Sampling,
+) -> Response {
+    let id = new_id(
+        st,
+        if kind == Kind::Chat {
+            "chatcmpl"
+        } else {
+            "cmpl"
+        },
+    );
+    if s.stream {
+        stream(kind, rx, id, model, s.include_usage()).into_response()
+    } else {
+        collect(kind, rx, id, model, n).await
+    }
+}
+
+async fn collect(
+    kind: Kind,
+    mut rx: UnboundedReceiver<Event>,
+    id: String,
+    model: String,
+    n: usize,
+) -> Response {
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Text(t) => text.push_str(&t),
+            Event::Error(e) => return ApiError::internal(e).into_response(),
+            Event::Finish {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+            } => {
+                let usage = Usage::new(prompt_tokens, completion_tokens);
+                let choice = match kind {
+                    Kind::Chat => {
+                        json!({"index": 0, "message": {"role": "assistant", "content": text},
+                        "logprobs": null, "finish_reason": reason.as_str()})
+                    }
+                    Kind::Text => {
+                        json!({"index": 0, "text": text, "logprobs": null, "finish_reason": reason.as_str()})
+                    }
+                };
+                let object = if kind == Kind::Chat {
+                    "chat.completion"
+                } else {
+                    "text_completion"
+                };
+                return Json(
+                    json!({"id": id, "object": object, "created": unix_now(), "model": model,
+                    "choices": [choice], "usage": usage}),
+                )
+                .into_response();
+            }
+        }
+    }
+    let _ = n;
+    ApiError::internal("the engine dropped the request").into_response()
+}
+
+fn chunk(
+    kind: Kind,
+    id: &str,
+    model: &str,
+    created: u64,
+    delta: Option<&str>,
+    role: bool,
+    finish: Option<FinishReason>,
+) -> serde_json::Value {
+    let reason = finish.map(|f| f.as_str());
+    match kind {
+        Kind::Chat => {
+            let mut d = serde_json::Map::new();
+            if role {
+                d.insert("role".into(), json!("assistant"));
+            }
+            if let Some(t) = delta {
+                d.insert("content".into(), json!(t));
+            }
+            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": d, "logprobs": null, "finish_reason": reason}]})
+        }
+        Kind::Text => {
+            json!({"id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": delta.unwrap_or(""), "logprobs": null, "finish_reason": reason}]})
+        }
+    }
+}
+
+/// Server-sent events: content deltas, a final chunk with `finish_reason`, optionally a usage chunk,
+/// then `data: [DONE]`. Dropping the stream (client gone) closes the channel, which cancels the work.
+fn stream(
+    kind: Kind,
+    mut rx: UnboundedReceiver<Event>,
+    id: String,
+    model: String,
+    include_usage: bool,
+) -> impl IntoResponse {
+    let created = unix_now();
+    let s = async_stream::stream! {
+        if kind == Kind::Chat {
+            yield Ok::<_, Infallible>(SseEvent::default().data(chunk(kind, &id, &model, created, Some(""), true, None).to_string()));
+        }
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                Event::Text(t) => {
+                    yield Ok(SseEvent::default().data(chunk(kind, &id, &model, created, Some(&t), false, None).to_string()));
+                }
+                Event::Error(e) => {
+                    yield Ok(SseEvent::default().data(ApiError::internal(e).body().to_string()));
+                    break;
+                }
+                Event::Finish { reason, prompt_tokens, completion_tokens } => {
+                    let mut last = chunk(kind, &id, &model, created, None, false, Some(reason));
+                    if kind == Kind::Text {
+                        last["choices"][0]["text"] = json!("");
+                    }
+                    yield Ok(SseEvent::default().data(last.to_string()));
+                    if include_usage {
+                        let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+                        let u = json!({"id": id, "object": object, "created": created, "model": model,
+                            "choices": [], "usage": Usage::new(prompt_tokens, completion_tokens)});
+                        yield Ok(SseEvent::default().data(u.to_string()));
+                    }
+                    break;
+                }
+            }
+        }
+        yield Ok(SseEvent::default().data("[DONE]"));
+    };
+    Sse::new(s).keep_alive(KeepAlive::default())
+}

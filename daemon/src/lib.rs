@@ -1,0 +1,7 @@
+//! The qlorad daemon: HTTP API, inference engine (continuous batching), metrics, and the CLI.
+
+pub mod api;
+pub mod cli;
+pub mod engine;
+pub mod metrics;
+pub mod server;

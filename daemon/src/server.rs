@@ -1,0 +1,135 @@
+//! `qlorad serve`: loads the base model once, starts the engine thread and the HTTP server, and
+//! shuts down gracefully on SIGINT/SIGTERM (in-flight requests drain, bounded by a deadline).
+
+use crate::api::{self, AppState};
+use crate::engine::{EngineConfig, EngineHandle};
+use crate::metrics::Metrics;
+use anyhow::{bail, Context, Result};
+use qlorad_model::Quant;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Model folder (config.json, safetensors, tokenizer.json).
+    #[arg(long, env = "QLORAD_MODEL")]
+    pub model: PathBuf,
+    /// Address to listen on. Without API keys only loopback addresses are allowed.
+    #[arg(long, env = "QLORAD_LISTEN", default_value = "127.0.0.1:8000")]
+    pub listen: SocketAddr,
+    /// The id clients use in `model` (default: the model folder's name).
+    #[arg(long, env = "QLORAD_MODEL_ID")]
+    pub model_id: Option<String>,
+    /// Base weight storage: nf4 (quantize on load) or none.
+    #[arg(long, env = "QLORAD_QUANT", default_value = "nf4")]
+    pub quant: Quant,
+    /// Tokens per forward pass (prefill + decode).
+    #[arg(long, env = "QLORAD_MAX_BATCH_TOKENS", default_value_t = 2048)]
+    pub max_batch_tokens: usize,
+    /// Sequences decoded together.
+    #[arg(long, env = "QLORAD_MAX_RUNNING", default_value_t = 32)]
+    pub max_running: usize,
+    /// Requests accepted at once (running + waiting); beyond it clients get 429.
+    #[arg(long, env = "QLORAD_MAX_INFLIGHT", default_value_t = 128)]
+    pub max_inflight: usize,
+    /// Largest request body accepted (413 beyond).
+    #[arg(long, env = "QLORAD_MAX_BODY_BYTES", default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds in-flight requests get to finish after a shutdown signal.
+    #[arg(long, env = "QLORAD_SHUTDOWN_GRACE_S", default_value_t = 30)]
+    pub shutdown_grace_s: u64,
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    if !a.listen.ip().is_loopback() {
+        bail!(
+            "refusing to listen on {} without API keys: only loopback addresses are allowed until keys are configured",
+            a.listen
+        );
+    }
+    let (model, tok) = qlorad_model::load_model(&a.model, a.quant)
+        .with_context(|| format!("loading model from {}", a.model.display()))?;
+    let model_id = a.model_id.clone().unwrap_or_else(|| {
+        a.model
+            .canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "model".into())
+    });
+    let metrics = Arc::new(Metrics::new().context("creating metrics")?);
+    metrics.model_weight_bytes.set(model.weight_bytes() as i64);
+    let context_len = model.config().max_position_embeddings;
+    let tok = Arc::new(tok);
+    let engine = EngineHandle::start(
+        Arc::new(model),
+        tok.clone(),
+        EngineConfig {
+            max_batch_tokens: a.max_batch_tokens,
+            max_running: a.max_running,
+            max_inflight: a.max_inflight,
+        },
+        metrics.clone(),
+    );
+    let state = AppState {
+        engine,
+        tok,
+        model_id: model_id.clone().into(),
+        context_len,
+        metrics,
+        created: api::unix_now(),
+        max_body_bytes: a.max_body_bytes,
+        ids: Arc::new(AtomicU64::new(0)),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(a.listen)
+            .await
+            .with_context(|| format!("binding {}", a.listen))?;
+        eprintln!("qlorad: serving {model_id} on http://{}", listener.local_addr()?);
+        let grace = Duration::from_secs(a.shutdown_grace_s);
+        let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            eprintln!("qlorad: shutting down, draining in-flight requests (up to {}s)", grace.as_secs());
+            let _ = sig_tx.send(());
+        });
+        let server = tokio::spawn(async move { server.await });
+        let deadline = async move {
+            if sig_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = server => { r.context("server task")?.context("server")?; }
+            _ = deadline => { eprintln!("qlorad: shutdown deadline reached, closing remaining connections"); }
+        }
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

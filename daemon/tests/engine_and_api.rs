@@ -1,0 +1,316 @@
+//! The engine batches concurrent requests without changing their results, cancels work whose client
+//! left, and the HTTP layer answers every failure in OpenAI's error shape (router driven with
+//! `oneshot`, no socket).
+
+use axum::body::Body;
+use axum::http::{Request as HttpRequest, StatusCode};
+use http_body_util::BodyExt;
+use qlorad::api::{router, AppState};
+use qlorad::engine::{EngineConfig, EngineHandle, Event, Request};
+use qlorad::metrics::Metrics;
+use qlorad_model::generate::GenerateParams;
+use qlorad_model::{ChatMessage, Llama, Quant, SamplingParams, Tokenizer};
+use qlorad_tests::smollm2;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use tower::ServiceExt;
+
+fn load() -> Option<(Arc<Llama>, Arc<Tokenizer>)> {
+    let dir = smollm2()?;
+    let (m, t) = qlorad_model::load_model(&dir, Quant::Nf4(Default::default())).unwrap();
+    Some((Arc::new(m), Arc::new(t)))
+}
+
+fn prompt(tok: &Tokenizer, q: &str) -> Vec<u32> {
+    let text = tok
+        .apply_chat_template(&[ChatMessage::new("user", q)], true)
+        .unwrap();
+    tok.encode(&text, false).unwrap()
+}
+
+fn greedy(max_tokens: usize) -> GenerateParams {
+    GenerateParams {
+        sampling: SamplingParams::greedy(),
+        max_tokens,
+        stop: vec![],
+    }
+}
+
+async fn drain(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (String, usize) {
+    let mut text = String::new();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            Event::Text(t) => text.push_str(&t),
+            Event::Finish {
+                completion_tokens, ..
+            } => return (text, completion_tokens),
+            Event::Error(e) => panic!("engine error: {e}"),
+        }
+    }
+    panic!("stream ended without Finish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_requests_equal_running_alone() {
+    let Some((model, tok)) = load() else { return };
+    let questions = [
+        "What is the capital of France?",
+        "Name three colors.",
+        "What is 2+2?",
+        "Say hello in Spanish.",
+    ];
+    let lens = [20usize, 12, 7, 16];
+    let engine = EngineHandle::start(
+        model.clone(),
+        tok.clone(),
+        EngineConfig::default(),
+        Arc::new(Metrics::new().unwrap()),
+    );
+    let mut rxs = Vec::new();
+    for (q, n) in questions.iter().zip(lens) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        engine
+            .submit(Request {
+                prompt: prompt(&tok, q),
+                params: greedy(n),
+                events: tx,
+            })
+            .unwrap();
+        rxs.push(rx);
+    }
+    for ((rx, q), n) in rxs.into_iter().zip(questions).zip(lens) {
+        let (batched, count) = drain(rx).await;
+        let alone =
+            qlorad_model::generate(&model, &tok, &prompt(&tok, q), &greedy(n), |_| {}).unwrap();
+        assert_eq!(batched, alone.text, "{q}");
+        assert_eq!(count, alone.tokens.len(), "{q}");
+    }
+    assert_eq!(engine.inflight(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnected_client_is_cancelled() {
+    let Some((model, tok)) = load() else { return };
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let engine = EngineHandle::start(model, tok.clone(), EngineConfig::default(), metrics.clone());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    engine
+        .submit(Request {
+            prompt: prompt(&tok, "Tell me a long story."),
+            params: greedy(4000),
+            events: tx,
+        })
+        .unwrap();
+    let first = rx.recv().await; // generation has started
+    assert!(matches!(first, Some(Event::Text(_))), "{first:?}");
+    drop(rx);
+    for _ in 0..200 {
+        if engine.inflight() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(engine.inflight(), 0, "cancelled request still in flight");
+    assert_eq!(metrics.cancelled.get(), 1);
+}
+
+fn state(model: Arc<Llama>, tok: Arc<Tokenizer>, cfg: EngineConfig, max_body: usize) -> AppState {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let context_len = model.config().max_position_embeddings;
+    AppState {
+        engine: EngineHandle::start(model, tok.clone(), cfg, metrics.clone()),
+        tok,
+        model_id: "smollm2".into(),
+        context_len,
+        metrics,
+        created: 0,
+        max_body_bytes: max_body,
+        ids: Arc::new(AtomicU64::new(0)),
+    }
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    body: &str,
+) -> (StatusCode, serde_json::Value, Option<String>) {
+    let req = HttpRequest::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        retry,
+    )
+}
+
+fn assert_error(v: &serde_json::Value, kind: &str, param: Option<&str>) {
+    let e = &v["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{v}");
+    assert_eq!(e["type"], kind, "{v}");
+    if let Some(p) = param {
+        assert_eq!(e["param"], p, "{v}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_have_the_openai_shape() {
+    let Some((model, tok)) = load() else { return };
+    let app = router(state(
+        model.clone(),
+        tok.clone(),
+        EngineConfig::default(),
+        4096,
+    ));
+    let ok_msgs = r#""messages":[{"role":"user","content":"hi"}]"#;
+    let (s, v, _) = call(&app, "POST", "/v1/chat/completions", "{not json").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert_error(&v, "invalid_request_error", None);
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        &format!(r#"{{"model":"other",{ok_msgs}}}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(v["error"]["code"], "model_not_found");
+    for (body, param) in [
+        (
+            format!(r#"{{"model":"smollm2",{ok_msgs},"temperature":2.5}}"#),
+            "temperature",
+        ),
+        (
+            format!(r#"{{"model":"smollm2",{ok_msgs},"top_p":0}}"#),
+            "top_p",
+        ),
+        (
+            format!(r#"{{"model":"smollm2",{ok_msgs},"max_tokens":0}}"#),
+            "max_tokens",
+        ),
+        (
+            format!(r#"{{"model":"smollm2",{ok_msgs},"max_completion_tokens":-3}}"#),
+            "max_completion_tokens",
+        ),
+        (format!(r#"{{"model":"smollm2",{ok_msgs},"n":2}}"#), "n"),
+        (
+            format!(r#"{{"model":"smollm2",{ok_msgs},"stop":["a","b","c","d","e"]}}"#),
+            "stop",
+        ),
+        (
+            r#"{"model":"smollm2","messages":[]}"#.to_string(),
+            "messages",
+        ),
+        (
+            r#"{"model":"smollm2","messages":[{"role":"wizard","content":"x"}]}"#.to_string(),
+            "messages[0].role",
+        ),
+        (
+            format!(r#"{{"model":"smollm2",{ok_msgs},"max_tokens":100000}}"#),
+            "max_tokens",
+        ),
+    ] {
+        let (s, v, _) = call(&app, "POST", "/v1/chat/completions", &body).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert_error(&v, "invalid_request_error", Some(param));
+    }
+    let big = format!(
+        r#"{{"model":"smollm2","messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(5000)
+    );
+    let (s, v, _) = call(&app, "POST", "/v1/chat/completions", &big).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
+    assert_error(&v, "invalid_request_error", None);
+    let (s, v, _) = call(&app, "GET", "/v1/nothing", "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_error(&v, "invalid_request_error", None);
+    let (s, v, _) = call(&app, "GET", "/v1/models/other", "").await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("model_not_found"))
+    );
+    let (s, v, _) = call(&app, "GET", "/v1/models", "").await;
+    assert_eq!(
+        (s, v["data"][0]["id"].as_str()),
+        (StatusCode::OK, Some("smollm2"))
+    );
+
+    // A full engine answers 429 with Retry-After.
+    let full = router(state(
+        model,
+        tok,
+        EngineConfig {
+            max_inflight: 0,
+            ..Default::default()
+        },
+        4096,
+    ));
+    let (s, v, retry) = call(
+        &full,
+        "POST",
+        "/v1/chat/completions",
+        &format!(r#"{{"model":"smollm2",{ok_msgs}}}"#),
+    )
+    .await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    assert_error(&v, "rate_limit_error", None);
+    assert!(retry.is_some(), "Retry-After header");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_and_metrics() {
+    let Some((model, tok)) = load() else { return };
+    let app = router(state(model, tok, EngineConfig::default(), 1 << 20));
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/completions",
+        r#"{"model":"smollm2","prompt":"The capital of France is","temperature":0,"max_tokens":5}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    assert!(
+        v["choices"][0]["text"].as_str().unwrap().contains("Paris"),
+        "{v}"
+    );
+    let req = HttpRequest::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .unwrap();
+    let body = app
+        .clone()
+        .oneshot(req)
+        .await
+        .unwrap()
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    let text = String::from_utf8(body.to_vec()).unwrap();
+    for m in [
+        "qlorad_http_requests_total",
+        "qlorad_tokens_generated_total",
+        "qlorad_time_to_first_token_seconds",
+        "qlorad_model_weight_bytes",
+    ] {
+        assert!(text.contains(m), "metrics lack {m}");
+    }
+    assert!(
+        text.contains(r#"route="/v1/completions",status="200""#),
+        "{text}"
+    );
+}
