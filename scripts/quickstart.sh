@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Sets up and runs qlorad on the embedded default model (SmolLM2-135M-Instruct, CPU, NF4):
-# builds, fetches and imports the model, then answers a chat prompt.
+# Sets up and runs the qlorad daemon on the embedded default model (SmolLM2-135M-Instruct, CPU, NF4):
+# builds, fetches and imports the model, then serves the OpenAI API on http://127.0.0.1:8000.
+#   curl http://127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json' \
+#     -d '{"model":"smollm2","messages":[{"role":"user","content":"What is the capital of France?"}]}'
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p qlorad
 scripts/fetch-model.sh
-PROMPT=${1:-"What is the capital of France?"}
-exec target/release/qlorad generate --model models/smollm2 --chat --prompt "$PROMPT" --temperature 0 --stats
+exec target/release/qlorad serve --model models/smollm2 --model-id smollm2 "$@"

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh clone: builds, fetches the default model, runs every test.
+# The whole test suite, from a fresh clone: builds, fetches the default model, runs every Rust test,
+# then drives a running daemon with the official `openai` Python package.
 # CPU only. GPU kernels are tested on the device with scripts/gpu-test.sh (not here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,3 +10,11 @@ scripts/fetch-model.sh
 export QLORAD_TEST_MODEL=${QLORAD_TEST_MODEL:-$PWD/models/smollm2}
 export QLORAD_REQUIRE_MODEL=1
 cargo test --release --workspace -- --test-threads=2
+
+# End-to-end with the official OpenAI client (pinned), in a venv of its own.
+VENV=.venv-e2e
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check openai==3.57.0 pytest==9.2.0
+QLORAD_BIN=$PWD/target/release/qlorad "$VENV/bin/python" -m pytest -q tests/e2e
