@@ -53,36 +53,18 @@ fn peak_rss_mb() -> f64 {
 fn prefill(model: &Llama, ids: &[u32]) -> Result<f64> {
     let mut cache = model.new_cache();
     let t = Instant::now();
-    model.forward(
-        &mut [SeqInput {
-            tokens: ids,
-            cache: &mut cache,
-        }],
-        Logits::Last,
-    )?;
+    model.forward(&mut [SeqInput::new(ids, &mut cache)], Logits::Last)?;
     Ok(t.elapsed().as_secs_f64())
 }
 
 /// Greedy decode of `n` tokens after the prompt; returns the decode time (prefill excluded).
 fn decode(model: &Llama, ids: &[u32], n: usize) -> Result<f64> {
     let mut cache = model.new_cache();
-    let l = model.forward(
-        &mut [SeqInput {
-            tokens: ids,
-            cache: &mut cache,
-        }],
-        Logits::Last,
-    )?;
+    let l = model.forward(&mut [SeqInput::new(ids, &mut cache)], Logits::Last)?;
     let mut next = argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
     let t = Instant::now();
     for _ in 0..n {
-        let l = model.forward(
-            &mut [SeqInput {
-                tokens: &[next],
-                cache: &mut cache,
-            }],
-            Logits::Last,
-        )?;
+        let l = model.forward(&mut [SeqInput::new(&[next], &mut cache)], Logits::Last)?;
         next = argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
     }
     Ok(t.elapsed().as_secs_f64())

@@ -159,6 +159,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         sampling,
         max_tokens: a.max_tokens,
         stop: a.stop.clone(),
+        adapter: None,
     };
     let mut stdout = std::io::stdout();
     let t1 = Instant::now();

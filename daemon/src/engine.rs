@@ -259,6 +259,7 @@ impl Engine {
                     &s.req.prompt
                 },
                 cache: &mut s.cache,
+                adapter: s.req.params.adapter.clone(),
             })
             .collect();
         let tokens: usize = inputs.iter().map(|i| i.tokens.len()).sum();

@@ -33,6 +33,7 @@ fn greedy(max_tokens: usize) -> GenerateParams {
         sampling: SamplingParams::greedy(),
         max_tokens,
         stop: vec![],
+        adapter: None,
     }
 }
 

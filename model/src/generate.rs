@@ -26,12 +26,14 @@ impl FinishReason {
     }
 }
 
-/// Limits of one generation.
-#[derive(Debug, Clone)]
+/// Limits of one generation, and the adapter it runs with.
+#[derive(Debug, Clone, Default)]
 pub struct GenerateParams {
     pub sampling: SamplingParams,
     pub max_tokens: usize,
     pub stop: Vec<String>,
+    /// The LoRA adapter (`None`: the base model).
+    pub adapter: Option<std::sync::Arc<crate::lora::LoraAdapter>>,
 }
 
 /// The result of one generation.
@@ -162,6 +164,7 @@ pub fn generate(
             &mut [SeqInput {
                 tokens: &next_input,
                 cache: &mut cache,
+                adapter: params.adapter.clone(),
             }],
             Logits::Last,
         )?;

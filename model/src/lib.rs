@@ -14,6 +14,7 @@ pub mod kv_cache;
 pub mod linear;
 pub mod llama;
 pub mod loader;
+pub mod lora;
 pub mod quantize;
 pub mod sampling;
 pub mod tokenizer;
@@ -25,6 +26,7 @@ pub use generate::{generate, FinishReason, GenerateParams, Generation};
 pub use kv_cache::KvCache;
 pub use llama::{Llama, Logits, SeqInput};
 pub use loader::Quant;
+pub use lora::LoraAdapter;
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{ChatMessage, Tokenizer};
 

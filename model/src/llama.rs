@@ -11,13 +11,27 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::BaseLinear;
 use crate::loader::{LayerWeights, ModelWeights};
+use crate::lora::{LoraAdapter, LoraBatch};
 use candle_core::{Device, Tensor};
+use std::sync::Arc;
 
-/// One sequence's share of a forward pass: its new tokens and its cache (positions continue from
-/// `cache.len()`).
+/// One sequence's share of a forward pass: its new tokens, its cache (positions continue from
+/// `cache.len()`) and the LoRA adapter it runs with (`None`: the base model).
 pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
+    pub adapter: Option<Arc<LoraAdapter>>,
+}
+
+impl<'a> SeqInput<'a> {
+    /// A sequence on the base model.
+    pub fn new(tokens: &'a [u32], cache: &'a mut KvCache) -> Self {
+        Self {
+            tokens,
+            cache,
+            adapter: None,
+        }
+    }
 }
 
 /// Which logits to compute.
@@ -130,6 +144,7 @@ impl Llama {
         let max_pos = self.cfg.max_position_embeddings;
         let mut ids = Vec::new();
         let mut positions = Vec::new();
+        let mut row_adapters = Vec::new();
         for s in seqs.iter() {
             if s.tokens.is_empty() {
                 return Err(ModelError::Invalid("a sequence has no new tokens".into()));
@@ -153,7 +168,9 @@ impl Llama {
             }
             ids.extend_from_slice(s.tokens);
             positions.extend((start..start + s.tokens.len()).map(|p| p as u32));
+            row_adapters.extend(std::iter::repeat_n(s.adapter.clone(), s.tokens.len()));
         }
+        let lora = LoraBatch::new(&row_adapters, &self.device)?;
         let t = ids.len();
         let ids = Tensor::from_vec(ids, t, &self.device)?;
         let pos = Tensor::from_vec(positions, t, &self.device)?;
@@ -161,7 +178,7 @@ impl Llama {
         let sin = self.sin.index_select(&pos, 0)?;
         let mut x = self.embed.index_select(&ids, 0)?; // (tokens, hidden)
         for (li, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&self.cfg, li, &x, &cos, &sin, seqs)?;
+            x = block.forward(&self.cfg, li, &x, &cos, &sin, seqs, &lora)?;
         }
         for s in seqs.iter_mut() {
             s.cache.advance(s.tokens.len());
@@ -198,6 +215,7 @@ impl Block {
         ]
     }
 
+    #[allow(clippy::too_many_arguments)] // the per-pass inputs of one layer; bundled one level up
     fn forward(
         &self,
         cfg: &Config,
@@ -206,20 +224,38 @@ impl Block {
         cos: &Tensor,
         sin: &Tensor,
         seqs: &mut [SeqInput<'_>],
+        lora: &LoraBatch,
     ) -> Result<Tensor> {
         let eps = cfg.rms_norm_eps as f32;
         let h = candle_nn::ops::rms_norm(x, &self.input_norm, eps)?;
-        let a = self.attn.forward(cfg, layer, &h, cos, sin, seqs)?;
+        let a = self.attn.forward(cfg, layer, &h, cos, sin, seqs, lora)?;
         let x = (x + a)?;
         let h = candle_nn::ops::rms_norm(&x, &self.post_norm, eps)?;
-        let gate = candle_nn::ops::silu(&self.mlp.gate.forward(&h)?)?;
-        let up = self.mlp.up.forward(&h)?;
-        let m = self.mlp.down.forward(&(gate * up)?)?;
+        let gate = project(self.mlp.gate.as_ref(), layer, 4, &h, lora)?;
+        let gate = candle_nn::ops::silu(&gate)?;
+        let up = project(self.mlp.up.as_ref(), layer, 5, &h, lora)?;
+        let m = project(self.mlp.down.as_ref(), layer, 6, &(gate * up)?, lora)?;
         Ok((x + m)?)
     }
 }
 
+/// A base projection plus the batch's LoRA deltas (`proj` indexes [`crate::loader::PROJECTIONS`]).
+fn project(
+    base: &dyn BaseLinear,
+    layer: usize,
+    proj: usize,
+    x: &Tensor,
+    lora: &LoraBatch,
+) -> Result<Tensor> {
+    let y = base.forward(x)?;
+    if lora.is_empty() {
+        return Ok(y);
+    }
+    lora.apply(layer, proj, x, y)
+}
+
 impl Attention {
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         cfg: &Config,
@@ -228,6 +264,7 @@ impl Attention {
         cos: &Tensor,
         sin: &Tensor,
         seqs: &mut [SeqInput<'_>],
+        lora: &LoraBatch,
     ) -> Result<Tensor> {
         let (t, _) = h.dims2()?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
@@ -238,9 +275,9 @@ impl Attention {
                 .contiguous()?
                 .unsqueeze(0)?)
         };
-        let q = to_heads(self.q.forward(h)?, nh)?;
-        let k = to_heads(self.k.forward(h)?, nkv)?;
-        let v = to_heads(self.v.forward(h)?, nkv)?;
+        let q = to_heads(project(self.q.as_ref(), layer, 0, h, lora)?, nh)?;
+        let k = to_heads(project(self.k.as_ref(), layer, 1, h, lora)?, nkv)?;
+        let v = to_heads(project(self.v.as_ref(), layer, 2, h, lora)?, nkv)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?.squeeze(0)?; // (heads, tokens, hd)
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?;
         let v = v.squeeze(0)?;
@@ -257,7 +294,7 @@ impl Attention {
             off += n;
         }
         let a = Tensor::cat(&outs, 0)?;
-        self.o.forward(&a)
+        project(self.o.as_ref(), layer, 3, &a, lora)
     }
 }
 

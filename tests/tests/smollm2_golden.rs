@@ -17,13 +17,7 @@ fn golden() -> (serde_json::Value, Vec<u8>) {
 fn last_logits(model: &Llama, ids: &[u32]) -> Vec<f32> {
     let mut cache = model.new_cache();
     let l = model
-        .forward(
-            &mut [SeqInput {
-                tokens: ids,
-                cache: &mut cache,
-            }],
-            Logits::Last,
-        )
+        .forward(&mut [SeqInput::new(ids, &mut cache)], Logits::Last)
         .unwrap();
     l.squeeze(0).unwrap().to_vec1::<f32>().unwrap()
 }
@@ -33,6 +27,7 @@ fn greedy(model: &Llama, tok: &Tokenizer, prompt: &[u32], n: usize) -> Vec<u32> 
         sampling: qlorad_model::SamplingParams::greedy(),
         max_tokens: n,
         stop: vec![],
+        adapter: None,
     };
     qlorad_model::generate(model, tok, prompt, &params, |_| {})
         .unwrap()

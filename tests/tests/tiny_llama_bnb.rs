@@ -18,13 +18,7 @@ fn all_logits(dir: &Path, quant: Quant) -> Vec<f32> {
     let ids = st_ids(&st, "input_ids");
     let mut cache = model.new_cache();
     let l = model
-        .forward(
-            &mut [SeqInput {
-                tokens: &ids,
-                cache: &mut cache,
-            }],
-            Logits::All,
-        )
+        .forward(&mut [SeqInput::new(&ids, &mut cache)], Logits::All)
         .unwrap();
     l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }

@@ -25,13 +25,7 @@ fn sliding_window_matches_transformers_at_once_and_incrementally() {
     let expect = st_f32(&st, "logits");
     let mut cache = model.new_cache();
     let all = model
-        .forward(
-            &mut [SeqInput {
-                tokens: &ids,
-                cache: &mut cache,
-            }],
-            Logits::All,
-        )
+        .forward(&mut [SeqInput::new(&ids, &mut cache)], Logits::All)
         .unwrap();
     let err = rel_err(
         &all.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
@@ -41,13 +35,7 @@ fn sliding_window_matches_transformers_at_once_and_incrementally() {
     // Prefill 5 tokens, then one at a time.
     let mut cache = model.new_cache();
     let mut got = model
-        .forward(
-            &mut [SeqInput {
-                tokens: &ids[..5],
-                cache: &mut cache,
-            }],
-            Logits::All,
-        )
+        .forward(&mut [SeqInput::new(&ids[..5], &mut cache)], Logits::All)
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -55,13 +43,7 @@ fn sliding_window_matches_transformers_at_once_and_incrementally() {
         .unwrap();
     for t in &ids[5..] {
         let l = model
-            .forward(
-                &mut [SeqInput {
-                    tokens: &[*t],
-                    cache: &mut cache,
-                }],
-                Logits::Last,
-            )
+            .forward(&mut [SeqInput::new(&[*t], &mut cache)], Logits::Last)
             .unwrap();
         got.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
     }
@@ -104,18 +86,12 @@ fn sharded_checkpoint_loads_like_a_single_file() {
     let ids = [1u32, 5, 9, 20];
     let run = |m: &Llama| {
         let mut c = m.new_cache();
-        m.forward(
-            &mut [SeqInput {
-                tokens: &ids,
-                cache: &mut c,
-            }],
-            Logits::All,
-        )
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap()
+        m.forward(&mut [SeqInput::new(&ids, &mut c)], Logits::All)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     };
     assert_eq!(run(&load(d.path())), run(&load(&src)));
 }

@@ -261,6 +261,7 @@ impl Sampling {
             },
             max_tokens,
             stop,
+            adapter: None,
         })
     }
 
