@@ -61,6 +61,9 @@ struct GenerateArgs {
     /// Base weight storage: nf4 (quantize on load) or none (full precision).
     #[arg(long, default_value = "nf4")]
     quant: Quant,
+    /// A PEFT LoRA adapter folder to apply (the same code path as serving).
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Print timing (prefill/decode tokens per second) to stderr.
     #[arg(long)]
     stats: bool,
@@ -155,11 +158,18 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     // A rendered chat template already holds its special tokens; a raw prompt gets the tokenizer's.
     let ids = tok.encode(&text, !a.chat)?;
+    let adapter = match &a.adapter {
+        Some(dir) => Some(std::sync::Arc::new(
+            qlorad_model::LoraAdapter::load(dir, "adapter", model.config())
+                .with_context(|| format!("loading adapter {}", dir.display()))?,
+        )),
+        None => None,
+    };
     let params = GenerateParams {
         sampling,
         max_tokens: a.max_tokens,
         stop: a.stop.clone(),
-        adapter: None,
+        adapter,
     };
     let mut stdout = std::io::stdout();
     let t1 = Instant::now();

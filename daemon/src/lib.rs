@@ -1,5 +1,6 @@
 //! The qlorad daemon: HTTP API, inference engine (continuous batching), metrics, and the CLI.
 
+pub mod adapters;
 pub mod api;
 pub mod cli;
 pub mod engine;

@@ -1,6 +1,7 @@
 //! `qlorad serve`: loads the base model once, starts the engine thread and the HTTP server, and
 //! shuts down gracefully on SIGINT/SIGTERM (in-flight requests drain, bounded by a deadline).
 
+use crate::adapters::AdapterRegistry;
 use crate::api::{self, AppState};
 use crate::engine::{EngineConfig, EngineHandle};
 use crate::metrics::Metrics;
@@ -38,9 +39,22 @@ pub struct ServeArgs {
     /// Largest request body accepted (413 beyond).
     #[arg(long, env = "QLORAD_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
+    /// Folder that runtime-loaded adapters must live under (`POST /v1/adapters`).
+    #[arg(long, env = "QLORAD_ADAPTER_ROOT")]
+    pub adapter_root: Option<PathBuf>,
+    /// Adapters to load at start, as NAME=DIR (repeatable).
+    #[arg(long = "lora", value_parser = parse_lora)]
+    pub loras: Vec<(String, PathBuf)>,
     /// Seconds in-flight requests get to finish after a shutdown signal.
     #[arg(long, env = "QLORAD_SHUTDOWN_GRACE_S", default_value_t = 30)]
     pub shutdown_grace_s: u64,
+}
+
+fn parse_lora(s: &str) -> std::result::Result<(String, PathBuf), String> {
+    let (name, dir) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=DIR, got {s:?}"))?;
+    Ok((name.to_string(), PathBuf::from(dir)))
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
@@ -59,6 +73,16 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "model".into())
     });
+    let adapters = Arc::new(AdapterRegistry::new(
+        a.adapter_root.clone(),
+        &model_id,
+        model.config().clone(),
+    ));
+    for (name, dir) in &a.loras {
+        adapters
+            .load(name, dir)
+            .with_context(|| format!("loading adapter {name} from {}", dir.display()))?;
+    }
     let metrics = Arc::new(Metrics::new().context("creating metrics")?);
     metrics.model_weight_bytes.set(model.weight_bytes() as i64);
     let context_len = model.config().max_position_embeddings;
@@ -75,6 +99,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     );
     let state = AppState {
         engine,
+        adapters,
         tok,
         model_id: model_id.clone().into(),
         context_len,

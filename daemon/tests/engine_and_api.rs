@@ -118,7 +118,13 @@ async fn disconnected_client_is_cancelled() {
 fn state(model: Arc<Llama>, tok: Arc<Tokenizer>, cfg: EngineConfig, max_body: usize) -> AppState {
     let metrics = Arc::new(Metrics::new().unwrap());
     let context_len = model.config().max_position_embeddings;
+    let adapters = Arc::new(qlorad::adapters::AdapterRegistry::new(
+        Some(qlorad_tests::fixture("lora")),
+        "smollm2",
+        model.config().clone(),
+    ));
     AppState {
+        adapters,
         engine: EngineHandle::start(model, tok.clone(), cfg, metrics.clone()),
         tok,
         model_id: "smollm2".into(),
@@ -314,4 +320,87 @@ async fn completions_and_metrics() {
         text.contains(r#"route="/v1/completions",status="200""#),
         "{text}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_load_select_and_unload_at_runtime() {
+    let Some((model, tok)) = load() else { return };
+    let app = router(state(model, tok, EngineConfig::default(), 1 << 20));
+    // Path traversal and absolute paths outside the root are refused.
+    for path in ["../tiny-llama/fp32", "/etc", "smollm2-r8-qv/../../nf4"] {
+        let (s, v, _) = call(
+            &app,
+            "POST",
+            "/v1/adapters",
+            &format!(r#"{{"name":"x","path":"{path}"}}"#),
+        )
+        .await;
+        assert!(
+            s == StatusCode::FORBIDDEN || s == StatusCode::UNPROCESSABLE_ENTITY,
+            "{path}: {s} {v}"
+        );
+        assert!(v["error"]["message"].is_string());
+    }
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/adapters",
+        r#"{"name":"bad name","path":"smollm2-r8-qv"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["param"], "name");
+    // An adapter made for another base model: 422 with the reason.
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/adapters",
+        r#"{"name":"tiny","path":"tiny-r4-qv"}"#,
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid_adapter")),
+        "{v}"
+    );
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/adapters",
+        r#"{"name":"dora","path":"tiny-dora"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("DoRA"));
+
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/adapters",
+        r#"{"name":"ft:smollm2:qv","path":"smollm2-r8-qv"}"#,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (_, v, _) = call(&app, "GET", "/v1/models", "").await;
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["smollm2", "ft:smollm2:qv"]);
+    assert_eq!(v["data"][1]["parent"], "smollm2");
+    let body = r#"{"model":"ft:smollm2:qv","messages":[{"role":"user","content":"What is the capital of France?"}],"temperature":0,"max_tokens":8}"#;
+    let (s, v, _) = call(&app, "POST", "/v1/chat/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["model"], "ft:smollm2:qv");
+    let (s, _, _) = call(&app, "DELETE", "/v1/adapters/ft:smollm2:qv", "").await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, v, _) = call(&app, "POST", "/v1/chat/completions", body).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("model_not_found"))
+    );
+    let (s, _, _) = call(&app, "DELETE", "/v1/adapters/ft:smollm2:qv", "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
 }

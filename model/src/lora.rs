@@ -108,6 +108,25 @@ impl PeftConfig {
         if self.r == 0 {
             return Err(invalid(path, "r must be positive"));
         }
+        let targets: Vec<String> = match &self.target_modules {
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
+            Some(serde_json::Value::String(s)) => vec![s.clone()],
+            _ => vec![],
+        };
+        if let Some(t) = targets
+            .iter()
+            .find(|t| t.contains("embed_tokens") || t.contains("lm_head"))
+        {
+            return Err(invalid(
+                path,
+                format!(
+                    "adapters on {t} are not supported (only the q/k/v/o/gate/up/down projections)"
+                ),
+            ));
+        }
         Ok(())
     }
 

@@ -29,6 +29,18 @@ impl ApiError {
         }
     }
 
+    /// Any status with a message and OpenAI error type.
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+            retry_after_s: None,
+        }
+    }
+
     pub fn with_code(mut self, code: &'static str) -> Self {
         self.code = Some(code);
         self
@@ -121,5 +133,23 @@ impl IntoResponse for ApiError {
             }
         }
         resp
+    }
+}
+
+impl From<crate::adapters::AdapterError> for ApiError {
+    fn from(e: crate::adapters::AdapterError) -> Self {
+        use crate::adapters::AdapterError as E;
+        let msg = e.to_string();
+        match e {
+            E::BadName(_) | E::NameIsBase(_) => ApiError::invalid(msg, Some("name")),
+            E::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, "permission_error", msg),
+            E::NotFound(_) => ApiError::not_found(msg).with_code("adapter_not_found"),
+            E::Invalid(_) => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                msg,
+            )
+            .with_code("invalid_adapter"),
+        }
     }
 }

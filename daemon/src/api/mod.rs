@@ -3,6 +3,7 @@
 pub mod error;
 pub mod openai;
 
+use crate::adapters::AdapterRegistry;
 use crate::engine::{EngineHandle, Event, Request, SubmitError};
 use crate::metrics::Metrics;
 use axum::body::Bytes;
@@ -11,11 +12,11 @@ use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use error::ApiError;
 use openai::{ChatRequest, CompletionRequest, ModelCard, Sampling, Usage};
-use qlorad_model::{FinishReason, Tokenizer};
+use qlorad_model::{FinishReason, LoraAdapter, Tokenizer};
 use serde_json::json;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +28,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 #[derive(Clone)]
 pub struct AppState {
     pub engine: EngineHandle,
+    pub adapters: Arc<AdapterRegistry>,
     pub tok: Arc<Tokenizer>,
     pub model_id: Arc<str>,
     pub context_len: usize,
@@ -50,6 +52,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model))
+        .route("/v1/adapters", get(list_adapters).post(load_adapter))
+        .route("/v1/adapters/{name}", delete(unload_adapter))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -78,24 +82,34 @@ async fn metrics(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
-fn card(st: &AppState) -> ModelCard {
+fn card(st: &AppState, id: &str, parent: Option<&str>) -> ModelCard {
     ModelCard {
-        id: st.model_id.to_string(),
+        id: id.to_string(),
         object: "model",
         created: st.created,
         owned_by: "qlorad",
+        parent: parent.map(String::from),
     }
 }
 
 async fn models(State(st): State<AppState>) -> Response {
-    let resp = Json(json!({"object": "list", "data": [card(&st)]})).into_response();
+    let mut data = vec![card(&st, &st.model_id, None)];
+    data.extend(
+        st.adapters
+            .list()
+            .iter()
+            .map(|a| card(&st, &a.name, Some(&st.model_id))),
+    );
+    let resp = Json(json!({"object": "list", "data": data})).into_response();
     record(&st, "/v1/models", resp.status(), Instant::now());
     resp
 }
 
 async fn model(State(st): State<AppState>, Path(id): Path<String>) -> Response {
     let resp = if id == *st.model_id {
-        Json(card(&st)).into_response()
+        Json(card(&st, &id, None)).into_response()
+    } else if st.adapters.get(&id).is_some() {
+        Json(card(&st, &id, Some(&st.model_id))).into_response()
     } else {
         ApiError::model_not_found(&id).into_response()
     };
@@ -130,11 +144,49 @@ fn parse<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
 }
 
-fn check_model(st: &AppState, model: &str) -> Result<(), ApiError> {
+/// The adapter a request's `model` names: `None` for the base model's id.
+fn select(st: &AppState, model: &str) -> Result<Option<Arc<LoraAdapter>>, ApiError> {
     if model == &*st.model_id {
-        Ok(())
-    } else {
-        Err(ApiError::model_not_found(model))
+        return Ok(None);
+    }
+    st.adapters
+        .get(model)
+        .map(Some)
+        .ok_or_else(|| ApiError::model_not_found(model))
+}
+
+async fn list_adapters(State(st): State<AppState>) -> Response {
+    Json(json!({"object": "list", "data": st.adapters.list()})).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct LoadAdapter {
+    name: String,
+    path: String,
+}
+
+/// Loads (or replaces) an adapter from a folder under the adapter root.
+async fn load_adapter(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let started = Instant::now();
+    let resp = async {
+        let req: LoadAdapter = parse(&st, body)?;
+        let dir = st.adapters.resolve(&req.path)?;
+        let reg = st.adapters.clone();
+        let info = tokio::task::spawn_blocking(move || reg.load(&req.name, &dir))
+            .await
+            .map_err(ApiError::internal)??;
+        Ok::<_, ApiError>((StatusCode::CREATED, Json(info)).into_response())
+    }
+    .await
+    .unwrap_or_else(|e| e.into_response());
+    record(&st, "/v1/adapters", resp.status(), started);
+    resp
+}
+
+async fn unload_adapter(State(st): State<AppState>, Path(name): Path<String>) -> Response {
+    match st.adapters.unload(&name) {
+        Ok(()) => Json(json!({"id": name, "object": "adapter", "deleted": true})).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
 
@@ -144,13 +196,15 @@ fn submit(
     prompt: Vec<u32>,
     sampling: &Sampling,
     default_max: Option<usize>,
+    adapter: Option<Arc<LoraAdapter>>,
 ) -> Result<(UnboundedReceiver<Event>, usize), ApiError> {
     let n = prompt.len();
     if n == 0 {
         return Err(ApiError::invalid("the prompt is empty", Some("prompt")));
     }
     let room = st.context_len.saturating_sub(n);
-    let params = sampling.to_params(default_max.unwrap_or(room).max(1))?;
+    let mut params = sampling.to_params(default_max.unwrap_or(room).max(1))?;
+    params.adapter = adapter;
     if n + params.max_tokens > st.context_len {
         return Err(ApiError::invalid(
             format!(
@@ -207,14 +261,14 @@ fn chat_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(UnboundedReceiver<Event>, usize, ChatRequest), ApiError> {
     let req: ChatRequest = parse(st, body)?;
-    check_model(st, &req.model)?;
+    let adapter = select(st, &req.model)?;
     let msgs = req.messages()?;
     let text = st
         .tok
         .apply_chat_template(&msgs, true)
         .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
     let ids = st.tok.encode(&text, false).map_err(ApiError::internal)?;
-    let (rx, n) = submit(st, ids, &req.sampling, None)?;
+    let (rx, n) = submit(st, ids, &req.sampling, None, adapter)?;
     Ok((rx, n, req))
 }
 
@@ -222,13 +276,13 @@ async fn completions(State(st): State<AppState>, body: Result<Bytes, BytesReject
     let started = Instant::now();
     let inner = || -> Result<_, ApiError> {
         let req: CompletionRequest = parse(&st, body)?;
-        check_model(&st, &req.model)?;
+        let adapter = select(&st, &req.model)?;
         let ids = st
             .tok
             .encode(req.prompt()?, true)
             .map_err(ApiError::internal)?;
         // OpenAI's legacy completions default to 16 tokens.
-        let (rx, n) = submit(&st, ids, &req.sampling, Some(16))?;
+        let (rx, n) = submit(&st, ids, &req.sampling, Some(16), adapter)?;
         Ok((rx, n, req))
     };
     let resp = match inner() {

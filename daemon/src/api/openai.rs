@@ -111,6 +111,9 @@ pub struct ModelCard {
     pub object: &'static str,
     pub created: u64,
     pub owned_by: &'static str,
+    /// For adapters: the base model they apply to (as vLLM reports LoRA models).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 const ROLES: [&str; 4] = ["system", "user", "assistant", "developer"];
