@@ -2,6 +2,7 @@
 
 pub mod adapters;
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod engine;
 pub mod metrics;

@@ -3,6 +3,7 @@
 
 use crate::adapters::AdapterRegistry;
 use crate::api::{self, AppState};
+use crate::auth::ApiKeys;
 use crate::engine::{EngineConfig, EngineHandle};
 use crate::metrics::Metrics;
 use anyhow::{bail, Context, Result};
@@ -39,6 +40,18 @@ pub struct ServeArgs {
     /// Largest request body accepted (413 beyond).
     #[arg(long, env = "QLORAD_MAX_BODY_BYTES", default_value_t = 4 << 20)]
     pub max_body_bytes: usize,
+    /// API keys as KEY or KEY:SCOPES (SCOPES: inference, admin, inference+admin); comma-separated in
+    /// the environment variable. With keys the daemon may listen on any address.
+    #[arg(
+        long = "api-key",
+        env = "QLORAD_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// A file of API keys, one KEY[:SCOPES] per line (# comments).
+    #[arg(long, env = "QLORAD_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
     /// Folder that runtime-loaded adapters must live under (`POST /v1/adapters`).
     #[arg(long, env = "QLORAD_ADAPTER_ROOT")]
     pub adapter_root: Option<PathBuf>,
@@ -58,7 +71,21 @@ fn parse_lora(s: &str) -> std::result::Result<(String, PathBuf), String> {
 }
 
 pub fn serve(a: ServeArgs) -> Result<()> {
-    if !a.listen.ip().is_loopback() {
+    let file_keys = match &a.api_keys_file {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
+        }
+        None => String::new(),
+    };
+    let keys = ApiKeys::parse(
+        a.api_keys
+            .iter()
+            .map(String::as_str)
+            .chain(file_keys.lines()),
+    )
+    .map_err(anyhow::Error::msg)
+    .context("API keys")?;
+    if keys.is_empty() && !a.listen.ip().is_loopback() {
         bail!(
             "refusing to listen on {} without API keys: only loopback addresses are allowed until keys are configured",
             a.listen
@@ -100,6 +127,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     let state = AppState {
         engine,
         adapters,
+        keys: Arc::new(keys),
         tok,
         model_id: model_id.clone().into(),
         context_len,

@@ -125,6 +125,7 @@ fn state(model: Arc<Llama>, tok: Arc<Tokenizer>, cfg: EngineConfig, max_body: us
     ));
     AppState {
         adapters,
+        keys: Arc::new(qlorad::auth::ApiKeys::default()),
         engine: EngineHandle::start(model, tok.clone(), cfg, metrics.clone()),
         tok,
         model_id: "smollm2".into(),
@@ -403,4 +404,67 @@ async fn adapters_load_select_and_unload_at_runtime() {
     );
     let (s, _, _) = call(&app, "DELETE", "/v1/adapters/ft:smollm2:qv", "").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_and_scopes() {
+    let Some((model, tok)) = load() else { return };
+    let mut st = state(model, tok, EngineConfig::default(), 1 << 20);
+    st.keys =
+        Arc::new(qlorad::auth::ApiKeys::parse(["sk-infer-123", "sk-admin-456:admin"]).unwrap());
+    let app = router(st);
+    let send =
+        |uri: &'static str, method: &'static str, key: Option<&'static str>, body: &'static str| {
+            let app = app.clone();
+            async move {
+                let mut b = HttpRequest::builder()
+                    .method(method)
+                    .uri(uri)
+                    .header("content-type", "application/json");
+                if let Some(k) = key {
+                    b = b.header("authorization", format!("Bearer {k}"));
+                }
+                let resp = app
+                    .oneshot(b.body(Body::from(body)).unwrap())
+                    .await
+                    .unwrap();
+                let s = resp.status();
+                let v: serde_json::Value =
+                    serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes())
+                        .unwrap_or_default();
+                (s, v)
+            }
+        };
+    let (s, v) = send("/v1/models", "GET", None, "").await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (StatusCode::UNAUTHORIZED, Some("invalid_api_key"))
+    );
+    assert_eq!(
+        send("/v1/models", "GET", Some("sk-wrong-999"), "").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send("/v1/models", "GET", Some("sk-infer-123"), "").await.0,
+        StatusCode::OK
+    );
+    // Inference keys are refused on admin routes, admin-only keys on inference routes.
+    let (s, v) = send("/v1/adapters", "GET", Some("sk-infer-123"), "").await;
+    assert_eq!(
+        (s, v["error"]["type"].as_str()),
+        (StatusCode::FORBIDDEN, Some("permission_error"))
+    );
+    assert_eq!(
+        send("/v1/adapters", "GET", Some("sk-admin-456"), "")
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        send("/v1/models", "GET", Some("sk-admin-456"), "").await.0,
+        StatusCode::FORBIDDEN
+    );
+    // Probes stay open.
+    assert_eq!(send("/health", "GET", None, "").await.0, StatusCode::OK);
+    assert_eq!(send("/metrics", "GET", None, "").await.0, StatusCode::OK);
 }

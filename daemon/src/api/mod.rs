@@ -29,6 +29,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 pub struct AppState {
     pub engine: EngineHandle,
     pub adapters: Arc<AdapterRegistry>,
+    pub keys: Arc<crate::auth::ApiKeys>,
     pub tok: Arc<Tokenizer>,
     pub model_id: Arc<str>,
     pub context_len: usize,
@@ -59,6 +60,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::authorize,
+        ))
         .with_state(state)
 }
 
