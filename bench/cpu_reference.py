@@ -8,7 +8,8 @@ ids that `qlorad-bench` uses.  Driven by bench/run-cpu.sh; can be run alone.
 
 Measurements (all on CPU, fp32 activations, torch.set_num_threads(--threads, default 2)):
   prefill_tok_s   P / t, t = median over R runs (after 1 warm-up) of one forward pass over the P prompt
-                  tokens (use_cache=True, i.e. it also builds the KV cache, as a server's prefill does).
+                  tokens (use_cache=True, i.e. it also builds the KV cache, as a server's prefill does;
+                  logits_to_keep=1: lm_head only for the last position, as generate() does).
   decode_tok_s    D / t, t = median over R runs (after 1 warm-up) of a manual greedy loop of D steps
                   `model(input_ids=last, past_key_values=cache)` after the prefill; every step is
                   timed separately (per-step median in decode_step_ms); the prefill is excluded.
@@ -166,12 +167,16 @@ def main():
     # transformers >= 5.2x names the KV-cache argument `cache` (`past_key_values` is a deprecated alias);
     # the DynamicCache is updated in place, so one object is threaded through prefill and decode.
     import inspect
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    fwd_params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in fwd_params else "past_key_values"
+    # prefill needs only the last position's logits (as generate() and a server do): skip the lm_head for
+    # the other P-1 positions where transformers supports it
+    pre_kw = {"logits_to_keep": 1} if "logits_to_keep" in fwd_params else {}
 
     def prefill():
         cache = DynamicCache(config=model.config)
         t = time.perf_counter()
-        out = model(input_ids=ids, use_cache=True, **{cache_kw: cache})
+        out = model(input_ids=ids, use_cache=True, **{cache_kw: cache}, **pre_kw)
         dt = time.perf_counter() - t
         return out, cache, dt
 
@@ -192,7 +197,7 @@ def main():
         t = os.times()
         return t.user + t.system
 
-    prefill_times, decode_times, step_ms, util_pre, util_dec = [], [], [], [], []
+    prefill_times, decode_times, step_ms, util_pre, util_dec, util_gen = [], [], [], [], [], []
     tokens = None
     with torch.inference_mode():
         for r in range(R + 1):  # run 0 is the warm-up
@@ -223,6 +228,7 @@ def main():
             mask = torch.ones_like(ids)
             gtimes = []
             for r in range(R + 1):
+                c0 = cpu_s()
                 t = time.perf_counter()
                 g = model.generate(ids, attention_mask=mask, max_new_tokens=D, min_new_tokens=D,
                                    do_sample=False, pad_token_id=model.config.eos_token_id
@@ -231,6 +237,7 @@ def main():
                 assert g.shape[1] - P == D, g.shape
                 if r > 0:
                     gtimes.append(dt)
+                    util_gen.append((cpu_s() - c0) / dt)
             gen_wall = statistics.median(gtimes)
 
     t_pre = statistics.median(prefill_times)
@@ -252,6 +259,7 @@ def main():
         "decode_step_ms_median": statistics.median(step_ms),
         "cpu_util_prefill": util_pre,
         "cpu_util_decode": util_dec,
+        "cpu_util_generate": util_gen,
         "loadavg_end": open("/proc/loadavg").read().split()[:3] if os.path.exists("/proc/loadavg") else None,
         "load_s": load_s,
         "rss_load_mb": rss_load,
@@ -259,6 +267,7 @@ def main():
         "rss_now_mb": current_rss_mb(),
         "prompt_source": source,
         "greedy_ids_head": tokens[:16],
+        "prefill_logits_to_keep": pre_kw.get("logits_to_keep"),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "versions": {
             "python": platform.python_version(),

@@ -173,7 +173,7 @@ for q in ("none", "nf4"):
 for q in ("none", "nf4"):
     b = results.get(q, {}).get("transformers", {})
     th = b.get("threads") or 1
-    utils = (b.get("cpu_util_prefill") or []) + (b.get("cpu_util_decode") or [])
+    utils = (b.get("cpu_util_prefill") or []) + (b.get("cpu_util_decode") or []) + (b.get("cpu_util_generate") or [])
     if utils and min(utils) < 0.8 * th:
         print(f"\nWARNING: transformers {q}: CPU utilisation fell to {min(utils):.2f} of {th} threads in a measured "
               "run: other processes were using the cores; rerun on a quiet machine.")

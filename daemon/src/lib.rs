@@ -4,6 +4,7 @@ pub mod adapters;
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod config_file;
 pub mod engine;
 pub mod metrics;
 pub mod server;

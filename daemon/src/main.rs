@@ -4,6 +4,11 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if let Err(e) = qlorad::config_file::apply(&argv) {
+        eprintln!("qlorad: error: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let args = qlorad::cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -16,6 +16,9 @@ use std::time::Duration;
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
+    /// A TOML file of serve settings (keys: the long option names); flags and QLORAD_* win over it.
+    #[arg(long, env = "QLORAD_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Model folder (config.json, safetensors, tokenizer.json).
     #[arg(long, env = "QLORAD_MODEL")]
     pub model: PathBuf,
@@ -56,7 +59,7 @@ pub struct ServeArgs {
     #[arg(long, env = "QLORAD_ADAPTER_ROOT")]
     pub adapter_root: Option<PathBuf>,
     /// Adapters to load at start, as NAME=DIR (repeatable).
-    #[arg(long = "lora", value_parser = parse_lora)]
+    #[arg(long = "lora", env = "QLORAD_LORA", value_delimiter = ',', value_parser = parse_lora)]
     pub loras: Vec<(String, PathBuf)>,
     /// Seconds in-flight requests get to finish after a shutdown signal.
     #[arg(long, env = "QLORAD_SHUTDOWN_GRACE_S", default_value_t = 30)]

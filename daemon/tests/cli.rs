@@ -230,3 +230,19 @@ fn quantize_refuses_to_overwrite() {
     ]);
     assert_one_line_error(&out, &["already exists"]);
 }
+
+#[test]
+fn serve_reads_a_toml_config_and_refuses_open_listen_without_keys() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("qlorad.toml");
+    std::fs::write(
+        &cfg,
+        "model = \"/nonexistent\"\nlisten = \"0.0.0.0:0\"\nmax_inflight = 4\n",
+    )
+    .unwrap();
+    let out = qlorad(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert_one_line_error(&out, &["refusing to listen on 0.0.0.0:0"]);
+    std::fs::write(&cfg, "modle = \"x\"\n").unwrap();
+    let out = qlorad(&["serve", "--config", cfg.to_str().unwrap()]);
+    assert_one_line_error(&out, &["unknown setting", "modle"]);
+}
