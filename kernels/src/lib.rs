@@ -5,6 +5,7 @@
 
 pub mod dynamic;
 pub mod error;
+pub mod gemv;
 pub mod nf4;
 pub mod nf4_matmul;
 pub mod nf4_op;

@@ -37,9 +37,39 @@ impl DenseLinear {
     }
 }
 
+/// `x·Wᵀ` for a dense (out, in) f32 weight: decode-sized inputs take the bandwidth-bound GEMV (no
+/// autograd: inference only), everything else candle's matmul.
+pub fn dense_xwt(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let k = dims[dims.len() - 1];
+    let rows = x.elem_count() / k.max(1);
+    if rows <= qlorad_kernels::gemv::GEMV_MAX_ROWS && !x.track_op() && x.device().is_cpu() {
+        let (n, _) = w.dims2()?;
+        let xv = x.flatten_all()?.to_vec1::<f32>()?;
+        let wv = w.contiguous()?;
+        let wv = wv.flatten_all()?;
+        let (storage, layout) = wv.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            return Ok(x.broadcast_matmul(&w.t()?)?);
+        };
+        let slice = cpu.as_slice::<f32>()?;
+        let wslice = match layout.contiguous_offsets() {
+            Some((a, b)) => &slice[a..b],
+            None => return Ok(x.broadcast_matmul(&w.t()?)?),
+        };
+        let y = qlorad_kernels::gemv::gemv_xwt(&xv, rows, wslice, n, k);
+        let mut out = dims.to_vec();
+        if let Some(l) = out.last_mut() {
+            *l = n;
+        }
+        return Ok(Tensor::from_vec(y, out, x.device())?);
+    }
+    Ok(x.broadcast_matmul(&w.t()?)?)
+}
+
 impl BaseLinear for DenseLinear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.broadcast_matmul(&self.weight.t()?)?)
+        dense_xwt(x, &self.weight)
     }
     fn in_features(&self) -> usize {
         self.weight.dims()[1]

@@ -198,7 +198,7 @@ impl Llama {
         };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        Ok(x.matmul(&head.t()?)?) // (rows, vocab)
+        crate::linear::dense_xwt(&x, head) // (rows, vocab)
     }
 }
 
