@@ -12,6 +12,8 @@ use rayon::prelude::*;
 
 /// Inputs with at most this many rows use the fused GEMV path.
 const GEMV_MAX_ROWS: usize = 8;
+/// Up to this many rows (a decode batch), groups of [`GEMV_MAX_ROWS`] rows use the fused kernel.
+const GEMV_BATCH_ROWS: usize = 32;
 /// Rows of W dequantized per tile on the tiled path.
 const TILE_ROWS: usize = 64;
 
@@ -30,6 +32,17 @@ pub fn matmul_xwt(x: &[f32], m: usize, w: &Nf4Tensor, absmax: &[f32]) -> Vec<f32
     assert_eq!(x.len(), m * k, "x must be m×k");
     if m <= GEMV_MAX_ROWS {
         return gemv_xwt(x, m, w, absmax, n, k);
+    }
+    if m <= GEMV_BATCH_ROWS {
+        // A decode batch: reading the 4-bit weights once per group of rows is far cheaper than
+        // dequantizing the whole matrix for a GEMM of so few rows.
+        let mut out = vec![0f32; m * n];
+        for (g, rows) in x.chunks(GEMV_MAX_ROWS * k).enumerate() {
+            let r = rows.len() / k;
+            let y = gemv_xwt(rows, r, w, absmax, n, k);
+            out[g * GEMV_MAX_ROWS * n..g * GEMV_MAX_ROWS * n + r * n].copy_from_slice(&y);
+        }
+        return out;
     }
     // outᵀ (n×m) is computed tile by tile so that each task owns contiguous rows, then transposed.
     let mut out_t = vec![0f32; n * m];
@@ -360,6 +373,8 @@ mod tests {
         check(3, 33, 96, 32);
         check(9, 130, 64, 64);
         check(17, 65, 100, 64); // rows not block-aligned, odd tile tail
+        check(40, 70, 128, 64); // tiled path
+        check(20, 33, 128, 64); // grouped GEMV (decode batch)
         check(2, 5, 7, 32); // odd k: unaligned nibbles
     }
 }

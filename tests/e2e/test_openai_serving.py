@@ -13,6 +13,7 @@ import openai
 import pytest
 
 MODEL_ID = "smollm2"
+ADAPTER = "ft:smollm2:qv"
 
 
 def free_port():
@@ -28,7 +29,8 @@ def server():
     port = free_port()
     proc = subprocess.Popen(
         [binary, "serve", "--model", model, "--model-id", MODEL_ID, "--listen", f"127.0.0.1:{port}",
-         "--max-inflight", "4", "--max-body-bytes", "65536"],
+         "--max-inflight", "4", "--max-body-bytes", "65536",
+         "--adapter-root", "tests/fixtures/lora", "--lora", f"{ADAPTER}=tests/fixtures/lora/smollm2-r8-qv"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
@@ -60,8 +62,20 @@ def client(server):
 
 def test_models_list_and_retrieve(client):
     ids = [m.id for m in client.models.list().data]
-    assert MODEL_ID in ids
+    assert ids == [MODEL_ID, ADAPTER]
     assert client.models.retrieve(MODEL_ID).id == MODEL_ID
+    assert client.models.retrieve(ADAPTER).id == ADAPTER
+
+
+def test_adapter_chosen_by_model(client):
+    args = dict(temperature=0, max_tokens=12, messages=[{"role": "user", "content": "What is the capital of France?"}])
+    r = client.chat.completions.create(model=ADAPTER, **args)
+    assert r.model == ADAPTER
+    assert "Paris" in r.choices[0].message.content
+    # Streaming through the adapter works the same way.
+    text = "".join(c.choices[0].delta.content or "" for c in
+                   client.chat.completions.create(model=ADAPTER, stream=True, **args) if c.choices)
+    assert text == r.choices[0].message.content
 
 
 def test_chat_non_streaming(client):
