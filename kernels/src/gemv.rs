@@ -26,13 +26,19 @@ pub fn gemv_xwt(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> 
                 }
             }
         });
-    if m == 1 {
-        return out_t;
+    transpose(out_t, n, m)
+}
+
+/// `(n×m) → (m×n)`: the kernels accumulate per output feature (contiguous per task) and hand the
+/// result back row-major.
+pub(crate) fn transpose(t: Vec<f32>, n: usize, m: usize) -> Vec<f32> {
+    if m == 1 || n == 1 {
+        return t;
     }
     let mut out = vec![0f32; m * n];
     for j in 0..n {
         for i in 0..m {
-            out[i * n + j] = out_t[j * m + i];
+            out[i * n + j] = t[j * m + i];
         }
     }
     out

@@ -6,6 +6,7 @@
 //! buffer and hand it to the `gemm` crate (what candle's CPU matmul uses), as QLoRA's reference does
 //! per layer with `dequantize_4bit` + matmul, but bounded to a tile.
 
+use crate::gemv::transpose;
 use crate::nf4::Nf4Tensor;
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
@@ -80,13 +81,7 @@ pub fn matmul_xwt(x: &[f32], m: usize, w: &Nf4Tensor, absmax: &[f32]) -> Vec<f32
                 );
             }
         });
-    let mut out = vec![0f32; m * n];
-    for j in 0..n {
-        for i in 0..m {
-            out[i * n + j] = out_t[j * m + i];
-        }
-    }
-    out
+    transpose(out_t, n, m)
 }
 
 /// Output rows handled per rayon task on the GEMV path.
@@ -111,16 +106,7 @@ fn gemv_xwt(x: &[f32], m: usize, w: &Nf4Tensor, absmax: &[f32], n: usize, k: usi
                 gemv_rows_unaligned(x, m, w, absmax, k, row0, acc);
             }
         });
-    if m == 1 {
-        return out_t;
-    }
-    let mut out = vec![0f32; m * n];
-    for j in 0..n {
-        for i in 0..m {
-            out[i * n + j] = out_t[j * m + i];
-        }
-    }
-    out
+    transpose(out_t, n, m)
 }
 
 fn gemv_rows(
