@@ -1,6 +1,11 @@
 //! The adapter registry: LoRA adapters servable by name, loaded from folders under a configured
-//! adapter root (paths outside it are refused), replaced or unloaded at run time. Requests pick an
-//! adapter by putting its name in `model`.
+//! adapter root (paths outside it are refused), replaced, pinned or unloaded at run time. Requests
+//! pick an adapter by putting its name in `model`.
+//!
+//! Tiers (vLLM's LoRA CPU/GPU caches): an adapter's weights are resident (`host`; on the GPU build a
+//! device tier sits above it) or evicted to `disk` (only its folder is remembered). Resident bytes
+//! stay under a budget by evicting the least recently used unpinned adapter; a request for an evicted
+//! adapter reloads it transparently.
 //!
 //! The map sits behind a std `RwLock` that is only ever held for a lookup or an insert — never across
 //! an `.await` or while reading files.
@@ -8,6 +13,7 @@
 use qlorad_model::{Config, LoraAdapter};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// Why an adapter operation failed (mapped to HTTP by the API layer).
@@ -36,33 +42,72 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
-/// Summary of a loaded adapter.
+/// Summary of a registered adapter.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AdapterInfo {
     pub name: String,
     pub path: String,
     pub bytes: usize,
+    /// `host` (weights resident, servable at once) or `disk` (evicted; reloaded on next use).
+    pub tier: &'static str,
+    pub pinned: bool,
 }
 
 struct Entry {
-    adapter: Arc<LoraAdapter>,
+    /// `None` once evicted to disk.
+    adapter: Option<Arc<LoraAdapter>>,
     path: PathBuf,
+    bytes: usize,
+    pinned: bool,
+    last_used: AtomicU64,
+}
+
+/// What a lookup found.
+pub enum Lookup {
+    Resident(Arc<LoraAdapter>),
+    /// Registered but evicted: call [`AdapterRegistry::reload`] (blocking) to serve it.
+    Evicted,
+    Unknown,
+}
+
+/// Counters the registry reports (Prometheus handles, shared with `/metrics`).
+#[derive(Clone)]
+pub struct AdapterCounters {
+    pub hits: prometheus::IntCounter,
+    pub misses: prometheus::IntCounter,
+    pub evictions: prometheus::IntCounter,
+    pub resident_bytes: prometheus::IntGauge,
+    pub disk_bytes: prometheus::IntGauge,
 }
 
 pub struct AdapterRegistry {
     root: Option<PathBuf>,
     base_id: String,
     base: Config,
+    /// Resident-bytes budget; least recently used unpinned adapters are evicted beyond it.
+    budget: usize,
+    clock: AtomicU64,
+    counters: Option<AdapterCounters>,
     map: RwLock<BTreeMap<String, Entry>>,
 }
 
 impl AdapterRegistry {
     /// `root`: the folder adapters must live under (canonicalized); `None` refuses runtime loads.
-    pub fn new(root: Option<PathBuf>, base_id: &str, base: Config) -> Self {
+    /// `budget`: bytes of adapter weights kept resident (`usize::MAX`: no limit).
+    pub fn new(
+        root: Option<PathBuf>,
+        base_id: &str,
+        base: Config,
+        budget: usize,
+        counters: Option<AdapterCounters>,
+    ) -> Self {
         Self {
             root: root.and_then(|r| r.canonicalize().ok()),
             base_id: base_id.to_string(),
             base,
+            budget,
+            clock: AtomicU64::new(0),
+            counters,
             map: RwLock::new(BTreeMap::new()),
         }
     }
@@ -94,6 +139,10 @@ impl AdapterRegistry {
         Ok(real)
     }
 
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     /// Loads (or replaces) adapter `name` from `dir` (blocking file reads: call off the async threads).
     pub fn load(&self, name: &str, dir: &Path) -> Result<AdapterInfo, AdapterError> {
         if !valid_name(name) {
@@ -104,43 +153,171 @@ impl AdapterRegistry {
         }
         let adapter = LoraAdapter::load(dir, name, &self.base)
             .map_err(|e| AdapterError::Invalid(e.to_string()))?;
-        let info = AdapterInfo {
+        let bytes = adapter.bytes();
+        let pinned = self.read().get(name).is_some_and(|e| e.pinned);
+        let entry = Entry {
+            adapter: Some(Arc::new(adapter)),
+            path: dir.to_path_buf(),
+            bytes,
+            pinned,
+            last_used: AtomicU64::new(self.tick()),
+        };
+        {
+            let mut map = self.write();
+            map.insert(name.to_string(), entry);
+            self.enforce_budget(&mut map, name);
+        }
+        Ok(self.info(name).unwrap_or(AdapterInfo {
             name: name.to_string(),
             path: dir.display().to_string(),
-            bytes: adapter.bytes(),
+            bytes,
+            tier: "host",
+            pinned,
+        }))
+    }
+
+    /// Brings an evicted adapter back from its folder (blocking) and returns it.
+    pub fn reload(&self, name: &str) -> Result<Arc<LoraAdapter>, AdapterError> {
+        let path = match self.read().get(name) {
+            Some(e) => match &e.adapter {
+                Some(a) => return Ok(a.clone()),
+                None => e.path.clone(),
+            },
+            None => return Err(AdapterError::NotFound(name.to_string())),
         };
-        let entry = Entry {
-            adapter: Arc::new(adapter),
-            path: dir.to_path_buf(),
-        };
-        self.write().insert(name.to_string(), entry);
-        Ok(info)
+        self.load(name, &path)?;
+        match self.lookup(name) {
+            Lookup::Resident(a) => Ok(a),
+            _ => Err(AdapterError::Invalid(format!(
+                "adapter {name:?} could not be kept resident"
+            ))),
+        }
+    }
+
+    /// Evicts least recently used, unpinned adapters (never `keep`) until resident bytes fit.
+    fn enforce_budget(&self, map: &mut BTreeMap<String, Entry>, keep: &str) {
+        loop {
+            let resident: usize = map
+                .values()
+                .filter(|e| e.adapter.is_some())
+                .map(|e| e.bytes)
+                .sum();
+            if resident <= self.budget {
+                break;
+            }
+            let victim = map
+                .iter()
+                .filter(|(n, e)| e.adapter.is_some() && !e.pinned && n.as_str() != keep)
+                .min_by_key(|(_, e)| e.last_used.load(Ordering::Relaxed))
+                .map(|(n, _)| n.clone());
+            let Some(victim) = victim else {
+                tracing::warn!(
+                    resident,
+                    budget = self.budget,
+                    "adapter budget exceeded by pinned adapters"
+                );
+                break;
+            };
+            if let Some(e) = map.get_mut(&victim) {
+                e.adapter = None;
+                tracing::info!(adapter = %victim, "evicted adapter to disk (LRU)");
+                if let Some(c) = &self.counters {
+                    c.evictions.inc();
+                }
+            }
+        }
+        self.update_gauges(map);
+    }
+
+    fn update_gauges(&self, map: &BTreeMap<String, Entry>) {
+        if let Some(c) = &self.counters {
+            let (mut host, mut disk) = (0, 0);
+            for e in map.values() {
+                if e.adapter.is_some() {
+                    host += e.bytes;
+                } else {
+                    disk += e.bytes;
+                }
+            }
+            c.resident_bytes.set(host as i64);
+            c.disk_bytes.set(disk as i64);
+        }
     }
 
     pub fn unload(&self, name: &str) -> Result<(), AdapterError> {
-        self.write()
+        let mut map = self.write();
+        let r = map
             .remove(name)
             .map(|_| ())
+            .ok_or_else(|| AdapterError::NotFound(name.to_string()));
+        self.update_gauges(&map);
+        r
+    }
+
+    /// Pins (never evicted) or unpins an adapter. Pinning an evicted adapter does not reload it;
+    /// its next use does.
+    pub fn set_pinned(&self, name: &str, pinned: bool) -> Result<AdapterInfo, AdapterError> {
+        {
+            let mut map = self.write();
+            let e = map
+                .get_mut(name)
+                .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
+            e.pinned = pinned;
+            if !pinned {
+                self.enforce_budget(&mut map, "");
+            }
+        }
+        self.info(name)
             .ok_or_else(|| AdapterError::NotFound(name.to_string()))
     }
 
-    pub fn get(&self, name: &str) -> Option<Arc<LoraAdapter>> {
-        self.read().get(name).map(|e| e.adapter.clone())
+    /// Finds an adapter for a request, marking it used.
+    pub fn lookup(&self, name: &str) -> Lookup {
+        let map = self.read();
+        let Some(e) = map.get(name) else {
+            return Lookup::Unknown;
+        };
+        e.last_used.store(self.tick(), Ordering::Relaxed);
+        match &e.adapter {
+            Some(a) => {
+                if let Some(c) = &self.counters {
+                    c.hits.inc();
+                }
+                Lookup::Resident(a.clone())
+            }
+            None => {
+                if let Some(c) = &self.counters {
+                    c.misses.inc();
+                }
+                Lookup::Evicted
+            }
+        }
+    }
+
+    /// Whether `name` is registered (resident or evicted).
+    pub fn contains(&self, name: &str) -> bool {
+        self.read().contains_key(name)
+    }
+
+    fn info_of(name: &str, e: &Entry) -> AdapterInfo {
+        AdapterInfo {
+            name: name.to_string(),
+            path: e.path.display().to_string(),
+            bytes: e.bytes,
+            tier: if e.adapter.is_some() { "host" } else { "disk" },
+            pinned: e.pinned,
+        }
+    }
+
+    pub fn info(&self, name: &str) -> Option<AdapterInfo> {
+        self.read().get(name).map(|e| Self::info_of(name, e))
     }
 
     pub fn list(&self) -> Vec<AdapterInfo> {
         self.read()
             .iter()
-            .map(|(n, e)| AdapterInfo {
-                name: n.clone(),
-                path: e.path.display().to_string(),
-                bytes: e.adapter.bytes(),
-            })
+            .map(|(n, e)| Self::info_of(n, e))
             .collect()
-    }
-
-    pub fn total_bytes(&self) -> usize {
-        self.read().values().map(|e| e.adapter.bytes()).sum()
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Entry>> {

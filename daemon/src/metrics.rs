@@ -18,6 +18,8 @@ pub struct Metrics {
     pub queue_waiting: IntGauge,
     pub batch_running: IntGauge,
     pub model_weight_bytes: IntGauge,
+    pub adapter_requests: IntCounterVec,
+    pub adapters: crate::adapters::AdapterCounters,
 }
 
 fn buckets(start: f64, factor: f64, n: usize) -> Vec<f64> {
@@ -80,6 +82,35 @@ impl Metrics {
             "qlorad_model_weight_bytes",
             "Bytes of resident base weights",
         )?;
+        let adapter_requests = IntCounterVec::new(
+            Opts::new(
+                "qlorad_adapter_requests_total",
+                "Generation requests by adapter (base: the model id)",
+            ),
+            &["adapter"],
+        )?;
+        let adapters = crate::adapters::AdapterCounters {
+            hits: IntCounter::new(
+                "qlorad_adapter_cache_hits_total",
+                "Requests whose adapter was resident",
+            )?,
+            misses: IntCounter::new(
+                "qlorad_adapter_cache_misses_total",
+                "Requests whose adapter had to be reloaded",
+            )?,
+            evictions: IntCounter::new(
+                "qlorad_adapter_evictions_total",
+                "Adapters evicted to disk (LRU)",
+            )?,
+            resident_bytes: IntGauge::new(
+                "qlorad_adapter_host_bytes",
+                "Bytes of adapter weights resident",
+            )?,
+            disk_bytes: IntGauge::new(
+                "qlorad_adapter_disk_bytes",
+                "Bytes of registered adapters evicted to disk",
+            )?,
+        };
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_latency.clone()))?;
         registry.register(Box::new(prompt_tokens.clone()))?;
@@ -91,6 +122,12 @@ impl Metrics {
         registry.register(Box::new(queue_waiting.clone()))?;
         registry.register(Box::new(batch_running.clone()))?;
         registry.register(Box::new(model_weight_bytes.clone()))?;
+        registry.register(Box::new(adapter_requests.clone()))?;
+        registry.register(Box::new(adapters.hits.clone()))?;
+        registry.register(Box::new(adapters.misses.clone()))?;
+        registry.register(Box::new(adapters.evictions.clone()))?;
+        registry.register(Box::new(adapters.resident_bytes.clone()))?;
+        registry.register(Box::new(adapters.disk_bytes.clone()))?;
         Ok(Self {
             registry,
             http_requests,
@@ -104,6 +141,8 @@ impl Metrics {
             queue_waiting,
             batch_running,
             model_weight_bytes,
+            adapter_requests,
+            adapters,
         })
     }
 

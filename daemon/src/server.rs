@@ -58,6 +58,10 @@ pub struct ServeArgs {
     /// Folder that runtime-loaded adapters must live under (`POST /v1/adapters`).
     #[arg(long, env = "QLORAD_ADAPTER_ROOT")]
     pub adapter_root: Option<PathBuf>,
+    /// Bytes of adapter weights kept resident; beyond it the least recently used unpinned adapters
+    /// are evicted to disk and reloaded on their next request (0: no limit).
+    #[arg(long, env = "QLORAD_MAX_ADAPTER_BYTES", default_value_t = 0)]
+    pub max_adapter_bytes: usize,
     /// Adapters to load at start, as NAME=DIR (repeatable).
     #[arg(long = "lora", env = "QLORAD_LORA", value_delimiter = ',', value_parser = parse_lora)]
     pub loras: Vec<(String, PathBuf)>,
@@ -103,17 +107,24 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "model".into())
     });
+    let metrics = Arc::new(Metrics::new().context("creating metrics")?);
+    let budget = if a.max_adapter_bytes == 0 {
+        usize::MAX
+    } else {
+        a.max_adapter_bytes
+    };
     let adapters = Arc::new(AdapterRegistry::new(
         a.adapter_root.clone(),
         &model_id,
         model.config().clone(),
+        budget,
+        Some(metrics.adapters.clone()),
     ));
     for (name, dir) in &a.loras {
         adapters
             .load(name, dir)
             .with_context(|| format!("loading adapter {name} from {}", dir.display()))?;
     }
-    let metrics = Arc::new(Metrics::new().context("creating metrics")?);
     metrics.model_weight_bytes.set(model.weight_bytes() as i64);
     let context_len = model.config().max_position_embeddings;
     let tok = Arc::new(tok);

@@ -122,6 +122,8 @@ fn state(model: Arc<Llama>, tok: Arc<Tokenizer>, cfg: EngineConfig, max_body: us
         Some(qlorad_tests::fixture("lora")),
         "smollm2",
         model.config().clone(),
+        usize::MAX,
+        Some(metrics.adapters.clone()),
     ));
     AppState {
         adapters,
@@ -467,4 +469,91 @@ async fn api_keys_and_scopes() {
     // Probes stay open.
     assert_eq!(send("/health", "GET", None, "").await.0, StatusCode::OK);
     assert_eq!(send("/metrics", "GET", None, "").await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lru_eviction_transparent_reload_and_pinning() {
+    let Some((model, tok)) = load() else { return };
+    let one = qlorad_model::LoraAdapter::load(
+        &qlorad_tests::fixture("lora/smollm2-r8-qv"),
+        "x",
+        model.config(),
+    )
+    .unwrap()
+    .bytes();
+    let mut st = state(model.clone(), tok, EngineConfig::default(), 1 << 20);
+    // Room for one adapter: loading a second evicts the least recently used.
+    st.adapters = Arc::new(qlorad::adapters::AdapterRegistry::new(
+        Some(qlorad_tests::fixture("lora")),
+        "smollm2",
+        model.config().clone(),
+        one + one / 2,
+        Some(st.metrics.adapters.clone()),
+    ));
+    let metrics = st.metrics.clone();
+    let app = router(st);
+    for name in ["a1", "a2"] {
+        let (s, v, _) = call(
+            &app,
+            "POST",
+            "/v1/adapters",
+            &format!(r#"{{"name":"{name}","path":"smollm2-r8-qv"}}"#),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+    }
+    let tiers = |v: &serde_json::Value| -> Vec<(String, String)> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| {
+                (
+                    a["name"].as_str().unwrap().into(),
+                    a["tier"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    let (_, v, _) = call(&app, "GET", "/v1/adapters", "").await;
+    assert_eq!(
+        tiers(&v),
+        [("a1".into(), "disk".into()), ("a2".into(), "host".into())]
+    );
+    assert_eq!(metrics.adapters.evictions.get(), 1);
+    // A request for the evicted adapter reloads it (and evicts the other).
+    let body = r#"{"model":"a1","messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#;
+    let (s, v, _) = call(&app, "POST", "/v1/chat/completions", body).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(metrics.adapters.misses.get(), 1);
+    let (_, v, _) = call(&app, "GET", "/v1/adapters", "").await;
+    assert_eq!(
+        tiers(&v),
+        [("a1".into(), "host".into()), ("a2".into(), "disk".into())]
+    );
+    // Pinned adapters are never evicted.
+    let (s, v, _) = call(&app, "POST", "/v1/adapters/a1/pin", "").await;
+    assert_eq!((s, v["pinned"].as_bool()), (StatusCode::OK, Some(true)));
+    let (s, _, _) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        &body.replace("a1", "a2"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, v, _) = call(&app, "GET", "/v1/adapters", "").await;
+    assert_eq!(
+        tiers(&v),
+        [("a1".into(), "host".into()), ("a2".into(), "host".into())]
+    );
+    let (s, _, _) = call(&app, "POST", "/v1/adapters/a1/unpin", "").await;
+    assert_eq!(s, StatusCode::OK);
+    let (_, v, _) = call(&app, "GET", "/v1/adapters", "").await;
+    assert_eq!(
+        tiers(&v),
+        [("a1".into(), "disk".into()), ("a2".into(), "host".into())]
+    );
+    let (s, _, _) = call(&app, "POST", "/v1/adapters/nope/pin", "").await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
 }

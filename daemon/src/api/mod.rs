@@ -3,7 +3,7 @@
 pub mod error;
 pub mod openai;
 
-use crate::adapters::AdapterRegistry;
+use crate::adapters::{AdapterRegistry, Lookup};
 use crate::engine::{EngineHandle, Event, Request, SubmitError};
 use crate::metrics::Metrics;
 use axum::body::Bytes;
@@ -55,6 +55,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{*id}", get(model))
         .route("/v1/adapters", get(list_adapters).post(load_adapter))
         .route("/v1/adapters/{name}", delete(unload_adapter))
+        .route("/v1/adapters/{name}/pin", post(pin_adapter))
+        .route("/v1/adapters/{name}/unpin", post(unpin_adapter))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -113,7 +115,7 @@ async fn models(State(st): State<AppState>) -> Response {
 async fn model(State(st): State<AppState>, Path(id): Path<String>) -> Response {
     let resp = if id == *st.model_id {
         Json(card(&st, &id, None)).into_response()
-    } else if st.adapters.get(&id).is_some() {
+    } else if st.adapters.contains(&id) {
         Json(card(&st, &id, Some(&st.model_id))).into_response()
     } else {
         ApiError::model_not_found(&id).into_response()
@@ -149,15 +151,23 @@ fn parse<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
 }
 
-/// The adapter a request's `model` names: `None` for the base model's id.
+/// The adapter a request's `model` names: `None` for the base model's id. An adapter evicted to
+/// disk is reloaded here (a blocking read, moved off the async workers with `block_in_place`).
 fn select(st: &AppState, model: &str) -> Result<Option<Arc<LoraAdapter>>, ApiError> {
-    if model == &*st.model_id {
-        return Ok(None);
-    }
-    st.adapters
-        .get(model)
-        .map(Some)
-        .ok_or_else(|| ApiError::model_not_found(model))
+    let found = if model == &*st.model_id {
+        None
+    } else {
+        match st.adapters.lookup(model) {
+            Lookup::Resident(a) => Some(a),
+            Lookup::Evicted => Some(tokio::task::block_in_place(|| st.adapters.reload(model))?),
+            Lookup::Unknown => return Err(ApiError::model_not_found(model)),
+        }
+    };
+    st.metrics
+        .adapter_requests
+        .with_label_values(&[model])
+        .inc();
+    Ok(found)
 }
 
 async fn list_adapters(State(st): State<AppState>) -> Response {
@@ -186,6 +196,20 @@ async fn load_adapter(State(st): State<AppState>, body: Result<Bytes, BytesRejec
     .unwrap_or_else(|e| e.into_response());
     record(&st, "/v1/adapters", resp.status(), started);
     resp
+}
+
+async fn pin_adapter(State(st): State<AppState>, Path(name): Path<String>) -> Response {
+    match st.adapters.set_pinned(&name, true) {
+        Ok(info) => Json(info).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn unpin_adapter(State(st): State<AppState>, Path(name): Path<String>) -> Response {
+    match st.adapters.set_pinned(&name, false) {
+        Ok(info) => Json(info).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
 }
 
 async fn unload_adapter(State(st): State<AppState>, Path(name): Path<String>) -> Response {
