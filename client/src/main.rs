@@ -1,13 +1,197 @@
-//! qctl: the admin CLI of qlorad. Its commands (models, adapters, chat, finetune) talk to a running
-//! daemon over HTTP and arrive with the serving and jobs work; for now it reports its version.
+//! qctl: the admin CLI of qlorad. Talks to a running daemon (`QLORAD_URL`, `QLORAD_API_KEY`);
+//! `--json` prints the raw API answers for scripts. Exit codes: 0 ok, 1 error, 2 usage,
+//! 3 daemon unreachable, 4 unauthorized/forbidden, 5 not found.
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use qctl::{Client, ClientError};
+use serde_json::{json, Value};
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(name = "qctl", version, about = "Admin CLI for the qlorad daemon")]
-struct Cli {}
+struct Cli {
+    /// Daemon URL.
+    #[arg(
+        long,
+        env = "QLORAD_URL",
+        default_value = "http://127.0.0.1:8000",
+        global = true
+    )]
+    url: String,
+    /// API key (admin scope for adapter commands).
+    #[arg(long, env = "QLORAD_API_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() -> anyhow::Result<()> {
-    let _cli = Cli::parse();
+#[derive(Subcommand)]
+enum Command {
+    /// List the servable models (base and adapters).
+    Models,
+    /// Manage LoRA adapters.
+    #[command(subcommand)]
+    Adapters(AdapterCmd),
+    /// Chat with a model, streaming; interactive unless --prompt is given.
+    Chat {
+        /// Model id (the base model's id or an adapter's name); default: the first listed.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        system: Option<String>,
+        /// One message, answered once (no interactive loop).
+        #[arg(long)]
+        prompt: Option<String>,
+        #[arg(long, default_value_t = 0.7)]
+        temperature: f32,
+        #[arg(long, default_value_t = 512)]
+        max_tokens: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdapterCmd {
+    /// List adapters with their tier (host/disk) and pin state.
+    List,
+    /// Load (or replace) an adapter from a folder under the daemon's adapter root.
+    Load {
+        name: String,
+        #[arg(long)]
+        path: String,
+    },
+    /// Unload an adapter.
+    Unload { name: String },
+    /// Keep an adapter resident (never evicted).
+    Pin { name: String },
+    /// Allow an adapter to be evicted again.
+    Unpin { name: String },
+}
+
+fn print(json_out: bool, v: &Value, table: impl FnOnce(&Value)) {
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    } else {
+        table(v);
+    }
+}
+
+fn run(cli: Cli) -> Result<(), ClientError> {
+    let c = Client::new(&cli.url, cli.api_key.clone());
+    match cli.command {
+        Command::Models => {
+            let v = c.get("/v1/models")?;
+            print(cli.json, &v, |v| {
+                for m in v["data"].as_array().into_iter().flatten() {
+                    match m["parent"].as_str() {
+                        Some(p) => println!("{}\t(adapter of {p})", m["id"].as_str().unwrap_or("")),
+                        None => println!("{}", m["id"].as_str().unwrap_or("")),
+                    }
+                }
+            });
+        }
+        Command::Adapters(cmd) => {
+            let v = match &cmd {
+                AdapterCmd::List => c.get("/v1/adapters")?,
+                AdapterCmd::Load { name, path } => {
+                    c.post("/v1/adapters", &json!({"name": name, "path": path}))?
+                }
+                AdapterCmd::Unload { name } => c.delete(&format!("/v1/adapters/{name}"))?,
+                AdapterCmd::Pin { name } => {
+                    c.post(&format!("/v1/adapters/{name}/pin"), &json!({}))?
+                }
+                AdapterCmd::Unpin { name } => {
+                    c.post(&format!("/v1/adapters/{name}/unpin"), &json!({}))?
+                }
+            };
+            print(cli.json, &v, |v| match cmd {
+                AdapterCmd::List => {
+                    println!("NAME\tTIER\tPINNED\tBYTES\tPATH");
+                    for a in v["data"].as_array().into_iter().flatten() {
+                        println!(
+                            "{}\t{}\t{}\t{}\t{}",
+                            a["name"].as_str().unwrap_or(""),
+                            a["tier"].as_str().unwrap_or(""),
+                            a["pinned"],
+                            a["bytes"],
+                            a["path"].as_str().unwrap_or("")
+                        );
+                    }
+                }
+                AdapterCmd::Unload { name } => println!("unloaded {name}"),
+                _ => println!(
+                    "{}\ttier={}\tpinned={}",
+                    v["name"].as_str().unwrap_or(""),
+                    v["tier"].as_str().unwrap_or(""),
+                    v["pinned"]
+                ),
+            });
+        }
+        Command::Chat {
+            model,
+            system,
+            prompt,
+            temperature,
+            max_tokens,
+        } => {
+            let model = match model {
+                Some(m) => m,
+                None => c.get("/v1/models")?["data"][0]["id"]
+                    .as_str()
+                    .ok_or_else(|| ClientError::Protocol("the daemon lists no model".into()))?
+                    .to_string(),
+            };
+            let mut messages: Vec<Value> = system
+                .iter()
+                .map(|s| json!({"role": "system", "content": s}))
+                .collect();
+            let ask = |messages: &mut Vec<Value>, text: &str| -> Result<(), ClientError> {
+                messages.push(json!({"role": "user", "content": text}));
+                let body = json!({"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens});
+                let mut answer = String::new();
+                let mut out = std::io::stdout();
+                c.chat_stream(&body, |t| {
+                    answer.push_str(t);
+                    let _ = out.write_all(t.as_bytes());
+                    let _ = out.flush();
+                })?;
+                println!();
+                messages.push(json!({"role": "assistant", "content": answer}));
+                Ok(())
+            };
+            match prompt {
+                Some(p) => ask(&mut messages, &p)?,
+                None => {
+                    eprintln!("chatting with {model} (Ctrl-D to quit)");
+                    let stdin = std::io::stdin();
+                    loop {
+                        eprint!("> ");
+                        let mut line = String::new();
+                        if stdin.lock().read_line(&mut line).unwrap_or(0) == 0 {
+                            break;
+                        }
+                        let line = line.trim();
+                        if !line.is_empty() {
+                            ask(&mut messages, line)?;
+                        }
+                    }
+                }
+            }
+        }
+    }
     Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("qctl: error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
 }
