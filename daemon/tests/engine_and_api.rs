@@ -557,3 +557,25 @@ async fn lru_eviction_transparent_reload_and_pinning() {
     let (s, _, _) = call(&app, "POST", "/v1/adapters/nope/pin", "").await;
     assert_eq!(s, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_spec_matches_the_router() {
+    let Some((model, tok)) = load() else { return };
+    let app = router(state(model, tok, EngineConfig::default(), 1 << 20));
+    let (s, v, _) = call(&app, "GET", "/openapi.json", "").await;
+    assert_eq!((s, v["openapi"].as_str()), (StatusCode::OK, Some("3.1.0")));
+    for (path, methods) in qlorad::api::openapi::ROUTES {
+        assert!(v["paths"].get(path).is_some(), "{path}");
+        let concrete = path.replace("{id}", "smollm2").replace("{name}", "missing");
+        for m in methods {
+            let body = if *m == "post" { "{}" } else { "" };
+            let (s, v, _) = call(&app, &m.to_uppercase(), &concrete, body).await;
+            assert_ne!(s, StatusCode::METHOD_NOT_ALLOWED, "{m} {concrete}");
+            assert_ne!(
+                v["error"]["message"].as_str(),
+                Some("no such route"),
+                "{m} {concrete} is not routed"
+            );
+        }
+    }
+}

@@ -2,6 +2,7 @@
 
 pub mod error;
 pub mod openai;
+pub mod openapi;
 
 use crate::adapters::{AdapterRegistry, Lookup};
 use crate::engine::{EngineHandle, Event, Request, SubmitError};
@@ -60,6 +61,10 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route(
+            "/openapi.json",
+            get(|| async { Json(openapi::spec(env!("CARGO_PKG_VERSION"))) }),
+        )
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(
