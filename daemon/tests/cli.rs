@@ -251,9 +251,20 @@ fn serve_reads_a_toml_config_and_refuses_open_listen_without_keys() {
 fn sigterm_drains_in_flight_streams_then_exits_cleanly() {
     use std::io::{BufRead, BufReader, Write};
     let Some(model) = smollm2() else { return };
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut child = Command::new(env!("CARGO_BIN_EXE_qlorad"))
-        .args(["serve", "--model", model.to_str().unwrap(), "--model-id", "m", "--listen"])
+        .args([
+            "serve",
+            "--model",
+            model.to_str().unwrap(),
+            "--model-id",
+            "m",
+            "--listen",
+        ])
         .arg(format!("127.0.0.1:{port}"))
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -262,7 +273,9 @@ fn sigterm_drains_in_flight_streams_then_exits_cleanly() {
     let mut conn = loop {
         match std::net::TcpStream::connect(("127.0.0.1", port)) {
             Ok(c) => break c,
-            Err(_) if start.elapsed().as_secs() < 120 => std::thread::sleep(std::time::Duration::from_millis(100)),
+            Err(_) if start.elapsed().as_secs() < 120 => {
+                std::thread::sleep(std::time::Duration::from_millis(100))
+            }
             Err(e) => panic!("daemon did not start: {e}"),
         }
     };
@@ -278,10 +291,16 @@ fn sigterm_drains_in_flight_streams_then_exits_cleanly() {
     // Wait for the first content chunk, then ask the daemon to stop.
     while !seen.contains("\"content\":\"") || seen.matches("data: ").count() < 3 {
         let mut line = String::new();
-        assert!(reader.read_line(&mut line).unwrap() > 0, "stream closed early: {seen}");
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "stream closed early: {seen}"
+        );
         seen.push_str(&line);
     }
-    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(kill.success());
     let mut rest = String::new();
     loop {
@@ -291,7 +310,10 @@ fn sigterm_drains_in_flight_streams_then_exits_cleanly() {
         }
         rest.push_str(&line);
     }
-    assert!(rest.contains("data: [DONE]"), "the in-flight stream must finish: {rest}");
+    assert!(
+        rest.contains("data: [DONE]"),
+        "the in-flight stream must finish: {rest}"
+    );
     assert!(rest.contains("\"finish_reason\":\"length\""), "{rest}");
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status}");

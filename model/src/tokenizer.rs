@@ -130,6 +130,23 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of `text` (no special tokens added) with each token's byte span in `text`.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenize(e.to_string()))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
+    /// The first end-of-sequence id (what a training example ends with).
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos_token
+            .as_deref()
+            .and_then(|t| self.inner.token_to_id(t))
+            .or_else(|| self.eos_ids.first().copied())
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special)

@@ -1,3 +1,7 @@
 //! qlorad-trainer: QLoRA training on a frozen NF4 base (data, step, optimizer, checkpoints,
-//! merge/export). The training engine lands with its own issue; the crate exists now so that the
-//! daemon's dependency on it (through a job-runner interface) is in place from the start.
+//! merge/export). Landed so far: the data layer (formats, validation with line numbers, tokenization
+//! with assistant-only loss masks, packing, length-grouped batching).
+
+pub mod data;
+
+pub use data::{load_examples, validate_file, DataError, DataOptions, Example};
