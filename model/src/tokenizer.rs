@@ -6,6 +6,9 @@ use crate::error::{ModelError, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
+/// Byte spans `[start, end)` of tokens in the text they came from.
+pub type Offsets = Vec<(usize, usize)>;
+
 /// One chat message. `content` is plain text (multi-part content is flattened by the server).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ChatMessage {
@@ -131,7 +134,7 @@ impl Tokenizer {
     }
 
     /// Token ids of `text` (no special tokens added) with each token's byte span in `text`.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Offsets)> {
         let enc = self
             .inner
             .encode(text, false)
