@@ -15,6 +15,9 @@ use crate::lora::{LoraAdapter, LoraBatch};
 use candle_core::{Device, Tensor};
 use std::sync::Arc;
 
+#[path = "llama_train.rs"]
+pub mod train;
+
 /// One sequence's share of a forward pass: its new tokens, its cache (positions continue from
 /// `cache.len()`) and the LoRA adapter it runs with (`None`: the base model).
 pub struct SeqInput<'a> {

@@ -316,3 +316,9 @@ impl LoraBatch {
         Ok(y)
     }
 }
+
+impl crate::llama::train::LoraWeights for LoraAdapter {
+    fn module(&self, layer: usize, proj: usize) -> Option<(&Tensor, &Tensor, f64)> {
+        LoraAdapter::module(self, layer, proj).map(|m| (&m.a, &m.b, m.scale))
+    }
+}

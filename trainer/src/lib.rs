@@ -1,7 +1,9 @@
 //! qlorad-trainer: QLoRA training on a frozen NF4 base (data, step, optimizer, checkpoints,
 //! merge/export). Landed so far: the data layer (formats, validation with line numbers, tokenization
-//! with assistant-only loss masks, packing, length-grouped batching).
+//! with assistant-only loss masks, packing, length-grouped batching) and the training step (LoRA
+//! weights as candle Vars over the NF4 base, masked causal-LM loss, clipping, AdamW).
 
 pub mod data;
+pub mod step;
 
 pub use data::{load_examples, validate_file, DataError, DataOptions, Example};

@@ -1,0 +1,146 @@
+//! The training forward pass: a padded batch `(batch, seq)` with no KV cache, built only from
+//! differentiable candle ops (candle's fused `rms_norm`, `rope` and `softmax_last_dim` have no
+//! backward, see ../shared/CANDLE-NOTES.md), with trainable LoRA weights supplied per module. The frozen
+//! NF4 projections go through the NF4 custom op, whose backward re-dequantizes (QLoRA, §3). Same
+//! math as [`Llama::forward`]; a test checks the two agree.
+
+use super::{Block, Llama};
+use crate::error::Result;
+use crate::linear::BaseLinear;
+use candle_core::{Device, Tensor, D};
+
+/// LoRA weights a training forward applies: `(A (r, in), B (out, r), scale)` per module.
+pub trait LoraWeights {
+    fn module(&self, layer: usize, proj: usize) -> Option<(&Tensor, &Tensor, f64)>;
+}
+
+/// No adapter.
+pub struct NoLora;
+
+impl LoraWeights for NoLora {
+    fn module(&self, _: usize, _: usize) -> Option<(&Tensor, &Tensor, f64)> {
+        None
+    }
+}
+
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
+    Ok(x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?)
+}
+
+/// Non-interleaved RoPE (`x·cos + rotate_half(x)·sin`); x: (b, h, t, d), cos/sin: (t, d/2).
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
+}
+
+fn project(
+    base: &dyn BaseLinear,
+    layer: usize,
+    proj: usize,
+    x: &Tensor,
+    lora: &dyn LoraWeights,
+) -> Result<Tensor> {
+    let y = base.forward(x)?;
+    match lora.module(layer, proj) {
+        None => Ok(y),
+        Some((a, b, scale)) => {
+            let delta = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+            Ok((y + (delta * scale)?)?)
+        }
+    }
+}
+
+/// Additive causal mask (t, t) with the optional sliding window.
+fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..t).map(move |j| {
+                let outside = window.is_some_and(|w| i >= w && j <= i - w);
+                if j > i || outside {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(m, (t, t), device)?)
+}
+
+impl Llama {
+    /// `ids (batch, seq)` → logits `(batch, seq, vocab)`, differentiable in the LoRA tensors.
+    pub fn forward_train(&self, ids: &Tensor, lora: &dyn LoraWeights) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let cfg = &self.cfg;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        let mask = causal_mask(t, cfg.sliding_window, &self.device)?;
+        let mut x =
+            self.embed
+                .index_select(&ids.flatten_all()?, 0)?
+                .reshape((b, t, cfg.hidden_size))?;
+        for (li, block) in self.blocks.iter().enumerate() {
+            x = block.forward_train(self, li, &x, &cos, &sin, &mask, lora)?;
+        }
+        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        Ok(x.broadcast_matmul(&head.t()?)?)
+    }
+}
+
+impl Block {
+    #[allow(clippy::too_many_arguments)] // the inputs of one layer's pass
+    fn forward_train(
+        &self,
+        m: &Llama,
+        layer: usize,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        lora: &dyn LoraWeights,
+    ) -> Result<Tensor> {
+        let cfg = &m.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let h = rms_norm(x, &self.input_norm, cfg.rms_norm_eps)?;
+        // (b, t, heads*hd) → (b, heads, t, hd)
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = rope(
+            &heads(project(self.attn.q.as_ref(), layer, 0, &h, lora)?, nh)?,
+            cos,
+            sin,
+        )?;
+        let k = rope(
+            &heads(project(self.attn.k.as_ref(), layer, 1, &h, lora)?, nkv)?,
+            cos,
+            sin,
+        )?;
+        let v = heads(project(self.attn.v.as_ref(), layer, 2, &h, lora)?, nkv)?;
+        let group = nh / nkv;
+        // Query heads sharing a kv head are folded into rows: (b, kv, group*t, hd).
+        let qg = q.reshape((b, nkv, group * t, hd))?;
+        let scores = (qg.matmul(&k.t()?)? / (hd as f64).sqrt())?; // (b, kv, group*t, t)
+        let scores = scores.reshape((b, nkv, group, t, t))?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((b, nkv, group * t, t))?;
+        let a = probs
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        let x = (x + project(self.attn.o.as_ref(), layer, 3, &a, lora)?)?;
+        let h = rms_norm(&x, &self.post_norm, cfg.rms_norm_eps)?;
+        let gate = project(self.mlp.gate.as_ref(), layer, 4, &h, lora)?.silu()?;
+        let up = project(self.mlp.up.as_ref(), layer, 5, &h, lora)?;
+        let down = project(self.mlp.down.as_ref(), layer, 6, &(gate * up)?, lora)?;
+        Ok((x + down)?)
+    }
+}

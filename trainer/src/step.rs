@@ -1,0 +1,292 @@
+//! The QLoRA training step, top to bottom: trainable LoRA weights over the frozen base, the causal-LM
+//! loss on masked targets, gradients, global-norm clipping and AdamW with f32 state.
+//!
+//! Initialization follows PEFT (`LoraLayer.reset_lora_parameters`): A is Kaiming-uniform with
+//! a = √5 (bound 1/√fan_in), B is zero, so a fresh adapter starts as the identity. AdamW follows
+//! `torch.optim.AdamW` (Loshchilov & Hutter, 2019): decoupled weight decay applied first, bias-corrected
+//! moments, `eps` added to the corrected second-moment root.
+
+use crate::data::Example;
+use candle_core::{backprop::GradStore, DType, Device, Tensor, Var, D};
+use qlorad_model::llama::train::LoraWeights;
+use qlorad_model::loader::{projection_shape, PROJECTIONS};
+use qlorad_model::{Config, Llama};
+use rand::{Rng, SeedableRng};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StepError {
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Model(#[from] qlorad_model::ModelError),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, StepError>;
+
+/// One trainable module: `delta = scale · (x·Aᵀ)·Bᵀ`.
+pub struct TrainModule {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+}
+
+/// A LoRA adapter being trained (modules indexed by `layer * 7 + projection`).
+pub struct TrainableLora {
+    pub r: usize,
+    pub alpha: f64,
+    pub targets: Vec<String>,
+    pub modules: Vec<Option<TrainModule>>,
+}
+
+impl LoraWeights for TrainableLora {
+    fn module(&self, layer: usize, proj: usize) -> Option<(&Tensor, &Tensor, f64)> {
+        self.modules
+            .get(layer * 7 + proj)
+            .and_then(Option::as_ref)
+            .map(|m| (m.a.as_tensor(), m.b.as_tensor(), m.scale))
+    }
+}
+
+impl TrainableLora {
+    /// A fresh adapter on `targets` (short projection names, e.g. `q_proj`), PEFT's initialization.
+    pub fn new(cfg: &Config, r: usize, alpha: f64, targets: &[String], seed: u64) -> Result<Self> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let mut modules = Vec::with_capacity(cfg.num_layers * 7);
+        for _layer in 0..cfg.num_layers {
+            for proj in PROJECTIONS {
+                let short = proj.rsplit('.').next().unwrap_or(proj);
+                if !targets.iter().any(|t| t == short) {
+                    modules.push(None);
+                    continue;
+                }
+                let (out, inp) = projection_shape(cfg, proj);
+                let bound = 1.0 / (inp as f64).sqrt();
+                let a: Vec<f32> = (0..r * inp)
+                    .map(|_| rng.random_range(-bound..bound) as f32)
+                    .collect();
+                modules.push(Some(TrainModule {
+                    a: Var::from_vec(a, (r, inp), &Device::Cpu)?,
+                    b: Var::zeros((out, r), DType::F32, &Device::Cpu)?,
+                    scale: alpha / r as f64,
+                }));
+            }
+        }
+        Ok(Self {
+            r,
+            alpha,
+            targets: targets.to_vec(),
+            modules,
+        })
+    }
+
+    /// Starts from a saved PEFT adapter (e.g. a checkpoint, or a reference's initial weights).
+    pub fn from_adapter(
+        a: &qlorad_model::LoraAdapter,
+        cfg: &Config,
+        r: usize,
+        alpha: f64,
+        targets: &[String],
+    ) -> Result<Self> {
+        let mut modules = Vec::with_capacity(cfg.num_layers * 7);
+        for layer in 0..cfg.num_layers {
+            for proj in 0..7 {
+                modules.push(match a.module(layer, proj) {
+                    None => None,
+                    Some(m) => Some(TrainModule {
+                        a: Var::from_tensor(&m.a)?,
+                        b: Var::from_tensor(&m.b)?,
+                        scale: m.scale,
+                    }),
+                });
+            }
+        }
+        Ok(Self {
+            r,
+            alpha,
+            targets: targets.to_vec(),
+            modules,
+        })
+    }
+
+    /// Every trainable tensor with its PEFT name.
+    pub fn named_vars(&self) -> Vec<(String, &Var)> {
+        let mut out = Vec::new();
+        for (i, m) in self.modules.iter().enumerate() {
+            if let Some(m) = m {
+                let (layer, proj) = (i / 7, PROJECTIONS[i % 7]);
+                let base = format!("base_model.model.model.layers.{layer}.{proj}");
+                out.push((format!("{base}.lora_A.weight"), &m.a));
+                out.push((format!("{base}.lora_B.weight"), &m.b));
+            }
+        }
+        out
+    }
+}
+
+/// A batch: right-padded ids and the loss mask (padding is masked).
+pub struct Batch {
+    pub ids: Tensor,
+    pub mask: Vec<bool>,
+    pub batch: usize,
+    pub seq: usize,
+}
+
+impl Batch {
+    pub fn from_examples(examples: &[&Example], pad_id: u32) -> Result<Self> {
+        let seq = examples
+            .iter()
+            .map(|e| e.input_ids.len())
+            .max()
+            .unwrap_or(0);
+        if seq < 2 {
+            return Err(StepError::Invalid(
+                "a batch needs sequences of at least 2 tokens".into(),
+            ));
+        }
+        let mut ids = Vec::with_capacity(examples.len() * seq);
+        let mut mask = Vec::with_capacity(examples.len() * seq);
+        for e in examples {
+            ids.extend_from_slice(&e.input_ids);
+            ids.extend(std::iter::repeat_n(pad_id, seq - e.input_ids.len()));
+            mask.extend_from_slice(&e.loss_mask);
+            mask.extend(std::iter::repeat_n(false, seq - e.loss_mask.len()));
+        }
+        Ok(Self {
+            ids: Tensor::from_vec(ids, (examples.len(), seq), &Device::Cpu)?,
+            mask,
+            batch: examples.len(),
+            seq,
+        })
+    }
+
+    /// Target tokens: positions t ≥ 1 whose mask is set (each predicted from t − 1).
+    pub fn target_count(&self) -> usize {
+        (0..self.batch)
+            .map(|b| {
+                (1..self.seq)
+                    .filter(|&t| self.mask[b * self.seq + t])
+                    .count()
+            })
+            .sum()
+    }
+}
+
+/// Mean cross-entropy over the batch's target tokens (transformers' causal-LM loss: shift by one,
+/// average over every unmasked target in the batch).
+pub fn loss(model: &Llama, lora: &dyn LoraWeights, batch: &Batch) -> Result<Tensor> {
+    let logits = model.forward_train(&batch.ids, lora)?; // (b, t, vocab)
+    let (b, t, v) = logits.dims3()?;
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    let ids = batch.ids.to_vec2::<u32>()?;
+    for (bi, row_ids) in ids.iter().enumerate() {
+        for (ti, &id) in row_ids.iter().enumerate().skip(1) {
+            if batch.mask[bi * t + ti] {
+                rows.push((bi * t + ti - 1) as u32);
+                targets.push(id);
+            }
+        }
+    }
+    if rows.is_empty() {
+        return Err(StepError::Invalid("the batch has no target tokens".into()));
+    }
+    let n = rows.len();
+    let flat = logits.reshape((b * t, v))?;
+    let picked = flat.index_select(&Tensor::from_vec(rows, n, &Device::Cpu)?, 0)?; // (n, vocab)
+    let logp = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
+    let tgt = Tensor::from_vec(targets, (n, 1), &Device::Cpu)?;
+    Ok(logp.gather(&tgt, 1)?.mean_all()?.neg()?)
+}
+
+/// Scales gradients so their global L2 norm is at most `max_norm` (as
+/// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
+pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.iter() {
+        sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
+    }
+    let norm = sq.sqrt();
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for g in grads.iter_mut() {
+            *g = (&*g * coef)?;
+        }
+    }
+    Ok(norm)
+}
+
+/// AdamW hyper-parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            lr: 2e-4,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// AdamW with f32 moments, one pair per parameter.
+pub struct AdamW {
+    pub cfg: AdamWConfig,
+    m: Vec<Tensor>,
+    v: Vec<Tensor>,
+    pub step: u64,
+}
+
+impl AdamW {
+    pub fn new(vars: &[&Var], cfg: AdamWConfig) -> Result<Self> {
+        let zeros = |v: &&Var| Tensor::zeros(v.shape(), DType::F32, v.device());
+        Ok(Self {
+            cfg,
+            m: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
+            v: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
+            step: 0,
+        })
+    }
+
+    /// One update of every var from its gradient, at learning rate `lr`.
+    pub fn update(&mut self, vars: &[&Var], grads: &[Tensor], lr: f64) -> Result<()> {
+        self.step += 1;
+        let c = self.cfg;
+        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+        for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
+            let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let mut p = var.as_tensor().clone();
+            if c.weight_decay != 0.0 {
+                p = (p * (1.0 - lr * c.weight_decay))?;
+            }
+            let denom = ((v.sqrt()? / bc2.sqrt())? + c.eps)?;
+            let p = (p - (m.div(&denom)? * (lr / bc1))?)?;
+            var.set(&p)?;
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        Ok(())
+    }
+}
+
+/// Gradients of the named vars from a backward pass (zeros where a var got none).
+pub fn collect_grads(grads: &GradStore, vars: &[&Var]) -> Result<Vec<Tensor>> {
+    vars.iter()
+        .map(|v| match grads.get(v.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => Ok(Tensor::zeros(v.shape(), DType::F32, v.device())?),
+        })
+        .collect()
+}
