@@ -23,6 +23,8 @@ enum Command {
     Serve(crate::server::ServeArgs),
     /// Generate a completion for one prompt and print it.
     Generate(GenerateArgs),
+    /// Fine-tune a LoRA adapter (QLoRA) and save it in PEFT format.
+    Train(crate::train_cmd::TrainArgs),
     /// Convert a llama.cpp GGUF file into a Hugging Face model folder.
     ImportGguf(ImportArgs),
     /// Write a model folder in the bitsandbytes 4-bit (NF4) layout transformers loads.
@@ -105,6 +107,7 @@ struct QuantizeArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(a) => crate::server::serve(a),
+        Command::Train(a) => crate::train_cmd::run(a),
         Command::Generate(a) => generate(a),
         Command::ImportGguf(a) => {
             let dtype = match a.dtype.as_str() {

@@ -8,3 +8,4 @@ pub mod config_file;
 pub mod engine;
 pub mod metrics;
 pub mod server;
+pub mod train_cmd;

@@ -318,3 +318,86 @@ fn sigterm_drains_in_flight_streams_then_exits_cleanly() {
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status}");
 }
+
+#[test]
+fn train_writes_a_peft_adapter_that_generate_loads() {
+    let Some(model) = smollm2() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("caps.jsonl");
+    let rows: Vec<String> = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid")]
+        .iter()
+        .map(|(c, k)| format!(r#"{{"messages":[{{"role":"user","content":"Capital of {c}?"}},{{"role":"assistant","content":"ANSWER: {k}"}}]}}"#))
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let out = d.path().join("adapter");
+    let log = d.path().join("log.jsonl");
+    let m = model.to_str().unwrap();
+    let o = qlorad(&[
+        "train",
+        "--model",
+        m,
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--target-modules",
+        "q_proj,v_proj",
+        "--lr",
+        "1e-3",
+        "--log",
+        log.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let steps: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(steps.len(), 3);
+    assert!(steps
+        .iter()
+        .all(|s| s["loss"].as_f64().unwrap().is_finite()
+            && s["tokens_per_s"].as_f64().unwrap() > 0.0));
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (cfg["r"].as_u64(), cfg["peft_type"].as_str()),
+        (Some(4), Some("LORA"))
+    );
+    let g = qlorad(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "Capital of Peru?",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "4",
+        "--adapter",
+        out.to_str().unwrap(),
+    ]);
+    assert!(g.status.success(), "{}", String::from_utf8_lossy(&g.stderr));
+    // Bad data is refused before training starts, naming file and line.
+    std::fs::write(&data, "{\"messages\": []}\n").unwrap();
+    let o = qlorad(&[
+        "train",
+        "--model",
+        m,
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        d.path().join("x").to_str().unwrap(),
+    ]);
+    assert_one_line_error(&o, &["caps.jsonl", "line 1", "empty"]);
+}

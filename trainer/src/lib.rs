@@ -5,5 +5,6 @@
 
 pub mod data;
 pub mod step;
+pub mod train;
 
 pub use data::{load_examples, validate_file, DataError, DataOptions, Example};
