@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc::UnboundedReceiver;
+use tracing::Instrument;
 
 /// Shared state of the handlers: cheap to clone (all `Arc`s).
 #[derive(Clone)]
@@ -280,7 +281,18 @@ enum Kind {
     Text,
 }
 
+/// One tracing span per request (the engine adds one per batch).
+fn request_span(st: &AppState, route: &'static str) -> tracing::Span {
+    let n = st.ids.load(Ordering::Relaxed);
+    tracing::info_span!("request", route, seq = n)
+}
+
 async fn chat(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let span = request_span(&st, "/v1/chat/completions");
+    chat_traced(st, body).instrument(span).await
+}
+
+async fn chat_traced(st: AppState, body: Result<Bytes, BytesRejection>) -> Response {
     let started = Instant::now();
     let resp = match chat_inner(&st, body) {
         Ok((rx, n, req)) => respond(&st, Kind::Chat, rx, n, req.model, &req.sampling).await,
@@ -307,6 +319,11 @@ fn chat_inner(
 }
 
 async fn completions(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let span = request_span(&st, "/v1/completions");
+    completions_traced(st, body).instrument(span).await
+}
+
+async fn completions_traced(st: AppState, body: Result<Bytes, BytesRejection>) -> Response {
     let started = Instant::now();
     let inner = || -> Result<_, ApiError> {
         let req: CompletionRequest = parse(&st, body)?;
