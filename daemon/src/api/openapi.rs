@@ -50,8 +50,12 @@ fn json_ok(desc: &str) -> Value {
     json!({"description": desc, "content": {"application/json": {"schema": {"type": "object"}}}})
 }
 
-fn path_param(name: &str) -> Value {
-    json!([{"name": name, "in": "path", "required": true, "schema": {"type": "string"}}])
+/// An authenticated operation on `/…/{param}` that can answer 401, 403 or 404.
+fn path_op(summary: &str, param: &str, ok: Value) -> Value {
+    let mut o = op(summary, None, ok, &["401", "403", "404"], true);
+    o["parameters"] =
+        json!([{"name": param, "in": "path", "required": true, "schema": {"type": "string"}}]);
+    o
 }
 
 /// The document.
@@ -59,38 +63,10 @@ pub fn spec(version: &str) -> Value {
     let gen_fail = ["400", "401", "403", "404", "413", "429", "500", "503"];
     let completion_ok = json!({"description": "completion (JSON), or text/event-stream chunks ending in `data: [DONE]` when stream=true",
         "content": {"application/json": {"schema": {"type": "object"}}, "text/event-stream": {"schema": {"type": "string"}}}});
-    let mut model = op(
-        "Retrieve a model or adapter",
-        None,
-        json_ok("model"),
-        &["401", "403", "404"],
-        true,
-    );
-    model["parameters"] = path_param("id");
-    let mut unload = op(
-        "Unload an adapter",
-        None,
-        json_ok("deleted"),
-        &["401", "403", "404"],
-        true,
-    );
-    unload["parameters"] = path_param("name");
-    let mut pin = op(
-        "Pin an adapter (never evicted)",
-        None,
-        json_ok("adapter"),
-        &["401", "403", "404"],
-        true,
-    );
-    pin["parameters"] = path_param("name");
-    let mut unpin = op(
-        "Unpin an adapter",
-        None,
-        json_ok("adapter"),
-        &["401", "403", "404"],
-        true,
-    );
-    unpin["parameters"] = path_param("name");
+    let model = path_op("Retrieve a model or adapter", "id", json_ok("model"));
+    let unload = path_op("Unload an adapter", "name", json_ok("deleted"));
+    let pin = path_op("Pin an adapter (never evicted)", "name", json_ok("adapter"));
+    let unpin = path_op("Unpin an adapter", "name", json_ok("adapter"));
     let mut load = op(
         "Load or replace an adapter from a folder under the adapter root",
         Some("LoadAdapter"),
