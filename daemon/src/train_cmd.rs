@@ -2,9 +2,9 @@
 
 use anyhow::{bail, Context, Result};
 use qlorad_model::Quant;
-use qlorad_trainer::data::{load_examples, pack, DataOptions};
-use qlorad_trainer::step::{AdamWConfig, TrainableLora};
-use qlorad_trainer::train::{save_peft, train, Schedule, TrainConfig};
+use qlorad_trainer::data::{load_examples, pack, split_validation, DataOptions};
+use qlorad_trainer::step::{AdamWConfig, LoraSpec, TrainableLora};
+use qlorad_trainer::train::{save_peft, Schedule, TrainConfig, Trainer};
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -38,6 +38,12 @@ pub struct TrainArgs {
     lora_r: usize,
     #[arg(long, default_value_t = 32.0)]
     lora_alpha: f64,
+    /// Dropout on the LoRA branch's input.
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f64,
+    /// rsLoRA scaling (alpha/sqrt(r)).
+    #[arg(long)]
+    rslora: bool,
     /// Comma-separated projections to adapt.
     #[arg(
         long,
@@ -62,6 +68,24 @@ pub struct TrainArgs {
     /// Pack examples into full sequences.
     #[arg(long)]
     pack: bool,
+    /// Validation data (same formats); eval loss and perplexity are logged.
+    #[arg(long)]
+    validation_file: Option<PathBuf>,
+    /// Hold out this fraction of the training data for validation (when no --validation-file).
+    #[arg(long, default_value_t = 0.0)]
+    val_split: f64,
+    /// Evaluate every N steps (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    /// Save a checkpoint every N steps into --checkpoint-dir (0: none).
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Where checkpoints go (default: OUT-checkpoints).
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    /// Continue from this checkpoint folder (same data and settings).
+    #[arg(long)]
+    resume: Option<PathBuf>,
     /// Write one JSON object per step here.
     #[arg(long)]
     log: Option<PathBuf>,
@@ -69,31 +93,20 @@ pub struct TrainArgs {
     overwrite: bool,
 }
 
-const PROJ: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
-
 pub fn run(a: TrainArgs) -> Result<()> {
-    if let Some(bad) = a
-        .target_modules
-        .iter()
-        .find(|t| !PROJ.contains(&t.as_str()))
-    {
-        bail!(
-            "--target-modules: {bad:?} is not one of {}",
-            PROJ.join(", ")
-        );
+    let spec = LoraSpec {
+        r: a.lora_r,
+        alpha: a.lora_alpha,
+        dropout: a.lora_dropout,
+        rslora: a.rslora,
+        targets: a.target_modules.clone(),
+    };
+    spec.validate()?;
+    if a.max_seq_len < 2 {
+        bail!("--max-seq-len must be at least 2");
     }
-    if a.lora_r == 0 || a.batch_size == 0 || a.grad_accum == 0 || a.max_seq_len < 2 {
-        bail!(
-            "--lora-r, --batch-size and --grad-accum must be positive and --max-seq-len at least 2"
-        );
+    if !(0.0..0.5).contains(&a.val_split) {
+        bail!("--val-split must be in [0, 0.5)");
     }
     if a.out.exists() && !a.overwrite {
         bail!(
@@ -101,23 +114,6 @@ pub fn run(a: TrainArgs) -> Result<()> {
             a.out.display()
         );
     }
-    let (model, tok) = qlorad_model::load_model(&a.model, a.quant)
-        .with_context(|| format!("loading model from {}", a.model.display()))?;
-    let opts = DataOptions {
-        max_seq_len: a.max_seq_len,
-        completion_only: !a.train_on_prompt,
-    };
-    let mut examples = load_examples(&a.data, &tok, &opts)?;
-    if a.pack {
-        examples = pack(&examples, a.max_seq_len);
-    }
-    let lora = TrainableLora::new(
-        model.config(),
-        a.lora_r,
-        a.lora_alpha,
-        &a.target_modules,
-        a.seed,
-    )?;
     let cfg = TrainConfig {
         epochs: a.epochs,
         max_steps: a.max_steps,
@@ -133,38 +129,99 @@ pub fn run(a: TrainArgs) -> Result<()> {
         max_grad_norm: a.max_grad_norm,
         seed: a.seed,
         group_by_length: true,
+        eval_every: a.eval_every,
     };
-    let mut log = match &a.log {
-        Some(p) => {
-            Some(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+    cfg.validate()?;
+    let (model, tok) = qlorad_model::load_model(&a.model, a.quant)
+        .with_context(|| format!("loading model from {}", a.model.display()))?;
+    let opts = DataOptions {
+        max_seq_len: a.max_seq_len,
+        completion_only: !a.train_on_prompt,
+    };
+    let mut examples = load_examples(&a.data, &tok, &opts)?;
+    let mut eval = match &a.validation_file {
+        Some(v) => load_examples(v, &tok, &opts)?,
+        None => Vec::new(),
+    };
+    if a.validation_file.is_none() && a.val_split > 0.0 {
+        (examples, eval) = split_validation(examples, a.val_split, a.seed);
+    }
+    if a.pack {
+        examples = pack(&examples, a.max_seq_len);
+    }
+    let pad = tok.eos_id().unwrap_or(0);
+    let base = a.model.display().to_string();
+    let mut trainer = match &a.resume {
+        Some(dir) => Trainer::resume(&model, &spec, examples, eval, cfg, pad, dir)?,
+        None => {
+            let lora = TrainableLora::new(model.config(), &spec, a.seed)?;
+            Trainer::new(&model, lora, examples, eval, cfg, pad)?
         }
+    };
+    let ckpt_root = a.checkpoint_dir.clone().unwrap_or_else(|| {
+        let mut p = a.out.clone().into_os_string();
+        p.push("-checkpoints");
+        PathBuf::from(p)
+    });
+    let mut log = match &a.log {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(a.resume.is_some())
+                .write(true)
+                .truncate(a.resume.is_none())
+                .open(p)
+                .with_context(|| format!("creating {}", p.display()))?,
+        ),
         None => None,
     };
-    let pad = tok.eos_id().unwrap_or(0);
     eprintln!(
-        "training on {} examples from {}",
-        examples.len(),
-        a.data.display()
+        "training on {} examples from {} ({} steps{})",
+        trainer.n_examples(),
+        a.data.display(),
+        trainer.total_steps(),
+        match trainer.position().step {
+            0 => String::new(),
+            s => format!(", resuming after step {s}"),
+        }
     );
-    let logs = train(&model, &lora, &examples, &cfg, pad, |s| {
-        let eta = s.elapsed_s / s.step as f64 * (s.total_steps - s.step) as f64;
+    let (mut done_here, mut last) = (0usize, None);
+    while let Some(s) = trainer.step()? {
+        done_here += 1;
+        let eta = s.elapsed_s / done_here as f64 * (s.total_steps - s.step) as f64;
         eprint!(
-            "\rstep {}/{}  loss {:.4}  lr {:.2e}  {:.0} tok/s  ETA {:.0}s   ",
-            s.step, s.total_steps, s.loss, s.lr, s.tokens_per_s, eta
+            "\rstep {}/{}  loss {:.4}  lr {:.2e}  {:.0} tok/s  ETA {:.0}s{}   ",
+            s.step,
+            s.total_steps,
+            s.loss,
+            s.lr,
+            s.tokens_per_s,
+            eta,
+            s.eval_loss
+                .map(|e| format!("  eval {e:.4} (ppl {:.2})", e.exp()))
+                .unwrap_or_default()
         );
         if let Some(f) = log.as_mut() {
-            let _ = writeln!(f, "{}", serde_json::to_string(s).unwrap_or_default());
+            writeln!(f, "{}", serde_json::to_string(&s)?)?;
         }
-    })?;
+        if a.save_every > 0 && s.step % a.save_every == 0 && s.step < s.total_steps {
+            let dir = ckpt_root.join(format!("checkpoint-{}", s.step));
+            trainer.save_checkpoint(&dir, &base, true)?;
+        }
+        last = Some(s);
+    }
     eprintln!();
-    save_peft(&lora, &a.model.display().to_string(), &a.out, a.overwrite)?;
-    if let (Some(first), Some(last)) = (logs.first(), logs.last()) {
+    save_peft(&trainer.lora, &base, &a.out, a.overwrite)?;
+    if let Some(l) = last {
         eprintln!(
-            "saved {} (loss {:.4} → {:.4} over {} steps)",
+            "saved {} (final loss {:.4}{} after {} steps, {} tokens)",
             a.out.display(),
-            first.loss,
-            last.loss,
-            logs.len()
+            l.loss,
+            l.eval_loss
+                .map(|e| format!(", eval loss {e:.4}"))
+                .unwrap_or_default(),
+            l.step,
+            l.trained_tokens
         );
     }
     Ok(())

@@ -332,30 +332,52 @@ fn train_writes_a_peft_adapter_that_generate_loads() {
     let out = d.path().join("adapter");
     let log = d.path().join("log.jsonl");
     let m = model.to_str().unwrap();
-    let o = qlorad(&[
-        "train",
-        "--model",
-        m,
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--lora-r",
-        "4",
-        "--lora-alpha",
-        "8",
-        "--target-modules",
-        "q_proj,v_proj",
-        "--lr",
-        "1e-3",
-        "--log",
-        log.to_str().unwrap(),
-    ]);
+    let train = |out: &Path, log: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            m,
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "1",
+            "--lora-r",
+            "4",
+            "--lora-alpha",
+            "8",
+            "--lora-dropout",
+            "0.05",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--lr",
+            "1e-3",
+            "--val-split",
+            "0.25",
+            "--eval-every",
+            "2",
+            "--log",
+            log.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        qlorad(&args)
+    };
+    let o = train(&out, &log, &["--save-every", "2"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Resuming from the step-2 checkpoint ends with the same adapter, byte for byte.
+    let ckpt = d.path().join("adapter-checkpoints/checkpoint-2");
+    let out2 = d.path().join("resumed");
+    let o = train(
+        &out2,
+        &d.path().join("log2.jsonl"),
+        &["--resume", ckpt.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let bytes = |p: &Path| std::fs::read(p.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(bytes(&out), bytes(&out2));
     let steps: Vec<serde_json::Value> = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
@@ -366,6 +388,8 @@ fn train_writes_a_peft_adapter_that_generate_loads() {
         .iter()
         .all(|s| s["loss"].as_f64().unwrap().is_finite()
             && s["tokens_per_s"].as_f64().unwrap() > 0.0));
+    assert!(steps[1]["eval_loss"].as_f64().unwrap().is_finite());
+    assert!(steps[0].get("eval_loss").is_none());
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
             .unwrap();

@@ -95,7 +95,12 @@ pub fn write_safetensors(path: &Path, tensors: &[OwnedTensor]) -> Result<()> {
 /// Writes pretty JSON to `path`.
 pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).map_err(|e| ModelError::Invalid(e.to_string()))?;
-    std::fs::write(path, text + "\n").map_err(|e| ModelError::io(path, e))
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(path)?;
+        std::io::Write::write_all(&mut f, (text + "\n").as_bytes())?;
+        f.sync_all()
+    };
+    write().map_err(|e| ModelError::io(path, e))
 }
 
 /// A directory written under a temporary name beside its target and renamed into place by
@@ -154,6 +159,10 @@ impl StagingDir {
         }
         std::fs::rename(&self.tmp, &self.target).map_err(|e| ModelError::io(&self.target, e))?;
         self.committed = true;
+        // The rename is durable only once the parent directory's entry is on disk.
+        if let Some(parent) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = File::open(parent).and_then(|d| d.sync_all());
+        }
         Ok(())
     }
 }

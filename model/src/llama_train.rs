@@ -12,6 +12,12 @@ use candle_core::{Device, Tensor, D};
 /// LoRA weights a training forward applies: `(A (r, in), B (out, r), scale)` per module.
 pub trait LoraWeights {
     fn module(&self, layer: usize, proj: usize) -> Option<(&Tensor, &Tensor, f64)>;
+
+    /// The LoRA branch's input after dropout (PEFT applies `lora_dropout` to x before A only; the
+    /// base path sees x unchanged). The default is no dropout.
+    fn dropout(&self, _layer: usize, _proj: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        Ok(x.clone())
+    }
 }
 
 /// No adapter.
@@ -50,7 +56,8 @@ fn project(
     match lora.module(layer, proj) {
         None => Ok(y),
         Some((a, b, scale)) => {
-            let delta = x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+            let xd = lora.dropout(layer, proj, x)?;
+            let delta = xd.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
             Ok((y + (delta * scale)?)?)
         }
     }

@@ -159,7 +159,7 @@ impl LoraAdapter {
         let pc: PeftConfig =
             serde_json::from_str(&text).map_err(|e| invalid(&cfg_path, e.to_string()))?;
         pc.validate(&cfg_path)?;
-        let store = WeightStore::open(dir)?;
+        let store = WeightStore::open_files(dir, vec![dir.join("adapter_model.safetensors")])?;
         let mut modules: Vec<Option<LoraModule>> = (0..cfg.num_layers * 7).map(|_| None).collect();
         let mut bytes = 0;
         for tensor in store.names() {

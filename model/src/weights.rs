@@ -36,7 +36,12 @@ pub struct WeightStore {
 impl WeightStore {
     /// Opens the safetensors files of `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
-        let paths = weight_files(dir)?;
+        Self::open_files(dir, weight_files(dir)?)
+    }
+
+    /// Maps exactly these files (e.g. a PEFT adapter's `adapter_model.safetensors`, ignoring an
+    /// `optimizer.safetensors` beside it).
+    pub fn open_files(dir: &Path, paths: Vec<PathBuf>) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
         let mut index = HashMap::new();
         for path in paths {

@@ -390,6 +390,32 @@ pub fn pack(examples: &[Example], max_seq_len: usize) -> Vec<Example> {
     packs
 }
 
+/// Holds out `ratio` of the examples (chosen by a `seed`ed shuffle, at least one) for validation;
+/// returns (train, validation) with the training examples in their original order.
+pub fn split_validation(
+    examples: Vec<Example>,
+    ratio: f64,
+    seed: u64,
+) -> (Vec<Example>, Vec<Example>) {
+    let n = examples.len();
+    let k = ((n as f64 * ratio).round() as usize)
+        .clamp(usize::from(ratio > 0.0 && n > 1), n.saturating_sub(1));
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(
+        seed ^ 0x005e_ed0f_da7a,
+    ));
+    let held: std::collections::HashSet<usize> = idx[..k].iter().copied().collect();
+    let (mut train, mut val) = (Vec::with_capacity(n - k), Vec::with_capacity(k));
+    for (i, e) in examples.into_iter().enumerate() {
+        if held.contains(&i) {
+            val.push(e);
+        } else {
+            train.push(e);
+        }
+    }
+    (train, val)
+}
+
 /// Batches of example indices for one epoch: shuffled with `seed`; with `group_by_length`, batches
 /// hold examples of similar length (sorted within shuffled mega-batches of 50 batches) to cut padding.
 pub fn batches(

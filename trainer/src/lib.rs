@@ -3,6 +3,7 @@
 //! with assistant-only loss masks, packing, length-grouped batching) and the training step (LoRA
 //! weights as candle Vars over the NF4 base, masked causal-LM loss, clipping, AdamW).
 
+pub mod checkpoint;
 pub mod data;
 pub mod step;
 pub mod train;

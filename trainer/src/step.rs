@@ -12,6 +12,7 @@ use qlorad_model::llama::train::LoraWeights;
 use qlorad_model::loader::{projection_shape, PROJECTIONS};
 use qlorad_model::{Config, Llama};
 use rand::{Rng, SeedableRng};
+use std::sync::Mutex;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StepError {
@@ -21,6 +22,8 @@ pub enum StepError {
     Model(#[from] qlorad_model::ModelError),
     #[error("{0}")]
     Invalid(String),
+    #[error("checkpoint {0}")]
+    Checkpoint(String),
 }
 
 pub type Result<T> = std::result::Result<T, StepError>;
@@ -32,12 +35,71 @@ pub struct TrainModule {
     pub scale: f64,
 }
 
-/// A LoRA adapter being trained (modules indexed by `layer * 7 + projection`).
-pub struct TrainableLora {
+/// The shape of an adapter being trained: rank, scaling, dropout and target projections.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LoraSpec {
     pub r: usize,
     pub alpha: f64,
+    /// Dropout on the LoRA branch's input (PEFT's `lora_dropout`), training only.
+    pub dropout: f64,
+    /// rsLoRA scaling α/√r (Kalajdzievski, 2023) instead of α/r.
+    pub rslora: bool,
+    /// Short projection names (`q_proj`, …).
     pub targets: Vec<String>,
+}
+
+impl LoraSpec {
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        const SHORT: [&str; 7] = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ];
+        if self.r == 0 || self.r > 1024 {
+            return Err(StepError::Invalid(format!(
+                "lora r must be in 1..=1024, got {}",
+                self.r
+            )));
+        }
+        if !(self.alpha > 0.0 && self.alpha.is_finite()) {
+            return Err(StepError::Invalid("lora alpha must be positive".into()));
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(StepError::Invalid("lora dropout must be in [0, 1)".into()));
+        }
+        if self.targets.is_empty() {
+            return Err(StepError::Invalid("no target modules".into()));
+        }
+        if let Some(bad) = self.targets.iter().find(|t| !SHORT.contains(&t.as_str())) {
+            return Err(StepError::Invalid(format!(
+                "target module {bad:?} is not one of {}",
+                SHORT.join(", ")
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// A LoRA adapter being trained (modules indexed by `layer * 7 + projection`).
+pub struct TrainableLora {
+    pub spec: LoraSpec,
     pub modules: Vec<Option<TrainModule>>,
+    /// Dropout masks are drawn from this stream; `None` means evaluation (no dropout). The trainer
+    /// reseeds it per micro-batch from (seed, step, micro-batch), so a resumed run draws the same
+    /// masks without saving RNG state.
+    dropout_rng: Mutex<Option<rand_chacha::ChaCha8Rng>>,
 }
 
 impl LoraWeights for TrainableLora {
@@ -47,17 +109,42 @@ impl LoraWeights for TrainableLora {
             .and_then(Option::as_ref)
             .map(|m| (m.a.as_tensor(), m.b.as_tensor(), m.scale))
     }
+
+    fn dropout(&self, _layer: usize, _proj: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        let p = self.spec.dropout;
+        let mut guard = self
+            .dropout_rng
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(rng) = guard.as_mut().filter(|_| p > 0.0) else {
+            return Ok(x.clone());
+        };
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+            .collect();
+        x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
+    }
 }
 
 impl TrainableLora {
-    /// A fresh adapter on `targets` (short projection names, e.g. `q_proj`), PEFT's initialization.
-    pub fn new(cfg: &Config, r: usize, alpha: f64, targets: &[String], seed: u64) -> Result<Self> {
+    fn with_modules(spec: &LoraSpec, modules: Vec<Option<TrainModule>>) -> Self {
+        Self {
+            spec: spec.clone(),
+            modules,
+            dropout_rng: Mutex::new(None),
+        }
+    }
+
+    /// A fresh adapter, PEFT's initialization.
+    pub fn new(cfg: &Config, spec: &LoraSpec, seed: u64) -> Result<Self> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let (r, scale) = (spec.r, spec.scale());
         let mut modules = Vec::with_capacity(cfg.num_layers * 7);
         for _layer in 0..cfg.num_layers {
             for proj in PROJECTIONS {
                 let short = proj.rsplit('.').next().unwrap_or(proj);
-                if !targets.iter().any(|t| t == short) {
+                if !spec.targets.iter().any(|t| t == short) {
                     modules.push(None);
                     continue;
                 }
@@ -69,25 +156,18 @@ impl TrainableLora {
                 modules.push(Some(TrainModule {
                     a: Var::from_vec(a, (r, inp), &Device::Cpu)?,
                     b: Var::zeros((out, r), DType::F32, &Device::Cpu)?,
-                    scale: alpha / r as f64,
+                    scale,
                 }));
             }
         }
-        Ok(Self {
-            r,
-            alpha,
-            targets: targets.to_vec(),
-            modules,
-        })
+        Ok(Self::with_modules(spec, modules))
     }
 
     /// Starts from a saved PEFT adapter (e.g. a checkpoint, or a reference's initial weights).
     pub fn from_adapter(
         a: &qlorad_model::LoraAdapter,
         cfg: &Config,
-        r: usize,
-        alpha: f64,
-        targets: &[String],
+        spec: &LoraSpec,
     ) -> Result<Self> {
         let mut modules = Vec::with_capacity(cfg.num_layers * 7);
         for layer in 0..cfg.num_layers {
@@ -102,12 +182,16 @@ impl TrainableLora {
                 });
             }
         }
-        Ok(Self {
-            r,
-            alpha,
-            targets: targets.to_vec(),
-            modules,
-        })
+        Ok(Self::with_modules(spec, modules))
+    }
+
+    /// Dropout on (`Some(seed)`: masks drawn from that seed's stream) or off (`None`: evaluation).
+    pub fn set_dropout_seed(&self, seed: Option<u64>) {
+        let mut guard = self
+            .dropout_rng
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *guard = seed.map(rand_chacha::ChaCha8Rng::seed_from_u64);
     }
 
     /// Every trainable tensor with its PEFT name.
@@ -218,7 +302,7 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
 }
 
 /// AdamW hyper-parameters.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdamWConfig {
     pub lr: f64,
     pub beta1: f64,
@@ -256,6 +340,16 @@ impl AdamW {
             v: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
             step: 0,
         })
+    }
+
+    /// Restores saved moments (a checkpoint's), in the order of the vars they were made for.
+    pub fn from_state(cfg: AdamWConfig, m: Vec<Tensor>, v: Vec<Tensor>, step: u64) -> Self {
+        Self { cfg, m, v, step }
+    }
+
+    /// First and second moments, in var order.
+    pub fn moments(&self) -> (&[Tensor], &[Tensor]) {
+        (&self.m, &self.v)
     }
 
     /// One update of every var from its gradient, at learning rate `lr`.

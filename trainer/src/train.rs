@@ -15,7 +15,8 @@ use std::path::Path;
 use std::time::Instant;
 
 /// Learning-rate schedule after linear warmup.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Schedule {
     Constant,
     Linear,
@@ -35,7 +36,7 @@ impl std::str::FromStr for Schedule {
 }
 
 /// Settings of a run.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TrainConfig {
     pub epochs: usize,
     /// Stop after this many optimizer steps (0: run the epochs).
@@ -49,6 +50,8 @@ pub struct TrainConfig {
     pub max_grad_norm: f64,
     pub seed: u64,
     pub group_by_length: bool,
+    /// Evaluate on the validation examples every this many steps and at the end (0: only at the end).
+    pub eval_every: usize,
 }
 
 impl Default for TrainConfig {
@@ -64,7 +67,33 @@ impl Default for TrainConfig {
             max_grad_norm: 0.3,
             seed: 42,
             group_by_length: true,
+            eval_every: 0,
         }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(StepError::Invalid(m.into()));
+        if self.batch_size == 0 || self.batch_size > 4096 {
+            return bad("batch_size must be in 1..=4096");
+        }
+        if self.grad_accum == 0 {
+            return bad("grad_accum must be positive");
+        }
+        if self.epochs == 0 && self.max_steps == 0 {
+            return bad("n_epochs must be positive");
+        }
+        if !(self.adamw.lr > 0.0 && self.adamw.lr < 1.0) {
+            return bad("learning rate must be in (0, 1)");
+        }
+        if !(0.0..1.0).contains(&self.warmup_ratio) {
+            return bad("warmup_ratio must be in [0, 1)");
+        }
+        if self.max_grad_norm < 0.0 || self.adamw.weight_decay < 0.0 {
+            return bad("max_grad_norm and weight_decay must not be negative");
+        }
+        Ok(())
     }
 }
 
@@ -82,98 +111,276 @@ pub fn lr_at(base: f64, schedule: Schedule, warmup: usize, step: usize, total: u
 }
 
 /// What each optimizer step reports.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StepLog {
     pub step: usize,
     pub total_steps: usize,
+    pub epoch: usize,
     pub loss: f64,
     pub lr: f64,
     pub grad_norm: f64,
+    /// Non-padding tokens trained on so far (the whole run, across resumes).
+    pub trained_tokens: u64,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub eval_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub eval_perplexity: Option<f64>,
 }
 
-/// Trains `lora` on `examples`, calling `on_step` after every optimizer step.
-pub fn train(
-    model: &Llama,
-    lora: &TrainableLora,
-    examples: &[Example],
-    cfg: &TrainConfig,
+/// Where a run stands: everything besides weights and moments that a resume needs. The data order
+/// is a pure function of (seed, epoch), so (epoch, group) is the data position and no RNG state is
+/// saved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    /// Optimizer steps done.
+    pub step: usize,
+    pub epoch: usize,
+    /// Accumulation groups of `epoch` done.
+    pub group: usize,
+    pub trained_tokens: u64,
+}
+
+/// A training run that advances one optimizer step at a time, so a caller (the CLI, or the daemon's
+/// job runner interleaving with serving) can log, checkpoint, pause or cancel between steps.
+pub struct Trainer<'m> {
+    model: &'m Llama,
+    pub lora: TrainableLora,
+    examples: Vec<Example>,
+    eval: Vec<Example>,
+    cfg: TrainConfig,
+    opt: AdamW,
     pad_id: u32,
-    mut on_step: impl FnMut(&StepLog),
-) -> Result<Vec<StepLog>> {
-    if examples.is_empty() {
-        return Err(StepError::Invalid("no training examples".into()));
+    lengths: Vec<usize>,
+    order: Vec<Vec<usize>>,
+    pos: Position,
+    total: usize,
+    warmup: usize,
+    started: Instant,
+    session_tokens: u64,
+}
+
+impl<'m> Trainer<'m> {
+    /// A fresh run.
+    pub fn new(
+        model: &'m Llama,
+        lora: TrainableLora,
+        examples: Vec<Example>,
+        eval: Vec<Example>,
+        cfg: TrainConfig,
+        pad_id: u32,
+    ) -> Result<Self> {
+        let opt = {
+            let named = lora.named_vars();
+            let vars: Vec<_> = named.iter().map(|(_, v)| *v).collect();
+            AdamW::new(&vars, cfg.adamw)?
+        };
+        Self::assemble(
+            model,
+            lora,
+            examples,
+            eval,
+            cfg,
+            pad_id,
+            opt,
+            Position::default(),
+        )
     }
-    let named = lora.named_vars();
-    let vars: Vec<_> = named.iter().map(|(_, v)| *v).collect();
-    let mut opt = AdamW::new(&vars, cfg.adamw)?;
-    let lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
-    let per_epoch = lengths
-        .len()
-        .div_ceil(cfg.batch_size.max(1))
-        .div_ceil(cfg.grad_accum.max(1));
-    let total = if cfg.max_steps > 0 {
-        cfg.max_steps
-    } else {
-        per_epoch * cfg.epochs.max(1)
-    };
-    let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;
-    let start = Instant::now();
-    let (mut logs, mut tokens, mut step) = (Vec::new(), 0usize, 0usize);
-    'epochs: for epoch in 0.. {
+
+    #[allow(clippy::too_many_arguments)] // the parts of a run, fresh or restored
+    pub(crate) fn assemble(
+        model: &'m Llama,
+        lora: TrainableLora,
+        examples: Vec<Example>,
+        eval: Vec<Example>,
+        cfg: TrainConfig,
+        pad_id: u32,
+        opt: AdamW,
+        pos: Position,
+    ) -> Result<Self> {
+        cfg.validate()?;
+        if examples.is_empty() {
+            return Err(StepError::Invalid("no training examples".into()));
+        }
+        let lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
+        let total = total_steps(lengths.len(), &cfg);
+        let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;
         let order = batches(
             &lengths,
             cfg.batch_size,
             cfg.group_by_length,
-            cfg.seed.wrapping_add(epoch),
+            cfg.seed.wrapping_add(pos.epoch as u64),
         );
-        for group in order.chunks(cfg.grad_accum.max(1)) {
-            let mut acc: Option<Vec<candle_core::Tensor>> = None;
-            let mut loss_sum = 0.0;
-            for idx in group {
-                let exs: Vec<&Example> = idx.iter().map(|&i| &examples[i]).collect();
-                let batch = Batch::from_examples(&exs, pad_id)?;
-                tokens += batch.batch * batch.seq;
-                let l = (loss(model, lora, &batch)? / group.len() as f64)?;
-                loss_sum += l.to_scalar::<f32>()? as f64;
-                let g = collect_grads(&l.backward()?, &vars)?;
-                acc = Some(match acc {
-                    None => g,
-                    Some(a) => a
-                        .iter()
-                        .zip(&g)
-                        .map(|(x, y)| x + y)
-                        .collect::<candle_core::Result<_>>()?,
-                });
-            }
-            let mut grads = acc.unwrap_or_default();
-            let grad_norm = if cfg.max_grad_norm > 0.0 {
-                clip_grad_norm(&mut grads, cfg.max_grad_norm)?
-            } else {
-                f64::NAN
-            };
-            let lr = lr_at(cfg.adamw.lr, cfg.schedule, warmup, step, total);
-            opt.update(&vars, &grads, lr)?;
-            step += 1;
-            let elapsed = start.elapsed().as_secs_f64();
-            let log = StepLog {
-                step,
-                total_steps: total,
-                loss: loss_sum,
-                lr,
-                grad_norm,
-                tokens_per_s: tokens as f64 / elapsed.max(1e-9),
-                elapsed_s: elapsed,
-            };
-            on_step(&log);
-            logs.push(log);
-            if step >= total {
-                break 'epochs;
-            }
-        }
+        Ok(Self {
+            model,
+            lora,
+            examples,
+            eval,
+            cfg,
+            opt,
+            pad_id,
+            lengths,
+            order,
+            pos,
+            total,
+            warmup,
+            started: Instant::now(),
+            session_tokens: 0,
+        })
     }
-    Ok(logs)
+
+    pub fn total_steps(&self) -> usize {
+        self.total
+    }
+
+    pub fn position(&self) -> Position {
+        self.pos
+    }
+
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
+    }
+
+    pub fn n_examples(&self) -> usize {
+        self.examples.len()
+    }
+
+    pub fn examples(&self) -> &[Example] {
+        &self.examples
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.pos.step >= self.total
+    }
+
+    /// One optimizer step (forward, backward over the accumulation group, clip, AdamW), or `None`
+    /// when the run is complete.
+    pub fn step(&mut self) -> Result<Option<StepLog>> {
+        if self.is_done() {
+            return Ok(None);
+        }
+        let accum = self.cfg.grad_accum.max(1);
+        if self.pos.group * accum >= self.order.len() {
+            self.pos.epoch += 1;
+            self.pos.group = 0;
+            self.order = batches(
+                &self.lengths,
+                self.cfg.batch_size,
+                self.cfg.group_by_length,
+                self.cfg.seed.wrapping_add(self.pos.epoch as u64),
+            );
+        }
+        let first = self.pos.group * accum;
+        let group = &self.order[first..(first + accum).min(self.order.len())];
+        let named = self.lora.named_vars();
+        let vars: Vec<_> = named.iter().map(|(_, v)| *v).collect();
+        let mut acc: Option<Vec<candle_core::Tensor>> = None;
+        let (mut loss_sum, mut step_tokens) = (0.0, 0u64);
+        for (micro, idx) in group.iter().enumerate() {
+            let exs: Vec<&Example> = idx.iter().map(|&i| &self.examples[i]).collect();
+            step_tokens += exs.iter().map(|e| e.input_ids.len() as u64).sum::<u64>();
+            let batch = Batch::from_examples(&exs, self.pad_id)?;
+            self.lora
+                .set_dropout_seed(Some(dropout_seed(self.cfg.seed, self.pos.step, micro)));
+            let l = loss(self.model, &self.lora, &batch);
+            self.lora.set_dropout_seed(None);
+            let l = (l? / group.len() as f64)?;
+            loss_sum += l.to_scalar::<f32>()? as f64;
+            let g = collect_grads(&l.backward()?, &vars)?;
+            acc = Some(match acc {
+                None => g,
+                Some(a) => a
+                    .iter()
+                    .zip(&g)
+                    .map(|(x, y)| x + y)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
+        let mut grads = acc.unwrap_or_default();
+        let grad_norm = if self.cfg.max_grad_norm > 0.0 {
+            clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?
+        } else {
+            f64::NAN
+        };
+        let lr = lr_at(
+            self.cfg.adamw.lr,
+            self.cfg.schedule,
+            self.warmup,
+            self.pos.step,
+            self.total,
+        );
+        self.opt.update(&vars, &grads, lr)?;
+        self.pos.step += 1;
+        self.pos.group += 1;
+        self.pos.trained_tokens += step_tokens;
+        self.session_tokens += step_tokens;
+        let elapsed = self.started.elapsed().as_secs_f64();
+        let mut log = StepLog {
+            step: self.pos.step,
+            total_steps: self.total,
+            epoch: self.pos.epoch,
+            loss: loss_sum,
+            lr,
+            grad_norm,
+            trained_tokens: self.pos.trained_tokens,
+            tokens_per_s: self.session_tokens as f64 / elapsed.max(1e-9),
+            elapsed_s: elapsed,
+            eval_loss: None,
+            eval_perplexity: None,
+        };
+        let every = self.cfg.eval_every;
+        if !self.eval.is_empty() && ((every > 0 && self.pos.step.is_multiple_of(every)) || self.is_done()) {
+            let e = self.evaluate()?;
+            log.eval_loss = Some(e);
+            log.eval_perplexity = Some(e.exp());
+        }
+        Ok(Some(log))
+    }
+
+    /// Mean cross-entropy per target token over the validation examples (no dropout).
+    pub fn evaluate(&self) -> Result<f64> {
+        let (mut sum, mut count) = (0.0, 0usize);
+        for chunk in self.eval.chunks(self.cfg.batch_size.max(1)) {
+            let exs: Vec<&Example> = chunk.iter().collect();
+            let batch = Batch::from_examples(&exs, self.pad_id)?;
+            let n = batch.target_count();
+            if n == 0 {
+                continue;
+            }
+            sum += loss(self.model, &self.lora, &batch)?.to_scalar::<f32>()? as f64 * n as f64;
+            count += n;
+        }
+        if count == 0 {
+            return Err(StepError::Invalid(
+                "the validation data has no target tokens".into(),
+            ));
+        }
+        Ok(sum / count as f64)
+    }
+}
+
+/// Optimizer steps of a run over `n` examples.
+pub fn total_steps(n: usize, cfg: &TrainConfig) -> usize {
+    if cfg.max_steps > 0 {
+        return cfg.max_steps;
+    }
+    n.div_ceil(cfg.batch_size.max(1))
+        .div_ceil(cfg.grad_accum.max(1))
+        * cfg.epochs.max(1)
+}
+
+/// The dropout stream of one micro-batch: a pure function of where it is in the run (SplitMix64
+/// finalizer over the mixed inputs), so resumed runs draw identical masks.
+fn dropout_seed(seed: u64, step: usize, micro: usize) -> u64 {
+    let mut z = seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((micro as u64) << 48);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 /// Writes `lora` as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors),
@@ -185,22 +392,29 @@ pub fn save_peft(
     overwrite: bool,
 ) -> Result<()> {
     let staging = StagingDir::new(out, overwrite)?;
+    write_peft_files(lora, base_model, staging.path())?;
+    Ok(staging.commit()?)
+}
+
+/// The two PEFT files of `lora`, written into `dir`.
+pub(crate) fn write_peft_files(lora: &TrainableLora, base_model: &str, dir: &Path) -> Result<()> {
     let mut tensors = Vec::new();
     for (name, var) in lora.named_vars() {
         let t = var.as_tensor();
         let v = t.flatten_all()?.to_vec1::<f32>()?;
         tensors.push(OwnedTensor::f32(&name, t.dims().to_vec(), &v));
     }
-    write_safetensors(&staging.path().join("adapter_model.safetensors"), &tensors)?;
+    write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
+    let spec = &lora.spec;
     let cfg = json!({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.alpha,
-        "lora_dropout": 0.0, "target_modules": lora.targets, "bias": "none", "fan_in_fan_out": false,
-        "use_rslora": false, "use_dora": false, "modules_to_save": null, "inference_mode": true,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.r, "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout, "target_modules": spec.targets, "bias": "none",
+        "fan_in_fan_out": false, "use_rslora": spec.rslora, "use_dora": false, "modules_to_save": null, "inference_mode": true,
         "init_lora_weights": true, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": null,
         "base_model_name_or_path": base_model
     });
-    write_json(&staging.path().join("adapter_config.json"), &cfg)?;
-    Ok(staging.commit()?)
+    write_json(&dir.join("adapter_config.json"), &cfg)?;
+    Ok(())
 }
 
 #[cfg(test)]

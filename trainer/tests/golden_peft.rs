@@ -7,7 +7,7 @@ use qlorad_model::loader::{self, Quant};
 use qlorad_model::{Llama, LoraAdapter};
 use qlorad_tests::{fixture, rel_err, smollm2, st_f32};
 use qlorad_trainer::step::{
-    clip_grad_norm, collect_grads, loss, AdamW, AdamWConfig, Batch, TrainableLora,
+    clip_grad_norm, collect_grads, loss, AdamW, AdamWConfig, Batch, LoraSpec, TrainableLora,
 };
 use qlorad_trainer::Example;
 use safetensors::{Dtype, SafeTensors};
@@ -54,7 +54,7 @@ fn run(
     tol: (f64, f32),
 ) -> (Vec<f64>, Vec<(String, Vec<f32>)>) {
     let adapter = LoraAdapter::load(&fixture(init), "init", model.config()).unwrap();
-    let lora = TrainableLora::from_adapter(&adapter, model.config(), 8, 16.0, &[]).unwrap();
+    let lora = TrainableLora::from_adapter(&adapter, model.config(), &spec8()).unwrap();
     let named = lora.named_vars();
     let vars: Vec<_> = named.iter().map(|(_, v)| *v).collect();
     let b = batch(st);
@@ -171,5 +171,15 @@ fn smollm2_step_matches_peft() {
             (a - *b as f64).abs() < 0.02 * a.abs(),
             "losses {losses:?} vs peft {expect:?}"
         );
+    }
+}
+
+fn spec8() -> LoraSpec {
+    LoraSpec {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        rslora: false,
+        targets: vec![],
     }
 }

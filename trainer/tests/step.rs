@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use qlorad_model::loader::{self, Quant};
 use qlorad_model::{Llama, LoraAdapter};
 use qlorad_tests::{fixture, rel_err, st_f32};
-use qlorad_trainer::step::{collect_grads, loss, Batch, TrainableLora};
+use qlorad_trainer::step::{collect_grads, loss, Batch, LoraSpec, TrainableLora};
 use qlorad_trainer::Example;
 use safetensors::SafeTensors;
 
@@ -47,7 +47,7 @@ fn lora_gradients_match_finite_differences() {
     for quant in [Quant::None, Quant::Nf4(Default::default())] {
         let m = tiny(quant);
         let a = LoraAdapter::load(&fixture("lora/tiny-r8-all"), "a", m.config()).unwrap();
-        let lora = TrainableLora::from_adapter(&a, m.config(), 8, 16.0, &[]).unwrap();
+        let lora = TrainableLora::from_adapter(&a, m.config(), &spec8()).unwrap();
         let ex = [
             Example {
                 input_ids: vec![1, 5, 9, 20, 33, 2, 7, 40],
@@ -90,5 +90,15 @@ fn lora_gradients_match_finite_differences() {
                 named[vi].0
             );
         }
+    }
+}
+
+fn spec8() -> LoraSpec {
+    LoraSpec {
+        r: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        rslora: false,
+        targets: vec![],
     }
 }
