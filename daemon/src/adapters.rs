@@ -176,6 +176,28 @@ impl AdapterRegistry {
         }))
     }
 
+    /// Registers adapter `name` from `dir` without reading its weights (the disk tier): its first
+    /// request loads it. Used for job outputs and checkpoints, which may be many. An existing entry
+    /// is left as it is.
+    pub fn register_on_disk(&self, name: &str, dir: &Path) -> Result<(), AdapterError> {
+        if !valid_name(name) {
+            return Err(AdapterError::BadName(name.to_string()));
+        }
+        let bytes = std::fs::metadata(dir.join("adapter_model.safetensors"))
+            .map(|m| m.len() as usize)
+            .map_err(|e| AdapterError::Invalid(format!("{}: {e}", dir.display())))?;
+        let mut map = self.write();
+        map.entry(name.to_string()).or_insert_with(|| Entry {
+            adapter: None,
+            path: dir.to_path_buf(),
+            bytes,
+            pinned: false,
+            last_used: AtomicU64::new(0),
+        });
+        self.update_gauges(&map);
+        Ok(())
+    }
+
     /// Brings an evicted adapter back from its folder (blocking) and returns it.
     pub fn reload(&self, name: &str) -> Result<Arc<LoraAdapter>, AdapterError> {
         let path = match self.read().get(name) {

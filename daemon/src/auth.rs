@@ -65,9 +65,11 @@ impl ApiKeys {
     }
 }
 
-/// Which scope a path needs (`None`: open).
-fn required(path: &str) -> Option<&'static str> {
-    if path.starts_with("/v1/adapters") {
+/// Which scope a request needs (`None`: open). Adapters are admin-only; files and fine-tuning jobs
+/// need admin to change anything and inference to read.
+fn required(method: &axum::http::Method, path: &str) -> Option<&'static str> {
+    let training = path.starts_with("/v1/files") || path.starts_with("/v1/fine_tuning");
+    if path.starts_with("/v1/adapters") || (training && method != axum::http::Method::GET) {
         Some("admin")
     } else if path.starts_with("/v1/") {
         Some("inference")
@@ -81,7 +83,7 @@ pub async fn authorize(State(st): State<AppState>, req: Request, next: Next) -> 
     if st.keys.is_empty() {
         return next.run(req).await;
     }
-    let Some(scope) = required(req.uri().path()) else {
+    let Some(scope) = required(req.method(), req.uri().path()) else {
         return next.run(req).await;
     };
     let key = req

@@ -1,8 +1,8 @@
 //! Prometheus metrics (`qlorad_<subsystem>_<name>_<unit>`), one registry per server.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 pub struct Metrics {
@@ -20,6 +20,30 @@ pub struct Metrics {
     pub model_weight_bytes: IntGauge,
     pub adapter_requests: IntCounterVec,
     pub adapters: crate::adapters::AdapterCounters,
+    pub training: TrainingMetrics,
+}
+
+/// Fine-tuning job metrics.
+pub struct TrainingMetrics {
+    pub jobs: IntGaugeVec,
+    pub queue: IntGauge,
+    pub steps: IntCounter,
+    pub tokens: IntCounter,
+    pub loss: Gauge,
+    pub lr: Gauge,
+    pub step_seconds: Histogram,
+    pub yielded_seconds: IntCounter,
+    /// Bytes of trainable LoRA weights and of optimizer state of the running job.
+    pub job_bytes: IntGaugeVec,
+    pub process_rss: IntGauge,
+}
+
+/// Resident set size of this process, from /proc (0 where unavailable).
+pub fn process_rss_bytes() -> i64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok())
+        .map_or(0, |pages| pages * 4096)
 }
 
 fn buckets(start: f64, factor: f64, n: usize) -> Vec<f64> {
@@ -111,6 +135,64 @@ impl Metrics {
                 "Bytes of registered adapters evicted to disk",
             )?,
         };
+        let training = TrainingMetrics {
+            jobs: IntGaugeVec::new(
+                Opts::new("qlorad_fine_tuning_jobs", "Fine-tuning jobs by status"),
+                &["status"],
+            )?,
+            queue: IntGauge::new(
+                "qlorad_fine_tuning_queue_length",
+                "Jobs waiting to run (validating or queued)",
+            )?,
+            steps: IntCounter::new(
+                "qlorad_fine_tuning_steps_total",
+                "Optimizer steps taken by fine-tuning jobs",
+            )?,
+            tokens: IntCounter::new(
+                "qlorad_fine_tuning_tokens_total",
+                "Tokens trained on by fine-tuning jobs",
+            )?,
+            loss: Gauge::new(
+                "qlorad_fine_tuning_loss",
+                "Training loss of the latest step",
+            )?,
+            lr: Gauge::new(
+                "qlorad_fine_tuning_learning_rate",
+                "Learning rate of the latest step",
+            )?,
+            step_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "qlorad_fine_tuning_step_seconds",
+                    "Wall time of one optimizer step",
+                )
+                .buckets(buckets(0.01, 2.0, 16)),
+            )?,
+            yielded_seconds: IntCounter::new(
+                "qlorad_fine_tuning_yield_milliseconds_total",
+                "Milliseconds training paused to give serving priority",
+            )?,
+            job_bytes: IntGaugeVec::new(
+                Opts::new(
+                    "qlorad_fine_tuning_memory_bytes",
+                    "Memory of the running job beyond the shared base (lora: trainable weights, optimizer: AdamW moments)",
+                ),
+                &["kind"],
+            )?,
+            process_rss: IntGauge::new(
+                "qlorad_process_resident_memory_bytes",
+                "Resident set size of the daemon process",
+            )?,
+        };
+        registry.register(Box::new(training.jobs.clone()))?;
+        registry.register(Box::new(training.queue.clone()))?;
+        registry.register(Box::new(training.steps.clone()))?;
+        registry.register(Box::new(training.tokens.clone()))?;
+        registry.register(Box::new(training.loss.clone()))?;
+        registry.register(Box::new(training.lr.clone()))?;
+        registry.register(Box::new(training.step_seconds.clone()))?;
+        registry.register(Box::new(training.yielded_seconds.clone()))?;
+        registry.register(Box::new(training.job_bytes.clone()))?;
+        registry.register(Box::new(training.process_rss.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_latency.clone()))?;
         registry.register(Box::new(prompt_tokens.clone()))?;
@@ -143,11 +225,13 @@ impl Metrics {
             model_weight_bytes,
             adapter_requests,
             adapters,
+            training,
         })
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
+        self.training.process_rss.set(process_rss_bytes());
         let mut buf = Vec::new();
         let enc = prometheus::TextEncoder::new();
         if let Err(e) = enc.encode(&self.registry.gather(), &mut buf) {

@@ -6,6 +6,8 @@ use crate::api::{self, AppState};
 use crate::auth::ApiKeys;
 use crate::engine::{EngineConfig, EngineHandle};
 use crate::metrics::Metrics;
+use crate::runner::{JobRunner, RunnerConfig};
+use crate::state::Store;
 use anyhow::{bail, Context, Result};
 use qlorad_model::Quant;
 use std::net::SocketAddr;
@@ -65,6 +67,20 @@ pub struct ServeArgs {
     /// Adapters to load at start, as NAME=DIR (repeatable).
     #[arg(long = "lora", env = "QLORAD_LORA", value_delimiter = ',', value_parser = parse_lora)]
     pub loras: Vec<(String, PathBuf)>,
+    /// Folder of the durable state (SQLite database, uploaded files, job checkpoints and outputs).
+    /// Without it the files and fine-tuning routes are disabled.
+    #[arg(long, env = "QLORAD_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Largest file accepted by `POST /v1/files`.
+    #[arg(long, env = "QLORAD_MAX_UPLOAD_BYTES", default_value_t = 512 << 20)]
+    pub max_upload_bytes: usize,
+    /// Steps between checkpoints of fine-tuning jobs (a job may override it).
+    #[arg(long, env = "QLORAD_CHECKPOINT_INTERVAL", default_value_t = 25)]
+    pub checkpoint_interval: usize,
+    /// Fraction of wall time a fine-tuning job may take while requests are being served (0.01–1;
+    /// 1: training never yields).
+    #[arg(long, env = "QLORAD_TRAIN_SHARE", default_value_t = 0.5)]
+    pub train_share: f64,
     /// Seconds in-flight requests get to finish after a shutdown signal.
     #[arg(long, env = "QLORAD_SHUTDOWN_GRACE_S", default_value_t = 30)]
     pub shutdown_grace_s: u64,
@@ -127,9 +143,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     }
     metrics.model_weight_bytes.set(model.weight_bytes() as i64);
     let context_len = model.config().max_position_embeddings;
+    if !(0.01..=1.0).contains(&a.train_share) {
+        bail!("--train-share must be between 0.01 and 1");
+    }
     let tok = Arc::new(tok);
+    let model = Arc::new(model);
     let engine = EngineHandle::start(
-        Arc::new(model),
+        model.clone(),
         tok.clone(),
         EngineConfig {
             max_batch_tokens: a.max_batch_tokens,
@@ -138,6 +158,30 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         },
         metrics.clone(),
     );
+    let runner = match &a.state_dir {
+        None => None,
+        Some(dir) => {
+            let store = Arc::new(
+                Store::open(dir).with_context(|| format!("opening state in {}", dir.display()))?,
+            );
+            Some(
+                JobRunner::start(
+                    store,
+                    model.clone(),
+                    tok.clone(),
+                    adapters.clone(),
+                    metrics.clone(),
+                    engine.clone(),
+                    RunnerConfig {
+                        base_id: model_id.clone(),
+                        checkpoint_interval: a.checkpoint_interval.max(1),
+                        train_share: a.train_share,
+                    },
+                )
+                .context("starting the job runner")?,
+            )
+        }
+    };
     let state = AppState {
         engine,
         adapters,
@@ -149,6 +193,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         created: api::unix_now(),
         max_body_bytes: a.max_body_bytes,
         ids: Arc::new(AtomicU64::new(0)),
+        runner,
+        max_upload_bytes: a.max_upload_bytes,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -136,6 +136,8 @@ fn state(model: Arc<Llama>, tok: Arc<Tokenizer>, cfg: EngineConfig, max_body: us
         created: 0,
         max_body_bytes: max_body,
         ids: Arc::new(AtomicU64::new(0)),
+        runner: None,
+        max_upload_bytes: 1 << 20,
     }
 }
 

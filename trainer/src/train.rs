@@ -334,7 +334,9 @@ impl<'m> Trainer<'m> {
             eval_perplexity: None,
         };
         let every = self.cfg.eval_every;
-        if !self.eval.is_empty() && ((every > 0 && self.pos.step.is_multiple_of(every)) || self.is_done()) {
+        if !self.eval.is_empty()
+            && ((every > 0 && self.pos.step.is_multiple_of(every)) || self.is_done())
+        {
             let e = self.evaluate()?;
             log.eval_loss = Some(e);
             log.eval_perplexity = Some(e.exp());

@@ -1,6 +1,7 @@
 //! The HTTP API: OpenAI-compatible routes plus health, readiness and metrics.
 
 pub mod error;
+pub mod fine_tuning;
 pub mod openai;
 pub mod openapi;
 
@@ -39,6 +40,9 @@ pub struct AppState {
     pub created: u64,
     pub max_body_bytes: usize,
     pub ids: Arc<AtomicU64>,
+    /// Files and fine-tuning jobs (`None` without `--state-dir`: those routes answer 503).
+    pub runner: Option<Arc<crate::runner::JobRunner>>,
+    pub max_upload_bytes: usize,
 }
 
 pub fn unix_now() -> u64 {
@@ -50,7 +54,29 @@ pub fn unix_now() -> u64 {
 /// Builds the router.
 pub fn router(state: AppState) -> Router {
     let limit = state.max_body_bytes;
+    // Uploads get their own, larger limit (the multipart framing adds a little).
+    let upload_limit = state.max_upload_bytes.saturating_add(64 << 10);
+    use fine_tuning as ft;
+    let uploads = Router::new()
+        .route("/v1/files", post(ft::upload).get(ft::list_files))
+        .layer(DefaultBodyLimit::max(upload_limit));
     Router::new()
+        .merge(uploads)
+        .route("/v1/files/{id}", get(ft::get_file).delete(ft::delete_file))
+        .route("/v1/files/{id}/content", get(ft::file_content))
+        .route(
+            "/v1/fine_tuning/jobs",
+            post(ft::create_job).get(ft::list_jobs),
+        )
+        .route("/v1/fine_tuning/jobs/{id}", get(ft::get_job))
+        .route("/v1/fine_tuning/jobs/{id}/cancel", post(ft::cancel_job))
+        .route("/v1/fine_tuning/jobs/{id}/pause", post(ft::pause_job))
+        .route("/v1/fine_tuning/jobs/{id}/resume", post(ft::resume_job))
+        .route("/v1/fine_tuning/jobs/{id}/events", get(ft::job_events))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/checkpoints",
+            get(ft::job_checkpoints),
+        )
         .route("/v1/chat/completions", post(chat))
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))

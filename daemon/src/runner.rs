@@ -1,0 +1,650 @@
+//! The job runner: fine-tuning jobs execute in a background thread of the daemon, on the same
+//! `Arc<Llama>` the inference engine serves from (one resident copy of the NF4 base; training adds
+//! only the LoRA weights, their gradients and AdamW state). One job runs at a time; others queue.
+//!
+//! Serving keeps priority: while the engine has requests in flight, the runner sleeps after each
+//! step so training takes at most `train_share` of wall time. Every `checkpoint_interval` steps the
+//! job writes a checkpoint (atomically) and records it in the state database; after a crash or
+//! kill -9 the daemon marks running jobs queued again at start and they resume from their latest
+//! checkpoint, which reproduces the uninterrupted run exactly (see qlorad-trainer's checkpoint
+//! module).
+
+use crate::adapters::AdapterRegistry;
+use crate::engine::EngineHandle;
+use crate::jobs::{checkpoint_name, fine_tuned_name, job_error, JobRequest, Resolved};
+use crate::metrics::Metrics;
+use crate::state::{now, CheckpointRow, JobError, JobRow, Store};
+use qlorad_model::{Llama, Tokenizer};
+use qlorad_trainer::data::{load_examples, DataError, DataOptions, Example};
+use qlorad_trainer::step::TrainableLora;
+use qlorad_trainer::train::{save_peft, StepLog, Trainer};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    pub base_id: String,
+    /// Default steps between checkpoints.
+    pub checkpoint_interval: usize,
+    /// Fraction of wall time training may take while serving has work (1: never yield).
+    pub train_share: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Control {
+    Cancel,
+    Pause,
+}
+
+pub struct JobRunner {
+    store: Arc<Store>,
+    model: Arc<Llama>,
+    tok: Arc<Tokenizer>,
+    adapters: Arc<AdapterRegistry>,
+    metrics: Arc<Metrics>,
+    engine: EngineHandle,
+    cfg: RunnerConfig,
+    control: Mutex<HashMap<String, Control>>,
+    wake: (Mutex<bool>, Condvar),
+}
+
+/// Why a job stopped early.
+enum Stop {
+    Failed(JobError),
+    Cancelled,
+    Paused,
+}
+
+impl From<JobError> for Stop {
+    fn from(e: JobError) -> Self {
+        Stop::Failed(e)
+    }
+}
+
+/// The message of a data error without the server-side path.
+fn data_message(e: &DataError, name: &str) -> String {
+    match e {
+        DataError::Invalid { errors, .. } => {
+            let mut parts: Vec<String> = errors
+                .iter()
+                .take(5)
+                .map(|l| format!("line {}: {}", l.line, l.msg))
+                .collect();
+            if errors.len() > 5 {
+                parts.push(format!("… and {} more", errors.len() - 5));
+            }
+            format!(
+                "{name} has {} invalid example(s): {}",
+                errors.len(),
+                parts.join("; ")
+            )
+        }
+        DataError::Format { msg, .. } => format!("{name}: {msg}"),
+        DataError::Io { source, .. } => format!("{name} cannot be read: {source}"),
+    }
+}
+
+impl JobRunner {
+    /// Recovers state after a (re)start and starts the worker thread.
+    pub fn start(
+        store: Arc<Store>,
+        model: Arc<Llama>,
+        tok: Arc<Tokenizer>,
+        adapters: Arc<AdapterRegistry>,
+        metrics: Arc<Metrics>,
+        engine: EngineHandle,
+        cfg: RunnerConfig,
+    ) -> crate::state::Result<Arc<Self>> {
+        let runner = Arc::new(Self {
+            store,
+            model,
+            tok,
+            adapters,
+            metrics,
+            engine,
+            cfg,
+            control: Mutex::new(HashMap::new()),
+            wake: (Mutex::new(false), Condvar::new()),
+        });
+        for (name, dir) in runner.store.servable()? {
+            if let Err(e) = runner.adapters.register_on_disk(&name, &dir) {
+                tracing::warn!(adapter = %name, "not re-registered: {e}");
+            }
+        }
+        for id in runner.store.jobs_in("running")? {
+            let from = runner
+                .store
+                .checkpoints(&id)?
+                .first()
+                .map_or("the start".to_string(), |c| {
+                    format!("checkpoint step {}", c.step)
+                });
+            runner.store.transition(&id, &["running"], "queued")?;
+            runner.store.event(
+                &id,
+                "warn",
+                "message",
+                &format!("The daemon restarted during the job; it resumes from {from}"),
+                None,
+            )?;
+        }
+        for id in runner.store.jobs_in("validating_files")? {
+            runner.clone().spawn_validation(id);
+        }
+        runner.update_gauges();
+        let worker = runner.clone();
+        std::thread::Builder::new()
+            .name("qlorad-jobs".into())
+            .spawn(move || worker.work())
+            .map_err(|source| crate::state::StateError::Io {
+                path: PathBuf::from("qlorad-jobs thread"),
+                source,
+            })?;
+        Ok(runner)
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn base_id(&self) -> &str {
+        &self.cfg.base_id
+    }
+
+    /// Refreshes the jobs-by-status gauges and queue length.
+    pub fn update_gauges(&self) {
+        let t = &self.metrics.training;
+        let Ok(counts) = self.store.job_counts() else {
+            return;
+        };
+        for s in [
+            "validating_files",
+            "queued",
+            "running",
+            "paused",
+            "succeeded",
+            "failed",
+            "cancelled",
+        ] {
+            let n = counts.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
+            t.jobs.with_label_values(&[s]).set(n);
+        }
+        let waiting: i64 = counts
+            .iter()
+            .filter(|(k, _)| k == "queued" || k == "validating_files")
+            .map(|(_, n)| n)
+            .sum();
+        t.queue.set(waiting);
+    }
+
+    fn notify(&self) {
+        let (m, cv) = &self.wake;
+        *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    /// Validates a new job's files in the background, then queues it.
+    pub fn spawn_validation(self: Arc<Self>, id: String) {
+        let spawned = std::thread::Builder::new()
+            .name("qlorad-validate".into())
+            .spawn(move || {
+                if let Err(e) = self.validate(&id) {
+                    let _ = self.store.fail(&id, &e);
+                    let _ = self.store.event(&id, "error", "message", &e.message, None);
+                }
+                self.update_gauges();
+                self.notify();
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start a validation thread: {e}");
+        }
+    }
+
+    fn file_path(&self, id: &str, param: &str) -> Result<PathBuf, JobError> {
+        match self.store.file(id) {
+            Ok(Some(f)) => Ok(f.path),
+            Ok(None) => Err(job_error(
+                "invalid_file",
+                format!("file {id} no longer exists"),
+                Some(param),
+            )),
+            Err(e) => Err(job_error("internal_error", e.to_string(), None)),
+        }
+    }
+
+    fn examples(
+        &self,
+        job: &JobRow,
+        max_seq_len: usize,
+    ) -> Result<(Vec<Example>, Vec<Example>), JobError> {
+        let opts = DataOptions {
+            max_seq_len,
+            completion_only: true,
+        };
+        let path = self.file_path(&job.training_file, "training_file")?;
+        let train = load_examples(&path, &self.tok, &opts).map_err(|e| {
+            job_error(
+                "invalid_training_file",
+                data_message(&e, &format!("training file {}", job.training_file)),
+                Some("training_file"),
+            )
+        })?;
+        let val = match &job.validation_file {
+            None => Vec::new(),
+            Some(v) => {
+                let path = self.file_path(v, "validation_file")?;
+                load_examples(&path, &self.tok, &opts).map_err(|e| {
+                    job_error(
+                        "invalid_validation_file",
+                        data_message(&e, &format!("validation file {v}")),
+                        Some("validation_file"),
+                    )
+                })?
+            }
+        };
+        Ok((train, val))
+    }
+
+    fn internal(e: impl std::fmt::Display) -> JobError {
+        job_error("internal_error", e.to_string(), None)
+    }
+
+    fn validate(&self, id: &str) -> Result<(), JobError> {
+        let job = self
+            .store
+            .job(id)
+            .map_err(Self::internal)?
+            .ok_or_else(|| job_error("internal_error", "job vanished", None))?;
+        let req: JobRequest = serde_json::from_str(&job.request).map_err(Self::internal)?;
+        self.store
+            .event(
+                id,
+                "info",
+                "message",
+                &format!("Validating training file: {}", job.training_file),
+                None,
+            )
+            .map_err(Self::internal)?;
+        let (train, val) = self.examples(&job, req.max_seq_len.unwrap_or(1024))?;
+        let resolved = req.resolve(
+            job.seed as u64,
+            train.len(),
+            val.len(),
+            self.cfg.checkpoint_interval,
+        );
+        let text = serde_json::to_string(&resolved).map_err(Self::internal)?;
+        self.store
+            .set_resolved(id, &text, resolved.total_steps as i64)
+            .map_err(Self::internal)?;
+        if self
+            .store
+            .transition(id, &["validating_files"], "queued")
+            .map_err(Self::internal)?
+        {
+            self.store
+                .event(
+                    id,
+                    "info",
+                    "message",
+                    &format!(
+                        "Files validated ({} training, {} validation examples); job queued",
+                        train.len(),
+                        val.len()
+                    ),
+                    None,
+                )
+                .map_err(Self::internal)?;
+        }
+        Ok(())
+    }
+
+    /// Requests cancellation. Jobs not yet running are cancelled at once; a running job stops at
+    /// its next step boundary.
+    pub fn cancel(&self, id: &str) -> crate::state::Result<()> {
+        if self
+            .store
+            .transition(id, &["validating_files", "queued", "paused"], "cancelled")?
+        {
+            self.store
+                .event(id, "info", "message", "Job cancelled", None)?;
+        } else {
+            self.lock_control().insert(id.to_string(), Control::Cancel);
+        }
+        self.update_gauges();
+        Ok(())
+    }
+
+    /// Requests a pause: a queued job is paused at once; a running one checkpoints and pauses at
+    /// its next step boundary.
+    pub fn pause(&self, id: &str) -> crate::state::Result<()> {
+        if self.store.transition(id, &["queued"], "paused")? {
+            self.store
+                .event(id, "info", "message", "Job paused", None)?;
+        } else {
+            self.lock_control().insert(id.to_string(), Control::Pause);
+        }
+        self.update_gauges();
+        Ok(())
+    }
+
+    /// Queues a paused job again; it continues from its latest checkpoint.
+    pub fn resume(&self, id: &str) -> crate::state::Result<bool> {
+        let ok = self.store.transition(id, &["paused"], "queued")?;
+        if ok {
+            self.store
+                .event(id, "info", "message", "Job resumed", None)?;
+            self.notify();
+        }
+        self.update_gauges();
+        Ok(ok)
+    }
+
+    fn lock_control(&self) -> std::sync::MutexGuard<'_, HashMap<String, Control>> {
+        self.control.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn work(self: Arc<Self>) {
+        loop {
+            let next = match self.store.jobs_in("queued") {
+                Ok(ids) => ids.into_iter().next(),
+                Err(e) => {
+                    tracing::error!("reading queued jobs: {e}");
+                    None
+                }
+            };
+            match next {
+                Some(id) => self.run(&id),
+                None => {
+                    let (m, cv) = &self.wake;
+                    let mut woken = m.lock().unwrap_or_else(|p| p.into_inner());
+                    if !*woken {
+                        woken = cv
+                            .wait_timeout(woken, Duration::from_secs(2))
+                            .map(|(g, _)| g)
+                            .unwrap_or_else(|p| p.into_inner().0);
+                    }
+                    *woken = false;
+                }
+            }
+        }
+    }
+
+    fn run(&self, id: &str) {
+        // Clear a stale request first: a cancel that lands between this and the transition below
+        // finds the job running and is kept.
+        self.lock_control().remove(id);
+        match self.store.transition(id, &["queued"], "running") {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::error!(job = %id, "starting job: {e}");
+                std::thread::sleep(Duration::from_secs(1));
+                return;
+            }
+        }
+        self.update_gauges();
+        let _ = self.store.set_started(id);
+        let outcome = self.execute(id);
+        self.lock_control().remove(id);
+        let t = &self.metrics.training;
+        t.job_bytes.with_label_values(&["lora"]).set(0);
+        t.job_bytes.with_label_values(&["optimizer"]).set(0);
+        let (level, msg) = match outcome {
+            Ok(()) => ("info", "The job has successfully completed".to_string()),
+            Err(Stop::Cancelled) => {
+                let _ = self.store.transition(id, &["running"], "cancelled");
+                ("info", "Job cancelled".to_string())
+            }
+            Err(Stop::Paused) => {
+                let _ = self.store.transition(id, &["running"], "paused");
+                ("info", "Job paused".to_string())
+            }
+            Err(Stop::Failed(e)) => {
+                tracing::warn!(job = %id, "fine-tuning job failed: {}", e.message);
+                let _ = self.store.fail(id, &e);
+                ("error", format!("Job failed: {}", e.message))
+            }
+        };
+        let _ = self.store.event(id, level, "message", &msg, None);
+        self.update_gauges();
+    }
+
+    fn execute(&self, id: &str) -> Result<(), Stop> {
+        let job = self
+            .store
+            .job(id)
+            .map_err(Self::internal)?
+            .ok_or_else(|| job_error("internal_error", "job vanished", None))?;
+        let resolved: Resolved = job
+            .resolved
+            .as_deref()
+            .and_then(|r| serde_json::from_str(r).ok())
+            .ok_or_else(|| job_error("internal_error", "the job was never validated", None))?;
+        let (train, val) = self.examples(&job, resolved.max_seq_len)?;
+        let cfg = resolved.train_config();
+        let pad = self.tok.eos_id().unwrap_or(0);
+        let model_name = fine_tuned_name(&self.cfg.base_id, job.suffix.as_deref(), id);
+        let latest = self.store.checkpoints(id).map_err(Self::internal)?;
+        let mut trainer = match latest.first() {
+            Some(c) => {
+                let t = Trainer::resume(&self.model, &resolved.lora, train, val, cfg, pad, &c.path)
+                    .map_err(|e| {
+                        job_error(
+                            "checkpoint_error",
+                            format!("cannot resume from the checkpoint at step {}: {e}", c.step),
+                            None,
+                        )
+                    })?;
+                let _ = self.store.event(
+                    id,
+                    "info",
+                    "message",
+                    &format!("Fine-tuning job resumed from checkpoint step {}", c.step),
+                    None,
+                );
+                t
+            }
+            None => {
+                let lora = TrainableLora::new(self.model.config(), &resolved.lora, resolved.seed)
+                    .map_err(Self::internal)?;
+                let _ = self
+                    .store
+                    .event(id, "info", "message", "Fine-tuning job started", None);
+                Trainer::new(&self.model, lora, train, val, cfg, pad).map_err(Self::internal)?
+            }
+        };
+        let lora_bytes: usize = trainer
+            .lora
+            .named_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count() * 4)
+            .sum();
+        let t = &self.metrics.training;
+        t.job_bytes
+            .with_label_values(&["lora"])
+            .set(lora_bytes as i64);
+        t.job_bytes
+            .with_label_values(&["optimizer"])
+            .set(2 * lora_bytes as i64);
+        let mut last_ckpt = trainer.position().step;
+        loop {
+            let ctl = self.lock_control().get(id).copied();
+            match ctl {
+                Some(Control::Cancel) => return Err(Stop::Cancelled),
+                Some(Control::Pause) => {
+                    if trainer.position().step > last_ckpt {
+                        self.checkpoint(id, &model_name, &trainer, None)?;
+                    }
+                    return Err(Stop::Paused);
+                }
+                None => {}
+            }
+            let started = Instant::now();
+            let Some(log) = trainer.step().map_err(|e| {
+                job_error("training_error", format!("training step failed: {e}"), None)
+            })?
+            else {
+                break;
+            };
+            let took = started.elapsed();
+            self.record_step(id, &log, took);
+            if log.step.is_multiple_of(resolved.checkpoint_interval) && log.step < log.total_steps {
+                self.checkpoint(id, &model_name, &trainer, Some(&log))?;
+                last_ckpt = log.step;
+            }
+            self.yield_to_serving(took);
+        }
+        self.finish(id, &model_name, &trainer)
+    }
+
+    fn record_step(&self, id: &str, log: &StepLog, took: Duration) {
+        let t = &self.metrics.training;
+        t.steps.inc();
+        t.loss.set(log.loss);
+        t.lr.set(log.lr);
+        t.step_seconds.observe(took.as_secs_f64());
+        let prev = self
+            .store
+            .job(id)
+            .ok()
+            .flatten()
+            .and_then(|j| j.trained_tokens)
+            .unwrap_or(0);
+        t.tokens
+            .inc_by((log.trained_tokens as i64 - prev).max(0) as u64);
+        let remaining = (log.total_steps - log.step) as f64 * took.as_secs_f64();
+        let _ = self.store.set_progress(
+            id,
+            log.step as i64,
+            log.trained_tokens as i64,
+            Some(now() + remaining.ceil() as i64),
+        );
+        let mut msg = format!(
+            "Step {}/{}: training loss={:.4}",
+            log.step, log.total_steps, log.loss
+        );
+        if let Some(v) = log.eval_loss {
+            msg.push_str(&format!(", validation loss={v:.4}"));
+        }
+        let data = json!({
+            "step": log.step,
+            "total_steps": log.total_steps,
+            "train_loss": log.loss,
+            "valid_loss": log.eval_loss,
+            "valid_perplexity": log.eval_perplexity,
+            "learning_rate": log.lr,
+            "grad_norm": if log.grad_norm.is_finite() { json!(log.grad_norm) } else { json!(null) },
+            "trained_tokens": log.trained_tokens,
+            "tokens_per_second": log.tokens_per_s,
+            "epoch": log.epoch,
+        });
+        let _ = self.store.event(id, "info", "metrics", &msg, Some(&data));
+    }
+
+    /// While the engine has work, sleeps so that training's share of wall time stays at
+    /// `train_share`; returns early once serving is idle.
+    fn yield_to_serving(&self, step: Duration) {
+        let share = self.cfg.train_share.clamp(0.01, 1.0);
+        if share >= 1.0 || self.engine.inflight() == 0 {
+            return;
+        }
+        let budget = step.mul_f64((1.0 - share) / share);
+        let started = Instant::now();
+        while started.elapsed() < budget && self.engine.inflight() > 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.metrics
+            .training
+            .yielded_seconds
+            .inc_by(started.elapsed().as_millis() as u64);
+    }
+
+    fn checkpoint(
+        &self,
+        id: &str,
+        model_name: &str,
+        trainer: &Trainer,
+        log: Option<&StepLog>,
+    ) -> Result<(), Stop> {
+        let step = trainer.position().step;
+        let dir = self
+            .store
+            .dir()
+            .join("jobs")
+            .join(id)
+            .join("checkpoints")
+            .join(format!("step-{step}"));
+        trainer
+            .save_checkpoint(&dir, &self.cfg.base_id, true)
+            .map_err(|e| {
+                job_error(
+                    "checkpoint_write_failed",
+                    format!("writing the checkpoint at step {step} failed: {e}"),
+                    None,
+                )
+            })?;
+        let name = checkpoint_name(model_name, step);
+        let metrics = match log {
+            Some(l) => json!({
+                "step": l.step, "train_loss": l.loss, "valid_loss": l.eval_loss,
+                "full_valid_loss": l.eval_loss, "trained_tokens": l.trained_tokens,
+            }),
+            None => json!({"step": step, "trained_tokens": trainer.position().trained_tokens}),
+        };
+        self.store
+            .insert_checkpoint(&CheckpointRow {
+                seq: 0,
+                job_id: id.to_string(),
+                step: step as i64,
+                created_at: now(),
+                name: name.clone(),
+                path: dir.clone(),
+                metrics,
+            })
+            .map_err(Self::internal)?;
+        if let Err(e) = self.adapters.register_on_disk(&name, &dir) {
+            tracing::warn!(checkpoint = %name, "not registered for serving: {e}");
+        }
+        let _ = self.store.event(
+            id,
+            "info",
+            "message",
+            &format!("Checkpoint created at step {step}: {name}"),
+            None,
+        );
+        Ok(())
+    }
+
+    fn finish(&self, id: &str, model_name: &str, trainer: &Trainer) -> Result<(), Stop> {
+        let out: &Path = &self.store.dir().join("adapters").join(id);
+        save_peft(&trainer.lora, &self.cfg.base_id, out, true).map_err(|e| {
+            job_error(
+                "output_write_failed",
+                format!("writing the fine-tuned adapter failed: {e}"),
+                None,
+            )
+        })?;
+        self.adapters
+            .load(model_name, out)
+            .map_err(|e| job_error("internal_error", e.to_string(), None))?;
+        self.store
+            .succeed(
+                id,
+                model_name,
+                out,
+                trainer.position().trained_tokens as i64,
+            )
+            .map_err(Self::internal)?;
+        let _ = self.store.event(
+            id,
+            "info",
+            "message",
+            &format!("New fine-tuned model created: {model_name}"),
+            None,
+        );
+        Ok(())
+    }
+}
