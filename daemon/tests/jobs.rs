@@ -1,0 +1,343 @@
+//! Fine-tuning jobs against the real `qlorad serve` binary (SmolLM2, CPU): the job lifecycle, bad
+//! input answered with 400 and the offending field, **kill -9 during a job → after restart the job
+//! resumes from its last checkpoint and ends with exactly the adapter an uninterrupted run makes**,
+//! a checkpoint that cannot be written and a corrupt checkpoint each fail their job with a clear
+//! error while the daemon keeps serving.
+
+use qlorad_tests::smollm2;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Daemon {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into()
+}
+
+fn start(model: &Path, state: &Path) -> Daemon {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(env!("CARGO_BIN_EXE_qlorad"))
+        .args(["serve", "--model"])
+        .arg(model)
+        .args(["--model-id", "smollm2", "--state-dir"])
+        .arg(state)
+        .args(["--checkpoint-interval", "2", "--listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let d = Daemon {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let t = Instant::now();
+    while agent().get(format!("{}/health", d.url)).call().is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "daemon did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    d
+}
+
+fn get(d: &Daemon, path: &str) -> (u16, Value) {
+    let mut r = agent().get(format!("{}{path}", d.url)).call().unwrap();
+    let s = r.status().as_u16();
+    (s, r.body_mut().read_json().unwrap_or(Value::Null))
+}
+
+fn post(d: &Daemon, path: &str, body: &Value) -> (u16, Value) {
+    let mut r = agent()
+        .post(format!("{}{path}", d.url))
+        .send_json(body)
+        .unwrap();
+    let s = r.status().as_u16();
+    (s, r.body_mut().read_json().unwrap_or(Value::Null))
+}
+
+fn upload(d: &Daemon, name: &str, bytes: &[u8], purpose: &str) -> (u16, Value) {
+    let b = "qloradtestboundary";
+    let mut body = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n--{b}\r\n\
+         Content-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
+         Content-Type: application/octet-stream\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
+    let mut r = agent()
+        .post(format!("{}/v1/files", d.url))
+        .header(
+            "Content-Type",
+            &format!("multipart/form-data; boundary={b}"),
+        )
+        .send(&body[..])
+        .unwrap();
+    let s = r.status().as_u16();
+    (s, r.body_mut().read_json().unwrap_or(Value::Null))
+}
+
+fn data() -> Vec<u8> {
+    let caps = [
+        ("France", "Paris"),
+        ("Germany", "Berlin"),
+        ("Italy", "Rome"),
+        ("Spain", "Madrid"),
+        ("Peru", "Lima"),
+        ("Japan", "Tokyo"),
+    ];
+    caps.iter()
+        .map(|(c, k)| {
+            json!({"messages": [{"role": "user", "content": format!("Capital of {c}?")},
+                                {"role": "assistant", "content": format!("ANSWER: {k}")}]})
+            .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        .into_bytes()
+}
+
+fn create(d: &Daemon, file: &str) -> String {
+    let (s, j) = post(
+        d,
+        "/v1/fine_tuning/jobs",
+        &json!({
+            "model": "smollm2", "training_file": file, "suffix": "caps", "seed": 11,
+            "method": {"type": "supervised", "supervised": {"hyperparameters": {
+                "n_epochs": 1, "batch_size": 1, "learning_rate_multiplier": 5,
+                "lora_r": 2, "lora_dropout": 0.1, "target_modules": ["q_proj", "v_proj"],
+                "max_seq_len": 48}}},
+        }),
+    );
+    assert_eq!(s, 200, "{j}");
+    assert_eq!(j["status"], "validating_files");
+    j["id"].as_str().unwrap().to_string()
+}
+
+fn job(d: &Daemon, id: &str) -> Value {
+    get(d, &format!("/v1/fine_tuning/jobs/{id}")).1
+}
+
+/// Polls until `done` holds for the job (or panics after a while).
+fn wait_for(d: &Daemon, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let j = job(d, id);
+        if done(&j) {
+            return j;
+        }
+        assert!(t.elapsed() < Duration::from_secs(300), "{what}: {j}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn ended(j: &Value) -> bool {
+    matches!(
+        j["status"].as_str(),
+        Some("succeeded" | "failed" | "cancelled")
+    )
+}
+
+fn adapter_bytes(state: &Path, id: &str) -> Vec<u8> {
+    std::fs::read(
+        state
+            .join("adapters")
+            .join(id)
+            .join("adapter_model.safetensors"),
+    )
+    .unwrap()
+}
+
+fn chat(d: &Daemon, model: &str) -> (u16, Value) {
+    post(
+        d,
+        "/v1/chat/completions",
+        &json!({"model": model, "max_tokens": 6, "temperature": 0,
+                "messages": [{"role": "user", "content": "Capital of Peru?"}]}),
+    )
+}
+
+fn kill9(d: Daemon) {
+    let mut d = d;
+    assert!(Command::new("kill")
+        .args(["-9", &d.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let _ = d.child.wait();
+}
+
+#[test]
+fn jobs_survive_kill_9_and_fail_cleanly_on_bad_input_and_storage() {
+    let Some(model) = smollm2() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let state: PathBuf = tmp.path().join("state");
+    let d = start(&model, &state);
+
+    // --- bad input: 400 with the offending field ---
+    let (s, e) = upload(
+        &d,
+        "bad.jsonl",
+        b"{\"messages\": []}\n{\"oops\"\n",
+        "fine-tune",
+    );
+    assert_eq!(
+        (s, e["error"]["param"].as_str()),
+        (400, Some("file")),
+        "{e}"
+    );
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("line 1") && msg.contains("line 2"), "{msg}");
+    let (s, e) = upload(&d, "x.jsonl", b"{}", "nonsense");
+    assert_eq!((s, e["error"]["param"].as_str()), (400, Some("purpose")));
+    let (s, f) = upload(&d, "caps.jsonl", &data(), "fine-tune");
+    assert_eq!(s, 200, "{f}");
+    let file = f["id"].as_str().unwrap().to_string();
+    let (_, other) = upload(&d, "notes.jsonl", &data(), "batch");
+    for (body, param) in [
+        (json!({"model": "gpt-4o", "training_file": file}), "model"),
+        (
+            json!({"model": "smollm2", "training_file": "file-nope"}),
+            "training_file",
+        ),
+        (
+            json!({"model": "smollm2", "training_file": other["id"]}),
+            "training_file",
+        ),
+        (
+            json!({"model": "smollm2", "training_file": file, "hyperparameters": {"n_epochs": 0}}),
+            "hyperparameters.n_epochs",
+        ),
+        (
+            json!({"model": "smollm2", "training_file": file, "hyperparameters": {"learning_rate_multiplier": "fast"}}),
+            "hyperparameters.learning_rate_multiplier",
+        ),
+        (
+            json!({"model": "smollm2", "training_file": file, "suffix": "a b"}),
+            "suffix",
+        ),
+    ] {
+        let (s, e) = post(&d, "/v1/fine_tuning/jobs", &body);
+        assert_eq!(
+            (s, e["error"]["param"].as_str()),
+            (400, Some(param)),
+            "{body}: {e}"
+        );
+    }
+    assert_eq!(get(&d, "/v1/fine_tuning/jobs/ftjob-nope").0, 404);
+
+    // --- kill -9 mid-job ---
+    let j1 = create(&d, &file);
+    // A second job queues behind the first; its checkpoint folder is made unwritable (a regular
+    // file where the folder goes), standing in for a full or broken disk.
+    let j3 = create(&d, &file);
+    std::fs::create_dir_all(state.join("jobs")).unwrap();
+    std::fs::write(state.join("jobs").join(&j3), b"not a folder").unwrap();
+    wait_for(&d, &j1, "first checkpoint", |j| {
+        j["step"].as_i64() >= Some(3)
+    });
+    let (_, ck) = get(&d, &format!("/v1/fine_tuning/jobs/{j1}/checkpoints"));
+    assert_eq!(ck["data"][0]["step_number"], 2, "{ck}");
+    kill9(d);
+
+    let d = start(&model, &state);
+    let done = wait_for(&d, &j1, "resumed job", ended);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["total_steps"], 6);
+    let (_, ev) = get(&d, &format!("/v1/fine_tuning/jobs/{j1}/events?limit=100"));
+    let msgs: Vec<&str> = ev["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert!(
+        msgs.iter()
+            .any(|m| m.contains("resumed from checkpoint step")),
+        "{msgs:?}"
+    );
+    let name = done["fine_tuned_model"].as_str().unwrap().to_string();
+    assert_eq!(name, format!("ft:smollm2:caps:{j1}"));
+    let (s, c) = chat(&d, &name);
+    assert_eq!(s, 200, "{c}");
+    let (s, _) = chat(&d, &format!("{name}:ckpt-step-2"));
+    assert_eq!(s, 200);
+
+    // The job whose checkpoint cannot be written fails with a clear error; serving goes on.
+    let failed = wait_for(&d, &j3, "unwritable checkpoint", ended);
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(
+        failed["error"]["code"], "checkpoint_write_failed",
+        "{failed}"
+    );
+    assert_eq!(chat(&d, "smollm2").0, 200);
+
+    // The same job run without interruption ends with the same adapter, byte for byte.
+    let j2 = create(&d, &file);
+    let done2 = wait_for(&d, &j2, "uninterrupted twin", ended);
+    assert_eq!(done2["status"], "succeeded");
+    assert_eq!(done2["trained_tokens"], done["trained_tokens"]);
+    assert_eq!(adapter_bytes(&state, &j1), adapter_bytes(&state, &j2));
+
+    // Cancel a queued job; pause and resume are checked on a fresh job.
+    let j4 = create(&d, &file);
+    let (s, c) = post(&d, &format!("/v1/fine_tuning/jobs/{j4}/cancel"), &json!({}));
+    assert_eq!((s, c["status"].as_str()), (200, Some("cancelled")), "{c}");
+    let (s, _) = post(&d, &format!("/v1/fine_tuning/jobs/{j4}/cancel"), &json!({}));
+    assert_eq!(s, 400);
+
+    // --- corrupt checkpoint: kill, damage it, restart → the job fails clearly ---
+    let j5 = create(&d, &file);
+    wait_for(&d, &j5, "checkpoint of j5", |j| {
+        j["step"].as_i64() >= Some(3)
+    });
+    kill9(d);
+    for ckpt in std::fs::read_dir(state.join("jobs").join(&j5).join("checkpoints")).unwrap() {
+        let ckpt = ckpt.unwrap().path();
+        if ckpt.join("optimizer.safetensors").exists() {
+            std::fs::write(ckpt.join("optimizer.safetensors"), b"garbage").unwrap();
+        }
+    }
+    let d = start(&model, &state);
+    let failed = wait_for(&d, &j5, "corrupt checkpoint", ended);
+    assert_eq!(failed["error"]["code"], "checkpoint_error", "{failed}");
+    assert!(failed["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("optimizer.safetensors"));
+    assert_eq!(chat(&d, &name).0, 200, "earlier outputs still serve");
+    let (_, list) = get(&d, "/v1/fine_tuning/jobs?limit=2");
+    assert_eq!(list["data"].as_array().unwrap().len(), 2);
+    assert_eq!(list["has_more"], true);
+    let (_, metrics) = get_text(&d, "/metrics");
+    assert!(
+        metrics.contains("qlorad_fine_tuning_jobs{status=\"succeeded\"} 2"),
+        "{metrics}"
+    );
+}
+
+fn get_text(d: &Daemon, path: &str) -> (u16, String) {
+    let mut r = agent().get(format!("{}{path}", d.url)).call().unwrap();
+    let s = r.status().as_u16();
+    (s, r.body_mut().read_to_string().unwrap_or_default())
+}
