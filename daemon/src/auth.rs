@@ -153,4 +153,21 @@ mod tests {
         assert!(ApiKeys::parse(["short"]).is_err());
         assert!(ApiKeys::parse(["long-enough-key:root"]).is_err());
     }
+
+    #[test]
+    fn fine_tuning_writes_need_admin_reads_inference() {
+        use axum::http::Method;
+        assert_eq!(required(&Method::POST, "/v1/files"), Some("admin"));
+        assert_eq!(required(&Method::GET, "/v1/files"), Some("inference"));
+        assert_eq!(
+            required(&Method::POST, "/v1/fine_tuning/jobs/x/cancel"),
+            Some("admin")
+        );
+        assert_eq!(
+            required(&Method::GET, "/v1/fine_tuning/jobs/x/events"),
+            Some("inference")
+        );
+        assert_eq!(required(&Method::GET, "/v1/adapters"), Some("admin"));
+        assert_eq!(required(&Method::GET, "/metrics"), None);
+    }
 }

@@ -299,7 +299,24 @@ fn jobs_survive_kill_9_and_fail_cleanly_on_bad_input_and_storage() {
     assert_eq!(done2["trained_tokens"], done["trained_tokens"]);
     assert_eq!(adapter_bytes(&state, &j1), adapter_bytes(&state, &j2));
 
-    // Cancel a queued job; pause and resume are checked on a fresh job.
+    // Pause a running job (it checkpoints), resume it: same adapter again.
+    let j6 = create(&d, &file);
+    wait_for(&d, &j6, "j6 running", |j| j["step"].as_i64() >= Some(1));
+    let (s, p) = post(&d, &format!("/v1/fine_tuning/jobs/{j6}/pause"), &json!({}));
+    assert_eq!((s, p["status"].as_str()), (200, Some("paused")), "{p}");
+    let paused_at = p["step"].as_i64().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        job(&d, &j6)["step"].as_i64(),
+        Some(paused_at),
+        "a paused job does not step"
+    );
+    let (s, r) = post(&d, &format!("/v1/fine_tuning/jobs/{j6}/resume"), &json!({}));
+    assert_eq!((s, r["status"].as_str()), (200, Some("queued")), "{r}");
+    assert_eq!(wait_for(&d, &j6, "j6 done", ended)["status"], "succeeded");
+    assert_eq!(adapter_bytes(&state, &j1), adapter_bytes(&state, &j6));
+
+    // Cancel a queued job.
     let j4 = create(&d, &file);
     let (s, c) = post(&d, &format!("/v1/fine_tuning/jobs/{j4}/cancel"), &json!({}));
     assert_eq!((s, c["status"].as_str()), (200, Some("cancelled")), "{c}");
@@ -331,7 +348,7 @@ fn jobs_survive_kill_9_and_fail_cleanly_on_bad_input_and_storage() {
     assert_eq!(list["has_more"], true);
     let (_, metrics) = get_text(&d, "/metrics");
     assert!(
-        metrics.contains("qlorad_fine_tuning_jobs{status=\"succeeded\"} 2"),
+        metrics.contains("qlorad_fine_tuning_jobs{status=\"succeeded\"} 3"),
         "{metrics}"
     );
 }

@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 /// Every route the router serves, with its methods (kept in sync with `super::router` by a test).
-pub const ROUTES: [(&str, &[&str]); 12] = [
+pub const ROUTES: [(&str, &[&str]); 22] = [
     ("/v1/chat/completions", &["post"]),
     ("/v1/completions", &["post"]),
     ("/v1/models", &["get"]),
@@ -14,6 +14,16 @@ pub const ROUTES: [(&str, &[&str]); 12] = [
     ("/v1/adapters/{name}", &["delete"]),
     ("/v1/adapters/{name}/pin", &["post"]),
     ("/v1/adapters/{name}/unpin", &["post"]),
+    ("/v1/files", &["get", "post"]),
+    ("/v1/files/{id}", &["get", "delete"]),
+    ("/v1/files/{id}/content", &["get"]),
+    ("/v1/fine_tuning/jobs", &["get", "post"]),
+    ("/v1/fine_tuning/jobs/{id}", &["get"]),
+    ("/v1/fine_tuning/jobs/{id}/cancel", &["post"]),
+    ("/v1/fine_tuning/jobs/{id}/pause", &["post"]),
+    ("/v1/fine_tuning/jobs/{id}/resume", &["post"]),
+    ("/v1/fine_tuning/jobs/{id}/events", &["get"]),
+    ("/v1/fine_tuning/jobs/{id}/checkpoints", &["get"]),
     ("/health", &["get"]),
     ("/ready", &["get"]),
     ("/metrics", &["get"]),
@@ -78,6 +88,25 @@ pub fn spec(version: &str) -> Value {
     if let Some(m) = load["responses"].as_object_mut() {
         m.remove("200");
     }
+    let ft = |summary: &str, ok: &str| path_op(summary, "id", json_ok(ok));
+    let mut upload = op(
+        "Upload a file (multipart: `file`, `purpose`); fine-tune files are validated line by line",
+        None,
+        json_ok("file"),
+        &["400", "401", "403", "413", "503"],
+        true,
+    );
+    upload["requestBody"] = json!({"required": true, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["file", "purpose"], "properties": {
+            "file": {"type": "string", "format": "binary"},
+            "purpose": {"type": "string", "enum": ["fine-tune", "assistants", "batch", "user_data", "vision", "evals"]}}}}}});
+    let create_job = op(
+        "Create a fine-tuning job on the resident base",
+        Some("CreateFineTuningJob"),
+        json_ok("fine_tuning.job"),
+        &["400", "401", "403", "503"],
+        true,
+    );
     json!({
         "openapi": "3.1.0",
         "info": {"title": "qlorad", "version": version,
@@ -94,6 +123,19 @@ pub fn spec(version: &str) -> Value {
             "/v1/adapters/{name}": {"delete": unload},
             "/v1/adapters/{name}/pin": {"post": pin},
             "/v1/adapters/{name}/unpin": {"post": unpin},
+            "/v1/files": {"get": op("List files", None, json_ok("list"), &["401", "403", "503"], true), "post": upload},
+            "/v1/files/{id}": {"get": ft("Retrieve a file", "file"), "delete": ft("Delete a file", "deleted")},
+            "/v1/files/{id}/content": {"get": ft("A file's content", "bytes")},
+            "/v1/fine_tuning/jobs": {
+                "get": op("List jobs, newest first (`after`, `limit`)", None, json_ok("list"), &["400", "401", "403", "503"], true),
+                "post": create_job
+            },
+            "/v1/fine_tuning/jobs/{id}": {"get": ft("Retrieve a job", "fine_tuning.job")},
+            "/v1/fine_tuning/jobs/{id}/cancel": {"post": ft("Cancel a job", "fine_tuning.job")},
+            "/v1/fine_tuning/jobs/{id}/pause": {"post": ft("Pause a job (checkpoints first)", "fine_tuning.job")},
+            "/v1/fine_tuning/jobs/{id}/resume": {"post": ft("Resume a paused job from its checkpoint", "fine_tuning.job")},
+            "/v1/fine_tuning/jobs/{id}/events": {"get": ft("A job's events, newest first", "list")},
+            "/v1/fine_tuning/jobs/{id}/checkpoints": {"get": ft("A job's checkpoints (each servable by name)", "list")},
             "/health": {"get": op("Liveness", None, json_ok("ok"), &[], false)},
             "/ready": {"get": op("Readiness (model loaded, engine alive)", None, json_ok("ready"), &["503"], false)},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1",
@@ -127,6 +169,28 @@ pub fn spec(version: &str) -> Value {
                 "CompletionRequest": {"allOf": [{"$ref": "#/components/schemas/Sampling"}, {"type": "object",
                     "required": ["model", "prompt"], "properties": {"model": {"type": "string"},
                     "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 1}]}}}]},
+                "CreateFineTuningJob": {"type": "object", "required": ["model", "training_file"], "properties": {
+                    "model": {"type": "string"}, "training_file": {"type": "string"},
+                    "validation_file": {"type": ["string", "null"]},
+                    "suffix": {"type": ["string", "null"], "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                    "seed": {"type": ["integer", "null"], "minimum": 0},
+                    "metadata": {"type": ["object", "null"], "additionalProperties": {"type": "string"}},
+                    "hyperparameters": {"$ref": "#/components/schemas/Hyperparameters"},
+                    "method": {"type": "object", "properties": {"type": {"type": "string", "enum": ["supervised"]},
+                        "supervised": {"type": "object", "properties": {"hyperparameters": {"$ref": "#/components/schemas/Hyperparameters"}}}}}}},
+                "Hyperparameters": {"type": "object", "description": "each value \"auto\" or a number; lora_* and the rest are qlorad extensions",
+                    "properties": {
+                    "n_epochs": {"oneOf": [{"const": "auto"}, {"type": "integer", "minimum": 1, "maximum": 50}]},
+                    "batch_size": {"oneOf": [{"const": "auto"}, {"type": "integer", "minimum": 1, "maximum": 256}]},
+                    "learning_rate_multiplier": {"oneOf": [{"const": "auto"}, {"type": "number", "minimum": 0.0001, "maximum": 100}]},
+                    "lora_r": {"type": "integer", "minimum": 1, "maximum": 1024},
+                    "lora_alpha": {"type": "number"}, "lora_dropout": {"type": "number", "minimum": 0, "maximum": 0.9},
+                    "use_rslora": {"type": "boolean"},
+                    "target_modules": {"type": "array", "items": {"type": "string",
+                        "enum": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}},
+                    "max_seq_len": {"type": "integer", "minimum": 8},
+                    "checkpoint_interval": {"type": "integer", "minimum": 1},
+                    "eval_interval": {"type": "integer", "minimum": 1}}},
                 "LoadAdapter": {"type": "object", "required": ["name", "path"], "properties": {
                     "name": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}, "path": {"type": "string"}}}
             }
