@@ -51,6 +51,9 @@ pub struct JobRequest {
     pub checkpoint_interval: Option<usize>,
     /// Steps between validation-loss evaluations.
     pub eval_interval: Option<usize>,
+    /// Recompute decoder layers in the backward pass (less memory).
+    #[serde(default)]
+    pub gradient_checkpointing: Option<bool>,
 }
 
 /// Everything a job runs with, every "auto" decided. Stored as JSON and re-read by every run of the
@@ -65,6 +68,8 @@ pub struct Resolved {
     pub max_seq_len: usize,
     pub checkpoint_interval: usize,
     pub eval_interval: usize,
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     pub seed: u64,
     pub n_train_examples: usize,
     pub n_validation_examples: usize,
@@ -88,6 +93,7 @@ impl Resolved {
             seed: self.seed,
             group_by_length: true,
             eval_every: self.eval_interval,
+            gradient_checkpointing: self.gradient_checkpointing,
         }
     }
 }
@@ -214,6 +220,12 @@ impl JobRequest {
                 1,
                 1_000_000,
             )?,
+            gradient_checkpointing: auto_or(
+                hp,
+                "gradient_checkpointing",
+                Value::as_bool,
+                "a boolean",
+            )?,
         };
         if let Some(t) = &r.target_modules {
             if t.is_empty() {
@@ -267,6 +279,7 @@ impl JobRequest {
                 .unwrap_or(default_checkpoint_interval)
                 .max(1),
             eval_interval: self.eval_interval.unwrap_or(0),
+            gradient_checkpointing: self.gradient_checkpointing.unwrap_or(false),
             seed,
             n_train_examples: n_train,
             n_validation_examples: n_val,

@@ -20,7 +20,7 @@ use qlorad_trainer::step::TrainableLora;
 use qlorad_trainer::train::{save_peft, StepLog, Trainer};
 use serde_json::json;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -192,8 +192,7 @@ impl JobRunner {
             .name("qlorad-validate".into())
             .spawn(move || {
                 if let Err(e) = self.validate(&id) {
-                    let _ = self.store.fail(&id, &e);
-                    let _ = self.store.event(&id, "error", "message", &e.message, None);
+                    self.record_failure(&id, &e);
                 }
                 self.update_gauges();
                 self.notify();
@@ -392,27 +391,57 @@ impl JobRunner {
         let t = &self.metrics.training;
         t.job_bytes.with_label_values(&["lora"]).set(0);
         t.job_bytes.with_label_values(&["optimizer"]).set(0);
-        let (level, msg) = match outcome {
-            Ok(()) => ("info", "The job has successfully completed".to_string()),
+        // The last event is written before the status changes, so a client that stops reading at a
+        // terminal status has seen every event.
+        match outcome {
+            Ok((name, out, tokens)) => {
+                let _ = self.store.event(
+                    id,
+                    "info",
+                    "message",
+                    &format!("New fine-tuned model created: {name}"),
+                    None,
+                );
+                let _ = self.store.event(
+                    id,
+                    "info",
+                    "message",
+                    "The job has successfully completed",
+                    None,
+                );
+                if let Err(e) = self.store.succeed(id, &name, &out, tokens) {
+                    tracing::error!(job = %id, "recording success: {e}");
+                }
+            }
             Err(Stop::Cancelled) => {
+                let _ = self
+                    .store
+                    .event(id, "info", "message", "Job cancelled", None);
                 let _ = self.store.transition(id, &["running"], "cancelled");
-                ("info", "Job cancelled".to_string())
             }
             Err(Stop::Paused) => {
+                let _ = self.store.event(id, "info", "message", "Job paused", None);
                 let _ = self.store.transition(id, &["running"], "paused");
-                ("info", "Job paused".to_string())
             }
-            Err(Stop::Failed(e)) => {
-                tracing::warn!(job = %id, "fine-tuning job failed: {}", e.message);
-                let _ = self.store.fail(id, &e);
-                ("error", format!("Job failed: {}", e.message))
-            }
-        };
-        let _ = self.store.event(id, level, "message", &msg, None);
+            Err(Stop::Failed(e)) => self.record_failure(id, &e),
+        }
         self.update_gauges();
     }
 
-    fn execute(&self, id: &str) -> Result<(), Stop> {
+    fn record_failure(&self, id: &str, e: &JobError) {
+        tracing::warn!(job = %id, "fine-tuning job failed: {}", e.message);
+        let _ = self.store.event(
+            id,
+            "error",
+            "message",
+            &format!("Job failed: {}", e.message),
+            None,
+        );
+        let _ = self.store.fail(id, e);
+    }
+
+    /// Runs a job to its end; on success returns (model name, adapter folder, trained tokens).
+    fn execute(&self, id: &str) -> Result<(String, PathBuf, i64), Stop> {
         let job = self
             .store
             .job(id)
@@ -470,13 +499,14 @@ impl JobRunner {
             .with_label_values(&["optimizer"])
             .set(2 * lora_bytes as i64);
         let mut last_ckpt = trainer.position().step;
+        let mut last_log: Option<StepLog> = None;
         loop {
             let ctl = self.lock_control().get(id).copied();
             match ctl {
                 Some(Control::Cancel) => return Err(Stop::Cancelled),
                 Some(Control::Pause) => {
                     if trainer.position().step > last_ckpt {
-                        self.checkpoint(id, &model_name, &trainer, None)?;
+                        self.checkpoint(id, &model_name, &trainer, last_log.as_ref())?;
                     }
                     return Err(Stop::Paused);
                 }
@@ -495,6 +525,7 @@ impl JobRunner {
                 self.checkpoint(id, &model_name, &trainer, Some(&log))?;
                 last_ckpt = log.step;
             }
+            last_log = Some(log);
             self.yield_to_serving(took);
         }
         self.finish(id, &model_name, &trainer)
@@ -618,9 +649,15 @@ impl JobRunner {
         Ok(())
     }
 
-    fn finish(&self, id: &str, model_name: &str, trainer: &Trainer) -> Result<(), Stop> {
-        let out: &Path = &self.store.dir().join("adapters").join(id);
-        save_peft(&trainer.lora, &self.cfg.base_id, out, true).map_err(|e| {
+    /// Writes the final adapter and registers it for serving.
+    fn finish(
+        &self,
+        id: &str,
+        model_name: &str,
+        trainer: &Trainer,
+    ) -> Result<(String, PathBuf, i64), Stop> {
+        let out = self.store.dir().join("adapters").join(id);
+        save_peft(&trainer.lora, &self.cfg.base_id, &out, true).map_err(|e| {
             job_error(
                 "output_write_failed",
                 format!("writing the fine-tuned adapter failed: {e}"),
@@ -628,23 +665,12 @@ impl JobRunner {
             )
         })?;
         self.adapters
-            .load(model_name, out)
+            .load(model_name, &out)
             .map_err(|e| job_error("internal_error", e.to_string(), None))?;
-        self.store
-            .succeed(
-                id,
-                model_name,
-                out,
-                trainer.position().trained_tokens as i64,
-            )
-            .map_err(Self::internal)?;
-        let _ = self.store.event(
-            id,
-            "info",
-            "message",
-            &format!("New fine-tuned model created: {model_name}"),
-            None,
-        );
-        Ok(())
+        Ok((
+            model_name.to_string(),
+            out,
+            trainer.position().trained_tokens as i64,
+        ))
     }
 }

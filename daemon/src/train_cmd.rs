@@ -65,6 +65,9 @@ pub struct TrainArgs {
     /// Train on prompt tokens too (default: assistant/completion tokens only).
     #[arg(long)]
     train_on_prompt: bool,
+    /// Recompute each decoder layer in the backward pass (less memory, one extra forward).
+    #[arg(long)]
+    gradient_checkpointing: bool,
     /// Pack examples into full sequences.
     #[arg(long)]
     pack: bool,
@@ -130,6 +133,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         seed: a.seed,
         group_by_length: true,
         eval_every: a.eval_every,
+        gradient_checkpointing: a.gradient_checkpointing,
     };
     cfg.validate()?;
     let (model, tok) = qlorad_model::load_model(&a.model, a.quant)
@@ -214,15 +218,31 @@ pub fn run(a: TrainArgs) -> Result<()> {
     save_peft(&trainer.lora, &base, &a.out, a.overwrite)?;
     if let Some(l) = last {
         eprintln!(
-            "saved {} (final loss {:.4}{} after {} steps, {} tokens)",
+            "saved {} (final loss {:.4}{} after {} steps, {} tokens; peak RSS {} MiB)",
             a.out.display(),
             l.loss,
             l.eval_loss
                 .map(|e| format!(", eval loss {e:.4}"))
                 .unwrap_or_default(),
             l.step,
-            l.trained_tokens
+            l.trained_tokens,
+            peak_rss_bytes() >> 20
         );
     }
     Ok(())
+}
+
+/// Peak resident set size of this process (VmHWM), 0 where /proc is unavailable.
+fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kb| kb * 1024)
 }

@@ -80,24 +80,64 @@ fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tenso
     Ok(Tensor::from_vec(m, (t, t), device)?)
 }
 
+/// Per-sequence-length constants of a training forward (RoPE tables and the causal mask).
+pub struct TrainContext {
+    cos: Tensor,
+    sin: Tensor,
+    mask: Tensor,
+}
+
 impl Llama {
     /// `ids (batch, seq)` → logits `(batch, seq, vocab)`, differentiable in the LoRA tensors.
     pub fn forward_train(&self, ids: &Tensor, lora: &dyn LoraWeights) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        let cfg = &self.cfg;
-        let cos = self.cos.narrow(0, 0, t)?;
-        let sin = self.sin.narrow(0, 0, t)?;
-        let mask = causal_mask(t, cfg.sliding_window, &self.device)?;
-        let mut x =
-            self.embed
-                .index_select(&ids.flatten_all()?, 0)?
-                .reshape((b, t, cfg.hidden_size))?;
-        for (li, block) in self.blocks.iter().enumerate() {
-            x = block.forward_train(self, li, &x, &cos, &sin, &mask, lora)?;
+        let ctx = self.train_context(ids.dim(1)?)?;
+        let mut x = self.embed_train(ids)?;
+        for li in 0..self.blocks.len() {
+            x = self.block_train(li, &x, &ctx, lora)?;
         }
-        let x = rms_norm(&x, &self.norm, cfg.rms_norm_eps)?;
+        self.head_train(&x)
+    }
+
+    /// The constants for sequences of length `t`.
+    pub fn train_context(&self, t: usize) -> Result<TrainContext> {
+        Ok(TrainContext {
+            cos: self.cos.narrow(0, 0, t)?,
+            sin: self.sin.narrow(0, 0, t)?,
+            mask: causal_mask(t, self.cfg.sliding_window, &self.device)?,
+        })
+    }
+
+    /// Token embeddings `(batch, seq, hidden)` (the embedding is frozen).
+    pub fn embed_train(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
+            b,
+            t,
+            self.cfg.hidden_size,
+        ))?)
+    }
+
+    /// Decoder layer `layer` on `x (batch, seq, hidden)`. Exposed so a trainer can run layers one at a
+    /// time (gradient checkpointing recomputes each layer in the backward pass).
+    pub fn block_train(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        ctx: &TrainContext,
+        lora: &dyn LoraWeights,
+    ) -> Result<Tensor> {
+        self.blocks[layer].forward_train(self, layer, x, &ctx.cos, &ctx.sin, &ctx.mask, lora)
+    }
+
+    /// Final norm and LM head: hidden states → logits.
+    pub fn head_train(&self, x: &Tensor) -> Result<Tensor> {
+        let x = rms_norm(x, &self.norm, self.cfg.rms_norm_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         Ok(x.broadcast_matmul(&head.t()?)?)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
     }
 }
 

@@ -96,10 +96,10 @@ impl LoraSpec {
 pub struct TrainableLora {
     pub spec: LoraSpec,
     pub modules: Vec<Option<TrainModule>>,
-    /// Dropout masks are drawn from this stream; `None` means evaluation (no dropout). The trainer
-    /// reseeds it per micro-batch from (seed, step, micro-batch), so a resumed run draws the same
-    /// masks without saving RNG state.
-    dropout_rng: Mutex<Option<rand_chacha::ChaCha8Rng>>,
+    /// Seed of the current micro-batch's dropout masks; `None` means evaluation (no dropout). The
+    /// trainer sets it per micro-batch from (seed, step, micro-batch), so a resumed run draws the
+    /// same masks without saving RNG state.
+    dropout_seed: Mutex<Option<u64>>,
 }
 
 impl LoraWeights for TrainableLora {
@@ -110,15 +110,20 @@ impl LoraWeights for TrainableLora {
             .map(|m| (m.a.as_tensor(), m.b.as_tensor(), m.scale))
     }
 
-    fn dropout(&self, _layer: usize, _proj: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn dropout(&self, layer: usize, proj: usize, x: &Tensor) -> candle_core::Result<Tensor> {
         let p = self.spec.dropout;
-        let mut guard = self
-            .dropout_rng
+        let seed = *self
+            .dropout_seed
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(rng) = guard.as_mut().filter(|_| p > 0.0) else {
+        let Some(seed) = seed.filter(|_| p > 0.0) else {
             return Ok(x.clone());
         };
+        // The mask is a function of (micro-batch seed, layer, projection), not of call order, so
+        // gradient checkpointing's recomputation draws exactly the forward pass's masks.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
+            seed ^ ((layer as u64) << 32 | proj as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        );
         let keep = (1.0 / (1.0 - p)) as f32;
         let mask: Vec<f32> = (0..x.elem_count())
             .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
@@ -132,7 +137,7 @@ impl TrainableLora {
         Self {
             spec: spec.clone(),
             modules,
-            dropout_rng: Mutex::new(None),
+            dropout_seed: Mutex::new(None),
         }
     }
 
@@ -187,11 +192,10 @@ impl TrainableLora {
 
     /// Dropout on (`Some(seed)`: masks drawn from that seed's stream) or off (`None`: evaluation).
     pub fn set_dropout_seed(&self, seed: Option<u64>) {
-        let mut guard = self
-            .dropout_rng
+        *self
+            .dropout_seed
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *guard = seed.map(rand_chacha::ChaCha8Rng::seed_from_u64);
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = seed;
     }
 
     /// Every trainable tensor with its PEFT name.
@@ -260,7 +264,11 @@ impl Batch {
 /// Mean cross-entropy over the batch's target tokens (transformers' causal-LM loss: shift by one,
 /// average over every unmasked target in the batch).
 pub fn loss(model: &Llama, lora: &dyn LoraWeights, batch: &Batch) -> Result<Tensor> {
-    let logits = model.forward_train(&batch.ids, lora)?; // (b, t, vocab)
+    loss_from_logits(&model.forward_train(&batch.ids, lora)?, batch)
+}
+
+/// The masked causal-LM loss of `logits (b, t, vocab)` for `batch`.
+pub fn loss_from_logits(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
     let mut rows = Vec::new();
     let mut targets = Vec::new();
@@ -277,11 +285,81 @@ pub fn loss(model: &Llama, lora: &dyn LoraWeights, batch: &Batch) -> Result<Tens
         return Err(StepError::Invalid("the batch has no target tokens".into()));
     }
     let n = rows.len();
+    let dev = logits.device();
     let flat = logits.reshape((b * t, v))?;
-    let picked = flat.index_select(&Tensor::from_vec(rows, n, &Device::Cpu)?, 0)?; // (n, vocab)
+    let picked = flat.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?; // (n, vocab)
     let logp = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
-    let tgt = Tensor::from_vec(targets, (n, 1), &Device::Cpu)?;
+    let tgt = Tensor::from_vec(targets, (n, 1), dev)?;
     Ok(logp.gather(&tgt, 1)?.mean_all()?.neg()?)
+}
+
+/// `scale · loss` of `batch` and its gradients for `vars` (zeros where a var gets none).
+///
+/// With `checkpointing`, activations inside decoder layers are not kept: the forward pass stores
+/// only each layer's input, and the backward pass recomputes one layer at a time and back-propagates
+/// through it with the incoming gradient (Chen et al., 2016, "Training Deep Nets with Sublinear
+/// Memory Cost"; the per-layer policy of transformers' `gradient_checkpointing_enable`). Peak
+/// activation memory drops from all layers' to one layer's plus the layer inputs, for one extra
+/// forward pass.
+pub fn loss_and_grads(
+    model: &Llama,
+    lora: &dyn LoraWeights,
+    batch: &Batch,
+    vars: &[&Var],
+    scale: f64,
+    checkpointing: bool,
+) -> Result<(f64, Vec<Tensor>)> {
+    if !checkpointing {
+        let l = (loss(model, lora, batch)? * scale)?;
+        let value = l.to_scalar::<f32>()? as f64;
+        return Ok((value, collect_grads(&l.backward()?, vars)?));
+    }
+    let ctx = model.train_context(batch.seq)?;
+    let mut inputs = Vec::with_capacity(model.num_layers() + 1);
+    inputs.push(model.embed_train(&batch.ids)?);
+    for li in 0..model.num_layers() {
+        // detach: this pass keeps no graph, only the layer's input for the recomputation.
+        let y = model.block_train(li, &inputs[li], &ctx, lora)?.detach();
+        inputs.push(y);
+    }
+    let top = Var::from_tensor(&inputs[model.num_layers()])?;
+    let l = (loss_from_logits(&model.head_train(top.as_tensor())?, batch)? * scale)?;
+    let value = l.to_scalar::<f32>()? as f64;
+    let mut g = l
+        .backward()?
+        .get(top.as_tensor())
+        .cloned()
+        .ok_or_else(|| StepError::Invalid("no gradient reached the last layer".into()))?;
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    for li in (0..model.num_layers()).rev() {
+        let x = Var::from_tensor(&inputs[li])?;
+        let y = model.block_train(li, x.as_tensor(), &ctx, lora)?;
+        // d/dy Σ(y ⊙ g) = g: back-propagates the incoming gradient through this layer alone.
+        let store = (y * &g)?.sum_all()?.backward()?;
+        for (slot, v) in grads.iter_mut().zip(vars) {
+            if let Some(gv) = store.get(v.as_tensor()) {
+                *slot = Some(match slot.take() {
+                    None => gv.clone(),
+                    Some(acc) => (acc + gv)?,
+                });
+            }
+        }
+        if li > 0 {
+            g = store
+                .get(x.as_tensor())
+                .cloned()
+                .ok_or_else(|| StepError::Invalid(format!("no gradient reached layer {li}")))?;
+        }
+    }
+    let grads = grads
+        .into_iter()
+        .zip(vars)
+        .map(|(g, v)| match g {
+            Some(g) => Ok(g),
+            None => Ok(Tensor::zeros(v.shape(), DType::F32, v.device())?),
+        })
+        .collect::<Result<_>>()?;
+    Ok((value, grads))
 }
 
 /// Scales gradients so their global L2 norm is at most `max_norm` (as

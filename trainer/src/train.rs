@@ -5,7 +5,7 @@
 
 use crate::data::{batches, Example};
 use crate::step::{
-    clip_grad_norm, collect_grads, loss, AdamW, AdamWConfig, Batch, Result, StepError,
+    clip_grad_norm, loss, loss_and_grads, AdamW, AdamWConfig, Batch, Result, StepError,
     TrainableLora,
 };
 use qlorad_model::io::{write_json, write_safetensors, OwnedTensor, StagingDir};
@@ -52,6 +52,9 @@ pub struct TrainConfig {
     pub group_by_length: bool,
     /// Evaluate on the validation examples every this many steps and at the end (0: only at the end).
     pub eval_every: usize,
+    /// Recompute each decoder layer in the backward pass instead of keeping its activations.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -68,6 +71,7 @@ impl Default for TrainConfig {
             seed: 42,
             group_by_length: true,
             eval_every: 0,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -287,11 +291,17 @@ impl<'m> Trainer<'m> {
             let batch = Batch::from_examples(&exs, self.pad_id)?;
             self.lora
                 .set_dropout_seed(Some(dropout_seed(self.cfg.seed, self.pos.step, micro)));
-            let l = loss(self.model, &self.lora, &batch);
+            let r = loss_and_grads(
+                self.model,
+                &self.lora,
+                &batch,
+                &vars,
+                1.0 / group.len() as f64,
+                self.cfg.gradient_checkpointing,
+            );
             self.lora.set_dropout_seed(None);
-            let l = (l? / group.len() as f64)?;
-            loss_sum += l.to_scalar::<f32>()? as f64;
-            let g = collect_grads(&l.backward()?, &vars)?;
+            let (l, g) = r?;
+            loss_sum += l;
             acc = Some(match acc {
                 None => g,
                 Some(a) => a

@@ -232,3 +232,48 @@ fn dropout_changes_training_but_not_evaluation() {
     );
     assert_ne!(a.loss, b.loss);
 }
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients_and_run() {
+    use qlorad_trainer::step::{loss_and_grads, Batch};
+    let m = model();
+    let lora = TrainableLora::new(m.config(), &spec(), 7).unwrap();
+    // Move B off zero so every gradient path is exercised.
+    for (_, v) in lora.named_vars() {
+        v.set(&(v.as_tensor().ones_like().unwrap() * 0.05).unwrap())
+            .unwrap();
+    }
+    let exs = examples(3, 5);
+    let refs: Vec<&Example> = exs.iter().collect();
+    let batch = Batch::from_examples(&refs, 0).unwrap();
+    let named = lora.named_vars();
+    let vars: Vec<_> = named.iter().map(|(_, v)| *v).collect();
+    lora.set_dropout_seed(Some(99));
+    let (l1, g1) = loss_and_grads(&m, &lora, &batch, &vars, 0.5, false).unwrap();
+    let (l2, g2) = loss_and_grads(&m, &lora, &batch, &vars, 0.5, true).unwrap();
+    lora.set_dropout_seed(None);
+    assert_eq!(l1, l2);
+    for ((name, _), (a, b)) in named.iter().zip(g1.iter().zip(&g2)) {
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let b = b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let err = qlorad_tests::rel_err(&b, &a);
+        assert!(err < 1e-5, "{name}: {err}");
+    }
+    // Whole runs agree to float rounding.
+    let mut plain = fresh(&m);
+    let mut cfg = cfg();
+    cfg.gradient_checkpointing = true;
+    let lora = TrainableLora::new(m.config(), &spec(), 7).unwrap();
+    let mut ckpt = Trainer::new(&m, lora, examples(14, 1), examples(4, 2), cfg, 0).unwrap();
+    for (a, b) in run_to_end(&mut plain)
+        .iter()
+        .zip(run_to_end(&mut ckpt).iter())
+    {
+        assert!(
+            (a.loss - b.loss).abs() < 1e-5 * a.loss.abs(),
+            "{} vs {}",
+            a.loss,
+            b.loss
+        );
+    }
+}

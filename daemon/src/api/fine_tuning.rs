@@ -243,6 +243,10 @@ pub fn job_json(j: &JobRow) -> Value {
             "checkpoint_interval".into(),
             resolved["checkpoint_interval"].clone(),
         );
+        o.insert(
+            "gradient_checkpointing".into(),
+            resolved["gradient_checkpointing"].clone(),
+        );
     }
     json!({
         "id": j.id,
