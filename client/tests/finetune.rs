@@ -1,5 +1,5 @@
 //! `qctl finetune` against `qlorad serve --state-dir` on SmolLM2 (CPU, 8 tiny chat examples): bad
-//! input refused with the right exit code, a job created with `--wait` ends with a servable model,
+//! input refused with the right exit code, a failing job exits 6 under `--wait`, a job created with `--wait` ends with a servable model,
 //! list/get/events/checkpoints show it, and a second job is cancelled.
 
 mod common;
@@ -90,6 +90,25 @@ fn finetune_create_wait_inspect_and_cancel() {
     ]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert_eq!(ft(&["get", "ftjob-nope"]).status.code(), Some(5));
+    // A job that fails (every completion truncated away) under --wait: exit 6, the job's error.
+    let o = ft(&[
+        "--json",
+        "create",
+        "--file",
+        &caps,
+        "--model",
+        "smollm2",
+        "--max-seq-len",
+        "8",
+        "--wait",
+    ]);
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    assert_eq!(json(&o)["status"], "failed");
+    assert!(
+        stderr(&o).contains("failed: training file"),
+        "{}",
+        stderr(&o)
+    );
 
     // A job followed to the end.
     let o = ft(&[
