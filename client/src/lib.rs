@@ -1,6 +1,8 @@
 //! A small typed client for the qlorad HTTP API (plain HTTP; put TLS in front of the daemon with a
 //! proxy). Used by `qctl`; errors carry the server's OpenAI-shaped message and HTTP status.
 
+pub mod jobs;
+
 use serde_json::Value;
 use std::io::BufRead;
 
@@ -20,12 +22,21 @@ pub enum ClientError {
     /// The answer was not what the API promises.
     #[error("unexpected response: {0}")]
     Protocol(String),
+    /// Local input that cannot be sent (a missing or unreadable file).
+    #[error("{0}")]
+    Input(String),
 }
 
 impl ClientError {
-    /// Exit code for scripts: 3 unreachable, 4 unauthorized/forbidden, 5 not found, 1 otherwise.
+    /// Exit code for scripts: 2 invalid input (local, or refused by the daemon with 400, 413 or
+    /// 422), 3 unreachable, 4 unauthorized/forbidden, 5 not found, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
+            ClientError::Input(_) => 2,
+            ClientError::Api {
+                status: 400 | 413 | 422,
+                ..
+            } => 2,
             ClientError::Connect { .. } => 3,
             ClientError::Api {
                 status: 401 | 403, ..
@@ -34,6 +45,20 @@ impl ClientError {
             _ => 1,
         }
     }
+}
+
+/// Percent-encodes one URL path segment or query value (everything but RFC 3986's unreserved
+/// characters), so an id can never change the route.
+pub fn enc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 pub type Result<T> = std::result::Result<T, ClientError>;
@@ -81,12 +106,20 @@ impl Client {
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if status >= 400 {
             let e = &v["error"];
+            // A body that is not OpenAI's error shape (a proxy's page, a plain-text rejection).
+            let fallback = v
+                .as_str()
+                .filter(|t| !t.trim().is_empty())
+                .unwrap_or("request failed");
             return Err(ClientError::Api {
                 status,
+                // One line: scripts and logs read errors line by line.
                 message: e["message"]
                     .as_str()
-                    .unwrap_or("request failed")
-                    .to_string(),
+                    .unwrap_or(fallback)
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" "),
                 code: e["code"].as_str().map(String::from),
             });
         }

@@ -1,6 +1,8 @@
 //! qctl: the admin CLI of qlorad. Talks to a running daemon (`QLORAD_URL`, `QLORAD_API_KEY`);
-//! `--json` prints the raw API answers for scripts. Exit codes: 0 ok, 1 error, 2 usage,
-//! 3 daemon unreachable, 4 unauthorized/forbidden, 5 not found.
+//! `--json` prints the raw API answers for scripts. Exit codes: see [`EXIT_CODES`].
+
+mod finetune;
+mod watch;
 
 use clap::{Parser, Subcommand};
 use qctl::{Client, ClientError};
@@ -8,8 +10,48 @@ use serde_json::{json, Value};
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
 
+/// The exit codes scripts can rely on (also shown by `qctl --help`).
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  error (server error, unexpected response)
+  2  usage or invalid input: bad arguments, a missing local file, or a request the daemon refused
+     as invalid (HTTP 400/413/422: malformed JSONL, unknown base model, out-of-range value)
+  3  daemon unreachable
+  4  unauthorized or forbidden (HTTP 401/403: missing key, wrong key, scope)
+  5  not found (HTTP 404: unknown job, file, adapter or model)
+  6  the job ended failed or cancelled (finetune create --wait, finetune events --follow)";
+
+/// Why a command did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    /// A watched job ended without succeeding.
+    #[error("job {id} {status}{}", message.as_ref().map(|m| format!(": {m}")).unwrap_or_default())]
+    Job {
+        id: String,
+        status: String,
+        message: Option<String>,
+    },
+}
+
+impl Failure {
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Client(e) => e.exit_code(),
+            Failure::Job { .. } => 6,
+        }
+    }
+}
+
 #[derive(Parser)]
-#[command(name = "qctl", version, about = "Admin CLI for the qlorad daemon")]
+#[command(
+    name = "qctl",
+    version,
+    about = "Admin CLI for the qlorad daemon",
+    after_help = EXIT_CODES
+)]
 struct Cli {
     /// Daemon URL.
     #[arg(
@@ -19,7 +61,7 @@ struct Cli {
         global = true
     )]
     url: String,
-    /// API key (admin scope for adapter commands).
+    /// API key (admin scope for adapter commands and for changing files and jobs).
     #[arg(long, env = "QLORAD_API_KEY", hide_env_values = true, global = true)]
     api_key: Option<String>,
     /// Print the API's JSON instead of tables.
@@ -51,6 +93,9 @@ enum Command {
         #[arg(long, default_value_t = 512)]
         max_tokens: u32,
     },
+    /// Fine-tune adapters: create jobs (uploading their data), follow, list and control them.
+    #[command(subcommand, after_help = EXIT_CODES)]
+    Finetune(finetune::FinetuneCmd),
 }
 
 #[derive(Subcommand)]
@@ -79,9 +124,10 @@ fn print(json_out: bool, v: &Value, table: impl FnOnce(&Value)) {
     }
 }
 
-fn run(cli: Cli) -> Result<(), ClientError> {
+fn run(cli: Cli) -> Result<(), Failure> {
     let c = Client::new(&cli.url, cli.api_key.clone());
     match cli.command {
+        Command::Finetune(cmd) => finetune::run(&c, cmd, cli.json)?,
         Command::Models => {
             let v = c.get("/v1/models")?;
             print(cli.json, &v, |v| {
@@ -99,13 +145,16 @@ fn run(cli: Cli) -> Result<(), ClientError> {
                 AdapterCmd::Load { name, path } => {
                     c.post("/v1/adapters", &json!({"name": name, "path": path}))?
                 }
-                AdapterCmd::Unload { name } => c.delete(&format!("/v1/adapters/{name}"))?,
+                AdapterCmd::Unload { name } => {
+                    c.delete(&format!("/v1/adapters/{}", qctl::enc(name)))?
+                }
                 AdapterCmd::Pin { name } => {
-                    c.post(&format!("/v1/adapters/{name}/pin"), &json!({}))?
+                    c.post(&format!("/v1/adapters/{}/pin", qctl::enc(name)), &json!({}))?
                 }
-                AdapterCmd::Unpin { name } => {
-                    c.post(&format!("/v1/adapters/{name}/unpin"), &json!({}))?
-                }
+                AdapterCmd::Unpin { name } => c.post(
+                    &format!("/v1/adapters/{}/unpin", qctl::enc(name)),
+                    &json!({}),
+                )?,
             };
             print(cli.json, &v, |v| match cmd {
                 AdapterCmd::List => {

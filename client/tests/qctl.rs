@@ -1,97 +1,36 @@
 //! `qctl` against a running `qlorad serve` (SmolLM2, with an adapter root and API keys): models,
 //! adapters load/list/pin/unpin/unload, one-shot streaming chat, `--json`, and exit codes.
 
+mod common;
+
+use common::{qctl, start_daemon, stdout};
 use qlorad_tests::{fixture, smollm2};
-use std::net::TcpListener;
-use std::process::{Child, Command, Output};
-use std::time::{Duration, Instant};
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The qlorad binary built in the same target directory as this test's qctl.
-fn qlorad_bin() -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_BIN_EXE_qctl")).with_file_name("qlorad")
-}
-
-fn qctl(url: &str, key: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_qctl"))
-        .args(args)
-        .env("QLORAD_URL", url)
-        .env("QLORAD_API_KEY", key)
-        .output()
-        .expect("run qctl")
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 #[test]
 fn qctl_drives_a_daemon() {
     let Some(model) = smollm2() else { return };
-    let bin = qlorad_bin();
-    if !bin.exists() {
-        panic!("{} not built (cargo build --workspace)", bin.display());
-    }
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("http://127.0.0.1:{port}");
-    let _d = Daemon(
-        Command::new(&bin)
-            .args([
-                "serve",
-                "--model",
-                model.to_str().unwrap(),
-                "--model-id",
-                "smollm2",
-                "--listen",
-            ])
-            .arg(format!("127.0.0.1:{port}"))
-            .args(["--adapter-root", fixture("lora").to_str().unwrap()])
-            .args([
-                "--api-key",
-                "sk-admin-test:inference+admin",
-                "--api-key",
-                "sk-infer-test",
-            ])
-            .spawn()
-            .unwrap(),
+    let d = start_daemon(
+        &model,
+        &["--adapter-root", fixture("lora").to_str().unwrap()],
     );
-    let start = Instant::now();
-    while qctl(&url, "sk-admin-test", &["models"]).status.code() == Some(3) {
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "daemon did not start"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let url = d.url.as_str();
     let admin = "sk-admin-test";
-    assert_eq!(stdout(&qctl(&url, admin, &["models"])).trim(), "smollm2");
+    assert_eq!(stdout(&qctl(url, admin, &["models"])).trim(), "smollm2");
     let o = qctl(
-        &url,
+        url,
         admin,
         &["adapters", "load", "qv", "--path", "smollm2-r8-qv"],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(stdout(&qctl(&url, admin, &["models"])).contains("qv\t(adapter of smollm2)"));
-    assert!(stdout(&qctl(&url, admin, &["adapters", "pin", "qv"])).contains("pinned=true"));
-    let list = qctl(&url, admin, &["--json", "adapters", "list"]);
+    assert!(stdout(&qctl(url, admin, &["models"])).contains("qv\t(adapter of smollm2)"));
+    assert!(stdout(&qctl(url, admin, &["adapters", "pin", "qv"])).contains("pinned=true"));
+    let list = qctl(url, admin, &["--json", "adapters", "list"]);
     let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(v["data"][0]["name"], "qv");
     assert_eq!(v["data"][0]["pinned"], true);
-    assert!(stdout(&qctl(&url, admin, &["adapters", "unpin", "qv"])).contains("pinned=false"));
+    assert!(stdout(&qctl(url, admin, &["adapters", "unpin", "qv"])).contains("pinned=false"));
     let chat = qctl(
-        &url,
+        url,
         admin,
         &[
             "chat",
@@ -113,29 +52,29 @@ fn qctl_drives_a_daemon() {
     assert!(stdout(&chat).contains("Paris"), "{}", stdout(&chat));
     // Exit codes scripts can use.
     assert_eq!(
-        qctl(&url, "sk-infer-test", &["adapters", "list"])
+        qctl(url, "sk-infer-test", &["adapters", "list"])
             .status
             .code(),
         Some(4)
     );
     assert_eq!(
-        qctl(&url, "sk-wrong-key", &["models"]).status.code(),
+        qctl(url, "sk-wrong-key", &["models"]).status.code(),
         Some(4)
     );
     assert_eq!(
-        qctl(&url, admin, &["adapters", "unload", "nope"])
+        qctl(url, admin, &["adapters", "unload", "nope"])
             .status
             .code(),
         Some(5)
     );
-    assert!(qctl(&url, admin, &["adapters", "unload", "qv"])
+    assert!(qctl(url, admin, &["adapters", "unload", "qv"])
         .status
         .success());
     assert_eq!(
         qctl("http://127.0.0.1:1", admin, &["models"]).status.code(),
         Some(3)
     );
-    let o = qctl(&url, admin, &["chat", "--model", "nope", "--prompt", "hi"]);
+    let o = qctl(url, admin, &["chat", "--model", "nope", "--prompt", "hi"]);
     assert_eq!(o.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&o.stderr)
         .starts_with("qctl: error: The model `nope` does not exist"));
