@@ -1,5 +1,5 @@
-//! Command-line interface of `qlorad`: `serve` and the one-shot commands (generate, import-gguf,
-//! quantize).
+//! Command-line interface of `qlorad`: `serve` and the one-shot commands (generate, train, merge,
+//! import-gguf, quantize).
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -25,6 +25,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Fine-tune a LoRA adapter (QLoRA) and save it in PEFT format.
     Train(crate::train_cmd::TrainArgs),
+    /// Merge a LoRA adapter into its base model and export a Hugging Face model folder.
+    Merge(crate::merge_cmd::MergeArgs),
     /// Convert a llama.cpp GGUF file into a Hugging Face model folder.
     ImportGguf(ImportArgs),
     /// Write a model folder in the bitsandbytes 4-bit (NF4) layout transformers loads.
@@ -108,6 +110,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Serve(a) => crate::server::serve(a),
         Command::Train(a) => crate::train_cmd::run(a),
+        Command::Merge(a) => crate::merge_cmd::run(a),
         Command::Generate(a) => generate(a),
         Command::ImportGguf(a) => {
             let dtype = match a.dtype.as_str() {

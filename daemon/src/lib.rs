@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config_file;
 pub mod engine;
 pub mod jobs;
+pub mod merge_cmd;
 pub mod metrics;
 pub mod runner;
 pub mod server;

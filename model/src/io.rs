@@ -133,6 +133,7 @@ impl StagingDir {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "out".into());
+        sweep_stale_staging(&parent, &name);
         let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
         if tmp.exists() {
             std::fs::remove_dir_all(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
@@ -150,18 +151,33 @@ impl StagingDir {
     }
 
     /// fsyncs the staged folder and renames it to the target (replacing an old one if allowed).
+    /// An old target is first renamed aside (atomic) and deleted only once the new folder is in
+    /// place, so a crash never leaves a half-deleted folder under the target name.
     pub fn commit(mut self) -> Result<()> {
         File::open(&self.tmp)
             .and_then(|d| d.sync_all())
             .map_err(|e| ModelError::io(&self.tmp, e))?;
-        if self.target.exists() {
-            std::fs::remove_dir_all(&self.target).map_err(|e| ModelError::io(&self.target, e))?;
+        let old = self.target.exists().then(|| {
+            let mut name = self.tmp.clone().into_os_string();
+            name.push(".old");
+            PathBuf::from(name)
+        });
+        if let Some(old) = &old {
+            std::fs::rename(&self.target, old).map_err(|e| ModelError::io(&self.target, e))?;
         }
-        std::fs::rename(&self.tmp, &self.target).map_err(|e| ModelError::io(&self.target, e))?;
+        if let Err(e) = std::fs::rename(&self.tmp, &self.target) {
+            if let Some(old) = &old {
+                let _ = std::fs::rename(old, &self.target); // put the previous folder back
+            }
+            return Err(ModelError::io(&self.target, e));
+        }
         self.committed = true;
-        // The rename is durable only once the parent directory's entry is on disk.
+        // The rename is durable once the parent directory is synced.
         if let Some(parent) = self.target.parent().filter(|p| !p.as_os_str().is_empty()) {
             let _ = File::open(parent).and_then(|d| d.sync_all());
+        }
+        if let Some(old) = &old {
+            std::fs::remove_dir_all(old).map_err(|e| ModelError::io(old, e))?;
         }
         Ok(())
     }
@@ -175,19 +191,85 @@ impl Drop for StagingDir {
     }
 }
 
+/// Removes staging folders (`.{name}.tmp-{pid}`, and their `.old` leftovers) that a killed process
+/// left beside the target. Only on Linux, where `/proc/{pid}` tells whether their owner still runs;
+/// a folder whose owner is alive is left alone.
+fn sweep_stale_staging(parent: &Path, name: &str) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let pid = rest.strip_suffix(".old").unwrap_or(rest);
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The tokenizer, chat-template and generation files a model folder may hold beside its weights.
+pub const AUX_FILES: [&str; 10] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+];
+
 /// Copies the tokenizer and generation files of a model folder that exist.
 pub fn copy_aux_files(src: &Path, dst: &Path) -> Result<()> {
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "generation_config.json",
-        "special_tokens_map.json",
-        "chat_template.jinja",
-    ] {
+    for f in AUX_FILES {
         let s = src.join(f);
         if s.exists() {
             std::fs::copy(&s, dst.join(f)).map_err(|e| ModelError::io(&s, e))?;
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn staging_commits_over_an_old_target_and_sweeps_dead_leftovers() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("out");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::write(target.join("old"), b"1").unwrap();
+        // Left by a killed process: pids above Linux's pid_max (4194304) are never alive.
+        let stale = d.path().join(".out.tmp-999999999");
+        std::fs::create_dir(&stale).unwrap();
+        assert!(StagingDir::new(&target, false).is_err(), "exists");
+        let s = StagingDir::new(&target, true).unwrap();
+        if Path::new("/proc/self").exists() {
+            assert!(!stale.exists(), "stale staging folder swept");
+        }
+        std::fs::write(s.path().join("new"), b"2").unwrap();
+        s.commit().unwrap();
+        assert!(target.join("new").exists() && !target.join("old").exists());
+        let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
+        assert_eq!(
+            left.len(),
+            1 + usize::from(stale.exists()),
+            "no .old or tmp folder left"
+        );
+        // Dropped without commit: removed.
+        let s = StagingDir::new(&d.path().join("other"), false).unwrap();
+        let tmp = s.path().to_path_buf();
+        drop(s);
+        assert!(!tmp.exists() && !d.path().join("other").exists());
+    }
 }

@@ -126,6 +126,29 @@ impl WeightStore {
         })
     }
 
+    /// Drops the pages of tensor `name` from this process's resident set (they stay in the page cache
+    /// and are read back on the next access). A streaming pass over a model calls this after each
+    /// tensor, so its resident memory stays about one tensor instead of the whole mapped file.
+    /// A no-op for unknown names and on non-Unix systems.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Ok((f, info)) = self.info(name) {
+            let (a, b) = info.data_offsets;
+            let start = 8 + f.header_len + a;
+            if b > a && start + (b - a) <= f.mmap.len() {
+                // SAFETY: `Mmap::map` maps the file shared and read-only. MADV_DONTNEED on a shared
+                // file mapping only drops page-table entries: a later read faults the same file bytes
+                // back in, so no slice borrowed from the map ever observes different contents (the
+                // undefined behaviour memmap2 warns about concerns private/anonymous mappings, whose
+                // contents are discarded). Failure only means the pages stay resident.
+                let _ = unsafe {
+                    f.mmap
+                        .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, b - a)
+                };
+            }
+        }
+    }
+
     /// A float tensor converted to f32, checked against an expected shape if given.
     pub fn f32_tensor(&self, name: &str, expect: Option<&[usize]>) -> Result<Tensor> {
         let raw = self.raw(name)?;
