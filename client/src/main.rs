@@ -20,7 +20,8 @@ Exit codes:
   3  daemon unreachable
   4  unauthorized or forbidden (HTTP 401/403: missing key, wrong key, scope)
   5  not found (HTTP 404: unknown job, file, adapter or model)
-  6  the job ended failed or cancelled (finetune create --wait, finetune events --follow)";
+  6  the job ended failed or cancelled (finetune create --wait, finetune events --follow,
+     adapters promote --wait)";
 
 /// Why a command did not succeed.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +115,26 @@ enum AdapterCmd {
     Pin { name: String },
     /// Allow an adapter to be evicted again.
     Unpin { name: String },
+    /// Merge an adapter into a full-precision copy of the base and export a Hugging Face model
+    /// folder under the daemon's export root (a background export job).
+    Promote {
+        name: String,
+        /// Output folder name (under the export root).
+        #[arg(long)]
+        out: String,
+        /// f16, bf16 or f32.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// original (the base's full-precision weights) or dequantized (dequant(NF4), the weights
+        /// the adapter was trained against).
+        #[arg(long, default_value = "original")]
+        merge_into: String,
+        #[arg(long)]
+        overwrite: bool,
+        /// Follow the export to its end with a progress bar; exit 6 if it fails or is cancelled.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 fn print(json_out: bool, v: &Value, table: impl FnOnce(&Value)) {
@@ -139,6 +160,40 @@ fn run(cli: Cli) -> Result<(), Failure> {
                 }
             });
         }
+        Command::Adapters(AdapterCmd::Promote {
+            name,
+            out,
+            dtype,
+            merge_into,
+            overwrite,
+            wait,
+        }) => {
+            let v = c.post(
+                &format!("/v1/adapters/{}/promote", qctl::enc(&name)),
+                &json!({"out": out, "dtype": dtype, "merge_into": merge_into, "overwrite": overwrite}),
+            )?;
+            let id = v["id"].as_str().unwrap_or("").to_string();
+            let v = if wait {
+                watch::wait_for_export(&c, &id, cli.json)?
+            } else {
+                v
+            };
+            print(cli.json, &v, |v| {
+                println!(
+                    "{}\t{}\t{}",
+                    v["id"].as_str().unwrap_or(""),
+                    v["status"].as_str().unwrap_or(""),
+                    v["path"].as_str().unwrap_or("")
+                )
+            });
+            if let Some(status) = v["status"].as_str().filter(|s| wait && *s != "succeeded") {
+                return Err(Failure::Job {
+                    id,
+                    status: status.to_string(),
+                    message: v["error"]["message"].as_str().map(String::from),
+                });
+            }
+        }
         Command::Adapters(cmd) => {
             let v = match &cmd {
                 AdapterCmd::List => c.get("/v1/adapters")?,
@@ -155,6 +210,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     &format!("/v1/adapters/{}/unpin", qctl::enc(name)),
                     &json!({}),
                 )?,
+                AdapterCmd::Promote { .. } => unreachable!("handled above"),
             };
             print(cli.json, &v, |v| match cmd {
                 AdapterCmd::List => {

@@ -8,10 +8,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use qctl::jobs::{parse_events, Event, EventFeed, Job};
 use qctl::Client;
 use serde_json::Value;
+use std::io::IsTerminal;
 use std::time::Duration;
 
 const POLL: Duration = Duration::from_secs(1);
-/// The daemon writes a job's last events just after its final status; one more look after this
+/// The daemon writes a job's last events before its final status (older daemons: just after); one more look after this
 /// delay picks them up.
 const DRAIN: Duration = Duration::from_millis(300);
 
@@ -161,5 +162,35 @@ pub fn follow_events(
         }
         print(&feed.poll(c)?);
         std::thread::sleep(POLL);
+    }
+}
+
+/// Polls an export until it ends, with a progress bar on a terminal; returns its final JSON.
+pub fn wait_for_export(c: &Client, id: &str, json_out: bool) -> Result<Value, Failure> {
+    let bar = (!json_out && std::io::stderr().is_terminal()).then(|| {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} · {bytes_per_sec} · ETA {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        b
+    });
+    loop {
+        let v = c.get(&format!("/v1/exports/{}", qctl::enc(id)))?;
+        let status = v["status"].as_str().unwrap_or("").to_string();
+        if let Some(b) = &bar {
+            b.set_length(v["progress"]["bytes_total"].as_u64().unwrap_or(0));
+            b.set_position(v["progress"]["bytes_written"].as_u64().unwrap_or(0));
+            b.set_message(status.clone());
+        }
+        if matches!(status.as_str(), "succeeded" | "failed" | "cancelled") {
+            if let Some(b) = bar {
+                b.finish_and_clear();
+            }
+            return Ok(v);
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
 }

@@ -231,3 +231,46 @@ fn finetune_create_wait_inspect_and_cancel() {
     assert!(stdout(&o).contains("Job cancelled"));
     eprintln!("test done after {:?}", t0.elapsed());
 }
+
+#[test]
+fn adapters_promote_waits_for_the_export() {
+    let Some(model) = smollm2() else { return };
+    let state = tempfile::tempdir().unwrap();
+    let adapter = qlorad_tests::fixture("lora/smollm2-r8-qv");
+    let d = start_daemon(
+        &model,
+        &[
+            "--state-dir",
+            state.path().to_str().unwrap(),
+            "--lora",
+            &format!("qv={}", adapter.display()),
+        ],
+    );
+    let o = qctl(
+        &d.url,
+        ADMIN,
+        &[
+            "--json", "adapters", "promote", "qv", "--out", "merged", "--wait",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = json(&o);
+    assert_eq!(v["status"], "succeeded", "{v}");
+    assert!(state.path().join("exports/merged/config.json").exists());
+    // Again without --overwrite: refused as invalid input (exit 2), one line.
+    let o = qctl(
+        &d.url,
+        ADMIN,
+        &["adapters", "promote", "qv", "--out", "merged"],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+    // Unknown adapter: not found (5).
+    let o = qctl(
+        &d.url,
+        ADMIN,
+        &["adapters", "promote", "nope", "--out", "x"],
+    );
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    let _ = stdout(&o);
+}

@@ -68,7 +68,9 @@ impl ApiKeys {
 /// Which scope a request needs (`None`: open). Adapters are admin-only; files and fine-tuning jobs
 /// need admin to change anything and inference to read.
 fn required(method: &axum::http::Method, path: &str) -> Option<&'static str> {
-    let training = path.starts_with("/v1/files") || path.starts_with("/v1/fine_tuning");
+    let training = path.starts_with("/v1/files")
+        || path.starts_with("/v1/fine_tuning")
+        || path.starts_with("/v1/exports");
     if path.starts_with("/v1/adapters") || (training && method != axum::http::Method::GET) {
         Some("admin")
     } else if path.starts_with("/v1/") {

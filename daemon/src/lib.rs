@@ -6,6 +6,7 @@ pub mod auth;
 pub mod cli;
 pub mod config_file;
 pub mod engine;
+pub mod exports;
 pub mod jobs;
 pub mod merge_cmd;
 pub mod metrics;

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub adapter_requests: IntCounterVec,
     pub adapters: crate::adapters::AdapterCounters,
     pub training: TrainingMetrics,
+    pub exports: IntCounterVec,
+    pub export_bytes: IntCounter,
 }
 
 /// Fine-tuning job metrics.
@@ -193,6 +195,19 @@ impl Metrics {
         registry.register(Box::new(training.yielded_seconds.clone()))?;
         registry.register(Box::new(training.job_bytes.clone()))?;
         registry.register(Box::new(training.process_rss.clone()))?;
+        let exports = IntCounterVec::new(
+            Opts::new(
+                "qlorad_exports_total",
+                "Export (promote) job transitions by status",
+            ),
+            &["status"],
+        )?;
+        let export_bytes = IntCounter::new(
+            "qlorad_export_bytes_written_total",
+            "Bytes of merged weights written by exports",
+        )?;
+        registry.register(Box::new(exports.clone()))?;
+        registry.register(Box::new(export_bytes.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_latency.clone()))?;
         registry.register(Box::new(prompt_tokens.clone()))?;
@@ -226,6 +241,8 @@ impl Metrics {
             adapter_requests,
             adapters,
             training,
+            exports,
+            export_bytes,
         })
     }
 

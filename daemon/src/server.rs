@@ -5,6 +5,7 @@ use crate::adapters::AdapterRegistry;
 use crate::api::{self, AppState};
 use crate::auth::ApiKeys;
 use crate::engine::{EngineConfig, EngineHandle};
+use crate::exports::ExportRunner;
 use crate::metrics::Metrics;
 use crate::runner::{JobRunner, RunnerConfig};
 use crate::state::Store;
@@ -71,6 +72,9 @@ pub struct ServeArgs {
     /// Without it the files and fine-tuning routes are disabled.
     #[arg(long, env = "QLORAD_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Where promoted (merged) models are written (default: STATE_DIR/exports).
+    #[arg(long, env = "QLORAD_EXPORT_ROOT")]
+    pub export_root: Option<PathBuf>,
     /// Largest file accepted by `POST /v1/files`.
     #[arg(long, env = "QLORAD_MAX_UPLOAD_BYTES", default_value_t = 512 << 20)]
     pub max_upload_bytes: usize,
@@ -158,28 +162,41 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         },
         metrics.clone(),
     );
-    let runner = match &a.state_dir {
-        None => None,
+    let (runner, exports) = match &a.state_dir {
+        None => (None, None),
         Some(dir) => {
             let store = Arc::new(
                 Store::open(dir).with_context(|| format!("opening state in {}", dir.display()))?,
             );
-            Some(
-                JobRunner::start(
-                    store,
-                    model.clone(),
-                    tok.clone(),
-                    adapters.clone(),
-                    metrics.clone(),
-                    engine.clone(),
-                    RunnerConfig {
-                        base_id: model_id.clone(),
-                        checkpoint_interval: a.checkpoint_interval.max(1),
-                        train_share: a.train_share,
-                    },
-                )
-                .context("starting the job runner")?,
+            let nf4 = match a.quant {
+                Quant::Nf4(c) => c,
+                Quant::None => Default::default(),
+            };
+            let root = a.export_root.clone().unwrap_or_else(|| dir.join("exports"));
+            let exports = ExportRunner::start(
+                store.clone(),
+                adapters.clone(),
+                &a.model,
+                nf4,
+                &root,
+                &metrics,
             )
+            .context("starting the export runner")?;
+            let jobs = JobRunner::start(
+                store,
+                model.clone(),
+                tok.clone(),
+                adapters.clone(),
+                metrics.clone(),
+                engine.clone(),
+                RunnerConfig {
+                    base_id: model_id.clone(),
+                    checkpoint_interval: a.checkpoint_interval.max(1),
+                    train_share: a.train_share,
+                },
+            )
+            .context("starting the job runner")?;
+            (Some(jobs), Some(exports))
         }
     };
     let state = AppState {
@@ -194,6 +211,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         max_body_bytes: a.max_body_bytes,
         ids: Arc::new(AtomicU64::new(0)),
         runner,
+        exports,
         max_upload_bytes: a.max_upload_bytes,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -220,6 +220,11 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `f` on the connection (for modules with tables of their own, e.g. exports).
+    pub fn with_conn<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        Ok(f(&self.conn())?)
+    }
+
     // ---- files ----
 
     pub fn insert_file(&self, f: &FileRow) -> Result<()> {

@@ -137,6 +137,7 @@ fn state(model: Arc<Llama>, tok: Arc<Tokenizer>, cfg: EngineConfig, max_body: us
         max_body_bytes: max_body,
         ids: Arc::new(AtomicU64::new(0)),
         runner: None,
+        exports: None,
         max_upload_bytes: 1 << 20,
     }
 }

@@ -30,6 +30,10 @@ fn agent() -> ureq::Agent {
 }
 
 fn start(model: &Path, state: &Path) -> Daemon {
+    start_with(model, state, &[])
+}
+
+fn start_with(model: &Path, state: &Path, extra: &[&str]) -> Daemon {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -42,6 +46,7 @@ fn start(model: &Path, state: &Path) -> Daemon {
         .arg(state)
         .args(["--checkpoint-interval", "2", "--listen"])
         .arg(format!("127.0.0.1:{port}"))
+        .args(extra)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -357,4 +362,89 @@ fn get_text(d: &Daemon, path: &str) -> (u16, String) {
     let mut r = agent().get(format!("{}{path}", d.url)).call().unwrap();
     let s = r.status().as_u16();
     (s, r.body_mut().read_to_string().unwrap_or_default())
+}
+
+#[test]
+fn promote_exports_a_plain_model_folder() {
+    let Some(model) = smollm2() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let state = tmp.path().join("state");
+    let adapter = qlorad_tests::fixture("lora/smollm2-r8-qv");
+    let d = start_with(
+        &model,
+        &state,
+        &["--lora", &format!("qv={}", adapter.display())],
+    );
+    for (body, status, param) in [
+        (json!({"out": "../escape"}), 400, Some("out")),
+        (json!({"out": "m", "dtype": "f8"}), 400, Some("dtype")),
+        (
+            json!({"out": "m", "merge_into": "both"}),
+            400,
+            Some("merge_into"),
+        ),
+    ] {
+        let (s, e) = post(&d, "/v1/adapters/qv/promote", &body);
+        assert_eq!(
+            (s, e["error"]["param"].as_str()),
+            (status, param),
+            "{body}: {e}"
+        );
+    }
+    assert_eq!(
+        post(&d, "/v1/adapters/nope/promote", &json!({"out": "m"})).0,
+        404
+    );
+    let (s, ex) = post(
+        &d,
+        "/v1/adapters/qv/promote",
+        &json!({"out": "smollm2-qv", "dtype": "bf16", "merge_into": "dequantized"}),
+    );
+    assert_eq!(s, 202, "{ex}");
+    let id = ex["id"].as_str().unwrap().to_string();
+    let t = Instant::now();
+    let done = loop {
+        let (_, v) = get(&d, &format!("/v1/exports/{id}"));
+        if matches!(
+            v["status"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            break v;
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "{v}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(
+        done["progress"]["tensors_done"],
+        done["progress"]["tensors_total"]
+    );
+    let out = state.join("exports/smollm2-qv");
+    for f in [
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "qlorad-manifest.json",
+    ] {
+        assert!(out.join(f).exists(), "{f} missing");
+    }
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["dtype"], "bfloat16");
+    let (_, ev) = get(&d, &format!("/v1/exports/{id}/events"));
+    assert!(
+        ev["data"][0]["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Exported"),
+        "{ev}"
+    );
+    // The same name again is refused unless overwriting.
+    let (s, e) = post(&d, "/v1/adapters/qv/promote", &json!({"out": "smollm2-qv"}));
+    assert_eq!((s, e["error"]["param"].as_str()), (400, Some("out")));
+    let (_, m) = get_text(&d, "/metrics");
+    assert!(
+        m.contains("qlorad_exports_total{status=\"succeeded\"} 1"),
+        "{m}"
+    );
 }

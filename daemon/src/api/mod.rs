@@ -1,6 +1,7 @@
 //! The HTTP API: OpenAI-compatible routes plus health, readiness and metrics.
 
 pub mod error;
+pub mod exports;
 pub mod fine_tuning;
 pub mod openai;
 pub mod openapi;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub ids: Arc<AtomicU64>,
     /// Files and fine-tuning jobs (`None` without `--state-dir`: those routes answer 503).
     pub runner: Option<Arc<crate::runner::JobRunner>>,
+    /// Promote (merge + export) jobs; `None` without `--state-dir`.
+    pub exports: Option<Arc<crate::exports::ExportRunner>>,
     pub max_upload_bytes: usize,
 }
 
@@ -85,6 +88,11 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/adapters/{name}", delete(unload_adapter))
         .route("/v1/adapters/{name}/pin", post(pin_adapter))
         .route("/v1/adapters/{name}/unpin", post(unpin_adapter))
+        .route("/v1/adapters/{name}/promote", post(exports::promote))
+        .route("/v1/exports", get(exports::list))
+        .route("/v1/exports/{id}", get(exports::get))
+        .route("/v1/exports/{id}/cancel", post(exports::cancel))
+        .route("/v1/exports/{id}/events", get(exports::events))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))

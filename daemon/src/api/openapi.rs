@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 /// Every route the router serves, with its methods (kept in sync with `super::router` by a test).
-pub const ROUTES: [(&str, &[&str]); 22] = [
+pub const ROUTES: [(&str, &[&str]); 27] = [
     ("/v1/chat/completions", &["post"]),
     ("/v1/completions", &["post"]),
     ("/v1/models", &["get"]),
@@ -14,6 +14,11 @@ pub const ROUTES: [(&str, &[&str]); 22] = [
     ("/v1/adapters/{name}", &["delete"]),
     ("/v1/adapters/{name}/pin", &["post"]),
     ("/v1/adapters/{name}/unpin", &["post"]),
+    ("/v1/adapters/{name}/promote", &["post"]),
+    ("/v1/exports", &["get"]),
+    ("/v1/exports/{id}", &["get"]),
+    ("/v1/exports/{id}/cancel", &["post"]),
+    ("/v1/exports/{id}/events", &["get"]),
     ("/v1/files", &["get", "post"]),
     ("/v1/files/{id}", &["get", "delete"]),
     ("/v1/files/{id}/content", &["get"]),
@@ -100,6 +105,17 @@ pub fn spec(version: &str) -> Value {
         "type": "object", "required": ["file", "purpose"], "properties": {
             "file": {"type": "string", "format": "binary"},
             "purpose": {"type": "string", "enum": ["fine-tune", "assistants", "batch", "user_data", "vision", "evals"]}}}}}});
+    let mut promote = path_op(
+        "Merge an adapter into a full-precision base and export a Hugging Face folder (background export job)",
+        "name",
+        json_ok("export (202)"),
+    );
+    promote["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["out"], "properties": {
+            "out": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$", "description": "folder name under the export root"},
+            "dtype": {"type": "string", "enum": ["bf16", "f16", "f32"]},
+            "merge_into": {"type": "string", "enum": ["original", "dequantized"]},
+            "overwrite": {"type": "boolean"}}}}}});
     let create_job = op(
         "Create a fine-tuning job on the resident base",
         Some("CreateFineTuningJob"),
@@ -123,6 +139,11 @@ pub fn spec(version: &str) -> Value {
             "/v1/adapters/{name}": {"delete": unload},
             "/v1/adapters/{name}/pin": {"post": pin},
             "/v1/adapters/{name}/unpin": {"post": unpin},
+            "/v1/adapters/{name}/promote": {"post": promote},
+            "/v1/exports": {"get": op("List exports (promote jobs)", None, json_ok("list"), &["401", "403", "503"], true)},
+            "/v1/exports/{id}": {"get": ft("Retrieve an export with its progress", "export")},
+            "/v1/exports/{id}/cancel": {"post": ft("Cancel an export (nothing is left under its name)", "export")},
+            "/v1/exports/{id}/events": {"get": ft("An export's events", "list")},
             "/v1/files": {"get": op("List files", None, json_ok("list"), &["401", "403", "503"], true), "post": upload},
             "/v1/files/{id}": {"get": ft("Retrieve a file", "file"), "delete": ft("Delete a file", "deleted")},
             "/v1/files/{id}/content": {"get": ft("A file's content", "bytes")},
