@@ -7,4 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p qlorad
 scripts/fetch-model.sh
-exec target/release/qlorad serve --model models/smollm2 --model-id smollm2 "$@"
+# State (uploaded files, fine-tuning jobs, checkpoints, fine-tuned adapters, exports) survives
+# restarts under state/ (QLORAD_STATE_DIR to move it).
+exec target/release/qlorad serve --model models/smollm2 --model-id smollm2 \
+  --state-dir "${QLORAD_STATE_DIR:-state}" "$@"
