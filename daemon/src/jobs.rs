@@ -279,7 +279,9 @@ impl JobRequest {
                 .unwrap_or(default_checkpoint_interval)
                 .max(1),
             eval_interval: self.eval_interval.unwrap_or(0),
-            gradient_checkpointing: self.gradient_checkpointing.unwrap_or(false),
+            // On by default in the daemon: the process's memory is shared with serving, and layer
+            // boundaries are where a step can pause for serving (see runner.rs).
+            gradient_checkpointing: self.gradient_checkpointing.unwrap_or(true),
             seed,
             n_train_examples: n_train,
             n_validation_examples: n_val,

@@ -498,6 +498,14 @@ impl JobRunner {
         t.job_bytes
             .with_label_values(&["optimizer"])
             .set(2 * lora_bytes as i64);
+        // Preemption points inside a step (between layers, with gradient checkpointing) and after it.
+        let yielder = Arc::new(Yielder::new(
+            self.engine.clone(),
+            self.cfg.train_share,
+            self.metrics.training.yielded_seconds.clone(),
+        ));
+        let y = yielder.clone();
+        trainer.set_between_layers(Arc::new(move || y.maybe_yield()));
         let mut last_ckpt = trainer.position().step;
         let mut last_log: Option<StepLog> = None;
         loop {
@@ -526,7 +534,7 @@ impl JobRunner {
                 last_ckpt = log.step;
             }
             last_log = Some(log);
-            self.yield_to_serving(took);
+            yielder.maybe_yield();
         }
         self.finish(id, &model_name, &trainer)
     }
@@ -573,24 +581,6 @@ impl JobRunner {
             "epoch": log.epoch,
         });
         let _ = self.store.event(id, "info", "metrics", &msg, Some(&data));
-    }
-
-    /// While the engine has work, sleeps so that training's share of wall time stays at
-    /// `train_share`; returns early once serving is idle.
-    fn yield_to_serving(&self, step: Duration) {
-        let share = self.cfg.train_share.clamp(0.01, 1.0);
-        if share >= 1.0 || self.engine.inflight() == 0 {
-            return;
-        }
-        let budget = step.mul_f64((1.0 - share) / share);
-        let started = Instant::now();
-        while started.elapsed() < budget && self.engine.inflight() > 0 {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        self.metrics
-            .training
-            .yielded_seconds
-            .inc_by(started.elapsed().as_millis() as u64);
     }
 
     fn checkpoint(
@@ -672,5 +662,40 @@ impl JobRunner {
             out,
             trainer.position().trained_tokens as i64,
         ))
+    }
+}
+
+/// Gives the cores back to serving: called at preemption points, it sleeps while the engine has
+/// requests in flight so that training's share of wall time since the previous point stays at
+/// `share` (returning early once serving is idle).
+struct Yielder {
+    engine: EngineHandle,
+    share: f64,
+    last: Mutex<Instant>,
+    yielded_ms: prometheus::IntCounter,
+}
+
+impl Yielder {
+    fn new(engine: EngineHandle, share: f64, yielded_ms: prometheus::IntCounter) -> Self {
+        Self {
+            engine,
+            share: share.clamp(0.01, 1.0),
+            last: Mutex::new(Instant::now()),
+            yielded_ms,
+        }
+    }
+
+    fn maybe_yield(&self) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let worked = last.elapsed();
+        if self.share < 1.0 && self.engine.inflight() > 0 {
+            let budget = worked.mul_f64((1.0 - self.share) / self.share);
+            let started = Instant::now();
+            while started.elapsed() < budget && self.engine.inflight() > 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            self.yielded_ms.inc_by(started.elapsed().as_millis() as u64);
+        }
+        *last = Instant::now();
     }
 }

@@ -301,6 +301,9 @@ pub fn loss_from_logits(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
 /// Memory Cost"; the per-layer policy of transformers' `gradient_checkpointing_enable`). Peak
 /// activation memory drops from all layers' to one layer's plus the layer inputs, for one extra
 /// forward pass.
+///
+/// `between_layers`, if given, is called after every layer of both passes in checkpointing mode: a
+/// preemption point (the daemon's job runner uses it to give the cores back to serving mid-step).
 pub fn loss_and_grads(
     model: &Llama,
     lora: &dyn LoraWeights,
@@ -308,7 +311,13 @@ pub fn loss_and_grads(
     vars: &[&Var],
     scale: f64,
     checkpointing: bool,
+    between_layers: Option<&(dyn Fn() + Send + Sync)>,
 ) -> Result<(f64, Vec<Tensor>)> {
+    let pause = || {
+        if let Some(f) = between_layers {
+            f()
+        }
+    };
     if !checkpointing {
         let l = (loss(model, lora, batch)? * scale)?;
         let value = l.to_scalar::<f32>()? as f64;
@@ -321,6 +330,7 @@ pub fn loss_and_grads(
         // detach: this pass keeps no graph, only the layer's input for the recomputation.
         let y = model.block_train(li, &inputs[li], &ctx, lora)?.detach();
         inputs.push(y);
+        pause();
     }
     let top = Var::from_tensor(&inputs[model.num_layers()])?;
     let l = (loss_from_logits(&model.head_train(top.as_tensor())?, batch)? * scale)?;
@@ -344,6 +354,7 @@ pub fn loss_and_grads(
                 });
             }
         }
+        pause();
         if li > 0 {
             g = store
                 .get(x.as_tensor())

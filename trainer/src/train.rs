@@ -163,6 +163,7 @@ pub struct Trainer<'m> {
     warmup: usize,
     started: Instant,
     session_tokens: u64,
+    between_layers: Option<std::sync::Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl<'m> Trainer<'m> {
@@ -231,7 +232,14 @@ impl<'m> Trainer<'m> {
             warmup,
             started: Instant::now(),
             session_tokens: 0,
+            between_layers: None,
         })
+    }
+
+    /// A function called between decoder layers during a step (with gradient checkpointing), e.g. to
+    /// yield the CPU to a server sharing the process.
+    pub fn set_between_layers(&mut self, f: std::sync::Arc<dyn Fn() + Send + Sync>) {
+        self.between_layers = Some(f);
     }
 
     pub fn total_steps(&self) -> usize {
@@ -298,6 +306,7 @@ impl<'m> Trainer<'m> {
                 &vars,
                 1.0 / group.len() as f64,
                 self.cfg.gradient_checkpointing,
+                self.between_layers.as_deref(),
             );
             self.lora.set_dropout_seed(None);
             let (l, g) = r?;

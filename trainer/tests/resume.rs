@@ -249,8 +249,8 @@ fn gradient_checkpointing_gives_the_same_gradients_and_run() {
     let named = lora.named_vars();
     let vars: Vec<_> = named.iter().map(|(_, v)| *v).collect();
     lora.set_dropout_seed(Some(99));
-    let (l1, g1) = loss_and_grads(&m, &lora, &batch, &vars, 0.5, false).unwrap();
-    let (l2, g2) = loss_and_grads(&m, &lora, &batch, &vars, 0.5, true).unwrap();
+    let (l1, g1) = loss_and_grads(&m, &lora, &batch, &vars, 0.5, false, None).unwrap();
+    let (l2, g2) = loss_and_grads(&m, &lora, &batch, &vars, 0.5, true, None).unwrap();
     lora.set_dropout_seed(None);
     assert_eq!(l1, l2);
     for ((name, _), (a, b)) in named.iter().zip(g1.iter().zip(&g2)) {
