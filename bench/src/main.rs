@@ -1,21 +1,112 @@
-//! `qlorad-bench`: CPU inference benchmark of the model path (prefill and decode tokens/s, peak RSS),
-//! emitting the same JSON keys as bench/cpu_reference.py so bench/run-cpu.sh can put qlorad and
-//! transformers side by side in one run.
+//! `qlorad-bench`: benchmarks and device checks of the model path.
+//!
+//! - no subcommand: the CPU inference benchmark (prefill and decode tokens/s, peak RSS), emitting
+//!   the same JSON keys as bench/cpu_reference.py so bench/run-cpu.sh can put qlorad and
+//!   transformers side by side in one run (`--device cuda:N` runs the same loop on a GPU);
+//! - `gpu-check`: every CUDA kernel against its CPU reference, and GPU-vs-CPU greedy decoding
+//!   (scripts/gpu-test.sh);
+//! - `gpu-bench`: the serving figures of issue 5 on a GPU (bench/run-gpu.sh);
+//! - `write-adapter`: a random PEFT LoRA adapter for a model folder (the benchmark's adapter).
 
 use anyhow::{Context, Result};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use qlorad_model::sampling::argmax;
-use qlorad_model::{Llama, Logits, Quant, SeqInput};
+use qlorad_model::{DeviceSpec, Llama, Logits, Placement, Quant, SeqInput};
 use std::path::PathBuf;
 use std::time::Instant;
 
+mod adapter_gen;
+#[cfg(feature = "cuda")]
+mod gpu_bench;
+#[cfg(feature = "cuda")]
+mod gpu_check;
+mod random_model;
+
 #[derive(Parser)]
-#[command(about = "Benchmark qlorad's model path on CPU")]
-struct Args {
+#[command(about = "Benchmarks and device checks of qlorad's model path")]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+    #[command(flatten)]
+    cpu: Args,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// CUDA kernels vs their CPU references, and GPU vs CPU greedy tokens (needs the cuda feature).
+    GpuCheck(GpuCheckArgs),
+    /// Decode/prefill/adapter/memory figures on a GPU (needs the cuda feature).
+    GpuBench(GpuBenchArgs),
+    /// Writes a random PEFT LoRA adapter (all 7 projections) for a model folder.
+    WriteAdapter(adapter_gen::WriteAdapterArgs),
+}
+
+#[derive(clap::Args)]
+pub struct GpuCheckArgs {
+    /// GPU to check.
+    #[arg(long, default_value = "cuda:0")]
+    pub device: DeviceSpec,
+    /// A real model folder for the greedy check (e.g. SmolLM2); without it only random models.
     #[arg(long)]
-    model: PathBuf,
+    pub model: Option<PathBuf>,
+    /// Greedy tokens compared.
+    #[arg(long, default_value_t = 32)]
+    pub tokens: usize,
+    /// JSON list of prompt token ids for --model (default: a fixed synthetic prompt).
+    #[arg(long)]
+    pub prompt_file: Option<PathBuf>,
+    /// Write the results as JSON here.
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+    /// Skip the kernel checks (only the greedy comparisons).
+    #[arg(long)]
+    pub skip_kernels: bool,
+}
+
+#[derive(clap::Args)]
+pub struct GpuBenchArgs {
+    /// Model folder (HF layout; projections quantized to NF4 on load unless already bnb 4-bit).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value = "cuda:0")]
+    pub device: DeviceSpec,
+    /// PEFT adapter folder for the adapter figures (hot-load and decode).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Prompt length before the timed decode.
+    #[arg(long, default_value_t = 128)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 128)]
+    pub decode_tokens: usize,
+    /// Prompt length for time-to-first-token.
+    #[arg(long, default_value_t = 1024)]
+    pub ttft_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Sequences of the multi-adapter throughput test (0: skip).
+    #[arg(long, default_value_t = 32)]
+    pub multi: usize,
+    /// Decode steps timed in the batched tests.
+    #[arg(long, default_value_t = 16)]
+    pub batch_steps: usize,
+    /// Batch size of the aggregate-throughput test on the base (0: skip).
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Write the results as JSON here (also printed).
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct Args {
+    #[arg(long, required = true)]
+    model: Option<PathBuf>,
     #[arg(long, default_value = "nf4")]
     quant: Quant,
+    /// Where to run: cpu (f32) or cuda:N (bf16).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
     /// JSON list of prompt token ids (the reference's --dump-prompt output).
     #[arg(long)]
     prompt_file: Option<PathBuf>,
@@ -31,13 +122,13 @@ struct Args {
     json: bool,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
 /// Peak resident set size in MB (Linux `VmHWM`).
-fn peak_rss_mb() -> f64 {
+pub fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -50,10 +141,19 @@ fn peak_rss_mb() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+/// A deterministic synthetic prompt of `n` token ids below `vocab`.
+pub fn synthetic_prompt(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (100 + (i * 7919) % 20000) % vocab as u32)
+        .collect()
+}
+
 fn prefill(model: &Llama, ids: &[u32]) -> Result<f64> {
     let mut cache = model.new_cache();
     let t = Instant::now();
-    model.forward(&mut [SeqInput::new(ids, &mut cache)], Logits::Last)?;
+    let l = model.forward(&mut [SeqInput::new(ids, &mut cache)], Logits::Last)?;
+    // Reading the logits back waits for the device.
+    argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
     Ok(t.elapsed().as_secs_f64())
 }
 
@@ -70,18 +170,18 @@ fn decode(model: &Llama, ids: &[u32], n: usize) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-fn main() -> Result<()> {
-    let a = Args::parse();
+fn cpu_bench(a: Args) -> Result<()> {
+    let dir = a.model.context("--model is required")?;
+    let placement = Placement::open(a.device)?;
     let t = Instant::now();
-    let (model, _tok) = qlorad_model::load_model(&a.model, a.quant).context("loading model")?;
+    let (model, _tok) =
+        qlorad_model::load_model_on(&dir, a.quant, &placement).context("loading model")?;
     let load_s = t.elapsed().as_secs_f64();
     let ids: Vec<u32> = match &a.prompt_file {
         Some(p) => {
             serde_json::from_str(&std::fs::read_to_string(p).context("reading prompt file")?)?
         }
-        None => (0..a.prompt_tokens as u32)
-            .map(|i| 100 + (i * 7919) % 20000)
-            .collect(),
+        None => synthetic_prompt(a.prompt_tokens, model.config().vocab_size),
     };
     prefill(&model, &ids[..ids.len().min(8)])?; // warm-up
     let repeats = a.repeats.max(1);
@@ -99,6 +199,7 @@ fn main() -> Result<()> {
     };
     let out = serde_json::json!({
         "impl": "qlorad",
+        "device": a.device.to_string(),
         "quant": quant,
         "prompt_tokens": ids.len(),
         "decode_tokens": a.decode_tokens,
@@ -112,10 +213,32 @@ fn main() -> Result<()> {
         println!("{out}");
     } else {
         println!(
-            "{quant}: prefill {prefill_tok_s:.1} tok/s ({} tokens), decode {decode_tok_s:.1} tok/s, load {load_s:.2}s, peak RSS {:.0} MB",
+            "{quant} on {}: prefill {prefill_tok_s:.1} tok/s ({} tokens), decode {decode_tok_s:.1} tok/s, load {load_s:.2}s, peak RSS {:.0} MB",
+            a.device,
             ids.len(),
             peak_rss_mb()
         );
     }
     Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_cuda() -> Result<()> {
+    anyhow::bail!(
+        "this qlorad-bench was built without the cuda feature (--features qlorad-bench/cuda)"
+    )
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        None => cpu_bench(cli.cpu),
+        Some(Cmd::WriteAdapter(a)) => adapter_gen::run(a),
+        #[cfg(feature = "cuda")]
+        Some(Cmd::GpuCheck(a)) => gpu_check::run(a),
+        #[cfg(feature = "cuda")]
+        Some(Cmd::GpuBench(a)) => gpu_bench::run(a),
+        #[cfg(not(feature = "cuda"))]
+        Some(Cmd::GpuCheck(_) | Cmd::GpuBench(_)) => no_cuda(),
+    }
 }

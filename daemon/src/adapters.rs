@@ -10,7 +10,7 @@
 //! The map sits behind a std `RwLock` that is only ever held for a lookup or an insert — never across
 //! an `.await` or while reading files.
 
-use qlorad_model::{Config, LoraAdapter};
+use qlorad_model::{Config, LoraAdapter, Placement};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -84,6 +84,8 @@ pub struct AdapterRegistry {
     root: Option<PathBuf>,
     base_id: String,
     base: Config,
+    /// Where loaded adapters are placed (the base model's device and compute dtype).
+    placement: Placement,
     /// Resident-bytes budget; least recently used unpinned adapters are evicted beyond it.
     budget: usize,
     clock: AtomicU64,
@@ -105,11 +107,18 @@ impl AdapterRegistry {
             root: root.and_then(|r| r.canonicalize().ok()),
             base_id: base_id.to_string(),
             base,
+            placement: Placement::cpu(),
             budget,
             clock: AtomicU64::new(0),
             counters,
             map: RwLock::new(BTreeMap::new()),
         }
+    }
+
+    /// Places adapters loaded from now on where the base model computes (default: the CPU, f32).
+    pub fn with_placement(mut self, p: Placement) -> Self {
+        self.placement = p;
+        self
     }
 
     /// Resolves a requested path (absolute, or relative to the root) and checks it stays inside
@@ -151,8 +160,13 @@ impl AdapterRegistry {
         if name == self.base_id {
             return Err(AdapterError::NameIsBase(name.to_string()));
         }
-        let adapter = LoraAdapter::load(dir, name, &self.base)
+        let mut adapter = LoraAdapter::load(dir, name, &self.base)
             .map_err(|e| AdapterError::Invalid(e.to_string()))?;
+        if self.placement.is_cuda() {
+            adapter = adapter
+                .to_placement(&self.placement)
+                .map_err(|e| AdapterError::Invalid(e.to_string()))?;
+        }
         let bytes = adapter.bytes();
         let pinned = self.read().get(name).is_some_and(|e| e.pinned);
         let entry = Entry {

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use qlorad_kernels::Nf4Config;
 use qlorad_model::generate::GenerateParams;
-use qlorad_model::{ChatMessage, Quant, SamplingParams};
+use qlorad_model::{ChatMessage, DeviceSpec, Placement, Quant, SamplingParams};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -65,6 +65,9 @@ struct GenerateArgs {
     /// Base weight storage: nf4 (quantize on load) or none (full precision).
     #[arg(long, default_value = "nf4")]
     quant: Quant,
+    /// Where the model computes: cpu (f32) or cuda:N (bf16; needs a build with the cuda feature).
+    #[arg(long, env = "QLORAD_DEVICE", default_value = "cpu")]
+    device: DeviceSpec,
     /// A PEFT LoRA adapter folder to apply (the same code path as serving).
     #[arg(long)]
     adapter: Option<PathBuf>,
@@ -149,7 +152,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
         bail!("{msg}");
     }
     let t0 = Instant::now();
-    let (model, tok) = qlorad_model::load_model(&a.model, a.quant)
+    let placement = Placement::open(a.device)?;
+    let (model, tok) = qlorad_model::load_model_on(&a.model, a.quant, &placement)
         .with_context(|| format!("loading model from {}", a.model.display()))?;
     let load_s = t0.elapsed().as_secs_f64();
     let text = if a.chat {
@@ -166,8 +170,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
     let ids = tok.encode(&text, !a.chat)?;
     let adapter = match &a.adapter {
         Some(dir) => Some(std::sync::Arc::new(
-            qlorad_model::LoraAdapter::load(dir, "adapter", model.config())
-                .with_context(|| format!("loading adapter {}", dir.display()))?,
+            model.place_adapter(
+                qlorad_model::LoraAdapter::load(dir, "adapter", model.config())
+                    .with_context(|| format!("loading adapter {}", dir.display()))?,
+            )?,
         )),
         None => None,
     };

@@ -150,6 +150,11 @@ impl JobRunner {
         &self.store
     }
 
+    /// Whether jobs can run on this daemon's resident base (the training forward is CPU-only so far).
+    pub fn trains_here(&self) -> bool {
+        self.model.device().is_cpu()
+    }
+
     pub fn base_id(&self) -> &str {
         &self.cfg.base_id
     }

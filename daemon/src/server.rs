@@ -10,7 +10,7 @@ use crate::metrics::Metrics;
 use crate::runner::{JobRunner, RunnerConfig};
 use crate::state::Store;
 use anyhow::{bail, Context, Result};
-use qlorad_model::Quant;
+use qlorad_model::{DeviceSpec, Placement, Quant};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -34,6 +34,9 @@ pub struct ServeArgs {
     /// Base weight storage: nf4 (quantize on load) or none.
     #[arg(long, env = "QLORAD_QUANT", default_value = "nf4")]
     pub quant: Quant,
+    /// Where the model computes: cpu (f32) or cuda:N (bf16; needs a build with the cuda feature).
+    #[arg(long, env = "QLORAD_DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
     /// Tokens per forward pass (prefill + decode).
     #[arg(long, env = "QLORAD_MAX_BATCH_TOKENS", default_value_t = 2048)]
     pub max_batch_tokens: usize,
@@ -118,7 +121,8 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             a.listen
         );
     }
-    let (model, tok) = qlorad_model::load_model(&a.model, a.quant)
+    let placement = Placement::open(a.device)?;
+    let (model, tok) = qlorad_model::load_model_on(&a.model, a.quant, &placement)
         .with_context(|| format!("loading model from {}", a.model.display()))?;
     let model_id = a.model_id.clone().unwrap_or_else(|| {
         a.model
@@ -133,13 +137,16 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     } else {
         a.max_adapter_bytes
     };
-    let adapters = Arc::new(AdapterRegistry::new(
-        a.adapter_root.clone(),
-        &model_id,
-        model.config().clone(),
-        budget,
-        Some(metrics.adapters.clone()),
-    ));
+    let adapters = Arc::new(
+        AdapterRegistry::new(
+            a.adapter_root.clone(),
+            &model_id,
+            model.config().clone(),
+            budget,
+            Some(metrics.adapters.clone()),
+        )
+        .with_placement(placement),
+    );
     for (name, dir) in &a.loras {
         adapters
             .load(name, dir)

@@ -15,13 +15,16 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use std::sync::Arc;
 
 /// An NF4 weight ready for matmuls: the packed tensor plus its absmax expanded to f32 once (the
-/// double-quantized scales are decoded at load, costing 4 bytes per block on the CPU path).
+/// double-quantized scales are decoded at load, costing 4 bytes per block on the CPU path), and,
+/// once moved with [`Nf4Weight::to_device`], a copy on a GPU (kept double-quantized there).
 #[derive(Debug)]
 pub struct Nf4Weight {
     pub tensor: Nf4Tensor,
     absmax: Vec<f32>,
     out_features: usize,
     in_features: usize,
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::cuda::Nf4Gpu>,
 }
 
 impl Nf4Weight {
@@ -33,7 +36,82 @@ impl Nf4Weight {
             absmax,
             out_features,
             in_features,
+            #[cfg(feature = "cuda")]
+            gpu: None,
         }
+    }
+
+    /// Places the weight for compute on `device`: a no-op for the CPU; for a CUDA device the packed
+    /// codes and scales are copied there (the host copy stays, for merges and the CPU reference).
+    pub fn to_device(self, device: &candle_core::Device) -> candle_core::Result<Self> {
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            return self.to_device_with(device, crate::cuda::GemvKernel::from_env());
+        }
+        match device {
+            candle_core::Device::Cpu => Ok(self),
+            other => Err(candle_core::Error::Msg(format!(
+                "NF4 weights cannot be placed on {other:?} (build with the cuda feature for GPUs)"
+            ))),
+        }
+    }
+
+    /// As [`Nf4Weight::to_device`], decoding with the given GEMV kernel on a GPU.
+    #[cfg(feature = "cuda")]
+    pub fn to_device_with(
+        self,
+        device: &candle_core::Device,
+        kernel: crate::cuda::GemvKernel,
+    ) -> candle_core::Result<Self> {
+        match device {
+            candle_core::Device::Cuda(d) => {
+                let gpu = crate::cuda::Nf4Gpu::upload(
+                    &self.tensor,
+                    self.out_features,
+                    self.in_features,
+                    d,
+                    kernel,
+                )?;
+                Ok(Self {
+                    gpu: Some(gpu),
+                    ..self
+                })
+            }
+            _ => Ok(self),
+        }
+    }
+
+    /// Bytes held on the GPU (0 when the weight is CPU-only).
+    pub fn device_bytes(&self) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.bytes();
+        }
+        0
+    }
+
+    /// The GPU copy, if the weight was moved to a CUDA device.
+    #[cfg(feature = "cuda")]
+    pub fn gpu(&self) -> Option<&crate::cuda::Nf4Gpu> {
+        self.gpu.as_ref()
+    }
+
+    /// The weight dequantized on its GPU to a dense (out, in) bf16 tensor there (the prefill path's
+    /// first step; exposed for tests against the CPU dequantization).
+    #[cfg(feature = "cuda")]
+    pub fn dequantize_gpu(&self) -> candle_core::Result<Tensor> {
+        let g = self
+            .gpu
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::Msg("the NF4 weight is not on a GPU".into()))?;
+        let slice = g.dequantize_bf16()?;
+        let storage = candle_core::CudaStorage::wrap_cuda_slice(slice, g.device().clone());
+        Ok(Tensor::from_storage(
+            candle_core::Storage::Cuda(storage),
+            (self.out_features, self.in_features),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
     }
 
     pub fn out_features(&self) -> usize {
@@ -120,6 +198,24 @@ impl CustomOp1 for Nf4Matmul {
         Ok((CpuStorage::F32(y), Shape::from(out_dims)))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let w = &self.weight;
+        crate::cuda::apply(
+            self.name(),
+            w.gpu.as_ref(),
+            storage,
+            layout,
+            w.in_features,
+            w.out_features,
+            |g, x, m, x16| g.xwt(x, m, x16),
+        )
+    }
+
     fn bwd(
         &self,
         _arg: &Tensor,
@@ -167,6 +263,24 @@ impl CustomOp1 for Nf4MatmulGrad {
             *last = w.in_features;
         }
         Ok((CpuStorage::F32(dx), Shape::from(out_dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let w = &self.weight;
+        crate::cuda::apply(
+            self.name(),
+            w.gpu.as_ref(),
+            storage,
+            layout,
+            w.out_features,
+            w.in_features,
+            |g, dy, m, _| g.dyw(dy, m),
+        )
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod bnb;
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod gguf_import;
@@ -21,6 +22,7 @@ pub mod tokenizer;
 pub mod weights;
 
 pub use config::Config;
+pub use device::{DeviceSpec, Placement};
 pub use error::{ModelError, Result};
 pub use generate::{generate, FinishReason, GenerateParams, Generation};
 pub use kv_cache::KvCache;
@@ -30,11 +32,20 @@ pub use lora::LoraAdapter;
 pub use sampling::{Sampler, SamplingParams};
 pub use tokenizer::{ChatMessage, Tokenizer};
 
-/// Loads a model folder: config, weights stored as `quant` asks, and tokenizer.
+/// Loads a model folder: config, weights stored as `quant` asks, and tokenizer (on the CPU, f32).
 pub fn load_model(dir: &std::path::Path, quant: Quant) -> Result<(Llama, Tokenizer)> {
+    load_model_on(dir, quant, &Placement::cpu())
+}
+
+/// Loads a model folder with its weights placed on `p` (device and compute dtype).
+pub fn load_model_on(
+    dir: &std::path::Path,
+    quant: Quant,
+    p: &Placement,
+) -> Result<(Llama, Tokenizer)> {
     let (cfg, weights) = loader::load(dir, quant)?;
     let eos = cfg.eos_token_ids.clone();
-    let model = Llama::new(cfg, weights)?;
+    let model = Llama::new_on(cfg, weights, p)?;
     let tok = Tokenizer::from_dir(dir, &eos)?;
     Ok((model, tok))
 }

@@ -4,6 +4,7 @@
 //! never knows how its projection weights are stored. LoRA adapters wrap a base linear and receive
 //! their per-batch routing explicitly (never through global state).
 
+use crate::device::Placement;
 use crate::error::Result;
 use candle_core::{Device, Tensor};
 use qlorad_kernels::{nf4_linear, Nf4Config, Nf4Tensor, Nf4Weight};
@@ -17,8 +18,10 @@ pub trait BaseLinear: Send + Sync + std::fmt::Debug {
     fn out_features(&self) -> usize;
     /// The weight as a dense (out, in) f32 tensor (dequantized if quantized) — for merges/exports.
     fn dense_weight(&self) -> Result<Tensor>;
-    /// Bytes of weight storage held by this layer.
+    /// Bytes of weight storage held by this layer where it computes (the GPU's copy once placed there).
     fn storage_bytes(&self) -> usize;
+    /// The layer placed for compute on `p` (weights moved there, dense ones in its dtype).
+    fn to_placement(self: Box<Self>, p: &Placement) -> Result<Box<dyn BaseLinear>>;
     /// The NF4 tensor if this layer is quantized.
     fn nf4(&self) -> Option<&Nf4Tensor> {
         None
@@ -83,6 +86,9 @@ impl BaseLinear for DenseLinear {
     fn storage_bytes(&self) -> usize {
         self.weight.elem_count() * self.weight.dtype().size_in_bytes()
     }
+    fn to_placement(self: Box<Self>, p: &Placement) -> Result<Box<dyn BaseLinear>> {
+        Ok(Box::new(DenseLinear::new(p.put(&self.weight)?)))
+    }
 }
 
 /// NF4 weight; forward and input-gradient go through the NF4 custom op.
@@ -120,7 +126,18 @@ impl BaseLinear for Nf4Linear {
         Ok(self.weight.dequantize(&Device::Cpu)?)
     }
     fn storage_bytes(&self) -> usize {
-        self.weight.storage_bytes()
+        match self.weight.device_bytes() {
+            0 => self.weight.storage_bytes(),
+            on_gpu => on_gpu,
+        }
+    }
+    fn to_placement(self: Box<Self>, p: &Placement) -> Result<Box<dyn BaseLinear>> {
+        // Layers are placed once, at load, when nothing else holds the weight; should something,
+        // place a copy rather than fail.
+        let w = Arc::try_unwrap(self.weight).unwrap_or_else(|w| Nf4Weight::new(w.tensor.clone()));
+        Ok(Box::new(Nf4Linear {
+            weight: Arc::new(w.to_device(&p.device)?),
+        }))
     }
     fn nf4(&self) -> Option<&Nf4Tensor> {
         Some(&self.weight.tensor)

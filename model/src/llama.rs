@@ -7,12 +7,13 @@
 //! TGI do); only attention is per sequence, against that sequence's own [`KvCache`].
 
 use crate::config::Config;
+use crate::device::Placement;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::BaseLinear;
 use crate::loader::{LayerWeights, ModelWeights};
 use crate::lora::{LoraAdapter, LoraBatch};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
 #[path = "llama_train.rs"]
@@ -78,42 +79,62 @@ pub struct Llama {
     cos: Tensor,
     sin: Tensor,
     device: Device,
+    placement: Placement,
 }
 
 impl Llama {
-    /// Builds the model from loaded weights.
+    /// Builds the model from loaded weights, on the CPU in f32.
     pub fn new(cfg: Config, w: ModelWeights) -> Result<Self> {
-        let device = Device::Cpu;
+        Self::new_on(cfg, w, &Placement::cpu())
+    }
+
+    /// Builds the model from loaded (host) weights, placing every weight on `p`'s device in its
+    /// compute dtype (NF4 projections stay NF4 there). The KV caches and activations follow.
+    pub fn new_on(cfg: Config, w: ModelWeights, p: &Placement) -> Result<Self> {
+        let device = p.device.clone();
         let (cos, sin) = rope_tables(&cfg, &device)?;
         let blocks = w
             .layers
             .into_iter()
-            .map(|l: LayerWeights| Block {
-                input_norm: l.input_norm,
-                attn: Attention {
-                    q: l.q,
-                    k: l.k,
-                    v: l.v,
-                    o: l.o,
-                },
-                post_norm: l.post_norm,
-                mlp: Mlp {
-                    gate: l.gate,
-                    up: l.up,
-                    down: l.down,
-                },
+            .map(|l: LayerWeights| {
+                Ok(Block {
+                    input_norm: p.put(&l.input_norm)?,
+                    attn: Attention {
+                        q: l.q.to_placement(p)?,
+                        k: l.k.to_placement(p)?,
+                        v: l.v.to_placement(p)?,
+                        o: l.o.to_placement(p)?,
+                    },
+                    post_norm: p.put(&l.post_norm)?,
+                    mlp: Mlp {
+                        gate: l.gate.to_placement(p)?,
+                        up: l.up.to_placement(p)?,
+                        down: l.down.to_placement(p)?,
+                    },
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             cfg,
-            embed: w.embed,
+            embed: p.put(&w.embed)?,
             blocks,
-            norm: w.norm,
-            lm_head: w.lm_head,
-            cos,
-            sin,
+            norm: p.put(&w.norm)?,
+            lm_head: w.lm_head.as_ref().map(|t| p.put(t)).transpose()?,
+            cos: cos.to_dtype(p.dtype)?,
+            sin: sin.to_dtype(p.dtype)?,
             device,
+            placement: p.clone(),
         })
+    }
+
+    /// Where the model lives and the dtype it computes in.
+    pub fn placement(&self) -> &Placement {
+        &self.placement
+    }
+
+    /// An adapter loaded on the host, placed where this model computes (device and dtype).
+    pub fn place_adapter(&self, a: LoraAdapter) -> Result<LoraAdapter> {
+        a.to_placement(&self.placement)
     }
 
     pub fn config(&self) -> &Config {
@@ -129,7 +150,8 @@ impl Llama {
         KvCache::new(self.cfg.num_layers)
     }
 
-    /// Bytes of base weights held (projections in their storage format, plus embeddings and norms).
+    /// Bytes of base weights held where the model computes (projections in their storage format,
+    /// plus embeddings and norms in the compute dtype).
     pub fn weight_bytes(&self) -> usize {
         let t = |x: &Tensor| x.elem_count() * x.dtype().size_in_bytes();
         let mut total = t(&self.embed) + t(&self.norm) + self.lm_head.as_ref().map_or(0, t);
@@ -201,7 +223,9 @@ impl Llama {
         };
         let x = candle_nn::ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        crate::linear::dense_xwt(&x, head) // (rows, vocab)
+        let logits = crate::linear::dense_xwt(&x, head)?; // (rows, vocab)
+                                                          // Callers sample on the host in f32 whatever the compute dtype.
+        Ok(logits.to_dtype(DType::F32)?)
     }
 }
 
@@ -316,7 +340,7 @@ fn attend(cfg: &Config, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Resu
     let scores = match attention_mask(n, past, cfg.sliding_window, q.device())? {
         Some(mask) => scores
             .reshape((nkv, group, n, total))?
-            .broadcast_add(&mask)?
+            .broadcast_add(&mask.to_dtype(q.dtype())?)?
             .reshape((nkv, group * n, total))?,
         None => scores,
     };

@@ -8,6 +8,7 @@ use crate::linear::{BaseLinear, DenseLinear, Nf4Linear};
 use crate::weights::WeightStore;
 use candle_core::Tensor;
 use qlorad_kernels::Nf4Config;
+use rayon::prelude::*;
 use std::path::Path;
 
 /// How the frozen projection weights are stored in memory.
@@ -93,42 +94,51 @@ fn load_weights(cfg: &Config, store: &WeightStore, quant: Quant) -> Result<Model
     } else {
         Some(store.f32_tensor("lm_head.weight", Some(&[cfg.vocab_size, h]))?)
     };
-    let mut layers = Vec::with_capacity(cfg.num_layers);
-    for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}");
-        let mut projs: Vec<Box<dyn BaseLinear>> = Vec::with_capacity(7);
-        for proj in PROJECTIONS {
-            projs.push(load_projection(
-                cfg,
-                store,
-                &format!("{p}.{proj}"),
-                proj,
-                quant,
-            )?);
-        }
-        let mut it = projs.into_iter();
-        let mut next = || {
-            it.next()
-                .ok_or_else(|| ModelError::Invalid("projection count".into()))
-        };
-        layers.push(LayerWeights {
-            input_norm: store.f32_tensor(&format!("{p}.input_layernorm.weight"), Some(&[h]))?,
-            post_norm: store
-                .f32_tensor(&format!("{p}.post_attention_layernorm.weight"), Some(&[h]))?,
-            q: next()?,
-            k: next()?,
-            v: next()?,
-            o: next()?,
-            gate: next()?,
-            up: next()?,
-            down: next()?,
-        });
-    }
+    // Layers load in parallel: each is independent, and converting + quantizing a 7B model's
+    // projections one after another takes most of a minute. Errors are reported in layer order
+    // (the first bad tensor of the file), not in whichever order the threads hit them.
+    let layers = (0..cfg.num_layers)
+        .into_par_iter()
+        .map(|l| load_layer(cfg, store, quant, l))
+        .collect::<Vec<Result<_>>>()
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
     Ok(ModelWeights {
         embed,
         layers,
         norm,
         lm_head,
+    })
+}
+
+fn load_layer(cfg: &Config, store: &WeightStore, quant: Quant, l: usize) -> Result<LayerWeights> {
+    let h = cfg.hidden_size;
+    let p = format!("model.layers.{l}");
+    let mut projs: Vec<Box<dyn BaseLinear>> = Vec::with_capacity(7);
+    for proj in PROJECTIONS {
+        projs.push(load_projection(
+            cfg,
+            store,
+            &format!("{p}.{proj}"),
+            proj,
+            quant,
+        )?);
+    }
+    let mut it = projs.into_iter();
+    let mut next = || {
+        it.next()
+            .ok_or_else(|| ModelError::Invalid("projection count".into()))
+    };
+    Ok(LayerWeights {
+        input_norm: store.f32_tensor(&format!("{p}.input_layernorm.weight"), Some(&[h]))?,
+        post_norm: store.f32_tensor(&format!("{p}.post_attention_layernorm.weight"), Some(&[h]))?,
+        q: next()?,
+        k: next()?,
+        v: next()?,
+        o: next()?,
+        gate: next()?,
+        up: next()?,
+        down: next()?,
     })
 }
 

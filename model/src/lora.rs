@@ -28,6 +28,18 @@ pub struct LoraModule {
     pub scale: f64,
 }
 
+impl LoraModule {
+    /// `scale · (x·Aᵀ)·Bᵀ`: the shrink to rank r, the expand back, (n, in) → (n, out). A scale of
+    /// exactly 1 (folded into B at placement) costs no multiply.
+    pub fn delta(&self, x: &Tensor) -> Result<Tensor> {
+        let d = x.matmul(&self.a.t()?)?.matmul(&self.b.t()?)?;
+        if self.scale == 1.0 {
+            return Ok(d);
+        }
+        Ok((d * self.scale)?)
+    }
+}
+
 /// A loaded adapter: modules indexed by `layer * 7 + projection`.
 #[derive(Debug)]
 pub struct LoraAdapter {
@@ -235,14 +247,69 @@ impl LoraAdapter {
         })
     }
 
+    /// An adapter from modules already in memory, indexed by `layer * 7 + projection` (training
+    /// exports and benchmarks build them without a folder).
+    pub fn from_modules(name: &str, modules: Vec<Option<LoraModule>>) -> Self {
+        let bytes = modules
+            .iter()
+            .flatten()
+            .map(|m| {
+                m.a.elem_count() * m.a.dtype().size_in_bytes()
+                    + m.b.elem_count() * m.b.dtype().size_in_bytes()
+            })
+            .sum();
+        Self {
+            name: name.to_string(),
+            modules,
+            bytes,
+        }
+    }
+
     /// The module for `layer`, projection index `proj` (order of [`PROJECTIONS`]).
     pub fn module(&self, layer: usize, proj: usize) -> Option<&LoraModule> {
         self.modules.get(layer * 7 + proj).and_then(Option::as_ref)
     }
 
-    /// Bytes of adapter weights held (f32).
+    /// Bytes of adapter weights held (where they are placed, in their dtype).
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// The adapter placed on `p`'s device in its compute dtype. On a GPU the scale is folded into
+    /// B (`B·s`, computed in f32 before the cast), which saves one kernel launch per module and
+    /// step; on the CPU the modules are kept as they are.
+    pub fn to_placement(&self, p: &crate::device::Placement) -> Result<Self> {
+        let fold = p.is_cuda();
+        let modules = self
+            .modules
+            .iter()
+            .map(|m| {
+                m.as_ref()
+                    .map(|m| {
+                        let (b, scale) = if fold {
+                            (p.put(&(m.b.to_device(&p.device)? * m.scale)?)?, 1.0)
+                        } else {
+                            (p.put(&m.b)?, m.scale)
+                        };
+                        Ok(LoraModule {
+                            a: p.put(&m.a)?,
+                            b,
+                            scale,
+                        })
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bytes = modules
+            .iter()
+            .flatten()
+            .map(|m| (m.a.elem_count() + m.b.elem_count()) * p.dtype.size_in_bytes())
+            .sum();
+        Ok(Self {
+            name: self.name.clone(),
+            modules,
+            bytes,
+        })
     }
 
     /// Merges into a dense (out, in) weight: `W + scale·B·A`.
@@ -273,7 +340,8 @@ fn parse_module(module: &str) -> Option<(usize, usize)> {
 /// Which rows of a flattened batch use which adapter (rows without an adapter use the base alone).
 #[derive(Debug, Default)]
 pub struct LoraBatch {
-    groups: Vec<(Arc<LoraAdapter>, Tensor)>,
+    /// Each adapter with its rows; `None` when it has every row of the batch (no gather/scatter).
+    groups: Vec<(Arc<LoraAdapter>, Option<Tensor>)>,
 }
 
 impl LoraBatch {
@@ -287,11 +355,15 @@ impl LoraBatch {
                 None => groups.push((a.clone(), vec![i as u32])),
             }
         }
+        let total = per_row.len();
         let groups = groups
             .into_iter()
             .map(|(a, rows)| {
                 let n = rows.len();
-                Ok((a, Tensor::from_vec(rows, n, device)?))
+                if n == total {
+                    return Ok((a, None));
+                }
+                Ok((a, Some(Tensor::from_vec(rows, n, device)?)))
             })
             .collect::<Result<_>>()?;
         Ok(Self { groups })
@@ -309,9 +381,13 @@ impl LoraBatch {
             let Some(m) = adapter.module(layer, proj) else {
                 continue;
             };
+            let Some(rows) = rows else {
+                // Every row uses this adapter: no gather or scatter.
+                y = (y + m.delta(x)?)?;
+                continue;
+            };
             let xs = x.index_select(rows, 0)?; // gather: (n, in)
-            let delta = (xs.matmul(&m.a.t()?)?.matmul(&m.b.t()?)? * m.scale)?; // shrink, expand: (n, out)
-            y = y.index_add(rows, &delta, 0)?; // scatter-add back
+            y = y.index_add(rows, &m.delta(&xs)?, 0)?; // scatter-add back
         }
         Ok(y)
     }

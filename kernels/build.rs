@@ -1,0 +1,32 @@
+//! Build script: with the `cuda` feature, compiles cuda/nf4.cu to PTX with nvcc (loaded at run time
+//! through candle's cudarc). Without it nothing happens, so CPU-only builds (CI) need no CUDA
+//! toolkit.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=CUDA_HOME");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    let nvcc = std::env::var_os("CUDA_HOME")
+        .map(|h| PathBuf::from(h).join("bin").join("nvcc"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("nvcc"));
+    let src = "cuda/nf4.cu";
+    println!("cargo:rerun-if-changed={src}");
+    let status = Command::new(&nvcc)
+        .args(["--ptx", "-O3", "-std=c++17"])
+        .arg(format!("-arch=sm_{cap}"))
+        .arg(src)
+        .arg("-o")
+        .arg(out.join("nf4.ptx"))
+        .status()
+        .unwrap_or_else(|e| panic!("running {}: {e} (set CUDA_HOME)", nvcc.display()));
+    assert!(status.success(), "nvcc failed on {src}");
+}

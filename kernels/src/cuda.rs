@@ -1,0 +1,399 @@
+//! The CUDA side of the NF4 ops (behind the `cuda` feature): a weight's device copy and the
+//! launches of the kernels in `cuda/nf4.cu` (compiled to PTX by build.rs, loaded through candle's
+//! cudarc).
+//!
+//! `y = x·Wᵀ` takes one of two paths, the split bitsandbytes makes too (its `gemv_4bit` for
+//! single-token inference, `dequantize_4bit` + matmul otherwise):
+//! - decode-sized inputs (≤ [`GEMV_BATCH_ROWS`] rows) use the fused NF4 GEMV in groups of up to
+//!   [`GEMV_MAX_ROWS`] rows: the 4-bit codes are streamed once per group, never dequantized to memory;
+//! - larger inputs (prefill) dequantize W to a bf16 scratch buffer and run one cuBLAS GEMM
+//!   (tensor cores, f32 accumulation); the scratch lives only for the call.
+//!
+//! The input gradient `dx = dy·W` always dequantizes and runs a GEMM (training-sized inputs).
+//! Compute is bf16 in and out with f32 accumulation.
+
+use crate::nf4::{Absmax, Nf4Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{CudaStorage, Layout, Shape};
+use half::bf16;
+use std::sync::Arc;
+
+/// PTX of `cuda/nf4.cu`, built for the compute capability in `CUDA_COMPUTE_CAP` (default 90).
+pub const NF4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
+const MODULE: &str = "qlorad_nf4";
+
+/// Rows one GEMV launch handles (the kernel is instantiated for 1..=8 rows).
+pub const GEMV_MAX_ROWS: usize = 8;
+/// Up to this many rows the GEMV runs once per group of [`GEMV_MAX_ROWS`]: reading the 4-bit
+/// weights a few times still moves fewer bytes than writing and reading a bf16 copy of them.
+pub const GEMV_BATCH_ROWS: usize = 32;
+/// Warps per GEMV thread block.
+const GEMV_WARPS: u32 = 8;
+
+/// Which fused NF4 GEMV kernel decode uses (all compute the same function; they differ in how
+/// they spend instructions, see cuda/nf4.cu). Chosen per process with `QLORAD_NF4_GEMV`
+/// (`lut16`, `pair`, `pair2`); gpu-check measures all of them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemvKernel {
+    /// One 16-entry shared-memory lookup per 4-bit code, one row per warp.
+    Lut16,
+    /// One lookup per byte in a replicated 256-entry table of code pairs, one row per warp.
+    Pair,
+    /// As `Pair` with two rows per warp (x loaded and converted once for both) up to 4 input
+    /// rows; `Pair` beyond (register pressure).
+    PairTwoRows,
+}
+
+impl GemvKernel {
+    pub const ALL: [GemvKernel; 3] = [GemvKernel::Lut16, GemvKernel::Pair, GemvKernel::PairTwoRows];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            GemvKernel::Lut16 => "lut16",
+            GemvKernel::Pair => "pair",
+            GemvKernel::PairTwoRows => "pair2",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// `QLORAD_NF4_GEMV` if set to a known name, else the default.
+    pub fn from_env() -> Self {
+        std::env::var("QLORAD_NF4_GEMV")
+            .ok()
+            .and_then(|s| Self::parse(&s))
+            .unwrap_or(GemvKernel::Lut16)
+    }
+
+    /// (kernel entry point, output rows per warp) for `m` input rows.
+    fn entry(self, m: usize) -> (String, u32) {
+        match self {
+            GemvKernel::Lut16 => (format!("nf4_gemv_bf16_m{m}"), 1),
+            GemvKernel::PairTwoRows if m <= 4 => (format!("nf4_gemv3_bf16_m{m}"), 2),
+            GemvKernel::Pair | GemvKernel::PairTwoRows => (format!("nf4_gemv2_bf16_m{m}"), 1),
+        }
+    }
+}
+const DEQUANT_THREADS: u32 = 256;
+
+/// An NF4 weight resident on one GPU: packed codes, the (double-quantized) scales and the code
+/// tables, plus the kernels loaded for that device.
+pub struct Nf4Gpu {
+    device: CudaDevice,
+    stream: Arc<CudaStream>,
+    packed: CudaSlice<u8>,
+    code: CudaSlice<f32>,
+    /// 1: `absmax` holds f32 scales; 0: double quantization (`qabs`, `nested`, `ncode`, `offset`).
+    plain: u32,
+    absmax: CudaSlice<f32>,
+    qabs: CudaSlice<u8>,
+    nested: CudaSlice<f32>,
+    ncode: CudaSlice<f32>,
+    offset: f32,
+    log2_bs: u32,
+    numel: usize,
+    n: usize,
+    k: usize,
+    bytes: usize,
+    dequant: CudaFunction,
+    kernel: GemvKernel,
+    /// The GEMV for 1..=8 input rows, with its output rows per warp.
+    gemv: Vec<(CudaFunction, u32)>,
+}
+
+impl std::fmt::Debug for Nf4Gpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Nf4Gpu({:?}, {}x{}, {} bytes, gemv {})",
+            self.device,
+            self.n,
+            self.k,
+            self.bytes,
+            self.kernel.name()
+        )
+    }
+}
+
+fn msg(s: String) -> candle_core::Error {
+    candle_core::Error::Msg(s)
+}
+
+impl Nf4Gpu {
+    /// Copies `t` (2-D, (n, k)) to `device` and loads the kernels there (`kernel` for decode).
+    pub fn upload(
+        t: &Nf4Tensor,
+        n: usize,
+        k: usize,
+        device: &CudaDevice,
+        kernel: GemvKernel,
+    ) -> candle_core::Result<Self> {
+        let bs = t.blocksize;
+        if !bs.is_power_of_two() || bs < 32 {
+            return Err(msg(format!(
+                "NF4 on CUDA needs a power-of-two blocksize >= 32, got {bs}"
+            )));
+        }
+        let dummy_f = device.clone_htod(&[0f32][..])?;
+        let dummy_u = device.clone_htod(&[0u8][..])?;
+        let (plain, absmax, qabs, nested, ncode, offset) = match &t.absmax {
+            Absmax::Plain(a) => (
+                1u32,
+                device.clone_htod(&a[..])?,
+                dummy_u,
+                dummy_f.clone(),
+                dummy_f,
+                0f32,
+            ),
+            Absmax::Double(d) => (
+                0u32,
+                dummy_f,
+                device.clone_htod(&d.quantized[..])?,
+                device.clone_htod(&d.nested_absmax[..])?,
+                device.clone_htod(&d.nested_code[..])?,
+                d.offset,
+            ),
+        };
+        let packed = device.clone_htod(&t.packed[..])?;
+        let code = device.clone_htod(&t.code[..])?;
+        let bytes = packed.len()
+            + code.len() * 4
+            + absmax.len() * 4
+            + qabs.len()
+            + nested.len() * 4
+            + ncode.len() * 4;
+        let load = |name: &str| -> candle_core::Result<CudaFunction> {
+            Ok(device
+                .get_or_load_custom_func(name, MODULE, NF4_PTX)?
+                .into_cuda_function())
+        };
+        let gemv = (1..=GEMV_MAX_ROWS)
+            .map(|m| {
+                let (name, rows) = kernel.entry(m);
+                Ok((load(&name)?, rows))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self {
+            device: device.clone(),
+            stream: device.cuda_stream(),
+            packed,
+            code,
+            plain,
+            absmax,
+            qabs,
+            nested,
+            ncode,
+            offset,
+            log2_bs: bs.trailing_zeros(),
+            numel: t.numel(),
+            n,
+            k,
+            bytes,
+            dequant: load("nf4_dequantize_bf16")?,
+            kernel,
+            gemv,
+        })
+    }
+
+    /// Device bytes held by this weight.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn device(&self) -> &CudaDevice {
+        &self.device
+    }
+
+    /// The GEMV kernel this weight decodes with.
+    pub fn gemv_kernel(&self) -> GemvKernel {
+        self.kernel
+    }
+
+    /// Dequantizes the whole weight to a fresh row-major (n, k) bf16 buffer.
+    pub fn dequantize_bf16(&self) -> candle_core::Result<CudaSlice<bf16>> {
+        // SAFETY: every element is written by the kernel below (one thread per 32-element chunk,
+        // the partial last chunk element by element).
+        let mut out = unsafe { self.device.alloc::<bf16>(self.numel) }?;
+        let chunks = self.numel.div_ceil(32) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (chunks.div_ceil(DEQUANT_THREADS).max(1), 1, 1),
+            block_dim: (DEQUANT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let numel = self.numel as u64;
+        let mut b = self.stream.launch_builder(&self.dequant);
+        b.arg(&self.packed)
+            .arg(&self.code)
+            .arg(&self.plain)
+            .arg(&self.absmax)
+            .arg(&self.qabs)
+            .arg(&self.nested)
+            .arg(&self.ncode)
+            .arg(&self.offset)
+            .arg(&self.log2_bs)
+            .arg(&numel)
+            .arg(&mut out);
+        // SAFETY: argument types and order match nf4_dequantize_bf16; buffers hold numel elements.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(out)
+    }
+
+    /// The fused GEMV for `m` ≤ [`GEMV_MAX_ROWS`] rows of `x` (m, k) into `y` (m, n).
+    fn gemv_into(
+        &self,
+        x: &CudaView<'_, bf16>,
+        m: usize,
+        y: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, bf16>,
+    ) -> candle_core::Result<()> {
+        let (func, rows_per_warp) = &self.gemv[m - 1];
+        let cfg = LaunchConfig {
+            grid_dim: ((self.n as u32).div_ceil(GEMV_WARPS * rows_per_warp), 1, 1),
+            block_dim: (32 * GEMV_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n, k) = (self.n as u32, self.k as u32);
+        let mut b = self.stream.launch_builder(func);
+        b.arg(x)
+            .arg(&self.packed)
+            .arg(&self.code)
+            .arg(&self.plain)
+            .arg(&self.absmax)
+            .arg(&self.qabs)
+            .arg(&self.nested)
+            .arg(&self.ncode)
+            .arg(&self.offset)
+            .arg(&self.log2_bs)
+            .arg(&n)
+            .arg(&k)
+            .arg(y);
+        // SAFETY: argument types and order match nf4_gemv_bf16_m{m}; x has m·k and y m·n elements,
+        // k % 32 == 0 was checked by the caller.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    /// `y (m, n) = x (m, k) · Wᵀ`, bf16. `x16`: x starts on a 16-byte boundary (the GEMV loads it
+    /// 16 bytes at a time).
+    pub fn xwt(
+        &self,
+        x: &CudaView<'_, bf16>,
+        m: usize,
+        x16: bool,
+    ) -> candle_core::Result<CudaSlice<bf16>> {
+        let (n, k) = (self.n, self.k);
+        // SAFETY: fully written by the GEMV groups or the GEMM below.
+        let mut y = unsafe { self.device.alloc::<bf16>(m * n) }?;
+        if m <= GEMV_BATCH_ROWS && k % 32 == 0 && x16 {
+            let mut r0 = 0;
+            while r0 < m {
+                let r = (m - r0).min(GEMV_MAX_ROWS);
+                let xv = x.slice(r0 * k..(r0 + r) * k);
+                let mut yv = y.slice_mut(r0 * n..(r0 + r) * n);
+                self.gemv_into(&xv, r, &mut yv)?;
+                r0 += r;
+            }
+            return Ok(y);
+        }
+        let w = self.dequantize_bf16()?;
+        // Row-major y (m, n) is column-major yᵀ (n, m) = op(W)·xᵀ with W column-major (k, n).
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_T,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: n as i32,
+            n: m as i32,
+            k: k as i32,
+            alpha: bf16::ONE,
+            lda: k as i32,
+            ldb: k as i32,
+            beta: bf16::ZERO,
+            ldc: n as i32,
+        };
+        // SAFETY: the buffers hold n·k, m·k and m·n elements as the leading dimensions state.
+        unsafe { self.device.cublas_handle().gemm(cfg, &w, x, &mut y) }.w()?;
+        Ok(y)
+    }
+
+    /// `dx (m, k) = dy (m, n) · W`, bf16.
+    pub fn dyw(&self, dy: &CudaView<'_, bf16>, m: usize) -> candle_core::Result<CudaSlice<bf16>> {
+        let (n, k) = (self.n, self.k);
+        let w = self.dequantize_bf16()?;
+        // SAFETY: fully written by the GEMM.
+        let mut dx = unsafe { self.device.alloc::<bf16>(m * k) }?;
+        // Column-major dxᵀ (k, m) = W (column-major (k, n)) · dyᵀ (column-major (n, m)).
+        let cfg = GemmConfig {
+            transa: cublasOperation_t::CUBLAS_OP_N,
+            transb: cublasOperation_t::CUBLAS_OP_N,
+            m: k as i32,
+            n: m as i32,
+            k: n as i32,
+            alpha: bf16::ONE,
+            lda: k as i32,
+            ldb: n as i32,
+            beta: bf16::ZERO,
+            ldc: k as i32,
+        };
+        // SAFETY: the buffers hold n·k, m·n and m·k elements as the leading dimensions state.
+        unsafe { self.device.cublas_handle().gemm(cfg, &w, dy, &mut dx) }.w()?;
+        Ok(dx)
+    }
+}
+
+/// Shared body of the forward and gradient ops: checks the input, runs `f` on its rows, and
+/// returns `(..., out_features)`.
+pub(crate) fn apply(
+    op: &'static str,
+    gpu: Option<&Nf4Gpu>,
+    storage: &CudaStorage,
+    layout: &Layout,
+    in_features: usize,
+    out_features: usize,
+    f: impl FnOnce(&Nf4Gpu, &CudaView<'_, bf16>, usize, bool) -> candle_core::Result<CudaSlice<bf16>>,
+) -> candle_core::Result<(CudaStorage, Shape)> {
+    let gpu = gpu.ok_or_else(|| {
+        msg(format!(
+            "{op}: the NF4 weight is not on the GPU (move the model with Nf4Weight::to_device)"
+        ))
+    })?;
+    let dev = storage.device();
+    if dev.id() != gpu.device.id() {
+        return Err(msg(format!(
+            "{op}: input on {:?}, weight on {:?}",
+            dev, gpu.device
+        )));
+    }
+    let dims = layout.shape().dims();
+    let kin = *dims.last().unwrap_or(&0);
+    if kin != in_features {
+        return Err(msg(format!(
+            "{op}: input has {kin} features, the weight expects {in_features}"
+        )));
+    }
+    let slice = storage.as_cuda_slice::<bf16>().map_err(|_| {
+        msg(format!(
+            "{op}: unsupported dtype {:?} on CUDA (compute is bf16)",
+            storage.dtype()
+        ))
+    })?;
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or(candle_core::Error::RequiresContiguous { op })?;
+    let x = slice.slice(a..b);
+    let m = (b - a) / kin.max(1);
+    // Allocations are 256-byte aligned, so the view's element offset decides the alignment.
+    let y = f(gpu, &x, m, a % 8 == 0)?;
+    let mut out_dims = dims.to_vec();
+    if let Some(last) = out_dims.last_mut() {
+        *last = out_features;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(y, dev.clone()),
+        Shape::from(out_dims),
+    ))
+}

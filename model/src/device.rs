@@ -1,0 +1,124 @@
+//! Where a model lives and computes: the CPU in f32, or one CUDA GPU in bf16 (QLoRA's compute
+//! dtype, Dettmers et al. 2023, §3; candle 0.10's CPU backend has no bf16 matmul, so the CPU stays
+//! f32).
+
+use crate::error::{ModelError, Result};
+use candle_core::{DType, Device};
+
+/// A device as named on the command line: `cpu`, `cuda` (GPU 0) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse::<usize>().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| format!("unknown device {other:?} (expected cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// The device a model's weights, KV cache and activations live on, and the float dtype it
+/// computes in there.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub device: Device,
+    pub dtype: DType,
+}
+
+impl Placement {
+    /// The CPU, computing in f32.
+    pub fn cpu() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: DType::F32,
+        }
+    }
+
+    /// Opens the named device: the CPU in f32, a CUDA GPU in bf16. Without the `cuda` feature a
+    /// CUDA device is an error that says so.
+    pub fn open(spec: DeviceSpec) -> Result<Self> {
+        match spec {
+            DeviceSpec::Cpu => Ok(Self::cpu()),
+            DeviceSpec::Cuda(n) => {
+                let device = Device::new_cuda(n).map_err(|e| {
+                    ModelError::Invalid(format!("cannot open cuda:{n}: {}", first_line(&e)))
+                })?;
+                #[cfg(feature = "cuda")]
+                if let Device::Cuda(d) = &device {
+                    // SAFETY: qlorad issues all GPU work on candle's single stream of this device,
+                    // so stream order alone keeps every use after its write and every free after
+                    // its last use; cudarc's per-tensor events (meant for several streams) only
+                    // add host overhead to each of the hundreds of launches of a decode step. Called
+                    // before any tensor exists on the device.
+                    unsafe { d.disable_event_tracking() };
+                }
+                Ok(Self {
+                    device,
+                    dtype: DType::BF16,
+                })
+            }
+        }
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        self.device.is_cuda()
+    }
+
+    /// Moves a float tensor here, converting it to the compute dtype.
+    pub fn put(&self, t: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// Waits until the device has finished all queued work (timing; a no-op on the CPU).
+    pub fn synchronize(&self) -> Result<()> {
+        Ok(self.device.synchronize()?)
+    }
+}
+
+fn first_line(e: &candle_core::Error) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_names() {
+        assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(3)));
+        assert!("cuda:x".parse::<DeviceSpec>().is_err());
+        assert!("tpu".parse::<DeviceSpec>().is_err());
+        assert_eq!(DeviceSpec::Cuda(1).to_string(), "cuda:1");
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_is_a_clear_error() {
+        let e = Placement::open(DeviceSpec::Cuda(0))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cuda:0"), "{e}");
+    }
+}

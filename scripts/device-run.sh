@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Driver for the lent GPU machine (the device tool copies /work/main plus carried .devbuild/):
+# unpacks the carried binaries and the trimmed bitsandbytes, then runs the committed one-command
+# scripts — scripts/gpu-test.sh (kernel + greedy checks) and bench/run-gpu.sh (benchmark + Python
+# reference) — writing logs and JSON under $OUT. Files carried in .devbuild/ (see BENCHMARKS.md):
+#   bin/*.xz (stripped CUDA builds), bnb.tar.xz, scripts/, bench/, smol.part* (SmolLM2, in parts
+#   that may arrive over two calls: parts are kept in /tmp/stash while the machine stays warm).
+#
+#   bash .devbuild/scripts/device-run.sh [check] [bench] [smol]
+set -uo pipefail
+D="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${OUT:-/tmp/out}"
+S=/tmp/stash
+mkdir -p "$OUT" "$S" /tmp/site
+log() { echo "== $(date +%T) $*"; }
+unxz_py() { python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"; }
+for f in "$D"/bin/*.xz; do
+  [[ -f "$f" ]] || continue
+  b="$S/$(basename "$f" .xz)"
+  unxz_py "$f" "$b" && chmod +x "$b"
+done
+if [[ -f "$D/bnb.tar.xz" ]]; then
+  python3 -c 'import tarfile,sys; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' "$D/bnb.tar.xz" /tmp/site
+fi
+cp -n "$D"/smol.part* "$S"/ 2>/dev/null || true
+export QLORAD_BENCH="$S/qlorad-bench" PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 OUT
+log "stash: $(ls $S | tr '\n' ' ')"
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem --format=csv || true
+smol=""
+if [[ -f "$S/smol.part0" && -f "$S/smol.part1" ]]; then
+  [[ -d /tmp/smollm2-nf4 ]] || python3 "$D/bench/device_pack.py" unpack "$S/smol.part0" "$S/smol.part1" --out /tmp/smollm2-nf4
+  smol=/tmp/smollm2-nf4
+fi
+for step in "$@"; do
+  case "$step" in
+    check) log "gpu-test"; bash "$D/scripts/gpu-test.sh" $smol ;;
+    smol)
+      if [[ -n "$smol" ]]; then
+        log "gpu-test, SmolLM2 only"
+        OUT="$OUT" "$QLORAD_BENCH" gpu-check --skip-kernels --model "$smol" --tokens "${TOKENS:-32}" \
+          --json-out "$OUT/gpu-check-smollm2.json" 2>&1 | tee "$OUT/gpu-check-smollm2.log"
+        log "qlorad generate on cuda:0 vs cpu"
+        for dev in cuda:0 cpu; do
+          "$S/qlorad" generate --model "$smol" --device "$dev" --chat --temperature 0 --max-tokens 48 \
+            --stats --prompt "What is the capital of France?" 2>&1 | tee -a "$OUT/gpu-check-smollm2.log"
+        done
+      else
+        log "SmolLM2 parts missing (fresh machine?): skipped"
+      fi ;;
+    pick)
+      # Decode with the fastest GEMV kernel that passed its checks in this run's gpu-check.
+      best=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["extra"].get("best_gemv_kernel", ""))' "$OUT/gpu-check.json" 2>/dev/null)
+      if [[ -n "$best" ]]; then
+        export QLORAD_NF4_GEMV="$best"
+        log "QLORAD_NF4_GEMV=$best: greedy checks again with it"
+        "$QLORAD_BENCH" gpu-check --skip-kernels --tokens "${TOKENS:-32}" --json-out /tmp/gpu-check-best.json
+      fi ;;
+    bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
+  esac
+done
+log "done"
