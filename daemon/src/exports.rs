@@ -9,7 +9,7 @@
 //! process is swept and the export reruns, so no half-written folder is ever visible.
 
 use crate::adapters::AdapterRegistry;
-use crate::state::{new_id, now, Store};
+use crate::state::{new_id, now, Store, Wakeup};
 use qlorad_kernels::Nf4Config;
 use qlorad_trainer::merge::{merge_and_export, ExportDtype, MergeInto, MergeOptions, Progress};
 use rusqlite::{params, OptionalExtension, Row};
@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 const SCHEMA: &str = "
@@ -84,7 +84,7 @@ pub struct ExportRunner {
     nf4: Nf4Config,
     root: PathBuf,
     cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
-    wake: (Mutex<bool>, Condvar),
+    wake: Wakeup,
     pub exports_total: prometheus::IntCounterVec,
     pub bytes_written: prometheus::IntCounter,
 }
@@ -117,7 +117,7 @@ impl ExportRunner {
             nf4,
             root: root.canonicalize().unwrap_or_else(|_| root.to_path_buf()),
             cancels: Mutex::new(HashMap::new()),
-            wake: (Mutex::new(false), Condvar::new()),
+            wake: Wakeup::default(),
             exports_total: metrics.exports.clone(),
             bytes_written: metrics.export_bytes.clone(),
         });
@@ -201,9 +201,7 @@ impl ExportRunner {
             None,
         );
         self.exports_total.with_label_values(&["queued"]).inc();
-        let (m, cv) = &self.wake;
-        *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        cv.notify_all();
+        self.wake.notify();
         self.get(&id)
             .ok()
             .flatten()
@@ -271,17 +269,7 @@ impl ExportRunner {
                 Some((id, adapter, out, dtype, into, overwrite)) => {
                     self.run(&id, &adapter, &out, &dtype, &into, overwrite)
                 }
-                None => {
-                    let (m, cv) = &self.wake;
-                    let mut woken = m.lock().unwrap_or_else(|p| p.into_inner());
-                    if !*woken {
-                        woken = cv
-                            .wait_timeout(woken, Duration::from_secs(2))
-                            .map(|(g, _)| g)
-                            .unwrap_or_else(|p| p.into_inner().0);
-                    }
-                    *woken = false;
-                }
+                None => self.wake.wait(Duration::from_secs(2)),
             }
         }
     }

@@ -11,15 +11,7 @@ use serde_json::Value;
 /// The QLoRA paper's learning rate for 7B–13B models (Dettmers et al., 2023, table 9); OpenAI's
 /// `learning_rate_multiplier` scales it.
 pub const BASE_LR: f64 = 2e-4;
-pub const ALL_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub use qlorad_trainer::step::TARGET_MODULES as ALL_TARGETS;
 
 /// A rejected request: the message and the parameter at fault (`hyperparameters.n_epochs`, …).
 #[derive(Debug, Clone, PartialEq)]

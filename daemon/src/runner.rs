@@ -13,7 +13,7 @@ use crate::adapters::AdapterRegistry;
 use crate::engine::EngineHandle;
 use crate::jobs::{checkpoint_name, fine_tuned_name, job_error, JobRequest, Resolved};
 use crate::metrics::Metrics;
-use crate::state::{now, CheckpointRow, JobError, JobRow, Store};
+use crate::state::{now, CheckpointRow, JobError, JobRow, Store, Wakeup};
 use qlorad_model::{Llama, Tokenizer};
 use qlorad_trainer::data::{load_examples, DataError, DataOptions, Example};
 use qlorad_trainer::step::TrainableLora;
@@ -21,7 +21,7 @@ use qlorad_trainer::train::{save_peft, StepLog, Trainer};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -48,7 +48,7 @@ pub struct JobRunner {
     engine: EngineHandle,
     cfg: RunnerConfig,
     control: Mutex<HashMap<String, Control>>,
-    wake: (Mutex<bool>, Condvar),
+    wake: Wakeup,
 }
 
 /// Why a job stopped early.
@@ -107,7 +107,7 @@ impl JobRunner {
             engine,
             cfg,
             control: Mutex::new(HashMap::new()),
-            wake: (Mutex::new(false), Condvar::new()),
+            wake: Wakeup::default(),
         });
         for (name, dir) in runner.store.servable()? {
             if let Err(e) = runner.adapters.register_on_disk(&name, &dir) {
@@ -186,9 +186,7 @@ impl JobRunner {
     }
 
     fn notify(&self) {
-        let (m, cv) = &self.wake;
-        *m.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        cv.notify_all();
+        self.wake.notify();
     }
 
     /// Validates a new job's files in the background, then queues it.
@@ -361,17 +359,7 @@ impl JobRunner {
             };
             match next {
                 Some(id) => self.run(&id),
-                None => {
-                    let (m, cv) = &self.wake;
-                    let mut woken = m.lock().unwrap_or_else(|p| p.into_inner());
-                    if !*woken {
-                        woken = cv
-                            .wait_timeout(woken, Duration::from_secs(2))
-                            .map(|(g, _)| g)
-                            .unwrap_or_else(|p| p.into_inner().0);
-                    }
-                    *woken = false;
-                }
+                None => self.wake.wait(Duration::from_secs(2)),
             }
         }
     }

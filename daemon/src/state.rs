@@ -501,6 +501,42 @@ impl Store {
     }
 }
 
+/// Wakes a worker thread that otherwise polls its queue every `period` (a condition variable with
+/// a remembered signal, so a notify before the wait is not lost).
+pub struct Wakeup {
+    flag: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl Default for Wakeup {
+    fn default() -> Self {
+        Self {
+            flag: Mutex::new(false),
+            cv: std::sync::Condvar::new(),
+        }
+    }
+}
+
+impl Wakeup {
+    pub fn notify(&self) {
+        *self.flag.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    /// Returns when notified or after `period`.
+    pub fn wait(&self, period: std::time::Duration) {
+        let mut woken = self.flag.lock().unwrap_or_else(|p| p.into_inner());
+        if !*woken {
+            woken = self
+                .cv
+                .wait_timeout(woken, period)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+        *woken = false;
+    }
+}
+
 /// A random id with a prefix (`file-…`, `ftjob-…`): 24 base-62 characters.
 pub fn new_id(prefix: &str) -> String {
     use rand::Rng;

@@ -35,6 +35,17 @@ pub struct TrainModule {
     pub scale: f64,
 }
 
+/// The projections LoRA can target, by their PEFT short names (the order of `PROJECTIONS`).
+pub const TARGET_MODULES: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// The shape of an adapter being trained: rank, scaling, dropout and target projections.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LoraSpec {
@@ -58,15 +69,7 @@ impl LoraSpec {
     }
 
     pub fn validate(&self) -> Result<()> {
-        const SHORT: [&str; 7] = [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ];
+        const SHORT: [&str; 7] = TARGET_MODULES;
         if self.r == 0 || self.r > 1024 {
             return Err(StepError::Invalid(format!(
                 "lora r must be in 1..=1024, got {}",
