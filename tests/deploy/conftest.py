@@ -98,7 +98,8 @@ def upload(base, name, text):
 
 def drive_traffic(base):
     """Requests that make every qlorad_* series appear: serving through the base and an adapter
-    (plain and streamed), a 404, and one tiny fine-tuning job (2 steps, a few seconds on CPU)."""
+    (plain and streamed), a 404, and one tiny fine-tuning job (2 steps, a few seconds on CPU).
+    Returns the finished job."""
     chat = {"messages": [{"role": "user", "content": "Capital of France?"}], "max_tokens": 3,
             "temperature": 0}
     for model, stream in [(MODEL_ID, False), (ADAPTER, False), (MODEL_ID, True)]:
@@ -121,7 +122,9 @@ def drive_traffic(base):
         st = json.loads(http("GET", f"{base}/v1/fine_tuning/jobs/{job}")[1])
         return st if st["status"] in ("succeeded", "failed", "cancelled") else None
 
-    assert wait_for("the fine-tuning job", finished, 240)["status"] == "succeeded"
+    done = wait_for("the fine-tuning job", finished, 240)
+    assert done["status"] == "succeeded", done
+    return done
 
 
 @pytest.fixture(scope="session")
@@ -143,8 +146,9 @@ def qlorad():
             assert proc.poll() is None, "qlorad exited: " + open(log.name).read()
             return http("GET", base + "/ready", timeout=2)[0] == 200
         wait_for("qlorad /ready", ready, 120)
-        drive_traffic(base)
-        yield {"base": base, "port": port}
+        job = drive_traffic(base)
+        yield {"job": job, "base": base, "port": port, "state": os.path.join(state, "state"),
+               "model": model}
     finally:
         stop(proc)
         log.close()
