@@ -176,6 +176,15 @@ def test_dockerfiles_build_what_exists():
     assert "13.0" in (DEPLOY / "Dockerfile.cuda").read_text()
 
 
+# --- router ---
+
+def test_haproxy_check():
+    """The committed router config as is (its daemons' names do not resolve here: warnings only)."""
+    out = run(tool("haproxy"), "-c", "-f", str(DEPLOY / "router/haproxy.cfg"))
+    assert "Configuration file is valid" in out
+    assert "balance hash req.body,json_query('$.model')" in (DEPLOY / "router/haproxy.cfg").read_text()
+
+
 # --- systemd ---
 
 def test_systemd_unit(tmp_path):
