@@ -171,6 +171,8 @@ def test_dockerfiles_build_what_exists():
         assert re.search(r"^USER 10001:10001$", text, re.M), name
         assert "HEALTHCHECK" in text and "/health" in text
         assert 'VOLUME ["/var/lib/qlorad"]' in text
+        # The README's online backup runs `sqlite3 … .backup` inside the container.
+        assert re.search(r"apt-get install .*\bsqlite3\b", text), name
     assert "--features qlorad/cuda" in (DEPLOY / "Dockerfile.cuda").read_text()
     assert re.search(r"^cuda = \[", cargo, re.M)
     assert "13.0" in (DEPLOY / "Dockerfile.cuda").read_text()
