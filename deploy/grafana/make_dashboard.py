@@ -145,7 +145,7 @@ def adapters(b):
 
 
 def jobs(b):
-    b.row("Fine-tuning jobs")
+    b.row("Fine-tuning jobs and exports")
     b.panel("Jobs by status",
             [(f"sum by (status) ({sel('qlorad_fine_tuning_jobs')})", "{{status}}")],
             "short", "Jobs in the state database by status (failed: alert QloradFineTuningJobFailed).")
@@ -166,8 +166,14 @@ def jobs(b):
     b.panel("Time yielded to serving",
             [(f"sum(rate({sel('qlorad_fine_tuning_yield_milliseconds_total')}[{W}])) / 1000",
               "share of wall time")],
-            "percentunit", "Fraction of time training paused to give serving priority (--train-share).",
-            w=24)
+            "percentunit", "Fraction of time training paused to give serving priority (--train-share).")
+    b.panel("Exports (promotions) in the last hour",
+            [(f"sum by (status) (increase({sel('qlorad_exports_total')}[1h]))", "{{status}}")],
+            "short", "Promote jobs (merge an adapter, export an HF folder) by transition: queued, "
+            "succeeded, failed, cancelled (failed: alert QloradExportFailed).")
+    b.panel("Export write rate",
+            [(f"sum(rate({sel('qlorad_export_bytes_written_total')}[{W}]))", "merged weights")],
+            "Bps", "Bytes of merged weights written by running exports (to --export-root).")
 
 
 def memory(b):

@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -98,8 +99,8 @@ def upload(base, name, text):
 
 def drive_traffic(base):
     """Requests that make every qlorad_* series appear: serving through the base and an adapter
-    (plain and streamed), a 404, and one tiny fine-tuning job (2 steps, a few seconds on CPU).
-    Returns the finished job."""
+    (plain and streamed), a 404, one tiny fine-tuning job (2 steps, a few seconds on CPU) and the
+    promotion of its adapter. Returns the finished job."""
     chat = {"messages": [{"role": "user", "content": "Capital of France?"}], "max_tokens": 3,
             "temperature": 0}
     for model, stream in [(MODEL_ID, False), (ADAPTER, False), (MODEL_ID, True)]:
@@ -124,7 +125,24 @@ def drive_traffic(base):
 
     done = wait_for("the fine-tuning job", finished, 240)
     assert done["status"] == "succeeded", done
+    promote(base, done["fine_tuned_model"])
     return done
+
+
+def promote(base, adapter):
+    """Promotes (merges and exports, bf16) an adapter and waits for the export to succeed."""
+    name = urllib.parse.quote(adapter, safe="")
+    status, body = http("POST", f"{base}/v1/adapters/{name}/promote",
+                        {"out": "promoted", "dtype": "bf16"})
+    assert status == 202, body
+    export = json.loads(body)["id"]
+
+    def finished():
+        st = json.loads(http("GET", f"{base}/v1/exports/{export}")[1])
+        return st if st["status"] in ("succeeded", "failed", "cancelled") else None
+
+    done = wait_for("the export", finished, 120)
+    assert done["status"] == "succeeded", done
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,7 @@
 Both daemons register the same adapters (one fixture adapter under four names). Through the router,
 every request for a given `model` lands on the same daemon (the router's X-Qlorad-Server header and
 each daemon's own qlorad_adapter_requests_total agree), both daemons get a share, bodiless routes
-still work, files and jobs go to the training daemon, and when a daemon stops its adapters move to
+still work, files, jobs, exports and promotions go to the training daemon, and when a daemon stops its adapters move to
 the other one without a failed request.
 """
 import json
@@ -131,6 +131,12 @@ def test_bodiless_and_training_routes(fleet):
         assert status == 200 and server == "qlorad-0"
         status, server, _ = request(fleet["base"] + "/v1/files")
         assert status == 200 and server == "qlorad-0"
+        status, server, _ = request(fleet["base"] + "/v1/exports")
+        assert status == 200 and server == "qlorad-0"
+        # A promotion has no "model" in its body: it must still reach the daemon keeping exports.
+        status, server, _ = request(fleet["base"] + "/v1/adapters/no-such-adapter/promote",
+                                    {"out": "x"})
+        assert status == 404 and server == "qlorad-0"
 
 
 def test_a_stopped_daemon_hands_its_adapters_over(fleet):

@@ -88,7 +88,7 @@ def test_fuzz_every_route(daemon):
     cmd = [st, "run", daemon["base"] + "/openapi.json",
            "--checks", "all", "--exclude-checks", "positive_data_acceptance,negative_data_rejection",
            "--baseline", str(HERE / "schemathesis-baseline.json"),
-           "--max-examples", os.environ.get("QLORAD_FUZZ_EXAMPLES", "40"),
+           "--max-examples", os.environ.get("QLORAD_FUZZ_EXAMPLES", "30"),
            "--seed", os.environ.get("QLORAD_FUZZ_SEED", "1"),
            "--workers", "1", "--request-timeout", "30", "--no-color",
            "--generation-database", "none"]
