@@ -8,6 +8,7 @@ evaluates cleanly and none fires on a healthy daemon. Everything stops by itself
 """
 import json
 import re
+import shutil
 import subprocess
 import tempfile
 import urllib.parse
@@ -80,6 +81,7 @@ def prom(qlorad):
     finally:
         stop(proc)
         log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def query(prom, expr):

@@ -47,14 +47,19 @@ def daemon():
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="qlorad-fuzz-"))
     port = free_port()
     log = open(tmp / "qlorad.log", "wb")
-    proc = subprocess.Popen(
-        [os.environ.get("QLORAD_BIN", str(ROOT / "target/release/qlorad")), "serve",
-         "--model", os.environ.get("QLORAD_TEST_MODEL", str(ROOT / "models/smollm2")),
-         "--model-id", "smollm2", "--listen", f"127.0.0.1:{port}", "--state-dir", str(tmp / "state"),
-         "--adapter-root", str(ROOT / "tests/fixtures/lora"),
-         "--lora", f"ft:smollm2:qv={ROOT / 'tests/fixtures/lora/smollm2-r8-qv'}",
-         "--max-body-bytes", "65536", "--max-inflight", "8"],
-        stdout=log, stderr=subprocess.STDOUT)
+    try:
+        proc = subprocess.Popen(
+            [os.environ.get("QLORAD_BIN", str(ROOT / "target/release/qlorad")), "serve",
+             "--model", os.environ.get("QLORAD_TEST_MODEL", str(ROOT / "models/smollm2")),
+             "--model-id", "smollm2", "--listen", f"127.0.0.1:{port}",
+             "--state-dir", str(tmp / "state"), "--adapter-root", str(ROOT / "tests/fixtures/lora"),
+             "--lora", f"ft:smollm2:qv={ROOT / 'tests/fixtures/lora/smollm2-r8-qv'}",
+             "--max-body-bytes", "65536", "--max-inflight", "8"],
+            stdout=log, stderr=subprocess.STDOUT)
+    except OSError:
+        log.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
