@@ -62,9 +62,18 @@ fn respond(r: Result<Response, ApiError>) -> Response {
 }
 
 /// `POST /v1/files`.
-pub async fn upload(State(st): State<AppState>, mut mp: Multipart) -> Response {
+pub async fn upload(
+    State(st): State<AppState>,
+    mp: Result<Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Response {
     respond(
         async {
+            let mut mp = mp.map_err(|e| {
+                ApiError::invalid(
+                    format!("`POST /v1/files` takes a multipart/form-data body with `file` and `purpose`: {e}"),
+                    None,
+                )
+            })?;
             let runner = runner(&st)?.clone();
             let dir = runner.store().dir().join("files");
             let id = new_id("file");

@@ -110,12 +110,25 @@ pub fn spec(version: &str) -> Value {
         "name",
         json_ok("export (202)"),
     );
+    promote["responses"]["202"] = promote["responses"]["200"].take();
+    if let Some(m) = promote["responses"].as_object_mut() {
+        m.remove("200");
+        for code in ["400", "503"] {
+            m.insert(code.into(), errors(&[code])[code].clone());
+        }
+    }
     promote["requestBody"] = json!({"required": true, "content": {"application/json": {"schema": {
         "type": "object", "required": ["out"], "properties": {
             "out": {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$", "description": "folder name under the export root"},
             "dtype": {"type": "string", "enum": ["bf16", "f16", "f32"]},
             "merge_into": {"type": "string", "enum": ["original", "dequantized"]},
             "overwrite": {"type": "boolean"}}}}}});
+    let mut content = path_op(
+        "A file's content",
+        "id",
+        json!({"description": "the file's bytes", "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}),
+    );
+    content["responses"]["503"] = errors(&["503"])["503"].clone();
     let create_job = op(
         "Create a fine-tuning job on the resident base",
         Some("CreateFineTuningJob"),
@@ -146,7 +159,7 @@ pub fn spec(version: &str) -> Value {
             "/v1/exports/{id}/events": {"get": ft("An export's events", "list")},
             "/v1/files": {"get": op("List files", None, json_ok("list"), &["401", "403", "503"], true), "post": upload},
             "/v1/files/{id}": {"get": ft("Retrieve a file", "file"), "delete": ft("Delete a file", "deleted")},
-            "/v1/files/{id}/content": {"get": ft("A file's content", "bytes")},
+            "/v1/files/{id}/content": {"get": content},
             "/v1/fine_tuning/jobs": {
                 "get": op("List jobs, newest first (`after`, `limit`)", None, json_ok("list"), &["400", "401", "403", "503"], true),
                 "post": create_job
