@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU test suite, one command, run on the GPU machine (CI has no GPU): every CUDA kernel
-# against its CPU reference and GPU (bf16) vs CPU (f32) greedy decoding, via `qlorad-bench
+# against its CPU reference, GPU (bf16) vs CPU (f32) greedy decoding, and one QLoRA training step
+# (loss, LoRA gradients, a short loss curve) GPU vs CPU, via `qlorad-bench
 # gpu-check` (bounds and method in bench/src/gpu_check.rs). Exit status: non-zero if any check fails.
 #
 #   scripts/gpu-test.sh [MODEL_DIR]      # MODEL_DIR: a real model (e.g. SmolLM2) for the greedy check

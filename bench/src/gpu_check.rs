@@ -1,5 +1,6 @@
 //! `qlorad-bench gpu-check`: every CUDA kernel against its CPU reference, then GPU-vs-CPU greedy
-//! decoding on whole models (scripts/gpu-test.sh runs it on the device).
+//! decoding on whole models, then a QLoRA training step GPU vs CPU (bench/src/gpu_train.rs);
+//! scripts/gpu-test.sh runs it on the device.
 //!
 //! Bounds (relative error ‖gpu − ref‖ / ‖ref‖ on fresh random inputs, as ../.library METHOD.md
 //! sets them for bf16): the NF4 dequantize must equal the CPU's f32 dequantize rounded to bf16 bit
@@ -71,6 +72,7 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     if let Some(dir) = &a.model {
         greedy::real_model(&gpu, dir, a.tokens, a.prompt_file.as_deref(), &mut report)?;
     }
+    crate::gpu_train::checks(&gpu, &mut report)?;
     let failed = report.checks.iter().filter(|c| !c.pass).count();
     println!(
         "gpu-check: {} checks, {failed} failed, {:.1}s",
@@ -131,6 +133,9 @@ fn nf4_pair(
     Ok((cpu, gpus.remove(0).1))
 }
 
+/// A CPU NF4 weight and its GPU copies, one per GEMV kernel.
+type Nf4Variants = (Arc<Nf4Weight>, Vec<(GemvKernel, Arc<Nf4Weight>)>);
+
 /// One random NF4 weight on the CPU and on the GPU once per GEMV kernel.
 fn nf4_variants(
     rng: &mut ChaCha8Rng,
@@ -139,7 +144,7 @@ fn nf4_variants(
     cfg: Nf4Config,
     dev: &Device,
     kernels: &[GemvKernel],
-) -> Result<(Arc<Nf4Weight>, Vec<(GemvKernel, Arc<Nf4Weight>)>)> {
+) -> Result<Nf4Variants> {
     let w = random_model::normal(rng, n * k, 0.02);
     let t = Nf4Tensor::quantize(&w, &[n, k], cfg)?;
     let gpus = kernels

@@ -6,6 +6,7 @@
 //! - `gpu-check`: every CUDA kernel against its CPU reference, and GPU-vs-CPU greedy decoding
 //!   (scripts/gpu-test.sh);
 //! - `gpu-bench`: the serving figures of issue 5 on a GPU (bench/run-gpu.sh);
+//! - `gpu-train-bench`: QLoRA training tokens/s and peak GPU memory, issue 6 (bench/run-gpu-train.sh);
 //! - `write-adapter`: a random PEFT LoRA adapter for a model folder (the benchmark's adapter).
 
 use anyhow::{Context, Result};
@@ -20,6 +21,8 @@ mod adapter_gen;
 mod gpu_bench;
 #[cfg(feature = "cuda")]
 mod gpu_check;
+#[cfg(feature = "cuda")]
+mod gpu_train;
 mod random_model;
 
 #[derive(Parser)]
@@ -38,6 +41,8 @@ enum Cmd {
     GpuCheck(GpuCheckArgs),
     /// Decode/prefill/adapter/memory figures on a GPU (needs the cuda feature).
     GpuBench(GpuBenchArgs),
+    /// QLoRA training steps on a GPU: tokens/s and peak memory, plain and checkpointed.
+    GpuTrainBench(GpuTrainBenchArgs),
     /// Writes a random PEFT LoRA adapter (all 7 projections) for a model folder.
     WriteAdapter(adapter_gen::WriteAdapterArgs),
 }
@@ -93,6 +98,32 @@ pub struct GpuBenchArgs {
     /// Batch size of the aggregate-throughput test on the base (0: skip).
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
+    /// Write the results as JSON here (also printed).
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct GpuTrainBenchArgs {
+    /// Model folder (projections quantized to NF4 with double quantization on load).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value = "cuda:0")]
+    pub device: DeviceSpec,
+    #[arg(long, default_value_t = 64)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    /// Untimed steps first (PTX JIT, cuBLAS handles, pool growth).
+    #[arg(long, default_value_t = 2)]
+    pub warmup: usize,
+    /// Timed optimizer steps per mode.
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
     /// Write the results as JSON here (also printed).
     #[arg(long)]
     pub json_out: Option<PathBuf>,
@@ -238,7 +269,9 @@ fn main() -> Result<()> {
         Some(Cmd::GpuCheck(a)) => gpu_check::run(a),
         #[cfg(feature = "cuda")]
         Some(Cmd::GpuBench(a)) => gpu_bench::run(a),
+        #[cfg(feature = "cuda")]
+        Some(Cmd::GpuTrainBench(a)) => gpu_train::bench(a),
         #[cfg(not(feature = "cuda"))]
-        Some(Cmd::GpuCheck(_) | Cmd::GpuBench(_)) => no_cuda(),
+        Some(Cmd::GpuCheck(_) | Cmd::GpuBench(_) | Cmd::GpuTrainBench(_)) => no_cuda(),
     }
 }

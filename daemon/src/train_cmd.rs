@@ -1,7 +1,7 @@
 //! `qlorad train`: QLoRA fine-tuning from the command line (the same engine the daemon's jobs use).
 
 use anyhow::{bail, Context, Result};
-use qlorad_model::Quant;
+use qlorad_model::{DeviceSpec, Placement, Quant};
 use qlorad_trainer::data::{load_examples, pack, split_validation, DataOptions};
 use qlorad_trainer::step::{AdamWConfig, LoraSpec, TrainableLora};
 use qlorad_trainer::train::{save_peft, Schedule, TrainConfig, Trainer};
@@ -21,6 +21,9 @@ pub struct TrainArgs {
     out: PathBuf,
     #[arg(long, default_value = "nf4")]
     quant: Quant,
+    /// Where to train: cpu (f32) or cuda:N (base in bf16, f32 LoRA master weights and AdamW state).
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
     #[arg(long, default_value_t = 1)]
     epochs: usize,
     /// Stop after this many optimizer steps (0: run the epochs).
@@ -136,7 +139,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         gradient_checkpointing: a.gradient_checkpointing,
     };
     cfg.validate()?;
-    let (model, tok) = qlorad_model::load_model(&a.model, a.quant)
+    let placement = Placement::open(a.device)?;
+    let (model, tok) = qlorad_model::load_model_on(&a.model, a.quant, &placement)
         .with_context(|| format!("loading model from {}", a.model.display()))?;
     let opts = DataOptions {
         max_seq_len: a.max_seq_len,
@@ -158,7 +162,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let mut trainer = match &a.resume {
         Some(dir) => Trainer::resume(&model, &spec, examples, eval, cfg, pad, dir)?,
         None => {
-            let lora = TrainableLora::new(model.config(), &spec, a.seed)?;
+            let lora = TrainableLora::new_on(model.config(), &spec, a.seed, model.device())?;
             Trainer::new(&model, lora, examples, eval, cfg, pad)?
         }
     };

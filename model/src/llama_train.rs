@@ -3,11 +3,18 @@
 //! backward, see ../shared/CANDLE-NOTES.md), with trainable LoRA weights supplied per module. The frozen
 //! NF4 projections go through the NF4 custom op, whose backward re-dequantizes (QLoRA, §3). Same
 //! math as [`Llama::forward`]; a test checks the two agree.
+//!
+//! Device-generic: on the CPU everything is f32 (every cast below is then a no-op, so CPU results
+//! are unchanged bit for bit); on a GPU the model computes in its placement dtype (bf16) the way
+//! transformers does under bf16 autocast: RMSNorm's statistics and the attention softmax in f32
+//! (as `LlamaRMSNorm` and eager attention's `softmax(..., dtype=float32)`), matmuls in bf16, and the
+//! f32 LoRA master weights cast to bf16 for their matmuls (autocast's treatment of peft's
+//! `lora_A/lora_B`), so gradients reach the f32 weights through the cast.
 
 use super::{Block, Llama};
 use crate::error::Result;
 use crate::linear::BaseLinear;
-use candle_core::{Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
 /// LoRA weights a training forward applies: `(A (r, in), B (out, r), scale)` per module.
 pub trait LoraWeights {
@@ -29,9 +36,15 @@ impl LoraWeights for NoLora {
     }
 }
 
+/// RMSNorm with the statistics in f32 and the result back in x's dtype before the weight, as
+/// transformers' `LlamaRMSNorm` (a bf16 mean over 4096 features would lose the low bits).
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dt = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    Ok(x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(w)?)
+    Ok(x.broadcast_div(&(var + eps)?.sqrt()?)?
+        .to_dtype(dt)?
+        .broadcast_mul(w)?)
 }
 
 /// Non-interleaved RoPE (`x·cos + rotate_half(x)·sin`); x: (b, h, t, d), cos/sin: (t, d/2).
@@ -57,6 +70,9 @@ fn project(
         None => Ok(y),
         Some((a, b, scale)) => {
             let xd = lora.dropout(layer, proj, x)?;
+            // f32 master weights → the activations' dtype (a no-op on the CPU); the cast's
+            // backward returns f32 gradients to the master weights.
+            let (a, b) = (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
             let delta = xd.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
             Ok((y + (delta * scale)?)?)
         }
@@ -110,6 +126,8 @@ impl Llama {
     /// Token embeddings `(batch, seq, hidden)` (the embedding is frozen).
     pub fn embed_train(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
+        // Batches are built on the host; a no-op when the model is there too.
+        let ids = ids.to_device(&self.device)?;
         Ok(self.embed.index_select(&ids.flatten_all()?, 0)?.reshape((
             b,
             t,
@@ -176,8 +194,14 @@ impl Block {
         // Query heads sharing a kv head are folded into rows: (b, kv, group*t, hd).
         let qg = q.reshape((b, nkv, group * t, hd))?;
         let scores = (qg.matmul(&k.t()?)? / (hd as f64).sqrt())?; // (b, kv, group*t, t)
-        let scores = scores.reshape((b, nkv, group, t, t))?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.reshape((b, nkv, group * t, t))?;
+                                                                  // Mask and softmax in f32 (the mask is f32), probabilities back in the compute dtype.
+        let scores = scores
+            .to_dtype(DType::F32)?
+            .reshape((b, nkv, group, t, t))?
+            .broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?
+            .to_dtype(v.dtype())?
+            .reshape((b, nkv, group * t, t))?;
         let a = probs
             .matmul(&v)?
             .reshape((b, nh, t, hd))?

@@ -135,7 +135,7 @@ impl<'m> Trainer<'m> {
         }
         let adapter = LoraAdapter::load(dir, "checkpoint", model.config())
             .map_err(|e| bad(dir, format!("adapter: {e}")))?;
-        let lora = TrainableLora::from_adapter(&adapter, model.config(), spec)?;
+        let lora = TrainableLora::from_adapter_on(&adapter, model.config(), spec, model.device())?;
         let opt_path = dir.join(OPTIMIZER_FILE);
         let buf = std::fs::read(&opt_path).map_err(|e| bad(dir, e))?;
         let st_file = safetensors::SafeTensors::deserialize(&buf)

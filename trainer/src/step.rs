@@ -144,8 +144,14 @@ impl TrainableLora {
         }
     }
 
-    /// A fresh adapter, PEFT's initialization.
+    /// A fresh adapter, PEFT's initialization, on the CPU.
     pub fn new(cfg: &Config, spec: &LoraSpec, seed: u64) -> Result<Self> {
+        Self::new_on(cfg, spec, seed, &Device::Cpu)
+    }
+
+    /// A fresh adapter with its f32 master weights on `device` (the model's). The values are drawn
+    /// on the host, so every device starts from the same adapter for a seed.
+    pub fn new_on(cfg: &Config, spec: &LoraSpec, seed: u64, device: &Device) -> Result<Self> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         let (r, scale) = (spec.r, spec.scale());
         let mut modules = Vec::with_capacity(cfg.num_layers * 7);
@@ -162,8 +168,8 @@ impl TrainableLora {
                     .map(|_| rng.random_range(-bound..bound) as f32)
                     .collect();
                 modules.push(Some(TrainModule {
-                    a: Var::from_vec(a, (r, inp), &Device::Cpu)?,
-                    b: Var::zeros((out, r), DType::F32, &Device::Cpu)?,
+                    a: Var::from_vec(a, (r, inp), device)?,
+                    b: Var::zeros((out, r), DType::F32, device)?,
                     scale,
                 }));
             }
@@ -171,20 +177,36 @@ impl TrainableLora {
         Ok(Self::with_modules(spec, modules))
     }
 
-    /// Starts from a saved PEFT adapter (e.g. a checkpoint, or a reference's initial weights).
+    /// Starts from a saved PEFT adapter (e.g. a checkpoint, or a reference's initial weights), on
+    /// the CPU.
     pub fn from_adapter(
         a: &qlorad_model::LoraAdapter,
         cfg: &Config,
         spec: &LoraSpec,
     ) -> Result<Self> {
+        Self::from_adapter_on(a, cfg, spec, &Device::Cpu)
+    }
+
+    /// [`Self::from_adapter`] with the f32 master weights on `device`.
+    pub fn from_adapter_on(
+        a: &qlorad_model::LoraAdapter,
+        cfg: &Config,
+        spec: &LoraSpec,
+        device: &Device,
+    ) -> Result<Self> {
+        let master = |t: &Tensor| -> Result<Var> {
+            Ok(Var::from_tensor(
+                &t.to_dtype(DType::F32)?.to_device(device)?,
+            )?)
+        };
         let mut modules = Vec::with_capacity(cfg.num_layers * 7);
         for layer in 0..cfg.num_layers {
             for proj in 0..7 {
                 modules.push(match a.module(layer, proj) {
                     None => None,
                     Some(m) => Some(TrainModule {
-                        a: Var::from_tensor(&m.a)?,
-                        b: Var::from_tensor(&m.b)?,
+                        a: master(&m.a)?,
+                        b: master(&m.b)?,
                         scale: m.scale,
                     }),
                 });
@@ -291,6 +313,8 @@ pub fn loss_from_logits(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
     let dev = logits.device();
     let flat = logits.reshape((b * t, v))?;
     let picked = flat.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?; // (n, vocab)
+                                                                          // The log-softmax in f32 whatever the compute dtype (transformers upcasts logits for the loss).
+    let picked = picked.to_dtype(DType::F32)?;
     let logp = candle_nn::ops::log_softmax(&picked, D::Minus1)?;
     let tgt = Tensor::from_vec(targets, (n, 1), dev)?;
     Ok(logp.gather(&tgt, 1)?.mean_all()?.neg()?)

@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""GPU QLoRA training reference (issue 6): transformers + peft + bitsandbytes on the model and batch
+shape that `qlorad-bench gpu-train-bench` uses in bench/run-gpu-train.sh.
+
+  python3 bench/gpu_train_reference.py --model /tmp/m7b [--gradient-checkpointing] [--json-out F]
+
+Model: BitsAndBytesConfig(load_in_4bit, nf4, double quant, compute dtype bfloat16), dtype bfloat16, on
+cuda:0; LoRA r=64 alpha=16 dropout 0 on all 7 projections (peft); bf16 autocast; bitsandbytes
+PagedAdamW32bit lr 2e-4; clip 0.3; loss = transformers' causal-LM loss. Data: random token ids,
+batch 4 x 512, every token a target (as the qlorad side). Gradient checkpointing: transformers'
+gradient_checkpointing_enable (non-reentrant) + enable_input_require_grads.
+Measured: --steps optimizer steps after --warmup untimed ones; tokens/s = batch*seq*steps / wall
+(synchronized); peak = torch.cuda.max_memory_allocated (and _reserved) over the timed and warm-up
+steps, model included. Prints one JSON object.
+"""
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--alpha", type=float, default=16)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--json-out")
+    a = ap.parse_args()
+    import bitsandbytes as bnb
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    torch.manual_seed(0)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(a.model, quantization_config=q, dtype=torch.bfloat16,
+                                                 device_map={"": 0})
+    if a.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(
+        r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = bnb.optim.PagedAdamW32bit(params, lr=2e-4)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (a.batch, a.seq), device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.item()
+
+    losses = [step() for _ in range(a.warmup)]
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(a.steps):
+        losses.append(step())
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    key = "train_gc" if a.gradient_checkpointing else "train"
+    out = {
+        f"{key}_tok_s": a.batch * a.seq * a.steps / wall,
+        f"{key}_peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+        f"{key}_peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
+        f"{key}_losses": losses,
+        "trainable_params": sum(p.numel() for p in params),
+    }
+    print(json.dumps(out))
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
