@@ -24,6 +24,8 @@ import tempfile
 import time
 import urllib.request
 
+MODEL_ID = "smollm2"
+
 
 def free_port():
     with socket.socket() as s:
@@ -48,7 +50,7 @@ def metric(base, name):
 
 
 def stream_once(base, prompt, max_tokens):
-    body = {"model": "smollm2", "stream": True, "temperature": 0, "max_tokens": max_tokens,
+    body = {"model": MODEL_ID, "stream": True, "temperature": 0, "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": prompt}]}
     r = urllib.request.Request(base + "/v1/chat/completions", data=json.dumps(body).encode(),
                                headers={"Content-Type": "application/json"})
@@ -116,13 +118,20 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--train-share", type=float, default=0.5)
     ap.add_argument("--examples", type=int, default=64)
+    ap.add_argument("--data-jsonl", help="training data as JSONL (default: Guanaco texts from the parquet)")
+    ap.add_argument("--model-id", default="smollm2")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--hp", default="{}", help="extra job hyperparameters as JSON")
     ap.add_argument("--out")
     a = ap.parse_args()
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     state = tempfile.mkdtemp(prefix="qlorad-bench-state-")
-    proc = subprocess.Popen([a.bin, "serve", "--model", a.model, "--model-id", "smollm2", "--listen",
-                             f"127.0.0.1:{port}", "--state-dir", state, "--train-share", str(a.train_share)],
+    global MODEL_ID
+    MODEL_ID = a.model_id
+    proc = subprocess.Popen([a.bin, "serve", "--model", a.model, "--model-id", a.model_id, "--listen",
+                             f"127.0.0.1:{port}", "--state-dir", state, "--train-share", str(a.train_share),
+                             "--device", a.device],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):
@@ -133,14 +142,18 @@ def main():
                 time.sleep(0.2)
         stream_once(base, "warm up", 4)
         idle = phase(base, a.requests, a.max_tokens)
-        fid = upload(base, guanaco_jsonl(a.examples))
+        data = open(a.data_jsonl, "rb").read() if a.data_jsonl else guanaco_jsonl(a.examples)
+        fid = upload(base, data)
+        hp = {"n_epochs": 3, "batch_size": 2, "lora_r": 16, "max_seq_len": 256}
+        hp.update(json.loads(a.hp))
         job = json.loads(req(base, "/v1/fine_tuning/jobs", {
-            "model": "smollm2", "training_file": fid, "seed": 1,
-            "hyperparameters": {"n_epochs": 3, "batch_size": 2, "lora_r": 16, "max_seq_len": 256}}))
+            "model": MODEL_ID, "training_file": fid, "seed": 1, "hyperparameters": hp}))
         for _ in range(1200):
             j = json.loads(req(base, f"/v1/fine_tuning/jobs/{job['id']}"))
             if j["status"] == "running" and j["step"] >= 1:
                 break
+            if j["status"] in ("failed", "cancelled", "succeeded"):
+                raise SystemExit(f"job ended before the measurement: {j}")
             time.sleep(0.5)
         steps0 = metric(base, "qlorad_fine_tuning_steps_total")
         t0 = time.time()
@@ -151,7 +164,7 @@ def main():
         busy["job_lora_bytes"] = metric(base, 'qlorad_fine_tuning_memory_bytes{kind="lora"}')
         req(base, f"/v1/fine_tuning/jobs/{job['id']}/cancel", {}, method="POST")
         ratio = lambda k: None if not idle[k] or busy[k] is None else round(busy[k] / idle[k], 2)
-        out = {"model": a.model, "train_share": a.train_share, "max_tokens": a.max_tokens,
+        out = {"model": a.model, "device": a.device, "train_share": a.train_share, "max_tokens": a.max_tokens,
                "base_weight_bytes": metric(base, "qlorad_model_weight_bytes"),
                "idle": idle, "during_training": busy,
                "ratios": {k: ratio(k) for k in ["ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms"]},

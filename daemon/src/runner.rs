@@ -150,11 +150,6 @@ impl JobRunner {
         &self.store
     }
 
-    /// Whether jobs can run on this daemon's resident base (the training forward is CPU-only so far).
-    pub fn trains_here(&self) -> bool {
-        self.model.device().is_cpu()
-    }
-
     pub fn base_id(&self) -> &str {
         &self.cfg.base_id
     }
@@ -470,8 +465,13 @@ impl JobRunner {
                 t
             }
             None => {
-                let lora = TrainableLora::new(self.model.config(), &resolved.lora, resolved.seed)
-                    .map_err(Self::internal)?;
+                let lora = TrainableLora::new_on(
+                    self.model.config(),
+                    &resolved.lora,
+                    resolved.seed,
+                    self.model.device(),
+                )
+                .map_err(Self::internal)?;
                 let _ = self
                     .store
                     .event(id, "info", "message", "Fine-tuning job started", None);

@@ -332,14 +332,6 @@ pub async fn create_job(
             )
             .with_code("model_not_available"));
         }
-        if !runner.trains_here() {
-            return Err(ApiError::invalid(
-                "fine-tuning on a GPU-resident base is not available yet (the CUDA training path is \
-                 issue 6); run the daemon with --device cpu to train",
-                Some("model"),
-            )
-            .with_code("model_not_available"));
-        }
         let training_file = str_field("training_file")?.ok_or_else(|| {
             ApiError::invalid("`training_file` is required", Some("training_file"))
         })?;
