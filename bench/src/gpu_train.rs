@@ -31,17 +31,9 @@ fn spec(r: usize, alpha: f64) -> LoraSpec {
         alpha,
         dropout: 0.0,
         rslora: false,
-        targets: [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ]
-        .map(String::from)
-        .to_vec(),
+        targets: qlorad_trainer::step::TARGET_MODULES
+            .map(String::from)
+            .to_vec(),
     }
 }
 
