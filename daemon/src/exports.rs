@@ -227,6 +227,11 @@ impl ExportRunner {
         })
     }
 
+    /// An export's events, newest first.
+    pub fn events(&self, id: &str) -> crate::state::Result<Vec<crate::state::EventRow>> {
+        self.store.events(id, None, 1000)
+    }
+
     /// Cancels a queued export at once, a running one between two tensors.
     pub fn cancel(&self, id: &str) -> crate::state::Result<()> {
         let n = self.store.with_conn(|c| {

@@ -514,6 +514,7 @@ impl JobRunner {
                 None => {}
             }
             let started = Instant::now();
+            let tokens_before = trainer.position().trained_tokens;
             let Some(log) = trainer.step().map_err(|e| {
                 job_error("training_error", format!("training step failed: {e}"), None)
             })?
@@ -521,7 +522,7 @@ impl JobRunner {
                 break;
             };
             let took = started.elapsed();
-            self.record_step(id, &log, took);
+            self.record_step(id, &log, log.trained_tokens - tokens_before, took);
             if log.step.is_multiple_of(resolved.checkpoint_interval) && log.step < log.total_steps {
                 self.checkpoint(id, &model_name, &trainer, Some(&log))?;
                 last_ckpt = log.step;
@@ -532,21 +533,14 @@ impl JobRunner {
         self.finish(id, &model_name, &trainer)
     }
 
-    fn record_step(&self, id: &str, log: &StepLog, took: Duration) {
+    /// Metrics, job progress and a metrics event for one step that trained on `new_tokens`.
+    fn record_step(&self, id: &str, log: &StepLog, new_tokens: u64, took: Duration) {
         let t = &self.metrics.training;
         t.steps.inc();
         t.loss.set(log.loss);
         t.lr.set(log.lr);
         t.step_seconds.observe(took.as_secs_f64());
-        let prev = self
-            .store
-            .job(id)
-            .ok()
-            .flatten()
-            .and_then(|j| j.trained_tokens)
-            .unwrap_or(0);
-        t.tokens
-            .inc_by((log.trained_tokens as i64 - prev).max(0) as u64);
+        t.tokens.inc_by(new_tokens);
         let remaining = (log.total_steps - log.step) as f64 * took.as_secs_f64();
         let _ = self.store.set_progress(
             id,

@@ -122,12 +122,7 @@ pub async fn events(State(st): State<AppState>, Path(id): Path<String>) -> Respo
     let r = (|| {
         let runner = runner(&st)?;
         found(runner.get(&id)?, &id)?;
-        let rows = st
-            .runner
-            .as_ref()
-            .map(|r| r.store().events(&id, None, 1000))
-            .transpose()?
-            .unwrap_or_default();
+        let rows = runner.events(&id)?;
         let data: Vec<Value> = rows
             .iter()
             .map(|e| {

@@ -223,7 +223,7 @@ fn opt_json(s: &Option<String>) -> Value {
 /// A job in OpenAI's `fine_tuning.job` shape (plus `qlorad` progress fields).
 pub fn job_json(j: &JobRow) -> Value {
     let resolved = opt_json(&j.resolved);
-    let req = opt_json(&Some(j.request.clone()));
+    let req: Value = serde_json::from_str(&j.request).unwrap_or(Value::Null);
     let pick = |k: &str| {
         let r = &resolved[k];
         if r.is_null() {
