@@ -317,7 +317,12 @@ fn jobs_survive_kill_9_and_fail_cleanly_on_bad_input_and_storage() {
         "a paused job does not step"
     );
     let (s, r) = post(&d, &format!("/v1/fine_tuning/jobs/{j6}/resume"), &json!({}));
-    assert_eq!((s, r["status"].as_str()), (200, Some("queued")), "{r}");
+    // The queue worker may pick the job up before the handler reads it back.
+    assert_eq!(s, 200, "{r}");
+    assert!(
+        matches!(r["status"].as_str(), Some("queued" | "running")),
+        "{r}"
+    );
     assert_eq!(wait_for(&d, &j6, "j6 done", ended)["status"], "succeeded");
     assert_eq!(adapter_bytes(&state, &j1), adapter_bytes(&state, &j6));
 
