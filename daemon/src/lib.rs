@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config_file;
 pub mod engine;
 pub mod exports;
+pub mod http;
 pub mod jobs;
 pub mod merge_cmd;
 pub mod metrics;

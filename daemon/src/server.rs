@@ -91,6 +91,17 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after a shutdown signal.
     #[arg(long, env = "QLORAD_SHUTDOWN_GRACE_S", default_value_t = 30)]
     pub shutdown_grace_s: u64,
+    /// Seconds a client has to send a request's headers, counted from the connection opening or
+    /// the previous response (also closes idle keep-alive connections); 0: no limit.
+    #[arg(long, env = "QLORAD_HEADER_READ_TIMEOUT_S", default_value_t = 30.0)]
+    pub header_read_timeout_s: f64,
+    /// Seconds allowed between two chunks of a request body (408 beyond); 0: no limit.
+    #[arg(long, env = "QLORAD_BODY_READ_TIMEOUT_S", default_value_t = 60.0)]
+    pub body_read_timeout_s: f64,
+    /// Seconds a response write may make no progress (a client that stopped reading) before the
+    /// connection is closed and its generation cancelled; 0: no limit.
+    #[arg(long, env = "QLORAD_WRITE_TIMEOUT_S", default_value_t = 60.0)]
+    pub write_timeout_s: f64,
 }
 
 fn parse_lora(s: &str) -> std::result::Result<(String, PathBuf), String> {
@@ -226,6 +237,11 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let timeouts = crate::http::Timeouts::from_secs(
+        a.header_read_timeout_s,
+        a.body_read_timeout_s,
+        a.write_timeout_s,
+    );
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(a.listen)
             .await
@@ -233,12 +249,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         eprintln!("qlorad: serving {model_id} on http://{}", listener.local_addr()?);
         let grace = Duration::from_secs(a.shutdown_grace_s);
         let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = axum::serve(listener, api::router(state)).with_graceful_shutdown(async move {
+        let router = crate::http::with_request_timeouts(api::router(state), &timeouts);
+        let server = crate::http::serve(listener, router, timeouts, async move {
             shutdown_signal().await;
             eprintln!("qlorad: shutting down, draining in-flight requests (up to {}s)", grace.as_secs());
             let _ = sig_tx.send(());
         });
-        let server = tokio::spawn(async move { server.await });
+        let server = tokio::spawn(server);
         let deadline = async move {
             if sig_rx.await.is_ok() {
                 tokio::time::sleep(grace).await;
@@ -247,7 +264,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             }
         };
         tokio::select! {
-            r = server => { r.context("server task")?.context("server")?; }
+            r = server => { r.context("server task")?; }
             _ = deadline => { eprintln!("qlorad: shutdown deadline reached, closing remaining connections"); }
         }
         Ok(())

@@ -4,102 +4,22 @@
 //! a checkpoint that cannot be written and a corrupt checkpoint each fail their job with a clear
 //! error while the daemon keeps serving.
 
+use qlorad_tests::daemon::Daemon;
 use qlorad_tests::smollm2;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-struct Daemon {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn agent() -> ureq::Agent {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into()
-}
 
 fn start(model: &Path, state: &Path) -> Daemon {
     start_with(model, state, &[])
 }
 
 fn start_with(model: &Path, state: &Path, extra: &[&str]) -> Daemon {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(env!("CARGO_BIN_EXE_qlorad"))
-        .args(["serve", "--model"])
-        .arg(model)
-        .args(["--model-id", "smollm2", "--state-dir"])
-        .arg(state)
-        .args(["--checkpoint-interval", "2", "--listen"])
-        .arg(format!("127.0.0.1:{port}"))
-        .args(extra)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let d = Daemon {
-        child,
-        url: format!("http://127.0.0.1:{port}"),
-    };
-    let t = Instant::now();
-    while agent().get(format!("{}/health", d.url)).call().is_err() {
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "daemon did not start"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    d
-}
-
-fn get(d: &Daemon, path: &str) -> (u16, Value) {
-    let mut r = agent().get(format!("{}{path}", d.url)).call().unwrap();
-    let s = r.status().as_u16();
-    (s, r.body_mut().read_json().unwrap_or(Value::Null))
-}
-
-fn post(d: &Daemon, path: &str, body: &Value) -> (u16, Value) {
-    let mut r = agent()
-        .post(format!("{}{path}", d.url))
-        .send_json(body)
-        .unwrap();
-    let s = r.status().as_u16();
-    (s, r.body_mut().read_json().unwrap_or(Value::Null))
-}
-
-fn upload(d: &Daemon, name: &str, bytes: &[u8], purpose: &str) -> (u16, Value) {
-    let b = "qloradtestboundary";
-    let mut body = format!(
-        "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n--{b}\r\n\
-         Content-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
-         Content-Type: application/octet-stream\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(bytes);
-    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
-    let mut r = agent()
-        .post(format!("{}/v1/files", d.url))
-        .header(
-            "Content-Type",
-            &format!("multipart/form-data; boundary={b}"),
-        )
-        .send(&body[..])
-        .unwrap();
-    let s = r.status().as_u16();
-    (s, r.body_mut().read_json().unwrap_or(Value::Null))
+    let state = state.to_str().unwrap();
+    let mut args = vec!["--model-id", "smollm2", "--state-dir", state];
+    args.extend_from_slice(&["--checkpoint-interval", "2"]);
+    args.extend_from_slice(extra);
+    Daemon::start(env!("CARGO_BIN_EXE_qlorad"), model, &args)
 }
 
 fn data() -> Vec<u8> {
@@ -123,8 +43,7 @@ fn data() -> Vec<u8> {
 }
 
 fn create(d: &Daemon, file: &str) -> String {
-    let (s, j) = post(
-        d,
+    let (s, j) = d.post(
         "/v1/fine_tuning/jobs",
         &json!({
             "model": "smollm2", "training_file": file, "suffix": "caps", "seed": 11,
@@ -140,7 +59,7 @@ fn create(d: &Daemon, file: &str) -> String {
 }
 
 fn job(d: &Daemon, id: &str) -> Value {
-    get(d, &format!("/v1/fine_tuning/jobs/{id}")).1
+    d.get(&format!("/v1/fine_tuning/jobs/{id}")).1
 }
 
 /// Polls until `done` holds for the job (or panics after a while).
@@ -174,22 +93,11 @@ fn adapter_bytes(state: &Path, id: &str) -> Vec<u8> {
 }
 
 fn chat(d: &Daemon, model: &str) -> (u16, Value) {
-    post(
-        d,
+    d.post(
         "/v1/chat/completions",
         &json!({"model": model, "max_tokens": 6, "temperature": 0,
                 "messages": [{"role": "user", "content": "Capital of Peru?"}]}),
     )
-}
-
-fn kill9(d: Daemon) {
-    let mut d = d;
-    assert!(Command::new("kill")
-        .args(["-9", &d.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let _ = d.child.wait();
 }
 
 #[test]
@@ -200,12 +108,7 @@ fn jobs_survive_kill_9_and_fail_cleanly_on_bad_input_and_storage() {
     let d = start(&model, &state);
 
     // --- bad input: 400 with the offending field ---
-    let (s, e) = upload(
-        &d,
-        "bad.jsonl",
-        b"{\"messages\": []}\n{\"oops\"\n",
-        "fine-tune",
-    );
+    let (s, e) = d.upload("bad.jsonl", b"{\"messages\": []}\n{\"oops\"\n", "fine-tune");
     assert_eq!(
         (s, e["error"]["param"].as_str()),
         (400, Some("file")),
@@ -213,12 +116,12 @@ fn jobs_survive_kill_9_and_fail_cleanly_on_bad_input_and_storage() {
     );
     let msg = e["error"]["message"].as_str().unwrap();
     assert!(msg.contains("line 1") && msg.contains("line 2"), "{msg}");
-    let (s, e) = upload(&d, "x.jsonl", b"{}", "nonsense");
+    let (s, e) = d.upload("x.jsonl", b"{}", "nonsense");
     assert_eq!((s, e["error"]["param"].as_str()), (400, Some("purpose")));
-    let (s, f) = upload(&d, "caps.jsonl", &data(), "fine-tune");
+    let (s, f) = d.upload("caps.jsonl", &data(), "fine-tune");
     assert_eq!(s, 200, "{f}");
     let file = f["id"].as_str().unwrap().to_string();
-    let (_, other) = upload(&d, "notes.jsonl", &data(), "batch");
+    let (_, other) = d.upload("notes.jsonl", &data(), "batch");
     for (body, param) in [
         (json!({"model": "gpt-4o", "training_file": file}), "model"),
         (
@@ -242,14 +145,14 @@ fn jobs_survive_kill_9_and_fail_cleanly_on_bad_input_and_storage() {
             "suffix",
         ),
     ] {
-        let (s, e) = post(&d, "/v1/fine_tuning/jobs", &body);
+        let (s, e) = d.post("/v1/fine_tuning/jobs", &body);
         assert_eq!(
             (s, e["error"]["param"].as_str()),
             (400, Some(param)),
             "{body}: {e}"
         );
     }
-    assert_eq!(get(&d, "/v1/fine_tuning/jobs/ftjob-nope").0, 404);
+    assert_eq!(d.get("/v1/fine_tuning/jobs/ftjob-nope").0, 404);
 
     // --- kill -9 mid-job ---
     let j1 = create(&d, &file);
@@ -261,15 +164,15 @@ fn jobs_survive_kill_9_and_fail_cleanly_on_bad_input_and_storage() {
     wait_for(&d, &j1, "first checkpoint", |j| {
         j["step"].as_i64() >= Some(3)
     });
-    let (_, ck) = get(&d, &format!("/v1/fine_tuning/jobs/{j1}/checkpoints"));
+    let (_, ck) = d.get(&format!("/v1/fine_tuning/jobs/{j1}/checkpoints"));
     assert_eq!(ck["data"][0]["step_number"], 2, "{ck}");
-    kill9(d);
+    d.kill9();
 
     let d = start(&model, &state);
     let done = wait_for(&d, &j1, "resumed job", ended);
     assert_eq!(done["status"], "succeeded", "{done}");
     assert_eq!(done["total_steps"], 6);
-    let (_, ev) = get(&d, &format!("/v1/fine_tuning/jobs/{j1}/events?limit=100"));
+    let (_, ev) = d.get(&format!("/v1/fine_tuning/jobs/{j1}/events?limit=100"));
     let msgs: Vec<&str> = ev["data"]
         .as_array()
         .unwrap()
@@ -307,7 +210,7 @@ fn jobs_survive_kill_9_and_fail_cleanly_on_bad_input_and_storage() {
     // Pause a running job (it checkpoints), resume it: same adapter again.
     let j6 = create(&d, &file);
     wait_for(&d, &j6, "j6 running", |j| j["step"].as_i64() >= Some(1));
-    let (s, p) = post(&d, &format!("/v1/fine_tuning/jobs/{j6}/pause"), &json!({}));
+    let (s, p) = d.post(&format!("/v1/fine_tuning/jobs/{j6}/pause"), &json!({}));
     assert_eq!((s, p["status"].as_str()), (200, Some("paused")), "{p}");
     let paused_at = p["step"].as_i64().unwrap();
     std::thread::sleep(Duration::from_millis(500));
@@ -316,7 +219,7 @@ fn jobs_survive_kill_9_and_fail_cleanly_on_bad_input_and_storage() {
         Some(paused_at),
         "a paused job does not step"
     );
-    let (s, r) = post(&d, &format!("/v1/fine_tuning/jobs/{j6}/resume"), &json!({}));
+    let (s, r) = d.post(&format!("/v1/fine_tuning/jobs/{j6}/resume"), &json!({}));
     // The queue worker may pick the job up before the handler reads it back.
     assert_eq!(s, 200, "{r}");
     assert!(
@@ -328,9 +231,9 @@ fn jobs_survive_kill_9_and_fail_cleanly_on_bad_input_and_storage() {
 
     // Cancel a queued job.
     let j4 = create(&d, &file);
-    let (s, c) = post(&d, &format!("/v1/fine_tuning/jobs/{j4}/cancel"), &json!({}));
+    let (s, c) = d.post(&format!("/v1/fine_tuning/jobs/{j4}/cancel"), &json!({}));
     assert_eq!((s, c["status"].as_str()), (200, Some("cancelled")), "{c}");
-    let (s, _) = post(&d, &format!("/v1/fine_tuning/jobs/{j4}/cancel"), &json!({}));
+    let (s, _) = d.post(&format!("/v1/fine_tuning/jobs/{j4}/cancel"), &json!({}));
     assert_eq!(s, 400);
 
     // --- corrupt checkpoint: kill, damage it, restart → the job fails clearly ---
@@ -338,7 +241,7 @@ fn jobs_survive_kill_9_and_fail_cleanly_on_bad_input_and_storage() {
     wait_for(&d, &j5, "checkpoint of j5", |j| {
         j["step"].as_i64() >= Some(3)
     });
-    kill9(d);
+    d.kill9();
     for ckpt in std::fs::read_dir(state.join("jobs").join(&j5).join("checkpoints")).unwrap() {
         let ckpt = ckpt.unwrap().path();
         if ckpt.join("optimizer.safetensors").exists() {
@@ -353,20 +256,14 @@ fn jobs_survive_kill_9_and_fail_cleanly_on_bad_input_and_storage() {
         .unwrap()
         .contains("optimizer.safetensors"));
     assert_eq!(chat(&d, &name).0, 200, "earlier outputs still serve");
-    let (_, list) = get(&d, "/v1/fine_tuning/jobs?limit=2");
+    let (_, list) = d.get("/v1/fine_tuning/jobs?limit=2");
     assert_eq!(list["data"].as_array().unwrap().len(), 2);
     assert_eq!(list["has_more"], true);
-    let (_, metrics) = get_text(&d, "/metrics");
+    let (_, metrics) = d.get_text("/metrics");
     assert!(
         metrics.contains("qlorad_fine_tuning_jobs{status=\"succeeded\"} 3"),
         "{metrics}"
     );
-}
-
-fn get_text(d: &Daemon, path: &str) -> (u16, String) {
-    let mut r = agent().get(format!("{}{path}", d.url)).call().unwrap();
-    let s = r.status().as_u16();
-    (s, r.body_mut().read_to_string().unwrap_or_default())
 }
 
 #[test]
@@ -389,7 +286,7 @@ fn promote_exports_a_plain_model_folder() {
             Some("merge_into"),
         ),
     ] {
-        let (s, e) = post(&d, "/v1/adapters/qv/promote", &body);
+        let (s, e) = d.post("/v1/adapters/qv/promote", &body);
         assert_eq!(
             (s, e["error"]["param"].as_str()),
             (status, param),
@@ -397,11 +294,10 @@ fn promote_exports_a_plain_model_folder() {
         );
     }
     assert_eq!(
-        post(&d, "/v1/adapters/nope/promote", &json!({"out": "m"})).0,
+        d.post("/v1/adapters/nope/promote", &json!({"out": "m"})).0,
         404
     );
-    let (s, ex) = post(
-        &d,
+    let (s, ex) = d.post(
         "/v1/adapters/qv/promote",
         &json!({"out": "smollm2-qv", "dtype": "bf16", "merge_into": "dequantized"}),
     );
@@ -409,7 +305,7 @@ fn promote_exports_a_plain_model_folder() {
     let id = ex["id"].as_str().unwrap().to_string();
     let t = Instant::now();
     let done = loop {
-        let (_, v) = get(&d, &format!("/v1/exports/{id}"));
+        let (_, v) = d.get(&format!("/v1/exports/{id}"));
         if matches!(
             v["status"].as_str(),
             Some("succeeded" | "failed" | "cancelled")
@@ -436,7 +332,7 @@ fn promote_exports_a_plain_model_folder() {
     let cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["dtype"], "bfloat16");
-    let (_, ev) = get(&d, &format!("/v1/exports/{id}/events"));
+    let (_, ev) = d.get(&format!("/v1/exports/{id}/events"));
     assert!(
         ev["data"][0]["message"]
             .as_str()
@@ -445,9 +341,9 @@ fn promote_exports_a_plain_model_folder() {
         "{ev}"
     );
     // The same name again is refused unless overwriting.
-    let (s, e) = post(&d, "/v1/adapters/qv/promote", &json!({"out": "smollm2-qv"}));
+    let (s, e) = d.post("/v1/adapters/qv/promote", &json!({"out": "smollm2-qv"}));
     assert_eq!((s, e["error"]["param"].as_str()), (400, Some("out")));
-    let (_, m) = get_text(&d, "/metrics");
+    let (_, m) = d.get_text("/metrics");
     assert!(
         m.contains("qlorad_exports_total{status=\"succeeded\"} 1"),
         "{m}"

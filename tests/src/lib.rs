@@ -1,5 +1,7 @@
 //! Shared helpers for the end-to-end tests: fixture paths, the default model, safetensors readers.
 
+pub mod daemon;
+
 use safetensors::{Dtype, SafeTensors};
 use std::path::PathBuf;
 

@@ -81,6 +81,18 @@ impl ApiError {
         }
     }
 
+    /// 408: the request body stopped arriving (`--body-read-timeout-s`).
+    pub fn body_timeout() -> Self {
+        Self {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: "the request body did not arrive in time".into(),
+            kind: "invalid_request_error",
+            param: None,
+            code: Some("request_timeout"),
+            retry_after_s: None,
+        }
+    }
+
     /// 429 with Retry-After.
     pub fn overloaded(message: impl Into<String>) -> Self {
         Self {

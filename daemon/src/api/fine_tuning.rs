@@ -90,6 +90,8 @@ pub async fn upload(
             let bad_form = |e: axum::extract::multipart::MultipartError| {
                 if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::too_large(st.max_upload_bytes)
+                } else if crate::http::is_body_timeout(&e) {
+                    ApiError::body_timeout()
                 } else {
                     ApiError::invalid(format!("invalid multipart body: {e}"), None)
                 }

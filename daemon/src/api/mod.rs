@@ -183,6 +183,8 @@ fn parse<T: serde::de::DeserializeOwned>(
     let bytes = body.map_err(|rej| {
         if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(st.max_body_bytes)
+        } else if crate::http::is_body_timeout(&rej) {
+            ApiError::body_timeout()
         } else {
             ApiError::invalid(format!("could not read the request body: {rej}"), None)
         }
