@@ -280,6 +280,37 @@ impl AdapterRegistry {
         }
     }
 
+    /// Re-registers the adapters recorded in the state store after a restart: runtime loads come
+    /// back on the disk tier (read on first use), pinned ones are loaded now. Names already
+    /// registered (`--lora` at start wins) keep their folder. Returns one line per record that
+    /// could not be restored (a folder since removed, say); those stay recorded.
+    pub fn restore(&self, records: &[crate::state::AdapterRecord]) -> Vec<String> {
+        let mut problems = Vec::new();
+        for r in records {
+            let done = match &r.path {
+                Some(dir) if !self.contains(&r.name) => {
+                    if r.pinned {
+                        self.load(&r.name, dir).map(|_| ())
+                    } else {
+                        self.register_on_disk(&r.name, dir)
+                    }
+                }
+                _ => Ok(()),
+            };
+            let done = done.and_then(|()| {
+                if r.pinned && self.contains(&r.name) {
+                    self.set_pinned(&r.name, true).map(|_| ())
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = done {
+                problems.push(format!("adapter {}: {e}", r.name));
+            }
+        }
+        problems
+    }
+
     pub fn unload(&self, name: &str) -> Result<(), AdapterError> {
         let mut map = self.write();
         let r = map

@@ -214,6 +214,16 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 },
             )
             .context("starting the job runner")?;
+            // Adapters loaded or pinned through the API before a restart come back (after the
+            // job outputs, which the runner has just registered).
+            let records = jobs
+                .store()
+                .recorded_adapters()
+                .context("reading adapters")?;
+            for problem in adapters.restore(&records) {
+                tracing::warn!("not restored: {problem}");
+                eprintln!("qlorad: warning: not restored: {problem}");
+            }
             (Some(jobs), Some(exports))
         }
     };

@@ -79,7 +79,22 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     metrics TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS checkpoints_job ON checkpoints(job_id, step);
+CREATE TABLE IF NOT EXISTS adapters (
+    name TEXT PRIMARY KEY,
+    path TEXT,
+    pinned INTEGER NOT NULL DEFAULT 0,
+    updated_at INTEGER NOT NULL
+);
 ";
+
+/// An adapter whose registration the API changed: loaded at run time (`path` set) and/or pinned.
+/// Job outputs are re-registered from the jobs table; for them only the pin is recorded here.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterRecord {
+    pub name: String,
+    pub path: Option<PathBuf>,
+    pub pinned: bool,
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct FileRow {
@@ -479,6 +494,50 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
+    // ---- adapters registered through the API ----
+
+    /// Records a runtime load of adapter `name` from `path` (replacing an earlier one).
+    pub fn record_adapter(&self, name: &str, path: &Path) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO adapters (name, path, pinned, updated_at) VALUES (?1, ?2, 0, ?3) \
+             ON CONFLICT(name) DO UPDATE SET path = excluded.path, updated_at = excluded.updated_at",
+            params![name, path.to_string_lossy(), now()],
+        )?;
+        Ok(())
+    }
+
+    /// Records a pin or unpin (of any adapter, runtime-loaded or a job output).
+    pub fn record_pin(&self, name: &str, pinned: bool) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO adapters (name, path, pinned, updated_at) VALUES (?1, NULL, ?2, ?3) \
+             ON CONFLICT(name) DO UPDATE SET pinned = excluded.pinned, updated_at = excluded.updated_at",
+            params![name, pinned, now()],
+        )?;
+        Ok(())
+    }
+
+    /// Forgets an unloaded adapter.
+    pub fn forget_adapter(&self, name: &str) -> Result<()> {
+        self.conn()
+            .execute("DELETE FROM adapters WHERE name = ?1", params![name])?;
+        Ok(())
+    }
+
+    /// Every recorded adapter, oldest change first.
+    pub fn recorded_adapters(&self) -> Result<Vec<AdapterRecord>> {
+        let conn = self.conn();
+        let mut st =
+            conn.prepare("SELECT name, path, pinned FROM adapters ORDER BY updated_at, name")?;
+        let rows = st.query_map([], |r| {
+            Ok(AdapterRecord {
+                name: r.get(0)?,
+                path: r.get::<_, Option<String>>(1)?.map(PathBuf::from),
+                pinned: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// Every registered output (succeeded jobs' models and all checkpoints) as (name, folder), for
     /// re-registering adapters at start.
     pub fn servable(&self) -> Result<Vec<(String, PathBuf)>> {
@@ -575,6 +634,38 @@ mod tests {
             total_steps: 0,
             result_path: None,
         }
+    }
+
+    #[test]
+    fn adapter_records_survive_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(d.path()).unwrap();
+            s.record_adapter("a", Path::new("/x/a")).unwrap();
+            s.record_adapter("b", Path::new("/x/b")).unwrap();
+            s.record_pin("a", true).unwrap();
+            s.record_pin("ft:m:s:job", true).unwrap(); // a job output: only the pin
+            s.record_adapter("a", Path::new("/x/a2")).unwrap(); // replaced: keeps the pin
+            s.forget_adapter("b").unwrap();
+        }
+        let s = Store::open(d.path()).unwrap();
+        let mut got = s.recorded_adapters().unwrap();
+        got.sort_by(|x, y| x.name.cmp(&y.name));
+        assert_eq!(
+            got,
+            [
+                AdapterRecord {
+                    name: "a".into(),
+                    path: Some("/x/a2".into()),
+                    pinned: true
+                },
+                AdapterRecord {
+                    name: "ft:m:s:job".into(),
+                    path: None,
+                    pinned: true
+                },
+            ]
+        );
     }
 
     #[test]

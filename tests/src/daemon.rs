@@ -98,6 +98,15 @@ impl Daemon {
         (s, r.body_mut().read_json().unwrap_or(Value::Null))
     }
 
+    pub fn delete(&self, path: &str) -> (u16, Value) {
+        let mut r = agent()
+            .delete(format!("{}{path}", self.url))
+            .call()
+            .expect("DELETE");
+        let s = r.status().as_u16();
+        (s, r.body_mut().read_json().unwrap_or(Value::Null))
+    }
+
     /// `POST /v1/files` as multipart/form-data.
     pub fn upload(&self, name: &str, bytes: &[u8], purpose: &str) -> (u16, Value) {
         let b = "qloradtestboundary";

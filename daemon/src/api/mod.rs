@@ -229,9 +229,19 @@ async fn load_adapter(State(st): State<AppState>, body: Result<Bytes, BytesRejec
         let req: LoadAdapter = parse(&st, body)?;
         let dir = st.adapters.resolve(&req.path)?;
         let reg = st.adapters.clone();
+        let name = req.name.clone();
+        let loaded_dir = dir.clone();
         let info = tokio::task::spawn_blocking(move || reg.load(&req.name, &dir))
             .await
             .map_err(ApiError::internal)??;
+        // Recorded so that it comes back after a restart; an adapter the state store cannot
+        // record is not kept either (the API must not acknowledge what a restart would lose).
+        if let Some(store) = store(&st) {
+            if let Err(e) = store.record_adapter(&name, &loaded_dir) {
+                let _ = st.adapters.unload(&name);
+                return Err(ApiError::internal(e));
+            }
+        }
         Ok::<_, ApiError>((StatusCode::CREATED, Json(info)).into_response())
     }
     .await
@@ -240,25 +250,41 @@ async fn load_adapter(State(st): State<AppState>, body: Result<Bytes, BytesRejec
     resp
 }
 
+/// The durable state, when the daemon has one (`--state-dir`).
+fn store(st: &AppState) -> Option<&crate::state::Store> {
+    st.runner.as_ref().map(|r| r.store())
+}
+
 async fn pin_adapter(State(st): State<AppState>, Path(name): Path<String>) -> Response {
-    match st.adapters.set_pinned(&name, true) {
-        Ok(info) => Json(info).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
-    }
+    set_pinned(&st, &name, true)
 }
 
 async fn unpin_adapter(State(st): State<AppState>, Path(name): Path<String>) -> Response {
-    match st.adapters.set_pinned(&name, false) {
-        Ok(info) => Json(info).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
-    }
+    set_pinned(&st, &name, false)
+}
+
+fn set_pinned(st: &AppState, name: &str, pinned: bool) -> Response {
+    let r = (|| {
+        let info = st.adapters.set_pinned(name, pinned)?;
+        if let Some(store) = store(st) {
+            store.record_pin(name, pinned)?;
+        }
+        Ok::<_, ApiError>(Json(info).into_response())
+    })();
+    r.unwrap_or_else(|e| e.into_response())
 }
 
 async fn unload_adapter(State(st): State<AppState>, Path(name): Path<String>) -> Response {
-    match st.adapters.unload(&name) {
-        Ok(()) => Json(json!({"id": name, "object": "adapter", "deleted": true})).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
-    }
+    let r = (|| {
+        st.adapters.unload(&name)?;
+        if let Some(store) = store(&st) {
+            store.forget_adapter(&name)?;
+        }
+        Ok::<_, ApiError>(
+            Json(json!({"id": name, "object": "adapter", "deleted": true})).into_response(),
+        )
+    })();
+    r.unwrap_or_else(|e| e.into_response())
 }
 
 /// Validates limits against the context and submits; returns the event stream.
