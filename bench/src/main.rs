@@ -124,6 +124,11 @@ pub struct GpuTrainBenchArgs {
     /// Timed optimizer steps per mode.
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
+    /// Which modes to run, in order: gc_paged (checkpointing + AdamW state paged from the host),
+    /// gc (checkpointing), plain. Run smaller peaks first: the stream-ordered pool keeps what a
+    /// larger one reserved.
+    #[arg(long, value_delimiter = ',', default_value = "gc,plain")]
+    pub modes: Vec<String>,
     /// Write the results as JSON here (also printed).
     #[arg(long)]
     pub json_out: Option<PathBuf>,

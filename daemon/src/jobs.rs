@@ -46,6 +46,9 @@ pub struct JobRequest {
     /// Recompute decoder layers in the backward pass (less memory).
     #[serde(default)]
     pub gradient_checkpointing: Option<bool>,
+    /// Keep AdamW's state in host memory, paged onto the GPU per tensor for each update.
+    #[serde(default)]
+    pub paged_optimizer: Option<bool>,
 }
 
 /// Everything a job runs with, every "auto" decided. Stored as JSON and re-read by every run of the
@@ -62,6 +65,8 @@ pub struct Resolved {
     pub eval_interval: usize,
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    #[serde(default)]
+    pub paged_optimizer: bool,
     pub seed: u64,
     pub n_train_examples: usize,
     pub n_validation_examples: usize,
@@ -86,6 +91,7 @@ impl Resolved {
             group_by_length: true,
             eval_every: self.eval_interval,
             gradient_checkpointing: self.gradient_checkpointing,
+            paged_optimizer: self.paged_optimizer,
         }
     }
 }
@@ -218,6 +224,7 @@ impl JobRequest {
                 Value::as_bool,
                 "a boolean",
             )?,
+            paged_optimizer: auto_or(hp, "paged_optimizer", Value::as_bool, "a boolean")?,
         };
         if let Some(t) = &r.target_modules {
             if t.is_empty() {
@@ -274,6 +281,7 @@ impl JobRequest {
             // On by default in the daemon: the process's memory is shared with serving, and layer
             // boundaries are where a step can pause for serving (see runner.rs).
             gradient_checkpointing: self.gradient_checkpointing.unwrap_or(true),
+            paged_optimizer: self.paged_optimizer.unwrap_or(false),
             seed,
             n_train_examples: n_train,
             n_validation_examples: n_val,

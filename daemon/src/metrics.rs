@@ -176,7 +176,7 @@ impl Metrics {
             job_bytes: IntGaugeVec::new(
                 Opts::new(
                     "qlorad_fine_tuning_memory_bytes",
-                    "Memory of the running job beyond the shared base (lora: trainable weights, optimizer: AdamW moments)",
+                    "Memory of the running job beyond the shared base (lora: trainable weights, optimizer: AdamW moments where the model computes, optimizer_host: moments paged to host memory)",
                 ),
                 &["kind"],
             )?,

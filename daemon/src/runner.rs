@@ -379,6 +379,7 @@ impl JobRunner {
         let t = &self.metrics.training;
         t.job_bytes.with_label_values(&["lora"]).set(0);
         t.job_bytes.with_label_values(&["optimizer"]).set(0);
+        t.job_bytes.with_label_values(&["optimizer_host"]).set(0);
         // The last event is written before the status changes, so a client that stops reading at a
         // terminal status has seen every event.
         match outcome {
@@ -488,9 +489,20 @@ impl JobRunner {
         t.job_bytes
             .with_label_values(&["lora"])
             .set(lora_bytes as i64);
+        // Optimizer state where the model computes (none when paged to the host of a GPU run)
+        // and in host memory.
+        let on_device = trainer.optimizer().bytes_on(self.model.device());
+        let on_host = if self.model.device().is_cpu() {
+            0
+        } else {
+            trainer.optimizer().bytes_on(&candle_core::Device::Cpu)
+        };
         t.job_bytes
             .with_label_values(&["optimizer"])
-            .set(2 * lora_bytes as i64);
+            .set(on_device as i64);
+        t.job_bytes
+            .with_label_values(&["optimizer_host"])
+            .set(on_host as i64);
         // Preemption points inside a step (between layers, with gradient checkpointing) and after it.
         let yielder = Arc::new(Yielder::new(
             self.engine.clone(),

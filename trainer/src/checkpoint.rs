@@ -63,6 +63,15 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| StepError::Invalid(e.to_string()))
 }
 
+/// The settings a checkpoint must be resumed with: all of them but where the optimizer state is
+/// kept, which does not change the run (a run may switch paging on or off across a resume).
+fn settings_json(cfg: &TrainConfig) -> Result<String> {
+    to_json(&TrainConfig {
+        paged_optimizer: false,
+        ..cfg.clone()
+    })
+}
+
 /// Reads and checks a checkpoint's `trainer_state.json`.
 pub fn read_state(dir: &Path) -> Result<CheckpointState> {
     let path = dir.join(STATE_FILE);
@@ -99,7 +108,7 @@ impl Trainer<'_> {
             position: self.position(),
             adam_step: self.optimizer().step,
             total_steps: self.total_steps(),
-            config_json: to_json(self.config())?,
+            config_json: settings_json(self.config())?,
             lora_json: to_json(&self.lora.spec)?,
             n_examples: self.n_examples(),
             data_fingerprint: data_fingerprint(self.examples()),
@@ -124,7 +133,7 @@ impl<'m> Trainer<'m> {
         dir: &Path,
     ) -> Result<Self> {
         let st = read_state(dir)?;
-        if st.config_json != to_json(&cfg)? {
+        if st.config_json != settings_json(&cfg)? {
             return Err(bad(dir, "made with different training settings"));
         }
         if st.lora_json != to_json(spec)? {

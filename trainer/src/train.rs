@@ -55,6 +55,10 @@ pub struct TrainConfig {
     /// Recompute each decoder layer in the backward pass instead of keeping its activations.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Keep AdamW's moments in host memory, paged onto the device per tensor for each update
+    /// (see [`AdamW`]); results are identical, device memory smaller by 8 bytes per parameter.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paged_optimizer: bool,
 }
 
 impl Default for TrainConfig {
@@ -72,6 +76,7 @@ impl Default for TrainConfig {
             group_by_length: true,
             eval_every: 0,
             gradient_checkpointing: false,
+            paged_optimizer: false,
         }
     }
 }
@@ -208,6 +213,7 @@ impl<'m> Trainer<'m> {
         if examples.is_empty() {
             return Err(StepError::Invalid("no training examples".into()));
         }
+        let opt = opt.paged(cfg.paged_optimizer, model.device())?;
         let lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
         let total = total_steps(lengths.len(), &cfg);
         let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;

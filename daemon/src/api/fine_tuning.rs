@@ -258,6 +258,13 @@ pub fn job_json(j: &JobRow) -> Value {
             "gradient_checkpointing".into(),
             resolved["gradient_checkpointing"].clone(),
         );
+        o.insert(
+            "paged_optimizer".into(),
+            resolved
+                .get("paged_optimizer")
+                .cloned()
+                .unwrap_or(json!(false)),
+        );
     }
     json!({
         "id": j.id,

@@ -224,7 +224,9 @@ pub fn spec(version: &str) -> Value {
                         "enum": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}},
                     "max_seq_len": {"type": "integer", "minimum": 8},
                     "checkpoint_interval": {"type": "integer", "minimum": 1},
-                    "eval_interval": {"type": "integer", "minimum": 1}}},
+                    "eval_interval": {"type": "integer", "minimum": 1},
+                    "gradient_checkpointing": {"type": "boolean"},
+                    "paged_optimizer": {"type": "boolean"}}},
                 "LoadAdapter": {"type": "object", "required": ["name", "path"], "properties": {
                     "name": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}, "path": {"type": "string"}}}
             }
