@@ -12,7 +12,7 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::BaseLinear;
 use crate::loader::{LayerWeights, ModelWeights};
-use crate::lora::{LoraAdapter, LoraBatch};
+use crate::lora::{LoraAdapter, LoraBatch, LoraKernel};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
@@ -80,6 +80,8 @@ pub struct Llama {
     sin: Tensor,
     device: Device,
     placement: Placement,
+    /// How batches apply their LoRA deltas on a GPU (`QLORAD_LORA_KERNEL` at construction).
+    lora_kernel: LoraKernel,
 }
 
 impl Llama {
@@ -124,7 +126,18 @@ impl Llama {
             sin: sin.to_dtype(p.dtype)?,
             device,
             placement: p.clone(),
+            lora_kernel: LoraKernel::from_env(),
         })
+    }
+
+    /// How batches apply their LoRA deltas on a GPU.
+    pub fn lora_kernel(&self) -> LoraKernel {
+        self.lora_kernel
+    }
+
+    /// Chooses how batches apply their LoRA deltas on a GPU (benchmarks compare both paths).
+    pub fn set_lora_kernel(&mut self, k: LoraKernel) {
+        self.lora_kernel = k;
     }
 
     /// Where the model lives and the dtype it computes in.
@@ -195,7 +208,7 @@ impl Llama {
             positions.extend((start..start + s.tokens.len()).map(|p| p as u32));
             row_adapters.extend(std::iter::repeat_n(s.adapter.clone(), s.tokens.len()));
         }
-        let lora = LoraBatch::new(&row_adapters, &self.device)?;
+        let lora = LoraBatch::with_kernel(&row_adapters, &self.device, self.lora_kernel)?;
         let t = ids.len();
         let ids = Tensor::from_vec(ids, t, &self.device)?;
         let pos = Tensor::from_vec(positions, t, &self.device)?;
