@@ -29,8 +29,39 @@ fn bf16_values(rng: &mut ChaCha8Rng, shape: (usize, usize), std: f32) -> Result<
         .to_dtype(DType::F32)?)
 }
 
-/// One single-slot adapter (layer 0, projection 0) of rank `r`: on the CPU in f32 and on `dev` in
-/// bf16 with the same values, the scale kept apart from B (so the kernels' scale is exercised).
+/// An adapter of rank `r` with a module of (in, out) features at each `Some` slot (layer 0,
+/// projections 0, 1, …): on the CPU in f32 and on `dev` in bf16 with the same values, the scale
+/// kept apart from B (so the kernels' scale is exercised).
+fn slots_adapter(
+    rng: &mut ChaCha8Rng,
+    r: usize,
+    slots: &[Option<(usize, usize)>],
+    scale: f64,
+    dev: &Device,
+) -> Result<(Arc<LoraAdapter>, Arc<LoraAdapter>)> {
+    let (mut cpu, mut gpu) = (Vec::new(), Vec::new());
+    for slot in slots {
+        let Some((in_f, out_f)) = *slot else {
+            cpu.push(None);
+            gpu.push(None);
+            continue;
+        };
+        let a = bf16_values(rng, (r, in_f), 1.0 / (in_f as f32).sqrt())?;
+        let b = bf16_values(rng, (out_f, r), 0.02)?;
+        gpu.push(Some(LoraModule {
+            a: a.to_dtype(DType::BF16)?.to_device(dev)?,
+            b: b.to_dtype(DType::BF16)?.to_device(dev)?,
+            scale,
+        }));
+        cpu.push(Some(LoraModule { a, b, scale }));
+    }
+    Ok((
+        Arc::new(LoraAdapter::from_modules(&format!("r{r}"), cpu)),
+        Arc::new(LoraAdapter::from_modules(&format!("r{r}"), gpu)),
+    ))
+}
+
+/// [`slots_adapter`] with one module, at slot 0.
 fn slot_adapter(
     rng: &mut ChaCha8Rng,
     r: usize,
@@ -39,18 +70,7 @@ fn slot_adapter(
     scale: f64,
     dev: &Device,
 ) -> Result<(Arc<LoraAdapter>, Arc<LoraAdapter>)> {
-    let a = bf16_values(rng, (r, in_f), 1.0 / (in_f as f32).sqrt())?;
-    let b = bf16_values(rng, (out_f, r), 0.02)?;
-    let gpu = LoraModule {
-        a: a.to_dtype(DType::BF16)?.to_device(dev)?,
-        b: b.to_dtype(DType::BF16)?.to_device(dev)?,
-        scale,
-    };
-    let cpu = LoraModule { a, b, scale };
-    Ok((
-        Arc::new(LoraAdapter::from_modules(&format!("r{r}"), vec![Some(cpu)])),
-        Arc::new(LoraAdapter::from_modules(&format!("r{r}"), vec![Some(gpu)])),
-    ))
+    slots_adapter(rng, r, &[Some((in_f, out_f))], scale, dev)
 }
 
 /// Which adapter (index) each of `n` rows uses: the largest-rank one for a single row, else a
@@ -140,11 +160,78 @@ pub fn kernel_checks(dev: &Device, r: &mut Report) -> Result<()> {
             );
         }
     }
+    group_check(dev, &mut rng, r)?;
     r.add(
         "lora bgmv: base-only rows changed".into(),
         base_rows_changed as f64,
         0.0,
         "elements of rows without an adapter that differ from y (bitwise)".into(),
+    );
+    Ok(())
+}
+
+/// One launch pair for three projections reading the same x (q/k/v of Mistral-7B: 4096 -> 4096,
+/// 1024, 1024), 13 rows, four adapters of which one has no module at the middle slot, against the
+/// CPU gather path slot by slot.
+fn group_check(dev: &Device, rng: &mut ChaCha8Rng, r: &mut Report) -> Result<()> {
+    let (in_f, outs) = (4096usize, [4096usize, 1024, 1024]);
+    let full: Vec<_> = outs.iter().map(|&o| Some((in_f, o))).collect();
+    let mut no_k = full.clone();
+    no_k[1] = None;
+    let ads = [(8usize, &full), (16, &no_k), (32, &full), (64, &full)]
+        .iter()
+        .zip([2.0, 0.5, 1.0, 0.25])
+        .map(|(&(rk, slots), s)| slots_adapter(rng, rk, slots, s, dev))
+        .collect::<Result<Vec<_>>>()?;
+    let n = 13;
+    let pattern = row_pattern(rng, n, ads.len());
+    let cpu_rows: Vec<_> = pattern
+        .iter()
+        .map(|p| p.map(|i| ads[i].0.clone()))
+        .collect();
+    let gpu_rows: Vec<_> = pattern
+        .iter()
+        .map(|p| p.map(|i| ads[i].1.clone()))
+        .collect();
+    let x = bf16_values(rng, (n, in_f), 1.0)?;
+    let y0 = outs
+        .iter()
+        .map(|&o| bf16_values(rng, (n, o), 0.1))
+        .collect::<Result<Vec<_>>>()?;
+    let cpu = LoraBatch::new(&cpu_rows, &Device::Cpu)?;
+    let want = (0..3)
+        .map(|p| Ok(cpu.apply(0, p, &x, y0[p].clone())?))
+        .collect::<Result<Vec<_>>>()?;
+    let name = "lora bgmv group q/k/v 4096->4096,1024,1024 rows=13".to_string();
+    poison(dev, 3 * n * 64 * 2)?;
+    let gpu = LoraBatch::with_kernel(&gpu_rows, dev, LoraKernel::Bgmv)?;
+    if !gpu.uses_bgmv() {
+        r.add(
+            name,
+            f64::INFINITY,
+            MATMUL_BOUND,
+            "BGMV plan not built".into(),
+        );
+        return Ok(());
+    }
+    let ys = y0
+        .iter()
+        .map(|y| Ok(y.to_dtype(DType::BF16)?.to_device(dev)?))
+        .collect::<Result<Vec<_>>>()?;
+    let xg = x.to_dtype(DType::BF16)?.to_device(dev)?;
+    let got = gpu.apply_group(0, 0, &xg, ys)?;
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| rel_err(g, w))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .fold(0f64, f64::max);
+    r.add(
+        name,
+        worst,
+        MATMUL_BOUND,
+        "worst of the three outputs; one adapter lacks the k module".into(),
     );
     Ok(())
 }

@@ -7,6 +7,10 @@
 // A (r, in) and B (out, r) are row-major bf16; accumulation is f32 and t stays f32, so the only
 // rounding is the final one of y to bf16.
 //
+// Projections that read the same x (q/k/v, gate/up) share one launch pair: grid z picks the slot
+// (slot0 + z), t holds one (rows, t_stride) region per z, and the expand takes up to MAX_GROUP
+// outputs.
+//
 // Each row finds its adapter through `row_tables[row]`: 0 for "no adapter", else the device
 // address of that adapter's table, which holds TABLE_WORDS u64 per (layer, projection) slot:
 // [address of A, address of B, rank | f32 bits of scale << 32] (rank 0: no module there). The
@@ -35,6 +39,8 @@ typedef unsigned long long u64;
 #define EXPAND_THREADS 128
 // u64 words per slot in an adapter table.
 #define TABLE_WORDS 3
+// Most projections one launch pair serves (q, k and v).
+#define MAX_GROUP 3
 
 __device__ __forceinline__ float bf16_lo(u32 w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf16_hi(u32 w) { return __uint_as_float(w & 0xffff0000u); }
@@ -99,14 +105,16 @@ __device__ __forceinline__ RowLora lookup(const u64* __restrict__ row_tables, u3
     return l;
 }
 
-// t (rows, t_stride) f32: t[row, j] = x[row, :] · A_row[j, :] for j < r_row; other entries are
-// left as they are. x (rows, in) bf16. Grid (ceil(max_r / SHRINK_RANKS), rows), SHRINK_THREADS
-// threads. Needs r_row <= t_stride (rows that break it are skipped, as the host never asks that).
+// For slot = slot0 + z: t_z (rows, t_stride) f32, t_z[row, j] = x[row, :] · A_row[j, :] for
+// j < r_row; other entries are left as they are. x (rows, in) bf16; t holds gridDim.z regions of
+// rows · t_stride. Grid (ceil(max_r / SHRINK_RANKS), rows, slots), SHRINK_THREADS threads. Needs
+// r_row <= t_stride (rows that break it are skipped, as the host never asks that).
 extern "C" __global__ void __launch_bounds__(SHRINK_THREADS)
     lora_bgmv_shrink(const u16* __restrict__ x, u32 in_f, const u64* __restrict__ row_tables,
-                     u32 slot, float* __restrict__ t, u32 t_stride) {
+                     u32 slot0, float* __restrict__ t_all, u32 t_stride) {
     const u32 row = blockIdx.y;
-    const RowLora l = lookup(row_tables, row, slot);
+    const RowLora l = lookup(row_tables, row, slot0 + blockIdx.z);
+    float* t = t_all + (u64)blockIdx.z * gridDim.y * t_stride;
     const u32 j0 = blockIdx.x * SHRINK_RANKS;
     // Block-uniform exits, before the barrier below.
     if (l.r == 0 || l.r > t_stride || j0 >= l.r || blockDim.x != SHRINK_THREADS) {
@@ -178,14 +186,23 @@ extern "C" __global__ void __launch_bounds__(SHRINK_THREADS)
     }
 }
 
-// y (rows, out) bf16, in place: y[row, o] += scale_row · t[row, :r_row] · B_row[o, :r_row].
-// Grid (ceil(out / EXPAND_THREADS), rows), EXPAND_THREADS threads. Reads only the t entries the
-// shrink of the same slot wrote.
+// For slot = slot0 + z, y_z (rows, out_z) bf16 in place:
+// y_z[row, o] += scale_row · t_z[row, :r_row] · B_row[o, :r_row]. Grid
+// (ceil(max_z out_z / EXPAND_THREADS), rows, slots <= MAX_GROUP), EXPAND_THREADS threads. Reads
+// only the t entries the shrink of the same slots wrote.
 extern "C" __global__ void __launch_bounds__(EXPAND_THREADS)
-    lora_bgmv_expand(u16* __restrict__ y, u32 out_f, const u64* __restrict__ row_tables, u32 slot,
-                     const float* __restrict__ t, u32 t_stride) {
+    lora_bgmv_expand(u16* y0, u16* y1, u16* y2, u32 out0, u32 out1, u32 out2,
+                     const u64* __restrict__ row_tables, u32 slot0,
+                     const float* __restrict__ t_all, u32 t_stride) {
+    const u32 z = blockIdx.z;
+    if (z >= MAX_GROUP) {
+        return;
+    }
+    u16* y = z == 0 ? y0 : (z == 1 ? y1 : y2);
+    const u32 out_f = z == 0 ? out0 : (z == 1 ? out1 : out2);
+    const float* t = t_all + (u64)z * gridDim.y * t_stride;
     const u32 row = blockIdx.y;
-    const RowLora l = lookup(row_tables, row, slot);
+    const RowLora l = lookup(row_tables, row, slot0 + z);
     if (l.r == 0 || l.r > t_stride) {
         return;
     }

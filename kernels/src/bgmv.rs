@@ -4,7 +4,8 @@
 //! Every row of a batch applies its own adapter to a projection, `y[row] += s·(x[row]·Aᵀ)·Bᵀ` with
 //! the row's A (r, in), B (out, r) and scale s, or nothing for a row on the base model. On CUDA
 //! this is two kernel launches per projection for the whole batch (shrink to the rows' ranks,
-//! expand back into y in place), whatever mix of adapters and ranks the rows use; see
+//! expand back into y in place), whatever mix of adapters and ranks the rows use, and two for a
+//! group of projections reading the same input (q/k/v, gate/up); see
 //! `cuda/lora.cu` and [`AdapterTable`] / [`BgmvPlan`]. [`bgmv_reference`] is the CPU reference of
 //! the same semantics. Without the `cuda` feature the table and plan types exist but are never
 //! built (their constructors return `None`), so callers need no feature gates.
@@ -76,7 +77,11 @@ pub fn bgmv_reference(
 }
 
 #[cfg(feature = "cuda")]
-pub use crate::bgmv_cuda::{AdapterTable, BgmvPlan};
+pub use crate::bgmv_cuda::{AdapterTable, BgmvPlan, MAX_GROUP};
+
+/// Most projections one launch pair serves (q, k and v, which read the same input).
+#[cfg(not(feature = "cuda"))]
+pub const MAX_GROUP: usize = 3;
 
 #[cfg(not(feature = "cuda"))]
 pub use no_cuda::{AdapterTable, BgmvPlan};
@@ -120,6 +125,9 @@ mod no_cuda {
             match self.0 {}
         }
         pub fn apply(&self, _: usize, _: &Tensor, _: &Tensor) -> candle_core::Result<()> {
+            match self.0 {}
+        }
+        pub fn apply_group(&self, _: usize, _: &Tensor, _: &[&Tensor]) -> candle_core::Result<()> {
             match self.0 {}
         }
     }

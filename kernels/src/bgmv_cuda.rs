@@ -5,7 +5,8 @@
 //! Each placed adapter uploads, once, a table with one entry per (layer, projection) slot: the
 //! device addresses of its bf16 A (r, in) and B (out, r), its rank and its scale. A forward pass
 //! uploads one address per row (that row's adapter table, or 0); each projection then costs two
-//! launches for all rows, whatever mix of adapters and ranks they use.
+//! launches for all rows, whatever mix of adapters and ranks they use, and so does each group of
+//! up to [`MAX_GROUP`] projections that read the same input (grid z picks the projection).
 //!
 //! Addresses are raw: the table keeps the A and B tensors alive (clones of the `Tensor`s), and the
 //! plan keeps the tables alive. All work runs on candle's one stream of the device, so stream order
@@ -17,7 +18,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
-use candle_core::{CpuStorage, CudaStorage, DType, Device, InplaceOp1, Layout, Storage, Tensor};
+use candle_core::{DType, Device, Storage, Tensor};
 use half::bf16;
 use std::sync::Arc;
 
@@ -30,6 +31,8 @@ const TABLE_WORDS: usize = 3;
 const SHRINK_THREADS: u32 = 256;
 const SHRINK_RANKS: u32 = 4;
 const EXPAND_THREADS: u32 = 128;
+/// Most projections one launch pair serves (q, k and v); `MAX_GROUP` in cuda/lora.cu.
+pub const MAX_GROUP: usize = 3;
 /// Most rows one plan takes (the grid's y dimension).
 const MAX_GRID_ROWS: usize = 65_535;
 
@@ -179,7 +182,7 @@ pub struct BgmvPlan {
     rows: usize,
     /// (rows,): each row's adapter table address, 0 for none.
     row_tables: CudaSlice<u64>,
-    /// (rows, t_stride) f32, reused by every slot in stream order.
+    /// (MAX_GROUP, rows, t_stride) f32, reused by every launch in stream order.
     scratch: CudaSlice<f32>,
     t_stride: usize,
     slots: Vec<SlotPlan>,
@@ -247,9 +250,9 @@ impl BgmvPlan {
             .map(|t| t.as_ref().map_or(0, |t| t.addr))
             .collect();
         let row_tables = device.clone_htod(&addrs[..])?;
-        // SAFETY: the expand reads only the entries t[row, j < r_row] that the shrink of the same
-        // slot wrote before it in stream order; nothing else reads the scratch.
-        let scratch = unsafe { device.alloc::<f32>(per_row.len() * t_stride) }?;
+        // SAFETY: the expand reads only the entries t_z[row, j < r_row] that the shrink of the same
+        // slots wrote before it in stream order; nothing else reads the scratch.
+        let scratch = unsafe { device.alloc::<f32>(MAX_GROUP * per_row.len() * t_stride) }?;
         Ok(Some(Self {
             stream: first.stream.clone(),
             shrink: first.shrink.clone(),
@@ -270,127 +273,128 @@ impl BgmvPlan {
     }
 
     /// Adds every row's LoRA delta of `slot` to `y` (rows, out) in place, given the projection's
-    /// input `x` (rows, in); both bf16 on the plan's GPU, y contiguous and not sharing storage
-    /// with x. Two launches, none when no row has a module at `slot`.
+    /// input `x` (rows, in): [`BgmvPlan::apply_group`] with one output.
     pub fn apply(&self, slot: usize, x: &Tensor, y: &Tensor) -> candle_core::Result<()> {
-        let Some(sp) = self.slots.get(slot).copied() else {
-            return Ok(()); // beyond every adapter's modules
-        };
-        if sp.max_rank == 0 {
+        self.apply_group(slot, x, &[y])
+    }
+
+    /// The address and byte length of a contiguous bf16 tensor on the plan's GPU.
+    fn span(&self, t: &Tensor, what: &str) -> candle_core::Result<(u64, u64)> {
+        let addr = bf16_addr(t, &self.device, &self.stream).ok_or_else(|| {
+            msg(format!(
+                "bgmv: {what} must be a contiguous bf16 tensor on {:?} (got {:?} on {:?})",
+                self.device,
+                t.dtype(),
+                t.device()
+            ))
+        })?;
+        Ok((addr, (t.elem_count() * 2) as u64))
+    }
+
+    /// For the projections of slots `slot0 .. slot0 + ys.len()` that all read `x` (rows, in)
+    /// (q/k/v, or gate/up), adds every row's LoRA delta to their outputs `ys[i]` (rows, out_i) in
+    /// place: one shrink and one expand launch for all of them, none when no row has a module
+    /// there. x and the outputs are contiguous bf16 on the plan's GPU; the outputs must be fresh
+    /// tensors the caller alone holds (base projection outputs) and may not overlap x or each
+    /// other (checked).
+    pub fn apply_group(&self, slot0: usize, x: &Tensor, ys: &[&Tensor]) -> candle_core::Result<()> {
+        let n = ys.len();
+        if n == 0 || n > MAX_GROUP {
+            return Err(msg(format!(
+                "bgmv: {n} outputs in one group (1..={MAX_GROUP})"
+            )));
+        }
+        if slot0 + n > self.slots.len() {
+            // Slots past the tables have no module: serve the others one at a time.
+            for (i, y) in ys.iter().enumerate() {
+                if slot0 + i < self.slots.len() {
+                    self.apply_group(slot0 + i, x, &[y])?;
+                }
+            }
+            return Ok(());
+        }
+        let group = &self.slots[slot0..slot0 + n];
+        let max_rank = group.iter().map(|s| s.max_rank).max().unwrap_or(0);
+        if max_rank == 0 {
             return Ok(());
         }
         let x = x.contiguous()?;
-        let xd = x.dims();
-        if xd.len() != 2 || xd[0] != self.rows || xd[1] != sp.in_f {
+        let (rows, in_f) = x.dims2()?;
+        if rows != self.rows || group.iter().any(|s| s.max_rank > 0 && s.in_f != in_f) {
             return Err(msg(format!(
-                "bgmv: input {xd:?}, the plan expects ({}, {})",
-                self.rows, sp.in_f
+                "bgmv: input ({rows}, {in_f}) does not fit the plan ({} rows) and the adapters' \
+                 input features at slots {slot0}..{}",
+                self.rows,
+                slot0 + n
             )));
         }
-        if x.dtype() != DType::BF16 || y.dtype() != DType::BF16 {
-            return Err(msg(format!(
-                "bgmv: x {:?} and y {:?} must be bf16",
-                x.dtype(),
-                y.dtype()
-            )));
+        let x_span = self.span(&x, "the input")?;
+        let mut spans = vec![x_span];
+        let mut y_addr = [0u64; MAX_GROUP];
+        let mut outs = [0u32; MAX_GROUP];
+        for (i, (y, sp)) in ys.iter().zip(group).enumerate() {
+            let (r, out_f) = y.dims2()?;
+            if r != self.rows || (sp.max_rank > 0 && out_f != sp.out_f) || out_f > u32::MAX as usize
+            {
+                return Err(msg(format!(
+                    "bgmv: output ({r}, {out_f}) at slot {} does not fit the plan ({} rows, {} \
+                     features)",
+                    slot0 + i,
+                    self.rows,
+                    sp.out_f
+                )));
+            }
+            let s = self.span(y, "an output")?;
+            if spans.iter().any(|&o| s.0 < o.0 + o.1 && o.0 < s.0 + s.1) {
+                return Err(msg(
+                    "bgmv: an output overlaps the input or another output".into()
+                ));
+            }
+            spans.push(s);
+            y_addr[i] = s.0;
+            outs[i] = out_f as u32;
         }
-        let x_addr = bf16_addr(&x, &self.device, &self.stream)
-            .ok_or_else(|| msg("bgmv: the input is not on the plan's GPU".into()))?;
-        let x_storage = match &*x.storage_and_layout().0 {
-            Storage::Cuda(cs) => cs as *const CudaStorage as usize,
-            _ => return Err(msg("bgmv: the input is not on a CUDA device".into())),
-        };
-        let op = BgmvOp {
-            plan: self,
-            slot: slot as u32,
-            sp,
-            x_addr,
-            x_storage,
-        };
-        y.inplace_op1(&op)
-    }
-}
-
-/// The in-place update of one projection's output.
-struct BgmvOp<'a> {
-    plan: &'a BgmvPlan,
-    slot: u32,
-    sp: SlotPlan,
-    /// Device address of x's first element (x is kept alive by the caller's borrow).
-    x_addr: u64,
-    /// Address of x's `CudaStorage`, to refuse a y that aliases it.
-    x_storage: usize,
-}
-
-impl InplaceOp1 for BgmvOp<'_> {
-    fn name(&self) -> &'static str {
-        "lora-bgmv"
-    }
-
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
-        Err(msg(
-            "lora-bgmv runs on CUDA only (the CPU applies LoRA through LoraBatch's gather path)"
-                .into(),
-        ))
-    }
-
-    fn cuda_fwd(&self, ys: &mut CudaStorage, yl: &Layout) -> candle_core::Result<()> {
-        let p = self.plan;
-        if ys as *const CudaStorage as usize == self.x_storage {
-            return Err(msg("lora-bgmv: y shares storage with x".into()));
-        }
-        if ys.device().id() != p.device.id() {
-            return Err(msg(format!(
-                "lora-bgmv: output on {:?}, plan on {:?}",
-                ys.device(),
-                p.device
-            )));
-        }
-        let dims = yl.shape().dims();
-        if dims.len() != 2 || dims[0] != p.rows || dims[1] != self.sp.out_f {
-            return Err(msg(format!(
-                "lora-bgmv: output {dims:?}, the plan expects ({}, {})",
-                p.rows, self.sp.out_f
-            )));
-        }
-        let (a, b) = yl
-            .contiguous_offsets()
-            .ok_or(candle_core::Error::RequiresContiguous { op: "lora-bgmv" })?;
-        let mut y = ys.as_cuda_slice_mut::<bf16>()?.slice_mut(a..b);
-        let rows = p.rows as u32;
-        let (in_f, out_f) = (self.sp.in_f as u32, self.sp.out_f as u32);
-        let t_stride = p.t_stride as u32;
-        let slot = self.slot;
+        let (rows, in_f) = (self.rows as u32, in_f as u32);
+        let (t_stride, slot0, groups) = (self.t_stride as u32, slot0 as u32, n as u32);
+        let max_out = outs.iter().copied().max().unwrap_or(0).max(1);
         let cfg = LaunchConfig {
-            grid_dim: (self.sp.max_rank.div_ceil(SHRINK_RANKS), rows, 1),
+            grid_dim: (max_rank.div_ceil(SHRINK_RANKS), rows, groups),
             block_dim: (SHRINK_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut l = p.stream.launch_builder(&p.shrink);
-        l.arg(&self.x_addr)
+        let mut l = self.stream.launch_builder(&self.shrink);
+        l.arg(&x_span.0)
             .arg(&in_f)
-            .arg(&p.row_tables)
-            .arg(&slot)
-            .arg(&p.scratch)
+            .arg(&self.row_tables)
+            .arg(&slot0)
+            .arg(&self.scratch)
             .arg(&t_stride);
-        // SAFETY: argument types and order match lora_bgmv_shrink; x holds rows·in bf16 (checked
-        // in `apply`), the scratch rows·t_stride f32 with t_stride >= every rank at this slot, and
-        // every table entry of this slot has `in` features (checked when the plan was built).
+        // SAFETY: argument types and order match lora_bgmv_shrink. x holds rows·in bf16; the
+        // scratch MAX_GROUP·rows·t_stride f32 with t_stride >= every rank (plan construction); the
+        // slots exist in every table and their modules read `in` features (checked above). The
+        // scratch is written through a shared reference: only these kernels use it, in stream order.
         unsafe { l.launch(cfg) }.w()?;
         let cfg = LaunchConfig {
-            grid_dim: (out_f.div_ceil(EXPAND_THREADS), rows, 1),
+            grid_dim: (max_out.div_ceil(EXPAND_THREADS), rows, groups),
             block_dim: (EXPAND_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut l = p.stream.launch_builder(&p.expand);
-        l.arg(&mut y)
-            .arg(&out_f)
-            .arg(&p.row_tables)
-            .arg(&slot)
-            .arg(&p.scratch)
+        let mut l = self.stream.launch_builder(&self.expand);
+        l.arg(&y_addr[0])
+            .arg(&y_addr[1])
+            .arg(&y_addr[2])
+            .arg(&outs[0])
+            .arg(&outs[1])
+            .arg(&outs[2])
+            .arg(&self.row_tables)
+            .arg(&slot0)
+            .arg(&self.scratch)
             .arg(&t_stride);
-        // SAFETY: argument types and order match lora_bgmv_expand; y holds rows·out bf16 (checked
-        // above) and every table entry of this slot has `out` features.
+        // SAFETY: argument types and order match lora_bgmv_expand; output z < groups holds
+        // rows·outs[z] bf16 (checked above; z >= groups is never launched) and every module of its
+        // slot has outs[z] output features. The outputs are written through addresses taken under
+        // read guards: they are fresh tensors only the caller holds, and all work on them is
+        // ordered on this one stream.
         unsafe { l.launch(cfg) }.w()?;
         Ok(())
     }

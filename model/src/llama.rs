@@ -271,9 +271,14 @@ impl Block {
         let a = self.attn.forward(cfg, layer, &h, cos, sin, seqs, lora)?;
         let x = (x + a)?;
         let h = candle_nn::ops::rms_norm(&x, &self.post_norm, eps)?;
-        let gate = project(self.mlp.gate.as_ref(), layer, 4, &h, lora)?;
+        let [gate, up] = project_group(
+            [self.mlp.gate.as_ref(), self.mlp.up.as_ref()],
+            layer,
+            4,
+            &h,
+            lora,
+        )?;
         let gate = candle_nn::ops::silu(&gate)?;
-        let up = project(self.mlp.up.as_ref(), layer, 5, &h, lora)?;
         let m = project(self.mlp.down.as_ref(), layer, 6, &(gate * up)?, lora)?;
         Ok((x + m)?)
     }
@@ -292,6 +297,28 @@ fn project(
         return Ok(y);
     }
     lora.apply(layer, proj, x, y)
+}
+
+/// Projections `proj0, proj0 + 1, …` that read the same `x` (q/k/v, gate/up): the base ones, then
+/// the batch's LoRA deltas for all of them at once (one BGMV launch pair on a GPU).
+fn project_group<const N: usize>(
+    bases: [&dyn BaseLinear; N],
+    layer: usize,
+    proj0: usize,
+    x: &Tensor,
+    lora: &LoraBatch,
+) -> Result<[Tensor; N]> {
+    let ys = bases
+        .iter()
+        .map(|b| b.forward(x))
+        .collect::<Result<Vec<_>>>()?;
+    let ys = if lora.is_empty() {
+        ys
+    } else {
+        lora.apply_group(layer, proj0, x, ys)?
+    };
+    ys.try_into()
+        .map_err(|_| ModelError::Invalid("a projection group lost an output".into()))
 }
 
 impl Attention {
@@ -315,9 +342,14 @@ impl Attention {
                 .contiguous()?
                 .unsqueeze(0)?)
         };
-        let q = to_heads(project(self.q.as_ref(), layer, 0, h, lora)?, nh)?;
-        let k = to_heads(project(self.k.as_ref(), layer, 1, h, lora)?, nkv)?;
-        let v = to_heads(project(self.v.as_ref(), layer, 2, h, lora)?, nkv)?;
+        let [q, k, v] = project_group(
+            [self.q.as_ref(), self.k.as_ref(), self.v.as_ref()],
+            layer,
+            0,
+            h,
+            lora,
+        )?;
+        let (q, k, v) = (to_heads(q, nh)?, to_heads(k, nkv)?, to_heads(v, nkv)?);
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?.squeeze(0)?; // (heads, tokens, hd)
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?;
         let v = v.squeeze(0)?;

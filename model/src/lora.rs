@@ -15,7 +15,7 @@ use crate::error::{ModelError, Result};
 use crate::loader::{projection_shape, PROJECTIONS};
 use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
-use qlorad_kernels::bgmv::{AdapterTable, BgmvModule, BgmvPlan, BGMV_MAX_ROWS};
+use qlorad_kernels::bgmv::{AdapterTable, BgmvModule, BgmvPlan, BGMV_MAX_ROWS, MAX_GROUP};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -437,7 +437,8 @@ impl LoraBatch {
 
     /// As [`LoraBatch::new`]; with [`LoraKernel::Bgmv`], a batch of at most [`BGMV_MAX_ROWS`] rows
     /// on a GPU whose adapters all have BGMV tables uploads its row → adapter map once here, and
-    /// every projection then runs the two BGMV launches.
+    /// every projection (or group of projections reading one input) then runs the two BGMV
+    /// launches.
     pub fn with_kernel(
         per_row: &[Option<Arc<LoraAdapter>>],
         device: &Device,
@@ -504,18 +505,37 @@ impl LoraBatch {
     /// projection's input `x` (rows, in). On the BGMV path y is updated in place (it must be a
     /// fresh tensor, such as a base projection's output).
     pub fn apply(&self, layer: usize, proj: usize, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let mut ys = self.apply_group(layer, proj, x, vec![y])?;
+        ys.pop()
+            .ok_or_else(|| ModelError::Invalid("LoRA apply lost its output".into()))
+    }
+
+    /// [`LoraBatch::apply`] for projections `proj0, proj0 + 1, …` of `layer` that all read `x`
+    /// (q/k/v, or gate/up), with outputs `ys`: on the BGMV path one launch pair serves the group.
+    pub fn apply_group(
+        &self,
+        layer: usize,
+        proj0: usize,
+        x: &Tensor,
+        ys: Vec<Tensor>,
+    ) -> Result<Vec<Tensor>> {
         if let Some(plan) = &self.bgmv {
             // Inference only (no autograd through an in-place op), bf16 as the kernels take.
-            if !x.track_op()
-                && !y.track_op()
-                && y.is_contiguous()
-                && x.dtype() == DType::BF16
-                && y.dtype() == DType::BF16
-            {
-                plan.apply(layer * 7 + proj, x, &y)?;
-                return Ok(y);
+            let fits = |t: &Tensor| !t.track_op() && t.dtype() == DType::BF16;
+            if ys.len() <= MAX_GROUP && fits(x) && ys.iter().all(|y| fits(y) && y.is_contiguous()) {
+                let refs: Vec<&Tensor> = ys.iter().collect();
+                plan.apply_group(layer * 7 + proj0, x, &refs)?;
+                return Ok(ys);
             }
         }
+        ys.into_iter()
+            .enumerate()
+            .map(|(i, y)| self.gather(layer, proj0 + i, x, y))
+            .collect()
+    }
+
+    /// The gather path: per adapter, gather its rows, shrink and expand, scatter-add.
+    fn gather(&self, layer: usize, proj: usize, x: &Tensor, y: Tensor) -> Result<Tensor> {
         let mut y = y;
         for ((adapter, _), rows) in self.groups.iter().zip(self.row_index()?) {
             let Some(m) = adapter.module(layer, proj) else {
