@@ -29,13 +29,16 @@ fn bf16_values(rng: &mut ChaCha8Rng, shape: (usize, usize), std: f32) -> Result<
         .to_dtype(DType::F32)?)
 }
 
+/// A module's (in, out) features, `None` where an adapter has none.
+type Slot = Option<(usize, usize)>;
+
 /// An adapter of rank `r` with a module of (in, out) features at each `Some` slot (layer 0,
 /// projections 0, 1, …): on the CPU in f32 and on `dev` in bf16 with the same values, the scale
 /// kept apart from B (so the kernels' scale is exercised).
 fn slots_adapter(
     rng: &mut ChaCha8Rng,
     r: usize,
-    slots: &[Option<(usize, usize)>],
+    slots: &[Slot],
     scale: f64,
     dev: &Device,
 ) -> Result<(Arc<LoraAdapter>, Arc<LoraAdapter>)> {
@@ -236,57 +239,69 @@ fn group_check(dev: &Device, rng: &mut ChaCha8Rng, r: &mut Report) -> Result<()>
     Ok(())
 }
 
-/// Host-timed µs per projection's LoRA (the whole batch) for one path, over `iters` calls.
-fn time_apply(batch: &LoraBatch, x: &Tensor, y: &Tensor, dev: &Device) -> Result<f64> {
+/// Host-timed µs per call of the batch's LoRA for projections `0..ys.len()` of layer 0 (one
+/// group), over 200 calls after a warm-up.
+fn time_apply(batch: &LoraBatch, x: &Tensor, ys: &[Tensor], dev: &Device) -> Result<f64> {
     for _ in 0..10 {
-        drop(batch.apply(0, 0, x, y.clone())?);
+        drop(batch.apply_group(0, 0, x, ys.to_vec())?);
     }
     dev.synchronize()?;
     let iters = 200;
     let t = Instant::now();
     for _ in 0..iters {
-        drop(batch.apply(0, 0, x, y.clone())?);
+        drop(batch.apply_group(0, 0, x, ys.to_vec())?);
     }
     dev.synchronize()?;
     Ok(t.elapsed().as_secs_f64() / iters as f64 * 1e6)
 }
 
-/// µs per projection LoRA, BGMV vs gather: 1 row with one r=64 adapter, and 32 rows with 32
-/// adapters of ranks 8..64 (host-timed, launches included: decode is launch-bound). Also the cost
-/// of building the per-forward plan for the 32 rows.
+/// µs per projection LoRA (and per q/k/v group), BGMV vs gather: 1 row with one r=64 adapter,
+/// and 32 rows with 32 adapters of ranks 8..64 (host-timed, launches included: decode is
+/// launch-bound). Scales are 1, as placement folds them into B. Also the cost of building the
+/// per-forward plan for the 32 rows.
 pub fn timing(dev: &Device, r: &mut Report) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(0x7173);
-    for (in_f, out_f) in [(4096usize, 4096usize), (4096, 14336), (14336, 4096)] {
-        let single = vec![Some(slot_adapter(&mut rng, 64, in_f, out_f, 0.25, dev)?.1)];
+    let qkv = [Some((4096, 4096)), Some((4096, 1024)), Some((4096, 1024))];
+    let shapes: [(&str, &[Slot]); 4] = [
+        ("4096x4096", &qkv[..1]),
+        ("4096x14336", &[Some((4096, 14336))]),
+        ("14336x4096", &[Some((14336, 4096))]),
+        ("qkv_group", &qkv),
+    ];
+    for (shape, slots) in shapes {
+        let single = vec![Some(slots_adapter(&mut rng, 64, slots, 1.0, dev)?.1)];
         let many: Vec<_> = (0..32)
             .map(|i| {
                 let rk = 8 * (1 + i * 7 / 31);
-                Ok(Some(
-                    slot_adapter(&mut rng, rk, in_f, out_f, 16.0 / rk as f64, dev)?.1,
-                ))
+                Ok(Some(slots_adapter(&mut rng, rk, slots, 1.0, dev)?.1))
             })
             .collect::<Result<_>>()?;
+        let in_f = slots[0].map_or(0, |s| s.0);
         for (case, rows) in [("1row_r64", &single), ("32rows_32adapters", &many)] {
             let n = rows.len();
             let x = Tensor::randn(0f32, 1.0, (n, in_f), dev)?.to_dtype(DType::BF16)?;
-            let y = Tensor::randn(0f32, 0.1, (n, out_f), dev)?.to_dtype(DType::BF16)?;
+            let ys = slots
+                .iter()
+                .flatten()
+                .map(|&(_, o)| Ok(Tensor::randn(0f32, 0.1, (n, o), dev)?.to_dtype(DType::BF16)?))
+                .collect::<Result<Vec<_>>>()?;
             let mut us = [0f64; 2];
             for (k, kernel) in LoraKernel::ALL.into_iter().enumerate() {
                 let batch = LoraBatch::with_kernel(rows, dev, kernel)?;
-                us[k] = time_apply(&batch, &x, &y, dev)?;
+                us[k] = time_apply(&batch, &x, &ys, dev)?;
                 r.extra.insert(
-                    format!("lora_{}_{case}_{in_f}x{out_f}_us", kernel.name()),
+                    format!("lora_{}_{case}_{shape}_us", kernel.name()),
                     serde_json::json!((us[k] * 10.0).round() / 10.0),
                 );
             }
             println!(
-                "INFO lora {case} {in_f}->{out_f}: gather {:.1} us, bgmv {:.1} us per projection ({:.1}x)",
+                "INFO lora {case} {shape}: gather {:.1} us, bgmv {:.1} us per call ({:.1}x)",
                 us[0],
                 us[1],
                 us[0] / us[1]
             );
         }
-        if in_f == 4096 && out_f == 4096 {
+        if shape == "4096x4096" {
             let iters = 100;
             let t = Instant::now();
             for _ in 0..iters {
