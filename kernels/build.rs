@@ -1,5 +1,5 @@
-//! Build script: with the `cuda` feature, compiles cuda/nf4.cu to PTX with nvcc (loaded at run time
-//! through candle's cudarc). Without it nothing happens, so CPU-only builds (CI) need no CUDA
+//! Build script: with the `cuda` feature, compiles cuda/nf4.cu and cuda/lora.cu to PTX with nvcc
+//! (loaded at run time through candle's cudarc). Without it nothing happens, so CPU-only builds (CI) need no CUDA
 //! toolkit.
 
 use std::path::PathBuf;
@@ -18,15 +18,17 @@ fn main() {
         .map(|h| PathBuf::from(h).join("bin").join("nvcc"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("nvcc"));
-    let src = "cuda/nf4.cu";
-    println!("cargo:rerun-if-changed={src}");
-    let status = Command::new(&nvcc)
-        .args(["--ptx", "-O3", "-std=c++17"])
-        .arg(format!("-arch=sm_{cap}"))
-        .arg(src)
-        .arg("-o")
-        .arg(out.join("nf4.ptx"))
-        .status()
-        .unwrap_or_else(|e| panic!("running {}: {e} (set CUDA_HOME)", nvcc.display()));
-    assert!(status.success(), "nvcc failed on {src}");
+    for name in ["nf4", "lora"] {
+        let src = format!("cuda/{name}.cu");
+        println!("cargo:rerun-if-changed={src}");
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17"])
+            .arg(format!("-arch=sm_{cap}"))
+            .arg(&src)
+            .arg("-o")
+            .arg(out.join(format!("{name}.ptx")))
+            .status()
+            .unwrap_or_else(|e| panic!("running {}: {e} (set CUDA_HOME)", nvcc.display()));
+        assert!(status.success(), "nvcc failed on {src}");
+    }
 }

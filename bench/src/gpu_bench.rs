@@ -11,7 +11,7 @@ use crate::random_model::nf4;
 use crate::{median, GpuBenchArgs};
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use qlorad_model::lora::LoraModule;
+use qlorad_model::lora::{LoraKernel, LoraModule};
 use qlorad_model::sampling::argmax;
 use qlorad_model::{loader, KvCache, Llama, Logits, LoraAdapter, Placement, SeqInput};
 use std::sync::Arc;
@@ -146,13 +146,55 @@ fn spread_adapters(m: &Llama, count: usize) -> Result<Vec<Option<Arc<LoraAdapter
         .collect()
 }
 
+/// Batch-1 decode with one adapter, and (with `--multi`) `multi` sequences on one adapter vs a
+/// different adapter each, with the model's current LoRA path; JSON keys end in `suffix`.
+fn adapter_figures(
+    model: &Llama,
+    ad: &Arc<LoraAdapter>,
+    prompt: &[u32],
+    decode_b1: f64,
+    a: &GpuBenchArgs,
+    suffix: &str,
+    out: &mut serde_json::Value,
+) -> Result<()> {
+    let reps = a.repeats.max(1);
+    let path = model.lora_kernel().name();
+    decode_tok_s(model, &prompt[..8], 4, Some(ad.clone()))?;
+    let dec: Vec<f64> = (0..reps)
+        .map(|_| decode_tok_s(model, prompt, a.decode_tokens, Some(ad.clone())))
+        .collect::<Result<_>>()?;
+    let with = median(dec.clone());
+    println!(
+        "decode batch 1, one r=64 adapter ({path}): {with:.1} tok/s ({:.2}x base; runs {dec:.1?})",
+        with / decode_b1
+    );
+    out[format!("decode_b1_adapter_tok_s{suffix}")] = serde_json::json!(with);
+    out[format!("decode_b1_adapter_runs{suffix}")] = serde_json::json!(dec);
+    if a.multi > 0 {
+        let one: Vec<_> = (0..a.multi).map(|_| Some(ad.clone())).collect();
+        let many = spread_adapters(model, a.multi)?;
+        batch_tok_s(model, &one, 16, 2)?; // warm-up of the batch shapes
+        let single = batch_tok_s(model, &one, 32, a.batch_steps)?;
+        let multi = batch_tok_s(model, &many, 32, a.batch_steps)?;
+        println!(
+            "decode {} sequences ({path}): one adapter {single:.1} tok/s, a different adapter each (r 8..64) {multi:.1} tok/s, ratio {:.2}",
+            a.multi,
+            multi / single
+        );
+        out[format!("multi_adapter_32_ratio{suffix}")] = serde_json::json!(multi / single);
+        out[format!("decode_b32_one_adapter_tok_s{suffix}")] = serde_json::json!(single);
+        out[format!("decode_b32_multi_adapter_tok_s{suffix}")] = serde_json::json!(multi);
+    }
+    Ok(())
+}
+
 pub fn run(a: GpuBenchArgs) -> Result<()> {
     let p = Placement::open(a.device)?;
     let (free0, total) = mem_info(&p)?;
     let t = Instant::now();
     let (cfg, w) = loader::load(&a.model, nf4()).context("loading model")?;
     let host_s = t.elapsed().as_secs_f64();
-    let model = Llama::new_on(cfg, w, &p)?;
+    let mut model = Llama::new_on(cfg, w, &p)?;
     p.synchronize()?;
     let load_s = t.elapsed().as_secs_f64();
     let (free1, _) = mem_info(&p)?;
@@ -193,6 +235,7 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         "impl": "qlorad",
         "device": a.device.to_string(),
         "gemv_kernel": qlorad_kernels::cuda::GemvKernel::from_env().name(),
+        "lora_kernel": model.lora_kernel().name(),
         "model": a.model.display().to_string(),
         "prompt_tokens": a.prompt_tokens,
         "decode_tokens": a.decode_tokens,
@@ -227,35 +270,23 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
             "adapter hot-load (disk -> servable on the GPU, {:.0} MB there): {load_ms:.1} ms (runs {loads:.1?})",
             ad.bytes() as f64 / 1e6
         );
-        decode_tok_s(&model, &prompt[..8], 4, Some(ad.clone()))?;
-        let dec: Vec<f64> = (0..reps)
-            .map(|_| decode_tok_s(&model, &prompt, a.decode_tokens, Some(ad.clone())))
-            .collect::<Result<_>>()?;
-        let with = median(dec.clone());
-        println!(
-            "decode batch 1, one r=64 adapter: {with:.1} tok/s ({:.2}x base; runs {dec:.1?})",
-            with / decode_b1
-        );
         out["adapter_load_ms"] = serde_json::json!(load_ms);
         out["adapter_load_runs_ms"] = serde_json::json!(loads);
         out["adapter_gpu_mb"] = serde_json::json!(ad.bytes() as f64 / 1e6);
-        out["decode_b1_adapter_tok_s"] = serde_json::json!(with);
-        out["decode_b1_adapter_runs"] = serde_json::json!(dec);
-        if a.multi > 0 {
-            let one: Vec<_> = (0..a.multi).map(|_| Some(ad.clone())).collect();
-            let many = spread_adapters(&model, a.multi)?;
-            batch_tok_s(&model, &one, 16, 2)?; // warm-up of the batch shapes
-            let single = batch_tok_s(&model, &one, 32, a.batch_steps)?;
-            let multi = batch_tok_s(&model, &many, 32, a.batch_steps)?;
-            println!(
-                "decode {} sequences: one adapter {single:.1} tok/s, a different adapter each (r 8..64) {multi:.1} tok/s, ratio {:.2}",
-                a.multi,
-                multi / single
-            );
-            out["multi_adapter_32_ratio"] = serde_json::json!(multi / single);
-            out["decode_b32_one_adapter_tok_s"] = serde_json::json!(single);
-            out["decode_b32_multi_adapter_tok_s"] = serde_json::json!(multi);
+        // The adapter figures with the configured LoRA path (plain keys), then with the other one
+        // (keys suffixed with its name), so one run compares BGMV and gather.
+        let primary = model.lora_kernel();
+        let other = LoraKernel::ALL.into_iter().find(|k| *k != primary);
+        for kernel in std::iter::once(primary).chain(other) {
+            model.set_lora_kernel(kernel);
+            let suffix = if kernel == primary {
+                String::new()
+            } else {
+                format!("_{}", kernel.name())
+            };
+            adapter_figures(&model, &ad, &prompt, decode_b1, &a, &suffix, &mut out)?;
         }
+        model.set_lora_kernel(primary);
     }
     if a.batch > 0 {
         let none: Vec<Option<Arc<LoraAdapter>>> = vec![None; a.batch];

@@ -1,5 +1,6 @@
-//! `qlorad-bench gpu-check`: every CUDA kernel against its CPU reference, then GPU-vs-CPU greedy
-//! decoding on whole models, then a QLoRA training step GPU vs CPU (bench/src/gpu_train.rs);
+//! `qlorad-bench gpu-check`: every CUDA kernel against its CPU reference (the LoRA BGMV kernels in
+//! bench/src/gpu_lora.rs), then GPU-vs-CPU greedy decoding on whole models (one with a batch of
+//! mixed adapters), then a QLoRA training step GPU vs CPU (bench/src/gpu_train.rs);
 //! scripts/gpu-test.sh runs it on the device.
 //!
 //! Bounds (relative error ‖gpu − ref‖ / ‖ref‖ on fresh random inputs, as ../.library METHOD.md
@@ -23,6 +24,8 @@ use std::time::Instant;
 
 #[path = "gpu_greedy.rs"]
 mod greedy;
+#[path = "gpu_lora.rs"]
+mod lora;
 
 /// Error bound of the bf16 matrix products against the f32 CPU reference.
 const MATMUL_BOUND: f64 = 4e-3;
@@ -66,9 +69,12 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     let t = Instant::now();
     if !a.skip_kernels {
         kernel_checks(&gpu.device, &mut report)?;
+        lora::kernel_checks(&gpu.device, &mut report)?;
         bandwidth(&gpu.device, &mut report)?;
+        lora::timing(&gpu.device, &mut report)?;
     }
     greedy::random_models(&gpu, a.tokens, &mut report)?;
+    lora::mixed_model(&gpu, a.tokens, &mut report)?;
     if let Some(dir) = &a.model {
         greedy::real_model(&gpu, dir, a.tokens, a.prompt_file.as_deref(), &mut report)?;
     }

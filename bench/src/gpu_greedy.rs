@@ -16,7 +16,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 /// End-to-end logit error bound, bf16 model vs f32 model (loose: a whole network of bf16 ops).
-const LOGIT_BOUND: f64 = 0.1;
+pub(super) const LOGIT_BOUND: f64 = 0.1;
 
 struct Run {
     tokens: Vec<u32>,
@@ -56,7 +56,7 @@ fn greedy(
     Ok(run)
 }
 
-fn top2_margin(l: &[f32]) -> f32 {
+pub(super) fn top2_margin(l: &[f32]) -> f32 {
     let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
     for &v in l {
         if v > a {
@@ -69,7 +69,7 @@ fn top2_margin(l: &[f32]) -> f32 {
     a - b
 }
 
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+pub(super) fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())

@@ -3,6 +3,9 @@
 //! Tensors in, tensors out: nothing here knows about models. Every op has a CPU implementation that
 //! is always compiled and serves as the reference for the CUDA one (behind the `cuda` feature).
 
+pub mod bgmv;
+#[cfg(feature = "cuda")]
+mod bgmv_cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod dynamic;

@@ -12,7 +12,7 @@ use crate::error::{ModelError, Result};
 use crate::kv_cache::KvCache;
 use crate::linear::BaseLinear;
 use crate::loader::{LayerWeights, ModelWeights};
-use crate::lora::{LoraAdapter, LoraBatch};
+use crate::lora::{LoraAdapter, LoraBatch, LoraKernel};
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
@@ -80,6 +80,8 @@ pub struct Llama {
     sin: Tensor,
     device: Device,
     placement: Placement,
+    /// How batches apply their LoRA deltas on a GPU (`QLORAD_LORA_KERNEL` at construction).
+    lora_kernel: LoraKernel,
 }
 
 impl Llama {
@@ -124,7 +126,18 @@ impl Llama {
             sin: sin.to_dtype(p.dtype)?,
             device,
             placement: p.clone(),
+            lora_kernel: LoraKernel::from_env(),
         })
+    }
+
+    /// How batches apply their LoRA deltas on a GPU.
+    pub fn lora_kernel(&self) -> LoraKernel {
+        self.lora_kernel
+    }
+
+    /// Chooses how batches apply their LoRA deltas on a GPU (benchmarks compare both paths).
+    pub fn set_lora_kernel(&mut self, k: LoraKernel) {
+        self.lora_kernel = k;
     }
 
     /// Where the model lives and the dtype it computes in.
@@ -195,7 +208,7 @@ impl Llama {
             positions.extend((start..start + s.tokens.len()).map(|p| p as u32));
             row_adapters.extend(std::iter::repeat_n(s.adapter.clone(), s.tokens.len()));
         }
-        let lora = LoraBatch::new(&row_adapters, &self.device)?;
+        let lora = LoraBatch::with_kernel(&row_adapters, &self.device, self.lora_kernel)?;
         let t = ids.len();
         let ids = Tensor::from_vec(ids, t, &self.device)?;
         let pos = Tensor::from_vec(positions, t, &self.device)?;
@@ -258,9 +271,14 @@ impl Block {
         let a = self.attn.forward(cfg, layer, &h, cos, sin, seqs, lora)?;
         let x = (x + a)?;
         let h = candle_nn::ops::rms_norm(&x, &self.post_norm, eps)?;
-        let gate = project(self.mlp.gate.as_ref(), layer, 4, &h, lora)?;
+        let [gate, up] = project_group(
+            [self.mlp.gate.as_ref(), self.mlp.up.as_ref()],
+            layer,
+            4,
+            &h,
+            lora,
+        )?;
         let gate = candle_nn::ops::silu(&gate)?;
-        let up = project(self.mlp.up.as_ref(), layer, 5, &h, lora)?;
         let m = project(self.mlp.down.as_ref(), layer, 6, &(gate * up)?, lora)?;
         Ok((x + m)?)
     }
@@ -279,6 +297,28 @@ fn project(
         return Ok(y);
     }
     lora.apply(layer, proj, x, y)
+}
+
+/// Projections `proj0, proj0 + 1, …` that read the same `x` (q/k/v, gate/up): the base ones, then
+/// the batch's LoRA deltas for all of them at once (one BGMV launch pair on a GPU).
+fn project_group<const N: usize>(
+    bases: [&dyn BaseLinear; N],
+    layer: usize,
+    proj0: usize,
+    x: &Tensor,
+    lora: &LoraBatch,
+) -> Result<[Tensor; N]> {
+    let ys = bases
+        .iter()
+        .map(|b| b.forward(x))
+        .collect::<Result<Vec<_>>>()?;
+    let ys = if lora.is_empty() {
+        ys
+    } else {
+        lora.apply_group(layer, proj0, x, ys)?
+    };
+    ys.try_into()
+        .map_err(|_| ModelError::Invalid("a projection group lost an output".into()))
 }
 
 impl Attention {
@@ -302,9 +342,14 @@ impl Attention {
                 .contiguous()?
                 .unsqueeze(0)?)
         };
-        let q = to_heads(project(self.q.as_ref(), layer, 0, h, lora)?, nh)?;
-        let k = to_heads(project(self.k.as_ref(), layer, 1, h, lora)?, nkv)?;
-        let v = to_heads(project(self.v.as_ref(), layer, 2, h, lora)?, nkv)?;
+        let [q, k, v] = project_group(
+            [self.q.as_ref(), self.k.as_ref(), self.v.as_ref()],
+            layer,
+            0,
+            h,
+            lora,
+        )?;
+        let (q, k, v) = (to_heads(q, nh)?, to_heads(k, nkv)?, to_heads(v, nkv)?);
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?.squeeze(0)?; // (heads, tokens, hd)
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?;
         let v = v.squeeze(0)?;

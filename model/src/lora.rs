@@ -6,17 +6,20 @@
 //! adapters in one batch the way vLLM's punica path does, without padding to the largest rank or a
 //! forward pass per adapter: each projection runs the frozen base once for all rows, then for each
 //! adapter present gathers its rows, applies the shrink `x·Aᵀ` and expand `·Bᵀ`, and adds the result
-//! back at those rows ([`LoraBatch`] carries the row → adapter mapping).
+//! back at those rows ([`LoraBatch`] carries the row → adapter mapping). On CUDA, decode-sized
+//! batches instead run Punica's BGMV kernels (Chen et al. 2023; `qlorad_kernels::bgmv`): two
+//! launches per projection for all rows, whatever mix of adapters and ranks ([`LoraKernel`]).
 
 use crate::config::Config;
 use crate::error::{ModelError, Result};
 use crate::loader::{projection_shape, PROJECTIONS};
 use crate::weights::WeightStore;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
+use qlorad_kernels::bgmv::{AdapterTable, BgmvModule, BgmvPlan, BGMV_MAX_ROWS, MAX_GROUP};
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// One adapted projection: `delta = scale · (x·Aᵀ)·Bᵀ`.
 #[derive(Debug)]
@@ -46,6 +49,38 @@ pub struct LoraAdapter {
     pub name: String,
     modules: Vec<Option<LoraModule>>,
     bytes: usize,
+    /// The modules' device table for the BGMV kernels, when they live on a GPU in bf16.
+    bgmv: Option<Arc<AdapterTable>>,
+}
+
+/// The BGMV table of `modules`, or `None` when they are not on a GPU in bf16. A failure to build
+/// it only costs speed (the batch takes the gather path), so it is logged, not returned.
+fn bgmv_table(name: &str, modules: &[Option<LoraModule>]) -> Option<Arc<AdapterTable>> {
+    let on_gpu = modules
+        .iter()
+        .flatten()
+        .next()
+        .is_some_and(|m| m.a.device().is_cuda());
+    if !on_gpu {
+        return None;
+    }
+    let ms: Vec<Option<BgmvModule<'_>>> = modules
+        .iter()
+        .map(|m| {
+            m.as_ref().map(|m| BgmvModule {
+                a: &m.a,
+                b: &m.b,
+                scale: m.scale,
+            })
+        })
+        .collect();
+    match AdapterTable::build(&ms) {
+        Ok(t) => t.map(Arc::new),
+        Err(e) => {
+            tracing::warn!(adapter = name, error = %e, "no BGMV table; LoRA takes the gather path");
+            None
+        }
+    }
 }
 
 /// The fields of PEFT's `adapter_config.json` that matter.
@@ -244,6 +279,7 @@ impl LoraAdapter {
             name: name.to_string(),
             modules,
             bytes,
+            bgmv: None,
         })
     }
 
@@ -260,6 +296,7 @@ impl LoraAdapter {
             .sum();
         Self {
             name: name.to_string(),
+            bgmv: bgmv_table(name, &modules),
             modules,
             bytes,
         }
@@ -277,7 +314,8 @@ impl LoraAdapter {
 
     /// The adapter placed on `p`'s device in its compute dtype. On a GPU the scale is folded into
     /// B (`B·s`, computed in f32 before the cast), which saves one kernel launch per module and
-    /// step; on the CPU the modules are kept as they are.
+    /// step on the gather path, and the BGMV table is built; on the CPU the modules are kept as
+    /// they are.
     pub fn to_placement(&self, p: &crate::device::Placement) -> Result<Self> {
         let fold = p.is_cuda();
         let modules = self
@@ -307,9 +345,15 @@ impl LoraAdapter {
             .sum();
         Ok(Self {
             name: self.name.clone(),
+            bgmv: bgmv_table(&self.name, &modules),
             modules,
             bytes,
         })
+    }
+
+    /// The device table the BGMV kernels read, if the adapter is on a GPU in bf16.
+    pub fn bgmv_table(&self) -> Option<&Arc<AdapterTable>> {
+        self.bgmv.as_ref()
     }
 
     /// Merges into a dense (out, in) weight: `W + scale·B·A`.
@@ -337,16 +381,69 @@ fn parse_module(module: &str) -> Option<(usize, usize)> {
     Some((layer.parse().ok()?, idx))
 }
 
+/// How a batch's LoRA deltas are computed on a GPU (the CPU always gathers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraKernel {
+    /// Per adapter in the batch: gather its rows, two GEMMs, scatter-add (3–4 launches each).
+    Gather,
+    /// Up to [`BGMV_MAX_ROWS`] rows: the BGMV shrink and expand, two launches per projection for
+    /// all rows; larger batches gather.
+    Bgmv,
+}
+
+impl LoraKernel {
+    pub const ALL: [LoraKernel; 2] = [LoraKernel::Gather, LoraKernel::Bgmv];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            LoraKernel::Gather => "gather",
+            LoraKernel::Bgmv => "bgmv",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// `QLORAD_LORA_KERNEL` (`gather` or `bgmv`) if set to a known name, else BGMV.
+    pub fn from_env() -> Self {
+        std::env::var("QLORAD_LORA_KERNEL")
+            .ok()
+            .and_then(|s| Self::parse(&s))
+            .unwrap_or(LoraKernel::Bgmv)
+    }
+}
+
 /// Which rows of a flattened batch use which adapter (rows without an adapter use the base alone).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LoraBatch {
-    /// Each adapter with its rows; `None` when it has every row of the batch (no gather/scatter).
-    groups: Vec<(Arc<LoraAdapter>, Option<Tensor>)>,
+    /// Each adapter with its rows.
+    groups: Vec<(Arc<LoraAdapter>, Vec<u32>)>,
+    rows: usize,
+    device: Device,
+    /// Per group, its rows as an index tensor (`None` when it has every row: no gather or
+    /// scatter), built on the first gather (a BGMV batch never needs them).
+    row_index: OnceLock<Vec<Option<Tensor>>>,
+    /// The BGMV plan when the batch takes that path.
+    bgmv: Option<BgmvPlan>,
 }
 
 impl LoraBatch {
     /// Groups rows by adapter; `per_row[i]` is row i's adapter. Adapters are told apart by identity.
+    /// Always the gather path (the reference); see [`LoraBatch::with_kernel`].
     pub fn new(per_row: &[Option<Arc<LoraAdapter>>], device: &Device) -> Result<Self> {
+        Self::with_kernel(per_row, device, LoraKernel::Gather)
+    }
+
+    /// As [`LoraBatch::new`]; with [`LoraKernel::Bgmv`], a batch of at most [`BGMV_MAX_ROWS`] rows
+    /// on a GPU whose adapters all have BGMV tables uploads its row → adapter map once here, and
+    /// every projection (or group of projections reading one input) then runs the two BGMV
+    /// launches.
+    pub fn with_kernel(
+        per_row: &[Option<Arc<LoraAdapter>>],
+        device: &Device,
+        kernel: LoraKernel,
+    ) -> Result<Self> {
         let mut groups: Vec<(Arc<LoraAdapter>, Vec<u32>)> = Vec::new();
         for (i, a) in per_row.iter().enumerate() {
             let Some(a) = a else { continue };
@@ -355,29 +452,92 @@ impl LoraBatch {
                 None => groups.push((a.clone(), vec![i as u32])),
             }
         }
-        let total = per_row.len();
-        let groups = groups
-            .into_iter()
-            .map(|(a, rows)| {
-                let n = rows.len();
-                if n == total {
-                    return Ok((a, None));
-                }
-                Ok((a, Some(Tensor::from_vec(rows, n, device)?)))
-            })
-            .collect::<Result<_>>()?;
-        Ok(Self { groups })
+        let bgmv = if kernel == LoraKernel::Bgmv
+            && device.is_cuda()
+            && !groups.is_empty()
+            && per_row.len() <= BGMV_MAX_ROWS
+            && groups.iter().all(|(a, _)| a.bgmv.is_some())
+        {
+            let tables: Vec<Option<Arc<AdapterTable>>> = per_row
+                .iter()
+                .map(|a| a.as_ref().and_then(|a| a.bgmv.clone()))
+                .collect();
+            BgmvPlan::new(&tables)?
+        } else {
+            None
+        };
+        Ok(Self {
+            groups,
+            rows: per_row.len(),
+            device: device.clone(),
+            row_index: OnceLock::new(),
+            bgmv,
+        })
     }
 
     pub fn is_empty(&self) -> bool {
         self.groups.is_empty()
     }
 
+    /// Whether this batch's projections run the BGMV kernels.
+    pub fn uses_bgmv(&self) -> bool {
+        self.bgmv.is_some()
+    }
+
+    fn row_index(&self) -> Result<&[Option<Tensor>]> {
+        if let Some(r) = self.row_index.get() {
+            return Ok(r);
+        }
+        let built = self
+            .groups
+            .iter()
+            .map(|(_, rows)| {
+                if rows.len() == self.rows {
+                    return Ok(None);
+                }
+                Ok(Some(Tensor::from_slice(rows, rows.len(), &self.device)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(self.row_index.get_or_init(|| built))
+    }
+
     /// Adds every adapter's delta for projection `proj` of `layer` to `y` (rows, out), given the
-    /// projection's input `x` (rows, in).
+    /// projection's input `x` (rows, in). On the BGMV path y is updated in place (it must be a
+    /// fresh tensor, such as a base projection's output).
     pub fn apply(&self, layer: usize, proj: usize, x: &Tensor, y: Tensor) -> Result<Tensor> {
+        let mut ys = self.apply_group(layer, proj, x, vec![y])?;
+        ys.pop()
+            .ok_or_else(|| ModelError::Invalid("LoRA apply lost its output".into()))
+    }
+
+    /// [`LoraBatch::apply`] for projections `proj0, proj0 + 1, …` of `layer` that all read `x`
+    /// (q/k/v, or gate/up), with outputs `ys`: on the BGMV path one launch pair serves the group.
+    pub fn apply_group(
+        &self,
+        layer: usize,
+        proj0: usize,
+        x: &Tensor,
+        ys: Vec<Tensor>,
+    ) -> Result<Vec<Tensor>> {
+        if let Some(plan) = &self.bgmv {
+            // Inference only (no autograd through an in-place op), bf16 as the kernels take.
+            let fits = |t: &Tensor| !t.track_op() && t.dtype() == DType::BF16;
+            if ys.len() <= MAX_GROUP && fits(x) && ys.iter().all(|y| fits(y) && y.is_contiguous()) {
+                let refs: Vec<&Tensor> = ys.iter().collect();
+                plan.apply_group(layer * 7 + proj0, x, &refs)?;
+                return Ok(ys);
+            }
+        }
+        ys.into_iter()
+            .enumerate()
+            .map(|(i, y)| self.gather(layer, proj0 + i, x, y))
+            .collect()
+    }
+
+    /// The gather path: per adapter, gather its rows, shrink and expand, scatter-add.
+    fn gather(&self, layer: usize, proj: usize, x: &Tensor, y: Tensor) -> Result<Tensor> {
         let mut y = y;
-        for (adapter, rows) in &self.groups {
+        for ((adapter, _), rows) in self.groups.iter().zip(self.row_index()?) {
             let Some(m) = adapter.module(layer, proj) else {
                 continue;
             };
@@ -396,5 +556,107 @@ impl LoraBatch {
 impl crate::llama::train::LoraWeights for LoraAdapter {
     fn module(&self, layer: usize, proj: usize) -> Option<(&Tensor, &Tensor, f64)> {
         LoraAdapter::module(self, layer, proj).map(|m| (&m.a, &m.b, m.scale))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qlorad_kernels::bgmv::{bgmv_reference, RowLora};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn random(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect()
+    }
+
+    /// A one-slot adapter (layer 0, projection 0) with host copies of A and B.
+    fn adapter(
+        rng: &mut ChaCha8Rng,
+        r: usize,
+        in_f: usize,
+        out_f: usize,
+        scale: f64,
+    ) -> (Arc<LoraAdapter>, Vec<f32>, Vec<f32>) {
+        let a = random(rng, r * in_f);
+        let b = random(rng, out_f * r);
+        let m = LoraModule {
+            a: Tensor::from_slice(&a, (r, in_f), &Device::Cpu).unwrap(),
+            b: Tensor::from_slice(&b, (out_f, r), &Device::Cpu).unwrap(),
+            scale,
+        };
+        let ad = LoraAdapter::from_modules(&format!("r{r}"), vec![Some(m)]);
+        (Arc::new(ad), a, b)
+    }
+
+    /// The BGMV semantics (each row its own adapter, rank and scale, or none) are those of the
+    /// gather path: the CPU reference of the kernels against `LoraBatch::apply`.
+    #[test]
+    fn bgmv_reference_matches_the_gather_path() {
+        let mut rng = ChaCha8Rng::seed_from_u64(7);
+        let (in_f, out_f) = (24, 10);
+        let ads = [(2usize, 0.5f64), (5, 2.0), (8, 1.0)]
+            .map(|(r, s)| adapter(&mut rng, r, in_f, out_f, s));
+        let patterns: [&[Option<usize>]; 3] = [
+            &[Some(0), None, Some(1), Some(0), Some(2), None, Some(1)],
+            &[Some(2), Some(2), Some(2)], // one adapter on every row: no gather
+            &[None, Some(1)],
+        ];
+        for pattern in patterns {
+            let n = pattern.len();
+            let x = random(&mut rng, n * in_f);
+            let y0 = random(&mut rng, n * out_f);
+            let per_row: Vec<Option<Arc<LoraAdapter>>> = pattern
+                .iter()
+                .map(|p| p.map(|i| ads[i].0.clone()))
+                .collect();
+            let batch = LoraBatch::new(&per_row, &Device::Cpu).unwrap();
+            assert!(!batch.uses_bgmv());
+            let xt = Tensor::from_slice(&x, (n, in_f), &Device::Cpu).unwrap();
+            let yt = Tensor::from_slice(&y0, (n, out_f), &Device::Cpu).unwrap();
+            let got = batch.apply(0, 0, &xt, yt).unwrap();
+            let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let rows: Vec<Option<RowLora<'_>>> = pattern
+                .iter()
+                .map(|p| {
+                    p.map(|i| {
+                        let (ad, a, b) = &ads[i];
+                        let m = ad.module(0, 0).unwrap();
+                        RowLora {
+                            a,
+                            b,
+                            rank: m.a.dims()[0],
+                            scale: m.scale as f32,
+                        }
+                    })
+                })
+                .collect();
+            let mut want = y0.clone();
+            bgmv_reference(&x, in_f, &mut want, out_f, &rows).unwrap();
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-5 * (1.0 + w.abs()), "{i}: {g} vs {w}");
+            }
+            // Rows on the base are untouched.
+            for (row, p) in pattern.iter().enumerate() {
+                if p.is_none() {
+                    assert_eq!(
+                        got[row * out_f..(row + 1) * out_f],
+                        y0[row * out_f..(row + 1) * out_f]
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn cpu_batches_never_take_bgmv() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let (ad, _, _) = adapter(&mut rng, 4, 8, 8, 1.0);
+        assert!(ad.bgmv_table().is_none());
+        let b = LoraBatch::with_kernel(&[Some(ad)], &Device::Cpu, LoraKernel::Bgmv).unwrap();
+        assert!(!b.uses_bgmv());
+        assert_eq!(LoraKernel::parse("gather"), Some(LoraKernel::Gather));
+        assert_eq!(LoraKernel::parse("bgmv"), Some(LoraKernel::Bgmv));
+        assert_eq!(LoraKernel::parse("punica"), None);
     }
 }

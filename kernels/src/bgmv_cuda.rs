@@ -1,0 +1,401 @@
+//! The CUDA side of BGMV (behind the `cuda` feature): per-adapter device tables of module
+//! addresses, the per-forward plan that maps rows to tables, and the launches of the shrink and
+//! expand kernels of `cuda/lora.cu` (Punica, Chen et al. 2023; S-LoRA, Sheng et al. 2023).
+//!
+//! Each placed adapter uploads, once, a table with one entry per (layer, projection) slot: the
+//! device addresses of its bf16 A (r, in) and B (out, r), its rank and its scale. A forward pass
+//! uploads one address per row (that row's adapter table, or 0); each projection then costs two
+//! launches for all rows, whatever mix of adapters and ranks they use, and so does each group of
+//! up to [`MAX_GROUP`] projections that read the same input (grid z picks the projection).
+//!
+//! Addresses are raw: the table keeps the A and B tensors alive (clones of the `Tensor`s), and the
+//! plan keeps the tables alive. All work runs on candle's one stream of the device, so stream order
+//! alone orders the kernels after the writes of A, B, x and y (see `Placement::open`).
+
+use crate::bgmv::BgmvModule;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{DType, Device, Storage, Tensor};
+use half::bf16;
+use std::sync::Arc;
+
+/// PTX of `cuda/lora.cu`, built for the compute capability in `CUDA_COMPUTE_CAP` (default 90).
+pub const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
+const MODULE: &str = "qlorad_lora";
+/// u64 words per slot of an adapter table: A's address, B's address, rank | scale bits << 32.
+const TABLE_WORDS: usize = 3;
+// Launch geometry; must match the #defines of cuda/lora.cu.
+const SHRINK_THREADS: u32 = 256;
+const SHRINK_RANKS: u32 = 4;
+const EXPAND_THREADS: u32 = 128;
+/// Most projections one launch pair serves (q, k and v); `MAX_GROUP` in cuda/lora.cu.
+pub const MAX_GROUP: usize = 3;
+/// Most rows one plan takes (the grid's y dimension).
+const MAX_GRID_ROWS: usize = 65_535;
+
+fn msg(s: String) -> candle_core::Error {
+    candle_core::Error::Msg(s)
+}
+
+/// The device address of the first element of a contiguous bf16 tensor on `dev`; `None` if the
+/// tensor is elsewhere, of another dtype or not contiguous.
+fn bf16_addr(t: &Tensor, dev: &CudaDevice, stream: &CudaStream) -> Option<u64> {
+    if t.dtype() != DType::BF16 {
+        return None;
+    }
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return None;
+    };
+    if cs.device().id() != dev.id() {
+        return None;
+    }
+    let (start, _) = layout.contiguous_offsets()?;
+    let slice = cs.as_cuda_slice::<bf16>().ok()?;
+    let (ptr, _record) = slice.device_ptr(stream);
+    Some(ptr + (start * 2) as u64)
+}
+
+/// Per slot: rank (0: no module), in and out features.
+#[derive(Debug, Clone, Copy, Default)]
+struct SlotInfo {
+    rank: u32,
+    in_f: usize,
+    out_f: usize,
+}
+
+/// One adapter's module table on its GPU.
+pub struct AdapterTable {
+    device: CudaDevice,
+    stream: Arc<CudaStream>,
+    table: CudaSlice<u64>,
+    addr: u64,
+    slots: Vec<SlotInfo>,
+    shrink: CudaFunction,
+    expand: CudaFunction,
+    /// The A and B tensors whose addresses the table holds, kept alive with it.
+    _keep: Vec<Tensor>,
+}
+
+impl std::fmt::Debug for AdapterTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.slots.iter().filter(|s| s.rank > 0).count();
+        write!(
+            f,
+            "AdapterTable({:?}, {n}/{} slots)",
+            self.device,
+            self.slots.len()
+        )
+    }
+}
+
+impl AdapterTable {
+    /// The table of `modules` (indexed by slot). `None` when BGMV cannot serve them: no module, a
+    /// module not on a CUDA device, not bf16, not contiguous, shapes that do not agree, or modules
+    /// on different GPUs (the caller keeps the gather path for such an adapter).
+    pub fn build(modules: &[Option<BgmvModule<'_>>]) -> candle_core::Result<Option<Self>> {
+        let Some(first) = modules.iter().flatten().next() else {
+            return Ok(None);
+        };
+        let Device::Cuda(device) = first.a.device() else {
+            return Ok(None);
+        };
+        let device = device.clone();
+        let stream = device.cuda_stream();
+        let mut words = Vec::with_capacity(modules.len() * TABLE_WORDS);
+        let mut slots = Vec::with_capacity(modules.len());
+        let mut keep = Vec::new();
+        for m in modules {
+            let Some(m) = m else {
+                words.extend_from_slice(&[0; TABLE_WORDS]);
+                slots.push(SlotInfo::default());
+                continue;
+            };
+            let (Ok((r, in_f)), Ok((out_f, rb))) = (m.a.dims2(), m.b.dims2()) else {
+                return Ok(None);
+            };
+            if r == 0 || r != rb || r > u32::MAX as usize || !m.scale.is_finite() {
+                return Ok(None);
+            }
+            let (Some(a), Some(b)) = (
+                bf16_addr(m.a, &device, &stream),
+                bf16_addr(m.b, &device, &stream),
+            ) else {
+                return Ok(None);
+            };
+            let scale_bits = (m.scale as f32).to_bits() as u64;
+            words.extend_from_slice(&[a, b, r as u64 | (scale_bits << 32)]);
+            slots.push(SlotInfo {
+                rank: r as u32,
+                in_f,
+                out_f,
+            });
+            keep.push(m.a.clone());
+            keep.push(m.b.clone());
+        }
+        let table = device.clone_htod(&words[..])?;
+        let addr = table.device_ptr(&stream).0;
+        let load = |name: &str| -> candle_core::Result<CudaFunction> {
+            Ok(device
+                .get_or_load_custom_func(name, MODULE, LORA_PTX)?
+                .into_cuda_function())
+        };
+        Ok(Some(Self {
+            shrink: load("lora_bgmv_shrink")?,
+            expand: load("lora_bgmv_expand")?,
+            device,
+            stream,
+            table,
+            addr,
+            slots,
+            _keep: keep,
+        }))
+    }
+
+    /// Slots in the table (layers × 7 for a model's adapter).
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Device bytes of the table itself (the modules are counted by their adapter).
+    pub fn bytes(&self) -> usize {
+        self.table.len() * 8
+    }
+}
+
+/// What one slot needs from the batch: the largest rank among its rows (0: nothing to do) and
+/// the (in, out) features every adapter there has.
+#[derive(Debug, Clone, Copy, Default)]
+struct SlotPlan {
+    max_rank: u32,
+    in_f: usize,
+    out_f: usize,
+}
+
+/// One forward pass's row → adapter mapping on the GPU, with the shrink's f32 scratch.
+pub struct BgmvPlan {
+    device: CudaDevice,
+    stream: Arc<CudaStream>,
+    rows: usize,
+    /// (rows,): each row's adapter table address, 0 for none.
+    row_tables: CudaSlice<u64>,
+    /// (MAX_GROUP, rows, t_stride) f32, reused by every launch in stream order.
+    scratch: CudaSlice<f32>,
+    t_stride: usize,
+    slots: Vec<SlotPlan>,
+    shrink: CudaFunction,
+    expand: CudaFunction,
+    /// The tables the row addresses point into, kept alive with the plan.
+    _tables: Vec<Arc<AdapterTable>>,
+}
+
+impl std::fmt::Debug for BgmvPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "BgmvPlan({:?}, {} rows, {} adapters, t_stride {})",
+            self.device,
+            self.rows,
+            self._tables.len(),
+            self.t_stride
+        )
+    }
+}
+
+impl BgmvPlan {
+    /// The plan of a batch whose row i uses `per_row[i]`'s adapter (`None`: the base alone).
+    /// `None` when no row has an adapter, or the adapters' tables disagree (different GPUs, slot
+    /// counts or shapes) or there are too many rows: the caller keeps the gather path.
+    pub fn new(per_row: &[Option<Arc<AdapterTable>>]) -> candle_core::Result<Option<Self>> {
+        let mut tables: Vec<Arc<AdapterTable>> = Vec::new();
+        for t in per_row.iter().flatten() {
+            if !tables.iter().any(|u| Arc::ptr_eq(u, t)) {
+                tables.push(t.clone());
+            }
+        }
+        let Some(first) = tables.first() else {
+            return Ok(None);
+        };
+        let n_slots = first.slots.len();
+        if per_row.len() > MAX_GRID_ROWS
+            || tables
+                .iter()
+                .any(|t| t.device.id() != first.device.id() || t.slots.len() != n_slots)
+        {
+            return Ok(None);
+        }
+        let mut slots = vec![SlotPlan::default(); n_slots];
+        for t in &tables {
+            for (p, s) in slots.iter_mut().zip(&t.slots) {
+                if s.rank == 0 {
+                    continue;
+                }
+                if p.max_rank > 0 && (p.in_f, p.out_f) != (s.in_f, s.out_f) {
+                    return Ok(None);
+                }
+                p.max_rank = p.max_rank.max(s.rank);
+                p.in_f = s.in_f;
+                p.out_f = s.out_f;
+            }
+        }
+        // A multiple of 4: the expand reads t rows 16 bytes at a time.
+        let max_rank = slots.iter().map(|s| s.max_rank).max().unwrap_or(0) as usize;
+        let t_stride = max_rank.max(1).next_multiple_of(4);
+        let device = first.device.clone();
+        let addrs: Vec<u64> = per_row
+            .iter()
+            .map(|t| t.as_ref().map_or(0, |t| t.addr))
+            .collect();
+        let row_tables = device.clone_htod(&addrs[..])?;
+        // SAFETY: the expand reads only the entries t_z[row, j < r_row] that the shrink of the same
+        // slots wrote before it in stream order; nothing else reads the scratch.
+        let scratch = unsafe { device.alloc::<f32>(MAX_GROUP * per_row.len() * t_stride) }?;
+        Ok(Some(Self {
+            stream: first.stream.clone(),
+            shrink: first.shrink.clone(),
+            expand: first.expand.clone(),
+            device,
+            rows: per_row.len(),
+            row_tables,
+            scratch,
+            t_stride,
+            slots,
+            _tables: tables,
+        }))
+    }
+
+    /// Rows of the batch this plan was built for.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Adds every row's LoRA delta of `slot` to `y` (rows, out) in place, given the projection's
+    /// input `x` (rows, in): [`BgmvPlan::apply_group`] with one output.
+    pub fn apply(&self, slot: usize, x: &Tensor, y: &Tensor) -> candle_core::Result<()> {
+        self.apply_group(slot, x, &[y])
+    }
+
+    /// The address and byte length of a contiguous bf16 tensor on the plan's GPU.
+    fn span(&self, t: &Tensor, what: &str) -> candle_core::Result<(u64, u64)> {
+        let addr = bf16_addr(t, &self.device, &self.stream).ok_or_else(|| {
+            msg(format!(
+                "bgmv: {what} must be a contiguous bf16 tensor on {:?} (got {:?} on {:?})",
+                self.device,
+                t.dtype(),
+                t.device()
+            ))
+        })?;
+        Ok((addr, (t.elem_count() * 2) as u64))
+    }
+
+    /// For the projections of slots `slot0 .. slot0 + ys.len()` that all read `x` (rows, in)
+    /// (q/k/v, or gate/up), adds every row's LoRA delta to their outputs `ys[i]` (rows, out_i) in
+    /// place: one shrink and one expand launch for all of them, none when no row has a module
+    /// there. x and the outputs are contiguous bf16 on the plan's GPU; the outputs must be fresh
+    /// tensors the caller alone holds (base projection outputs) and may not overlap x or each
+    /// other (checked).
+    pub fn apply_group(&self, slot0: usize, x: &Tensor, ys: &[&Tensor]) -> candle_core::Result<()> {
+        let n = ys.len();
+        if n == 0 || n > MAX_GROUP {
+            return Err(msg(format!(
+                "bgmv: {n} outputs in one group (1..={MAX_GROUP})"
+            )));
+        }
+        if slot0 + n > self.slots.len() {
+            // Slots past the tables have no module: serve the others one at a time.
+            for (i, y) in ys.iter().enumerate() {
+                if slot0 + i < self.slots.len() {
+                    self.apply_group(slot0 + i, x, &[y])?;
+                }
+            }
+            return Ok(());
+        }
+        let group = &self.slots[slot0..slot0 + n];
+        let max_rank = group.iter().map(|s| s.max_rank).max().unwrap_or(0);
+        if max_rank == 0 {
+            return Ok(());
+        }
+        let x = x.contiguous()?;
+        let (rows, in_f) = x.dims2()?;
+        if rows != self.rows || group.iter().any(|s| s.max_rank > 0 && s.in_f != in_f) {
+            return Err(msg(format!(
+                "bgmv: input ({rows}, {in_f}) does not fit the plan ({} rows) and the adapters' \
+                 input features at slots {slot0}..{}",
+                self.rows,
+                slot0 + n
+            )));
+        }
+        let x_span = self.span(&x, "the input")?;
+        let mut spans = vec![x_span];
+        let mut y_addr = [0u64; MAX_GROUP];
+        let mut outs = [0u32; MAX_GROUP];
+        for (i, (y, sp)) in ys.iter().zip(group).enumerate() {
+            let (r, out_f) = y.dims2()?;
+            if r != self.rows || (sp.max_rank > 0 && out_f != sp.out_f) || out_f > u32::MAX as usize
+            {
+                return Err(msg(format!(
+                    "bgmv: output ({r}, {out_f}) at slot {} does not fit the plan ({} rows, {} \
+                     features)",
+                    slot0 + i,
+                    self.rows,
+                    sp.out_f
+                )));
+            }
+            let s = self.span(y, "an output")?;
+            if spans.iter().any(|&o| s.0 < o.0 + o.1 && o.0 < s.0 + s.1) {
+                return Err(msg(
+                    "bgmv: an output overlaps the input or another output".into()
+                ));
+            }
+            spans.push(s);
+            y_addr[i] = s.0;
+            outs[i] = out_f as u32;
+        }
+        let (rows, in_f) = (self.rows as u32, in_f as u32);
+        let (t_stride, slot0, groups) = (self.t_stride as u32, slot0 as u32, n as u32);
+        let max_out = outs.iter().copied().max().unwrap_or(0).max(1);
+        let cfg = LaunchConfig {
+            grid_dim: (max_rank.div_ceil(SHRINK_RANKS), rows, groups),
+            block_dim: (SHRINK_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(&self.shrink);
+        l.arg(&x_span.0)
+            .arg(&in_f)
+            .arg(&self.row_tables)
+            .arg(&slot0)
+            .arg(&self.scratch)
+            .arg(&t_stride);
+        // SAFETY: argument types and order match lora_bgmv_shrink. x holds rows·in bf16; the
+        // scratch MAX_GROUP·rows·t_stride f32 with t_stride >= every rank (plan construction); the
+        // slots exist in every table and their modules read `in` features (checked above). The
+        // scratch is written through a shared reference: only these kernels use it, in stream order.
+        unsafe { l.launch(cfg) }.w()?;
+        let cfg = LaunchConfig {
+            grid_dim: (max_out.div_ceil(EXPAND_THREADS), rows, groups),
+            block_dim: (EXPAND_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(&self.expand);
+        l.arg(&y_addr[0])
+            .arg(&y_addr[1])
+            .arg(&y_addr[2])
+            .arg(&outs[0])
+            .arg(&outs[1])
+            .arg(&outs[2])
+            .arg(&self.row_tables)
+            .arg(&slot0)
+            .arg(&self.scratch)
+            .arg(&t_stride);
+        // SAFETY: argument types and order match lora_bgmv_expand; output z < groups holds
+        // rows·outs[z] bf16 (checked above; z >= groups is never launched) and every module of its
+        // slot has outs[z] output features. The outputs are written through addresses taken under
+        // read guards: they are fresh tensors only the caller holds, and all work on them is
+        // ordered on this one stream.
+        unsafe { l.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
