@@ -8,6 +8,7 @@ plus the machine and the ratios.
 import json
 import subprocess
 import sys
+import time
 
 
 def gpu_name():
@@ -30,7 +31,7 @@ def main():
     keys = ["decode_b1_tok_s", "decode_b1_adapter_tok_s", "multi_adapter_32_ratio", "adapter_load_ms",
             "base_gpu_gb", "ttft_1k_ms", "prefill_tok_s", "decode_b64_tok_s", "load_s",
             "decode_b32_one_adapter_tok_s", "decode_b32_multi_adapter_tok_s"]
-    out = {"date": "2026-11-28", "machine": gpu_name(), "command": "bench/run-gpu.sh",
+    out = {"date": time.strftime("%Y-%m-%d"), "machine": gpu_name(), "command": "bench/run-gpu.sh",
            "gemv_kernel": ours.get("gemv_kernel"),
            "decode_b1_host_ms_per_token": ours.get("decode_b1_host_ms_per_token")}
     for k in keys:

@@ -17,7 +17,7 @@ RESULT="${RESULT:-2026-11-28-h200-train.json}"
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
 [[ -f "$WORK/m7b/config.json" ]] || python3 "$HERE/gen_random_llama.py" --out "$WORK/m7b" || exit 1
-"$BIN" gpu-train-bench --model "$WORK/m7b" --json-out "$OUT/qlorad-train.json" ${QLORAD_BENCH_ARGS:-} 2>&1 |
+"$BIN" gpu-train-bench --model "$WORK/m7b" --json-out "$OUT/qlorad-train.json" ${QLORAD_TRAIN_BENCH_ARGS:-} 2>&1 |
   tee "$OUT/qlorad-train.log"
 ours=${PIPESTATUS[0]}
 refs=()

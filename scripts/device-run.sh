@@ -6,7 +6,7 @@
 #   bin/*.xz (stripped CUDA builds), bnb.tar.xz, scripts/, bench/, smol.part* (SmolLM2, in parts
 #   that may arrive over two calls: parts are kept in /tmp/stash while the machine stays warm).
 #
-#   bash .devbuild/scripts/device-run.sh [check] [bench] [smol]
+#   bash .devbuild/scripts/device-run.sh [check] [bench] [train] [smol]
 set -uo pipefail
 D="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/out}"
@@ -56,6 +56,8 @@ for step in "$@"; do
         "$QLORAD_BENCH" gpu-check --skip-kernels --tokens "${TOKENS:-32}" --json-out /tmp/gpu-check-best.json
       fi ;;
     bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
+    # Training tokens/s and peak memory (reuses the bench step's model when it ran first).
+    train) log "run-gpu-train (${QLORAD_TRAIN_BENCH_ARGS:-default modes})"; RESULT="${TRAIN_RESULT:-h200-train.json}" bash "$D/bench/run-gpu-train.sh" ;;
   esac
 done
 log "done"

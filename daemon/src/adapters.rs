@@ -2,10 +2,13 @@
 //! adapter root (paths outside it are refused), replaced, pinned or unloaded at run time. Requests
 //! pick an adapter by putting its name in `model`.
 //!
-//! Tiers (vLLM's LoRA CPU/GPU caches): an adapter's weights are resident (`host`; on the GPU build a
-//! device tier sits above it) or evicted to `disk` (only its folder is remembered). Resident bytes
-//! stay under a budget by evicting the least recently used unpinned adapter; a request for an evicted
-//! adapter reloads it transparently.
+//! Tiers (vLLM's LoRA CPU/GPU caches): `device` (placed where the model computes, servable at once),
+//! `host` (the adapter as read from disk, kept in host memory: placing it again is one upload) and
+//! `disk` (only its folder is remembered). Device bytes stay under a budget by evicting the least
+//! recently used unpinned adapter to the host tier, host copies of evicted adapters under a second
+//! budget by dropping the least recently used to disk; a request for an evicted adapter reloads it
+//! transparently from the nearest tier. When the model computes on the CPU in f32 the device copy
+//! *is* the host copy: there are two tiers, resident (`host`) and `disk`.
 //!
 //! The map sits behind a std `RwLock` that is only ever held for a lookup or an insert — never across
 //! an `.await` or while reading files.
@@ -48,16 +51,22 @@ pub struct AdapterInfo {
     pub name: String,
     pub path: String,
     pub bytes: usize,
-    /// `host` (weights resident, servable at once) or `disk` (evicted; reloaded on next use).
+    /// `device` (placed on the GPU / in the compute dtype, servable at once), `host` (servable at
+    /// once on a CPU model; one upload away on a GPU one) or `disk` (reloaded on next use).
     pub tier: &'static str,
     pub pinned: bool,
 }
 
 struct Entry {
-    /// `None` once evicted to disk.
+    /// The servable copy; `None` once evicted.
     adapter: Option<Arc<LoraAdapter>>,
+    /// With a staged placement (GPU, or a compute dtype other than f32): the copy as read from
+    /// disk, kept in host memory until the host budget drops it.
+    host: Option<Arc<LoraAdapter>>,
     path: PathBuf,
+    /// Bytes of the servable copy, and of the host copy.
     bytes: usize,
+    host_bytes: usize,
     pinned: bool,
     last_used: AtomicU64,
 }
@@ -77,6 +86,7 @@ pub struct AdapterCounters {
     pub misses: prometheus::IntCounter,
     pub evictions: prometheus::IntCounter,
     pub resident_bytes: prometheus::IntGauge,
+    pub host_bytes: prometheus::IntGauge,
     pub disk_bytes: prometheus::IntGauge,
 }
 
@@ -88,6 +98,11 @@ pub struct AdapterRegistry {
     placement: Placement,
     /// Resident-bytes budget; least recently used unpinned adapters are evicted beyond it.
     budget: usize,
+    /// Budget of host copies of evicted adapters (staged placements only).
+    host_budget: usize,
+    /// Whether placing an adapter makes a second copy (GPU, or bf16/f16 compute), so that a host
+    /// tier sits between it and the disk.
+    staged: bool,
     clock: AtomicU64,
     counters: Option<AdapterCounters>,
     map: RwLock<BTreeMap<String, Entry>>,
@@ -109,6 +124,8 @@ impl AdapterRegistry {
             base,
             placement: Placement::cpu(),
             budget,
+            host_budget: usize::MAX,
+            staged: false,
             clock: AtomicU64::new(0),
             counters,
             map: RwLock::new(BTreeMap::new()),
@@ -117,7 +134,14 @@ impl AdapterRegistry {
 
     /// Places adapters loaded from now on where the base model computes (default: the CPU, f32).
     pub fn with_placement(mut self, p: Placement) -> Self {
+        self.staged = p.is_cuda() || p.dtype != candle_core::DType::F32;
         self.placement = p;
+        self
+    }
+
+    /// Bytes of host copies kept for adapters evicted from the device (`usize::MAX`: no limit).
+    pub fn with_host_budget(mut self, bytes: usize) -> Self {
+        self.host_budget = bytes;
         self
     }
 
@@ -160,19 +184,23 @@ impl AdapterRegistry {
         if name == self.base_id {
             return Err(AdapterError::NameIsBase(name.to_string()));
         }
-        let mut adapter = LoraAdapter::load(dir, name, &self.base)
+        let loaded = LoraAdapter::load(dir, name, &self.base)
             .map_err(|e| AdapterError::Invalid(e.to_string()))?;
-        if self.placement.is_cuda() {
-            adapter = adapter
-                .to_placement(&self.placement)
-                .map_err(|e| AdapterError::Invalid(e.to_string()))?;
-        }
+        let (adapter, host) = if self.staged {
+            let placed = self.place(&loaded)?;
+            (placed, Some(Arc::new(loaded)))
+        } else {
+            (Arc::new(loaded), None)
+        };
         let bytes = adapter.bytes();
+        let host_bytes = host.as_ref().map_or(0, |h| h.bytes());
         let pinned = self.read().get(name).is_some_and(|e| e.pinned);
         let entry = Entry {
-            adapter: Some(Arc::new(adapter)),
+            adapter: Some(adapter),
+            host,
             path: dir.to_path_buf(),
             bytes,
+            host_bytes,
             pinned,
             last_used: AtomicU64::new(self.tick()),
         };
@@ -181,13 +209,14 @@ impl AdapterRegistry {
             map.insert(name.to_string(), entry);
             self.enforce_budget(&mut map, name);
         }
-        Ok(self.info(name).unwrap_or(AdapterInfo {
-            name: name.to_string(),
-            path: dir.display().to_string(),
-            bytes,
-            tier: "host",
-            pinned,
-        }))
+        self.info(name)
+            .ok_or_else(|| AdapterError::NotFound(name.to_string()))
+    }
+
+    fn place(&self, a: &LoraAdapter) -> Result<Arc<LoraAdapter>, AdapterError> {
+        a.to_placement(&self.placement)
+            .map(Arc::new)
+            .map_err(|e| AdapterError::Invalid(e.to_string()))
     }
 
     /// Registers adapter `name` from `dir` without reading its weights (the disk tier): its first
@@ -203,8 +232,10 @@ impl AdapterRegistry {
         let mut map = self.write();
         map.entry(name.to_string()).or_insert_with(|| Entry {
             adapter: None,
+            host: None,
             path: dir.to_path_buf(),
             bytes,
+            host_bytes: 0,
             pinned: false,
             last_used: AtomicU64::new(0),
         });
@@ -214,14 +245,29 @@ impl AdapterRegistry {
 
     /// Brings an evicted adapter back from its folder (blocking) and returns it.
     pub fn reload(&self, name: &str) -> Result<Arc<LoraAdapter>, AdapterError> {
-        let path = match self.read().get(name) {
+        let (path, host) = match self.read().get(name) {
             Some(e) => match &e.adapter {
                 Some(a) => return Ok(a.clone()),
-                None => e.path.clone(),
+                None => (e.path.clone(), e.host.clone()),
             },
             None => return Err(AdapterError::NotFound(name.to_string())),
         };
-        self.load(name, &path)?;
+        match host {
+            // From the host tier: one upload, no disk read.
+            Some(h) => {
+                let placed = self.place(&h)?;
+                let mut map = self.write();
+                if let Some(e) = map.get_mut(name) {
+                    e.bytes = placed.bytes();
+                    e.adapter = Some(placed);
+                    e.last_used.store(self.tick(), Ordering::Relaxed);
+                }
+                self.enforce_budget(&mut map, name);
+            }
+            None => {
+                self.load(name, &path)?;
+            }
+        }
         match self.lookup(name) {
             Lookup::Resident(a) => Ok(a),
             _ => Err(AdapterError::Invalid(format!(
@@ -256,26 +302,51 @@ impl AdapterRegistry {
             };
             if let Some(e) = map.get_mut(&victim) {
                 e.adapter = None;
-                tracing::info!(adapter = %victim, "evicted adapter to disk (LRU)");
+                let to = if e.host.is_some() { "host" } else { "disk" };
+                tracing::info!(adapter = %victim, "evicted adapter to {to} (LRU)");
                 if let Some(c) = &self.counters {
                     c.evictions.inc();
                 }
             }
+        }
+        // Host copies of evicted adapters, under their own budget (least recently used to disk).
+        loop {
+            let held: usize = map
+                .values()
+                .filter(|e| e.adapter.is_none())
+                .map(|e| e.host.as_ref().map_or(0, |_| e.host_bytes))
+                .sum();
+            if held <= self.host_budget {
+                break;
+            }
+            let victim = map
+                .iter()
+                .filter(|(_, e)| e.adapter.is_none() && e.host.is_some())
+                .min_by_key(|(_, e)| e.last_used.load(Ordering::Relaxed))
+                .map(|(n, _)| n.clone());
+            let Some(e) = victim.and_then(|v| map.get_mut(&v)) else {
+                break;
+            };
+            e.host = None;
+            tracing::info!(path = %e.path.display(), "dropped an evicted adapter's host copy (LRU)");
         }
         self.update_gauges(map);
     }
 
     fn update_gauges(&self, map: &BTreeMap<String, Entry>) {
         if let Some(c) = &self.counters {
-            let (mut host, mut disk) = (0, 0);
+            let (mut resident, mut host, mut disk) = (0, 0, 0);
             for e in map.values() {
                 if e.adapter.is_some() {
-                    host += e.bytes;
+                    resident += e.bytes;
+                } else if e.host.is_some() {
+                    host += e.host_bytes;
                 } else {
                     disk += e.bytes;
                 }
             }
-            c.resident_bytes.set(host as i64);
+            c.resident_bytes.set(resident as i64);
+            c.host_bytes.set(host as i64);
             c.disk_bytes.set(disk as i64);
         }
     }
@@ -366,24 +437,29 @@ impl AdapterRegistry {
         self.read().contains_key(name)
     }
 
-    fn info_of(name: &str, e: &Entry) -> AdapterInfo {
+    fn info_of(&self, name: &str, e: &Entry) -> AdapterInfo {
+        let tier = match (&e.adapter, &e.host) {
+            (Some(_), _) if self.staged => "device",
+            (Some(_), _) | (None, Some(_)) => "host",
+            (None, None) => "disk",
+        };
         AdapterInfo {
             name: name.to_string(),
             path: e.path.display().to_string(),
             bytes: e.bytes,
-            tier: if e.adapter.is_some() { "host" } else { "disk" },
+            tier,
             pinned: e.pinned,
         }
     }
 
     pub fn info(&self, name: &str) -> Option<AdapterInfo> {
-        self.read().get(name).map(|e| Self::info_of(name, e))
+        self.read().get(name).map(|e| self.info_of(name, e))
     }
 
     pub fn list(&self) -> Vec<AdapterInfo> {
         self.read()
             .iter()
-            .map(|(n, e)| Self::info_of(n, e))
+            .map(|(n, e)| self.info_of(n, e))
             .collect()
     }
 
@@ -401,6 +477,90 @@ impl AdapterRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn registry(budget: usize, host_budget: usize, placement: Placement) -> AdapterRegistry {
+        let cfg = Config::from_file(&qlorad_tests_fixture("tiny-llama/fp32/config.json")).unwrap();
+        AdapterRegistry::new(None, "base", cfg, budget, None)
+            .with_placement(placement)
+            .with_host_budget(host_budget)
+    }
+
+    fn qlorad_tests_fixture(rel: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(rel)
+    }
+
+    fn tiers(r: &AdapterRegistry) -> Vec<(String, &'static str)> {
+        r.list().into_iter().map(|i| (i.name, i.tier)).collect()
+    }
+
+    /// A placement that makes a second copy (bf16 compute; on a GPU also a device copy) gets the
+    /// three tiers: device → host copy → disk, each under its budget, reloads from the nearest.
+    #[test]
+    fn staged_placements_keep_host_copies_between_device_and_disk() {
+        let lora = |n: &str| qlorad_tests_fixture(&format!("lora/{n}"));
+        let bf16 = Placement {
+            device: candle_core::Device::Cpu,
+            dtype: candle_core::DType::BF16,
+        };
+        // Room for one placed adapter and one evicted host copy.
+        let one = LoraAdapter::load(
+            &lora("tiny-r8-all"),
+            "x",
+            &registry(0, 0, Placement::cpu()).base,
+        )
+        .unwrap();
+        let placed = one.to_placement(&bf16).unwrap().bytes();
+        let r = registry(placed, one.bytes(), bf16.clone());
+        r.load("a", &lora("tiny-r8-all")).unwrap();
+        assert_eq!(tiers(&r), [("a".into(), "device")]);
+        r.load("b", &lora("tiny-r8-all")).unwrap(); // evicts a to its host copy
+        assert_eq!(tiers(&r), [("a".into(), "host"), ("b".into(), "device")]);
+        r.load("c", &lora("tiny-r8-all")).unwrap(); // b to host; a's copy over budget → disk
+        assert_eq!(
+            tiers(&r),
+            [
+                ("a".into(), "disk"),
+                ("b".into(), "host"),
+                ("c".into(), "device")
+            ]
+        );
+        // b comes back from its host copy, with the same weights as a fresh load.
+        assert!(matches!(r.lookup("b"), Lookup::Evicted));
+        let b = r.reload("b").unwrap();
+        let fresh = one.to_placement(&bf16).unwrap();
+        let (x, y) = (b.module(0, 0).unwrap(), fresh.module(0, 0).unwrap());
+        let d = (&x.b - &y.b).unwrap().abs().unwrap().sum_all().unwrap();
+        assert_eq!(
+            d.to_dtype(candle_core::DType::F32)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+        assert_eq!(
+            tiers(&r),
+            [
+                ("a".into(), "disk"),
+                ("b".into(), "device"),
+                ("c".into(), "host")
+            ]
+        );
+        // a comes back from disk.
+        r.reload("a").unwrap();
+        assert_eq!(tiers(&r)[0], ("a".into(), "device"));
+    }
+
+    /// On a CPU model in f32 the servable copy is the host copy: resident (`host`) or `disk`.
+    #[test]
+    fn unstaged_placement_has_two_tiers() {
+        let lora = qlorad_tests_fixture("lora/tiny-r4-qv");
+        let r = registry(1, usize::MAX, Placement::cpu());
+        r.load("a", &lora).unwrap();
+        r.load("b", &lora).unwrap();
+        assert_eq!(tiers(&r), [("a".into(), "disk"), ("b".into(), "host")]);
+    }
 
     #[test]
     fn names_are_validated() {

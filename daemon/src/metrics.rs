@@ -126,11 +126,15 @@ impl Metrics {
             )?,
             evictions: IntCounter::new(
                 "qlorad_adapter_evictions_total",
-                "Adapters evicted to disk (LRU)",
+                "Adapters evicted from the servable tier (LRU)",
             )?,
             resident_bytes: IntGauge::new(
+                "qlorad_adapter_resident_bytes",
+                "Bytes of servable adapter weights (on the GPU, or in host memory for a CPU model)",
+            )?,
+            host_bytes: IntGauge::new(
                 "qlorad_adapter_host_bytes",
-                "Bytes of adapter weights resident",
+                "Bytes of host copies of adapters evicted from the GPU (one upload from servable)",
             )?,
             disk_bytes: IntGauge::new(
                 "qlorad_adapter_disk_bytes",
@@ -224,6 +228,7 @@ impl Metrics {
         registry.register(Box::new(adapters.misses.clone()))?;
         registry.register(Box::new(adapters.evictions.clone()))?;
         registry.register(Box::new(adapters.resident_bytes.clone()))?;
+        registry.register(Box::new(adapters.host_bytes.clone()))?;
         registry.register(Box::new(adapters.disk_bytes.clone()))?;
         Ok(Self {
             registry,

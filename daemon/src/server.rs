@@ -68,6 +68,10 @@ pub struct ServeArgs {
     /// are evicted to disk and reloaded on their next request (0: no limit).
     #[arg(long, env = "QLORAD_MAX_ADAPTER_BYTES", default_value_t = 0)]
     pub max_adapter_bytes: usize,
+    /// On a GPU: bytes of host-memory copies kept of adapters evicted from the GPU, so that their
+    /// next request is an upload rather than a disk read (0: no limit).
+    #[arg(long, env = "QLORAD_MAX_HOST_ADAPTER_BYTES", default_value_t = 8 << 30)]
+    pub max_host_adapter_bytes: usize,
     /// Adapters to load at start, as NAME=DIR (repeatable).
     #[arg(long = "lora", env = "QLORAD_LORA", value_delimiter = ',', value_parser = parse_lora)]
     pub loras: Vec<(String, PathBuf)>,
@@ -156,7 +160,12 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             budget,
             Some(metrics.adapters.clone()),
         )
-        .with_placement(placement),
+        .with_placement(placement)
+        .with_host_budget(if a.max_host_adapter_bytes == 0 {
+            usize::MAX
+        } else {
+            a.max_host_adapter_bytes
+        }),
     );
     for (name, dir) in &a.loras {
         adapters

@@ -134,7 +134,8 @@ def adapters(b):
             "ops", "Requests whose adapter was resident (hit) or had to be reloaded (miss), and LRU "
             "evictions under --max-adapter-bytes.")
     b.panel("Adapter bytes by tier",
-            [(f"sum({sel('qlorad_adapter_host_bytes')})", "resident (host)"),
+            [(f"sum({sel('qlorad_adapter_resident_bytes')})", "servable (device / host)"),
+             (f"sum({sel('qlorad_adapter_host_bytes')})", "evicted, host copy"),
              (f"sum({sel('qlorad_adapter_disk_bytes')})", "evicted (disk)")],
             "bytes", "Adapter weights resident in memory and registered adapters evicted to disk.")
     b.panel("Requests per adapter",
