@@ -226,7 +226,7 @@ pub fn spec(version: &str) -> Value {
                     "checkpoint_interval": {"type": "integer", "minimum": 1},
                     "eval_interval": {"type": "integer", "minimum": 1}}},
                 "LoadAdapter": {"type": "object", "required": ["name", "path"], "properties": {
-                    "name": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}, "path": {"type": "string"}}}
+                    "name": {"type": "string", "pattern": "^[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}$"}, "path": {"type": "string"}}}
             }
         }
     })
