@@ -202,7 +202,8 @@ def export_kill9(work, quick=False):
         def midway():
             e = d.get(f"/v1/exports/{eid}").json()
             p = e["progress"]
-            return e if e["status"] == "running" and 0 < p["tensors_done"] < p["tensors_total"] else None
+            total = p["tensors_total"]
+            return e if e["status"] == "running" and total // 3 <= p["tensors_done"] < total and total else None
         e, _ = poll("the export midway", midway, timeout=120, every=0.02)
         done_at_kill, total = e["progress"]["tensors_done"], e["progress"]["tensors_total"]
         d.kill9()

@@ -140,19 +140,33 @@ class RssSampler(threading.Thread):
 
 
 def rss_summary(samples, load_s):
-    """Peak/final and first-vs-last window means of the samples taken during the load phase."""
+    """Peak/final and window means of the samples taken during the load phase: the first window
+    (it includes the ramp from idle: batch and KV caches filling), the second (steady state) and
+    the last; a leak shows as last > second. `series_mb`: one sample per 10 s."""
     mb = lambda b: round(b / 2**20, 1)  # noqa: E731
     during = [b for t, b in samples if t <= load_s and b]
-    w = max(1.0, min(30.0, load_s / 3))
+    w = max(1.0, min(30.0, load_s / 4))
     first = [b for t, b in samples if t <= w and b]
+    second = [b for t, b in samples if w < t <= 2 * w and b]
     last = [b for t, b in samples if load_s - w <= t <= load_s and b]
     mean = lambda xs: sum(xs) / len(xs) if xs else 0  # noqa: E731
-    growth = mean(last) / mean(first) if first and last else None
+    ratio = lambda a, b: round(mean(a) / mean(b), 3) if a and b else None  # noqa: E731
     return {"samples": len(samples), "window_s": round(w, 1), "idle_mb": mb(samples[0][1]),
             "peak_mb": mb(max(b for _, b in samples)), "final_mb": mb(samples[-1][1]),
-            "first_window_mean_mb": mb(mean(first)), "last_window_mean_mb": mb(mean(last)),
-            "last_over_first": round(growth, 3) if growth else None,
-            "during_load_max_mb": mb(max(during)) if during else None}
+            "first_window_mean_mb": mb(mean(first)), "second_window_mean_mb": mb(mean(second)),
+            "last_window_mean_mb": mb(mean(last)), "last_over_first": ratio(last, first),
+            "last_over_second": ratio(last, second),
+            "during_load_max_mb": mb(max(during)) if during else None,
+            "series_mb": [mb(b) for t, b in samples[::10]]}
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds of `pid` so far (from /proc/PID/stat)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 METRIC_KEYS = ("qlorad_requests_cancelled_total", "qlorad_batch_running_requests",
@@ -200,8 +214,11 @@ def run(a):
     sampler = RssSampler(daemon.proc.pid) if daemon else None
     if sampler:
         sampler.start()
+    cpu0 = (cpu_seconds(daemon.proc.pid) if daemon else None, time.process_time())
     try:
         stats, elapsed = asyncio.run(drive(url, a))
+        cpu = {"daemon_s": round(cpu_seconds(daemon.proc.pid) - cpu0[0], 1) if daemon else None,
+               "load_generator_s": round(time.process_time() - cpu0[1], 1)}
         ready = httpx.get(url + "/ready", timeout=10).status_code
         # Gauges settle once the engine has noticed the last stream ended.
         deadline = time.monotonic() + 10
@@ -224,7 +241,8 @@ def run(a):
                max_inflight=a.max_inflight if daemon else None, max_tokens=a.max_tokens,
                tokens_per_s=round(stats["tokens"] / elapsed, 1),
                completed_per_s=round(stats["completed"] / elapsed, 2),
-               exceptions=stats["exceptions"][:5], ready_after=ready, daemon_metrics=metrics)
+               exceptions=stats["exceptions"][:5], ready_after=ready, daemon_metrics=metrics,
+               cpu_seconds=cpu, cpus=os.cpu_count())
     if daemon:
         out["rss"] = rss_summary(sampler.samples, a.duration)
         out["daemon_alive_after"] = alive
