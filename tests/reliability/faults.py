@@ -347,18 +347,21 @@ def disk_full(work, quick=False):
         for what, r in (("upload_small_full", d.upload("small.jsonl", training_data())),
                         ("create_job_full", d.post("/v1/fine_tuning/jobs", {
                             "model": d.model_id, "training_file": f, "suffix": "x"})),
-                        ("promote_full", d.post("/v1/adapters/qv/promote", {"out": "x"}))):
+                        ("promote_full", d.post("/v1/adapters/qv/promote", {"out": "x"})),
+                        ("delete_file_full", d.delete(f"/v1/files/{f}"))):
             seen[what] = error_of(r)
         assert seen["upload_small_full"][:2] == (507, "insufficient_storage"), seen
         assert seen["create_job_full"][:2] == (507, "insufficient_storage"), seen
         assert seen["promote_full"][:2] == (507, "insufficient_storage"), seen
+        # Deleting is a database write too: refused the same way (the file stays listed).
+        assert seen["delete_file_full"][:2] in ((507, "insufficient_storage"), (200, None)), seen
         chat = d.chat()
         seen["chat_full"] = chat.status_code
         assert chat.status_code == 200 and d.get("/ready").status_code == 200
         # Nothing half-written is visible: the API lists only the file stored before; no temp
         # upload or staging folders were left behind.
         listed = [x["id"] for x in d.get("/v1/files").json()["data"]]
-        assert listed == [f], listed
+        assert listed == ([] if seen["delete_file_full"][0] == 200 else [f]), listed
         hidden = [str(p.relative_to(state)) for p in state.rglob(".*")]
         seen["hidden_leftovers"] = hidden
         assert not hidden, hidden

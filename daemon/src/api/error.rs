@@ -124,8 +124,8 @@ impl ApiError {
         tracing::error!("out of storage space: {cause}");
         Self {
             status: StatusCode::INSUFFICIENT_STORAGE,
-            message: "The server is out of storage space (its state folder's volume is full); \
-                      nothing was stored. Free space on the server and retry."
+            message: "The server is out of storage space (its state folder's volume is full), \
+                      so the request changed nothing. Free space on the server and retry."
                 .into(),
             kind: "server_error",
             param: None,
