@@ -22,7 +22,7 @@ import json
 import os
 import pathlib
 import random
-import subprocess
+import shutil
 import sys
 import tempfile
 import threading
@@ -200,7 +200,7 @@ async def drive(url, a):
 
 def run(a):
     """Runs the load described by `a` (argparse namespace); returns the report dict."""
-    daemon = None
+    daemon, work = None, None
     url = a.url
     if url:
         host = urllib.parse.urlparse(url).hostname
@@ -232,8 +232,12 @@ def run(a):
             sampler.stop()
         if daemon:
             alive = daemon.alive()
-            panicked = "panicked" in daemon.logs()
+            log = daemon.logs()
+            panicked = "panicked" in log
             daemon.close()
+            if panicked or not alive:
+                print(log[-4000:], file=sys.stderr)
+            shutil.rmtree(work, ignore_errors=True)
     out = {k: v for k, v in stats.items() if k not in ("ttft", "itl", "e2e", "exceptions")}
     for k in ("ttft", "itl", "e2e"):
         out[k + "_s"] = {f"p{p}": pct(stats[k], p) for p in (50, 90, 99)}
