@@ -13,12 +13,7 @@ export QLORAD_REQUIRE_MODEL=1
 cargo test --release --workspace -- --test-threads=2
 
 # End-to-end with the official OpenAI client (pinned), in a venv of its own.
-VENV=.venv-e2e
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check openai==3.57.0 pytest==9.2.0 \
-  pyyaml==6.0.3
+VENV=$(scripts/e2e-venv.sh)
 QLORAD_BIN=$PWD/target/release/qlorad "$VENV/bin/python" -m pytest -q tests/e2e
 
 # deploy/: promtool (config, rules, alert unit tests), hadolint, systemd-analyze, manifests, and a
@@ -28,7 +23,9 @@ TOOLS=$(scripts/deploy-tools.sh "$VENV")
 PATH=$TOOLS:$PATH QLORAD_BIN=$PWD/target/release/qlorad "$VENV/bin/python" -m pytest -q tests/deploy
 
 # Reliability: Schemathesis fuzzes every route of a running daemon's /openapi.json (no 5xx, no
-# crash). Pinned, in a venv of its own so that its pytest plugin stays out of the suites above.
+# crash; pinned, in a venv of its own so that its pytest plugin stays out of the suites above), and
+# the CI-sized load, fault and security checks run (tests/reliability/test_{load,faults,security}.py;
+# the full-sized suite with its JSON report is tests/reliability/run.sh).
 FUZZ=.venv-fuzz
 if [ ! -x "$FUZZ/bin/python" ]; then
   python3 -m venv "$FUZZ"

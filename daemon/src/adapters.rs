@@ -22,8 +22,10 @@ use std::sync::{Arc, RwLock};
 /// Why an adapter operation failed (mapped to HTTP by the API layer).
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
-    /// Name does not match `[A-Za-z0-9._:-]{1,128}` or clashes with the base model id.
-    #[error("invalid adapter name {0:?}: use 1-128 characters from A-Z a-z 0-9 . _ : -")]
+    /// Name does not match `[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}` or clashes with the base model id.
+    #[error(
+        "invalid adapter name {0:?}: use 1-128 characters from A-Z a-z 0-9 . _ : -, not starting with '.'"
+    )]
     BadName(String),
     #[error("adapter name {0:?} is the base model's id")]
     NameIsBase(String),
@@ -37,9 +39,12 @@ pub enum AdapterError {
     Invalid(String),
 }
 
-/// Checks an adapter name: `[A-Za-z0-9._:-]{1,128}`.
+/// Checks an adapter name: `[A-Za-z0-9._:-]{1,128}`, not starting with a dot — `.` and `..` would be
+/// dot-segments in `/v1/adapters/{name}` (clients normalize them away, so the adapter could not be
+/// unloaded or pinned), and leading dots are hidden names everywhere else.
 pub fn valid_name(name: &str) -> bool {
     (1..=128).contains(&name.len())
+        && !name.starts_with('.')
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
@@ -567,7 +572,17 @@ mod tests {
         for ok in ["a", "ft:smollm2:demo:job-1", "my_adapter-v1.2"] {
             assert!(valid_name(ok), "{ok}");
         }
-        for bad in ["", "a b", "../x", "a/b", &"x".repeat(129), "é"] {
+        for bad in [
+            "",
+            "a b",
+            "../x",
+            "a/b",
+            &"x".repeat(129),
+            "é",
+            ".",
+            "..",
+            ".hidden",
+        ] {
             assert!(!valid_name(bad), "{bad}");
         }
     }

@@ -176,6 +176,9 @@ impl Engine {
     fn run(&mut self, rx: mpsc::Receiver<Request>) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
+                // Idle: the gauges were last set before the final step, which may have finished
+                // every sequence; without this they would show the old batch until the next request.
+                self.publish_gauges();
                 match rx.recv() {
                     Ok(r) => self.waiting.push_back(r),
                     Err(_) => return, // every handle dropped: shut down
@@ -186,12 +189,16 @@ impl Engine {
             }
             self.drop_cancelled();
             self.admit();
-            self.metrics.queue_waiting.set(self.waiting.len() as i64);
-            self.metrics.batch_running.set(self.running.len() as i64);
+            self.publish_gauges();
             if !self.running.is_empty() {
                 self.step();
             }
         }
+    }
+
+    fn publish_gauges(&self) {
+        self.metrics.queue_waiting.set(self.waiting.len() as i64);
+        self.metrics.batch_running.set(self.running.len() as i64);
     }
 
     fn finish_one(&self) {

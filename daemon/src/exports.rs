@@ -70,11 +70,13 @@ pub fn export_json(r: &Row) -> rusqlite::Result<Value> {
     }))
 }
 
-/// Why a promote request is refused (HTTP 400/404 with this message).
+/// Why a promote request is refused (HTTP 400/404 with this message; the state store's own
+/// failures, e.g. a full disk, are the server's: 507 or 500).
 #[derive(Debug)]
 pub enum Refused {
     NoAdapter(String),
     Invalid(String, &'static str),
+    Store(crate::state::StateError),
 }
 
 pub struct ExportRunner {
@@ -170,7 +172,7 @@ impl ExportRunner {
                     |r| r.get::<_, i64>(0),
                 )
             })
-            .map_err(|e| Refused::Invalid(e.to_string(), "out"))?;
+            .map_err(Refused::Store)?;
         if busy > 0 {
             return Err(Refused::Invalid(
                 format!("an export to {:?} is already in progress", req.out_name),
@@ -192,7 +194,7 @@ impl ExportRunner {
                             dtype, req.merge_into.as_str(), req.overwrite],
                 )
             })
-            .map_err(|e| Refused::Invalid(e.to_string(), "out"))?;
+            .map_err(Refused::Store)?;
         let _ = self.store.event(
             &id,
             "info",

@@ -11,6 +11,7 @@ pub mod http;
 pub mod jobs;
 pub mod merge_cmd;
 pub mod metrics;
+pub mod pending;
 pub mod runner;
 pub mod server;
 pub mod state;

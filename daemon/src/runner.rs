@@ -13,6 +13,7 @@ use crate::adapters::AdapterRegistry;
 use crate::engine::EngineHandle;
 use crate::jobs::{checkpoint_name, fine_tuned_name, job_error, JobRequest, Resolved};
 use crate::metrics::Metrics;
+use crate::pending::PendingFailures;
 use crate::state::{now, CheckpointRow, JobError, JobRow, Store, Wakeup};
 use qlorad_model::{Llama, Tokenizer};
 use qlorad_trainer::data::{load_examples, DataError, DataOptions, Example};
@@ -48,6 +49,8 @@ pub struct JobRunner {
     engine: EngineHandle,
     cfg: RunnerConfig,
     control: Mutex<HashMap<String, Control>>,
+    /// Failures the store could not record yet (a full state volume).
+    pending: PendingFailures,
     wake: Wakeup,
 }
 
@@ -107,6 +110,7 @@ impl JobRunner {
             engine,
             cfg,
             control: Mutex::new(HashMap::new()),
+            pending: PendingFailures::default(),
             wake: Wakeup::default(),
         });
         for (name, dir) in runner.store.servable()? {
@@ -157,9 +161,20 @@ impl JobRunner {
     /// Refreshes the jobs-by-status gauges and queue length.
     pub fn update_gauges(&self) {
         let t = &self.metrics.training;
-        let Ok(counts) = self.store.job_counts() else {
+        let Ok(mut counts) = self.store.job_counts() else {
             return;
         };
+        // Failures not written yet count as failed, not under their stored status.
+        for id in self.pending.ids() {
+            if let Ok(Some(j)) = self.store.job(&id) {
+                for (k, n) in counts.iter_mut() {
+                    if *k == j.status {
+                        *n -= 1;
+                    }
+                }
+                counts.push(("failed".into(), 1));
+            }
+        }
         for s in [
             "validating_files",
             "queued",
@@ -169,7 +184,7 @@ impl JobRunner {
             "failed",
             "cancelled",
         ] {
-            let n = counts.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
+            let n: i64 = counts.iter().filter(|(k, _)| k == s).map(|(_, n)| n).sum();
             t.jobs.with_label_values(&[s]).set(n);
         }
         let waiting: i64 = counts
@@ -345,6 +360,9 @@ impl JobRunner {
 
     fn work(self: Arc<Self>) {
         loop {
+            if !self.pending.is_empty() && self.pending.flush(&self.store) > 0 {
+                self.update_gauges();
+            }
             let next = match self.store.jobs_in("queued") {
                 Ok(ids) => ids.into_iter().next(),
                 Err(e) => {
@@ -426,7 +444,16 @@ impl JobRunner {
             &format!("Job failed: {}", e.message),
             None,
         );
-        let _ = self.store.fail(id, e);
+        if let Err(err) = self.store.fail(id, e) {
+            // A full volume: the API shows the failure now and the runner writes it later.
+            tracing::error!(job = %id, "cannot record the failure yet: {err}");
+            self.pending.add(id, e);
+        }
+    }
+
+    /// A job as the API shows it: as stored, or failed if its failure is not written yet.
+    pub fn shown(&self, j: JobRow) -> JobRow {
+        self.pending.overlay(j)
     }
 
     /// Runs a job to its end; on success returns (model name, adapter folder, trained tokens).

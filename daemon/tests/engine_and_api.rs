@@ -115,6 +115,44 @@ async fn disconnected_client_is_cancelled() {
     assert_eq!(metrics.cancelled.get(), 1);
 }
 
+/// Regression (found by tests/reliability/load.py): once the last sequence finished, the engine
+/// went idle without updating its gauges, so `qlorad_batch_running_requests` kept showing the final
+/// batch (e.g. 5) until the next request arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_gauges_read_zero_once_idle() {
+    let Some((model, tok)) = load() else { return };
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let engine = EngineHandle::start(model, tok.clone(), EngineConfig::default(), metrics.clone());
+    let mut rxs = Vec::new();
+    for q in ["Name three colors.", "What is 2+2?"] {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        engine
+            .submit(Request {
+                prompt: prompt(&tok, q),
+                params: greedy(3),
+                events: tx,
+            })
+            .unwrap();
+        rxs.push(rx);
+    }
+    for rx in rxs {
+        drain(rx).await;
+    }
+    for _ in 0..200 {
+        if engine.inflight() == 0 && metrics.batch_running.get() == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(engine.inflight(), 0);
+    assert_eq!(
+        metrics.batch_running.get(),
+        0,
+        "running gauge stale when idle"
+    );
+    assert_eq!(metrics.queue_waiting.get(), 0);
+}
+
 fn state(model: Arc<Llama>, tok: Arc<Tokenizer>, cfg: EngineConfig, max_body: usize) -> AppState {
     let metrics = Arc::new(Metrics::new().unwrap());
     let context_len = model.config().max_position_embeddings;

@@ -1,6 +1,7 @@
 //! Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with the matching HTTP
 //! status (400 invalid_request_error, 401, 403, 404 model_not_found, 413, 429 with Retry-After,
-//! 500/503 with a generic message while the cause goes to the log).
+//! 500/503 with a generic message while the cause goes to the log, 507 `insufficient_storage` when
+//! the state volume is full).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -117,6 +118,32 @@ impl ApiError {
         }
     }
 
+    /// 507: the state volume is full, so nothing was stored; says so instead of a generic 500 (the
+    /// operator can act on it: free space and retry). The cause goes to the log.
+    pub fn storage_full(cause: impl std::fmt::Display) -> Self {
+        tracing::error!("out of storage space: {cause}");
+        Self {
+            status: StatusCode::INSUFFICIENT_STORAGE,
+            message: "The server is out of storage space (its state folder's volume is full), \
+                      so the request changed nothing. Free space on the server and retry."
+                .into(),
+            kind: "server_error",
+            param: None,
+            code: Some("insufficient_storage"),
+            retry_after_s: None,
+        }
+    }
+
+    /// [`ApiError::storage_full`] when `cause` (or an error in its chain) is a full disk,
+    /// [`ApiError::internal`] otherwise.
+    pub fn storage_or_internal(cause: impl std::error::Error + 'static) -> Self {
+        if is_storage_full(&cause) {
+            Self::storage_full(cause)
+        } else {
+            Self::internal(cause)
+        }
+    }
+
     /// 500: logs the cause, answers a generic message.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!("internal error: {cause}");
@@ -134,6 +161,29 @@ impl ApiError {
     pub fn body(&self) -> serde_json::Value {
         json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
     }
+}
+
+/// True when `err` or an error in its source chain says the disk is full: `ENOSPC`/`EDQUOT` from the
+/// OS, or SQLite's `SQLITE_FULL`.
+pub fn is_storage_full(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut e: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(cur) = e {
+        if let Some(io) = cur.downcast_ref::<std::io::Error>() {
+            // ENOSPC (28) and EDQUOT (122) on Linux.
+            if io.kind() == std::io::ErrorKind::StorageFull
+                || matches!(io.raw_os_error(), Some(28 | 122))
+            {
+                return true;
+            }
+        }
+        if let Some(sql) = cur.downcast_ref::<rusqlite::Error>() {
+            if sql.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) {
+                return true;
+            }
+        }
+        e = cur.source();
+    }
+    false
 }
 
 impl IntoResponse for ApiError {
@@ -163,5 +213,40 @@ impl From<crate::adapters::AdapterError> for ApiError {
             )
             .with_code("invalid_adapter"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_507_and_other_failures_500() {
+        let nospc = std::io::Error::from_raw_os_error(28);
+        assert!(is_storage_full(&nospc));
+        let e = ApiError::storage_or_internal(std::io::Error::from_raw_os_error(28));
+        assert_eq!(e.status, StatusCode::INSUFFICIENT_STORAGE);
+        assert_eq!(e.code, Some("insufficient_storage"));
+        // Wrapped, as the state store reports it.
+        let wrapped = crate::state::StateError::Io {
+            path: "/state/files".into(),
+            source: std::io::Error::from_raw_os_error(28),
+        };
+        assert_eq!(
+            ApiError::from(wrapped).status,
+            StatusCode::INSUFFICIENT_STORAGE
+        );
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            Some("database or disk is full".into()),
+        );
+        let e = ApiError::from(crate::state::StateError::from(full));
+        assert_eq!(e.status, StatusCode::INSUFFICIENT_STORAGE);
+        // Anything else stays a generic 500.
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert_eq!(
+            ApiError::storage_or_internal(denied).status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
 }

@@ -63,6 +63,7 @@ pub async fn promote(
             Ok(v) => Ok((StatusCode::ACCEPTED, Json(v)).into_response()),
             Err(Refused::NoAdapter(n)) => Err(ApiError::model_not_found(&n)),
             Err(Refused::Invalid(m, param)) => Err(ApiError::invalid(m, Some(param))),
+            Err(Refused::Store(e)) => Err(ApiError::from(e)),
         }
     })();
     r.unwrap_or_else(IntoResponse::into_response)

@@ -31,7 +31,7 @@ const PURPOSES: [&str; 6] = [
 
 impl From<StateError> for ApiError {
     fn from(e: StateError) -> Self {
-        ApiError::internal(e)
+        ApiError::storage_or_internal(e)
     }
 }
 
@@ -101,15 +101,17 @@ pub async fn upload(
                     Some("purpose") => purpose = Some(field.text().await.map_err(bad_form)?),
                     Some("file") => {
                         filename = Some(field.file_name().unwrap_or("upload.jsonl").to_string());
-                        let mut out = std::fs::File::create(&tmp).map_err(ApiError::internal)?;
+                        let mut out = std::fs::File::create(&tmp)
+                            .map_err(ApiError::storage_or_internal)?;
                         while let Some(chunk) = field.chunk().await.map_err(bad_form)? {
                             bytes += chunk.len();
                             if bytes > st.max_upload_bytes {
                                 return Err(ApiError::too_large(st.max_upload_bytes));
                             }
-                            out.write_all(&chunk).map_err(ApiError::internal)?;
+                            out.write_all(&chunk)
+                                .map_err(ApiError::storage_or_internal)?;
                         }
-                        out.sync_all().map_err(ApiError::internal)?;
+                        out.sync_all().map_err(ApiError::storage_or_internal)?;
                     }
                     _ => {}
                 }
@@ -136,7 +138,7 @@ pub async fn upload(
                 _ => "bin".to_string(),
             };
             let path = dir.join(format!("{id}.{ext}"));
-            std::fs::rename(&tmp, &path).map_err(ApiError::internal)?;
+            std::fs::rename(&tmp, &path).map_err(ApiError::storage_or_internal)?;
             if purpose == "fine-tune" {
                 let p = path.clone();
                 let checked =
@@ -419,10 +421,12 @@ pub async fn create_job(
 }
 
 fn find_job(st: &AppState, id: &str) -> Result<JobRow, ApiError> {
-    runner(st)?
+    let runner = runner(st)?;
+    let j = runner
         .store()
         .job(id)?
-        .ok_or_else(|| ApiError::not_found(format!("No such fine-tuning job: {id}")))
+        .ok_or_else(|| ApiError::not_found(format!("No such fine-tuning job: {id}")))?;
+    Ok(runner.shown(j))
 }
 
 fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
@@ -439,10 +443,14 @@ fn page_limit(limit: Option<usize>) -> Result<usize, ApiError> {
 pub async fn list_jobs(State(st): State<AppState>, Query(q): Query<ListQuery>) -> Response {
     respond((|| {
         let limit = page_limit(q.limit)?;
-        let mut rows = runner(&st)?.store().jobs(q.after.as_deref(), limit)?;
+        let runner = runner(&st)?;
+        let mut rows = runner.store().jobs(q.after.as_deref(), limit)?;
         let has_more = rows.len() > limit;
         rows.truncate(limit);
-        let data: Vec<Value> = rows.iter().map(job_json).collect();
+        let data: Vec<Value> = rows
+            .into_iter()
+            .map(|j| job_json(&runner.shown(j)))
+            .collect();
         Ok(Json(json!({"object": "list", "data": data, "has_more": has_more})).into_response())
     })())
 }

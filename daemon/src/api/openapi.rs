@@ -98,7 +98,7 @@ pub fn spec(version: &str) -> Value {
         "Upload a file (multipart: `file`, `purpose`); fine-tune files are validated line by line",
         None,
         json_ok("file"),
-        &["400", "401", "403", "413", "503"],
+        &["400", "401", "403", "413", "503", "507"],
         true,
     );
     upload["requestBody"] = json!({"required": true, "content": {"multipart/form-data": {"schema": {
@@ -113,7 +113,7 @@ pub fn spec(version: &str) -> Value {
     promote["responses"]["202"] = promote["responses"]["200"].take();
     if let Some(m) = promote["responses"].as_object_mut() {
         m.remove("200");
-        for code in ["400", "503"] {
+        for code in ["400", "503", "507"] {
             m.insert(code.into(), errors(&[code])[code].clone());
         }
     }
@@ -133,7 +133,7 @@ pub fn spec(version: &str) -> Value {
         "Create a fine-tuning job on the resident base",
         Some("CreateFineTuningJob"),
         json_ok("fine_tuning.job"),
-        &["400", "401", "403", "503"],
+        &["400", "401", "403", "503", "507"],
         true,
     );
     json!({
@@ -228,7 +228,7 @@ pub fn spec(version: &str) -> Value {
                     "gradient_checkpointing": {"type": "boolean"},
                     "paged_optimizer": {"type": "boolean"}}},
                 "LoadAdapter": {"type": "object", "required": ["name", "path"], "properties": {
-                    "name": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}, "path": {"type": "string"}}}
+                    "name": {"type": "string", "pattern": "^[A-Za-z0-9_:-][A-Za-z0-9._:-]{0,127}$"}, "path": {"type": "string"}}}
             }
         }
     })
