@@ -6,7 +6,7 @@ runs them all and prints one JSON object.
 
   serving_kill9      kill -9 with 8 streams in flight → restart on the same state dir: time to
                      /ready; uploaded files, the finished job and its adapter still listed and
-                     servable; (a runtime-loaded adapter: reported, see ADAPTER_PERSISTENCE)
+                     servable, and so is an adapter loaded at run time (`POST /v1/adapters`)
   training_kill9     kill -9 during a job → restart: the job resumes by itself from its last
                      checkpoint and succeeds; steps lost, time to resume
   export_kill9       kill -9 during `POST /v1/adapters/{name}/promote` → restart: nothing under the

@@ -31,10 +31,7 @@ def test_kill9_while_serving_loses_nothing(serving_kill9):
     assert serving_kill9["restart_to_ready_s"] < 60
 
 
-@pytest.mark.xfail(reason="adapter persistence lands on main separately", strict=False)
 def test_kill9_while_serving_keeps_runtime_loaded_adapters(serving_kill9):
-    # `POST /v1/adapters` registrations are not persisted on this branch; once the `adapters`
-    # table lands this passes (XPASS) and the mark should go.
     assert serving_kill9["runtime_adapter_restored"], "rt-qv was not listed or servable after restart"
 
 
