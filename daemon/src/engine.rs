@@ -48,6 +48,15 @@ pub enum Event {
         completion_tokens: usize,
     },
     Error(String),
+    /// The device ran out of memory for the batch this request was in: a retry can succeed
+    /// (→ 503 with Retry-After).
+    OutOfMemory(String),
+}
+
+/// Whether a forward-pass error is the device running out of memory (cudarc reports
+/// `CUDA_ERROR_OUT_OF_MEMORY`; candle's CPU allocator aborts instead, so this is GPU-only).
+pub fn is_out_of_memory(err: &str) -> bool {
+    err.contains("OUT_OF_MEMORY") || err.to_ascii_lowercase().contains("out of memory")
 }
 
 /// A generation request.
@@ -279,12 +288,18 @@ impl Engine {
         let rows = match logits {
             Ok(rows) => rows,
             Err(e) => {
-                tracing::error!("forward pass failed: {e}");
+                let oom = is_out_of_memory(&e.to_string());
+                tracing::error!(out_of_memory = oom, "forward pass failed: {e}");
                 for s in self.running.drain(..) {
-                    let _ = s
-                        .req
-                        .events
-                        .send(Event::Error("internal error in the forward pass".into()));
+                    let ev = if oom {
+                        Event::OutOfMemory(format!(
+                            "the GPU ran out of memory for a batch of {tokens} tokens; retry \
+                             later (fewer concurrent requests, or shorter prompts, fit)"
+                        ))
+                    } else {
+                        Event::Error("internal error in the forward pass".into())
+                    };
+                    let _ = s.req.events.send(ev);
                     self.shared.inflight.fetch_sub(1, Ordering::SeqCst);
                 }
                 return;
@@ -361,4 +376,19 @@ fn advance(s: &mut Seq, row: &[f32], tok: &Tokenizer, m: &Metrics) -> bool {
         completion_tokens: s.generated,
     });
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_out_of_memory;
+
+    #[test]
+    fn recognises_device_out_of_memory() {
+        // cudarc's DriverError text for cuMemAllocAsync, as candle wraps it.
+        assert!(is_out_of_memory(
+            "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"
+        ));
+        assert!(is_out_of_memory("CUDA out of memory"));
+        assert!(!is_out_of_memory("shape mismatch in matmul"));
+    }
 }

@@ -23,6 +23,9 @@ pub struct Metrics {
     pub training: TrainingMetrics,
     pub exports: IntCounterVec,
     pub export_bytes: IntCounter,
+    /// Memory of the device the model computes on, read at each scrape.
+    pub device_memory: IntGaugeVec,
+    device: std::sync::OnceLock<qlorad_model::Placement>,
 }
 
 /// Fine-tuning job metrics.
@@ -38,6 +41,17 @@ pub struct TrainingMetrics {
     /// Bytes of trainable LoRA weights and of optimizer state of the running job.
     pub job_bytes: IntGaugeVec,
     pub process_rss: IntGauge,
+}
+
+/// Total physical memory of the machine, from /proc (0 where unavailable).
+fn host_memory_total_bytes() -> i64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<i64>().ok()
+        })
+        .map_or(0, |kb| kb * 1024)
 }
 
 /// Resident set size of this process, from /proc (0 where unavailable).
@@ -212,6 +226,16 @@ impl Metrics {
         )?;
         registry.register(Box::new(exports.clone()))?;
         registry.register(Box::new(export_bytes.clone()))?;
+        let device_memory = IntGaugeVec::new(
+            Opts::new(
+                "qlorad_device_memory_bytes",
+                "Memory of the device the model computes on (kind used|total): on a GPU the driver's \
+                 view (CUDA context and caching pool included); on the CPU the process RSS and the \
+                 machine's physical memory",
+            ),
+            &["device", "kind"],
+        )?;
+        registry.register(Box::new(device_memory.clone()))?;
         registry.register(Box::new(http_requests.clone()))?;
         registry.register(Box::new(http_latency.clone()))?;
         registry.register(Box::new(prompt_tokens.clone()))?;
@@ -248,12 +272,35 @@ impl Metrics {
             training,
             exports,
             export_bytes,
+            device_memory,
+            device: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Reports `p`'s memory in `qlorad_device_memory_bytes` from now on.
+    pub fn watch_device(&self, p: qlorad_model::Placement) {
+        let _ = self.device.set(p);
+    }
+
+    fn update_device_memory(&self) {
+        let Some(p) = self.device.get() else { return };
+        let name = match p.device.location() {
+            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+            _ => "cpu".to_string(),
+        };
+        let (used, total) = match p.memory_info() {
+            Some((free, total)) => ((total - free) as i64, total as i64),
+            None => (process_rss_bytes(), host_memory_total_bytes()),
+        };
+        let g = &self.device_memory;
+        g.with_label_values(&[name.as_str(), "used"]).set(used);
+        g.with_label_values(&[name.as_str(), "total"]).set(total);
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn encode(&self) -> String {
         self.training.process_rss.set(process_rss_bytes());
+        self.update_device_memory();
         let mut buf = Vec::new();
         let enc = prometheus::TextEncoder::new();
         if let Err(e) = enc.encode(&self.registry.gather(), &mut buf) {

@@ -137,6 +137,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         );
     }
     let placement = Placement::open(a.device)?;
+    let placement_for_metrics = placement.clone();
     let (model, tok) = qlorad_model::load_model_on(&a.model, a.quant, &placement)
         .with_context(|| format!("loading model from {}", a.model.display()))?;
     let model_id = a.model_id.clone().unwrap_or_else(|| {
@@ -173,6 +174,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             .with_context(|| format!("loading adapter {name} from {}", dir.display()))?;
     }
     metrics.model_weight_bytes.set(model.weight_bytes() as i64);
+    metrics.watch_device(placement_for_metrics);
     let context_len = model.config().max_position_embeddings;
     if !(0.01..=1.0).contains(&a.train_share) {
         bail!("--train-share must be between 0.01 and 1");

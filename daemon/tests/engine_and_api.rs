@@ -45,7 +45,7 @@ async fn drain(mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>) -> (String, 
             Event::Finish {
                 completion_tokens, ..
             } => return (text, completion_tokens),
-            Event::Error(e) => panic!("engine error: {e}"),
+            Event::Error(e) | Event::OutOfMemory(e) => panic!("engine error: {e}"),
         }
     }
     panic!("stream ended without Finish");

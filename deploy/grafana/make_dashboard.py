@@ -181,6 +181,10 @@ def memory(b):
     b.row("Memory")
     b.panel("Process resident memory", [(sel("qlorad_process_resident_memory_bytes"), "{{instance}}")],
             "bytes", "RSS of the daemon: base weights, KV caches, adapters and the running job.")
+    b.panel("Device memory", [(sel("qlorad_device_memory_bytes"), "{{instance}} {{device}} {{kind}}")],
+            "bytes", "Used and total memory of the compute device: the GPU as the driver sees it "
+            "(context and caching pool included), or the process RSS and the machine's memory on a "
+            "CPU model.")
     b.panel("Model weights", [(sel("qlorad_model_weight_bytes"), "{{instance}}")], "bytes",
             "Bytes of the resident base weights (NF4 projections plus full-precision embeddings).")
     b.panel("Fine-tuning job memory",

@@ -89,6 +89,16 @@ impl Placement {
         Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?)
     }
 
+    /// `(free, total)` bytes of device memory (driver's view: the CUDA context and the caching
+    /// pool included, as nvidia-smi shows it); `None` on the CPU.
+    pub fn memory_info(&self) -> Option<(usize, usize)> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = &self.device {
+            return d.cuda_stream().context().mem_get_info().ok();
+        }
+        None
+    }
+
     /// Waits until the device has finished all queued work (timing; a no-op on the CPU).
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.device.synchronize()?)

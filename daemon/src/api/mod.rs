@@ -441,6 +441,7 @@ async fn collect(
         match ev {
             Event::Text(t) => text.push_str(&t),
             Event::Error(e) => return ApiError::internal(e).into_response(),
+            Event::OutOfMemory(e) => return ApiError::unavailable(e).into_response(),
             Event::Finish {
                 reason,
                 prompt_tokens,
@@ -523,6 +524,10 @@ fn stream(
                 }
                 Event::Error(e) => {
                     yield Ok(SseEvent::default().data(ApiError::internal(e).body().to_string()));
+                    break;
+                }
+                Event::OutOfMemory(e) => {
+                    yield Ok(SseEvent::default().data(ApiError::unavailable(e).body().to_string()));
                     break;
                 }
                 Event::Finish { reason, prompt_tokens, completion_tokens } => {
