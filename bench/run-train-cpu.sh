@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # CPU QLoRA training benchmark: `qlorad train` vs transformers + peft + bitsandbytes, same model, texts
-# and batch shape, plain and with gradient checkpointing. Writes bench/results/<date>-train-cpu.json.
+# and batch shape: plain, with gradient checkpointing, and with the paged optimizer (qlorad
+# --paged-optimizer vs bitsandbytes' PagedAdamW32bit; on the CPU both keep the state in host memory
+# as plain does, so this row shows what the switch costs there: nothing). Writes bench/results/<date>-train-cpu.json.
 #
 #   bench/run-train-cpu.sh [--model models/smollm2] [--steps 3] [--batch-size 2] [--max-seq-len 256]
 #
@@ -29,16 +31,17 @@ t = pq.read_table("../shared/data/guanaco-llama2-1k.parquet").column("text").to_
 open(out, "w").write("\n".join(json.dumps({"text": x}) for x in t) + "\n")
 PYEOF
 results=()
-for gc in "" "--gradient-checkpointing"; do
+for gc in "" "--gradient-checkpointing" "--paged-optimizer"; do
   /usr/bin/time -f "%M" -o "$TMP/rss" target/release/qlorad train --model "$MODEL" --data "$TMP/data.jsonl" \
     --out "$TMP/out" --overwrite --max-steps $((STEPS + 1)) --batch-size "$BS" --max-seq-len "$LEN" \
     --lora-r 16 --lora-alpha 32 --max-grad-norm 0.3 --warmup-ratio 0 --log "$TMP/log.jsonl" $gc 2>/dev/null
-  q=$("$PY" - "$TMP/log.jsonl" "$(cat "$TMP/rss")" "${gc:+true}" <<'PYEOF'
+  q=$("$PY" - "$TMP/log.jsonl" "$(cat "$TMP/rss")" "$gc" <<'PYEOF'
 import json, sys
 steps = [json.loads(l) for l in open(sys.argv[1])]
 tok = steps[-1]["trained_tokens"] - steps[0]["trained_tokens"]
 wall = steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]
-print(json.dumps({"impl": "qlorad", "gradient_checkpointing": sys.argv[3] == "true",
+print(json.dumps({"impl": "qlorad", "mode": sys.argv[3].lstrip("-") or "plain",
+                  "gradient_checkpointing": sys.argv[3] == "--gradient-checkpointing",
                   "steps_timed": len(steps) - 1, "tokens": tok, "wall_s": round(wall, 2),
                   "tokens_per_s": round(tok / wall, 2), "peak_rss_mb": round(int(sys.argv[2]) / 1024, 1),
                   "losses": [s["loss"] for s in steps]}))

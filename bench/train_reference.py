@@ -32,6 +32,8 @@ def main():
     ap.add_argument("--lora-r", type=int, default=16)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--paged-optimizer", action="store_true",
+                    help="bitsandbytes' PagedAdamW32bit (the QLoRA paper's optimizer) instead of torch AdamW")
     a = ap.parse_args()
     import torch
     from peft import LoraConfig, get_peft_model
@@ -52,7 +54,12 @@ def main():
         r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.0, task_type="CAUSAL_LM",
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if a.paged_optimizer:
+        import bitsandbytes
+        opt = bitsandbytes.optim.PagedAdamW32bit(params, lr=2e-4)
+    else:
+        opt = torch.optim.AdamW(params, lr=2e-4)
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     seqs = [(tok(t, add_special_tokens=False)["input_ids"] + [eos])[: a.max_seq_len] for t in texts]
@@ -77,6 +84,7 @@ def main():
         losses.append(out.loss.item())
     print(json.dumps({
         "impl": "transformers+peft+bitsandbytes", "gradient_checkpointing": a.gradient_checkpointing,
+        "paged_optimizer": a.paged_optimizer,
         "steps_timed": a.steps, "tokens": sum(tokens), "wall_s": round(sum(times), 2),
         "tokens_per_s": round(sum(tokens) / sum(times), 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -73,7 +73,7 @@ async def one_request(http, url, body, stats):
                     stats["other_status"][str(r.status_code)] = stats["other_status"].get(str(r.status_code), 0) + 1
                 return 1.0
             first = last = None
-            done, toks = False, 0
+            done, finished, toks = False, False, 0
             async for line in r.aiter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -85,6 +85,8 @@ async def one_request(http, url, body, stats):
                 if "error" in ev:
                     stats["stream_errors"] += 1
                     continue
+                if ev["choices"] and ev["choices"][0].get("finish_reason"):
+                    finished = True
                 if ev["choices"] and ev["choices"][0]["delta"].get("content"):
                     now = time.monotonic()
                     if first is None:
@@ -94,7 +96,9 @@ async def one_request(http, url, body, stats):
                         stats["itl"].append(now - last)
                     last = now
                     toks += 1
-            if done:
+            # A server that ends its streams without `[DONE]` (transformers serve, the reference
+            # of bench/load_reference.py) completes a stream with its finish_reason chunk.
+            if done or (finished and stats.get("finish_ends")):
                 stats["completed"] += 1
                 stats["e2e"].append(time.monotonic() - t0)
                 stats["tokens"] += toks
@@ -183,8 +187,9 @@ def daemon_metrics(url):
     return out
 
 
-async def drive(url, a):
+async def drive(url, a, finish_ends=False):
     stats = new_stats()
+    stats["finish_ends"] = finish_ends
     t0 = time.monotonic()
     stop_at = t0 + a.duration
     tasks = [asyncio.create_task(client(i, url, a.model, stop_at, a.max_tokens, stats))
@@ -238,21 +243,27 @@ def run(a):
             if panicked or not alive:
                 print(log[-4000:], file=sys.stderr)
             shutil.rmtree(work, ignore_errors=True)
-    out = {k: v for k, v in stats.items() if k not in ("ttft", "itl", "e2e", "exceptions")}
-    for k in ("ttft", "itl", "e2e"):
-        out[k + "_s"] = {f"p{p}": pct(stats[k], p) for p in (50, 90, 99)}
-    out.update(clients=a.clients, duration_s=a.duration, elapsed_s=round(elapsed, 1),
-               max_inflight=a.max_inflight if daemon else None, max_tokens=a.max_tokens,
-               tokens_per_s=round(stats["tokens"] / elapsed, 1),
-               completed_per_s=round(stats["completed"] / elapsed, 2),
-               exceptions=stats["exceptions"][:5], ready_after=ready, daemon_metrics=metrics,
-               cpu_seconds=cpu, cpus=os.cpu_count())
+    out = summarize(stats, elapsed, a)
+    out.update(max_inflight=a.max_inflight if daemon else None, ready_after=ready,
+               daemon_metrics=metrics, cpu_seconds=cpu)
     if daemon:
         out["rss"] = rss_summary(sampler.samples, a.duration)
         out["daemon_alive_after"] = alive
         out["daemon_panicked"] = panicked
     out["ok"] = (out["http_5xx"] == 0 and out["lost_streams"] == 0 and not out["other_status"]
                  and out["stream_errors"] == 0 and out["completed"] > 0 and ready == 200)
+    return out
+
+
+def summarize(stats, elapsed, a):
+    """The report's counts, latency percentiles and throughput."""
+    out = {k: v for k, v in stats.items() if k not in ("ttft", "itl", "e2e", "exceptions")}
+    for k in ("ttft", "itl", "e2e"):
+        out[k + "_s"] = {f"p{p}": pct(stats[k], p) for p in (50, 90, 99)}
+    out.update(clients=a.clients, duration_s=a.duration, elapsed_s=round(elapsed, 1),
+               max_tokens=a.max_tokens, tokens_per_s=round(stats["tokens"] / elapsed, 1),
+               completed_per_s=round(stats["completed"] / elapsed, 2),
+               exceptions=stats["exceptions"][:5], cpus=os.cpu_count())
     return out
 
 
