@@ -72,6 +72,11 @@ fn slow_clients_time_out_and_the_daemon_keeps_serving() {
     let resp = String::from_utf8_lossy(&resp);
     assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
     assert!(resp.contains("\"code\":\"request_timeout\""), "{resp}");
+    // The rest of that body was never read: the connection is not reusable, and says so.
+    assert!(
+        resp.to_ascii_lowercase().contains("connection: close"),
+        "{resp}"
+    );
 
     // A client that stops reading a large response: the server closes the connection instead of
     // holding it (and the response) forever.

@@ -15,6 +15,8 @@ pub struct ApiError {
     pub param: Option<String>,
     pub code: Option<&'static str>,
     pub retry_after_s: Option<u64>,
+    /// Ask the client to close the connection after this response.
+    pub close_connection: bool,
 }
 
 impl ApiError {
@@ -27,6 +29,7 @@ impl ApiError {
             param: param.map(String::from),
             code: None,
             retry_after_s: None,
+            close_connection: false,
         }
     }
 
@@ -39,6 +42,7 @@ impl ApiError {
             param: None,
             code: None,
             retry_after_s: None,
+            close_connection: false,
         }
     }
 
@@ -56,6 +60,7 @@ impl ApiError {
             param: Some("model".into()),
             code: Some("model_not_found"),
             retry_after_s: None,
+            close_connection: false,
         }
     }
 
@@ -67,6 +72,7 @@ impl ApiError {
             param: None,
             code: None,
             retry_after_s: None,
+            close_connection: false,
         }
     }
 
@@ -79,7 +85,15 @@ impl ApiError {
             param: None,
             code: Some("request_too_large"),
             retry_after_s: None,
+            close_connection: false,
         }
+    }
+
+    /// The same error, answered with `Connection: close` (the request body was not read to its
+    /// end).
+    pub fn closing(mut self) -> Self {
+        self.close_connection = true;
+        self
     }
 
     /// 408: the request body stopped arriving (`--body-read-timeout-s`).
@@ -91,6 +105,7 @@ impl ApiError {
             param: None,
             code: Some("request_timeout"),
             retry_after_s: None,
+            close_connection: false,
         }
     }
 
@@ -103,6 +118,7 @@ impl ApiError {
             param: None,
             code: Some("queue_full"),
             retry_after_s: Some(1),
+            close_connection: false,
         }
     }
 
@@ -115,6 +131,7 @@ impl ApiError {
             param: None,
             code: None,
             retry_after_s: Some(5),
+            close_connection: false,
         }
     }
 
@@ -131,6 +148,7 @@ impl ApiError {
             param: None,
             code: Some("insufficient_storage"),
             retry_after_s: None,
+            close_connection: false,
         }
     }
 
@@ -154,6 +172,7 @@ impl ApiError {
             param: None,
             code: None,
             retry_after_s: None,
+            close_connection: false,
         }
     }
 
@@ -189,6 +208,17 @@ pub fn is_storage_full(err: &(dyn std::error::Error + 'static)) -> bool {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut resp = (self.status, axum::Json(self.body())).into_response();
+        // A body over the limit or one that stopped arriving was not read to its end: the
+        // connection cannot carry another request (RFC 9112 §9.6).
+        if self.close_connection
+            || matches!(
+                self.status,
+                StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+            )
+        {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if let Some(s) = self.retry_after_s {
             if let Ok(v) = HeaderValue::from_str(&s.to_string()) {
                 resp.headers_mut().insert(header::RETRY_AFTER, v);

@@ -168,7 +168,10 @@ pub async fn upload(
             runner.store().insert_file(&row)?;
             Ok(Json(file_json(&row)).into_response())
         }
-        .await,
+        .await
+        // An upload refused part-way leaves the rest of its body unread: the connection cannot
+        // carry another request, and saying so keeps clients from reusing it (RFC 9112 §9.6).
+        .map_err(ApiError::closing),
     )
 }
 
