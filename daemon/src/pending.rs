@@ -71,26 +71,14 @@ mod tests {
 
     fn row(id: &str, status: &str) -> JobRow {
         JobRow {
-            id: id.into(),
-            created_at: 0,
             status: status.into(),
-            model: "m".into(),
+            created_at: 0,
             training_file: "file-x".into(),
-            validation_file: None,
-            suffix: None,
             seed: 0,
-            request: "{}".into(),
-            resolved: None,
-            metadata: None,
-            fine_tuned_model: None,
-            trained_tokens: None,
-            error: None,
-            started_at: None,
-            finished_at: None,
             estimated_finish: Some(5),
             step: 1,
             total_steps: 6,
-            result_path: None,
+            ..crate::state::sample_job(id)
         }
     }
 

@@ -607,34 +607,36 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}-{s}")
 }
 
+/// A job row for unit tests of the store and its users.
+#[cfg(test)]
+pub(crate) fn sample_job(id: &str) -> JobRow {
+    JobRow {
+        id: id.into(),
+        created_at: now(),
+        status: "validating_files".into(),
+        model: "m".into(),
+        training_file: "file-1".into(),
+        validation_file: None,
+        suffix: None,
+        seed: 1,
+        request: "{}".into(),
+        resolved: None,
+        metadata: None,
+        fine_tuned_model: None,
+        trained_tokens: None,
+        error: None,
+        started_at: None,
+        finished_at: None,
+        estimated_finish: None,
+        step: 0,
+        total_steps: 0,
+        result_path: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn job(id: &str) -> JobRow {
-        JobRow {
-            id: id.into(),
-            created_at: now(),
-            status: "validating_files".into(),
-            model: "m".into(),
-            training_file: "file-1".into(),
-            validation_file: None,
-            suffix: None,
-            seed: 1,
-            request: "{}".into(),
-            resolved: None,
-            metadata: None,
-            fine_tuned_model: None,
-            trained_tokens: None,
-            error: None,
-            started_at: None,
-            finished_at: None,
-            estimated_finish: None,
-            step: 0,
-            total_steps: 0,
-            result_path: None,
-        }
-    }
 
     #[test]
     fn adapter_records_survive_reopen() {
@@ -674,7 +676,7 @@ mod tests {
         {
             let s = Store::open(d.path()).unwrap();
             for i in 0..5 {
-                s.insert_job(&job(&format!("ftjob-{i}"))).unwrap();
+                s.insert_job(&sample_job(&format!("ftjob-{i}"))).unwrap();
             }
             let page = s.jobs(None, 2).unwrap();
             assert_eq!(

@@ -65,6 +65,11 @@ fn fresh(m: &Llama) -> Trainer<'_> {
     Trainer::new(m, lora, examples(14, 1), examples(4, 2), cfg(), 0).unwrap()
 }
 
+/// Continues the run of [`fresh`] (settings `cfg()`) from a checkpoint.
+fn resume<'m>(m: &'m Llama, ckpt: &std::path::Path) -> Trainer<'m> {
+    Trainer::resume(m, &spec(), examples(14, 1), examples(4, 2), cfg(), 0, ckpt).unwrap()
+}
+
 fn run_to_end(t: &mut Trainer) -> Vec<StepLog> {
     std::iter::from_fn(|| t.step().unwrap()).collect()
 }
@@ -102,16 +107,7 @@ fn resumed_run_equals_uninterrupted_bit_for_bit() {
         (st.position.step, st.position.epoch, st.position.group),
         (4, 1, 1)
     );
-    let mut resumed = Trainer::resume(
-        &m,
-        &spec(),
-        examples(14, 1),
-        examples(4, 2),
-        cfg(),
-        0,
-        &ckpt,
-    )
-    .unwrap();
+    let mut resumed = resume(&m, &ckpt);
     let tail = run_to_end(&mut resumed);
     save_peft(&resumed.lora, "tiny", &dir.path().join("resumed"), false).unwrap();
 
@@ -311,16 +307,7 @@ fn paged_optimizer_gives_the_same_run_and_resumes_across_the_switch() {
     first.save_checkpoint(&ckpt, "tiny", false).unwrap();
     drop(first);
     // Resumed without paging.
-    let mut resumed = Trainer::resume(
-        &m,
-        &spec(),
-        examples(14, 1),
-        examples(4, 2),
-        cfg(),
-        0,
-        &ckpt,
-    )
-    .unwrap();
+    let mut resumed = resume(&m, &ckpt);
     assert!(!resumed.optimizer().is_paged());
     let tail = run_to_end(&mut resumed);
     let got: Vec<_> = head.iter().chain(&tail).map(key).collect();
