@@ -1,4 +1,4 @@
-//! Build script: with the `cuda` feature, compiles cuda/nf4.cu and cuda/lora.cu to PTX with nvcc
+//! Build script: with the `cuda` feature, compiles cuda/nf4.cu, cuda/lora.cu and cuda/decode.cu to PTX with nvcc
 //! (loaded at run time through candle's cudarc). Without it nothing happens, so CPU-only builds (CI) need no CUDA
 //! toolkit.
 
@@ -18,7 +18,7 @@ fn main() {
         .map(|h| PathBuf::from(h).join("bin").join("nvcc"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("nvcc"));
-    for name in ["nf4", "lora"] {
+    for name in ["nf4", "lora", "decode"] {
         let src = format!("cuda/{name}.cu");
         println!("cargo:rerun-if-changed={src}");
         let status = Command::new(&nvcc)

@@ -295,6 +295,31 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         println!("decode batch {}, base: {agg:.1} tok/s aggregate", a.batch);
         out[format!("decode_b{}_tok_s", a.batch)] = serde_json::json!(agg);
     }
+    // The same decode figures through the general (unfused) path, side by side in this run.
+    let fused = model.fused_decode();
+    out["fused_decode"] = serde_json::json!(fused);
+    if fused {
+        model.set_fused_decode(false)?;
+        let runs: Vec<f64> = (0..reps)
+            .map(|_| decode_tok_s(&model, &prompt, a.decode_tokens, None))
+            .collect::<Result<_>>()?;
+        let general = median(runs.clone());
+        println!(
+            "decode batch 1, base, general path: {general:.1} tok/s (runs {runs:.1?}); fused {:.2}x",
+            decode_b1 / general
+        );
+        out["decode_b1_general_tok_s"] = serde_json::json!(general);
+        if a.batch > 0 {
+            let none: Vec<Option<Arc<LoraAdapter>>> = vec![None; a.batch];
+            let agg = batch_tok_s(&model, &none, 32, a.batch_steps)?;
+            println!(
+                "decode batch {}, base, general path: {agg:.1} tok/s",
+                a.batch
+            );
+            out[format!("decode_b{}_general_tok_s", a.batch)] = serde_json::json!(agg);
+        }
+        model.set_fused_decode(true)?;
+    }
     let (free2, _) = mem_info(&p)?;
     out["gpu_used_end_gb"] = serde_json::json!((free0 - free2) as f64 / 1e9);
     println!("{out}");

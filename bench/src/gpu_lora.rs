@@ -320,14 +320,14 @@ pub fn timing(dev: &Device, r: &mut Report) -> Result<()> {
 }
 
 /// Greedy tokens and every step's logits of a batch of sequences decoded together.
-struct BatchRun {
-    tokens: Vec<Vec<u32>>,
-    logits: Vec<Vec<Vec<f32>>>,
+pub(super) struct BatchRun {
+    pub(super) tokens: Vec<Vec<u32>>,
+    pub(super) logits: Vec<Vec<Vec<f32>>>,
 }
 
 /// Decodes `n` steps of all `prompts` in one batch (each with its adapter); with `forced`, step
 /// i feeds `forced[seq][i]` instead of the model's choice (teacher forcing).
-fn batch_greedy(
+pub(super) fn batch_greedy(
     model: &Llama,
     prompts: &[Vec<u32>],
     adapters: &[Option<Arc<LoraAdapter>>],

@@ -8,6 +8,8 @@ pub mod bgmv;
 mod bgmv_cuda;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod decode_cuda;
 pub mod dynamic;
 pub mod error;
 pub mod gemv;

@@ -66,29 +66,78 @@ impl KvCache {
         Ok((kk.narrow(1, 0, start + n)?, vv.narrow(1, 0, start + n)?))
     }
 
+    /// Makes room for `n` more positions in every layer (buffers `(heads, capacity, head_dim)` of
+    /// `dtype` on `device`, created or grown by doubling, history kept) and returns the capacity,
+    /// the same in every layer. The fused GPU decode step writes new positions itself.
+    pub fn reserve(
+        &mut self,
+        n: usize,
+        heads: usize,
+        head_dim: usize,
+        dtype: candle_core::DType,
+        device: &candle_core::Device,
+    ) -> Result<usize> {
+        let need = self.len + n;
+        let start = self.len;
+        let mut cap = 0;
+        for entry in &mut self.layers {
+            for buf in [&mut entry.k, &mut entry.v] {
+                let grown = grow(buf.take(), need, start, (heads, head_dim), dtype, device)?;
+                cap = grown.dims()[1];
+                *buf = Some(grown);
+            }
+        }
+        Ok(cap)
+    }
+
+    /// The K and V buffers `(heads, capacity, head_dim)` of `layer`, if it has any.
+    pub fn buffers(&self, layer: usize) -> Option<(&Tensor, &Tensor)> {
+        let l = self.layers.get(layer)?;
+        Some((l.k.as_ref()?, l.v.as_ref()?))
+    }
+
     /// Marks `n` more positions as cached.
     pub fn advance(&mut self, n: usize) {
         self.len += n;
     }
 }
 
+/// `buf` if it holds `need` positions, else a fresh buffer of the next power of two (at least 16)
+/// with the first `keep` positions of `buf` copied in.
+fn grow(
+    buf: Option<Tensor>,
+    need: usize,
+    keep: usize,
+    (heads, hd): (usize, usize),
+    dtype: candle_core::DType,
+    device: &candle_core::Device,
+) -> Result<Tensor> {
+    match buf {
+        Some(b) if b.dims()[1] >= need => Ok(b),
+        old => {
+            let cap = need.next_power_of_two().max(16);
+            let fresh = Tensor::zeros((heads, cap, hd), dtype, device)?;
+            if let Some(o) = old {
+                if keep > 0 {
+                    fresh.slice_set(&o.narrow(1, 0, keep)?.contiguous()?, 1, 0)?;
+                }
+            }
+            Ok(fresh)
+        }
+    }
+}
+
 /// Ensures `buf` has room for `start + new.dims()[1]` positions (doubling), then copies `new` in.
 fn grow_and_set(buf: Option<Tensor>, new: &Tensor, start: usize) -> Result<Tensor> {
     let (heads, n, hd) = new.dims3()?;
-    let need = start + n;
-    let buf = match buf {
-        Some(b) if b.dims()[1] >= need => b,
-        old => {
-            let cap = need.next_power_of_two().max(16);
-            let fresh = Tensor::zeros((heads, cap, hd), new.dtype(), new.device())?;
-            if let Some(o) = old {
-                if start > 0 {
-                    fresh.slice_set(&o.narrow(1, 0, start)?.contiguous()?, 1, 0)?;
-                }
-            }
-            fresh
-        }
-    };
+    let buf = grow(
+        buf,
+        start + n,
+        start,
+        (heads, hd),
+        new.dtype(),
+        new.device(),
+    )?;
     buf.slice_set(&new.contiguous()?, 1, start)?;
     Ok(buf)
 }

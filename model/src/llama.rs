@@ -19,6 +19,10 @@ use std::sync::Arc;
 #[path = "llama_train.rs"]
 pub mod train;
 
+#[cfg(feature = "cuda")]
+#[path = "llama_fused.rs"]
+mod fused;
+
 /// One sequence's share of a forward pass: its new tokens, its cache (positions continue from
 /// `cache.len()`) and the LoRA adapter it runs with (`None`: the base model).
 pub struct SeqInput<'a> {
@@ -82,6 +86,9 @@ pub struct Llama {
     placement: Placement,
     /// How batches apply their LoRA deltas on a GPU (`QLORAD_LORA_KERNEL` at construction).
     lora_kernel: LoraKernel,
+    /// The fused decode-step kernels on a GPU in bf16 (`None`: the general path only).
+    #[cfg(feature = "cuda")]
+    fused: Option<Arc<qlorad_kernels::decode_cuda::DecodeKernels>>,
 }
 
 impl Llama {
@@ -127,6 +134,8 @@ impl Llama {
             device,
             placement: p.clone(),
             lora_kernel: LoraKernel::from_env(),
+            #[cfg(feature = "cuda")]
+            fused: fused::load(p)?,
         })
     }
 
@@ -211,6 +220,10 @@ impl Llama {
         let lora = LoraBatch::with_kernel(&row_adapters, &self.device, self.lora_kernel)?;
         let t = ids.len();
         let ids = Tensor::from_vec(ids, t, &self.device)?;
+        #[cfg(feature = "cuda")]
+        if let Some(kern) = self.fused_for(seqs) {
+            return self.forward_fused(&kern, seqs, &ids, &lora);
+        }
         let pos = Tensor::from_vec(positions, t, &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?; // (tokens, head_dim/2)
         let sin = self.sin.index_select(&pos, 0)?;

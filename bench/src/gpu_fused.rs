@@ -1,0 +1,129 @@
+//! The fused decode step (model/src/llama_fused.rs, kernels/cuda/decode.cu) against the general
+//! path on the same GPU model: teacher-forced batches whose logits must agree to bf16 rounding
+//! (both paths run the same projections; they differ only in attention's intermediate rounding,
+//! which the fused kernel keeps in f32). The GPU-vs-CPU checks of gpu_greedy/gpu_lora run the
+//! fused step too (it is the default), so together they tie it to the f32 CPU reference.
+//!
+//! Cases: mixed adapters (4 ranks + a base row) with contexts long enough for the split attention
+//! (flash-decoding combine); a sliding window shorter than the context; sequences whose first
+//! forward is a single token (the fused step creates their caches).
+
+use super::lora::batch_greedy;
+use super::{greedy::max_abs_diff, greedy::top2_margin, rel_err, Report};
+use crate::random_model::{self, nf4, RandomSpec};
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use qlorad_model::sampling::argmax;
+use qlorad_model::{Llama, LoraAdapter, Placement};
+use std::sync::Arc;
+
+/// Fused vs general logits, both bf16 on the GPU.
+const FUSED_BOUND: f64 = 2e-2;
+
+fn model(gpu: &Placement, window: Option<usize>) -> Result<Llama> {
+    let spec = RandomSpec::small();
+    let mut cfg = spec.config()?;
+    cfg.sliding_window = window;
+    let w = random_model::weights(&cfg, &spec, 11, nf4())?;
+    Ok(Llama::new_on(cfg, w, gpu)?)
+}
+
+fn prompts(lens: &[usize], vocab: usize) -> Vec<Vec<u32>> {
+    lens.iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            let mut p = crate::synthetic_prompt(len + 7, vocab);
+            let shift = (i * 3) % p.len();
+            p.rotate_left(shift);
+            p.truncate(len);
+            p
+        })
+        .collect()
+}
+
+/// Decodes `n` steps with the general path, then teacher-forces the fused path on its tokens.
+fn compare(
+    m: &mut Llama,
+    prompts: &[Vec<u32>],
+    ads: &[Option<Arc<LoraAdapter>>],
+    n: usize,
+    name: &str,
+    r: &mut Report,
+) -> Result<()> {
+    m.set_fused_decode(false)?;
+    let want = batch_greedy(m, prompts, ads, n, None)?;
+    m.set_fused_decode(true)?;
+    let got = batch_greedy(m, prompts, ads, n, Some(&want.tokens))?;
+    let (mut worst, mut unexplained, mut ties) = (0f64, 0usize, 0usize);
+    for s in 0..prompts.len() {
+        for i in 0..n {
+            let (g, w) = (&got.logits[s][i], &want.logits[s][i]);
+            worst = worst.max(rel_err(
+                &Tensor::new(g.as_slice(), &Device::Cpu)?,
+                &Tensor::new(w.as_slice(), &Device::Cpu)?,
+            )?);
+            if argmax(g) != want.tokens[s][i] {
+                if top2_margin(w) <= 2.0 * max_abs_diff(g, w) {
+                    ties += 1;
+                } else {
+                    unexplained += 1;
+                }
+            }
+        }
+    }
+    r.add(
+        format!("fused decode vs general path, {name}: logits rel err (max)"),
+        worst,
+        FUSED_BOUND,
+        format!("{} sequences x {n} steps", prompts.len()),
+    );
+    r.add(
+        format!("fused decode vs general path, {name}: steps disagreeing beyond a near-tie"),
+        unexplained as f64,
+        0.0,
+        format!("near-ties {ties}"),
+    );
+    Ok(())
+}
+
+pub fn checks(gpu: &Placement, n: usize, r: &mut Report) -> Result<()> {
+    let vocab = RandomSpec::small().vocab;
+    let mut m = model(gpu, None)?;
+    let mut ads: Vec<Option<Arc<LoraAdapter>>> = [8usize, 16, 64, 32]
+        .iter()
+        .enumerate()
+        .map(|(i, &rank)| {
+            let modules = random_model::lora_modules(m.config(), rank, 5 + i as u64)?;
+            Ok(Some(Arc::new(m.place_adapter(
+                LoraAdapter::from_modules(&format!("fused-{rank}"), modules),
+            )?)))
+        })
+        .collect::<Result<_>>()?;
+    ads.insert(2, None);
+    compare(
+        &mut m,
+        &prompts(&[300, 9, 150, 64, 2], vocab),
+        &ads,
+        n,
+        "4 adapters + base, contexts up to 300 (split attention)",
+        r,
+    )?;
+    compare(
+        &mut m,
+        &prompts(&[1, 1, 1], vocab),
+        &[None, ads[0].clone(), None],
+        n,
+        "one-token prompts (caches created by the fused step)",
+        r,
+    )?;
+    let mut w = model(gpu, Some(40))?;
+    compare(
+        &mut w,
+        &prompts(&[100, 20, 45], vocab),
+        &[None, None, None],
+        n,
+        "sliding window 40",
+        r,
+    )?;
+    Ok(())
+}

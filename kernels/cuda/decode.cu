@@ -1,0 +1,312 @@
+// Fused decode-step kernels of qlorad (CUDA, sm_90, bf16 in and out, f32 arithmetic).
+//
+// A decode step of a Llama/Mistral layer ran ~25 candle ops per layer, each a host round of
+// allocation, dispatch and launch (≈ 8 µs), so batch-1 decode on the H200 was bound by the host
+// issuing kernels, not by the GPU. These kernels fold the small ops between the projections into
+// four launches per layer (the projections themselves stay the NF4 GEMV and the BGMV LoRA kernels):
+//  - add_rms_norm: the residual add and the next RMSNorm in one pass over the row;
+//  - rope_kv: RoPE on q and k, and the new k and v written into every sequence's KV cache in place;
+//  - decode_attention: one query token per sequence against its cached keys, grouped-query heads
+//    sharing each K/V load, the softmax online in chunks (Milakov & Gimelshein 2018; the
+//    FlashAttention recurrence, Dao et al. 2022), split over the context for long sequences
+//    (flash-decoding) and merged by attention_combine;
+//  - silu_mul: SwiGLU's silu(gate) * up.
+// Rounding follows candle's kernels where the general path uses them (rmsnorm: bf16(scale*x*w);
+// rope: every bf16 product and sum rounded; silu then the product each rounded), so the fused and
+// general paths differ only inside attention, which here accumulates in f32 throughout.
+//
+// The KV table (one per forward pass, built on the host) holds per sequence: its new token's
+// position and its caches' capacity in one word, then per layer the K and V buffer addresses.
+// Buffers are (kv_heads, capacity, head_dim) bf16, as model/src/kv_cache.rs lays them out.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+__device__ __forceinline__ float bf(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// f32 -> bf16, round to nearest even; NaN stays a (quiet) NaN (as in nf4.cu).
+__device__ __forceinline__ u16 to_bf(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return (u16)((u >> 16) | 0x40u);
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+
+__device__ __forceinline__ float rbf(float f) { return bf(to_bf(f)); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// One block per row. out (2, rows, n): out[0] = x + y (bf16, as candle's add), out[1] =
+// rmsnorm(out[0]) * w. y may be null (then out[0] = x).
+extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u16* __restrict__ y,
+                                             const u16* __restrict__ w, float eps, u32 rows, u32 n,
+                                             u16* __restrict__ out) {
+    const u32 row = blockIdx.x;
+    const u16* xr = x + (u64)row * n;
+    u16* sum = out + (u64)row * n;
+    u16* normed = out + (u64)rows * n + (u64)row * n;
+    float acc = 0.f;
+    for (u32 i = threadIdx.x; i < n; i += blockDim.x) {
+        const float s = y ? rbf(__fadd_rn(bf(xr[i]), bf(y[(u64)row * n + i]))) : bf(xr[i]);
+        sum[i] = to_bf(s);
+        acc = fmaf(s, s, acc);
+    }
+    __shared__ float part[32];
+    acc = warp_sum(acc);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.f;
+        v = warp_sum(v);
+        if (threadIdx.x == 0) part[0] = v;
+    }
+    __syncthreads();
+    const float scale = rsqrtf(part[0] / (float)n + eps);
+    // Each thread re-reads only the sums it wrote itself: no barrier needed for them.
+    for (u32 i = threadIdx.x; i < n; i += blockDim.x) {
+        normed[i] = to_bf(__fmul_rn(__fmul_rn(scale, bf(sum[i])), bf(w[i])));
+    }
+}
+
+// out = silu(gate) * up, elementwise over n values.
+extern "C" __global__ void silu_mul_bf16(const u16* __restrict__ gate, const u16* __restrict__ up,
+                                         u64 n, u16* __restrict__ out) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        const float g = bf(gate[i]);
+        const float s = rbf(__fdiv_rn(g, __fadd_rn(1.f, __expf(-g))));
+        out[i] = to_bf(__fmul_rn(s, bf(up[i])));
+    }
+}
+
+// The KV table's words per sequence: position | capacity << 32, then K and V per layer.
+__device__ __forceinline__ const u64* kv_row(const u64* table, u32 layers, u32 row) {
+    return table + (u64)row * (1 + 2 * (u64)layers);
+}
+
+// One block per sequence (row). q (rows, nh*hd), k and v (rows, nkv*hd), cos/sin (positions,
+// hd/2). Writes RoPE(q) to q_out (rows, nh*hd) and RoPE(k), v into the caches of `layer` at the
+// row's position. RoPE is the non-interleaved (rotate-half) form of transformers' Llama.
+extern "C" __global__ void rope_kv_bf16(const u16* __restrict__ q, const u16* __restrict__ k,
+                                        const u16* __restrict__ v, const u16* __restrict__ cosb,
+                                        const u16* __restrict__ sinb,
+                                        const u64* __restrict__ table, u32 layers, u32 layer,
+                                        u32 nh, u32 nkv, u32 hd, u16* __restrict__ q_out) {
+    const u32 row = blockIdx.x;
+    const u64* t = kv_row(table, layers, row);
+    const u32 pos = (u32)(t[0] & 0xffffffffu);
+    const u64 cap = t[0] >> 32;
+    u16* kc = reinterpret_cast<u16*>(t[1 + 2 * layer]);
+    u16* vc = reinterpret_cast<u16*>(t[2 + 2 * layer]);
+    const u32 half = hd / 2;
+    const u16* cs = cosb + (u64)pos * half;
+    const u16* sn = sinb + (u64)pos * half;
+    // Pairs (i, i + hd/2) of every q head, then every k head.
+    const u32 pairs = (nh + nkv) * half;
+    for (u32 p = threadIdx.x; p < pairs; p += blockDim.x) {
+        const u32 head = p / half, i = p % half;
+        const float c = bf(cs[i]), s = bf(sn[i]);
+        const bool is_q = head < nh;
+        const u16* src = is_q ? q + ((u64)row * nh + head) * hd
+                              : k + ((u64)row * nkv + (head - nh)) * hd;
+        const float a = bf(src[i]), b = bf(src[i + half]);
+        const u16 lo = to_bf(__fsub_rn(rbf(__fmul_rn(a, c)), rbf(__fmul_rn(b, s))));
+        const u16 hi = to_bf(__fadd_rn(rbf(__fmul_rn(a, s)), rbf(__fmul_rn(b, c))));
+        u16* dst = is_q ? q_out + ((u64)row * nh + head) * hd
+                        : kc + ((u64)(head - nh) * cap + pos) * hd;
+        dst[i] = lo;
+        dst[i + half] = hi;
+    }
+    for (u32 e = threadIdx.x; e < nkv * hd; e += blockDim.x) {
+        const u32 head = e / hd, d = e % hd;
+        vc[((u64)head * cap + pos) * hd + d] = v[(u64)row * nkv * hd + e];
+    }
+}
+
+// Decode attention geometry: threads per block, and the largest group (query heads per KV head).
+// A K or V row of head_dim bf16 is read by DV = head_dim / 8 threads, 16 bytes each (coalesced);
+// the block's ATT_THREADS / DV position slots walk the positions independently.
+#define ATT_THREADS 128
+#define ATT_MAX_GROUP 8
+// Shared memory of the slot merge: P * group * head_dim = 1024 * group values, plus the maxima and
+// sums of every (slot, head).
+#define ATT_MERGE_VALUES (1024 * ATT_MAX_GROUP)
+#define ATT_MERGE_ML (2 * ATT_THREADS * ATT_MAX_GROUP)
+
+// Grid (nkv, rows, splits). Block (kvh, row, split) attends the `group` query heads of KV head kvh
+// over the split's share of the row's visible positions [first, pos]. Thread t is position slot
+// t / DV and owns dims [8 (t % DV), +8) of every head of the group: per position it loads 16
+// bytes of K and of V, finishes the group's scores with shuffles across the slot's DV threads, and
+// updates its own running max, sum and output (the online softmax of Milakov & Gimelshein 2018,
+// as in FlashAttention). The slots are merged at the end with log-sum-exp weights. With one split
+// the block writes the normalized bf16 output; with several, the unnormalized f32 output with its
+// max and sum, for attention_combine.
+template <int G>
+__device__ __forceinline__ void decode_attention(
+    const u16* __restrict__ q, const u64* __restrict__ table, u32 layers, u32 layer, u32 nh,
+    u32 nkv, u32 hd, u32 window, float scale, u16* __restrict__ out,
+    float* __restrict__ part_o, float* __restrict__ part_ml) {
+    const u32 kvh = blockIdx.x, row = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    const u64* t = kv_row(table, layers, row);
+    const u32 pos = (u32)(t[0] & 0xffffffffu);
+    const u64 cap = t[0] >> 32;
+    const u16* kc = reinterpret_cast<const u16*>(t[1 + 2 * layer]) + (u64)kvh * cap * hd;
+    const u16* vc = reinterpret_cast<const u16*>(t[2 + 2 * layer]) + (u64)kvh * cap * hd;
+    const u32 first = (window > 0 && pos >= window) ? pos - window + 1 : 0;
+    const u32 total = pos + 1 - first;
+    const u32 per = (total + splits - 1) / splits;
+    const u32 lo = first + min(total, split * per);
+    const u32 hi = first + min(total, (split + 1) * per);
+
+    const u32 dv = hd / 8;                 // threads per position (divides 32)
+    const u32 slots = ATT_THREADS / dv;
+    const u32 slot = threadIdx.x / dv, part = threadIdx.x % dv;
+    const u16* qrow = q + ((u64)row * nh + (u64)kvh * G) * hd + part * 8;
+    float qr[G][8];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        const uint4 v = *reinterpret_cast<const uint4*>(qrow + (u64)g * hd);
+        const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            qr[g][2 * b] = __uint_as_float(w[b] << 16) * scale;
+            qr[g][2 * b + 1] = __uint_as_float(w[b] & 0xffff0000u) * scale;
+        }
+    }
+    float m[G], l[G], acc[G][8];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+        m[g] = -INFINITY;
+        l[g] = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
+    }
+    // j0 is uniform across the block, so every lane of a warp reaches the shuffles below.
+#pragma unroll 2
+    for (u32 j0 = lo; j0 < hi; j0 += slots) {
+        const u32 j = j0 + slot;
+        const bool valid = j < hi;
+        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+        const uint4 kv =
+            valid ? *reinterpret_cast<const uint4*>(kc + (u64)j * hd + part * 8) : zero;
+        const uint4 vv =
+            valid ? *reinterpret_cast<const uint4*>(vc + (u64)j * hd + part * 8) : zero;
+        const u32 kw[4] = {kv.x, kv.y, kv.z, kv.w};
+        const u32 vw[4] = {vv.x, vv.y, vv.z, vv.w};
+        float kf[8], vf[8];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            kf[2 * b] = __uint_as_float(kw[b] << 16);
+            kf[2 * b + 1] = __uint_as_float(kw[b] & 0xffff0000u);
+            vf[2 * b] = __uint_as_float(vw[b] << 16);
+            vf[2 * b + 1] = __uint_as_float(vw[b] & 0xffff0000u);
+        }
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            float s = 0.f;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s = fmaf(qr[g][e], kf[e], s);
+            // The slot's dv threads are consecutive lanes of one warp (dv divides 32).
+            for (u32 o = dv >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, dv);
+            if (!valid) continue;
+            const float m_new = fmaxf(m[g], s);
+            const float corr = __expf(m[g] - m_new);  // 0 while m is -inf
+            const float p = __expf(s - m_new);
+            l[g] = fmaf(l[g], corr, p);
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(acc[g][e], corr, p * vf[e]);
+            m[g] = m_new;
+        }
+    }
+    // Merge the slots: slot s's (m, l) per head and its output values go to shared memory.
+    __shared__ float s_o[ATT_MERGE_VALUES];
+    __shared__ float s_ml[ATT_MERGE_ML];
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) s_o[((u64)slot * G + g) * hd + part * 8 + e] = acc[g][e];
+        if (part == 0) {
+            s_ml[(slot * G + g) * 2] = m[g];
+            s_ml[(slot * G + g) * 2 + 1] = l[g];
+        }
+    }
+    __syncthreads();
+    for (u32 e = threadIdx.x; e < G * hd; e += ATT_THREADS) {
+        const u32 g = e / hd, d = e % hd;
+        float mx = -INFINITY;
+        for (u32 s = 0; s < slots; ++s) mx = fmaxf(mx, s_ml[(s * G + g) * 2]);
+        float lsum = 0.f, o = 0.f;
+        if (mx != -INFINITY) {
+            for (u32 s = 0; s < slots; ++s) {
+                const float w = __expf(s_ml[(s * G + g) * 2] - mx);
+                lsum = fmaf(s_ml[(s * G + g) * 2 + 1], w, lsum);
+                o = fmaf(s_o[((u64)s * G + g) * hd + d], w, o);
+            }
+        }
+        const u32 head = kvh * G + g;
+        if (splits == 1) {
+            out[((u64)row * nh + head) * hd + d] = to_bf(o / lsum);
+        } else {
+            part_o[(((u64)row * splits + split) * nh + head) * hd + d] = o;
+            if (d == 0) {
+                float* ml = part_ml + (((u64)row * splits + split) * nh + head) * 2;
+                ml[0] = mx;
+                ml[1] = lsum;
+            }
+        }
+    }
+}
+
+#define DECODE_ATTENTION_ENTRY(G)                                                                \
+    extern "C" __global__ void decode_attention_g##G##_bf16(                                    \
+        const u16* __restrict__ q, const u64* __restrict__ table, u32 layers, u32 layer, u32 nh, \
+        u32 nkv, u32 hd, u32 window, float scale, u16* __restrict__ out,                         \
+        float* __restrict__ part_o, float* __restrict__ part_ml) {                               \
+        decode_attention<G>(q, table, layers, layer, nh, nkv, hd, window, scale, out, part_o,   \
+                            part_ml);                                                            \
+    }
+
+DECODE_ATTENTION_ENTRY(1)
+DECODE_ATTENTION_ENTRY(2)
+DECODE_ATTENTION_ENTRY(3)
+DECODE_ATTENTION_ENTRY(4)
+DECODE_ATTENTION_ENTRY(5)
+DECODE_ATTENTION_ENTRY(6)
+DECODE_ATTENTION_ENTRY(7)
+DECODE_ATTENTION_ENTRY(8)
+
+// Grid (nh, rows), hd threads: merges the splits' partial outputs of one head (log-sum-exp
+// weights; an empty split has max -inf and weight 0).
+extern "C" __global__ void attention_combine_bf16(const float* __restrict__ part_o,
+                                                  const float* __restrict__ part_ml, u32 splits,
+                                                  u32 nh, u32 hd, u16* __restrict__ out) {
+    const u32 head = blockIdx.x, row = blockIdx.y, d = threadIdx.x;
+    if (d >= hd) return;
+    float m = -INFINITY;
+    for (u32 s = 0; s < splits; ++s) {
+        m = fmaxf(m, part_ml[(((u64)row * splits + s) * nh + head) * 2]);
+    }
+    float l = 0.f, o = 0.f;
+    for (u32 s = 0; s < splits; ++s) {
+        const u64 base = ((u64)row * splits + s) * nh + head;
+        const float ms = part_ml[base * 2];
+        if (ms == -INFINITY) continue;
+        const float w = __expf(ms - m);
+        l = fmaf(part_ml[base * 2 + 1], w, l);
+        o = fmaf(part_o[base * hd + d], w, o);
+    }
+    out[((u64)row * nh + head) * hd + d] = to_bf(o / l);
+}

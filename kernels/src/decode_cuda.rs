@@ -1,0 +1,465 @@
+//! The fused decode-step kernels of `cuda/decode.cu` (behind the `cuda` feature): residual add +
+//! RMSNorm, RoPE + KV-cache write, decode attention over the caches in place, and SwiGLU's
+//! silu·mul. Tensors in, tensors out (bf16, contiguous, on one GPU); the functions are loaded once
+//! per device into [`DecodeKernels`], so a call costs one launch and one allocation.
+//!
+//! The KV caches are reached through a [`KvTable`] built once per forward pass: per sequence its
+//! new token's position and its buffers' capacity, and per layer the addresses of its K and V
+//! buffers (`(kv_heads, capacity, head_dim)` bf16). `rope_kv` writes the new token's K and V into
+//! them through those addresses; `attention` reads them in place (no copy of the history).
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaStorage, DType, Device, Shape, Storage, Tensor};
+use half::bf16;
+use std::sync::Arc;
+
+/// PTX of `cuda/decode.cu`, built for the compute capability in `CUDA_COMPUTE_CAP` (default 90).
+pub const DECODE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
+const MODULE: &str = "qlorad_decode";
+// Must match cuda/decode.cu.
+const ATT_THREADS: u32 = 128;
+/// Most query heads per KV head the attention kernel takes (one instantiation per group size).
+pub const ATT_MAX_GROUP: usize = 8;
+
+/// Whether the attention kernel takes these shapes: a group of at most [`ATT_MAX_GROUP`] query
+/// heads per KV head, and a head_dim whose 16-byte pieces (head_dim / 8 threads per position)
+/// divide a warp: 8, 16, 32, 64, 128 or 256.
+pub fn attention_supports(heads: usize, kv_heads: usize, head_dim: usize) -> bool {
+    kv_heads > 0
+        && heads.is_multiple_of(kv_heads)
+        && (1..=ATT_MAX_GROUP).contains(&(heads / kv_heads))
+        && head_dim.is_multiple_of(8)
+        && head_dim / 8 > 0
+        && 32usize.is_multiple_of(head_dim / 8)
+}
+const NORM_THREADS: u32 = 256;
+const ELEMWISE_THREADS: u32 = 256;
+/// Fewest positions one split of the attention takes: below this, splitting a short context costs
+/// more in the combine than it gains in parallelism.
+const MIN_SPLIT_POSITIONS: usize = 64;
+const MAX_SPLITS: usize = 32;
+/// Blocks that keep the H200's 132 SMs busy about twice over.
+const TARGET_BLOCKS: usize = 264;
+
+fn msg(s: String) -> candle_core::Error {
+    candle_core::Error::Msg(s)
+}
+
+/// The decode kernels, loaded on one device.
+pub struct DecodeKernels {
+    device: CudaDevice,
+    stream: Arc<CudaStream>,
+    add_rms_norm: CudaFunction,
+    silu_mul: CudaFunction,
+    rope_kv: CudaFunction,
+    /// The attention for group sizes 1..=ATT_MAX_GROUP.
+    attention: Vec<CudaFunction>,
+    combine: CudaFunction,
+}
+
+impl std::fmt::Debug for DecodeKernels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DecodeKernels({:?})", self.device)
+    }
+}
+
+/// A contiguous bf16 tensor's storage on `dev`: its slice and the element range of the tensor.
+fn bf16_view<'a>(
+    storage: &'a Storage,
+    t: &Tensor,
+    dev: &CudaDevice,
+    what: &str,
+) -> candle_core::Result<(&'a CudaSlice<bf16>, usize, usize)> {
+    let Storage::Cuda(cs) = storage else {
+        return Err(msg(format!("decode: {what} is not on a GPU")));
+    };
+    if cs.device().id() != dev.id() || t.dtype() != DType::BF16 {
+        return Err(msg(format!(
+            "decode: {what} must be bf16 on {dev:?} (got {:?} on {:?})",
+            t.dtype(),
+            t.device()
+        )));
+    }
+    let (a, b) = t
+        .layout()
+        .contiguous_offsets()
+        .ok_or(candle_core::Error::RequiresContiguous { op: "decode" })?;
+    Ok((cs.as_cuda_slice::<bf16>()?, a, b))
+}
+
+/// The device address of element 0 of a contiguous bf16 tensor on `dev`.
+fn bf16_addr(
+    t: &Tensor,
+    dev: &CudaDevice,
+    stream: &CudaStream,
+    what: &str,
+) -> candle_core::Result<u64> {
+    let (storage, _) = t.storage_and_layout();
+    let (slice, a, _) = bf16_view(&storage, t, dev, what)?;
+    let (ptr, _record) = slice.device_ptr(stream);
+    Ok(ptr + (a * 2) as u64)
+}
+
+fn wrap(out: CudaSlice<bf16>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_storage(
+        Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone())),
+        shape,
+        BackpropOp::none(),
+        false,
+    )
+}
+
+/// One sequence's row of a [`KvTable`].
+pub struct KvRow<'a> {
+    /// Position of the new token (its K and V are written there; it attends to `0..=position`).
+    pub position: usize,
+    /// Positions the buffers hold (the same in every layer).
+    pub capacity: usize,
+    /// Per layer, the K and V buffers `(kv_heads, capacity, head_dim)` bf16.
+    pub layers: Vec<(&'a Tensor, &'a Tensor)>,
+}
+
+/// Per forward pass: every sequence's position, capacity and cache addresses, on the GPU.
+pub struct KvTable {
+    table: CudaSlice<u64>,
+    rows: usize,
+    layers: usize,
+    max_position: usize,
+}
+
+impl DecodeKernels {
+    /// Loads the kernels on `device` (a CUDA device).
+    pub fn load(device: &Device) -> candle_core::Result<Self> {
+        let Device::Cuda(dev) = device else {
+            return Err(msg("decode kernels need a CUDA device".into()));
+        };
+        let load = |name: &str| -> candle_core::Result<CudaFunction> {
+            Ok(dev
+                .get_or_load_custom_func(name, MODULE, DECODE_PTX)?
+                .into_cuda_function())
+        };
+        Ok(Self {
+            device: dev.clone(),
+            stream: dev.cuda_stream(),
+            add_rms_norm: load("add_rms_norm_bf16")?,
+            silu_mul: load("silu_mul_bf16")?,
+            rope_kv: load("rope_kv_bf16")?,
+            attention: (1..=ATT_MAX_GROUP)
+                .map(|g| load(&format!("decode_attention_g{g}_bf16")))
+                .collect::<candle_core::Result<_>>()?,
+            combine: load("attention_combine_bf16")?,
+        })
+    }
+
+    /// Uploads the KV table of one forward pass. Every row's buffers must have `capacity`
+    /// positions, more than its `position`, with `kv_heads * head_dim` values per position.
+    pub fn kv_table(
+        &self,
+        rows: &[KvRow<'_>],
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> candle_core::Result<KvTable> {
+        let mut words = Vec::with_capacity(rows.len() * (1 + 2 * layers));
+        let mut max_position = 0;
+        for (i, r) in rows.iter().enumerate() {
+            if r.layers.len() != layers
+                || r.position >= r.capacity
+                || r.capacity > u32::MAX as usize
+            {
+                return Err(msg(format!(
+                    "decode: KV row {i} has {} layers (want {layers}), position {} and capacity {}",
+                    r.layers.len(),
+                    r.position,
+                    r.capacity
+                )));
+            }
+            max_position = max_position.max(r.position);
+            words.push(r.position as u64 | ((r.capacity as u64) << 32));
+            for (k, v) in &r.layers {
+                for t in [k, v] {
+                    if t.dims() != [kv_heads, r.capacity, head_dim] {
+                        return Err(msg(format!(
+                            "decode: KV buffer {:?} of row {i}, want ({kv_heads}, {}, {head_dim})",
+                            t.dims(),
+                            r.capacity
+                        )));
+                    }
+                    words.push(bf16_addr(t, &self.device, &self.stream, "a KV buffer")?);
+                }
+            }
+        }
+        Ok(KvTable {
+            table: self.device.clone_htod(&words[..])?,
+            rows: rows.len(),
+            layers,
+            max_position,
+        })
+    }
+
+    /// `(x + y, rmsnorm(x + y) · w)` per row of `x` (rows, n); `y` None: `(x, rmsnorm(x) · w)`.
+    /// Both outputs are views of one fresh (2, rows, n) buffer.
+    pub fn add_rms_norm(
+        &self,
+        x: &Tensor,
+        y: Option<&Tensor>,
+        w: &Tensor,
+        eps: f32,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (rows, n) = x.dims2()?;
+        if w.dims() != [n] || y.is_some_and(|y| y.dims() != [rows, n]) {
+            return Err(msg(format!(
+                "add_rms_norm: x {:?}, y {:?}, w {:?}",
+                x.dims(),
+                y.map(|y| y.dims().to_vec()),
+                w.dims()
+            )));
+        }
+        let (xs, _) = x.storage_and_layout();
+        let (xv, xa, xb) = bf16_view(&xs, x, &self.device, "x")?;
+        let (ws, _) = w.storage_and_layout();
+        let (wv, wa, wb) = bf16_view(&ws, w, &self.device, "the norm weight")?;
+        let ys = y.map(|y| y.storage_and_layout());
+        // SAFETY: every element of both halves is written (one block per row covers all n).
+        let mut out = unsafe { self.device.alloc::<bf16>(2 * rows * n) }?;
+        let (rows32, n32) = (rows as u32, n as u32);
+        let cfg = LaunchConfig {
+            grid_dim: (rows32.max(1), 1, 1),
+            block_dim: (NORM_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let xview = xv.slice(xa..xb);
+        let wview = wv.slice(wa..wb);
+        let yview = match (&ys, y) {
+            (Some((s, _)), Some(yt)) => {
+                let (v, a, e) = bf16_view(s, yt, &self.device, "y")?;
+                Some(v.slice(a..e))
+            }
+            _ => None,
+        };
+        let null = 0u64;
+        let mut b = self.stream.launch_builder(&self.add_rms_norm);
+        b.arg(&xview);
+        match &yview {
+            Some(v) => b.arg(v),
+            None => b.arg(&null),
+        };
+        b.arg(&wview).arg(&eps).arg(&rows32).arg(&n32).arg(&mut out);
+        // SAFETY: argument types and order match add_rms_norm_bf16; x and y hold rows·n, w n and
+        // out 2·rows·n bf16 (checked above).
+        unsafe { b.launch(cfg) }.w()?;
+        let both = wrap(out, &self.device, (2, rows, n));
+        Ok((both.get(0)?, both.get(1)?))
+    }
+
+    /// `silu(gate) · up`, elementwise (same shapes).
+    pub fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+        if gate.dims() != up.dims() {
+            return Err(msg(format!(
+                "silu_mul: gate {:?} vs up {:?}",
+                gate.dims(),
+                up.dims()
+            )));
+        }
+        let n = gate.elem_count();
+        let (gs, _) = gate.storage_and_layout();
+        let (gv, ga, gb) = bf16_view(&gs, gate, &self.device, "gate")?;
+        let (us, _) = up.storage_and_layout();
+        let (uv, ua, ub) = bf16_view(&us, up, &self.device, "up")?;
+        // SAFETY: the grid-stride loop writes all n elements.
+        let mut out = unsafe { self.device.alloc::<bf16>(n) }?;
+        let blocks = (n as u32).div_ceil(ELEMWISE_THREADS).clamp(1, 4096);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (ELEMWISE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n64 = n as u64;
+        let (gview, uview) = (gv.slice(ga..gb), uv.slice(ua..ub));
+        let mut b = self.stream.launch_builder(&self.silu_mul);
+        b.arg(&gview).arg(&uview).arg(&n64).arg(&mut out);
+        // SAFETY: argument types and order match silu_mul_bf16; all three hold n bf16.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(wrap(out, &self.device, gate.shape().clone()))
+    }
+
+    /// RoPE on `q` (rows, heads·hd) and `k` (rows, kv_heads·hd) at each row's position (tables
+    /// `cos`, `sin` (positions, hd/2)); writes the rotated k and `v` into the caches of `layer`
+    /// and returns the rotated q (rows, heads·hd).
+    #[allow(clippy::too_many_arguments)] // the shapes of one attention layer
+    pub fn rope_kv(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        table: &KvTable,
+        layer: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> candle_core::Result<Tensor> {
+        let rows = table.rows;
+        let half = head_dim / 2;
+        if q.dims() != [rows, heads * head_dim]
+            || k.dims() != [rows, kv_heads * head_dim]
+            || v.dims() != k.dims()
+            || cos.dims().len() != 2
+            || cos.dims()[1] != half
+            || cos.dims() != sin.dims()
+            || cos.dims()[0] <= table.max_position
+            || layer >= table.layers
+            || !head_dim.is_multiple_of(2)
+        {
+            return Err(msg(format!(
+                "rope_kv: q {:?}, k {:?}, v {:?}, cos {:?} for {rows} rows, layer {layer}",
+                q.dims(),
+                k.dims(),
+                v.dims(),
+                cos.dims()
+            )));
+        }
+        let guards = [q, k, v, cos, sin].map(|t| t.storage_and_layout());
+        let names = ["q", "k", "v", "cos", "sin"];
+        let mut views = Vec::with_capacity(5);
+        for ((g, t), name) in guards.iter().zip([q, k, v, cos, sin]).zip(names) {
+            let (s, a, b) = bf16_view(&g.0, t, &self.device, name)?;
+            views.push(s.slice(a..b));
+        }
+        // SAFETY: fully written (every pair of every q head).
+        let mut out = unsafe { self.device.alloc::<bf16>(rows * heads * head_dim) }?;
+        let (layers, layer) = (table.layers as u32, layer as u32);
+        let (nh, nkv, hd) = (heads as u32, kv_heads as u32, head_dim as u32);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (NORM_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.rope_kv);
+        for v in &views {
+            b.arg(v);
+        }
+        b.arg(&table.table)
+            .arg(&layers)
+            .arg(&layer)
+            .arg(&nh)
+            .arg(&nkv)
+            .arg(&hd)
+            .arg(&mut out);
+        // SAFETY: argument types and order match rope_kv_bf16; shapes checked above; the table's
+        // buffers hold (kv_heads, capacity, head_dim) with position < capacity (KvTable checks).
+        // The caches are written through addresses taken under read guards: only this forward
+        // pass uses them, in stream order.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(wrap(out, &self.device, (rows, heads * head_dim)))
+    }
+
+    /// Attention of each row's rotated query `q` (rows, heads·hd) over its cached keys and values
+    /// of `layer` at positions `0..=position` (the last `window` of them with a sliding window):
+    /// (rows, heads·hd).
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention(
+        &self,
+        q: &Tensor,
+        table: &KvTable,
+        layer: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        window: Option<usize>,
+    ) -> candle_core::Result<Tensor> {
+        let rows = table.rows;
+        if q.dims() != [rows, heads * head_dim]
+            || !attention_supports(heads, kv_heads, head_dim)
+            || layer >= table.layers
+        {
+            return Err(msg(format!(
+                "decode attention: q {:?}, {heads} heads, {kv_heads} kv heads, head_dim {head_dim}",
+                q.dims()
+            )));
+        }
+        let group = heads / kv_heads;
+        let (qs, _) = q.storage_and_layout();
+        let (qv, qa, qb) = bf16_view(&qs, q, &self.device, "q")?;
+        let qview = qv.slice(qa..qb);
+        let positions = table.max_position + 1;
+        let splits = splits_for(positions, rows * kv_heads);
+        // SAFETY: fully written, by the kernel (one split) or the combine (several).
+        let mut out = unsafe { self.device.alloc::<bf16>(rows * heads * head_dim) }?;
+        let part_len = if splits > 1 { rows * splits * heads } else { 1 };
+        // SAFETY: the partials are written by every split before the combine reads them.
+        let part_o = unsafe { self.device.alloc::<f32>(part_len * head_dim) }?;
+        let part_ml = unsafe { self.device.alloc::<f32>(part_len * 2) }?;
+        let (layers, layer) = (table.layers as u32, layer as u32);
+        let (nh, nkv, hd) = (heads as u32, kv_heads as u32, head_dim as u32);
+        let window = window.unwrap_or(0).min(u32::MAX as usize) as u32;
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let cfg = LaunchConfig {
+            grid_dim: (nkv, rows as u32, splits as u32),
+            block_dim: (ATT_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = self.stream.launch_builder(&self.attention[group - 1]);
+        b.arg(&qview)
+            .arg(&table.table)
+            .arg(&layers)
+            .arg(&layer)
+            .arg(&nh)
+            .arg(&nkv)
+            .arg(&hd)
+            .arg(&window)
+            .arg(&scale)
+            .arg(&mut out)
+            .arg(&part_o)
+            .arg(&part_ml);
+        // SAFETY: argument types and order match decode_attention_g{group}_bf16; q holds
+        // rows·heads·hd, out the same, the partials rows·splits·heads·(hd | 2) f32 when splits > 1;
+        // group and head_dim within the kernel's limits (checked above).
+        unsafe { b.launch(cfg) }.w()?;
+        if splits > 1 {
+            let splits32 = splits as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (nh, rows as u32, 1),
+                block_dim: (hd, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(&self.combine);
+            b.arg(&part_o)
+                .arg(&part_ml)
+                .arg(&splits32)
+                .arg(&nh)
+                .arg(&hd)
+                .arg(&mut out);
+            // SAFETY: argument types and order match attention_combine_bf16 (shapes as above).
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(wrap(out, &self.device, (rows, heads * head_dim)))
+    }
+}
+
+/// Splits of the context per (row, KV head) block: enough blocks to fill the GPU, each split at
+/// least [`MIN_SPLIT_POSITIONS`] long.
+fn splits_for(positions: usize, blocks: usize) -> usize {
+    let by_length = positions.div_ceil(MIN_SPLIT_POSITIONS);
+    let by_occupancy = TARGET_BLOCKS.div_ceil(blocks.max(1));
+    by_length.min(by_occupancy).clamp(1, MAX_SPLITS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::splits_for;
+
+    #[test]
+    fn splits_fill_the_gpu_but_stay_long() {
+        assert_eq!(splits_for(10, 8), 1); // a short context is one split
+        assert_eq!(splits_for(1024, 8), 16); // batch 1, Mistral: 33 wanted, 16 by length
+        assert_eq!(splits_for(4096, 8), 32); // capped
+        assert_eq!(splits_for(4096, 64 * 8), 1); // a big batch fills the GPU already
+    }
+}

@@ -1,0 +1,129 @@
+//! The fused decode step on a GPU: a batch whose every sequence brings exactly one new token runs
+//! its layers as 12 launches each (two residual-add + RMSNorm, seven projections, RoPE + KV write,
+//! attention over the caches in place, silu·mul), plus the LoRA launches, where the general
+//! path issues ~25 candle ops per layer and copies each sequence's cached V (see
+//! `qlorad_kernels::decode_cuda` and kernels/cuda/decode.cu). Same weights, same projections and
+//! LoRA code path; the general path stays the reference (and serves prefill and mixed batches).
+//!
+//! `QLORAD_FUSED_DECODE=0` turns it off for a process; [`Llama::set_fused_decode`] per model.
+
+use super::{project, project_group, Llama, SeqInput};
+use crate::device::Placement;
+use crate::error::{ModelError, Result};
+use crate::lora::LoraBatch;
+use candle_core::{DType, Tensor};
+use qlorad_kernels::decode_cuda::{attention_supports, DecodeKernels, KvRow};
+use std::sync::Arc;
+
+/// The kernels when the fused step can serve `p` (a GPU in bf16) and the environment allows it.
+pub(super) fn load(p: &Placement) -> Result<Option<Arc<DecodeKernels>>> {
+    let off = std::env::var("QLORAD_FUSED_DECODE").is_ok_and(|v| v == "0");
+    if off || !p.device.is_cuda() || p.dtype != DType::BF16 {
+        return Ok(None);
+    }
+    Ok(Some(Arc::new(DecodeKernels::load(&p.device)?)))
+}
+
+impl Llama {
+    /// Whether decode batches take the fused step (a GPU in bf16, not turned off).
+    pub fn fused_decode(&self) -> bool {
+        self.fused.is_some()
+    }
+
+    /// Turns the fused decode step on (where the placement allows it) or off.
+    pub fn set_fused_decode(&mut self, on: bool) -> Result<()> {
+        self.fused = if on && self.device.is_cuda() && self.placement.dtype == DType::BF16 {
+            Some(Arc::new(DecodeKernels::load(&self.device)?))
+        } else {
+            None
+        };
+        Ok(())
+    }
+
+    /// The kernels if this batch can take the fused step: one new token per sequence and
+    /// attention shapes the kernel takes.
+    pub(super) fn fused_for(&self, seqs: &[SeqInput<'_>]) -> Option<Arc<DecodeKernels>> {
+        let k = self.fused.as_ref()?;
+        let c = &self.cfg;
+        let shapes_fit = attention_supports(c.num_heads, c.num_kv_heads, c.head_dim);
+        (shapes_fit && seqs.iter().all(|s| s.tokens.len() == 1)).then(|| k.clone())
+    }
+
+    /// One decode step of `seqs` (validated by the caller; `ids` their tokens on the device):
+    /// logits (rows, vocab) in f32, caches advanced by one.
+    pub(super) fn forward_fused(
+        &self,
+        kern: &DecodeKernels,
+        seqs: &mut [SeqInput<'_>],
+        ids: &Tensor,
+        lora: &LoraBatch,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let layers = self.blocks.len();
+        let mut caps = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            caps.push(
+                s.cache
+                    .reserve(1, nkv, hd, self.placement.dtype, &self.device)?,
+            );
+        }
+        let table = {
+            let rows = seqs
+                .iter()
+                .zip(&caps)
+                .map(|(s, &capacity)| {
+                    let layers = (0..layers)
+                        .map(|l| {
+                            s.cache.buffers(l).ok_or_else(|| {
+                                ModelError::Invalid(format!("layer {l} has no KV buffers"))
+                            })
+                        })
+                        .collect::<Result<Vec<_>>>()?;
+                    Ok(KvRow {
+                        position: s.cache.len(),
+                        capacity,
+                        layers,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            kern.kv_table(&rows, layers, nkv, hd)?
+        };
+        let eps = c.rms_norm_eps as f32;
+        let mut x = self.embed.index_select(ids, 0)?;
+        // The MLP output of the previous layer, added to x by the next add + norm.
+        let mut pending: Option<Tensor> = None;
+        for (li, b) in self.blocks.iter().enumerate() {
+            let (xs, h) = kern.add_rms_norm(&x, pending.as_ref(), &b.input_norm, eps)?;
+            let [q, k, v] = project_group(
+                [b.attn.q.as_ref(), b.attn.k.as_ref(), b.attn.v.as_ref()],
+                li,
+                0,
+                &h,
+                lora,
+            )?;
+            let q = kern.rope_kv(&q, &k, &v, &self.cos, &self.sin, &table, li, nh, nkv, hd)?;
+            let a = kern.attention(&q, &table, li, nh, nkv, hd, c.sliding_window)?;
+            let o = project(b.attn.o.as_ref(), li, 3, &a, lora)?;
+            let (xs, h) = kern.add_rms_norm(&xs, Some(&o), &b.post_norm, eps)?;
+            let [gate, up] =
+                project_group([b.mlp.gate.as_ref(), b.mlp.up.as_ref()], li, 4, &h, lora)?;
+            let m = project(
+                b.mlp.down.as_ref(),
+                li,
+                6,
+                &kern.silu_mul(&gate, &up)?,
+                lora,
+            )?;
+            x = xs;
+            pending = Some(m);
+        }
+        let (_, h) = kern.add_rms_norm(&x, pending.as_ref(), &self.norm, eps)?;
+        for s in seqs.iter_mut() {
+            s.cache.advance(1);
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = crate::linear::dense_xwt(&h, head)?;
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+}
