@@ -256,14 +256,18 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
     if let Some(dir) = &a.adapter {
         let mut loads = Vec::new();
         let mut adapter = None;
+        let mut reads = Vec::new();
         for _ in 0..reps {
             let t = Instant::now();
             let ad = LoraAdapter::load(dir, "bench", model.config())?;
+            reads.push(t.elapsed().as_secs_f64() * 1e3);
             let ad = model.place_adapter(ad)?;
             p.synchronize()?;
             loads.push(t.elapsed().as_secs_f64() * 1e3);
             adapter = Some(Arc::new(ad));
         }
+        println!("adapter read from disk (host f32): {reads:.1?} ms of the totals below");
+        out["adapter_read_runs_ms"] = serde_json::json!(reads);
         let ad = adapter.context("no adapter loaded")?;
         let load_ms = median(loads.clone());
         println!(

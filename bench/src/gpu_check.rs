@@ -326,6 +326,30 @@ fn bandwidth(dev: &Device, r: &mut Report) -> Result<()> {
             layer_us[gi] += per * 1e6 * uses as f64;
         }
         if n == 14336 {
+            // Diagnostic: the same shape with plain f32 absmax (no dependent scale lookups).
+            let plain = Nf4Config {
+                double_quant: false,
+                ..Nf4Config::default()
+            };
+            let (_, pw) = nf4_pair(&mut rng, n, k, plain, dev)?;
+            let ws: Vec<Arc<Nf4Weight>> = (0..copies)
+                .map(|_| Ok(Arc::new(Nf4Weight::new(pw.tensor.clone()).to_device(dev)?)))
+                .collect::<Result<_>>()?;
+            for w in &ws {
+                nf4_linear(&x, w)?;
+            }
+            dev.synchronize()?;
+            let iters = 20 * copies;
+            let t = Instant::now();
+            for i in 0..iters {
+                nf4_linear(&x, &ws[i % copies])?;
+            }
+            dev.synchronize()?;
+            let per = t.elapsed().as_secs_f64() / iters as f64;
+            println!(
+                "INFO gemv lut16 m=1 {n}x{k}, plain f32 absmax: {:.1} us/launch",
+                per * 1e6
+            );
             let w = Arc::new(Nf4Weight::new(cpu.tensor.clone()).to_device(dev)?);
             drop(w.dequantize_gpu()?);
             dev.synchronize()?;

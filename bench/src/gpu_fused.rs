@@ -86,9 +86,56 @@ fn compare(
     Ok(())
 }
 
+/// The packed hot-load placement (one staging buffer, one copy) against placing module by module:
+/// every A and folded B must be bit-identical, and both must get a BGMV table.
+fn packed_placement(m: &Llama, gpu: &Placement, r: &mut Report) -> Result<()> {
+    let host = LoraAdapter::from_modules("packed", random_model::lora_modules(m.config(), 48, 3)?);
+    let packed = host.to_placement(gpu)?;
+    let each = host.to_placement_each(gpu)?;
+    let mut differing = 0usize;
+    for slot in 0..m.config().num_layers * 7 {
+        let (layer, proj) = (slot / 7, slot % 7);
+        match (packed.module(layer, proj), each.module(layer, proj)) {
+            (Some(a), Some(b)) => {
+                for (x, y) in [(&a.a, &b.a), (&a.b, &b.b)] {
+                    let x = x
+                        .to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    let y = y
+                        .to_dtype(candle_core::DType::F32)?
+                        .flatten_all()?
+                        .to_vec1::<f32>()?;
+                    differing += x
+                        .iter()
+                        .zip(&y)
+                        .filter(|(p, q)| p.to_bits() != q.to_bits())
+                        .count();
+                    differing += x.len().abs_diff(y.len());
+                }
+            }
+            (None, None) => {}
+            _ => differing += 1,
+        }
+    }
+    let tables =
+        usize::from(packed.bgmv_table().is_none()) + usize::from(each.bgmv_table().is_none());
+    r.add(
+        "adapter hot-load: packed placement vs module by module, differing values".into(),
+        (differing + tables) as f64,
+        0.0,
+        format!(
+            "{} bytes placed; +1 per placement without a BGMV table",
+            packed.bytes()
+        ),
+    );
+    Ok(())
+}
+
 pub fn checks(gpu: &Placement, n: usize, r: &mut Report) -> Result<()> {
     let vocab = RandomSpec::small().vocab;
     let mut m = model(gpu, None)?;
+    packed_placement(&m, gpu, r)?;
     let mut ads: Vec<Option<Arc<LoraAdapter>>> = [8usize, 16, 64, 32]
         .iter()
         .enumerate()

@@ -301,3 +301,161 @@ NF4_GEMV_ENTRY(nf4_gemv3_bf16, 5, true, 2)
 NF4_GEMV_ENTRY(nf4_gemv3_bf16, 6, true, 2)
 NF4_GEMV_ENTRY(nf4_gemv3_bf16, 7, true, 2)
 NF4_GEMV_ENTRY(nf4_gemv3_bf16, 8, true, 2)
+
+// The GEMV on tensor cores, for decode's 1..8 input rows (Marlin, Frantar et al. 2024, does the
+// same for int4 GEMM): a block of MMA_WARPS warps computes 16 output features; each warp takes
+// every MMA_WARPS-th 64-element k block, dequantizes its codes straight into mma.m16n8k16 A
+// fragments through a table of bf16 code pairs indexed by the packed byte (one shared-memory load
+// per two codes, replicated per lane so a warp's loads never share a bank), multiplies them with
+// x as the B operand (column m = input row m, zero beyond M) and applies the block's absmax to the
+// f32 result of each 64-element block. The lookup-and-FMA loop of the kernels above spends ~5
+// instructions per code; this one ~2, and the tensor core does the multiply-adds.
+//
+// The k order inside a block is permuted (dot products do not care): thread t of a quad holds
+// bytes [8t, 8t + 8) of each of its two rows' 32-byte block, i.e. k = 16t .. 16t + 16, and MMA
+// step u uses its bytes 2u (A columns 2t, 2t + 1) and 2u + 1 (columns 2t + 8, 2t + 9); the B
+// fragment takes x at the same k, which are the thread's x words 2u and 2u + 1.
+// Needs n % 16 == 0, k % 64 == 0 and a blocksize that is a multiple of 64 (checked by the host).
+// Codes are rounded to bf16 (as bitsandbytes' dequantize rounds code * absmax), so results agree
+// with the other kernels to bf16 rounding, not bit for bit.
+#define MMA_WARPS 8
+#define LUT_COPIES 32
+#define MMA_UNROLL 4
+
+__device__ __forceinline__ uint2 ld_stream8(const void* p) {
+    uint2 r;
+    asm("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(r.x), "=r"(r.y) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
+                                               u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+template <int M>
+__device__ __forceinline__ void nf4_gemv_mma(const u16* __restrict__ x,
+                                             const u8* __restrict__ packed,
+                                             const float* __restrict__ code16, u32 plain,
+                                             const float* __restrict__ absmax,
+                                             const u8* __restrict__ qabs,
+                                             const float* __restrict__ nested,
+                                             const float* __restrict__ ncode, float offset,
+                                             u32 log2_bs, u32 n, u32 k, u16* __restrict__ y) {
+    __shared__ u32 lut[256 * LUT_COPIES];
+    __shared__ float red[MMA_WARPS][32][4];
+    {
+        // Thread `byte` (the block has 256 threads) fills its entry's 32 copies, rotating the
+        // copy order by its index so the 32 lanes of a warp store to 32 different banks.
+        const u32 byte = threadIdx.x;
+        const u32 v =
+            (u32)f32_to_bf16(code16[byte >> 4]) | ((u32)f32_to_bf16(code16[byte & 15u]) << 16);
+#pragma unroll 8
+        for (u32 c = 0; c < LUT_COPIES; ++c) {
+            lut[byte * LUT_COPIES + ((c + byte) & (LUT_COPIES - 1))] = v;
+        }
+    }
+    __syncthreads();
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    const u32 g = lane >> 2, t = lane & 3u;
+    const u32 ra = blockIdx.x * 16 + g, rb = ra + 8;
+    const u32 nblk = k >> 6;
+    const u32* lut_lane = lut + lane;
+    const u8* wa = packed + (u64)ra * (k >> 1) + 8 * t;
+    const u8* wb = packed + (u64)rb * (k >> 1) + 8 * t;
+    const u16* xg = x + (u64)g * k + 16 * t;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (u32 b0 = warp; b0 < nblk; b0 += MMA_WARPS * MMA_UNROLL) {
+        uint2 qa[MMA_UNROLL], qb[MMA_UNROLL];
+        uint4 xl[MMA_UNROLL], xh[MMA_UNROLL];
+        float sa[MMA_UNROLL], sb[MMA_UNROLL];
+#pragma unroll
+        for (int s = 0; s < MMA_UNROLL; ++s) {
+            const u32 b = b0 + s * MMA_WARPS;
+            const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+            if (b < nblk) {
+                qa[s] = ld_stream8(wa + (u64)b * 32);
+                qb[s] = ld_stream8(wb + (u64)b * 32);
+                const uint4* xp = reinterpret_cast<const uint4*>(xg + (u64)b * 64);
+                xl[s] = g < M ? __ldg(xp) : zero;
+                xh[s] = g < M ? __ldg(xp + 1) : zero;
+                sa[s] = block_scale(((u64)ra * k + (u64)b * 64) >> log2_bs, plain, absmax, qabs,
+                                    nested, ncode, offset);
+                sb[s] = block_scale(((u64)rb * k + (u64)b * 64) >> log2_bs, plain, absmax, qabs,
+                                    nested, ncode, offset);
+            } else {
+                qa[s] = make_uint2(0u, 0u);
+                qb[s] = make_uint2(0u, 0u);
+                xl[s] = zero;
+                xh[s] = zero;
+                sa[s] = 0.f;
+                sb[s] = 0.f;
+            }
+        }
+#pragma unroll
+        for (int s = 0; s < MMA_UNROLL; ++s) {
+            const u32 xs[8] = {xl[s].x, xl[s].y, xl[s].z, xl[s].w,
+                               xh[s].x, xh[s].y, xh[s].z, xh[s].w};
+            float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const u32 wA = u < 2 ? qa[s].x : qa[s].y;
+                const u32 wB = u < 2 ? qb[s].x : qb[s].y;
+                const u32 sh = (u & 1) * 16;
+                const u32 a0 = lut_lane[((wA >> sh) & 0xffu) * LUT_COPIES];
+                const u32 a2 = lut_lane[((wA >> (sh + 8)) & 0xffu) * LUT_COPIES];
+                const u32 a1 = lut_lane[((wB >> sh) & 0xffu) * LUT_COPIES];
+                const u32 a3 = lut_lane[((wB >> (sh + 8)) & 0xffu) * LUT_COPIES];
+                mma_bf16_16816(d, a0, a1, a2, a3, xs[2 * u], xs[2 * u + 1]);
+            }
+            acc[0] = fmaf(d[0], sa[s], acc[0]);
+            acc[1] = fmaf(d[1], sa[s], acc[1]);
+            acc[2] = fmaf(d[2], sb[s], acc[2]);
+            acc[3] = fmaf(d[3], sb[s], acc[3]);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp][lane][i] = acc[i];
+    __syncthreads();
+    if (warp == 0) {
+        float o[4] = {0.f, 0.f, 0.f, 0.f};
+        for (u32 w = 0; w < MMA_WARPS; ++w) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) o[i] += red[w][lane][i];
+        }
+        // D fragment: o[0] (feature ra, m = 2t), o[1] (ra, 2t + 1), o[2] (rb, 2t), o[3] (rb, 2t + 1).
+        const u32 m0 = 2 * t, m1 = 2 * t + 1;
+        if (m0 < M) {
+            y[(u64)m0 * n + ra] = f32_to_bf16(o[0]);
+            y[(u64)m0 * n + rb] = f32_to_bf16(o[2]);
+        }
+        if (m1 < M) {
+            y[(u64)m1 * n + ra] = f32_to_bf16(o[1]);
+            y[(u64)m1 * n + rb] = f32_to_bf16(o[3]);
+        }
+    }
+}
+
+#define NF4_GEMV_MMA_ENTRY(M)                                                                    \
+    extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32) nf4_gemv_mma_bf16_m##M(         \
+        const u16* __restrict__ x, const u8* __restrict__ packed,                                \
+        const float* __restrict__ code16, u32 plain, const float* __restrict__ absmax,           \
+        const u8* __restrict__ qabs, const float* __restrict__ nested,                           \
+        const float* __restrict__ ncode, float offset, u32 log2_bs, u32 n, u32 k,                \
+        u16* __restrict__ y) {                                                                   \
+        nf4_gemv_mma<M>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset, log2_bs,  \
+                        n, k, y);                                                                \
+    }
+
+NF4_GEMV_MMA_ENTRY(1)
+NF4_GEMV_MMA_ENTRY(2)
+NF4_GEMV_MMA_ENTRY(3)
+NF4_GEMV_MMA_ENTRY(4)
+NF4_GEMV_MMA_ENTRY(5)
+NF4_GEMV_MMA_ENTRY(6)
+NF4_GEMV_MMA_ENTRY(7)
+NF4_GEMV_MMA_ENTRY(8)

@@ -47,16 +47,26 @@ pub enum GemvKernel {
     /// As `Pair` with two rows per warp (x loaded and converted once for both) up to 4 input
     /// rows; `Pair` beyond (register pressure).
     PairTwoRows,
+    /// Tensor cores: codes dequantized into mma.m16n8k16 fragments through a byte → bf16 pair
+    /// table, 16 features per block of 8 warps (needs out % 16 == 0, in % 64 == 0 and a
+    /// blocksize that is a multiple of 64; other weights keep `Lut16`).
+    Mma,
 }
 
 impl GemvKernel {
-    pub const ALL: [GemvKernel; 3] = [GemvKernel::Lut16, GemvKernel::Pair, GemvKernel::PairTwoRows];
+    pub const ALL: [GemvKernel; 4] = [
+        GemvKernel::Lut16,
+        GemvKernel::Pair,
+        GemvKernel::PairTwoRows,
+        GemvKernel::Mma,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             GemvKernel::Lut16 => "lut16",
             GemvKernel::Pair => "pair",
             GemvKernel::PairTwoRows => "pair2",
+            GemvKernel::Mma => "mma",
         }
     }
 
@@ -76,6 +86,8 @@ impl GemvKernel {
     fn entry(self, m: usize) -> (String, u32) {
         match self {
             GemvKernel::Lut16 => (format!("nf4_gemv_bf16_m{m}"), 1),
+            // 16 features per block of GEMV_WARPS = 8 warps.
+            GemvKernel::Mma => (format!("nf4_gemv_mma_bf16_m{m}"), 2),
             GemvKernel::PairTwoRows if m <= 4 => (format!("nf4_gemv3_bf16_m{m}"), 2),
             GemvKernel::Pair | GemvKernel::PairTwoRows => (format!("nf4_gemv2_bf16_m{m}"), 1),
         }
@@ -141,6 +153,13 @@ impl Nf4Gpu {
                 "NF4 on CUDA needs a power-of-two blocksize >= 32, got {bs}"
             )));
         }
+        let kernel = if kernel == GemvKernel::Mma
+            && !(n.is_multiple_of(16) && k.is_multiple_of(64) && bs.is_multiple_of(64))
+        {
+            GemvKernel::Lut16
+        } else {
+            kernel
+        };
         let dummy_f = device.clone_htod(&[0f32][..])?;
         let dummy_u = device.clone_htod(&[0u8][..])?;
         let (plain, absmax, qabs, nested, ncode, offset) = match &t.absmax {

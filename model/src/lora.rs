@@ -16,6 +16,7 @@ use crate::loader::{projection_shape, PROJECTIONS};
 use crate::weights::WeightStore;
 use candle_core::{DType, Device, Tensor};
 use qlorad_kernels::bgmv::{AdapterTable, BgmvModule, BgmvPlan, BGMV_MAX_ROWS, MAX_GROUP};
+use rayon::prelude::*;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -207,8 +208,10 @@ impl LoraAdapter {
             serde_json::from_str(&text).map_err(|e| invalid(&cfg_path, e.to_string()))?;
         pc.validate(&cfg_path)?;
         let store = WeightStore::open_files(dir, vec![dir.join("adapter_model.safetensors")])?;
-        let mut modules: Vec<Option<LoraModule>> = (0..cfg.num_layers * 7).map(|_| None).collect();
-        let mut bytes = 0;
+        // Names and shapes are checked first (cheap, in file order, so the first bad tensor is the
+        // one reported); the weights are then read and converted in parallel: a rank-64 adapter of
+        // a 7B model is 671 MB of f32, one memcpy-bound pass per tensor.
+        let mut wanted = Vec::new();
         for tensor in store.names() {
             // base_model.model.model.layers.{i}.{proj}.lora_A.weight
             let Some(rest) = tensor.strip_prefix("base_model.model.") else {
@@ -243,31 +246,41 @@ impl LoraAdapter {
             }
             let (out, inp) = projection_shape(cfg, PROJECTIONS[proj]);
             let (r, scale) = pc.rank_and_scale(module);
-            let a = store.f32_tensor(tensor, None)?;
             let b_name = format!("base_model.model.{module}.lora_B.weight");
-            let b = store.f32_tensor(&b_name, None)?;
-            if a.dims() != [r, inp] {
-                return Err(bad(
-                    dir,
-                    tensor,
-                    format!(
-                        "shape {:?}, expected [{r}, {inp}] for this base model",
-                        a.dims()
-                    ),
-                ));
+            for (name, shape, want) in [
+                (tensor, store.raw(tensor)?.shape, [r, inp]),
+                (b_name.as_str(), store.raw(&b_name)?.shape, [out, r]),
+            ] {
+                if shape != want {
+                    return Err(bad(
+                        dir,
+                        name,
+                        format!("shape {shape:?}, expected {want:?} for this base model"),
+                    ));
+                }
             }
-            if b.dims() != [out, r] {
-                return Err(bad(
-                    dir,
-                    &b_name,
-                    format!(
-                        "shape {:?}, expected [{out}, {r}] for this base model",
-                        b.dims()
-                    ),
-                ));
-            }
-            bytes += (a.elem_count() + b.elem_count()) * 4;
-            modules[layer * 7 + proj] = Some(LoraModule { a, b, scale });
+            wanted.push((tensor.to_string(), b_name, layer * 7 + proj, scale));
+        }
+        let read = wanted
+            .par_iter()
+            .map(|(a_name, b_name, slot, scale)| {
+                let a = store.f32_tensor(a_name, None)?;
+                let b = store.f32_tensor(b_name, None)?;
+                Ok((
+                    *slot,
+                    LoraModule {
+                        a,
+                        b,
+                        scale: *scale,
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut modules: Vec<Option<LoraModule>> = (0..cfg.num_layers * 7).map(|_| None).collect();
+        let mut bytes = 0;
+        for (slot, m) in read {
+            bytes += (m.a.elem_count() + m.b.elem_count()) * 4;
+            modules[slot] = Some(m);
         }
         if modules.iter().all(Option::is_none) {
             return Err(invalid(
@@ -317,6 +330,17 @@ impl LoraAdapter {
     /// step on the gather path, and the BGMV table is built; on the CPU the modules are kept as
     /// they are.
     pub fn to_placement(&self, p: &crate::device::Placement) -> Result<Self> {
+        if p.is_cuda() && p.dtype == DType::BF16 {
+            if let Some(placed) = self.to_gpu_packed(p)? {
+                return Ok(placed);
+            }
+        }
+        self.to_placement_each(p)
+    }
+
+    /// [`LoraAdapter::to_placement`] one module at a time (the reference for the packed GPU
+    /// path, and the path for everything it does not take).
+    pub fn to_placement_each(&self, p: &crate::device::Placement) -> Result<Self> {
         let fold = p.is_cuda();
         let modules = self
             .modules
@@ -351,6 +375,81 @@ impl LoraAdapter {
         })
     }
 
+    /// [`LoraAdapter::to_placement`] for host f32 modules going to a GPU in bf16, the hot-load
+    /// path: every module's `A` and `B·scale` are converted to bf16 on the host in parallel into
+    /// one staging buffer (each at a 256-byte boundary, as the BGMV kernels' 16-byte loads want),
+    /// which goes to the GPU in one copy; the modules are views of that one device buffer. The
+    /// values are the general path's exactly (`B·s` in f32, then rounded to nearest even).
+    /// `None` when a module is not a contiguous f32 tensor on the CPU.
+    fn to_gpu_packed(&self, p: &crate::device::Placement) -> Result<Option<Self>> {
+        const ALIGN: usize = 128; // bf16 elements = 256 bytes
+        let mut srcs = Vec::new();
+        let mut total = 0;
+        for m in self.modules.iter().flatten() {
+            for (t, scale) in [(&m.a, 1.0f32), (&m.b, m.scale as f32)] {
+                if t.dtype() != DType::F32 || !t.device().is_cpu() || !t.is_contiguous() {
+                    return Ok(None);
+                }
+                srcs.push((t, scale, total));
+                total += t.elem_count().next_multiple_of(ALIGN);
+            }
+        }
+        if srcs.is_empty() {
+            return Ok(None);
+        }
+        // Zeroed pages from the allocator (no memset); every module region is overwritten below.
+        let mut staging = vec![0u16; total];
+        let mut rest = staging.as_mut_slice();
+        let mut dsts = Vec::with_capacity(srcs.len());
+        for (t, _, _) in &srcs {
+            let (head, tail) = rest.split_at_mut(t.elem_count().next_multiple_of(ALIGN));
+            dsts.push(head);
+            rest = tail;
+        }
+        let converted = dsts
+            .par_iter_mut()
+            .zip(srcs.par_iter())
+            .all(|(dst, (t, scale, _))| to_bf16_bits(t, *scale, dst));
+        if !converted {
+            return Ok(None);
+        }
+        let staging: Vec<half::bf16> = half::vec::HalfBitsVecExt::reinterpret_into(staging);
+        let all = Tensor::from_vec(staging, total, &Device::Cpu)?.to_device(&p.device)?;
+        let view = |off: usize, dims: &[usize]| -> Result<Tensor> {
+            let n: usize = dims.iter().product();
+            Ok(all.narrow(0, off, n)?.reshape(dims)?)
+        };
+        let mut placed = srcs.iter();
+        let mut modules = Vec::with_capacity(self.modules.len());
+        for m in &self.modules {
+            modules.push(match m {
+                None => None,
+                Some(_) => {
+                    let (Some((a, _, a_off)), Some((b, _, b_off))) = (placed.next(), placed.next())
+                    else {
+                        return Err(ModelError::Invalid("packed adapter lost a module".into()));
+                    };
+                    Some(LoraModule {
+                        a: view(*a_off, a.dims())?,
+                        b: view(*b_off, b.dims())?,
+                        scale: 1.0,
+                    })
+                }
+            });
+        }
+        let bytes = modules
+            .iter()
+            .flatten()
+            .map(|m| (m.a.elem_count() + m.b.elem_count()) * 2)
+            .sum();
+        Ok(Some(Self {
+            name: self.name.clone(),
+            bgmv: bgmv_table(&self.name, &modules),
+            modules,
+            bytes,
+        }))
+    }
+
     /// The device table the BGMV kernels read, if the adapter is on a GPU in bf16.
     pub fn bgmv_table(&self) -> Option<&Arc<AdapterTable>> {
         self.bgmv.as_ref()
@@ -363,6 +462,23 @@ impl LoraAdapter {
             Some(m) => Ok((w + (m.b.matmul(&m.a)? * m.scale)?)?),
         }
     }
+}
+
+/// Converts a contiguous f32 CPU tensor, times `scale`, to bf16 bits in `dst` (nearest even);
+/// false if the tensor is not one.
+fn to_bf16_bits(t: &Tensor, scale: f32, dst: &mut [u16]) -> bool {
+    let (storage, layout) = t.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return false;
+    };
+    let (Ok(all), Some((a, b))) = (cpu.as_slice::<f32>(), layout.contiguous_offsets()) else {
+        return false;
+    };
+    for (d, &v) in dst.iter_mut().zip(&all[a..b]) {
+        let v = if scale == 1.0 { v } else { v * scale };
+        *d = half::bf16::from_f32(v).to_bits();
+    }
+    true
 }
 
 fn bad(dir: &Path, name: &str, msg: impl Into<String>) -> ModelError {
