@@ -10,6 +10,7 @@
 use crate::random_model::nf4;
 use crate::{median, GpuBenchArgs};
 use anyhow::{Context, Result};
+use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::{Device, Tensor};
 use qlorad_model::lora::{LoraKernel, LoraModule};
 use qlorad_model::sampling::argmax;
@@ -31,6 +32,9 @@ fn mem_info(p: &Placement) -> Result<(usize, usize)> {
 struct DecodeTiming {
     tok_s: f64,
     host_ms_per_tok: f64,
+    /// GPU time per step between events recorded before and after `forward` (includes gaps
+    /// where the GPU waits for the host's next launch).
+    gpu_ms_per_tok: f64,
 }
 
 /// Greedy decode of `n` tokens after `prompt` (batch 1).
@@ -42,7 +46,14 @@ fn decode_timed(
 ) -> Result<DecodeTiming> {
     let mut cache = m.new_cache();
     // (next token, seconds inside forward)
+    let stream = match m.device() {
+        candle_core::Device::Cuda(d) => Some(d.cuda_stream()),
+        _ => None,
+    };
+    let timed = Some(CUevent_flags::CU_EVENT_DEFAULT);
+    let gpu_ms = std::cell::Cell::new(0f64);
     let seq = |toks: &[u32], cache: &mut KvCache| -> Result<(u32, f64)> {
+        let start = stream.as_ref().map(|s| s.record_event(timed)).transpose()?;
         let t = Instant::now();
         let l = m.forward(
             &mut [SeqInput {
@@ -53,9 +64,15 @@ fn decode_timed(
             Logits::Last,
         )?;
         let issued = t.elapsed().as_secs_f64();
-        Ok((argmax(&l.squeeze(0)?.to_vec1::<f32>()?), issued))
+        let end = stream.as_ref().map(|s| s.record_event(timed)).transpose()?;
+        let id = argmax(&l.squeeze(0)?.to_vec1::<f32>()?);
+        if let (Some(a), Some(b)) = (start, end) {
+            gpu_ms.set(gpu_ms.get() + f64::from(a.elapsed_ms(&b)?));
+        }
+        Ok((id, issued))
     };
     let (mut next, _) = seq(prompt, &mut cache)?;
+    gpu_ms.set(0.0);
     let mut host = 0f64;
     let t = Instant::now();
     for _ in 0..n {
@@ -67,6 +84,7 @@ fn decode_timed(
     Ok(DecodeTiming {
         tok_s: n as f64 / total,
         host_ms_per_tok: host * 1e3 / n as f64,
+        gpu_ms_per_tok: gpu_ms.get() / n as f64,
     })
 }
 
@@ -217,8 +235,9 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
     let dec: Vec<f64> = timings.iter().map(|t| t.tok_s).collect();
     let decode_b1 = median(dec.clone());
     let host_ms = median(timings.iter().map(|t| t.host_ms_per_tok).collect());
+    let gpu_ms = median(timings.iter().map(|t| t.gpu_ms_per_tok).collect());
     println!(
-        "decode batch 1, base: {decode_b1:.1} tok/s = {:.2} ms/token, of which {host_ms:.2} ms issuing kernels on the host (runs {dec:.1?})",
+        "decode batch 1, base: {decode_b1:.1} tok/s = {:.2} ms/token, of which {host_ms:.2} ms issuing kernels on the host; {gpu_ms:.2} ms between the step's first and last GPU event (runs {dec:.1?})",
         1e3 / decode_b1
     );
     let tt: Vec<f64> = (0..reps)
@@ -243,6 +262,7 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         "decode_b1_tok_s": decode_b1,
         "decode_b1_runs": dec,
         "decode_b1_host_ms_per_token": host_ms,
+        "decode_b1_gpu_ms_per_token": gpu_ms,
         "ttft_1k_ms": ttft * 1e3,
         "ttft_tokens": long.len(),
         "prefill_tok_s": long.len() as f64 / ttft,

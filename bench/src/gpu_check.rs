@@ -28,6 +28,8 @@ mod fused;
 mod greedy;
 #[path = "gpu_lora.rs"]
 mod lora;
+#[path = "gpu_sweep.rs"]
+mod sweep;
 
 /// Error bound of the bf16 matrix products against the f32 CPU reference.
 const MATMUL_BOUND: f64 = 4e-3;
@@ -73,6 +75,7 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
         kernel_checks(&gpu.device, &mut report)?;
         lora::kernel_checks(&gpu.device, &mut report)?;
         bandwidth(&gpu.device, &mut report)?;
+        sweep::run(&gpu.device, &mut report)?;
         lora::timing(&gpu.device, &mut report)?;
     }
     greedy::random_models(&gpu, a.tokens, &mut report)?;

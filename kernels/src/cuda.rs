@@ -298,6 +298,57 @@ impl Nf4Gpu {
         Ok(())
     }
 
+    /// Kernel experiments (gpu-check's GEMV sweep): launches the sweep kernel
+    /// `nf4_gemv_sweep_{name}` of cuda/nf4.cu on this weight for one row `x` (1, k) bf16 with
+    /// `warps` warps per block; `x_shared`: the kernel stages x in dynamic shared memory.
+    pub fn gemv_sweep(
+        &self,
+        name: &str,
+        warps: u32,
+        x_shared: bool,
+        x: &CudaView<'_, bf16>,
+    ) -> candle_core::Result<CudaSlice<bf16>> {
+        if !self.k.is_multiple_of(32) || x.len() != self.k {
+            return Err(msg(format!(
+                "gemv sweep: x has {} values, the weight is {}x{}",
+                x.len(),
+                self.n,
+                self.k
+            )));
+        }
+        let func = self
+            .device
+            .get_or_load_custom_func(&format!("nf4_gemv_sweep_{name}"), MODULE, NF4_PTX)?
+            .into_cuda_function();
+        // SAFETY: one output per row, written by lane 0 of its warp.
+        let mut y = unsafe { self.device.alloc::<bf16>(self.n) }?;
+        let cfg = LaunchConfig {
+            grid_dim: ((self.n as u32).div_ceil(warps), 1, 1),
+            block_dim: (32 * warps, 1, 1),
+            shared_mem_bytes: if x_shared { (self.k * 2) as u32 } else { 0 },
+        };
+        let (n, k) = (self.n as u32, self.k as u32);
+        let mut b = self.stream.launch_builder(&func);
+        b.arg(x)
+            .arg(&self.packed)
+            .arg(&self.code)
+            .arg(&self.plain)
+            .arg(&self.absmax)
+            .arg(&self.qabs)
+            .arg(&self.nested)
+            .arg(&self.ncode)
+            .arg(&self.offset)
+            .arg(&self.log2_bs)
+            .arg(&n)
+            .arg(&k)
+            .arg(&mut y);
+        // SAFETY: the sweep kernels take the GEMV's arguments for one input row; x holds k and y
+        // n bf16; the dynamic shared memory holds x when the kernel stages it (k·2 bytes <= 48 KB
+        // for the shapes gpu-check sweeps).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(y)
+    }
+
     /// `y (m, n) = x (m, k) · Wᵀ`, bf16. `x16`: x starts on a 16-byte boundary (the GEMV loads it
     /// 16 bytes at a time).
     pub fn xwt(
