@@ -272,6 +272,22 @@ fn kernel_checks(dev: &Device, r: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// Seconds per `x·Wᵀ` launch over `ws` in rotation (20 rounds after a warm-up round; weights
+/// rotate so they stream from memory, not L2), host-timed back to back.
+fn time_rotating(x: &Tensor, ws: &[Arc<Nf4Weight>], dev: &Device) -> Result<f64> {
+    for w in ws {
+        nf4_linear(x, w)?; // warm-up
+    }
+    dev.synchronize()?;
+    let iters = 20 * ws.len();
+    let t = Instant::now();
+    for i in 0..iters {
+        nf4_linear(x, &ws[i % ws.len()])?;
+    }
+    dev.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / iters as f64)
+}
+
 /// Achieved bandwidth of the NF4 kernels on Mistral-7B projection shapes, rotating over enough
 /// weights (> 4x the 60 MB L2) that each launch reads from HBM; host-timed over many launches, so
 /// small shapes include the launch overhead. Bytes: packed codes + scale bytes + x + y. Records
@@ -300,17 +316,7 @@ fn bandwidth(dev: &Device, r: &mut Report) -> Result<()> {
                     ))
                 })
                 .collect::<Result<_>>()?;
-            for w in &ws {
-                nf4_linear(&x, w)?; // warm-up
-            }
-            dev.synchronize()?;
-            let iters = 20 * copies;
-            let t = Instant::now();
-            for i in 0..iters {
-                nf4_linear(&x, &ws[i % copies])?;
-            }
-            dev.synchronize()?;
-            let per = t.elapsed().as_secs_f64() / iters as f64;
+            let per = time_rotating(&x, &ws, dev)?;
             let bytes = (n * k / 2 + n * k / 64 + 2 * k + 2 * n) as f64;
             let gbs = bytes / per / 1e9;
             println!(
@@ -338,17 +344,7 @@ fn bandwidth(dev: &Device, r: &mut Report) -> Result<()> {
             let ws: Vec<Arc<Nf4Weight>> = (0..copies)
                 .map(|_| Ok(Arc::new(Nf4Weight::new(pw.tensor.clone()).to_device(dev)?)))
                 .collect::<Result<_>>()?;
-            for w in &ws {
-                nf4_linear(&x, w)?;
-            }
-            dev.synchronize()?;
-            let iters = 20 * copies;
-            let t = Instant::now();
-            for i in 0..iters {
-                nf4_linear(&x, &ws[i % copies])?;
-            }
-            dev.synchronize()?;
-            let per = t.elapsed().as_secs_f64() / iters as f64;
+            let per = time_rotating(&x, &ws, dev)?;
             println!(
                 "INFO gemv lut16 m=1 {n}x{k}, plain f32 absmax: {:.1} us/launch",
                 per * 1e6

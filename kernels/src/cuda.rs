@@ -16,7 +16,7 @@ use crate::nf4::{Absmax, Nf4Tensor};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Shape};
@@ -235,6 +235,21 @@ impl Nf4Gpu {
         self.kernel
     }
 
+    /// Pushes the weight's arguments, in the order every kernel of cuda/nf4.cu takes them after
+    /// its input: packed codes, code table, plain flag, absmax, quantized absmax, nested absmax,
+    /// nested code, offset, log2 of the blocksize.
+    fn weight_args<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        b.arg(&self.packed)
+            .arg(&self.code)
+            .arg(&self.plain)
+            .arg(&self.absmax)
+            .arg(&self.qabs)
+            .arg(&self.nested)
+            .arg(&self.ncode)
+            .arg(&self.offset)
+            .arg(&self.log2_bs);
+    }
+
     /// Dequantizes the whole weight to a fresh row-major (n, k) bf16 buffer.
     pub fn dequantize_bf16(&self) -> candle_core::Result<CudaSlice<bf16>> {
         // SAFETY: every element is written by the kernel below (one thread per 32-element chunk,
@@ -248,17 +263,8 @@ impl Nf4Gpu {
         };
         let numel = self.numel as u64;
         let mut b = self.stream.launch_builder(&self.dequant);
-        b.arg(&self.packed)
-            .arg(&self.code)
-            .arg(&self.plain)
-            .arg(&self.absmax)
-            .arg(&self.qabs)
-            .arg(&self.nested)
-            .arg(&self.ncode)
-            .arg(&self.offset)
-            .arg(&self.log2_bs)
-            .arg(&numel)
-            .arg(&mut out);
+        self.weight_args(&mut b);
+        b.arg(&numel).arg(&mut out);
         // SAFETY: argument types and order match nf4_dequantize_bf16; buffers hold numel elements.
         unsafe { b.launch(cfg) }.w()?;
         Ok(out)
@@ -279,19 +285,9 @@ impl Nf4Gpu {
         };
         let (n, k) = (self.n as u32, self.k as u32);
         let mut b = self.stream.launch_builder(func);
-        b.arg(x)
-            .arg(&self.packed)
-            .arg(&self.code)
-            .arg(&self.plain)
-            .arg(&self.absmax)
-            .arg(&self.qabs)
-            .arg(&self.nested)
-            .arg(&self.ncode)
-            .arg(&self.offset)
-            .arg(&self.log2_bs)
-            .arg(&n)
-            .arg(&k)
-            .arg(y);
+        b.arg(x);
+        self.weight_args(&mut b);
+        b.arg(&n).arg(&k).arg(y);
         // SAFETY: argument types and order match nf4_gemv_bf16_m{m}; x has m·k and y m·n elements,
         // k % 32 == 0 was checked by the caller.
         unsafe { b.launch(cfg) }.w()?;
@@ -329,19 +325,9 @@ impl Nf4Gpu {
         };
         let (n, k) = (self.n as u32, self.k as u32);
         let mut b = self.stream.launch_builder(&func);
-        b.arg(x)
-            .arg(&self.packed)
-            .arg(&self.code)
-            .arg(&self.plain)
-            .arg(&self.absmax)
-            .arg(&self.qabs)
-            .arg(&self.nested)
-            .arg(&self.ncode)
-            .arg(&self.offset)
-            .arg(&self.log2_bs)
-            .arg(&n)
-            .arg(&k)
-            .arg(&mut y);
+        b.arg(x);
+        self.weight_args(&mut b);
+        b.arg(&n).arg(&k).arg(&mut y);
         // SAFETY: the sweep kernels take the GEMV's arguments for one input row; x holds k and y
         // n bf16; the dynamic shared memory holds x when the kernel stages it (k·2 bytes <= 48 KB
         // for the shapes gpu-check sweeps).
