@@ -7,7 +7,8 @@
 //!   (scripts/gpu-test.sh);
 //! - `gpu-bench`: the serving figures of issue 5 on a GPU (bench/run-gpu.sh);
 //! - `gpu-train-bench`: QLoRA training tokens/s and peak GPU memory, issue 6 (bench/run-gpu-train.sh);
-//! - `write-adapter`: a random PEFT LoRA adapter for a model folder (the benchmark's adapter).
+//! - `write-adapter`: a random PEFT LoRA adapter for a model folder (the benchmark's adapter);
+//! - `decode-step`: one batched CPU decode step at several batch sizes, per attention path (issue 8).
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -17,6 +18,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 mod adapter_gen;
+mod decode_step;
 #[cfg(feature = "cuda")]
 mod gpu_bench;
 #[cfg(feature = "cuda")]
@@ -45,6 +47,8 @@ enum Cmd {
     GpuTrainBench(GpuTrainBenchArgs),
     /// Writes a random PEFT LoRA adapter (all 7 projections) for a model folder.
     WriteAdapter(adapter_gen::WriteAdapterArgs),
+    /// One decode step at several batch sizes, per CPU attention path (batched vs reference).
+    DecodeStep(decode_step::DecodeStepArgs),
 }
 
 #[derive(clap::Args)]
@@ -270,6 +274,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         None => cpu_bench(cli.cpu),
         Some(Cmd::WriteAdapter(a)) => adapter_gen::run(a),
+        Some(Cmd::DecodeStep(a)) => decode_step::run(a),
         #[cfg(feature = "cuda")]
         Some(Cmd::GpuCheck(a)) => gpu_check::run(a),
         #[cfg(feature = "cuda")]

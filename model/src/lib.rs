@@ -3,6 +3,7 @@
 //! Config parsing, weight loading (safetensors, sharded, bitsandbytes 4-bit layout), GGUF import,
 //! the decoder with an explicit per-sequence KV cache, tokenizer + chat template, and sampling.
 
+pub mod attention_cpu;
 pub mod bnb;
 pub mod config;
 pub mod device;
@@ -21,6 +22,7 @@ pub mod sampling;
 pub mod tokenizer;
 pub mod weights;
 
+pub use attention_cpu::CpuAttention;
 pub use config::Config;
 pub use device::{DeviceSpec, Placement};
 pub use error::{ModelError, Result};

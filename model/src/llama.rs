@@ -4,8 +4,11 @@
 //!
 //! The forward pass takes a *flattened batch*: the new tokens of several sequences are concatenated
 //! into one `(tokens, hidden)` matrix so every projection runs once for the whole batch (as vLLM and
-//! TGI do); only attention is per sequence, against that sequence's own [`KvCache`].
+//! TGI do); only attention is per sequence, against that sequence's own [`KvCache`]. On the CPU in
+//! f32 one batched op (`attention_cpu`) runs the attention of every sequence of a layer; elsewhere
+//! (CUDA, or `QLORAD_CPU_ATTENTION=reference`) each sequence runs its own candle ops.
 
+use crate::attention_cpu::{batched_attention, AttnGeometry, CpuAttention};
 use crate::config::Config;
 use crate::device::Placement;
 use crate::error::{ModelError, Result};
@@ -89,6 +92,19 @@ pub struct Llama {
     /// The fused decode-step kernels on a GPU in bf16 (`None`: the general path only).
     #[cfg(feature = "cuda")]
     fused: Option<Arc<qlorad_kernels::decode_cuda::DecodeKernels>>,
+    /// Which attention a CPU f32 model runs (`QLORAD_CPU_ATTENTION` at construction).
+    cpu_attention: CpuAttention,
+}
+
+/// What every layer of one forward pass shares.
+struct Pass<'a> {
+    cfg: &'a Config,
+    /// `(tokens, head_dim / 2)` rope tables of the batch's positions.
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    lora: &'a LoraBatch,
+    /// Whether attention runs as one batched CPU op (CPU, f32, [`CpuAttention::Batched`]).
+    batched_attention: bool,
 }
 
 impl Llama {
@@ -136,6 +152,7 @@ impl Llama {
             lora_kernel: LoraKernel::from_env(),
             #[cfg(feature = "cuda")]
             fused: fused::load(p)?,
+            cpu_attention: CpuAttention::from_env(),
         })
     }
 
@@ -147,6 +164,16 @@ impl Llama {
     /// Chooses how batches apply their LoRA deltas on a GPU (benchmarks compare both paths).
     pub fn set_lora_kernel(&mut self, k: LoraKernel) {
         self.lora_kernel = k;
+    }
+
+    /// Which attention a CPU f32 model runs.
+    pub fn cpu_attention(&self) -> CpuAttention {
+        self.cpu_attention
+    }
+
+    /// Chooses the CPU f32 attention (tests and benchmarks compare both; CUDA ignores it).
+    pub fn set_cpu_attention(&mut self, a: CpuAttention) {
+        self.cpu_attention = a;
     }
 
     /// Where the model lives and the dtype it computes in.
@@ -228,8 +255,17 @@ impl Llama {
         let cos = self.cos.index_select(&pos, 0)?; // (tokens, head_dim/2)
         let sin = self.sin.index_select(&pos, 0)?;
         let mut x = self.embed.index_select(&ids, 0)?; // (tokens, hidden)
+        let pass = Pass {
+            cfg: &self.cfg,
+            cos: &cos,
+            sin: &sin,
+            lora: &lora,
+            batched_attention: self.cpu_attention == CpuAttention::Batched
+                && self.device.is_cpu()
+                && self.placement.dtype == DType::F32,
+        };
         for (li, block) in self.blocks.iter().enumerate() {
-            x = block.forward(&self.cfg, li, &x, &cos, &sin, seqs, &lora)?;
+            x = block.forward(&pass, li, &x, seqs)?;
         }
         for s in seqs.iter_mut() {
             s.cache.advance(s.tokens.len());
@@ -268,20 +304,17 @@ impl Block {
         ]
     }
 
-    #[allow(clippy::too_many_arguments)] // the per-pass inputs of one layer; bundled one level up
     fn forward(
         &self,
-        cfg: &Config,
+        pass: &Pass<'_>,
         layer: usize,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
         seqs: &mut [SeqInput<'_>],
-        lora: &LoraBatch,
     ) -> Result<Tensor> {
+        let (cfg, lora) = (pass.cfg, pass.lora);
         let eps = cfg.rms_norm_eps as f32;
         let h = candle_nn::ops::rms_norm(x, &self.input_norm, eps)?;
-        let a = self.attn.forward(cfg, layer, &h, cos, sin, seqs, lora)?;
+        let a = self.attn.forward(pass, layer, &h, seqs)?;
         let x = (x + a)?;
         let h = candle_nn::ops::rms_norm(&x, &self.post_norm, eps)?;
         let [gate, up] = project_group(
@@ -335,17 +368,14 @@ fn project_group<const N: usize>(
 }
 
 impl Attention {
-    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
-        cfg: &Config,
+        pass: &Pass<'_>,
         layer: usize,
         h: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
         seqs: &mut [SeqInput<'_>],
-        lora: &LoraBatch,
     ) -> Result<Tensor> {
+        let (cfg, lora) = (pass.cfg, pass.lora);
         let (t, _) = h.dims2()?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         // (tokens, heads * hd) → (1, heads, tokens, hd) for the rope kernel
@@ -363,31 +393,55 @@ impl Attention {
             lora,
         )?;
         let (q, k, v) = (to_heads(q, nh)?, to_heads(k, nkv)?, to_heads(v, nkv)?);
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?.squeeze(0)?; // (heads, tokens, hd)
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?;
+        let q = candle_nn::rotary_emb::rope(&q, pass.cos, pass.sin)?.squeeze(0)?; // (heads, tokens, hd)
+        let k = candle_nn::rotary_emb::rope(&k, pass.cos, pass.sin)?.squeeze(0)?;
         let v = v.squeeze(0)?;
-        let mut outs = Vec::with_capacity(seqs.len());
-        let mut off = 0;
-        for s in seqs.iter_mut() {
-            let n = s.tokens.len();
-            let past = s.cache.len();
-            let (kk, vv) = s
-                .cache
-                .append(layer, &k.narrow(1, off, n)?, &v.narrow(1, off, n)?)?;
-            let qi = q.narrow(1, off, n)?;
-            outs.push(attend(cfg, &qi, &kk, &vv, past)?); // (n, heads * hd)
-            off += n;
-        }
-        let a = Tensor::cat(&outs, 0)?;
+        let geo = AttnGeometry {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: hd,
+            window: cfg.sliding_window,
+        };
+        let a = if pass.batched_attention {
+            batched_attention(geo, layer, &q, &k, &v, seqs)?
+        } else {
+            reference_attention(geo, layer, &q, &k, &v, seqs)?
+        }; // (tokens, heads * hd)
         project(self.o.as_ref(), layer, 3, &a, lora)
     }
 }
 
+/// Attention of a flattened batch one sequence at a time in candle ops: append to the cache, then
+/// [`attend`] (the CUDA path, and the reference of `attention_cpu::batched_attention`).
+/// q: (heads, tokens, hd); k, v: (kv_heads, tokens, hd) → (tokens, heads * hd).
+pub(crate) fn reference_attention(
+    geo: AttnGeometry,
+    layer: usize,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqs: &mut [SeqInput<'_>],
+) -> Result<Tensor> {
+    let mut outs = Vec::with_capacity(seqs.len());
+    let mut off = 0;
+    for s in seqs.iter_mut() {
+        let n = s.tokens.len();
+        let past = s.cache.len();
+        let (kk, vv) = s
+            .cache
+            .append(layer, &k.narrow(1, off, n)?, &v.narrow(1, off, n)?)?;
+        let qi = q.narrow(1, off, n)?;
+        outs.push(attend(geo, &qi, &kk, &vv, past)?); // (n, heads * hd)
+        off += n;
+    }
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
 /// Causal grouped-query attention of `n` new queries against `past + n` cached keys.
 /// q: (heads, n, hd); k, v: (kv_heads, past + n, hd) → (n, heads * hd).
-fn attend(cfg: &Config, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
+fn attend(geo: AttnGeometry, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Result<Tensor> {
     let (nh, n, hd) = q.dims3()?;
-    let nkv = cfg.num_kv_heads;
+    let nkv = geo.kv_heads;
     let group = nh / nkv;
     let total = past + n;
     // Query heads h·group .. h·group+group share kv head h: fold the group into the row dimension
@@ -395,7 +449,7 @@ fn attend(cfg: &Config, q: &Tensor, k: &Tensor, v: &Tensor, past: usize) -> Resu
     let qg = q.reshape((nkv, group * n, hd))?;
     let scale = 1.0 / (hd as f64).sqrt();
     let scores = (qg.matmul(&k.t()?)? * scale)?; // (kv, group*n, total)
-    let scores = match attention_mask(n, past, cfg.sliding_window, q.device())? {
+    let scores = match attention_mask(n, past, geo.window, q.device())? {
         Some(mask) => scores
             .reshape((nkv, group, n, total))?
             .broadcast_add(&mask.to_dtype(q.dtype())?)?
