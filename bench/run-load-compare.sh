@@ -6,7 +6,7 @@
 # so qlorad refuses nothing and both servers see the same offered load. Writes both reports and
 # RESULT (merged) under OUT.
 #
-#   bench/run-load-compare.sh       # CLIENTS=64 DURATION=60 MAX_TOKENS=32
+#   bench/run-load-compare.sh       # CLIENTS=64 DURATION=60 MAX_TOKENS=32 [QLORAD_ARGS="--max-running 64"]
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$ROOT"
@@ -16,7 +16,7 @@ OUT="${OUT:-$ROOT/bench/results}"
 RESULT="${RESULT:-load-compare.json}"
 mkdir -p "$OUT"
 "$PY" tests/reliability/load.py --clients "$C" --duration "$D" --max-inflight "$C" \
-  --max-tokens "$T" --json-out "$OUT/load-qlorad.json" > /dev/null
+  --max-tokens "$T" --daemon-args "${QLORAD_ARGS:-}" --json-out "$OUT/load-qlorad.json" > /dev/null
 ours=$?
 "$PY" bench/load_reference.py --clients "$C" --duration "$D" --max-tokens "$T" \
   --json-out "$OUT/load-reference.json" ${REFERENCE_ARGS:-} > /dev/null

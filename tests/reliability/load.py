@@ -213,7 +213,8 @@ def run(a):
             raise SystemExit(f"--url must be a loopback address, not {host}")
     else:
         work = pathlib.Path(tempfile.mkdtemp(prefix="qlorad-load-"))
-        daemon = harness.Daemon(work, ["--max-inflight", str(a.max_inflight)], model_id=a.model)
+        extra = getattr(a, "daemon_args", "").split()
+        daemon = harness.Daemon(work, ["--max-inflight", str(a.max_inflight), *extra], model_id=a.model)
         daemon.start()
         url = daemon.url
     sampler = RssSampler(daemon.proc.pid) if daemon else None
@@ -276,6 +277,7 @@ def parser():
     ap.add_argument("--drain", type=float, default=120)
     ap.add_argument("--max-inflight", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--daemon-args", default="", help="more `qlorad serve` options (one string)")
     ap.add_argument("--json-out")
     return ap
 
