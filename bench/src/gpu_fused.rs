@@ -8,12 +8,10 @@
 //! (flash-decoding combine); a sliding window shorter than the context; sequences whose first
 //! forward is a single token (the fused step creates their caches).
 
-use super::lora::batch_greedy;
-use super::{greedy::max_abs_diff, greedy::top2_margin, rel_err, Report};
+use super::lora::{batch_greedy, forced_agreement};
+use super::Report;
 use crate::random_model::{self, nf4, RandomSpec};
 use anyhow::Result;
-use candle_core::{Device, Tensor};
-use qlorad_model::sampling::argmax;
 use qlorad_model::{Llama, LoraAdapter, Placement};
 use std::sync::Arc;
 
@@ -54,23 +52,7 @@ fn compare(
     let want = batch_greedy(m, prompts, ads, n, None)?;
     m.set_fused_decode(true)?;
     let got = batch_greedy(m, prompts, ads, n, Some(&want.tokens))?;
-    let (mut worst, mut unexplained, mut ties) = (0f64, 0usize, 0usize);
-    for s in 0..prompts.len() {
-        for i in 0..n {
-            let (g, w) = (&got.logits[s][i], &want.logits[s][i]);
-            worst = worst.max(rel_err(
-                &Tensor::new(g.as_slice(), &Device::Cpu)?,
-                &Tensor::new(w.as_slice(), &Device::Cpu)?,
-            )?);
-            if argmax(g) != want.tokens[s][i] {
-                if top2_margin(w) <= 2.0 * max_abs_diff(g, w) {
-                    ties += 1;
-                } else {
-                    unexplained += 1;
-                }
-            }
-        }
-    }
+    let (worst, unexplained, ties) = forced_agreement(&want, &got)?;
     r.add(
         format!("fused decode vs general path, {name}: logits rel err (max)"),
         worst,

@@ -325,6 +325,33 @@ pub(super) struct BatchRun {
     pub(super) logits: Vec<Vec<Vec<f32>>>,
 }
 
+/// `forced` (teacher-forced on `want`'s tokens) against `want`, over every sequence and step:
+/// the largest logits relative error, then the steps whose top token differs beyond a near-tie
+/// (the reference's top-1/top-2 margin above twice the largest logit difference), and the
+/// near-ties.
+pub(super) fn forced_agreement(want: &BatchRun, forced: &BatchRun) -> Result<(f64, usize, usize)> {
+    let (mut worst, mut unexplained, mut ties) = (0f64, 0usize, 0usize);
+    for (w_seq, (f_seq, toks)) in want
+        .logits
+        .iter()
+        .zip(forced.logits.iter().zip(&want.tokens))
+    {
+        for ((w, f), &tok) in w_seq.iter().zip(f_seq).zip(toks) {
+            let want_t = Tensor::new(w.as_slice(), &Device::Cpu)?;
+            let got_t = Tensor::new(f.as_slice(), &Device::Cpu)?;
+            worst = worst.max(rel_err(&got_t, &want_t)?);
+            if argmax(f) != tok {
+                if top2_margin(w) <= 2.0 * max_abs_diff(f, w) {
+                    ties += 1;
+                } else {
+                    unexplained += 1;
+                }
+            }
+        }
+    }
+    Ok((worst, unexplained, ties))
+}
+
 /// Decodes `n` steps of all `prompts` in one batch (each with its adapter); with `forced`, step
 /// i feeds `forced[seq][i]` instead of the model's choice (teacher forcing).
 pub(super) fn batch_greedy(
@@ -401,22 +428,7 @@ pub fn mixed_model(gpu: &Placement, n: usize, r: &mut Report) -> Result<()> {
         gpu_m.set_lora_kernel(kernel);
         let g = batch_greedy(&gpu_m, &prompts, &gpu_ads, n, None)?;
         let tf = batch_greedy(&gpu_m, &prompts, &gpu_ads, n, Some(&c.tokens))?;
-        let (mut worst, mut unexplained, mut ties) = (0f64, 0usize, 0usize);
-        for s in 0..prompts.len() {
-            for i in 0..n {
-                let want = Tensor::new(c.logits[s][i].as_slice(), &Device::Cpu)?;
-                let got = Tensor::new(tf.logits[s][i].as_slice(), &Device::Cpu)?;
-                worst = worst.max(rel_err(&got, &want)?);
-                if argmax(&tf.logits[s][i]) != c.tokens[s][i] {
-                    let diff = max_abs_diff(&tf.logits[s][i], &c.logits[s][i]);
-                    if top2_margin(&c.logits[s][i]) <= 2.0 * diff {
-                        ties += 1;
-                    } else {
-                        unexplained += 1;
-                    }
-                }
-            }
-        }
+        let (worst, unexplained, ties) = forced_agreement(&c, &tf)?;
         let equal: Vec<usize> = c
             .tokens
             .iter()

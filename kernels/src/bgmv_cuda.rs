@@ -42,7 +42,7 @@ fn msg(s: String) -> candle_core::Error {
 
 /// The device address of the first element of a contiguous bf16 tensor on `dev`; `None` if the
 /// tensor is elsewhere, of another dtype or not contiguous.
-fn bf16_addr(t: &Tensor, dev: &CudaDevice, stream: &CudaStream) -> Option<u64> {
+pub(crate) fn bf16_addr(t: &Tensor, dev: &CudaDevice, stream: &CudaStream) -> Option<u64> {
     if t.dtype() != DType::BF16 {
         return None;
     }

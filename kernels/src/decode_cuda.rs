@@ -8,9 +8,10 @@
 //! buffers (`(kv_heads, capacity, head_dim)` bf16). `rope_kv` writes the new token's K and V into
 //! them through those addresses; `attention` reads them in place (no copy of the history).
 
+use crate::bgmv_cuda::bf16_addr;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
@@ -90,19 +91,6 @@ fn bf16_view<'a>(
         .contiguous_offsets()
         .ok_or(candle_core::Error::RequiresContiguous { op: "decode" })?;
     Ok((cs.as_cuda_slice::<bf16>()?, a, b))
-}
-
-/// The device address of element 0 of a contiguous bf16 tensor on `dev`.
-fn bf16_addr(
-    t: &Tensor,
-    dev: &CudaDevice,
-    stream: &CudaStream,
-    what: &str,
-) -> candle_core::Result<u64> {
-    let (storage, _) = t.storage_and_layout();
-    let (slice, a, _) = bf16_view(&storage, t, dev, what)?;
-    let (ptr, _record) = slice.device_ptr(stream);
-    Ok(ptr + (a * 2) as u64)
 }
 
 fn wrap(out: CudaSlice<bf16>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
@@ -190,7 +178,12 @@ impl DecodeKernels {
                             r.capacity
                         )));
                     }
-                    words.push(bf16_addr(t, &self.device, &self.stream, "a KV buffer")?);
+                    words.push(bf16_addr(t, &self.device, &self.stream).ok_or_else(|| {
+                        msg(format!(
+                            "decode: KV buffer of row {i} must be contiguous bf16 on {:?}",
+                            self.device
+                        ))
+                    })?);
                 }
             }
         }
@@ -392,10 +385,21 @@ impl DecodeKernels {
         let splits = splits_for(positions, rows * kv_heads);
         // SAFETY: fully written, by the kernel (one split) or the combine (several).
         let mut out = unsafe { self.device.alloc::<bf16>(rows * heads * head_dim) }?;
-        let part_len = if splits > 1 { rows * splits * heads } else { 1 };
-        // SAFETY: the partials are written by every split before the combine reads them.
-        let part_o = unsafe { self.device.alloc::<f32>(part_len * head_dim) }?;
-        let part_ml = unsafe { self.device.alloc::<f32>(part_len * 2) }?;
+        // The partial outputs, maxima and sums of the splits; one split writes `out` directly and
+        // the kernel never touches the partials (null).
+        let parts = if splits > 1 {
+            let n = rows * splits * heads;
+            // SAFETY: the partials are written by every split before the combine reads them.
+            Some(unsafe {
+                (
+                    self.device.alloc::<f32>(n * head_dim)?,
+                    self.device.alloc::<f32>(n * 2)?,
+                )
+            })
+        } else {
+            None
+        };
+        let null = 0u64;
         let (layers, layer) = (table.layers as u32, layer as u32);
         let (nh, nkv, hd) = (heads as u32, kv_heads as u32, head_dim as u32);
         let window = window.unwrap_or(0).min(u32::MAX as usize) as u32;
@@ -415,14 +419,16 @@ impl DecodeKernels {
             .arg(&hd)
             .arg(&window)
             .arg(&scale)
-            .arg(&mut out)
-            .arg(&part_o)
-            .arg(&part_ml);
+            .arg(&mut out);
+        match &parts {
+            Some((o, ml)) => b.arg(o).arg(ml),
+            None => b.arg(&null).arg(&null),
+        };
         // SAFETY: argument types and order match decode_attention_g{group}_bf16; q holds
         // rows·heads·hd, out the same, the partials rows·splits·heads·(hd | 2) f32 when splits > 1;
         // group and head_dim within the kernel's limits (checked above).
         unsafe { b.launch(cfg) }.w()?;
-        if splits > 1 {
+        if let Some((part_o, part_ml)) = &parts {
             let splits32 = splits as u32;
             let cfg = LaunchConfig {
                 grid_dim: (nh, rows as u32, 1),
@@ -430,8 +436,8 @@ impl DecodeKernels {
                 shared_mem_bytes: 0,
             };
             let mut b = self.stream.launch_builder(&self.combine);
-            b.arg(&part_o)
-                .arg(&part_ml)
+            b.arg(part_o)
+                .arg(part_ml)
                 .arg(&splits32)
                 .arg(&nh)
                 .arg(&hd)

@@ -54,6 +54,16 @@ impl HostKv {
         self.v = regrow(&self.v);
         self.cap = cap;
     }
+
+    /// The same buffers as `(heads, cap, head_dim)` tensors of `dtype` on `device` (a layer
+    /// handed over from the batched CPU path to the candle one).
+    fn to_tensors(&self, dtype: DType, device: &Device) -> Result<(Tensor, Tensor)> {
+        let shape = (self.heads, self.cap, self.head_dim);
+        Ok((
+            Tensor::from_slice(&self.k, shape, device)?.to_dtype(dtype)?,
+            Tensor::from_slice(&self.v, shape, device)?.to_dtype(dtype)?,
+        ))
+    }
 }
 
 #[derive(Debug, Default)]
@@ -161,10 +171,7 @@ impl KvCache {
         let n = k.dims()[1];
         let entry = self.layer_mut(layer)?;
         if let LayerKv::Host(h) = entry {
-            // Handed over from the batched CPU path: the same buffers as tensors.
-            let shape = (h.heads, h.cap, h.head_dim);
-            let kt = Tensor::from_slice(&h.k, shape, k.device())?.to_dtype(k.dtype())?;
-            let vt = Tensor::from_slice(&h.v, shape, v.device())?.to_dtype(v.dtype())?;
+            let (kt, vt) = h.to_tensors(k.dtype(), k.device())?;
             *entry = LayerKv::Tensors { k: kt, v: vt };
         }
         let (old_k, old_v) = match std::mem::take(entry) {
@@ -249,8 +256,8 @@ impl KvCache {
         n: usize,
         heads: usize,
         head_dim: usize,
-        dtype: candle_core::DType,
-        device: &candle_core::Device,
+        dtype: DType,
+        device: &Device,
     ) -> Result<usize> {
         let need = self.len + n;
         let start = self.len;
@@ -260,10 +267,7 @@ impl KvCache {
                 LayerKv::Empty => (None, None),
                 LayerKv::Tensors { k, v } => (Some(k), Some(v)),
                 LayerKv::Host(h) => {
-                    // Handed over from the batched CPU path: the same buffers as tensors.
-                    let shape = (h.heads, h.cap, h.head_dim);
-                    let k = Tensor::from_slice(&h.k, shape, device)?.to_dtype(dtype)?;
-                    let v = Tensor::from_slice(&h.v, shape, device)?.to_dtype(dtype)?;
+                    let (k, v) = h.to_tensors(dtype, device)?;
                     (Some(k), Some(v))
                 }
             };
@@ -296,8 +300,8 @@ fn grow(
     need: usize,
     keep: usize,
     (heads, hd): (usize, usize),
-    dtype: candle_core::DType,
-    device: &candle_core::Device,
+    dtype: DType,
+    device: &Device,
 ) -> Result<Tensor> {
     match buf {
         Some(b) if b.dims()[1] >= need => Ok(b),
