@@ -18,6 +18,7 @@ fn main() {
         .map(|h| PathBuf::from(h).join("bin").join("nvcc"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("nvcc"));
+    println!("cargo:rerun-if-changed=cuda/bf16.cuh");
     for name in ["nf4", "lora", "decode"] {
         let src = format!("cuda/{name}.cu");
         println!("cargo:rerun-if-changed={src}");

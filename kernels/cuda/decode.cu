@@ -19,29 +19,9 @@
 // position and its caches' capacity in one word, then per layer the K and V buffer addresses.
 // Buffers are (kv_heads, capacity, head_dim) bf16, as model/src/kv_cache.rs lays them out.
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+#include "bf16.cuh"
 
-__device__ __forceinline__ float bf(u16 h) { return __uint_as_float(((u32)h) << 16); }
-
-// f32 -> bf16, round to nearest even; NaN stays a (quiet) NaN (as in nf4.cu).
-__device__ __forceinline__ u16 to_bf(float f) {
-    u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        return (u16)((u >> 16) | 0x40u);
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (u16)(u >> 16);
-}
-
-__device__ __forceinline__ float rbf(float f) { return bf(to_bf(f)); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
+__device__ __forceinline__ float rbf(float f) { return bf16_f(f32_to_bf16(f)); }
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -60,8 +40,8 @@ extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u1
     u16* normed = out + (u64)rows * n + (u64)row * n;
     float acc = 0.f;
     for (u32 i = threadIdx.x; i < n; i += blockDim.x) {
-        const float s = y ? rbf(__fadd_rn(bf(xr[i]), bf(y[(u64)row * n + i]))) : bf(xr[i]);
-        sum[i] = to_bf(s);
+        const float s = y ? rbf(__fadd_rn(bf16_f(xr[i]), bf16_f(y[(u64)row * n + i]))) : bf16_f(xr[i]);
+        sum[i] = f32_to_bf16(s);
         acc = fmaf(s, s, acc);
     }
     __shared__ float part[32];
@@ -77,7 +57,7 @@ extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u1
     const float scale = rsqrtf(part[0] / (float)n + eps);
     // Each thread re-reads only the sums it wrote itself: no barrier needed for them.
     for (u32 i = threadIdx.x; i < n; i += blockDim.x) {
-        normed[i] = to_bf(__fmul_rn(__fmul_rn(scale, bf(sum[i])), bf(w[i])));
+        normed[i] = f32_to_bf16(__fmul_rn(__fmul_rn(scale, bf16_f(sum[i])), bf16_f(w[i])));
     }
 }
 
@@ -86,9 +66,9 @@ extern "C" __global__ void silu_mul_bf16(const u16* __restrict__ gate, const u16
                                          u64 n, u16* __restrict__ out) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (u64)gridDim.x * blockDim.x) {
-        const float g = bf(gate[i]);
+        const float g = bf16_f(gate[i]);
         const float s = rbf(__fdiv_rn(g, __fadd_rn(1.f, __expf(-g))));
-        out[i] = to_bf(__fmul_rn(s, bf(up[i])));
+        out[i] = f32_to_bf16(__fmul_rn(s, bf16_f(up[i])));
     }
 }
 
@@ -118,13 +98,13 @@ extern "C" __global__ void rope_kv_bf16(const u16* __restrict__ q, const u16* __
     const u32 pairs = (nh + nkv) * half;
     for (u32 p = threadIdx.x; p < pairs; p += blockDim.x) {
         const u32 head = p / half, i = p % half;
-        const float c = bf(cs[i]), s = bf(sn[i]);
+        const float c = bf16_f(cs[i]), s = bf16_f(sn[i]);
         const bool is_q = head < nh;
         const u16* src = is_q ? q + ((u64)row * nh + head) * hd
                               : k + ((u64)row * nkv + (head - nh)) * hd;
-        const float a = bf(src[i]), b = bf(src[i + half]);
-        const u16 lo = to_bf(__fsub_rn(rbf(__fmul_rn(a, c)), rbf(__fmul_rn(b, s))));
-        const u16 hi = to_bf(__fadd_rn(rbf(__fmul_rn(a, s)), rbf(__fmul_rn(b, c))));
+        const float a = bf16_f(src[i]), b = bf16_f(src[i + half]);
+        const u16 lo = f32_to_bf16(__fsub_rn(rbf(__fmul_rn(a, c)), rbf(__fmul_rn(b, s))));
+        const u16 hi = f32_to_bf16(__fadd_rn(rbf(__fmul_rn(a, s)), rbf(__fmul_rn(b, c))));
         u16* dst = is_q ? q_out + ((u64)row * nh + head) * hd
                         : kc + ((u64)(head - nh) * cap + pos) * hd;
         dst[i] = lo;
@@ -258,7 +238,7 @@ __device__ __forceinline__ void decode_attention(
         }
         const u32 head = kvh * G + g;
         if (splits == 1) {
-            out[((u64)row * nh + head) * hd + d] = to_bf(o / lsum);
+            out[((u64)row * nh + head) * hd + d] = f32_to_bf16(o / lsum);
         } else {
             part_o[(((u64)row * splits + split) * nh + head) * hd + d] = o;
             if (d == 0) {
@@ -308,5 +288,5 @@ extern "C" __global__ void attention_combine_bf16(const float* __restrict__ part
         l = fmaf(part_ml[base * 2 + 1], w, l);
         o = fmaf(part_o[base * hd + d], w, o);
     }
-    out[((u64)row * nh + head) * hd + d] = to_bf(o / l);
+    out[((u64)row * nh + head) * hd + d] = f32_to_bf16(o / l);
 }

@@ -26,11 +26,9 @@
 //    time when r % 8 == 0 and B is aligned) against the row's t, held in L1 (every thread of the
 //    block reads the same t row).
 //
-// Header-free: bf16 is handled as its 16 bits (no cuda_bf16.h), like nf4.cu.
+// bf16 is handled as its 16 bits (bf16.cuh; no cuda_bf16.h), like nf4.cu.
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+#include "bf16.cuh"
 
 #define SHRINK_THREADS 256
 #define SHRINK_WARPS (SHRINK_THREADS / 32)
@@ -41,29 +39,6 @@ typedef unsigned long long u64;
 #define TABLE_WORDS 3
 // Most projections one launch pair serves (q, k and v).
 #define MAX_GROUP 3
-
-__device__ __forceinline__ float bf16_lo(u32 w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float bf16_hi(u32 w) { return __uint_as_float(w & 0xffff0000u); }
-__device__ __forceinline__ float bf16_f(u16 h) { return __uint_as_float(((u32)h) << 16); }
-
-// f32 -> bf16, round to nearest even; NaN stays a (quiet) NaN. Same as Rust's half::bf16::from_f32.
-__device__ __forceinline__ u16 f32_to_bf16(float f) {
-    u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        return (u16)((u >> 16) | 0x40u);
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (u16)(u >> 16);
-}
-
-// Sum over the 32 lanes of a warp (all lanes must be active).
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-        v += __shfl_xor_sync(0xffffffffu, v, off);
-    }
-    return v;
-}
 
 // Dot product of 8 bf16 (one 16-byte chunk, first element in the low half) with 8 floats.
 __device__ __forceinline__ float dot8(const uint4& w, const float* f, float acc) {

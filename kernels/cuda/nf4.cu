@@ -13,31 +13,14 @@
 //    (L1::no_allocate, several loads in flight), dots the 32 codes of a chunk with x in f32 and
 //    applies the block scale once per chunk. The 4-bit weights are read once; no dequantized copy.
 //
-// Header-free: bf16 is handled as its 16 bits (no cuda_bf16.h), so the file builds with nvcc or
-// NVRTC alike.
+// bf16 is handled as its 16 bits (bf16.cuh; no cuda_bf16.h).
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long long u64;
+#include "bf16.cuh"
 
 // Entries of the second-level (absmax) quantization block, fixed in bitsandbytes.
 #define NESTED_LOG2 8
 // Chunks each lane loads before it computes (memory-level parallelism).
 #define UNROLL 4
-
-__device__ __forceinline__ float bf16_lo(u32 w) { return __uint_as_float(w << 16); }
-__device__ __forceinline__ float bf16_hi(u32 w) { return __uint_as_float(w & 0xffff0000u); }
-
-// f32 -> bf16, round to nearest even; NaN stays a (quiet) NaN. Same as Rust's half::bf16::from_f32.
-__device__ __forceinline__ u16 f32_to_bf16(float f) {
-    u32 u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) {
-        return (u16)((u >> 16) | 0x40u);
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (u16)(u >> 16);
-}
 
 __device__ __forceinline__ u32 word_of(const uint4& v, int j) {
     return j == 0 ? v.x : (j == 1 ? v.y : (j == 2 ? v.z : v.w));

@@ -1,0 +1,32 @@
+// Shared by the kernels of qlorad (nf4.cu, lora.cu, decode.cu): integer shorthands and bf16
+// handled as its 16 bits (no cuda_bf16.h), so the files build with nvcc or NVRTC alike.
+#pragma once
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+// The two bf16 of a 32-bit word (first element in the low half), and one bf16, as f32.
+__device__ __forceinline__ float bf16_lo(u32 w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf16_hi(u32 w) { return __uint_as_float(w & 0xffff0000u); }
+__device__ __forceinline__ float bf16_f(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+// f32 -> bf16, round to nearest even; NaN stays a (quiet) NaN. Same as Rust's half::bf16::from_f32.
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        return (u16)((u >> 16) | 0x40u);
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+
+// Sum over the 32 lanes of a warp (all lanes must be active).
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        v += __shfl_xor_sync(0xffffffffu, v, off);
+    }
+    return v;
+}
