@@ -90,6 +90,17 @@ fn row_pattern(rng: &mut ChaCha8Rng, n: usize, adapters: usize) -> Vec<Option<us
         .collect()
 }
 
+/// The per-row adapters of `pattern` from (CPU, GPU) adapter pairs: (CPU rows, GPU rows).
+fn rows_of<A: Clone, B: Clone>(
+    pattern: &[Option<usize>],
+    ads: &[(A, B)],
+) -> (Vec<Option<A>>, Vec<Option<B>>) {
+    pattern
+        .iter()
+        .map(|p| (p.map(|i| ads[i].0.clone()), p.map(|i| ads[i].1.clone())))
+        .unzip()
+}
+
 /// BGMV vs the CPU gather path on single projections: (in, out) of Mistral-7B plus a small odd
 /// one (in % 8 != 0 and an odd rank: the kernels' element-by-element paths), batches of 1, 7 and
 /// 48 rows mixing four adapters with different ranks and scales and base-only rows.
@@ -111,14 +122,7 @@ pub fn kernel_checks(dev: &Device, r: &mut Report) -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         for n in [1usize, 7, 48] {
             let pattern = row_pattern(&mut rng, n, ads.len());
-            let cpu_rows: Vec<_> = pattern
-                .iter()
-                .map(|p| p.map(|i| ads[i].0.clone()))
-                .collect();
-            let gpu_rows: Vec<_> = pattern
-                .iter()
-                .map(|p| p.map(|i| ads[i].1.clone()))
-                .collect();
+            let (cpu_rows, gpu_rows) = rows_of(&pattern, &ads);
             let x = bf16_values(&mut rng, (n, in_f), 1.0)?;
             let y0 = bf16_values(&mut rng, (n, out_f), 0.1)?;
             let want = LoraBatch::new(&cpu_rows, &Device::Cpu)?.apply(0, 0, &x, y0.clone())?;
@@ -188,14 +192,7 @@ fn group_check(dev: &Device, rng: &mut ChaCha8Rng, r: &mut Report) -> Result<()>
         .collect::<Result<Vec<_>>>()?;
     let n = 13;
     let pattern = row_pattern(rng, n, ads.len());
-    let cpu_rows: Vec<_> = pattern
-        .iter()
-        .map(|p| p.map(|i| ads[i].0.clone()))
-        .collect();
-    let gpu_rows: Vec<_> = pattern
-        .iter()
-        .map(|p| p.map(|i| ads[i].1.clone()))
-        .collect();
+    let (cpu_rows, gpu_rows) = rows_of(&pattern, &ads);
     let x = bf16_values(rng, (n, in_f), 1.0)?;
     let y0 = outs
         .iter()
