@@ -1,4 +1,4 @@
-//! Build script: with the `cuda` feature, compiles cuda/nf4.cu, cuda/lora.cu and cuda/decode.cu to PTX with nvcc
+//! Build script: with the `cuda` feature, compiles cuda/nf4.cu, lora.cu, decode.cu and train.cu to PTX with nvcc
 //! (loaded at run time through candle's cudarc). Without it nothing happens, so CPU-only builds (CI) need no CUDA
 //! toolkit.
 
@@ -19,7 +19,7 @@ fn main() {
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     println!("cargo:rerun-if-changed=cuda/bf16.cuh");
-    for name in ["nf4", "lora", "decode"] {
+    for name in ["nf4", "lora", "decode", "train"] {
         let src = format!("cuda/{name}.cu");
         println!("cargo:rerun-if-changed={src}");
         let status = Command::new(&nvcc)

@@ -84,6 +84,7 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     if let Some(dir) = &a.model {
         greedy::real_model(&gpu, dir, a.tokens, a.prompt_file.as_deref(), &mut report)?;
     }
+    crate::gpu_train_ops::checks(&gpu, &mut report)?;
     crate::gpu_train::checks(&gpu, &mut report)?;
     let failed = report.checks.iter().filter(|c| !c.pass).count();
     println!(

@@ -14,6 +14,7 @@ use crate::random_model::{self, nf4, RandomSpec};
 use crate::GpuTrainBenchArgs;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
+use qlorad_model::llama::train::TrainOps;
 use qlorad_model::{loader, Llama, LoraAdapter, Placement};
 use qlorad_trainer::data::Example;
 use qlorad_trainer::step::{
@@ -25,7 +26,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// LoRA on all 7 projections, no dropout (so CPU and GPU see the same branch inputs).
-fn spec(r: usize, alpha: f64) -> LoraSpec {
+pub fn spec(r: usize, alpha: f64) -> LoraSpec {
     LoraSpec {
         r,
         alpha,
@@ -38,7 +39,7 @@ fn spec(r: usize, alpha: f64) -> LoraSpec {
 }
 
 /// `b` sequences of `t` random tokens, every token a target.
-fn random_batch(vocab: usize, b: usize, t: usize, seed: u64) -> Result<Batch> {
+pub fn random_batch(vocab: usize, b: usize, t: usize, seed: u64) -> Result<Batch> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let exs: Vec<Example> = (0..b)
         .map(|_| Example {
@@ -95,7 +96,7 @@ fn train_step(
 /// GPU training step vs the CPU one on a small random Llama (gpu-check's training section).
 pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
     let rs = RandomSpec::small();
-    let (cpu_m, gpu_m) = crate::gpu_check::random_pair(&rs, nf4(), gpu)?;
+    let (cpu_m, mut gpu_m) = crate::gpu_check::random_pair(&rs, nf4(), gpu)?;
     let cfg = cpu_m.config().clone();
     let sp = spec(16, 16.0);
     // Random non-zero B (a fresh adapter's B = 0 would make every A gradient zero).
@@ -117,6 +118,18 @@ pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
     let (loss_c, g_c) = grads(&cpu_m, &lc, false)?;
     let (loss_g, g_g) = grads(&gpu_m, &lg, false)?;
     let (loss_k, g_k) = grads(&gpu_m, &lg, true)?;
+    // The same step through candle's ops on the GPU: the fused ops change rounding, not results.
+    let fused = gpu_m.train_ops();
+    gpu_m.set_train_ops(TrainOps::Candle);
+    let (loss_u, g_u) = grads(&gpu_m, &lg, false)?;
+    gpu_m.set_train_ops(fused);
+    let (_, rel_u) = compare(&g_g, &g_u);
+    r.add(
+        format!("train step, {fused:?} vs candle ops on gpu (grads rel-norm)"),
+        rel_u,
+        3e-2,
+        format!("loss {loss_g:.5} vs {loss_u:.5}"),
+    );
     let note = format!("cpu {loss_c:.5}, gpu {loss_g:.5}");
     r.add(
         "train step loss, gpu bf16 vs cpu f32 (rel)".into(),

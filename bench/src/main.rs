@@ -25,6 +25,10 @@ mod gpu_bench;
 mod gpu_check;
 #[cfg(feature = "cuda")]
 mod gpu_train;
+#[cfg(feature = "cuda")]
+mod gpu_train_ops;
+#[cfg(feature = "cuda")]
+mod gpu_train_profile;
 mod random_model;
 
 #[derive(Parser)]
@@ -45,6 +49,8 @@ enum Cmd {
     GpuBench(GpuBenchArgs),
     /// QLoRA training steps on a GPU: tokens/s and peak memory, plain and checkpointed.
     GpuTrainBench(GpuTrainBenchArgs),
+    /// One training layer taken apart: forward and backward time of each piece (needs cuda).
+    GpuTrainProfile(GpuTrainProfileArgs),
     /// Writes a random PEFT LoRA adapter (all 7 projections) for a model folder.
     WriteAdapter(adapter_gen::WriteAdapterArgs),
     /// One decode step at several batch sizes, per CPU attention path (batched vs reference).
@@ -103,6 +109,15 @@ pub struct GpuBenchArgs {
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
     /// Write the results as JSON here (also printed).
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+pub struct GpuTrainProfileArgs {
+    #[arg(long, default_value = "cuda:0")]
+    pub device: DeviceSpec,
+    /// Write the per-piece times as JSON here.
     #[arg(long)]
     pub json_out: Option<PathBuf>,
 }
@@ -281,7 +296,11 @@ fn main() -> Result<()> {
         Some(Cmd::GpuBench(a)) => gpu_bench::run(a),
         #[cfg(feature = "cuda")]
         Some(Cmd::GpuTrainBench(a)) => gpu_train::bench(a),
+        #[cfg(feature = "cuda")]
+        Some(Cmd::GpuTrainProfile(a)) => gpu_train_profile::run(a.device, a.json_out),
         #[cfg(not(feature = "cuda"))]
-        Some(Cmd::GpuCheck(_) | Cmd::GpuBench(_) | Cmd::GpuTrainBench(_)) => no_cuda(),
+        Some(
+            Cmd::GpuCheck(_) | Cmd::GpuBench(_) | Cmd::GpuTrainBench(_) | Cmd::GpuTrainProfile(_),
+        ) => no_cuda(),
     }
 }

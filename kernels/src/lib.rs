@@ -13,9 +13,13 @@ pub mod decode_cuda;
 pub mod dynamic;
 pub mod error;
 pub mod gemv;
+#[cfg(feature = "cuda")]
+pub mod lora_train_cuda;
 pub mod nf4;
 pub mod nf4_matmul;
 pub mod nf4_op;
+#[cfg(feature = "cuda")]
+pub mod train_cuda;
 
 pub use error::{KernelError, Result};
 pub use nf4::{Absmax, DoubleQuant, Nf4Config, Nf4Tensor, NF4_CODE};

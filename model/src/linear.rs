@@ -26,6 +26,10 @@ pub trait BaseLinear: Send + Sync + std::fmt::Debug {
     fn nf4(&self) -> Option<&Nf4Tensor> {
         None
     }
+    /// The NF4 weight as the matmul ops take it, if this layer is quantized.
+    fn nf4_weight(&self) -> Option<&Arc<Nf4Weight>> {
+        None
+    }
 }
 
 /// Full-precision weight, (out, in).
@@ -141,5 +145,8 @@ impl BaseLinear for Nf4Linear {
     }
     fn nf4(&self) -> Option<&Nf4Tensor> {
         Some(&self.weight.tensor)
+    }
+    fn nf4_weight(&self) -> Option<&Arc<Nf4Weight>> {
+        Some(&self.weight)
     }
 }

@@ -94,6 +94,8 @@ pub struct Llama {
     fused: Option<Arc<qlorad_kernels::decode_cuda::DecodeKernels>>,
     /// Which attention a CPU f32 model runs (`QLORAD_CPU_ATTENTION` at construction).
     cpu_attention: CpuAttention,
+    /// Which kernels the training forward runs (`QLORAD_TRAIN_FUSED` at construction).
+    train_ops: train::TrainOps,
 }
 
 /// What every layer of one forward pass shares.
@@ -153,6 +155,7 @@ impl Llama {
             #[cfg(feature = "cuda")]
             fused: fused::load(p)?,
             cpu_attention: CpuAttention::from_env(),
+            train_ops: train::TrainOps::for_placement(p),
         })
     }
 
@@ -174,6 +177,17 @@ impl Llama {
     /// Chooses the CPU f32 attention (tests and benchmarks compare both; CUDA ignores it).
     pub fn set_cpu_attention(&mut self, a: CpuAttention) {
         self.cpu_attention = a;
+    }
+
+    /// Which kernels the training forward runs.
+    pub fn train_ops(&self) -> train::TrainOps {
+        self.train_ops
+    }
+
+    /// Chooses the training kernels (checks and benchmarks compare both; `Fused` needs a GPU in
+    /// bf16).
+    pub fn set_train_ops(&mut self, ops: train::TrainOps) {
+        self.train_ops = ops;
     }
 
     /// Where the model lives and the dtype it computes in.

@@ -25,6 +25,11 @@ pub trait LoraWeights {
     fn dropout(&self, _layer: usize, _proj: usize, x: &Tensor) -> candle_core::Result<Tensor> {
         Ok(x.clone())
     }
+
+    /// Whether [`LoraWeights::dropout`] changes x now (the fused projection needs it not to).
+    fn dropout_active(&self, _layer: usize, _proj: usize) -> bool {
+        false
+    }
 }
 
 /// No adapter.
@@ -38,7 +43,17 @@ impl LoraWeights for NoLora {
 
 /// RMSNorm with the statistics in f32 and the result back in x's dtype before the weight, as
 /// transformers' `LlamaRMSNorm` (a bf16 mean over 4096 features would lose the low bits).
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))] // `ops` picks CUDA kernels
+pub fn rms_norm(ops: TrainOps, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if ops == TrainOps::Fused {
+        return Ok(x
+            .contiguous()?
+            .apply_op1(qlorad_kernels::train_cuda::RmsNorm {
+                w: w.clone(),
+                eps: eps as f32,
+            })?);
+    }
     let dt = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
@@ -48,7 +63,18 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Non-interleaved RoPE (`x·cos + rotate_half(x)·sin`); x: (b, h, t, d), cos/sin: (t, d/2).
-fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))] // `ops` picks CUDA kernels
+pub fn rope(ops: TrainOps, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if ops == TrainOps::Fused {
+        return Ok(x
+            .contiguous()?
+            .apply_op1(qlorad_kernels::train_cuda::Rope {
+                cos: cos.clone(),
+                sin: sin.clone(),
+                sign: 1.0,
+            })?);
+    }
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
@@ -58,13 +84,29 @@ fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     Ok((x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?)?)
 }
 
-fn project(
+/// A frozen base projection plus its LoRA branch, `y = x·Wᵀ + s·dropout(x)·Aᵀ·Bᵀ`.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))] // `ops` picks CUDA kernels
+pub fn project(
+    ops: TrainOps,
     base: &dyn BaseLinear,
     layer: usize,
     proj: usize,
     x: &Tensor,
     lora: &dyn LoraWeights,
 ) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if ops == TrainOps::Fused && !lora.dropout_active(layer, proj) {
+        if let (Some(w), Some((a, b, scale))) = (base.nf4_weight(), lora.module(layer, proj)) {
+            // NF4 base and LoRA in one op with one backward (kernels/src/lora_train_cuda.rs);
+            // the f32 → bf16 casts stay in the graph, returning f32 gradients to A and B.
+            let (a, b) = (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
+            let op = qlorad_kernels::lora_train_cuda::LoraLinear {
+                weight: w.clone(),
+                scale: scale as f32,
+            };
+            return Ok(x.contiguous()?.apply_op3(&a, &b, op)?);
+        }
+    }
     let y = base.forward(x)?;
     match lora.module(layer, proj) {
         None => Ok(y),
@@ -73,14 +115,70 @@ fn project(
             // f32 master weights → the activations' dtype (a no-op on the CPU); the cast's
             // backward returns f32 gradients to the master weights.
             let (a, b) = (a.to_dtype(x.dtype())?, b.to_dtype(x.dtype())?);
-            let delta = xd.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+            // As one (rows, in) matrix: a batched matmul against a broadcast A would sum A's
+            // gradient over the batch in a separate reduction.
+            let rows = xd.elem_count() / xd.dim(D::Minus1)?;
+            let xd = xd.reshape((rows, xd.dim(D::Minus1)?))?;
+            let delta = xd.matmul(&a.t()?)?.matmul(&b.t()?)?.reshape(y.shape())?;
             Ok((y + (delta * scale)?)?)
         }
     }
 }
 
+/// Causal grouped-query attention of a training batch: q (b, heads, t, hd), k and v
+/// (b, kv_heads, t, hd) → (b, t, heads·hd); `mask` is [`TrainContext`]'s (t, t) additive mask.
+pub fn attention(ctx: &TrainContext, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    let group = nh / nkv;
+    // Query heads sharing a kv head are folded into rows: (b, kv, group*t, hd).
+    let qg = q.reshape((b, nkv, group * t, hd))?;
+    #[cfg(feature = "cuda")]
+    if ctx.ops == TrainOps::Fused {
+        // Scale, mask and softmax in one op (f32 inside), probabilities stored in bf16.
+        let probs = qg
+            .matmul(&k.t()?)?
+            .apply_op1(qlorad_kernels::train_cuda::CausalSoftmax {
+                scale: (1.0 / (hd as f64).sqrt()) as f32,
+                window: ctx.window.unwrap_or(0) as u32,
+            })?;
+        return Ok(probs
+            .matmul(v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?);
+    }
+    let mask = &ctx.mask;
+    let scores = (qg.matmul(&k.t()?)? / (hd as f64).sqrt())?; // (b, kv, group*t, t)
+                                                              // Mask and softmax in f32 (the mask is f32), probabilities back in the compute dtype.
+    let scores = scores
+        .to_dtype(DType::F32)?
+        .reshape((b, nkv, group, t, t))?
+        .broadcast_add(mask)?;
+    let probs = candle_nn::ops::softmax(&scores, D::Minus1)?
+        .to_dtype(v.dtype())?
+        .reshape((b, nkv, group * t, t))?;
+    Ok(probs
+        .matmul(v)?
+        .reshape((b, nh, t, hd))?
+        .transpose(1, 2)?
+        .reshape((b, t, nh * hd))?)
+}
+
+/// SwiGLU's gating: `silu(gate) · up`.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))] // `ops` picks CUDA kernels
+pub fn swiglu(ops: TrainOps, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if ops == TrainOps::Fused {
+        return Ok(gate
+            .contiguous()?
+            .apply_op2(&up.contiguous()?, qlorad_kernels::train_cuda::Swiglu)?);
+    }
+    Ok((gate.silu()? * up)?)
+}
+
 /// Additive causal mask (t, t) with the optional sliding window.
-fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+pub fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
     let m: Vec<f32> = (0..t)
         .flat_map(|i| {
             (0..t).map(move |j| {
@@ -98,9 +196,36 @@ fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<Tenso
 
 /// Per-sequence-length constants of a training forward (RoPE tables and the causal mask).
 pub struct TrainContext {
-    cos: Tensor,
-    sin: Tensor,
-    mask: Tensor,
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub mask: Tensor,
+    pub window: Option<usize>,
+    pub ops: TrainOps,
+}
+
+/// Which kernels a training forward (and so its backward) runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainOps {
+    /// candle's differentiable ops (every device; the CPU's only choice).
+    Candle,
+    /// qlorad's fused CUDA ops with their own backward (`kernels/cuda/train.cu`): RMSNorm, RoPE,
+    /// the attention softmax and SwiGLU. Needs a GPU computing in bf16.
+    Fused,
+}
+
+impl TrainOps {
+    /// Fused on a GPU in bf16 unless `QLORAD_TRAIN_FUSED=0`; candle's ops otherwise.
+    pub fn for_placement(p: &crate::device::Placement) -> Self {
+        let fused = cfg!(feature = "cuda")
+            && p.device.is_cuda()
+            && p.dtype == DType::BF16
+            && std::env::var("QLORAD_TRAIN_FUSED").map_or(true, |v| v != "0");
+        if fused {
+            Self::Fused
+        } else {
+            Self::Candle
+        }
+    }
 }
 
 impl Llama {
@@ -120,6 +245,8 @@ impl Llama {
             cos: self.cos.narrow(0, 0, t)?,
             sin: self.sin.narrow(0, 0, t)?,
             mask: causal_mask(t, self.cfg.sliding_window, &self.device)?,
+            window: self.cfg.sliding_window,
+            ops: self.train_ops,
         })
     }
 
@@ -144,12 +271,12 @@ impl Llama {
         ctx: &TrainContext,
         lora: &dyn LoraWeights,
     ) -> Result<Tensor> {
-        self.blocks[layer].forward_train(self, layer, x, &ctx.cos, &ctx.sin, &ctx.mask, lora)
+        self.blocks[layer].forward_train(self, layer, x, ctx, lora)
     }
 
     /// Final norm and LM head: hidden states → logits.
     pub fn head_train(&self, x: &Tensor) -> Result<Tensor> {
-        let x = rms_norm(x, &self.norm, self.cfg.rms_norm_eps)?;
+        let x = rms_norm(self.train_ops, x, &self.norm, self.cfg.rms_norm_eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         Ok(x.broadcast_matmul(&head.t()?)?)
     }
@@ -160,58 +287,49 @@ impl Llama {
 }
 
 impl Block {
-    #[allow(clippy::too_many_arguments)] // the inputs of one layer's pass
     fn forward_train(
         &self,
         m: &Llama,
         layer: usize,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
+        ctx: &TrainContext,
         lora: &dyn LoraWeights,
     ) -> Result<Tensor> {
+        let (cos, sin, ops) = (&ctx.cos, &ctx.sin, ctx.ops);
         let cfg = &m.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-        let h = rms_norm(x, &self.input_norm, cfg.rms_norm_eps)?;
+        let h = rms_norm(ops, x, &self.input_norm, cfg.rms_norm_eps)?;
         // (b, t, heads*hd) → (b, heads, t, hd)
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
             Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
         };
         let q = rope(
-            &heads(project(self.attn.q.as_ref(), layer, 0, &h, lora)?, nh)?,
+            ops,
+            &heads(project(ops, self.attn.q.as_ref(), layer, 0, &h, lora)?, nh)?,
             cos,
             sin,
         )?;
         let k = rope(
-            &heads(project(self.attn.k.as_ref(), layer, 1, &h, lora)?, nkv)?,
+            ops,
+            &heads(project(ops, self.attn.k.as_ref(), layer, 1, &h, lora)?, nkv)?,
             cos,
             sin,
         )?;
-        let v = heads(project(self.attn.v.as_ref(), layer, 2, &h, lora)?, nkv)?;
-        let group = nh / nkv;
-        // Query heads sharing a kv head are folded into rows: (b, kv, group*t, hd).
-        let qg = q.reshape((b, nkv, group * t, hd))?;
-        let scores = (qg.matmul(&k.t()?)? / (hd as f64).sqrt())?; // (b, kv, group*t, t)
-                                                                  // Mask and softmax in f32 (the mask is f32), probabilities back in the compute dtype.
-        let scores = scores
-            .to_dtype(DType::F32)?
-            .reshape((b, nkv, group, t, t))?
-            .broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax(&scores, D::Minus1)?
-            .to_dtype(v.dtype())?
-            .reshape((b, nkv, group * t, t))?;
-        let a = probs
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        let x = (x + project(self.attn.o.as_ref(), layer, 3, &a, lora)?)?;
-        let h = rms_norm(&x, &self.post_norm, cfg.rms_norm_eps)?;
-        let gate = project(self.mlp.gate.as_ref(), layer, 4, &h, lora)?.silu()?;
-        let up = project(self.mlp.up.as_ref(), layer, 5, &h, lora)?;
-        let down = project(self.mlp.down.as_ref(), layer, 6, &(gate * up)?, lora)?;
+        let v = heads(project(ops, self.attn.v.as_ref(), layer, 2, &h, lora)?, nkv)?;
+        let a = attention(ctx, &q, &k, &v)?;
+        let x = (x + project(ops, self.attn.o.as_ref(), layer, 3, &a, lora)?)?;
+        let h = rms_norm(ops, &x, &self.post_norm, cfg.rms_norm_eps)?;
+        let gate = project(ops, self.mlp.gate.as_ref(), layer, 4, &h, lora)?;
+        let up = project(ops, self.mlp.up.as_ref(), layer, 5, &h, lora)?;
+        let down = project(
+            ops,
+            self.mlp.down.as_ref(),
+            layer,
+            6,
+            &swiglu(ops, &gate, &up)?,
+            lora,
+        )?;
         Ok((x + down)?)
     }
 }

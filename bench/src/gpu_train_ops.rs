@@ -1,0 +1,200 @@
+//! gpu-check's section for the fused training ops (`kernels/cuda/train.cu`): each op's output and
+//! input gradients on the GPU in bf16 against candle's composite ops on the CPU in f32, from the
+//! same bf16-representable inputs and the same upstream gradient.
+
+use crate::gpu_check::{rel_err, Report};
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var, D};
+use qlorad_model::linear::{BaseLinear, Nf4Linear};
+use qlorad_model::llama::train::{self, causal_mask, LoraWeights, TrainContext, TrainOps};
+use qlorad_model::Placement;
+
+/// A random f32 tensor on the host whose values bf16 represents exactly.
+fn input(shape: &[usize], mean: f64, std: f64, seed: u64) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            // A fixed pseudo-random sequence (splitmix64), so CPU and GPU see the same values.
+            let mut z = (i as u64).wrapping_add(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            let u = ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64;
+            (mean + std * (2.0 * u - 1.0) * 1.7) as f32
+        })
+        .collect();
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+        .to_dtype(DType::BF16)?
+        .to_dtype(DType::F32)?)
+}
+
+/// An op built from its inputs with the given kernels on the given device.
+type OpUnderTest<'a> = dyn Fn(TrainOps, &Device, &[Tensor]) -> Result<Tensor> + 'a;
+
+/// Runs `f` on the CPU (f32, candle's ops) and the GPU (bf16, fused ops) with `inputs` as
+/// variables, back-propagates `Σ y·g` for a fixed random g, and records the output's and each
+/// input gradient's relative error.
+fn check(
+    r: &mut Report,
+    gpu: &Placement,
+    name: &str,
+    inputs: &[Tensor],
+    f: &OpUnderTest<'_>,
+) -> Result<()> {
+    let run = |ops: TrainOps, dev: &Device, dt: DType| -> Result<(Tensor, Vec<Tensor>)> {
+        let vars = inputs
+            .iter()
+            .map(|t| Ok(Var::from_tensor(&t.to_dtype(dt)?.to_device(dev)?)?))
+            .collect::<Result<Vec<_>>>()?;
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let y = f(ops, dev, &ts)?;
+        let g = input(y.dims(), 0.0, 1.0, 99)?
+            .to_dtype(dt)?
+            .to_device(dev)?;
+        let store = (&y * g)?.sum(D::Minus1)?.sum_all()?.backward()?;
+        let grads = ts
+            .iter()
+            .map(|t| {
+                store
+                    .get(t)
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("{name}: an input got no gradient"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((y, grads))
+    };
+    let (yc, gc) = run(TrainOps::Candle, &Device::Cpu, DType::F32)?;
+    let (yg, gg) = run(TrainOps::Fused, &gpu.device, DType::BF16)?;
+    let bound = 2e-2;
+    r.add(
+        format!("fused train op {name}: output vs cpu (rel)"),
+        rel_err(&yg.to_device(&Device::Cpu)?, &yc)?,
+        bound,
+        format!("{:?}", yc.dims()),
+    );
+    let worst = gc
+        .iter()
+        .zip(&gg)
+        .map(|(c, g)| rel_err(&g.to_device(&Device::Cpu)?, c))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .fold(0f64, f64::max);
+    r.add(
+        format!("fused train op {name}: input grads vs cpu (max rel)"),
+        worst,
+        bound,
+        format!("{} inputs", gc.len()),
+    );
+    Ok(())
+}
+
+/// The training context of `t` positions on `dev` (RoPE tables in the inputs' dtype).
+fn context(
+    t: usize,
+    hd: usize,
+    window: Option<usize>,
+    ops: TrainOps,
+    dev: &Device,
+    dt: DType,
+) -> Result<TrainContext> {
+    let half = hd / 2;
+    let (mut c, mut s) = (Vec::new(), Vec::new());
+    for p in 0..t {
+        for j in 0..half {
+            let a = p as f32 * 10_000f32.powf(-((2 * j) as f32) / hd as f32);
+            c.push(a.cos());
+            s.push(a.sin());
+        }
+    }
+    let table = |v: Vec<f32>| -> Result<Tensor> {
+        Ok(Tensor::from_vec(v, (t, half), &Device::Cpu)?
+            .to_dtype(dt)?
+            .to_device(dev)?)
+    };
+    Ok(TrainContext {
+        cos: table(c)?,
+        sin: table(s)?,
+        mask: causal_mask(t, window, dev)?,
+        window,
+        ops,
+    })
+}
+
+/// One LoRA module for every (layer, projection).
+struct OneModule<'a>(&'a Tensor, &'a Tensor, f64);
+
+impl LoraWeights for OneModule<'_> {
+    fn module(&self, _: usize, _: usize) -> Option<(&Tensor, &Tensor, f64)> {
+        Some((self.0, self.1, self.2))
+    }
+}
+
+pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
+    let dt = |d: &Device| if d.is_cuda() { DType::BF16 } else { DType::F32 };
+    let w = input(&[320], 1.0, 0.1, 5)?;
+    check(
+        r,
+        gpu,
+        "rms_norm",
+        &[input(&[3, 37, 320], 0.0, 1.0, 1)?],
+        &|ops, d, x| {
+            let w = w.to_dtype(dt(d))?.to_device(d)?;
+            Ok(train::rms_norm(ops, &x[0], &w, 1e-5)?)
+        },
+    )?;
+    let (t, hd) = (40, 64);
+    check(
+        r,
+        gpu,
+        "rope",
+        &[input(&[2, 3, t, hd], 0.0, 1.0, 2)?],
+        &|ops, d, x| {
+            let ctx = context(t, hd, None, ops, d, dt(d))?;
+            Ok(train::rope(ops, &x[0], &ctx.cos, &ctx.sin)?)
+        },
+    )?;
+    for window in [None, Some(16)] {
+        let name = match window {
+            None => "attention (GQA 8/2, t 40)".to_string(),
+            Some(w) => format!("attention (GQA 8/2, t 40, window {w})"),
+        };
+        let qkv = [
+            input(&[2, 8, t, 32], 0.0, 1.0, 3)?,
+            input(&[2, 2, t, 32], 0.0, 1.0, 4)?,
+            input(&[2, 2, t, 32], 0.0, 1.0, 6)?,
+        ];
+        check(r, gpu, &name, &qkv, &|ops, d, x| {
+            let ctx = context(t, 32, window, ops, d, dt(d))?;
+            Ok(train::attention(&ctx, &x[0], &x[1], &x[2])?)
+        })?;
+    }
+    // NF4 base + LoRA branch (r 16, scale 2): the fused projection op vs candle's graph.
+    let wq = input(&[192, 256], 0.0, 0.05, 9)?;
+    let cfgq = match crate::random_model::nf4() {
+        qlorad_model::Quant::Nf4(c) => c,
+        _ => anyhow::bail!("nf4() is not NF4"),
+    };
+    let cpu_lin = Nf4Linear::quantize(&wq, cfgq)?;
+    let gpu_lin = Box::new(Nf4Linear::quantize(&wq, cfgq)?).to_placement(gpu)?;
+    let xab = [
+        input(&[3, 37, 256], 0.0, 1.0, 10)?,
+        input(&[16, 256], 0.0, 0.06, 11)?,
+        input(&[192, 16], 0.0, 0.05, 12)?,
+    ];
+    check(r, gpu, "NF4 + LoRA projection", &xab, &|ops, d, x| {
+        let base: &dyn BaseLinear = if d.is_cuda() {
+            gpu_lin.as_ref()
+        } else {
+            &cpu_lin
+        };
+        let lora = OneModule(&x[1], &x[2], 2.0);
+        Ok(train::project(ops, base, 0, 0, &x[0], &lora)?)
+    })?;
+    let gu = [
+        input(&[3, 37, 200], 0.0, 2.0, 7)?,
+        input(&[3, 37, 200], 0.0, 1.0, 8)?,
+    ];
+    check(r, gpu, "swiglu", &gu, &|ops, _, x| {
+        Ok(train::swiglu(ops, &x[0], &x[1])?)
+    })?;
+    Ok(())
+}

@@ -1,0 +1,190 @@
+// Fused kernels of the QLoRA training step (issue 6), forward and backward of the ops candle runs as
+// chains of elementwise/reduction kernels with an f32 copy at each step:
+//  - rms_norm_fwd/bwd: LlamaRMSNorm (f32 statistics, bf16(x * rstd) * w) and its input gradient
+//    dx = rstd * (dh - xhat * mean(dh * xhat)), dh = dy * w (w is frozen: no weight gradient);
+//  - rope: non-interleaved RoPE of (b, heads, t, hd); `sign` -1 applies the inverse rotation, which
+//    is the backward (the rotation is orthogonal);
+//  - causal_softmax_fwd/bwd: scale, causal (+ sliding window) mask and softmax of attention scores
+//    in f32, probabilities stored bf16; backward ds = scale * p * (dp - sum(p * dp)) — the masked
+//    eager attention of transformers with `softmax(..., dtype=float32)`;
+//  - swiglu_fwd/bwd: silu(g) * u and its gradients (dg = dy * u * s * (1 + g * (1 - s)), du = dy *
+//    silu(g), s = sigmoid(g));
+//  - adamw_f32: one AdamW update (Loshchilov & Hutter 2019, torch.optim.AdamW's formula) of a
+//    parameter and its moments in place; sumsq_f32: the squared L2 norm for gradient clipping,
+//    accumulated in f64 across tensors.
+// Reductions and every intermediate are f32; only stored activations are bf16.
+
+#include "bf16.cuh"
+
+__device__ __forceinline__ float block_sum(float v, float* part) {
+    v = warp_sum(v);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float s = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.f;
+        s = warp_sum(s);
+        if (threadIdx.x == 0) part[0] = s;
+    }
+    __syncthreads();
+    const float r = part[0];
+    __syncthreads();  // part is reused by the caller's next reduction
+    return r;
+}
+
+// One block per row of x (rows, n). y = bf16(bf16(x * rstd) * w), as transformers' LlamaRMSNorm
+// (hidden_states.to(input_dtype) before the weight).
+extern "C" __global__ void rms_norm_fwd_bf16(const u16* __restrict__ x, const u16* __restrict__ w,
+                                             float eps, u32 n, u16* __restrict__ y) {
+    __shared__ float part[32];
+    const u16* xr = x + (u64)blockIdx.x * n;
+    u16* yr = y + (u64)blockIdx.x * n;
+    float acc = 0.f;
+    for (u32 i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = bf16_f(xr[i]);
+        acc = fmaf(v, v, acc);
+    }
+    const float rstd = rsqrtf(block_sum(acc, part) / (float)n + eps);
+    for (u32 i = threadIdx.x; i < n; i += blockDim.x) {
+        const float h = bf16_f(f32_to_bf16(bf16_f(xr[i]) * rstd));
+        yr[i] = f32_to_bf16(h * bf16_f(w[i]));
+    }
+}
+
+// One block per row: dx from dy, recomputing rstd from x (cheaper than keeping it).
+extern "C" __global__ void rms_norm_bwd_bf16(const u16* __restrict__ x, const u16* __restrict__ w,
+                                             const u16* __restrict__ dy, float eps, u32 n,
+                                             u16* __restrict__ dx) {
+    __shared__ float part[32];
+    const u64 off = (u64)blockIdx.x * n;
+    float ss = 0.f, dot = 0.f;
+    for (u32 i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = bf16_f(x[off + i]);
+        ss = fmaf(v, v, ss);
+        dot = fmaf(bf16_f(dy[off + i]) * bf16_f(w[i]), v, dot);
+    }
+    const float rstd = rsqrtf(block_sum(ss, part) / (float)n + eps);
+    // mean(dh * xhat) = rstd * mean(dh * x)
+    const float c = block_sum(dot, part) * rstd / (float)n;
+    for (u32 i = threadIdx.x; i < n; i += blockDim.x) {
+        const float xhat = bf16_f(x[off + i]) * rstd;
+        const float dh = bf16_f(dy[off + i]) * bf16_f(w[i]);
+        dx[off + i] = f32_to_bf16(rstd * (dh - xhat * c));
+    }
+}
+
+// x (b, heads, t, hd) contiguous, cos/sin (t, hd/2). One thread per rotated pair.
+extern "C" __global__ void rope_bf16(const u16* __restrict__ x, const u16* __restrict__ cosb,
+                                     const u16* __restrict__ sinb, u64 pairs, u32 t, u32 hd,
+                                     float sign, u16* __restrict__ y) {
+    const u32 half = hd / 2;
+    for (u64 p = (u64)blockIdx.x * blockDim.x + threadIdx.x; p < pairs;
+         p += (u64)gridDim.x * blockDim.x) {
+        const u32 j = (u32)(p % half);
+        const u64 row = p / half;  // (b, head, position)
+        const u32 pos = (u32)(row % t);
+        const u64 base = row * hd;
+        const float c = bf16_f(cosb[(u64)pos * half + j]);
+        const float s = sign * bf16_f(sinb[(u64)pos * half + j]);
+        const float x1 = bf16_f(x[base + j]), x2 = bf16_f(x[base + j + half]);
+        y[base + j] = f32_to_bf16(x1 * c - x2 * s);
+        y[base + j + half] = f32_to_bf16(x2 * c + x1 * s);
+    }
+}
+
+// Key j is visible from query i: causal, and within the sliding window when window > 0.
+__device__ __forceinline__ bool visible(u32 i, u32 j, u32 window) {
+    return j <= i && (window == 0 || i < window || j > i - window);
+}
+
+#define SOFTMAX_WARPS 8
+
+// Scores (rows, t): row r is query position r % t (rows = batch * heads * t, queries of one head
+// consecutive). One warp per row.
+extern "C" __global__ void causal_softmax_fwd_bf16(const u16* __restrict__ s, u64 rows, u32 t,
+                                                   u32 window, float scale,
+                                                   u16* __restrict__ p) {
+    const u64 row = (u64)blockIdx.x * SOFTMAX_WARPS + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const u32 lane = threadIdx.x & 31, i = (u32)(row % t);
+    const u16* sr = s + row * t;
+    u16* pr = p + row * t;
+    float mx = -INFINITY;
+    for (u32 j = lane; j < t; j += 32)
+        if (visible(i, j, window)) mx = fmaxf(mx, bf16_f(sr[j]) * scale);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sum = 0.f;
+    for (u32 j = lane; j < t; j += 32)
+        if (visible(i, j, window)) sum += __expf(bf16_f(sr[j]) * scale - mx);
+    const float inv = 1.f / warp_sum(sum);
+    for (u32 j = lane; j < t; j += 32)
+        pr[j] = visible(i, j, window) ? f32_to_bf16(__expf(bf16_f(sr[j]) * scale - mx) * inv) : 0;
+}
+
+// ds = scale * p * (dp - sum_j p_j dp_j); masked entries have p = 0 and get 0.
+extern "C" __global__ void causal_softmax_bwd_bf16(const u16* __restrict__ p,
+                                                   const u16* __restrict__ dp, u64 rows, u32 t,
+                                                   float scale, u16* __restrict__ ds) {
+    const u64 row = (u64)blockIdx.x * SOFTMAX_WARPS + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const u32 lane = threadIdx.x & 31;
+    const u64 off = row * t;
+    float dot = 0.f;
+    for (u32 j = lane; j < t; j += 32) dot = fmaf(bf16_f(p[off + j]), bf16_f(dp[off + j]), dot);
+    dot = warp_sum(dot);
+    for (u32 j = lane; j < t; j += 32) {
+        const float pj = bf16_f(p[off + j]);
+        ds[off + j] = f32_to_bf16(scale * pj * (bf16_f(dp[off + j]) - dot));
+    }
+}
+
+__device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + __expf(-g)); }
+
+extern "C" __global__ void swiglu_fwd_bf16(const u16* __restrict__ g, const u16* __restrict__ u,
+                                           u64 n, u16* __restrict__ y) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        const float gv = bf16_f(g[i]);
+        y[i] = f32_to_bf16(gv * sigmoid(gv) * bf16_f(u[i]));
+    }
+}
+
+// out (2, n): out[0] = d gate, out[1] = d up.
+extern "C" __global__ void swiglu_bwd_bf16(const u16* __restrict__ g, const u16* __restrict__ u,
+                                           const u16* __restrict__ dy, u64 n,
+                                           u16* __restrict__ out) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        const float gv = bf16_f(g[i]), uv = bf16_f(u[i]), d = bf16_f(dy[i]);
+        const float s = sigmoid(gv);
+        out[i] = f32_to_bf16(d * uv * s * (1.f + gv * (1.f - s)));
+        out[n + i] = f32_to_bf16(d * gv * s);
+    }
+}
+
+// In place: m, v, p of one parameter. step_size = lr / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t).
+extern "C" __global__ void adamw_f32(float* __restrict__ p, const float* __restrict__ g,
+                                     float* __restrict__ m, float* __restrict__ v, u64 n,
+                                     float beta1, float beta2, float eps, float decay,
+                                     float step_size, float bc2_sqrt) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        const float gi = g[i];
+        const float mi = beta1 * m[i] + (1.f - beta1) * gi;
+        const float vi = beta2 * v[i] + (1.f - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] * decay - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    }
+}
+
+// *acc += sum of squares of x (n values); block partial sums in f32, the total in f64.
+extern "C" __global__ void sumsq_f32(const float* __restrict__ x, u64 n, double* __restrict__ acc) {
+    __shared__ float part[32];
+    float s = 0.f;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x)
+        s = fmaf(x[i], x[i], s);
+    s = block_sum(s, part);
+    if (threadIdx.x == 0) atomicAdd(acc, (double)s);
+}

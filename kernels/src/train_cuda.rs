@@ -1,0 +1,560 @@
+//! The fused training ops of `cuda/train.cu` (behind the `cuda` feature) as candle custom ops with
+//! their own backward: RMSNorm, RoPE, the causal attention softmax and SwiGLU, each one launch
+//! forward and one backward instead of a chain of candle kernels with f32 copies (issue 6's
+//! profile: `qlorad-bench gpu-train-profile`). Plus AdamW and the gradient norm over many tensors,
+//! in place, one launch per tensor.
+//!
+//! bf16 activations on one GPU, contiguous (the wrappers make them so); frozen weights and tables
+//! (the norm weight, RoPE's cos/sin) live inside the op and get no gradient. CPU training keeps
+//! candle's composite ops (the model picks), so the ops have no CPU implementation.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor,
+};
+use half::bf16;
+
+/// PTX of `cuda/train.cu`, built for the compute capability in `CUDA_COMPUTE_CAP` (default 90).
+pub const TRAIN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/train.ptx"));
+const MODULE: &str = "qlorad_train";
+const THREADS: u32 = 256;
+// Must match SOFTMAX_WARPS in cuda/train.cu.
+const SOFTMAX_WARPS: u64 = 8;
+
+fn msg(s: String) -> candle_core::Error {
+    candle_core::Error::Msg(s)
+}
+
+fn func(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
+    Ok(dev
+        .get_or_load_custom_func(name, MODULE, TRAIN_PTX)?
+        .into_cuda_function())
+}
+
+/// Device address of a contiguous `dtype` storage's first element under `layout`.
+fn storage_addr(op: &str, s: &CudaStorage, l: &Layout, dtype: DType) -> candle_core::Result<u64> {
+    if s.dtype() != dtype {
+        return Err(msg(format!("{op}: want {dtype:?}, got {:?}", s.dtype())));
+    }
+    let (start, _) = l
+        .contiguous_offsets()
+        .ok_or_else(|| msg(format!("{op}: input must be contiguous")))?;
+    let stream = s.device().cuda_stream();
+    let base = match dtype {
+        DType::BF16 => s.as_cuda_slice::<bf16>()?.device_ptr(&stream).0,
+        DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        other => return Err(msg(format!("{op}: unsupported dtype {other:?}"))),
+    };
+    Ok(base + (start * dtype.size_in_bytes()) as u64)
+}
+
+/// Device address of a tensor held by an op (a weight or table) on `dev`.
+fn tensor_addr(op: &str, t: &Tensor, dev: &CudaDevice, dtype: DType) -> candle_core::Result<u64> {
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*s else {
+        return Err(msg(format!("{op}: a weight is not on a GPU")));
+    };
+    if cs.device().id() != dev.id() {
+        return Err(msg(format!("{op}: a weight is on another GPU")));
+    }
+    storage_addr(op, cs, l, dtype)
+}
+
+fn grid(n: u64) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(THREADS as u64).clamp(1, 8192) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn wrap(out: CudaSlice<bf16>, dev: &CudaDevice) -> CudaStorage {
+    CudaStorage::wrap_cuda_slice(out, dev.clone())
+}
+
+fn no_cpu(op: &str) -> candle_core::Error {
+    msg(format!("{op}: CUDA only (CPU training runs candle's ops)"))
+}
+
+/// `y = rmsnorm(x) · w` over the last dimension (transformers' LlamaRMSNorm in bf16).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub w: Tensor,
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    fn rows(&self, op: &str, l: &Layout) -> candle_core::Result<(u32, u32)> {
+        let n = l.dims().last().copied().unwrap_or(0);
+        if self.w.dims() != [n] || n == 0 {
+            return Err(msg(format!(
+                "{op}: x {:?}, w {:?}",
+                l.dims(),
+                self.w.dims()
+            )));
+        }
+        Ok(((l.shape().elem_count() / n) as u32, n as u32))
+    }
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "qlorad-rms-norm"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(no_cpu(self.name()))
+    }
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = s.device();
+        let (rows, n) = self.rows(self.name(), l)?;
+        let x = storage_addr(self.name(), s, l, DType::BF16)?;
+        let w = tensor_addr(self.name(), &self.w, dev, DType::BF16)?;
+        // SAFETY: one block per row writes all n values of it.
+        let mut y = unsafe { dev.alloc::<bf16>(rows as usize * n as usize) }?;
+        let f = func(dev, "rms_norm_fwd_bf16")?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&w).arg(&self.eps).arg(&n).arg(&mut y);
+        let cfg = LaunchConfig {
+            grid_dim: (rows, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument order and types match rms_norm_fwd_bf16; x holds rows·n, w n values.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((wrap(y, dev), l.shape().clone()))
+    }
+    fn bwd(&self, x: &Tensor, _: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            dy.contiguous()?
+                .apply_op2_no_bwd(x, &RmsNormGrad(self.clone()))?,
+        ))
+    }
+}
+
+/// dx of [`RmsNorm`] from (dy, x).
+struct RmsNormGrad(RmsNorm);
+
+impl CustomOp2 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "qlorad-rms-norm-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(no_cpu(self.name()))
+    }
+    fn cuda_fwd(
+        &self,
+        ds: &CudaStorage,
+        dl: &Layout,
+        xs: &CudaStorage,
+        xl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = xs.device();
+        let (rows, n) = self.0.rows(self.name(), xl)?;
+        if dl.dims() != xl.dims() {
+            return Err(msg(format!(
+                "{}: dy {:?} vs x {:?}",
+                self.name(),
+                dl.dims(),
+                xl.dims()
+            )));
+        }
+        let x = storage_addr(self.name(), xs, xl, DType::BF16)?;
+        let dy = storage_addr(self.name(), ds, dl, DType::BF16)?;
+        let w = tensor_addr(self.name(), &self.0.w, dev, DType::BF16)?;
+        // SAFETY: one block per row writes all n values of it.
+        let mut dx = unsafe { dev.alloc::<bf16>(rows as usize * n as usize) }?;
+        let f = func(dev, "rms_norm_bwd_bf16")?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x)
+            .arg(&w)
+            .arg(&dy)
+            .arg(&self.0.eps)
+            .arg(&n)
+            .arg(&mut dx);
+        let cfg = LaunchConfig {
+            grid_dim: (rows, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument order and types match rms_norm_bwd_bf16; x, dy hold rows·n values.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((wrap(dx, dev), xl.shape().clone()))
+    }
+}
+
+/// Non-interleaved RoPE of `x (b, heads, t, hd)` with tables `cos`, `sin` `(t, hd/2)` (bf16);
+/// `sign` −1 rotates back (the backward).
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    pub sign: f32,
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "qlorad-rope"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(no_cpu(self.name()))
+    }
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = s.device();
+        let &[_, _, t, hd] = l.dims() else {
+            return Err(msg(format!(
+                "{}: x {:?}, want 4 dims",
+                self.name(),
+                l.dims()
+            )));
+        };
+        if self.cos.dims() != [t, hd / 2] || self.sin.dims() != [t, hd / 2] || !hd.is_multiple_of(2)
+        {
+            return Err(msg(format!(
+                "{}: x {:?}, cos {:?}, sin {:?}",
+                self.name(),
+                l.dims(),
+                self.cos.dims(),
+                self.sin.dims()
+            )));
+        }
+        let n = l.shape().elem_count();
+        let x = storage_addr(self.name(), s, l, DType::BF16)?;
+        let c = tensor_addr(self.name(), &self.cos, dev, DType::BF16)?;
+        let sn = tensor_addr(self.name(), &self.sin, dev, DType::BF16)?;
+        // SAFETY: every pair writes both of its values; pairs cover all n.
+        let mut y = unsafe { dev.alloc::<bf16>(n) }?;
+        let f = func(dev, "rope_bf16")?;
+        let stream = dev.cuda_stream();
+        let (pairs, t32, hd32) = ((n / 2) as u64, t as u32, hd as u32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x)
+            .arg(&c)
+            .arg(&sn)
+            .arg(&pairs)
+            .arg(&t32)
+            .arg(&hd32)
+            .arg(&self.sign)
+            .arg(&mut y);
+        // SAFETY: argument order and types match rope_bf16; shapes checked above.
+        unsafe { b.launch(grid(pairs)) }.w()?;
+        Ok((wrap(y, dev), l.shape().clone()))
+    }
+    fn bwd(&self, _: &Tensor, _: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let back = Rope {
+            sign: -self.sign,
+            ..self.clone()
+        };
+        Ok(Some(dy.contiguous()?.apply_op1_no_bwd(&back)?))
+    }
+}
+
+/// Softmax of `scale · scores` over the last dimension `t` under the causal mask (and a sliding
+/// window of `window` positions when non-zero). Rows are queries, `t` consecutive rows per head.
+#[derive(Debug, Clone, Copy)]
+pub struct CausalSoftmax {
+    pub scale: f32,
+    pub window: u32,
+}
+
+fn softmax_rows(op: &str, l: &Layout) -> candle_core::Result<(u64, u32)> {
+    let t = l.dims().last().copied().unwrap_or(0);
+    let n = l.shape().elem_count();
+    if t == 0 || !n.is_multiple_of(t * t) {
+        return Err(msg(format!(
+            "{op}: scores {:?} are not (..., t, t) blocks",
+            l.dims()
+        )));
+    }
+    Ok(((n / t) as u64, t as u32))
+}
+
+fn softmax_cfg(rows: u64) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(SOFTMAX_WARPS) as u32, 1, 1),
+        block_dim: (32 * SOFTMAX_WARPS as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "qlorad-causal-softmax"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(no_cpu(self.name()))
+    }
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = s.device();
+        let (rows, t) = softmax_rows(self.name(), l)?;
+        let x = storage_addr(self.name(), s, l, DType::BF16)?;
+        // SAFETY: one warp per row writes every column of it.
+        let mut p = unsafe { dev.alloc::<bf16>(rows as usize * t as usize) }?;
+        let f = func(dev, "causal_softmax_fwd_bf16")?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x)
+            .arg(&rows)
+            .arg(&t)
+            .arg(&self.window)
+            .arg(&self.scale)
+            .arg(&mut p);
+        // SAFETY: argument order and types match causal_softmax_fwd_bf16.
+        unsafe { b.launch(softmax_cfg(rows)) }.w()?;
+        Ok((wrap(p, dev), l.shape().clone()))
+    }
+    fn bwd(&self, _: &Tensor, p: &Tensor, dp: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(p.apply_op2_no_bwd(
+            &dp.contiguous()?,
+            &CausalSoftmaxGrad(*self),
+        )?))
+    }
+}
+
+/// d scores from (p, dp).
+struct CausalSoftmaxGrad(CausalSoftmax);
+
+impl CustomOp2 for CausalSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "qlorad-causal-softmax-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(no_cpu(self.name()))
+    }
+    fn cuda_fwd(
+        &self,
+        ps: &CudaStorage,
+        pl: &Layout,
+        ds: &CudaStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = ps.device();
+        let (rows, t) = softmax_rows(self.name(), pl)?;
+        if dl.dims() != pl.dims() {
+            return Err(msg(format!(
+                "{}: dp {:?} vs p {:?}",
+                self.name(),
+                dl.dims(),
+                pl.dims()
+            )));
+        }
+        let p = storage_addr(self.name(), ps, pl, DType::BF16)?;
+        let dp = storage_addr(self.name(), ds, dl, DType::BF16)?;
+        // SAFETY: one warp per row writes every column of it.
+        let mut out = unsafe { dev.alloc::<bf16>(rows as usize * t as usize) }?;
+        let f = func(dev, "causal_softmax_bwd_bf16")?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&p)
+            .arg(&dp)
+            .arg(&rows)
+            .arg(&t)
+            .arg(&self.0.scale)
+            .arg(&mut out);
+        // SAFETY: argument order and types match causal_softmax_bwd_bf16.
+        unsafe { b.launch(softmax_cfg(rows)) }.w()?;
+        Ok((wrap(out, dev), pl.shape().clone()))
+    }
+}
+
+/// `silu(gate) · up` (same shapes).
+#[derive(Debug, Clone, Copy)]
+pub struct Swiglu;
+
+fn same_shape(op: &str, a: &Layout, b: &Layout) -> candle_core::Result<u64> {
+    if a.dims() != b.dims() {
+        return Err(msg(format!("{op}: {:?} vs {:?}", a.dims(), b.dims())));
+    }
+    Ok(a.shape().elem_count() as u64)
+}
+
+impl CustomOp2 for Swiglu {
+    fn name(&self) -> &'static str {
+        "qlorad-swiglu"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(no_cpu(self.name()))
+    }
+    fn cuda_fwd(
+        &self,
+        gs: &CudaStorage,
+        gl: &Layout,
+        us: &CudaStorage,
+        ul: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = gs.device();
+        let n = same_shape(self.name(), gl, ul)?;
+        let g = storage_addr(self.name(), gs, gl, DType::BF16)?;
+        let u = storage_addr(self.name(), us, ul, DType::BF16)?;
+        // SAFETY: the grid-stride loop writes all n values.
+        let mut y = unsafe { dev.alloc::<bf16>(n as usize) }?;
+        let f = func(dev, "swiglu_fwd_bf16")?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&g).arg(&u).arg(&n).arg(&mut y);
+        // SAFETY: argument order and types match swiglu_fwd_bf16; g and u hold n values.
+        unsafe { b.launch(grid(n)) }.w()?;
+        Ok((wrap(y, dev), gl.shape().clone()))
+    }
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let both = g.apply_op3_no_bwd(u, &dy.contiguous()?, &SwigluGrad)?;
+        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+    }
+}
+
+/// `(d gate, d up)` stacked as (2, ...) from (gate, up, dy).
+struct SwigluGrad;
+
+impl CustomOp3 for SwigluGrad {
+    fn name(&self) -> &'static str {
+        "qlorad-swiglu-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(no_cpu(self.name()))
+    }
+    fn cuda_fwd(
+        &self,
+        gs: &CudaStorage,
+        gl: &Layout,
+        us: &CudaStorage,
+        ul: &Layout,
+        ds: &CudaStorage,
+        dl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = gs.device();
+        let n = same_shape(self.name(), gl, ul)?;
+        same_shape(self.name(), gl, dl)?;
+        let g = storage_addr(self.name(), gs, gl, DType::BF16)?;
+        let u = storage_addr(self.name(), us, ul, DType::BF16)?;
+        let dy = storage_addr(self.name(), ds, dl, DType::BF16)?;
+        // SAFETY: the grid-stride loop writes both halves of all n values.
+        let mut out = unsafe { dev.alloc::<bf16>(2 * n as usize) }?;
+        let f = func(dev, "swiglu_bwd_bf16")?;
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(&g).arg(&u).arg(&dy).arg(&n).arg(&mut out);
+        // SAFETY: argument order and types match swiglu_bwd_bf16; inputs hold n values, out 2n.
+        unsafe { b.launch(grid(n)) }.w()?;
+        let mut dims = vec![2];
+        dims.extend_from_slice(gl.dims());
+        Ok((wrap(out, dev), Shape::from(dims)))
+    }
+}
+
+/// AdamW hyper-parameters of one update (bias corrections already folded in).
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWStep {
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// `1 − lr · weight_decay`.
+    pub decay: f32,
+    /// `lr / (1 − beta1^t)`.
+    pub step_size: f32,
+    /// `sqrt(1 − beta2^t)`.
+    pub bc2_sqrt: f32,
+}
+
+fn cuda_of(t: &Tensor) -> candle_core::Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        other => Err(msg(format!("expected a CUDA tensor, got one on {other:?}"))),
+    }
+}
+
+/// One AdamW update of `p` from gradient `g`, with moments `m`, `v`: `p`, `m` and `v` are
+/// overwritten in place (f32, contiguous, same size, one GPU).
+pub fn adamw_update(
+    p: &Tensor,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    s: AdamWStep,
+) -> candle_core::Result<()> {
+    let dev = cuda_of(p)?;
+    let n = p.elem_count();
+    for t in [g, m, v] {
+        if t.elem_count() != n {
+            return Err(msg(format!("adamw: {:?} vs {:?}", t.dims(), p.dims())));
+        }
+    }
+    let addr = |t: &Tensor| tensor_addr("adamw", t, &dev, DType::F32);
+    let (pa, ga, ma, va) = (addr(p)?, addr(g)?, addr(m)?, addr(v)?);
+    let f = func(&dev, "adamw_f32")?;
+    let stream = dev.cuda_stream();
+    let n64 = n as u64;
+    let mut b = stream.launch_builder(&f);
+    b.arg(&pa)
+        .arg(&ga)
+        .arg(&ma)
+        .arg(&va)
+        .arg(&n64)
+        .arg(&s.beta1)
+        .arg(&s.beta2)
+        .arg(&s.eps)
+        .arg(&s.decay)
+        .arg(&s.step_size)
+        .arg(&s.bc2_sqrt);
+    // SAFETY: argument order and types match adamw_f32; all four hold n f32 (checked above).
+    // Writing p, m and v in place is what the optimizer means (as candle's Var::set does).
+    unsafe { b.launch(grid(n64)) }.w()?;
+    Ok(())
+}
+
+/// Σ x² over every value of `ts` (f32 tensors on one GPU), in f64, one read-back.
+pub fn sum_squares(ts: &[Tensor]) -> candle_core::Result<f64> {
+    let Some(first) = ts.first() else {
+        return Ok(0.0);
+    };
+    let dev = cuda_of(first)?;
+    let mut acc = dev.alloc_zeros::<f64>(1)?;
+    let f = func(&dev, "sumsq_f32")?;
+    let stream = dev.cuda_stream();
+    for t in ts {
+        let t = t.contiguous()?;
+        let a = tensor_addr("sumsq", &t, &dev, DType::F32)?;
+        let n = t.elem_count() as u64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&a).arg(&n).arg(&mut acc);
+        // SAFETY: argument order and types match sumsq_f32; t holds n f32.
+        unsafe { b.launch(grid(n)) }.w()?;
+    }
+    Ok(dev.clone_dtoh(&acc)?[0])
+}
