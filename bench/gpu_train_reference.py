@@ -32,6 +32,9 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--json-out")
+    ap.add_argument("--curve", help="a loss curve instead: start from DIR/init (PEFT adapter), train "
+                    "--steps plain steps over DIR/batches.json in turn, AdamW without weight decay, "
+                    "as qlorad-bench gpu-train-bench --curve-steps did")
     a = ap.parse_args()
     import bitsandbytes as bnb
     import torch
@@ -46,12 +49,17 @@ def main():
     if a.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(
-        r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    if a.curve:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, os.path.join(a.curve, "init"), is_trainable=True)
+    else:
+        model = get_peft_model(model, LoraConfig(
+            r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = bnb.optim.PagedAdamW32bit(params, lr=2e-4)
+    # qlorad's AdamW has no weight decay by default; the curve compares like with like.
+    opt = bnb.optim.PagedAdamW32bit(params, lr=2e-4, weight_decay=0.0 if a.curve else 0.01)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (a.batch, a.seq), device="cuda")
     torch.cuda.reset_peak_memory_stats()
@@ -64,6 +72,20 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
         return out.loss.item()
+
+    if a.curve:
+        with open(os.path.join(a.curve, "batches.json")) as f:
+            batches = [torch.tensor(b, device="cuda") for b in json.load(f)]
+        losses = []
+        for s in range(a.steps):
+            ids = batches[s % len(batches)]
+            losses.append(step())
+        out = {"curve_losses": losses}
+        print(json.dumps(out))
+        if a.json_out:
+            with open(a.json_out, "w") as f:
+                json.dump(out, f, indent=1)
+        return
 
     losses = [step() for _ in range(a.warmup)]
     torch.cuda.synchronize()

@@ -278,6 +278,56 @@ impl Drop for MemPeak {
     }
 }
 
+/// Batches a loss curve cycles through (the model can learn them: the loss falls).
+const CURVE_BATCHES: usize = 4;
+
+/// `steps` plain optimizer steps (AdamW lr 2e-4, no weight decay, clip 0.3) from a fresh adapter,
+/// cycling over [`CURVE_BATCHES`] random batches; the adapter as initialised (PEFT folder `init/`)
+/// and the batches (`batches.json`, token ids per batch) are written to `dir` first so the
+/// reference can start from the same point on the same data. Returns the per-step losses.
+fn loss_curve(
+    model: &Llama,
+    sp: &LoraSpec,
+    steps: usize,
+    dir: &std::path::Path,
+    b: usize,
+    t: usize,
+) -> Result<Vec<f64>> {
+    let cfg = model.config();
+    let lora = TrainableLora::new_on(cfg, sp, 1234, model.device())?;
+    qlorad_trainer::train::save_peft(&lora, "m7b", &dir.join("init"), true)?;
+    let batches = (0..CURVE_BATCHES)
+        .map(|i| random_batch(cfg.vocab_size, b, t, 500 + i as u64))
+        .collect::<Result<Vec<_>>>()?;
+    let ids = batches
+        .iter()
+        .map(|x| Ok(x.ids.to_vec2::<u32>()?))
+        .collect::<Result<Vec<_>>>()?;
+    std::fs::write(dir.join("batches.json"), serde_json::to_string(&ids)?)?;
+    let vars: Vec<Var> = lora
+        .named_vars()
+        .into_iter()
+        .map(|(_, v)| v.clone())
+        .collect();
+    let adam = AdamWConfig {
+        weight_decay: 0.0,
+        ..Default::default()
+    };
+    let mut opt = AdamW::new(&vars.iter().collect::<Vec<_>>(), adam)?;
+    (0..steps)
+        .map(|s| {
+            train_step(
+                model,
+                &lora,
+                &mut opt,
+                &batches[s % CURVE_BATCHES],
+                adam.lr,
+                false,
+            )
+        })
+        .collect()
+}
+
 /// `qlorad-bench gpu-train-bench`: tokens/s and peak GPU memory of full optimizer steps.
 pub fn bench(a: GpuTrainBenchArgs) -> Result<()> {
     let p = Placement::open(a.device)?;
@@ -303,9 +353,19 @@ pub fn bench(a: GpuTrainBenchArgs) -> Result<()> {
             "gc_paged" => (true, true, "train_gc_paged"),
             "gc" => (true, false, "train_gc"),
             "plain" => (false, false, "train"),
-            o => anyhow::bail!("unknown mode {o:?} (gc_paged, gc, plain)"),
+            "plain_dropout" => (false, false, "train_dropout"),
+            o => anyhow::bail!("unknown mode {o:?} (gc_paged, gc, plain, plain_dropout)"),
         };
-        let lora = TrainableLora::new_on(&cfg, &sp, 42, &p.device)?;
+        // plain_dropout: LoRA dropout 0.05, the fine-tuning jobs' default.
+        let dropout = mode == "plain_dropout";
+        let msp = LoraSpec {
+            dropout: if dropout { 0.05 } else { 0.0 },
+            ..sp.clone()
+        };
+        let lora = TrainableLora::new_on(&cfg, &msp, 42, &p.device)?;
+        if dropout {
+            lora.set_dropout_seed(Some(7));
+        }
         let vars: Vec<Var> = lora
             .named_vars()
             .into_iter()
@@ -359,6 +419,11 @@ pub fn bench(a: GpuTrainBenchArgs) -> Result<()> {
         out.insert(format!("{key}_step_s"), serde_json::json!(step_s));
         out.insert(format!("{key}_losses"), serde_json::json!(losses));
         out.insert("train_trainable_params".into(), params.into());
+    }
+    if a.curve_steps > 0 {
+        let curve = loss_curve(&model, &sp, a.curve_steps, &a.curve_dir, a.batch, a.seq)?;
+        eprintln!("curve: {curve:.4?}");
+        out.insert("curve_losses".into(), serde_json::json!(curve));
     }
     let json = serde_json::Value::Object(out);
     println!("{}", serde_json::to_string_pretty(&json)?);

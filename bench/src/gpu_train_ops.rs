@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 use qlorad_model::linear::{BaseLinear, Nf4Linear};
 use qlorad_model::llama::train::{self, causal_mask, LoraWeights, TrainContext, TrainOps};
 use qlorad_model::Placement;
+use qlorad_trainer::step::loss_from_logits;
 
 /// A random f32 tensor on the host whose values bf16 represents exactly.
 fn input(shape: &[usize], mean: f64, std: f64, seed: u64) -> Result<Tensor> {
@@ -128,6 +129,101 @@ impl LoraWeights for OneModule<'_> {
     }
 }
 
+/// A LoRA module whose dropout is drawn by the fused op from a seed.
+struct SeededDropout<'a>(&'a Tensor, &'a Tensor, f64, u64, f64);
+
+impl LoraWeights for SeededDropout<'_> {
+    fn module(&self, _: usize, _: usize) -> Option<(&Tensor, &Tensor, f64)> {
+        Some((self.0, self.1, self.2))
+    }
+    fn dropout_mask(&self, _: usize, _: usize) -> Option<(u64, f64)> {
+        Some((self.3, self.4))
+    }
+}
+
+/// The same module with the mask given as a tensor, applied by candle's ops.
+struct MaskDropout<'a>(&'a Tensor, &'a Tensor, f64, &'a Tensor);
+
+impl LoraWeights for MaskDropout<'_> {
+    fn module(&self, _: usize, _: usize) -> Option<(&Tensor, &Tensor, f64)> {
+        Some((self.0, self.1, self.2))
+    }
+    fn dropout(&self, _: usize, _: usize, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.mul(self.3)
+    }
+}
+
+/// The fused projection with LoRA dropout (mask drawn on the device) against candle's ops with
+/// the same mask as a tensor, both on the GPU: output and gradients of x, A and B; and the share
+/// of dropped values.
+fn dropout_check(
+    r: &mut Report,
+    gpu: &Placement,
+    lin: &dyn BaseLinear,
+    xab: &[Tensor],
+) -> Result<()> {
+    let (seed, p) = (0x5eed_u64, 0.1);
+    let on_gpu = |t: &Tensor| -> Result<Var> {
+        Ok(Var::from_tensor(
+            &t.to_dtype(DType::BF16)?.to_device(&gpu.device)?,
+        )?)
+    };
+    let run = |fused: bool| -> Result<Vec<Tensor>> {
+        let (x, a, b) = (on_gpu(&xab[0])?, on_gpu(&xab[1])?, on_gpu(&xab[2])?);
+        let y = if fused {
+            let l = SeededDropout(a.as_tensor(), b.as_tensor(), 2.0, seed, p);
+            train::project(TrainOps::Fused, lin, 0, 0, x.as_tensor(), &l)?
+        } else {
+            let d = qlorad_kernels::train_cuda::Dropout { seed, p: p as f32 };
+            let mask = qlorad_kernels::train_cuda::dropout(&x.as_tensor().ones_like()?, d)?;
+            let l = MaskDropout(a.as_tensor(), b.as_tensor(), 2.0, &mask);
+            train::project(TrainOps::Candle, lin, 0, 0, x.as_tensor(), &l)?
+        };
+        let g = input(y.dims(), 0.0, 1.0, 98)?
+            .to_dtype(DType::BF16)?
+            .to_device(&gpu.device)?;
+        let store = (&y * g)?.sum(D::Minus1)?.sum_all()?.backward()?;
+        let mut out = vec![y.to_device(&Device::Cpu)?];
+        for v in [&x, &a, &b] {
+            let gv = store
+                .get(v.as_tensor())
+                .ok_or_else(|| anyhow::anyhow!("dropout check: no gradient"))?;
+            out.push(gv.to_device(&Device::Cpu)?);
+        }
+        Ok(out)
+    };
+    let (f, c) = (run(true)?, run(false)?);
+    let worst = f
+        .iter()
+        .zip(&c)
+        .map(|(a, b)| rel_err(a, b))
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .fold(0f64, f64::max);
+    r.add(
+        "fused LoRA dropout p 0.1 vs candle ops with its mask (y, dx, dA, dB max rel)".into(),
+        worst,
+        2e-2,
+        String::new(),
+    );
+    let ones = Tensor::ones(xab[0].dims(), DType::BF16, &gpu.device)?;
+    let d = qlorad_kernels::train_cuda::Dropout { seed, p: p as f32 };
+    let mask = qlorad_kernels::train_cuda::dropout(&ones, d)?;
+    let dropped = mask
+        .to_dtype(DType::F32)?
+        .eq(0f64)?
+        .to_dtype(DType::F32)?
+        .mean_all()?;
+    let share = dropped.to_scalar::<f32>()? as f64;
+    r.add(
+        "LoRA dropout mask: |dropped share - p|".into(),
+        (share - p).abs(),
+        1e-2,
+        format!("{share:.4} dropped of {}", ones.elem_count()),
+    );
+    Ok(())
+}
+
 pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
     let dt = |d: &Device| if d.is_cuda() { DType::BF16 } else { DType::F32 };
     let w = input(&[320], 1.0, 0.1, 5)?;
@@ -189,6 +285,39 @@ pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
         let lora = OneModule(&x[1], &x[2], 2.0);
         Ok(train::project(ops, base, 0, 0, &x[0], &lora)?)
     })?;
+    dropout_check(r, gpu, gpu_lin.as_ref(), &xab)?;
+
+    // The causal-LM loss: fused cross-entropy vs candle's f32 log-softmax on the CPU.
+    let mut batch = crate::gpu_train::random_batch(300, 2, 20, 13)?;
+    for m in batch.mask.iter_mut().skip(5).step_by(3) {
+        *m = false; // some rows without a target
+    }
+    let logits = input(&[2, 20, 300], 0.0, 3.0, 14)?;
+    let run = |ops: TrainOps, d: &Device| -> Result<(f64, Tensor)> {
+        let dt = if d.is_cuda() { DType::BF16 } else { DType::F32 };
+        let v = Var::from_tensor(&logits.to_dtype(dt)?.to_device(d)?)?;
+        let l = (loss_from_logits(ops, v.as_tensor(), &batch)? * 0.7)?;
+        let g = l.backward()?;
+        let gv = g
+            .get(v.as_tensor())
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("cross-entropy: no gradient"))?;
+        Ok((l.to_scalar::<f32>()? as f64, gv.to_device(&Device::Cpu)?))
+    };
+    let (lc, gc) = run(TrainOps::Candle, &Device::Cpu)?;
+    let (lg, gg) = run(TrainOps::Fused, &gpu.device)?;
+    r.add(
+        "fused train op cross-entropy: loss vs cpu (rel)".into(),
+        (lg - lc).abs() / lc.abs(),
+        1e-3,
+        format!("cpu {lc:.5}, gpu {lg:.5}"),
+    );
+    r.add(
+        "fused train op cross-entropy: logit grads vs cpu (rel)".into(),
+        rel_err(&gg, &gc)?,
+        2e-2,
+        String::new(),
+    );
     let gu = [
         input(&[3, 37, 200], 0.0, 2.0, 7)?,
         input(&[3, 37, 200], 0.0, 1.0, 8)?,

@@ -194,15 +194,23 @@ pub fn run(device: DeviceSpec, json_out: Option<std::path::PathBuf>) -> Result<(
     );
 
     let batch = random_batch(cfg.vocab_size, b, t, 1)?;
-    let f =
-        || -> Result<Tensor> { Ok(loss_from_logits(&model.head_train(x.as_tensor())?, &batch)?) };
-    add(
-        "head + loss (once per step)",
-        0.0,
-        ops,
-        time(&p, n, || f().map(drop))?,
-        time(&p, n, || Ok(f()?.backward().map(drop)?))?,
-    );
+    for ops in [TrainOps::Candle, TrainOps::Fused] {
+        model.set_train_ops(ops);
+        let f = || -> Result<Tensor> {
+            Ok(loss_from_logits(
+                ops,
+                &model.head_train(x.as_tensor())?,
+                &batch,
+            )?)
+        };
+        add(
+            "head + loss (once per step)",
+            0.0,
+            ops,
+            time(&p, n, || f().map(drop))?,
+            time(&p, n, || Ok(f()?.backward().map(drop)?))?,
+        );
+    }
 
     // The optimizer over all 32 layers' LoRA tensors (gradients: the weights themselves).
     let mut cfg32 = cfg.clone();

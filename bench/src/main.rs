@@ -144,10 +144,17 @@ pub struct GpuTrainBenchArgs {
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
     /// Which modes to run, in order: gc_paged (checkpointing + AdamW state paged from the host),
-    /// gc (checkpointing), plain. Run smaller peaks first: the stream-ordered pool keeps what a
+    /// gc (checkpointing), plain, plain_dropout (LoRA dropout 0.05). Run smaller peaks first: the stream-ordered pool keeps what a
     /// larger one reserved.
     #[arg(long, value_delimiter = ',', default_value = "gc,plain")]
     pub modes: Vec<String>,
+    /// Then a loss curve of this many plain steps (0: none) from a saved initial adapter over
+    /// saved batches, for the reference to repeat (bench/gpu_train_reference.py --curve).
+    #[arg(long, default_value_t = 0)]
+    pub curve_steps: usize,
+    /// Where the curve's initial adapter (init/) and batches (batches.json) are written.
+    #[arg(long, default_value = "/tmp/qlorad-curve")]
+    pub curve_dir: PathBuf,
     /// Write the results as JSON here (also printed).
     #[arg(long)]
     pub json_out: Option<PathBuf>,

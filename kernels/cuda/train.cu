@@ -188,3 +188,98 @@ extern "C" __global__ void sumsq_f32(const float* __restrict__ x, u64 n, double*
     s = block_sum(s, part);
     if (threadIdx.x == 0) atomicAdd(acc, (double)s);
 }
+
+// Cross-entropy of rows of logits (n, v) bf16 against targets (u32; 0xffffffff: no target), the
+// loss of transformers' causal LM (log-softmax in f32, mean over the rows with a target).
+// out (n + 1) f32: out[1 + i] = logsumexp of row i (kept for the backward), loss[i] its loss.
+// Merges two (max, sum of exp) pairs; a pair with max -inf is empty.
+__device__ __forceinline__ void lse_merge(float& m, float& s, float mo, float so) {
+    const float mn = fmaxf(m, mo);
+    if (mn == -INFINITY) return;
+    s = (m == -INFINITY ? 0.f : s * __expf(m - mn)) + (mo == -INFINITY ? 0.f : so * __expf(mo - mn));
+    m = mn;
+}
+
+extern "C" __global__ void ce_rows_bf16(const u16* __restrict__ logits, const u32* __restrict__ tgt,
+                                        u32 v, float* __restrict__ out, float* __restrict__ loss) {
+    __shared__ float sm[32], ss[32];
+    const u16* x = logits + (u64)blockIdx.x * v;
+    // Online max / sum of exp per thread (Milakov & Gimelshein 2018), then across the block.
+    float m = -INFINITY, s = 0.f;
+    for (u32 j = threadIdx.x; j < v; j += blockDim.x) {
+        const float xj = bf16_f(x[j]);
+        if (xj > m) {
+            s = s * __expf(m - xj) + 1.f;
+            m = xj;
+        } else {
+            s += __expf(xj - m);
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float mo = __shfl_xor_sync(0xffffffffu, m, o), so = __shfl_xor_sync(0xffffffffu, s, o);
+        lse_merge(m, s, mo, so);
+    }
+    const u32 w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) { sm[w] = m; ss[w] = s; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float M = sm[0], S = ss[0];
+        for (u32 i = 1; i < (blockDim.x >> 5); i++) lse_merge(M, S, sm[i], ss[i]);
+        const float lse = M + logf(S);
+        out[1 + blockIdx.x] = lse;
+        const u32 t = tgt[blockIdx.x];
+        loss[blockIdx.x] = t < v ? lse - bf16_f(x[t]) : 0.f;
+    }
+}
+
+// out[0] = sum(loss) * inv_count, one block (a fixed order: deterministic).
+extern "C" __global__ void ce_mean(const float* __restrict__ loss, u32 n, float inv_count,
+                                   float* __restrict__ out) {
+    __shared__ float part[32];
+    float s = 0.f;
+    for (u32 i = threadIdx.x; i < n; i += blockDim.x) s += loss[i];
+    s = block_sum(s, part);
+    if (threadIdx.x == 0) out[0] = s * inv_count;
+}
+
+// d logits = g * inv_count * (softmax - onehot(target)) for rows with a target, 0 otherwise;
+// g = grad[0] (the upstream gradient of the mean, read on the device: no host sync).
+extern "C" __global__ void ce_bwd_bf16(const u16* __restrict__ logits, const u32* __restrict__ tgt,
+                                       const float* __restrict__ res, const float* __restrict__ grad,
+                                       u32 v, float inv_count, u16* __restrict__ dx) {
+    const u64 off = (u64)blockIdx.x * v;
+    const u32 t = tgt[blockIdx.x];
+    const float g = grad[0] * inv_count, lse = res[1 + blockIdx.x];
+    for (u32 j = threadIdx.x; j < v; j += blockDim.x) {
+        const float p = t < v ? __expf(bf16_f(logits[off + j]) - lse) : 0.f;
+        dx[off + j] = f32_to_bf16(t < v ? g * (p - (j == t ? 1.f : 0.f)) : 0.f);
+    }
+}
+
+// LoRA dropout on the device: element i of a micro-batch's (layer, projection) input is dropped
+// when a counter-based hash of (seed, i) falls below p·2^32 (splitmix64's finalizer; Steele et al.
+// 2014) and kept scaled by 1/(1-p) otherwise — the same mask wherever and however often it is
+// recomputed (gradient checkpointing, the backward), with no RNG state.
+__device__ __forceinline__ bool dropped(u64 seed, u64 i, u32 thr) {
+    u64 z = seed + i * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return (u32)((z ^ (z >> 31)) >> 32) < thr;
+}
+
+// y = dropout(x).
+extern "C" __global__ void dropout_bf16(const u16* __restrict__ x, u64 n, u64 seed, u32 thr,
+                                        float keep, u16* __restrict__ y) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x)
+        y[i] = dropped(seed, i, thr) ? 0 : f32_to_bf16(bf16_f(x[i]) * keep);
+}
+
+// acc += dropout(t) with the mask of dropout_bf16 (the LoRA branch's share of dx).
+extern "C" __global__ void dropout_add_bf16(const u16* __restrict__ t, u64 n, u64 seed, u32 thr,
+                                            float keep, u16* __restrict__ acc) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x)
+        if (!dropped(seed, i, thr)) acc[i] = f32_to_bf16(bf16_f(acc[i]) + bf16_f(t[i]) * keep);
+}

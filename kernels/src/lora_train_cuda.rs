@@ -11,9 +11,10 @@
 //! runs under bf16 autocast (bf16 operands, f32 accumulation, h and dh rounded to bf16).
 
 use crate::nf4_op::Nf4Weight;
+use crate::train_cuda::Dropout;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
-use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use half::bf16;
@@ -93,11 +94,31 @@ fn tensor_addr(op: &str, t: &Tensor) -> candle_core::Result<u64> {
     }
 }
 
-/// `y = x·Wᵀ + scale·(x·Aᵀ)·Bᵀ` over (x, A, B), bf16 on one GPU; W is the NF4 weight.
+/// `y = x·Wᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ` over (x, A, B), bf16 on one GPU; W is the NF4 weight.
+/// With `dropout`, the branch's input is masked on the device (the mask recomputed from its seed
+/// in the backward, where it also masks the branch's share of dx).
 #[derive(Debug, Clone)]
 pub struct LoraLinear {
     pub weight: Arc<Nf4Weight>,
     pub scale: f32,
+    pub dropout: Option<Dropout>,
+}
+
+/// The branch input: x itself, or a fresh dropout(x) (kept alive by the returned buffer).
+fn branch_input(
+    dev: &CudaDevice,
+    x: u64,
+    n: usize,
+    d: Option<Dropout>,
+) -> candle_core::Result<(u64, Option<CudaSlice<bf16>>)> {
+    let Some(d) = d else {
+        return Ok((x, None));
+    };
+    // SAFETY: fully written by the dropout kernel.
+    let buf = unsafe { dev.alloc::<bf16>(n) }?;
+    let a = buf.device_ptr(&dev.cuda_stream()).0;
+    d.launch(dev, x, n, a, false)?;
+    Ok((a, Some(buf)))
 }
 
 /// (rows, in, out, r) of a call, checked against the weight.
@@ -161,7 +182,8 @@ impl CustomOp3 for LoraLinear {
         let h = unsafe { dev.alloc::<bf16>(m * r) }?;
         let stream = dev.cuda_stream();
         let (ha, ya) = (h.device_ptr(&stream).0, y.device_ptr(&stream).0);
-        gemm(dev, (m, r, k), 1.0, xa, false, aa, true, 0.0, ha)?; // h = x·Aᵀ
+        let (xd, _keep) = branch_input(dev, xa, m * k, self.dropout)?;
+        gemm(dev, (m, r, k), 1.0, xd, false, aa, true, 0.0, ha)?; // h = dropout(x)·Aᵀ
         gemm(dev, (m, n, r), self.scale, ha, false, ba, true, 1.0, ya)?; // y += s·h·Bᵀ
         let mut out = xl.dims().to_vec();
         if let Some(last) = out.last_mut() {
@@ -252,14 +274,26 @@ impl CustomOp2 for LoraLinearGrad {
         let h = unsafe { dev.alloc::<bf16>(m * r) }?;
         let dh = unsafe { dev.alloc::<bf16>(m * r) }?;
         let (ha, dha) = (h.device_ptr(&stream).0, dh.device_ptr(&stream).0);
-        gemm(dev, (m, r, k), 1.0, xa, false, aa, true, 0.0, ha)?; // h = x·Aᵀ
+        let drop = self.fwd.dropout;
+        let (xd, _keep) = branch_input(dev, xa, m * k, drop)?;
+        gemm(dev, (m, r, k), 1.0, xd, false, aa, true, 0.0, ha)?; // h = xd·Aᵀ
         gemm(dev, (n, r, m), s, dya, true, ha, false, 0.0, db)?; // dB = s·dyᵀ·h
         gemm(dev, (m, r, n), s, dya, false, ba, false, 0.0, dha)?; // dh = s·dy·B
-        gemm(dev, (r, k, m), 1.0, dha, true, xa, false, 0.0, da)?; // dA = dhᵀ·x
+        gemm(dev, (r, k, m), 1.0, dha, true, xd, false, 0.0, da)?; // dA = dhᵀ·xd
         let wd = g.dequantize_bf16()?;
         let wa = wd.device_ptr(&stream).0;
         gemm(dev, (m, k, n), 1.0, dya, false, wa, false, 0.0, dx)?; // dx = dy·W
-        gemm(dev, (m, k, r), 1.0, dha, false, aa, false, 1.0, dx)?; // dx += dh·A
+        match drop {
+            None => gemm(dev, (m, k, r), 1.0, dha, false, aa, false, 1.0, dx)?, // dx += dh·A
+            Some(d) => {
+                // dx += dropout(dh·A): the mask's derivative.
+                // SAFETY: fully written by the GEMM.
+                let t = unsafe { dev.alloc::<bf16>(m * k) }?;
+                let ta = t.device_ptr(&stream).0;
+                gemm(dev, (m, k, r), 1.0, dha, false, aa, false, 0.0, ta)?;
+                d.launch(dev, ta, m * k, dx, true)?;
+            }
+        }
         Ok((
             CudaStorage::wrap_cuda_slice(out, dev.clone()),
             Shape::from(total),

@@ -1,7 +1,7 @@
 //! The fused training ops of `cuda/train.cu` (behind the `cuda` feature) as candle custom ops with
 //! their own backward: RMSNorm, RoPE, the causal attention softmax and SwiGLU, each one launch
 //! forward and one backward instead of a chain of candle kernels with f32 copies (issue 6's
-//! profile: `qlorad-bench gpu-train-profile`). Plus AdamW and the gradient norm over many tensors,
+//! profile: `qlorad-bench gpu-train-profile`), and the causal-LM cross-entropy. Plus AdamW and the gradient norm over many tensors,
 //! in place, one launch per tensor.
 //!
 //! bf16 activations on one GPU, contiguous (the wrappers make them so); frozen weights and tables
@@ -24,6 +24,8 @@ const MODULE: &str = "qlorad_train";
 const THREADS: u32 = 256;
 // Must match SOFTMAX_WARPS in cuda/train.cu.
 const SOFTMAX_WARPS: u64 = 8;
+/// Threads per row of the cross-entropy kernels.
+const CE_THREADS: u32 = 512;
 
 fn msg(s: String) -> candle_core::Error {
     candle_core::Error::Msg(s)
@@ -47,6 +49,7 @@ fn storage_addr(op: &str, s: &CudaStorage, l: &Layout, dtype: DType) -> candle_c
     let base = match dtype {
         DType::BF16 => s.as_cuda_slice::<bf16>()?.device_ptr(&stream).0,
         DType::F32 => s.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        DType::U32 => s.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
         other => return Err(msg(format!("{op}: unsupported dtype {other:?}"))),
     };
     Ok(base + (start * dtype.size_in_bytes()) as u64)
@@ -476,6 +479,215 @@ impl CustomOp3 for SwigluGrad {
         dims.extend_from_slice(gl.dims());
         Ok((wrap(out, dev), Shape::from(dims)))
     }
+}
+
+/// Marks a row of [`cross_entropy`] that has no target.
+pub const NO_TARGET: u32 = u32::MAX;
+
+/// Mean cross-entropy of `logits (n, v)` (bf16) against `targets` (one per row, [`NO_TARGET`]
+/// for rows without one), averaged over the rows with a target: a scalar f32 tensor. The
+/// log-softmax is computed in f32 on the fly, never stored; the backward recomputes it from the
+/// per-row logsumexp the forward keeps.
+pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    let count = targets.iter().filter(|&&t| (t as usize) < v).count();
+    if targets.len() != n || count == 0 {
+        return Err(msg(format!(
+            "cross_entropy: {} targets ({count} valid) for {n} rows",
+            targets.len()
+        )));
+    }
+    let op = CrossEntropy {
+        targets: Tensor::from_slice(targets, n, logits.device())?,
+        count,
+    };
+    logits.contiguous()?.apply_op1(op)?.get(0)
+}
+
+/// Output (n + 1) f32: the mean loss, then each row's logsumexp.
+#[derive(Debug, Clone)]
+struct CrossEntropy {
+    targets: Tensor,
+    count: usize,
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "qlorad-cross-entropy"
+    }
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(no_cpu(self.name()))
+    }
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = s.device();
+        let &[n, v] = l.dims() else {
+            return Err(msg(format!("{}: logits {:?}", self.name(), l.dims())));
+        };
+        let x = storage_addr(self.name(), s, l, DType::BF16)?;
+        let t = tensor_addr(self.name(), &self.targets, dev, DType::U32)?;
+        // SAFETY: ce_rows writes out[1..] and every loss; ce_mean writes out[0].
+        let mut out = unsafe { dev.alloc::<f32>(n + 1) }?;
+        let mut loss = unsafe { dev.alloc::<f32>(n) }?;
+        let stream = dev.cuda_stream();
+        let (v32, n32, inv) = (v as u32, n as u32, 1.0 / self.count as f32);
+        let f = func(dev, "ce_rows_bf16")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x).arg(&t).arg(&v32).arg(&mut out).arg(&mut loss);
+        let rows = LaunchConfig {
+            grid_dim: (n32, 1, 1),
+            block_dim: (CE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument order and types match ce_rows_bf16; x holds n·v, t n values.
+        unsafe { b.launch(rows) }.w()?;
+        let f = func(dev, "ce_mean")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&loss).arg(&n32).arg(&inv).arg(&mut out);
+        let one = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument order and types match ce_mean; loss holds n values.
+        unsafe { b.launch(one) }.w()?;
+        Ok((
+            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+            Shape::from(n + 1),
+        ))
+    }
+    fn bwd(&self, x: &Tensor, res: &Tensor, g: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let grad = CrossEntropyGrad(self.clone());
+        Ok(Some(x.apply_op3_no_bwd(res, &g.contiguous()?, &grad)?))
+    }
+}
+
+/// d logits from (logits, the forward's output, its upstream gradient).
+struct CrossEntropyGrad(CrossEntropy);
+
+impl CustomOp3 for CrossEntropyGrad {
+    fn name(&self) -> &'static str {
+        "qlorad-cross-entropy-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(no_cpu(self.name()))
+    }
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        rs: &CudaStorage,
+        rl: &Layout,
+        gs: &CudaStorage,
+        gl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dev = xs.device();
+        let &[n, v] = xl.dims() else {
+            return Err(msg(format!("{}: logits {:?}", self.name(), xl.dims())));
+        };
+        let x = storage_addr(self.name(), xs, xl, DType::BF16)?;
+        let r = storage_addr(self.name(), rs, rl, DType::F32)?;
+        let g = storage_addr(self.name(), gs, gl, DType::F32)?;
+        let t = tensor_addr(self.name(), &self.0.targets, dev, DType::U32)?;
+        // SAFETY: one block per row writes all v values of it.
+        let mut dx = unsafe { dev.alloc::<bf16>(n * v) }?;
+        let stream = dev.cuda_stream();
+        let (v32, inv) = (v as u32, 1.0 / self.0.count as f32);
+        let f = func(dev, "ce_bwd_bf16")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x)
+            .arg(&t)
+            .arg(&r)
+            .arg(&g)
+            .arg(&v32)
+            .arg(&inv)
+            .arg(&mut dx);
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (CE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: argument order and types match ce_bwd_bf16; res holds n + 1, grad ≥ 1 value.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((wrap(dx, dev), xl.shape().clone()))
+    }
+}
+
+/// LoRA dropout of one (micro-batch, layer, projection): the seed of its mask and the drop
+/// probability p (0 ≤ p < 1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    pub seed: u64,
+    pub p: f32,
+}
+
+impl Dropout {
+    /// (threshold of the 32-bit hash, scale of kept values).
+    fn params(&self) -> (u32, f32) {
+        (
+            (self.p as f64 * 4_294_967_296.0).min(u32::MAX as f64) as u32,
+            1.0 / (1.0 - self.p),
+        )
+    }
+
+    /// Launches `dropout_bf16` (`add` false: `y = dropout(x)`) or `dropout_add_bf16` (`y +=
+    /// dropout(x)`) on n bf16 values at device addresses x and y.
+    pub(crate) fn launch(
+        &self,
+        dev: &CudaDevice,
+        x: u64,
+        n: usize,
+        y: u64,
+        add: bool,
+    ) -> candle_core::Result<()> {
+        let (thr, keep) = self.params();
+        let f = func(
+            dev,
+            if add {
+                "dropout_add_bf16"
+            } else {
+                "dropout_bf16"
+            },
+        )?;
+        let stream = dev.cuda_stream();
+        let n64 = n as u64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x)
+            .arg(&n64)
+            .arg(&self.seed)
+            .arg(&thr)
+            .arg(&keep)
+            .arg(&y);
+        // SAFETY: argument order and types match the kernels; the caller's buffers hold n values.
+        unsafe { b.launch(grid(n64)) }.w()?;
+        Ok(())
+    }
+}
+
+/// `dropout(x)` as [`crate::lora_train_cuda::LoraLinear`] applies it (no backward: for checks).
+pub fn dropout(x: &Tensor, d: Dropout) -> candle_core::Result<Tensor> {
+    let dev = cuda_of(x)?;
+    let x = x.contiguous()?;
+    let n = x.elem_count();
+    let xa = tensor_addr("dropout", &x, &dev, DType::BF16)?;
+    // SAFETY: the kernel writes all n values.
+    let y = unsafe { dev.alloc::<bf16>(n) }?;
+    let stream = dev.cuda_stream();
+    let ya = y.device_ptr(&stream).0;
+    d.launch(&dev, xa, n, ya, false)?;
+    Ok(Tensor::from_storage(
+        Storage::Cuda(wrap(y, &dev)),
+        x.shape().clone(),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
 }
 
 /// AdamW hyper-parameters of one update (bias corrections already folded in).

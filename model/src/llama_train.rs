@@ -26,9 +26,10 @@ pub trait LoraWeights {
         Ok(x.clone())
     }
 
-    /// Whether [`LoraWeights::dropout`] changes x now (the fused projection needs it not to).
-    fn dropout_active(&self, _layer: usize, _proj: usize) -> bool {
-        false
+    /// The dropout the branch of (layer, proj) applies now, as (mask seed, probability), for
+    /// kernels that draw the mask themselves (the fused GPU projection); `None`: no dropout.
+    fn dropout_mask(&self, _layer: usize, _proj: usize) -> Option<(u64, f64)> {
+        None
     }
 }
 
@@ -95,7 +96,7 @@ pub fn project(
     lora: &dyn LoraWeights,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if ops == TrainOps::Fused && !lora.dropout_active(layer, proj) {
+    if ops == TrainOps::Fused {
         if let (Some(w), Some((a, b, scale))) = (base.nf4_weight(), lora.module(layer, proj)) {
             // NF4 base and LoRA in one op with one backward (kernels/src/lora_train_cuda.rs);
             // the f32 → bf16 casts stay in the graph, returning f32 gradients to A and B.
@@ -103,6 +104,11 @@ pub fn project(
             let op = qlorad_kernels::lora_train_cuda::LoraLinear {
                 weight: w.clone(),
                 scale: scale as f32,
+                // Drawn on the device from the seed (a different mask than the CPU's ChaCha one,
+                // equally deterministic).
+                dropout: lora
+                    .dropout_mask(layer, proj)
+                    .map(|(seed, p)| qlorad_kernels::train_cuda::Dropout { seed, p: p as f32 }),
             };
             return Ok(x.contiguous()?.apply_op3(&a, &b, op)?);
         }

@@ -8,7 +8,7 @@
 
 use crate::data::Example;
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var, D};
-use qlorad_model::llama::train::LoraWeights;
+use qlorad_model::llama::train::{LoraWeights, TrainOps};
 use qlorad_model::loader::{projection_shape, PROJECTIONS};
 use qlorad_model::{Config, Llama};
 use rand::{Rng, SeedableRng};
@@ -113,13 +113,14 @@ impl LoraWeights for TrainableLora {
             .map(|m| (m.a.as_tensor(), m.b.as_tensor(), m.scale))
     }
 
-    fn dropout_active(&self, _layer: usize, _proj: usize) -> bool {
-        self.spec.dropout > 0.0
-            && self
-                .dropout_seed
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .is_some()
+    fn dropout_mask(&self, layer: usize, proj: usize) -> Option<(u64, f64)> {
+        let p = self.spec.dropout;
+        let seed = *self
+            .dropout_seed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        seed.filter(|_| p > 0.0)
+            .map(|s| (mask_seed(s, layer, proj), p))
     }
 
     fn dropout(&self, layer: usize, proj: usize, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -133,9 +134,7 @@ impl LoraWeights for TrainableLora {
         };
         // The mask is a function of (micro-batch seed, layer, projection), not of call order, so
         // gradient checkpointing's recomputation draws exactly the forward pass's masks.
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(
-            seed ^ ((layer as u64) << 32 | proj as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-        );
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(mask_seed(seed, layer, proj));
         let keep = (1.0 / (1.0 - p)) as f32;
         let mask: Vec<f32> = (0..x.elem_count())
             .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
@@ -295,15 +294,47 @@ impl Batch {
     }
 }
 
+/// The dropout mask seed of (micro-batch seed, layer, projection).
+fn mask_seed(seed: u64, layer: usize, proj: usize) -> u64 {
+    seed ^ ((layer as u64) << 32 | proj as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
 /// Mean cross-entropy over the batch's target tokens (transformers' causal-LM loss: shift by one,
 /// average over every unmasked target in the batch).
 pub fn loss(model: &Llama, lora: &dyn LoraWeights, batch: &Batch) -> Result<Tensor> {
-    loss_from_logits(&model.forward_train(&batch.ids, lora)?, batch)
+    loss_from_logits(
+        model.train_ops(),
+        &model.forward_train(&batch.ids, lora)?,
+        batch,
+    )
 }
 
 /// The masked causal-LM loss of `logits (b, t, vocab)` for `batch`.
-pub fn loss_from_logits(logits: &Tensor, batch: &Batch) -> Result<Tensor> {
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))] // `ops` picks CUDA kernels
+pub fn loss_from_logits(ops: TrainOps, logits: &Tensor, batch: &Batch) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
+    #[cfg(feature = "cuda")]
+    if ops == TrainOps::Fused {
+        // Every row in place with its target (or none): no copy of the target rows, no f32
+        // logits (kernels/cuda/train.cu's cross-entropy).
+        let ids = batch.ids.to_vec2::<u32>()?;
+        let mut targets = vec![qlorad_kernels::train_cuda::NO_TARGET; b * t];
+        for (bi, row_ids) in ids.iter().enumerate() {
+            for (ti, &id) in row_ids.iter().enumerate().skip(1) {
+                if batch.mask[bi * t + ti] {
+                    targets[bi * t + ti - 1] = id;
+                }
+            }
+        }
+        if targets
+            .iter()
+            .all(|&x| x == qlorad_kernels::train_cuda::NO_TARGET)
+        {
+            return Err(StepError::Invalid("the batch has no target tokens".into()));
+        }
+        let flat = logits.reshape((b * t, v))?;
+        return Ok(qlorad_kernels::train_cuda::cross_entropy(&flat, &targets)?);
+    }
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     let ids = batch.ids.to_vec2::<u32>()?;
@@ -369,7 +400,8 @@ pub fn loss_and_grads(
         pause();
     }
     let top = Var::from_tensor(&inputs[model.num_layers()])?;
-    let l = (loss_from_logits(&model.head_train(top.as_tensor())?, batch)? * scale)?;
+    let logits = model.head_train(top.as_tensor())?;
+    let l = (loss_from_logits(model.train_ops(), &logits, batch)? * scale)?;
     let value = l.to_scalar::<f32>()? as f64;
     let mut g = l
         .backward()?
