@@ -13,6 +13,7 @@ use crate::gpu_check::Report;
 use crate::random_model::{self, nf4, RandomSpec};
 use crate::GpuTrainBenchArgs;
 use anyhow::{bail, Context, Result};
+use candle_core::cuda_backend::cudarc::{self, driver::sys};
 use candle_core::{DType, Device, Tensor, Var};
 use qlorad_model::llama::train::TrainOps;
 use qlorad_model::{loader, Llama, LoraAdapter, Placement};
@@ -278,6 +279,43 @@ impl Drop for MemPeak {
     }
 }
 
+/// High-water marks of the device's memory pool, which cudarc allocates from (stream-ordered):
+/// bytes in use by live allocations (what `torch.cuda.max_memory_allocated` reports: no CUDA
+/// context, no cached free blocks) and bytes the pool reserved (`max_memory_reserved`).
+struct PoolPeak {
+    pool: sys::CUmemoryPool,
+}
+
+impl PoolPeak {
+    fn new(p: &Placement) -> Result<Self> {
+        let Device::Cuda(d) = &p.device else {
+            bail!("pool peaks need a CUDA device");
+        };
+        let dev = d.cuda_stream().context().cu_device();
+        // SAFETY: `dev` is the device of a live context.
+        let pool = unsafe { cudarc::driver::result::device::get_mem_pool(dev) }?;
+        Ok(Self { pool })
+    }
+
+    /// (in use, reserved) peaks in bytes since the last call; resets both.
+    fn take(&self) -> Result<(u64, u64)> {
+        use sys::CUmemPool_attribute::{
+            CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH as RESERVED, CU_MEMPOOL_ATTR_USED_MEM_HIGH as USED,
+        };
+        let mut out = [0u64; 2];
+        for (slot, attr) in out.iter_mut().zip([USED, RESERVED]) {
+            // SAFETY: the pool is the device's; both attributes are u64 (cuuint64_t).
+            unsafe {
+                sys::cuMemPoolGetAttribute(self.pool, attr, (slot as *mut u64).cast()).result()?;
+                let mut zero = 0u64;
+                sys::cuMemPoolSetAttribute(self.pool, attr, (&mut zero as *mut u64).cast())
+                    .result()?;
+            }
+        }
+        Ok((out[0], out[1]))
+    }
+}
+
 /// Batches a loss curve cycles through (the model can learn them: the loss falls).
 const CURVE_BATCHES: usize = 4;
 
@@ -332,12 +370,14 @@ fn loss_curve(
 pub fn bench(a: GpuTrainBenchArgs) -> Result<()> {
     let p = Placement::open(a.device)?;
     let mem = MemPeak::start(&p)?;
+    let pool = PoolPeak::new(&p)?;
     let t0 = Instant::now();
     let (cfg, w) = loader::load(&a.model, nf4()).context("loading model")?;
     let model = Llama::new_on(cfg, w, &p)?;
     p.synchronize()?;
     std::thread::sleep(std::time::Duration::from_millis(20));
     let base_gb = mem.take() as f64 / 1e9;
+    let (base_used, _) = pool.take()?;
     eprintln!(
         "loaded in {:.1}s, {base_gb:.2} GB in use",
         t0.elapsed().as_secs_f64()
@@ -348,6 +388,10 @@ pub fn bench(a: GpuTrainBenchArgs) -> Result<()> {
     let tokens = (a.batch * a.seq) as f64;
     let mut out = serde_json::Map::new();
     out.insert("train_base_gb".into(), base_gb.into());
+    out.insert(
+        "train_base_alloc_peak_gb".into(),
+        (base_used as f64 / 1e9).into(),
+    );
     for mode in &a.modes {
         let (ckpt, paged, key) = match mode.as_str() {
             "gc_paged" => (true, true, "train_gc_paged"),
@@ -411,9 +455,13 @@ pub fn bench(a: GpuTrainBenchArgs) -> Result<()> {
         out.insert(format!("{key}_fwd_bwd_s"), serde_json::json!(grad_s));
         std::thread::sleep(std::time::Duration::from_millis(20));
         let peak_gb = mem.take() as f64 / 1e9;
+        let (used, reserved) = pool.take()?;
+        let (alloc_gb, reserved_gb) = (used as f64 / 1e9, reserved as f64 / 1e9);
         eprintln!(
-            "{key}: {tok_s:.0} tok/s, peak {peak_gb:.2} GB, {params} trainable, steps {step_s:.3?} s, losses {losses:.4?}"
+            "{key}: {tok_s:.0} tok/s, peak {peak_gb:.2} GB (allocated {alloc_gb:.2}, pool reserved {reserved_gb:.2}), {params} trainable, steps {step_s:.3?} s, losses {losses:.4?}"
         );
+        out.insert(format!("{key}_alloc_peak_gb"), alloc_gb.into());
+        out.insert(format!("{key}_reserved_peak_gb"), reserved_gb.into());
         out.insert(format!("{key}_tok_s"), tok_s.into());
         out.insert(format!("{key}_peak_gb"), peak_gb.into());
         out.insert(format!("{key}_step_s"), serde_json::json!(step_s));

@@ -241,11 +241,11 @@ pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
     check(
         r,
         gpu,
-        "rope",
-        &[input(&[2, 3, t, hd], 0.0, 1.0, 2)?],
+        "rope into heads (3 heads)",
+        &[input(&[2, t, 3 * hd], 0.0, 1.0, 2)?],
         &|ops, d, x| {
             let ctx = context(t, hd, None, ops, d, dt(d))?;
-            Ok(train::rope(ops, &x[0], &ctx.cos, &ctx.sin)?)
+            Ok(train::rope_heads(ops, &x[0], 3, &ctx.cos, &ctx.sin)?)
         },
     )?;
     for window in [None, Some(16)] {

@@ -127,9 +127,9 @@ pub fn run(device: DeviceSpec, json_out: Option<std::path::PathBuf>) -> Result<(
             time(&p, n, || Ok(f().map(drop)?))?,
             time(&p, n, || backward(&f()?))?,
         );
-        let f = || train::rope(ops, q.as_tensor(), &ctx.cos, &ctx.sin);
+        let f = || train::rope_heads(ops, x.as_tensor(), nh, &ctx.cos, &ctx.sin);
         add(
-            "rope (q; k is 1/4 of it)",
+            "rope into heads (q; k 1/4)",
             1.25,
             ops,
             time(&p, n, || Ok(f().map(drop)?))?,

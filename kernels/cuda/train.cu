@@ -2,8 +2,9 @@
 // chains of elementwise/reduction kernels with an f32 copy at each step:
 //  - rms_norm_fwd/bwd: LlamaRMSNorm (f32 statistics, bf16(x * rstd) * w) and its input gradient
 //    dx = rstd * (dh - xhat * mean(dh * xhat)), dh = dy * w (w is frozen: no weight gradient);
-//  - rope: non-interleaved RoPE of (b, heads, t, hd); `sign` -1 applies the inverse rotation, which
-//    is the backward (the rotation is orthogonal);
+//  - rope_heads: non-interleaved RoPE of a projection's (b, t, heads*hd) output into attention's
+//    (b, heads, t, hd) layout; `sign` -1 rotates back into the projection's layout, which is the
+//    backward (the rotation is orthogonal);
 //  - causal_softmax_fwd/bwd: scale, causal (+ sliding window) mask and softmax of attention scores
 //    in f32, probabilities stored bf16; backward ds = scale * p * (dp - sum(p * dp)) — the masked
 //    eager attention of transformers with `softmax(..., dtype=float32)`;
@@ -69,25 +70,6 @@ extern "C" __global__ void rms_norm_bwd_bf16(const u16* __restrict__ x, const u1
         const float xhat = bf16_f(x[off + i]) * rstd;
         const float dh = bf16_f(dy[off + i]) * bf16_f(w[i]);
         dx[off + i] = f32_to_bf16(rstd * (dh - xhat * c));
-    }
-}
-
-// x (b, heads, t, hd) contiguous, cos/sin (t, hd/2). One thread per rotated pair.
-extern "C" __global__ void rope_bf16(const u16* __restrict__ x, const u16* __restrict__ cosb,
-                                     const u16* __restrict__ sinb, u64 pairs, u32 t, u32 hd,
-                                     float sign, u16* __restrict__ y) {
-    const u32 half = hd / 2;
-    for (u64 p = (u64)blockIdx.x * blockDim.x + threadIdx.x; p < pairs;
-         p += (u64)gridDim.x * blockDim.x) {
-        const u32 j = (u32)(p % half);
-        const u64 row = p / half;  // (b, head, position)
-        const u32 pos = (u32)(row % t);
-        const u64 base = row * hd;
-        const float c = bf16_f(cosb[(u64)pos * half + j]);
-        const float s = sign * bf16_f(sinb[(u64)pos * half + j]);
-        const float x1 = bf16_f(x[base + j]), x2 = bf16_f(x[base + j + half]);
-        y[base + j] = f32_to_bf16(x1 * c - x2 * s);
-        y[base + j + half] = f32_to_bf16(x2 * c + x1 * s);
     }
 }
 
@@ -282,4 +264,31 @@ extern "C" __global__ void dropout_add_bf16(const u16* __restrict__ t, u64 n, u6
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (u64)gridDim.x * blockDim.x)
         if (!dropped(seed, i, thr)) acc[i] = f32_to_bf16(bf16_f(acc[i]) + bf16_f(t[i]) * keep);
+}
+
+// RoPE with the head transposition of attention folded in. to_heads = 1: x is a projection's
+// output (b, t, heads*hd), y the rotated (b, heads, t, hd); to_heads = 0 (the backward, sign -1):
+// x is (b, heads, t, hd), y (b, t, heads*hd). One thread per rotated pair.
+extern "C" __global__ void rope_heads_bf16(const u16* __restrict__ x, const u16* __restrict__ cosb,
+                                           const u16* __restrict__ sinb, u64 pairs, u32 t,
+                                           u32 heads, u32 hd, float sign, u32 to_heads,
+                                           u16* __restrict__ y) {
+    const u32 half = hd / 2;
+    for (u64 p = (u64)blockIdx.x * blockDim.x + threadIdx.x; p < pairs;
+         p += (u64)gridDim.x * blockDim.x) {
+        const u32 j = (u32)(p % half);
+        u64 r = p / half;
+        const u32 pos = (u32)(r % t);
+        r /= t;
+        const u32 h = (u32)(r % heads);
+        const u64 b = r / heads;
+        const u64 hidx = ((b * heads + h) * t + pos) * hd;   // (b, h, t, hd)
+        const u64 tidx = ((b * t + pos) * heads + h) * hd;   // (b, t, h, hd)
+        const u64 src = to_heads ? tidx : hidx, dst = to_heads ? hidx : tidx;
+        const float c = bf16_f(cosb[(u64)pos * half + j]);
+        const float s = sign * bf16_f(sinb[(u64)pos * half + j]);
+        const float x1 = bf16_f(x[src + j]), x2 = bf16_f(x[src + j + half]);
+        y[dst + j] = f32_to_bf16(x1 * c - x2 * s);
+        y[dst + j + half] = f32_to_bf16(x2 * c + x1 * s);
+    }
 }

@@ -3,6 +3,8 @@
 //! Tensors in, tensors out: nothing here knows about models. Every op has a CPU implementation that
 //! is always compiled and serves as the reference for the CUDA one (behind the `cuda` feature).
 
+#[cfg(feature = "cuda")]
+pub mod attention_train_cuda;
 pub mod bgmv;
 #[cfg(feature = "cuda")]
 mod bgmv_cuda;

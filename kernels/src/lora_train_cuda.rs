@@ -13,7 +13,7 @@
 use crate::nf4_op::Nf4Weight;
 use crate::train_cuda::Dropout;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::cublas::{result::gemm_ex, sys};
+use candle_core::cuda_backend::cudarc::cublas::{result::gemm_strided_batched_ex, sys};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
@@ -29,9 +29,9 @@ fn msg(s: String) -> candle_core::Error {
 /// accumulation and f32 alpha/beta (exact LoRA scales). `a_t`: A is stored (k, m) and transposed;
 /// `b_t`: B is stored (n, k) and transposed.
 #[allow(clippy::too_many_arguments)] // a GEMM's operands
-fn gemm(
+pub(crate) fn gemm(
     dev: &CudaDevice,
-    (m, n, k): (usize, usize, usize),
+    mnk: (usize, usize, usize),
     alpha: f32,
     a: u64,
     a_t: bool,
@@ -40,15 +40,45 @@ fn gemm(
     beta: f32,
     c: u64,
 ) -> candle_core::Result<()> {
+    let one = Strided {
+        a: 0,
+        b: 0,
+        c: 0,
+        batch: 1,
+    };
+    gemm_batched(dev, mnk, alpha, (a, a_t), (b, b_t), beta, c, one)
+}
+
+/// Element strides between the matrices of a batched [`gemm`], and their count.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Strided {
+    pub a: usize,
+    pub b: usize,
+    pub c: usize,
+    pub batch: usize,
+}
+
+/// [`gemm`] over `s.batch` matrices at the given element strides (one cuBLAS call).
+#[allow(clippy::too_many_arguments)] // a GEMM's operands
+pub(crate) fn gemm_batched(
+    dev: &CudaDevice,
+    (m, n, k): (usize, usize, usize),
+    alpha: f32,
+    (a, a_t): (u64, bool),
+    (b, b_t): (u64, bool),
+    beta: f32,
+    c: u64,
+    s: Strided,
+) -> candle_core::Result<()> {
     use sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
     // Row-major C = A·B is column-major Cᵀ = Bᵀ·Aᵀ: cuBLAS gets B first.
     let (lda, ldb) = (if a_t { m } else { k }, if b_t { k } else { n });
     let blas = dev.cublas_handle();
-    // SAFETY: the caller passes device addresses of buffers holding m·k (A), k·n (B) and m·n (C)
-    // bf16 values, on candle's stream (the handle is bound to it), alive until the GEMM has run
-    // (stream-ordered frees).
+    // SAFETY: the caller passes device addresses of buffers holding `batch` matrices of m·k (A),
+    // k·n (B) and m·n (C) bf16 values at the given strides, on candle's stream (the handle is
+    // bound to it), alive until the GEMM has run (stream-ordered frees).
     unsafe {
-        gemm_ex(
+        gemm_strided_batched_ex(
             *blas.handle(),
             if b_t { CUBLAS_OP_T } else { CUBLAS_OP_N },
             if a_t { CUBLAS_OP_T } else { CUBLAS_OP_N },
@@ -59,22 +89,26 @@ fn gemm(
             b as *const c_void,
             sys::cudaDataType_t::CUDA_R_16BF,
             ldb as i32,
+            s.b as i64,
             a as *const c_void,
             sys::cudaDataType_t::CUDA_R_16BF,
             lda as i32,
+            s.a as i64,
             (&beta) as *const f32 as *const c_void,
             c as *mut c_void,
             sys::cudaDataType_t::CUDA_R_16BF,
             n as i32,
+            s.c as i64,
+            s.batch as i32,
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
             sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     }
-    .map_err(|e| msg(format!("cuBLAS GEMM ({m}, {n}, {k}): {e:?}")))
+    .map_err(|e| msg(format!("cuBLAS GEMM ({m}, {n}, {k}) x {}: {e:?}", s.batch)))
 }
 
 /// Address of a contiguous bf16 CUDA storage under `l`.
-fn addr(op: &str, s: &CudaStorage, l: &Layout) -> candle_core::Result<u64> {
+pub(crate) fn addr(op: &str, s: &CudaStorage, l: &Layout) -> candle_core::Result<u64> {
     let (start, _) = l
         .contiguous_offsets()
         .ok_or_else(|| msg(format!("{op}: inputs must be contiguous")))?;
@@ -86,7 +120,7 @@ fn addr(op: &str, s: &CudaStorage, l: &Layout) -> candle_core::Result<u64> {
     Ok(base + (start * 2) as u64)
 }
 
-fn tensor_addr(op: &str, t: &Tensor) -> candle_core::Result<u64> {
+pub(crate) fn tensor_addr(op: &str, t: &Tensor) -> candle_core::Result<u64> {
     let (s, l) = t.storage_and_layout();
     match &*s {
         candle_core::Storage::Cuda(cs) => addr(op, cs, l),

@@ -27,11 +27,11 @@ const SOFTMAX_WARPS: u64 = 8;
 /// Threads per row of the cross-entropy kernels.
 const CE_THREADS: u32 = 512;
 
-fn msg(s: String) -> candle_core::Error {
+pub(crate) fn msg(s: String) -> candle_core::Error {
     candle_core::Error::Msg(s)
 }
 
-fn func(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
+pub(crate) fn func(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
     Ok(dev
         .get_or_load_custom_func(name, MODULE, TRAIN_PTX)?
         .into_cuda_function())
@@ -56,7 +56,12 @@ fn storage_addr(op: &str, s: &CudaStorage, l: &Layout, dtype: DType) -> candle_c
 }
 
 /// Device address of a tensor held by an op (a weight or table) on `dev`.
-fn tensor_addr(op: &str, t: &Tensor, dev: &CudaDevice, dtype: DType) -> candle_core::Result<u64> {
+pub(crate) fn tensor_addr(
+    op: &str,
+    t: &Tensor,
+    dev: &CudaDevice,
+    dtype: DType,
+) -> candle_core::Result<u64> {
     let (s, l) = t.storage_and_layout();
     let Storage::Cuda(cs) = &*s else {
         return Err(msg(format!("{op}: a weight is not on a GPU")));
@@ -67,7 +72,7 @@ fn tensor_addr(op: &str, t: &Tensor, dev: &CudaDevice, dtype: DType) -> candle_c
     storage_addr(op, cs, l, dtype)
 }
 
-fn grid(n: u64) -> LaunchConfig {
+pub(crate) fn grid(n: u64) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(THREADS as u64).clamp(1, 8192) as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
@@ -75,11 +80,11 @@ fn grid(n: u64) -> LaunchConfig {
     }
 }
 
-fn wrap(out: CudaSlice<bf16>, dev: &CudaDevice) -> CudaStorage {
+pub(crate) fn wrap(out: CudaSlice<bf16>, dev: &CudaDevice) -> CudaStorage {
     CudaStorage::wrap_cuda_slice(out, dev.clone())
 }
 
-fn no_cpu(op: &str) -> candle_core::Error {
+pub(crate) fn no_cpu(op: &str) -> candle_core::Error {
     msg(format!("{op}: CUDA only (CPU training runs candle's ops)"))
 }
 
@@ -197,39 +202,50 @@ impl CustomOp2 for RmsNormGrad {
     }
 }
 
-/// Non-interleaved RoPE of `x (b, heads, t, hd)` with tables `cos`, `sin` `(t, hd/2)` (bf16);
-/// `sign` −1 rotates back (the backward).
+/// RoPE of a projection's output `(b, t, heads·hd)` into attention's layout `(b, heads, t, hd)`
+/// (the transposition folded into the rotation: no separate copy); the backward rotates back into
+/// the projection's layout.
 #[derive(Debug, Clone)]
-pub struct Rope {
+pub struct RopeHeads {
     pub cos: Tensor,
     pub sin: Tensor,
+    pub heads: usize,
+    /// 1: forward (to heads), −1: backward (from heads).
     pub sign: f32,
 }
 
-impl CustomOp1 for Rope {
+impl CustomOp1 for RopeHeads {
     fn name(&self) -> &'static str {
-        "qlorad-rope"
+        "qlorad-rope-heads"
     }
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         Err(no_cpu(self.name()))
     }
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = s.device();
-        let &[_, _, t, hd] = l.dims() else {
-            return Err(msg(format!(
-                "{}: x {:?}, want 4 dims",
-                self.name(),
-                l.dims()
-            )));
+        let to_heads = self.sign > 0.0;
+        let (t, hd, out) = match (to_heads, l.dims()) {
+            (true, &[b, t, n]) if self.heads > 0 && n.is_multiple_of(self.heads) => {
+                let hd = n / self.heads;
+                (t, hd, Shape::from((b, self.heads, t, hd)))
+            }
+            (false, &[b, h, t, hd]) if h == self.heads => (t, hd, Shape::from((b, t, h * hd))),
+            _ => {
+                return Err(msg(format!(
+                    "{}: x {:?} for {} heads",
+                    self.name(),
+                    l.dims(),
+                    self.heads
+                )))
+            }
         };
         if self.cos.dims() != [t, hd / 2] || self.sin.dims() != [t, hd / 2] || !hd.is_multiple_of(2)
         {
             return Err(msg(format!(
-                "{}: x {:?}, cos {:?}, sin {:?}",
+                "{}: x {:?}, cos {:?}",
                 self.name(),
                 l.dims(),
-                self.cos.dims(),
-                self.sin.dims()
+                self.cos.dims()
             )));
         }
         let n = l.shape().elem_count();
@@ -238,24 +254,27 @@ impl CustomOp1 for Rope {
         let sn = tensor_addr(self.name(), &self.sin, dev, DType::BF16)?;
         // SAFETY: every pair writes both of its values; pairs cover all n.
         let mut y = unsafe { dev.alloc::<bf16>(n) }?;
-        let f = func(dev, "rope_bf16")?;
+        let f = func(dev, "rope_heads_bf16")?;
         let stream = dev.cuda_stream();
-        let (pairs, t32, hd32) = ((n / 2) as u64, t as u32, hd as u32);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x)
+        let (pairs, t32, h32, hd32) = ((n / 2) as u64, t as u32, self.heads as u32, hd as u32);
+        let dir = u32::from(to_heads);
+        let mut bl = stream.launch_builder(&f);
+        bl.arg(&x)
             .arg(&c)
             .arg(&sn)
             .arg(&pairs)
             .arg(&t32)
+            .arg(&h32)
             .arg(&hd32)
             .arg(&self.sign)
+            .arg(&dir)
             .arg(&mut y);
-        // SAFETY: argument order and types match rope_bf16; shapes checked above.
-        unsafe { b.launch(grid(pairs)) }.w()?;
-        Ok((wrap(y, dev), l.shape().clone()))
+        // SAFETY: argument order and types match rope_heads_bf16; shapes checked above.
+        unsafe { bl.launch(grid(pairs)) }.w()?;
+        Ok((wrap(y, dev), out))
     }
     fn bwd(&self, _: &Tensor, _: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let back = Rope {
+        let back = RopeHeads {
             sign: -self.sign,
             ..self.clone()
         };
@@ -263,117 +282,20 @@ impl CustomOp1 for Rope {
     }
 }
 
-/// Softmax of `scale · scores` over the last dimension `t` under the causal mask (and a sliding
-/// window of `window` positions when non-zero). Rows are queries, `t` consecutive rows per head.
+/// The attention softmax's parameters: `softmax(scale · scores)` over the last dimension `t` under
+/// the causal mask (and a sliding window of `window` positions when non-zero); rows are queries,
+/// `t` consecutive rows per head (`crate::attention_train_cuda::AttnProbs` runs it).
 #[derive(Debug, Clone, Copy)]
 pub struct CausalSoftmax {
     pub scale: f32,
     pub window: u32,
 }
 
-fn softmax_rows(op: &str, l: &Layout) -> candle_core::Result<(u64, u32)> {
-    let t = l.dims().last().copied().unwrap_or(0);
-    let n = l.shape().elem_count();
-    if t == 0 || !n.is_multiple_of(t * t) {
-        return Err(msg(format!(
-            "{op}: scores {:?} are not (..., t, t) blocks",
-            l.dims()
-        )));
-    }
-    Ok(((n / t) as u64, t as u32))
-}
-
-fn softmax_cfg(rows: u64) -> LaunchConfig {
+pub(crate) fn softmax_cfg(rows: u64) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (rows.div_ceil(SOFTMAX_WARPS) as u32, 1, 1),
         block_dim: (32 * SOFTMAX_WARPS as u32, 1, 1),
         shared_mem_bytes: 0,
-    }
-}
-
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "qlorad-causal-softmax"
-    }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(no_cpu(self.name()))
-    }
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = s.device();
-        let (rows, t) = softmax_rows(self.name(), l)?;
-        let x = storage_addr(self.name(), s, l, DType::BF16)?;
-        // SAFETY: one warp per row writes every column of it.
-        let mut p = unsafe { dev.alloc::<bf16>(rows as usize * t as usize) }?;
-        let f = func(dev, "causal_softmax_fwd_bf16")?;
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x)
-            .arg(&rows)
-            .arg(&t)
-            .arg(&self.window)
-            .arg(&self.scale)
-            .arg(&mut p);
-        // SAFETY: argument order and types match causal_softmax_fwd_bf16.
-        unsafe { b.launch(softmax_cfg(rows)) }.w()?;
-        Ok((wrap(p, dev), l.shape().clone()))
-    }
-    fn bwd(&self, _: &Tensor, p: &Tensor, dp: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(p.apply_op2_no_bwd(
-            &dp.contiguous()?,
-            &CausalSoftmaxGrad(*self),
-        )?))
-    }
-}
-
-/// d scores from (p, dp).
-struct CausalSoftmaxGrad(CausalSoftmax);
-
-impl CustomOp2 for CausalSoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "qlorad-causal-softmax-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(no_cpu(self.name()))
-    }
-    fn cuda_fwd(
-        &self,
-        ps: &CudaStorage,
-        pl: &Layout,
-        ds: &CudaStorage,
-        dl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = ps.device();
-        let (rows, t) = softmax_rows(self.name(), pl)?;
-        if dl.dims() != pl.dims() {
-            return Err(msg(format!(
-                "{}: dp {:?} vs p {:?}",
-                self.name(),
-                dl.dims(),
-                pl.dims()
-            )));
-        }
-        let p = storage_addr(self.name(), ps, pl, DType::BF16)?;
-        let dp = storage_addr(self.name(), ds, dl, DType::BF16)?;
-        // SAFETY: one warp per row writes every column of it.
-        let mut out = unsafe { dev.alloc::<bf16>(rows as usize * t as usize) }?;
-        let f = func(dev, "causal_softmax_bwd_bf16")?;
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(&p)
-            .arg(&dp)
-            .arg(&rows)
-            .arg(&t)
-            .arg(&self.0.scale)
-            .arg(&mut out);
-        // SAFETY: argument order and types match causal_softmax_bwd_bf16.
-        unsafe { b.launch(softmax_cfg(rows)) }.w()?;
-        Ok((wrap(out, dev), pl.shape().clone()))
     }
 }
 

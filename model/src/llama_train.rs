@@ -64,18 +64,7 @@ pub fn rms_norm(ops: TrainOps, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tenso
 }
 
 /// Non-interleaved RoPE (`x·cos + rotate_half(x)·sin`); x: (b, h, t, d), cos/sin: (t, d/2).
-#[cfg_attr(not(feature = "cuda"), allow(unused_variables))] // `ops` picks CUDA kernels
-pub fn rope(ops: TrainOps, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    if ops == TrainOps::Fused {
-        return Ok(x
-            .contiguous()?
-            .apply_op1(qlorad_kernels::train_cuda::Rope {
-                cos: cos.clone(),
-                sin: sin.clone(),
-                sign: 1.0,
-            })?);
-    }
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
@@ -131,6 +120,38 @@ pub fn project(
     }
 }
 
+/// A projection's output `y (b, t, heads·hd)` rotated by RoPE into attention's layout
+/// `(b, heads, t, hd)`.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))] // `ops` picks CUDA kernels
+pub fn rope_heads(
+    ops: TrainOps,
+    y: &Tensor,
+    heads: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if ops == TrainOps::Fused {
+        return Ok(y
+            .contiguous()?
+            .apply_op1(qlorad_kernels::train_cuda::RopeHeads {
+                cos: cos.clone(),
+                sin: sin.clone(),
+                heads,
+                sign: 1.0,
+            })?);
+    }
+    rope(&to_heads(y, heads)?, cos, sin)
+}
+
+/// `(b, t, heads·hd)` → `(b, heads, t, hd)`, contiguous.
+fn to_heads(y: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, n) = y.dims3()?;
+    Ok(y.reshape((b, t, heads, n / heads))?
+        .transpose(1, 2)?
+        .contiguous()?)
+}
+
 /// Causal grouped-query attention of a training batch: q (b, heads, t, hd), k and v
 /// (b, kv_heads, t, hd) → (b, t, heads·hd); `mask` is [`TrainContext`]'s (t, t) additive mask.
 pub fn attention(ctx: &TrainContext, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
@@ -141,13 +162,15 @@ pub fn attention(ctx: &TrainContext, q: &Tensor, k: &Tensor, v: &Tensor) -> Resu
     let qg = q.reshape((b, nkv, group * t, hd))?;
     #[cfg(feature = "cuda")]
     if ctx.ops == TrainOps::Fused {
-        // Scale, mask and softmax in one op (f32 inside), probabilities stored in bf16.
-        let probs = qg
-            .matmul(&k.t()?)?
-            .apply_op1(qlorad_kernels::train_cuda::CausalSoftmax {
-                scale: (1.0 / (hd as f64).sqrt()) as f32,
-                window: ctx.window.unwrap_or(0) as u32,
-            })?;
+        // Q·Kᵀ, scale, mask and softmax in one op that keeps only the probabilities (bf16).
+        let soft = qlorad_kernels::train_cuda::CausalSoftmax {
+            scale: (1.0 / (hd as f64).sqrt()) as f32,
+            window: ctx.window.unwrap_or(0) as u32,
+        };
+        let probs = qg.contiguous()?.apply_op2(
+            &k.contiguous()?,
+            qlorad_kernels::attention_train_cuda::AttnProbs(soft),
+        )?;
         return Ok(probs
             .matmul(v)?
             .reshape((b, nh, t, hd))?
@@ -303,26 +326,17 @@ impl Block {
     ) -> Result<Tensor> {
         let (cos, sin, ops) = (&ctx.cos, &ctx.sin, ctx.ops);
         let cfg = &m.cfg;
-        let (b, t, _) = x.dims3()?;
-        let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
         let h = rms_norm(ops, x, &self.input_norm, cfg.rms_norm_eps)?;
         // (b, t, heads*hd) → (b, heads, t, hd)
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = rope(
-            ops,
-            &heads(project(ops, self.attn.q.as_ref(), layer, 0, &h, lora)?, nh)?,
-            cos,
-            sin,
+        let q = project(ops, self.attn.q.as_ref(), layer, 0, &h, lora)?;
+        let q = rope_heads(ops, &q, nh, cos, sin)?;
+        let k = project(ops, self.attn.k.as_ref(), layer, 1, &h, lora)?;
+        let k = rope_heads(ops, &k, nkv, cos, sin)?;
+        let v = to_heads(
+            &project(ops, self.attn.v.as_ref(), layer, 2, &h, lora)?,
+            nkv,
         )?;
-        let k = rope(
-            ops,
-            &heads(project(ops, self.attn.k.as_ref(), layer, 1, &h, lora)?, nkv)?,
-            cos,
-            sin,
-        )?;
-        let v = heads(project(ops, self.attn.v.as_ref(), layer, 2, &h, lora)?, nkv)?;
         let a = attention(ctx, &q, &k, &v)?;
         let x = (x + project(ops, self.attn.o.as_ref(), layer, 3, &a, lora)?)?;
         let h = rms_norm(ops, &x, &self.post_norm, cfg.rms_norm_eps)?;
