@@ -99,6 +99,10 @@ pub struct TrainArgs {
     /// Write one JSON object per step here.
     #[arg(long)]
     log: Option<PathBuf>,
+    /// Before training, write this epoch's batches and learning rates here as JSON lines (for a
+    /// reference implementation to train on the same batches: bench/gpu_epoch_reference.py).
+    #[arg(long)]
+    dump_plan: Option<PathBuf>,
     #[arg(long)]
     overwrite: bool,
 }
@@ -171,6 +175,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
             Trainer::new(&model, lora, examples, eval, cfg, pad)?
         }
     };
+    if let Some(p) = &a.dump_plan {
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        );
+        let n = trainer.write_plan(&mut f)?;
+        f.flush()?;
+        eprintln!("wrote the plan of {n} steps to {}", p.display());
+    }
     let ckpt_root = a.checkpoint_dir.clone().unwrap_or_else(|| {
         let mut p = a.out.clone().into_os_string();
         p.push("-checkpoints");

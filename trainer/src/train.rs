@@ -276,6 +276,43 @@ impl<'m> Trainer<'m> {
         self.pos.step >= self.total
     }
 
+    /// Writes this epoch's remaining optimizer steps as JSON lines — per step its learning rate and
+    /// each micro-batch's examples (token ids, loss masks, the pad id) — so a reference
+    /// implementation can train on exactly these batches (bench/gpu_epoch_reference.py). Returns
+    /// the number of steps written.
+    pub fn write_plan(&self, w: &mut dyn std::io::Write) -> Result<usize> {
+        let accum = self.cfg.grad_accum.max(1);
+        let mut step = self.pos.step;
+        let first = (self.pos.group * accum).min(self.order.len());
+        for group in self.order[first..].chunks(accum) {
+            if step >= self.total {
+                break;
+            }
+            let micro: Vec<serde_json::Value> = group
+                .iter()
+                .map(|idx| {
+                    let exs: Vec<&Example> = idx.iter().map(|&i| &self.examples[i]).collect();
+                    json!({
+                        "input_ids": exs.iter().map(|e| &e.input_ids).collect::<Vec<_>>(),
+                        "loss_mask": exs.iter().map(|e| &e.loss_mask).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            let lr = lr_at(
+                self.cfg.adamw.lr,
+                self.cfg.schedule,
+                self.warmup,
+                step,
+                self.total,
+            );
+            let line = json!({"step": step + 1, "lr": lr, "pad_id": self.pad_id, "micro": micro});
+            writeln!(w, "{line}")
+                .map_err(|e| StepError::Invalid(format!("writing the plan: {e}")))?;
+            step += 1;
+        }
+        Ok(step - self.pos.step)
+    }
+
     /// One optimizer step (forward, backward over the accumulation group, clip, AdamW), or `None`
     /// when the run is complete.
     pub fn step(&mut self) -> Result<Option<StepLog>> {

@@ -318,3 +318,50 @@ fn paged_optimizer_gives_the_same_run_and_resumes_across_the_switch() {
         |d: &str| std::fs::read(dir.path().join(d).join("adapter_model.safetensors")).unwrap();
     assert_eq!(bytes("a"), bytes("b"));
 }
+
+/// The plan a reference trains from: the first epoch's steps, every example exactly once, with the
+/// learning rates the trainer then uses.
+#[test]
+fn plan_covers_the_epoch_with_the_trainers_learning_rates() {
+    let m = model();
+    let mut t = fresh(&m);
+    let mut buf = Vec::new();
+    let n = t.write_plan(&mut buf).unwrap();
+    let lines: Vec<serde_json::Value> = String::from_utf8(buf)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // 14 examples in micro-batches of 3 → 5 micro-batches, 2 per step → 3 steps per epoch.
+    assert_eq!((n, lines.len()), (3, 3));
+    let mut seen: Vec<Vec<u64>> = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        assert_eq!(line["step"], i + 1);
+        assert_eq!(line["pad_id"], 0);
+        for mb in line["micro"].as_array().unwrap() {
+            let ids = mb["input_ids"].as_array().unwrap();
+            let masks = mb["loss_mask"].as_array().unwrap();
+            assert_eq!(ids.len(), masks.len());
+            for x in ids {
+                seen.push(
+                    x.as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_u64().unwrap())
+                        .collect(),
+                );
+            }
+        }
+    }
+    let mut want: Vec<Vec<u64>> = examples(14, 1)
+        .iter()
+        .map(|e| e.input_ids.iter().map(|&x| x as u64).collect())
+        .collect();
+    seen.sort();
+    want.sort();
+    assert_eq!(seen, want);
+    for line in &lines {
+        let log = t.step().unwrap().unwrap();
+        assert_eq!(line["lr"].as_f64().unwrap(), log.lr);
+    }
+}
