@@ -34,24 +34,11 @@ def main():
     a = ap.parse_args()
     import bitsandbytes as bnb
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from qlora_reference import qlora_model
 
     with open(a.plan) as f:
         plan = [json.loads(line) for line in f if line.strip()]
-    torch.manual_seed(0)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(a.model, quantization_config=q, dtype=torch.bfloat16,
-                                                 device_map={"": 0})
-    if a.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(
-        r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    model, params = qlora_model(a.model, a.rank, a.alpha, a.gradient_checkpointing)
     opt = bnb.optim.PagedAdamW32bit(params, lr=plan[0]["lr"] if plan else 2e-4, weight_decay=0.0)
 
     def tensors(mb, pad):

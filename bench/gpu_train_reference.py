@@ -38,26 +38,10 @@ def main():
     a = ap.parse_args()
     import bitsandbytes as bnb
     import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from qlora_reference import qlora_model
 
-    torch.manual_seed(0)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(a.model, quantization_config=q, dtype=torch.bfloat16,
-                                                 device_map={"": 0})
-    if a.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    if a.curve:
-        from peft import PeftModel
-        model = PeftModel.from_pretrained(model, os.path.join(a.curve, "init"), is_trainable=True)
-    else:
-        model = get_peft_model(model, LoraConfig(
-            r=a.rank, lora_alpha=a.alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    init = os.path.join(a.curve, "init") if a.curve else None
+    model, params = qlora_model(a.model, a.rank, a.alpha, a.gradient_checkpointing, init)
     # qlorad's AdamW has no weight decay by default; the curve compares like with like.
     opt = bnb.optim.PagedAdamW32bit(params, lr=2e-4, weight_decay=0.0 if a.curve else 0.01)
     vocab = model.config.vocab_size

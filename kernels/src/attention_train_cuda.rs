@@ -6,11 +6,11 @@
 //! dS from P and dP and returns dQ = dS·K and dK = dSᵀ·Q in one buffer.
 
 use crate::lora_train_cuda::{addr, gemm_batched, tensor_addr, Strided};
-use crate::train_cuda::{func, msg, no_cpu, softmax_cfg, wrap, CausalSoftmax};
+use crate::train_cuda::{cuda_only, func, msg, softmax_cfg, wrap, CausalSoftmax};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, PushKernelArg};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CudaStorage, CustomOp2, Layout, Shape, Tensor};
 use half::bf16;
 
 /// (batch = b·kv, rows = group·t, t, hd) of a call.
@@ -33,15 +33,7 @@ impl CustomOp2 for AttnProbs {
     fn name(&self) -> &'static str {
         "qlorad-attn-probs"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(no_cpu(self.name()))
-    }
+    cuda_only!(2);
     fn cuda_fwd(
         &self,
         qs: &CudaStorage,
@@ -136,15 +128,7 @@ impl CustomOp2 for AttnProbsGrad {
     fn name(&self) -> &'static str {
         "qlorad-attn-probs-grad"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(no_cpu(self.name()))
-    }
+    cuda_only!(2);
     fn cuda_fwd(
         &self,
         ps: &CudaStorage,

@@ -11,12 +11,12 @@
 //! runs under bf16 autocast (bf16 operands, f32 accumulation, h and dh rounded to bf16).
 
 use crate::nf4_op::Nf4Weight;
-use crate::train_cuda::Dropout;
+use crate::train_cuda::{cuda_only, Dropout};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result::gemm_strided_batched_ex, sys};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
 use candle_core::cuda_backend::CudaDevice;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::{CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 use half::bf16;
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -179,17 +179,7 @@ impl CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
         "qlorad-lora-linear"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(msg(format!("{}: CUDA only", self.name())))
-    }
+    cuda_only!(3);
     fn cuda_fwd(
         &self,
         xs: &CudaStorage,
@@ -269,15 +259,7 @@ impl CustomOp2 for LoraLinearGrad {
     fn name(&self) -> &'static str {
         "qlorad-lora-linear-grad"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(msg(format!("{}: CUDA only", self.name())))
-    }
+    cuda_only!(2);
     fn cuda_fwd(
         &self,
         ds: &CudaStorage,

@@ -14,7 +14,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 };
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor,
+    CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor,
 };
 use half::bf16;
 
@@ -88,6 +88,45 @@ pub(crate) fn no_cpu(op: &str) -> candle_core::Error {
     msg(format!("{op}: CUDA only (CPU training runs candle's ops)"))
 }
 
+/// The `cpu_fwd` of a custom op with 1, 2 or 3 inputs that exists only on CUDA: an error naming
+/// the op (the model never sends CPU tensors here; candle's traits require the method).
+macro_rules! cuda_only {
+    (1) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            Err($crate::train_cuda::no_cpu(self.name()))
+        }
+    };
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            Err($crate::train_cuda::no_cpu(self.name()))
+        }
+    };
+    (3) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            Err($crate::train_cuda::no_cpu(self.name()))
+        }
+    };
+}
+pub(crate) use cuda_only;
+
 /// `y = rmsnorm(x) · w` over the last dimension (transformers' LlamaRMSNorm in bf16).
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
@@ -113,9 +152,7 @@ impl CustomOp1 for RmsNorm {
     fn name(&self) -> &'static str {
         "qlorad-rms-norm"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(no_cpu(self.name()))
-    }
+    cuda_only!(1);
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = s.device();
         let (rows, n) = self.rows(self.name(), l)?;
@@ -151,15 +188,7 @@ impl CustomOp2 for RmsNormGrad {
     fn name(&self) -> &'static str {
         "qlorad-rms-norm-grad"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(no_cpu(self.name()))
-    }
+    cuda_only!(2);
     fn cuda_fwd(
         &self,
         ds: &CudaStorage,
@@ -218,9 +247,7 @@ impl CustomOp1 for RopeHeads {
     fn name(&self) -> &'static str {
         "qlorad-rope-heads"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(no_cpu(self.name()))
-    }
+    cuda_only!(1);
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = s.device();
         let to_heads = self.sign > 0.0;
@@ -314,15 +341,7 @@ impl CustomOp2 for Swiglu {
     fn name(&self) -> &'static str {
         "qlorad-swiglu"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(no_cpu(self.name()))
-    }
+    cuda_only!(2);
     fn cuda_fwd(
         &self,
         gs: &CudaStorage,
@@ -363,17 +382,7 @@ impl CustomOp3 for SwigluGrad {
     fn name(&self) -> &'static str {
         "qlorad-swiglu-grad"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(no_cpu(self.name()))
-    }
+    cuda_only!(3);
     fn cuda_fwd(
         &self,
         gs: &CudaStorage,
@@ -437,9 +446,7 @@ impl CustomOp1 for CrossEntropy {
     fn name(&self) -> &'static str {
         "qlorad-cross-entropy"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(no_cpu(self.name()))
-    }
+    cuda_only!(1);
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = s.device();
         let &[n, v] = l.dims() else {
@@ -490,17 +497,7 @@ impl CustomOp3 for CrossEntropyGrad {
     fn name(&self) -> &'static str {
         "qlorad-cross-entropy-grad"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Err(no_cpu(self.name()))
-    }
+    cuda_only!(3);
     fn cuda_fwd(
         &self,
         xs: &CudaStorage,
