@@ -141,6 +141,40 @@ pub struct JobRow {
     pub result_path: Option<String>,
 }
 
+impl JobRow {
+    /// A job as it is created: validating its files, nothing run yet.
+    pub fn new(
+        id: String,
+        model: String,
+        training_file: String,
+        seed: i64,
+        request: String,
+    ) -> Self {
+        JobRow {
+            id,
+            created_at: now(),
+            status: "validating_files".into(),
+            model,
+            training_file,
+            validation_file: None,
+            suffix: None,
+            seed,
+            request,
+            resolved: None,
+            metadata: None,
+            fine_tuned_model: None,
+            trained_tokens: None,
+            error: None,
+            started_at: None,
+            finished_at: None,
+            estimated_finish: None,
+            step: 0,
+            total_steps: 0,
+            result_path: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct EventRow {
     pub seq: i64,
@@ -610,28 +644,7 @@ pub fn new_id(prefix: &str) -> String {
 /// A job row for unit tests of the store and its users.
 #[cfg(test)]
 pub(crate) fn sample_job(id: &str) -> JobRow {
-    JobRow {
-        id: id.into(),
-        created_at: now(),
-        status: "validating_files".into(),
-        model: "m".into(),
-        training_file: "file-1".into(),
-        validation_file: None,
-        suffix: None,
-        seed: 1,
-        request: "{}".into(),
-        resolved: None,
-        metadata: None,
-        fine_tuned_model: None,
-        trained_tokens: None,
-        error: None,
-        started_at: None,
-        finished_at: None,
-        estimated_finish: None,
-        step: 0,
-        total_steps: 0,
-        result_path: None,
-    }
+    JobRow::new(id.into(), "m".into(), "file-1".into(), 1, "{}".into())
 }
 
 #[cfg(test)]

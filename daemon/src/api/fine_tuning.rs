@@ -387,26 +387,16 @@ pub async fn create_job(
         };
         let req = JobRequest::parse(&body)?;
         let job = JobRow {
-            id: new_id("ftjob"),
-            created_at: now(),
-            status: "validating_files".into(),
-            model,
-            training_file,
             validation_file,
             suffix,
-            seed,
-            request: serde_json::to_string(&req).map_err(ApiError::internal)?,
-            resolved: None,
             metadata,
-            fine_tuned_model: None,
-            trained_tokens: None,
-            error: None,
-            started_at: None,
-            finished_at: None,
-            estimated_finish: None,
-            step: 0,
-            total_steps: 0,
-            result_path: None,
+            ..JobRow::new(
+                new_id("ftjob"),
+                model,
+                training_file,
+                seed,
+                serde_json::to_string(&req).map_err(ApiError::internal)?,
+            )
         };
         let store = runner.store();
         store.insert_job(&job)?;
