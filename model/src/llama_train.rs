@@ -1,8 +1,13 @@
-//! The training forward pass: a padded batch `(batch, seq)` with no KV cache, built only from
-//! differentiable candle ops (candle's fused `rms_norm`, `rope` and `softmax_last_dim` have no
-//! backward, see ../shared/CANDLE-NOTES.md), with trainable LoRA weights supplied per module. The frozen
-//! NF4 projections go through the NF4 custom op, whose backward re-dequantizes (QLoRA, §3). Same
-//! math as [`Llama::forward`]; a test checks the two agree.
+//! The training forward pass: a padded batch `(batch, seq)` with no KV cache, built from
+//! differentiable ops (candle's fused `rms_norm`, `rope` and `softmax_last_dim` have no backward,
+//! see ../shared/CANDLE-NOTES.md), with trainable LoRA weights supplied per module. The frozen NF4
+//! projections go through the NF4 custom op, whose backward re-dequantizes (QLoRA, §3). Same math
+//! as [`Llama::forward`]; a test checks the two agree.
+//!
+//! Two sets of kernels ([`TrainOps`]): candle's composite ops (every device, the CPU's only
+//! choice), or on a GPU in bf16 qlorad's fused CUDA ops with their own backward (kernels/
+//! `train_cuda.rs`, `attention_train_cuda.rs`, `lora_train_cuda.rs`), which gpu-check compares
+//! op by op and step by step against the first on the CPU.
 //!
 //! Device-generic: on the CPU everything is f32 (every cast below is then a no-op, so CPU results
 //! are unchanged bit for bit); on a GPU the model computes in its placement dtype (bf16) the way
@@ -153,7 +158,7 @@ fn to_heads(y: &Tensor, heads: usize) -> Result<Tensor> {
 }
 
 /// Causal grouped-query attention of a training batch: q (b, heads, t, hd), k and v
-/// (b, kv_heads, t, hd) → (b, t, heads·hd); `mask` is [`TrainContext`]'s (t, t) additive mask.
+/// (b, kv_heads, t, hd) → (b, t, heads·hd), under `ctx`'s causal mask and sliding window.
 pub fn attention(ctx: &TrainContext, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let (b, nh, t, hd) = q.dims4()?;
     let nkv = k.dim(1)?;
@@ -237,8 +242,9 @@ pub struct TrainContext {
 pub enum TrainOps {
     /// candle's differentiable ops (every device; the CPU's only choice).
     Candle,
-    /// qlorad's fused CUDA ops with their own backward (`kernels/cuda/train.cu`): RMSNorm, RoPE,
-    /// the attention softmax and SwiGLU. Needs a GPU computing in bf16.
+    /// qlorad's fused CUDA ops with their own backward: RMSNorm, RoPE into the head layout,
+    /// Q·Kᵀ + causal softmax, SwiGLU, the NF4 projection with its LoRA branch (and dropout), the
+    /// cross-entropy. Needs a GPU computing in bf16.
     Fused,
 }
 
