@@ -114,7 +114,7 @@ fn context(
     Ok(TrainContext {
         cos: table(c)?,
         sin: table(s)?,
-        mask: causal_mask(t, window, dev)?,
+        mask: Some(causal_mask(t, window, dev)?),
         window,
         ops,
     })

@@ -144,7 +144,10 @@ impl CustomOp2 for AttnProbsGrad {
         let dev = ps.device();
         let stream = dev.cuda_stream();
         let (pa, dpa) = (addr(op, ps, pl)?, addr(op, ds, dl)?);
-        let (qa, ka) = (tensor_addr(op, &self.q)?, tensor_addr(op, &self.k)?);
+        let (qa, ka) = (
+            tensor_addr(op, &self.q, dev)?,
+            tensor_addr(op, &self.k, dev)?,
+        );
         let total_rows = (batch * rows) as u64;
         // dS = scale · P ⊙ (dP − rowsum(P ⊙ dP)).
         // SAFETY: one warp per row writes all t values of it.

@@ -11,7 +11,7 @@
 //! runs under bf16 autocast (bf16 operands, f32 accumulation, h and dh rounded to bf16).
 
 use crate::nf4_op::Nf4Weight;
-use crate::train_cuda::{cuda_only, Dropout};
+use crate::train_cuda::{cuda_only, msg, storage_addr, Dropout};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result::gemm_strided_batched_ex, sys};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr};
@@ -20,10 +20,6 @@ use candle_core::{CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tenso
 use half::bf16;
 use std::ffi::c_void;
 use std::sync::Arc;
-
-fn msg(s: String) -> candle_core::Error {
-    candle_core::Error::Msg(s)
-}
 
 /// Row-major `C (m, n) = alpha · op(A) · op(B) + beta · C` on bf16 device addresses, with f32
 /// accumulation and f32 alpha/beta (exact LoRA scales). `a_t`: A is stored (k, m) and transposed;
@@ -109,23 +105,12 @@ pub(crate) fn gemm_batched(
 
 /// Address of a contiguous bf16 CUDA storage under `l`.
 pub(crate) fn addr(op: &str, s: &CudaStorage, l: &Layout) -> candle_core::Result<u64> {
-    let (start, _) = l
-        .contiguous_offsets()
-        .ok_or_else(|| msg(format!("{op}: inputs must be contiguous")))?;
-    let stream = s.device().cuda_stream();
-    let slice = s
-        .as_cuda_slice::<bf16>()
-        .map_err(|_| msg(format!("{op}: inputs must be bf16")))?;
-    let base = slice.device_ptr(&stream).0;
-    Ok(base + (start * 2) as u64)
+    storage_addr(op, s, l, DType::BF16)
 }
 
-pub(crate) fn tensor_addr(op: &str, t: &Tensor) -> candle_core::Result<u64> {
-    let (s, l) = t.storage_and_layout();
-    match &*s {
-        candle_core::Storage::Cuda(cs) => addr(op, cs, l),
-        _ => Err(msg(format!("{op}: the adapter is not on a GPU"))),
-    }
+/// Address of a contiguous bf16 tensor on `dev` (an adapter matrix, or Q/K held by an op).
+pub(crate) fn tensor_addr(op: &str, t: &Tensor, dev: &CudaDevice) -> candle_core::Result<u64> {
+    crate::train_cuda::tensor_addr(op, t, dev, DType::BF16)
 }
 
 /// `y = x·Wᵀ + scale·(dropout(x)·Aᵀ)·Bᵀ` over (x, A, B), bf16 on one GPU; W is the NF4 weight.
@@ -279,7 +264,10 @@ impl CustomOp2 for LoraLinearGrad {
         let dev = xs.device();
         let stream = dev.cuda_stream();
         let (dya, xa) = (addr(op, ds, dl)?, addr(op, xs, xl)?);
-        let (aa, ba) = (tensor_addr(op, &self.a)?, tensor_addr(op, &self.b)?);
+        let (aa, ba) = (
+            tensor_addr(op, &self.a, dev)?,
+            tensor_addr(op, &self.b, dev)?,
+        );
         let s = self.fwd.scale;
         let total = m * k + r * k + n * r;
         // SAFETY: every part is fully written by the GEMMs below (beta 0 first writes).

@@ -38,7 +38,12 @@ pub(crate) fn func(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunc
 }
 
 /// Device address of a contiguous `dtype` storage's first element under `layout`.
-fn storage_addr(op: &str, s: &CudaStorage, l: &Layout, dtype: DType) -> candle_core::Result<u64> {
+pub(crate) fn storage_addr(
+    op: &str,
+    s: &CudaStorage,
+    l: &Layout,
+    dtype: DType,
+) -> candle_core::Result<u64> {
     if s.dtype() != dtype {
         return Err(msg(format!("{op}: want {dtype:?}, got {:?}", s.dtype())));
     }

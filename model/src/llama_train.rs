@@ -182,9 +182,14 @@ pub fn attention(ctx: &TrainContext, q: &Tensor, k: &Tensor, v: &Tensor) -> Resu
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?);
     }
-    let mask = &ctx.mask;
-    let scores = (qg.matmul(&k.t()?)? / (hd as f64).sqrt())?; // (b, kv, group*t, t)
-                                                              // Mask and softmax in f32 (the mask is f32), probabilities back in the compute dtype.
+    let mask = ctx.mask.as_ref().ok_or_else(|| {
+        crate::error::ModelError::Invalid(
+            "a training context for candle's ops needs its mask".into(),
+        )
+    })?;
+    // (b, kv, group*t, t) scores; mask and softmax in f32 (the mask is f32), probabilities back
+    // in the compute dtype.
+    let scores = (qg.matmul(&k.t()?)? / (hd as f64).sqrt())?;
     let scores = scores
         .to_dtype(DType::F32)?
         .reshape((b, nkv, group, t, t))?
@@ -228,11 +233,12 @@ pub fn causal_mask(t: usize, window: Option<usize>, device: &Device) -> Result<T
     Ok(Tensor::from_vec(m, (t, t), device)?)
 }
 
-/// Per-sequence-length constants of a training forward (RoPE tables and the causal mask).
+/// Per-sequence-length constants of a training forward (RoPE tables, and the causal mask that
+/// candle's attention adds; the fused attention applies the rule itself and needs none).
 pub struct TrainContext {
     pub cos: Tensor,
     pub sin: Tensor,
-    pub mask: Tensor,
+    pub mask: Option<Tensor>,
     pub window: Option<usize>,
     pub ops: TrainOps,
 }
@@ -279,7 +285,10 @@ impl Llama {
         Ok(TrainContext {
             cos: self.cos.narrow(0, 0, t)?,
             sin: self.sin.narrow(0, 0, t)?,
-            mask: causal_mask(t, self.cfg.sliding_window, &self.device)?,
+            mask: match self.train_ops {
+                TrainOps::Candle => Some(causal_mask(t, self.cfg.sliding_window, &self.device)?),
+                TrainOps::Fused => None,
+            },
             window: self.cfg.sliding_window,
             ops: self.train_ops,
         })
