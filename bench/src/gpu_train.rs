@@ -19,7 +19,8 @@ use qlorad_model::llama::train::TrainOps;
 use qlorad_model::{loader, Llama, LoraAdapter, Placement};
 use qlorad_trainer::data::Example;
 use qlorad_trainer::step::{
-    clip_grad_norm, loss_and_grads, AdamW, AdamWConfig, Batch, LoraSpec, TrainableLora,
+    clip_grad_norm, loss_and_grads, loss_and_grads_autograd, AdamW, AdamWConfig, Batch, LoraSpec,
+    TrainableLora,
 };
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -131,6 +132,31 @@ pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
         3e-2,
         format!("loss {loss_g:.5} vs {loss_u:.5}"),
     );
+    // The hand-written layer backward vs candle's autograd over the same fused ops, with LoRA
+    // dropout on (the masks come from the same device hash on both paths).
+    if fused == TrainOps::Fused {
+        let sd = LoraSpec {
+            dropout: 0.1,
+            ..sp.clone()
+        };
+        let ld = TrainableLora::from_adapter_on(&adapter()?, &cfg, &sd, &gpu.device)?;
+        ld.set_dropout_seed(Some(11));
+        let named = ld.named_vars();
+        let vars: Vec<&Var> = named.iter().map(|(_, v)| *v).collect();
+        for ckpt in [false, true] {
+            let (l1, g1) = loss_and_grads(&gpu_m, &ld, &batch, &vars, 1.0, ckpt, None)?;
+            let (l2, g2) = loss_and_grads_autograd(&gpu_m, &ld, &batch, &vars, 1.0, ckpt, None)?;
+            let (_, rel) = compare(&flat(&g1)?, &flat(&g2)?);
+            r.add(
+                format!(
+                    "train grads, layer backward vs autograd, dropout 0.1, ckpt {ckpt} (gpu, rel)"
+                ),
+                rel.max((l1 - l2).abs() / l2.abs()),
+                1e-2,
+                format!("loss {l1:.5} vs {l2:.5}"),
+            );
+        }
+    }
     let note = format!("cpu {loss_c:.5}, gpu {loss_g:.5}");
     r.add(
         "train step loss, gpu bf16 vs cpu f32 (rel)".into(),
@@ -192,7 +218,7 @@ pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
     r.extra
         .insert("train_loss_curve_cpu_gpu".into(), serde_json::json!(curve));
 
-    // The paged optimizer (moments in host memory, paged in per tensor) computes the same steps
+    // The paged optimizer (moments in mapped host memory, updated in place) computes the same steps
     // on the same device: bit-identical weights, and no optimizer state left on the device.
     let lr_ = TrainableLora::from_adapter_on(&adapter()?, &cfg, &sp, &gpu.device)?;
     let lp = TrainableLora::from_adapter_on(&adapter()?, &cfg, &sp, &gpu.device)?;
@@ -220,6 +246,22 @@ pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
             or_.bytes_on(&gpu.device),
             op.bytes_on(&gpu.device)
         ),
+    );
+    // The moments a checkpoint saves: read back from mapped host memory, the same bits.
+    let ((mr, vr_), (mp, vp_)) = (or_.moments()?, op.moments()?);
+    let mut mdiff = 0f64;
+    for (a, b) in mr.iter().chain(&vr_).zip(mp.iter().chain(&vp_)) {
+        let d = (a.to_device(&Device::Cpu)? - b.to_device(&Device::Cpu)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?;
+        mdiff = mdiff.max(d.to_scalar::<f32>()? as f64);
+    }
+    r.add(
+        "paged AdamW moments as saved vs resident (max |Δ|, bit-identical)".into(),
+        mdiff,
+        0.0,
+        format!("{} tensors", mp.len() + vp_.len()),
     );
     r.add(
         "paged AdamW keeps no moments on the device (bytes)".into(),
@@ -441,6 +483,11 @@ pub fn bench(a: GpuTrainBenchArgs) -> Result<()> {
             step_s.push(ts.elapsed().as_secs_f64());
         }
         let tok_s = tokens * a.steps as f64 / t.elapsed().as_secs_f64();
+        // The steps' peaks, before the forward-only timing below (candle's graph of a whole
+        // forward is not what a step holds).
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let peak_gb = mem.take() as f64 / 1e9;
+        let (used, reserved) = pool.take()?;
         if !ckpt {
             // Forward and loss alone (the graph is built but not back-propagated).
             let tf = Instant::now();
@@ -453,9 +500,10 @@ pub fn bench(a: GpuTrainBenchArgs) -> Result<()> {
             );
         }
         out.insert(format!("{key}_fwd_bwd_s"), serde_json::json!(grad_s));
+        // Resets both high-water marks for the next mode.
         std::thread::sleep(std::time::Duration::from_millis(20));
-        let peak_gb = mem.take() as f64 / 1e9;
-        let (used, reserved) = pool.take()?;
+        mem.take();
+        pool.take()?;
         let (alloc_gb, reserved_gb) = (used as f64 / 1e9, reserved as f64 / 1e9);
         eprintln!(
             "{key}: {tok_s:.0} tok/s, peak {peak_gb:.2} GB (allocated {alloc_gb:.2}, pool reserved {reserved_gb:.2}), {params} trainable, steps {step_s:.3?} s, losses {losses:.4?}"

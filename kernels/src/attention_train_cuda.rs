@@ -79,6 +79,20 @@ impl CustomOp2 for AttnProbs {
         p: &Tensor,
         dp: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk) = self.backward(q, k, p, dp)?;
+        Ok((Some(dq), Some(dk)))
+    }
+}
+
+impl AttnProbs {
+    /// (dQ, dK) from the forward's inputs (contiguous), its probabilities P and dP.
+    pub fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        p: &Tensor,
+        dp: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let grad = AttnProbsGrad {
             soft: self.0,
             q: q.clone(),
@@ -88,7 +102,7 @@ impl CustomOp2 for AttnProbs {
         let nq = q.elem_count();
         let dq = both.narrow(0, 0, nq)?.reshape(q.shape())?;
         let dk = both.narrow(0, nq, k.elem_count())?.reshape(k.shape())?;
-        Ok((Some(dq), Some(dk)))
+        Ok((dq, dk))
     }
 }
 

@@ -17,6 +17,8 @@ pub mod error;
 pub mod gemv;
 #[cfg(feature = "cuda")]
 pub mod lora_train_cuda;
+#[cfg(feature = "cuda")]
+pub mod mapped_cuda;
 pub mod nf4;
 pub mod nf4_matmul;
 pub mod nf4_op;

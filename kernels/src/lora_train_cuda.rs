@@ -211,6 +211,20 @@ impl CustomOp3 for LoraLinear {
         _: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dx, da, db) = self.backward(x, a, b, dy)?;
+        Ok((Some(dx), Some(da), Some(db)))
+    }
+}
+
+impl LoraLinear {
+    /// (dx, dA, dB) in bf16 from the forward's inputs (x contiguous; A, B bf16) and dy.
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (k, r, n) = (
             self.weight.in_features(),
             a.dim(0)?,
@@ -218,7 +232,7 @@ impl CustomOp3 for LoraLinear {
         );
         let m = x.elem_count() / k;
         let grad = dy.contiguous()?.apply_op2_no_bwd(
-            x,
+            &x.contiguous()?,
             &LoraLinearGrad {
                 fwd: self.clone(),
                 a: a.clone(),
@@ -229,7 +243,7 @@ impl CustomOp3 for LoraLinear {
         let dx = grad.narrow(0, 0, m * k)?.reshape(x.shape())?;
         let da = grad.narrow(0, m * k, r * k)?.reshape((r, k))?;
         let db = grad.narrow(0, m * k + r * k, n * r)?.reshape((n, r))?;
-        Ok((Some(dx), Some(da), Some(db)))
+        Ok((dx, da, db))
     }
 }
 

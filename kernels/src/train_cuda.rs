@@ -179,10 +179,15 @@ impl CustomOp1 for RmsNorm {
         Ok((wrap(y, dev), l.shape().clone()))
     }
     fn bwd(&self, x: &Tensor, _: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(
-            dy.contiguous()?
-                .apply_op2_no_bwd(x, &RmsNormGrad(self.clone()))?,
-        ))
+        Ok(Some(self.backward(x, dy)?))
+    }
+}
+
+impl RmsNorm {
+    /// dx from the forward's input x and dy (for a hand-written backward; `bwd` runs it too).
+    pub fn backward(&self, x: &Tensor, dy: &Tensor) -> candle_core::Result<Tensor> {
+        dy.contiguous()?
+            .apply_op2_no_bwd(&x.contiguous()?, &RmsNormGrad(self.clone()))
     }
 }
 
@@ -375,8 +380,18 @@ impl CustomOp2 for Swiglu {
         _: &Tensor,
         dy: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let both = g.apply_op3_no_bwd(u, &dy.contiguous()?, &SwigluGrad)?;
-        Ok((Some(both.get(0)?), Some(both.get(1)?)))
+        let (dg, du) = Self::backward(g, u, dy)?;
+        Ok((Some(dg), Some(du)))
+    }
+}
+
+impl Swiglu {
+    /// (d gate, d up) from the forward's inputs and dy.
+    pub fn backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let both =
+            g.contiguous()?
+                .apply_op3_no_bwd(&u.contiguous()?, &dy.contiguous()?, &SwigluGrad)?;
+        Ok((both.get(0)?, both.get(1)?))
     }
 }
 
@@ -438,6 +453,32 @@ pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Te
         count,
     };
     logits.contiguous()?.apply_op1(op)?.get(0)
+}
+
+/// [`cross_entropy`] and its gradient at once, for a hand-written backward: the loss (a scalar
+/// f32 tensor) and d logits for an upstream gradient `g` of the loss (bf16, logits' shape).
+pub fn cross_entropy_with_grad(
+    logits: &Tensor,
+    targets: &[u32],
+    g: f32,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (n, v) = logits.dims2()?;
+    let count = targets.iter().filter(|&&t| (t as usize) < v).count();
+    if targets.len() != n || count == 0 {
+        return Err(msg(format!(
+            "cross_entropy: {} targets ({count} valid) for {n} rows",
+            targets.len()
+        )));
+    }
+    let op = CrossEntropy {
+        targets: Tensor::from_slice(targets, n, logits.device())?,
+        count,
+    };
+    let logits = logits.contiguous()?;
+    let res = logits.apply_op1_no_bwd(&op)?;
+    let g = Tensor::new(&[g], logits.device())?;
+    let dx = logits.apply_op3_no_bwd(&res, &g, &CrossEntropyGrad(op))?;
+    Ok((res.get(0)?, dx))
 }
 
 /// Output (n + 1) f32: the mean loss, then each row's logsumexp.
@@ -628,7 +669,7 @@ pub struct AdamWStep {
     pub bc2_sqrt: f32,
 }
 
-fn cuda_of(t: &Tensor) -> candle_core::Result<CudaDevice> {
+pub(crate) fn cuda_of(t: &Tensor) -> candle_core::Result<CudaDevice> {
     match t.device() {
         candle_core::Device::Cuda(d) => Ok(d.clone()),
         other => Err(msg(format!("expected a CUDA tensor, got one on {other:?}"))),
@@ -653,7 +694,21 @@ pub fn adamw_update(
     }
     let addr = |t: &Tensor| tensor_addr("adamw", t, &dev, DType::F32);
     let (pa, ga, ma, va) = (addr(p)?, addr(g)?, addr(m)?, addr(v)?);
-    let f = func(&dev, "adamw_f32")?;
+    // SAFETY: all four hold n f32 (checked above).
+    unsafe { adamw_launch(&dev, [pa, ga, ma, va], n, s) }
+}
+
+/// One AdamW launch over n values at device addresses (p, g, m, v).
+///
+/// # Safety
+/// Each address must hold n f32 the device can reach (device memory, or mapped host memory).
+pub(crate) unsafe fn adamw_launch(
+    dev: &CudaDevice,
+    [pa, ga, ma, va]: [u64; 4],
+    n: usize,
+    s: AdamWStep,
+) -> candle_core::Result<()> {
+    let f = func(dev, "adamw_f32")?;
     let stream = dev.cuda_stream();
     let n64 = n as u64;
     let mut b = stream.launch_builder(&f);
@@ -668,7 +723,7 @@ pub fn adamw_update(
         .arg(&s.decay)
         .arg(&s.step_size)
         .arg(&s.bc2_sqrt);
-    // SAFETY: argument order and types match adamw_f32; all four hold n f32 (checked above).
+    // SAFETY: argument order and types match adamw_f32; the caller vouches for the addresses.
     // Writing p, m and v in place is what the optimizer means (as candle's Var::set does).
     unsafe { b.launch(grid(n64)) }.w()?;
     Ok(())

@@ -26,6 +26,10 @@ pub mod train;
 #[path = "llama_fused.rs"]
 mod fused;
 
+#[cfg(feature = "cuda")]
+#[path = "llama_backward.rs"]
+pub mod backward;
+
 /// One sequence's share of a forward pass: its new tokens, its cache (positions continue from
 /// `cache.len()`) and the LoRA adapter it runs with (`None`: the base model).
 pub struct SeqInput<'a> {

@@ -90,9 +90,9 @@ impl Trainer<'_> {
     pub fn save_checkpoint(&self, dir: &Path, base_model: &str, overwrite: bool) -> Result<()> {
         let staging = StagingDir::new(dir, overwrite)?;
         write_peft_files(&self.lora, base_model, staging.path())?;
-        let (m, v) = self.optimizer().moments();
+        let (m, v) = self.optimizer().moments()?;
         let mut tensors = Vec::with_capacity(2 * m.len());
-        for ((name, _), (m, v)) in self.lora.named_vars().iter().zip(m.iter().zip(v)) {
+        for ((name, _), (m, v)) in self.lora.named_vars().iter().zip(m.iter().zip(&v)) {
             for (prefix, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
                 let vals = t.flatten_all()?.to_vec1::<f32>()?;
                 tensors.push(OwnedTensor::f32(

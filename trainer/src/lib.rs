@@ -7,7 +7,10 @@
 pub mod checkpoint;
 pub mod data;
 pub mod merge;
+pub mod optim;
 pub mod step;
+#[cfg(feature = "cuda")]
+mod step_layered;
 pub mod train;
 
 pub use data::{load_examples, validate_file, DataError, DataOptions, Example};

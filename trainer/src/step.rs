@@ -7,6 +7,7 @@
 //! moments, `eps` added to the corrected second-moment root.
 
 use crate::data::Example;
+pub use crate::optim::{AdamW, AdamWConfig};
 use candle_core::{backprop::GradStore, DType, Device, Tensor, Var, D};
 use qlorad_model::llama::train::{LoraWeights, TrainOps};
 use qlorad_model::loader::{projection_shape, PROJECTIONS};
@@ -317,21 +318,7 @@ pub fn loss_from_logits(ops: TrainOps, logits: &Tensor, batch: &Batch) -> Result
     if ops == TrainOps::Fused {
         // Every row in place with its target (or none): no copy of the target rows, no f32
         // logits (kernels/cuda/train.cu's cross-entropy).
-        let ids = batch.ids.to_vec2::<u32>()?;
-        let mut targets = vec![qlorad_kernels::train_cuda::NO_TARGET; b * t];
-        for (bi, row_ids) in ids.iter().enumerate() {
-            for (ti, &id) in row_ids.iter().enumerate().skip(1) {
-                if batch.mask[bi * t + ti] {
-                    targets[bi * t + ti - 1] = id;
-                }
-            }
-        }
-        if targets
-            .iter()
-            .all(|&x| x == qlorad_kernels::train_cuda::NO_TARGET)
-        {
-            return Err(StepError::Invalid("the batch has no target tokens".into()));
-        }
+        let targets = row_targets(batch)?;
         let flat = logits.reshape((b * t, v))?;
         return Ok(qlorad_kernels::train_cuda::cross_entropy(&flat, &targets)?);
     }
@@ -360,6 +347,29 @@ pub fn loss_from_logits(ops: TrainOps, logits: &Tensor, batch: &Batch) -> Result
     Ok(logp.gather(&tgt, 1)?.mean_all()?.neg()?)
 }
 
+/// Each position's target for the fused cross-entropy: the next token where the mask is set,
+/// `NO_TARGET` elsewhere (the last position of every row has none).
+#[cfg(feature = "cuda")]
+pub(crate) fn row_targets(batch: &Batch) -> Result<Vec<u32>> {
+    let t = batch.seq;
+    let ids = batch.ids.to_vec2::<u32>()?;
+    let mut targets = vec![qlorad_kernels::train_cuda::NO_TARGET; batch.batch * t];
+    for (bi, row_ids) in ids.iter().enumerate() {
+        for (ti, &id) in row_ids.iter().enumerate().skip(1) {
+            if batch.mask[bi * t + ti] {
+                targets[bi * t + ti - 1] = id;
+            }
+        }
+    }
+    if targets
+        .iter()
+        .all(|&x| x == qlorad_kernels::train_cuda::NO_TARGET)
+    {
+        return Err(StepError::Invalid("the batch has no target tokens".into()));
+    }
+    Ok(targets)
+}
+
 /// `scale · loss` of `batch` and its gradients for `vars` (zeros where a var gets none).
 ///
 /// With `checkpointing`, activations inside decoder layers are not kept: the forward pass stores
@@ -371,7 +381,49 @@ pub fn loss_from_logits(ops: TrainOps, logits: &Tensor, batch: &Batch) -> Result
 ///
 /// `between_layers`, if given, is called after every layer of both passes in checkpointing mode: a
 /// preemption point (the daemon's job runner uses it to give the cores back to serving mid-step).
+///
+/// On a GPU with the fused training ops, layers back-propagate through their hand-written backward
+/// (`Llama::block_backward`); elsewhere through candle's autograd ([`loss_and_grads_autograd`]).
 pub fn loss_and_grads(
+    model: &Llama,
+    lora: &dyn LoraWeights,
+    batch: &Batch,
+    vars: &[&Var],
+    scale: f64,
+    checkpointing: bool,
+    between_layers: Option<&(dyn Fn() + Send + Sync)>,
+) -> Result<(f64, Vec<Tensor>)> {
+    #[cfg(feature = "cuda")]
+    if model.train_ops() == TrainOps::Fused {
+        let pause = || {
+            if let Some(f) = between_layers {
+                f()
+            }
+        };
+        return crate::step_layered::loss_and_grads(
+            model,
+            lora,
+            batch,
+            vars,
+            scale,
+            checkpointing,
+            &pause,
+        );
+    }
+    loss_and_grads_autograd(
+        model,
+        lora,
+        batch,
+        vars,
+        scale,
+        checkpointing,
+        between_layers,
+    )
+}
+
+/// [`loss_and_grads`] through candle's autograd whatever the ops (gpu-check compares it with
+/// the hand-written layer backward).
+pub fn loss_and_grads_autograd(
     model: &Llama,
     lora: &dyn LoraWeights,
     batch: &Batch,
@@ -472,150 +524,6 @@ fn sum_squares(grads: &[Tensor]) -> Result<f64> {
         sq += g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64;
     }
     Ok(sq)
-}
-
-/// AdamW hyper-parameters.
-#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct AdamWConfig {
-    pub lr: f64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-}
-
-impl Default for AdamWConfig {
-    fn default() -> Self {
-        Self {
-            lr: 2e-4,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        }
-    }
-}
-
-/// AdamW with f32 moments, one pair per parameter.
-///
-/// The moments are twice the trainable parameters in f32 (1.3 GB for r=64 on all projections of a
-/// 7B model). With [`AdamW::paged`] they live in host memory and each parameter's pair is paged onto
-/// the parameter's device for its update and back (the idea of bitsandbytes' paged optimizers, done
-/// explicitly per tensor instead of through CUDA unified memory): device memory then holds one
-/// tensor's moments at a time, for two PCIe copies of the state per step. The arithmetic is the
-/// same on the same device, so paged and resident runs are bit-identical.
-pub struct AdamW {
-    pub cfg: AdamWConfig,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
-    pub step: u64,
-    paged: bool,
-}
-
-impl AdamW {
-    pub fn new(vars: &[&Var], cfg: AdamWConfig) -> Result<Self> {
-        let zeros = |v: &&Var| Tensor::zeros(v.shape(), DType::F32, v.device());
-        Ok(Self {
-            cfg,
-            m: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
-            v: vars.iter().map(zeros).collect::<candle_core::Result<_>>()?,
-            step: 0,
-            paged: false,
-        })
-    }
-
-    /// Restores saved moments (a checkpoint's), in the order of the vars they were made for.
-    pub fn from_state(cfg: AdamWConfig, m: Vec<Tensor>, v: Vec<Tensor>, step: u64) -> Self {
-        Self {
-            cfg,
-            m,
-            v,
-            step,
-            paged: false,
-        }
-    }
-
-    /// Keeps the moments in host memory (`true`), paged in per tensor for each update, or on the
-    /// parameters' device (`false`); moves them accordingly.
-    pub fn paged(mut self, paged: bool, device: &Device) -> Result<Self> {
-        let home = if paged { Device::Cpu } else { device.clone() };
-        for t in self.m.iter_mut().chain(self.v.iter_mut()) {
-            *t = t.to_device(&home)?;
-        }
-        self.paged = paged;
-        Ok(self)
-    }
-
-    pub fn is_paged(&self) -> bool {
-        self.paged
-    }
-
-    /// Bytes of optimizer state held on `device` (all of it, or none when paged to the host of a
-    /// GPU run).
-    pub fn bytes_on(&self, device: &Device) -> usize {
-        self.m
-            .iter()
-            .chain(&self.v)
-            .filter(|t| t.device().same_device(device))
-            .map(|t| t.elem_count() * 4)
-            .sum()
-    }
-
-    /// First and second moments, in var order.
-    pub fn moments(&self) -> (&[Tensor], &[Tensor]) {
-        (&self.m, &self.v)
-    }
-
-    /// One update of every var from its gradient, at learning rate `lr`.
-    pub fn update(&mut self, vars: &[&Var], grads: &[Tensor], lr: f64) -> Result<()> {
-        self.step += 1;
-        let c = self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
-            // Paged: this tensor's moments come in from the host for its update only.
-            let (m0, v0) = (
-                self.m[i].to_device(var.device())?,
-                self.v[i].to_device(var.device())?,
-            );
-            #[cfg(feature = "cuda")]
-            if var.device().is_cuda() && var.dtype() == DType::F32 {
-                // One fused launch updating p, m and v in place (candle's ops: ~12 launches and
-                // three new tensors per parameter).
-                qlorad_kernels::train_cuda::adamw_update(
-                    var.as_tensor(),
-                    &g.contiguous()?,
-                    &m0,
-                    &v0,
-                    qlorad_kernels::train_cuda::AdamWStep {
-                        beta1: c.beta1 as f32,
-                        beta2: c.beta2 as f32,
-                        eps: c.eps as f32,
-                        decay: (1.0 - lr * c.weight_decay) as f32,
-                        step_size: (lr / bc1) as f32,
-                        bc2_sqrt: bc2.sqrt() as f32,
-                    },
-                )?;
-                let home = self.m[i].device().clone();
-                self.m[i] = m0.to_device(&home)?;
-                self.v[i] = v0.to_device(&home)?;
-                continue;
-            }
-            let m = ((&m0 * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            let v = ((&v0 * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let mut p = var.as_tensor().clone();
-            if c.weight_decay != 0.0 {
-                p = (p * (1.0 - lr * c.weight_decay))?;
-            }
-            let denom = ((v.sqrt()? / bc2.sqrt())? + c.eps)?;
-            let p = (p - (m.div(&denom)? * (lr / bc1))?)?;
-            var.set(&p)?;
-            let home = self.m[i].device().clone();
-            self.m[i] = m.to_device(&home)?;
-            self.v[i] = v.to_device(&home)?;
-        }
-        Ok(())
-    }
 }
 
 /// Gradients of the named vars from a backward pass (zeros where a var got none).

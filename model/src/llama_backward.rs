@@ -1,0 +1,338 @@
+//! A decoder layer's backward written by hand over the fused CUDA training ops (issue 6): the
+//! forward keeps exactly the activations the backward needs ([`LayerActs`]), and the backward calls
+//! each op's gradient kernels in reverse order, freeing every intermediate as soon as its last use
+//! is past. candle's autograd (the other path, [`super::train`] under `backward()`) allocates a
+//! zeroed gradient per graph node and adds into it, and keeps every node of the layer alive until
+//! the backward ends: the profile of issue 6 put that at more than half of a layer's time, and
+//! most of the checkpointed step's memory beyond the weights.
+//!
+//! Same math, same kernels as [`super::train`] with `TrainOps::Fused`; only the order of the
+//! gradient sums (bf16 additions) differs, and gpu-check compares the two layer by layer.
+//! RMSNorm outputs and SwiGLU's product are recomputed in the backward rather than kept (one cheap
+//! launch each, ~1/5 of a layer's saved bytes).
+
+use super::train::{rms_norm, rope_heads, swiglu, LoraWeights, TrainContext, TrainOps};
+use super::Llama;
+use crate::error::{ModelError, Result};
+use crate::linear::BaseLinear;
+use candle_core::{DType, Tensor, Var, D};
+use qlorad_kernels::attention_train_cuda::AttnProbs;
+use qlorad_kernels::lora_train_cuda::LoraLinear;
+use qlorad_kernels::train_cuda::{CausalSoftmax, Dropout, RmsNorm, RopeHeads, Swiglu};
+
+/// One projection's fused op with its bf16 adapter copies, when the base is NF4 and the module
+/// has LoRA; `None` runs the projection through candle's ops (and their autograd, locally).
+struct Fused {
+    op: LoraLinear,
+    a: Tensor,
+    b: Tensor,
+}
+
+/// What a layer's backward needs from its forward (bf16, on the GPU).
+pub struct LayerActs {
+    /// The layer's input (`x`) and the residual stream after attention (`x2`).
+    x: Tensor,
+    x2: Tensor,
+    /// RoPE'd queries folded by kv head `(b, kv, group·t, hd)`, RoPE'd keys and the values
+    /// `(b, kv, t, hd)`.
+    qg: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// Attention probabilities `(b, kv, group·t, t)`.
+    p: Tensor,
+    /// Attention output `(b, t, heads·hd)`, the input of o_proj.
+    a: Tensor,
+    /// MLP gate and up projections.
+    gate: Tensor,
+    up: Tensor,
+    fused: Vec<Option<Fused>>,
+}
+
+/// Where a projection sits: its layer, the step's context and adapter.
+#[derive(Clone, Copy)]
+struct Site<'a> {
+    layer: usize,
+    ctx: &'a TrainContext,
+    lora: &'a dyn LoraWeights,
+}
+
+/// A layer's gradients: dx, and per projection with LoRA, f32 (dA, dB) for its master weights.
+pub struct LayerGrads {
+    pub dx: Tensor,
+    pub lora: Vec<(usize, Tensor, Tensor)>,
+}
+
+impl Llama {
+    fn projections(&self, layer: usize) -> [&dyn BaseLinear; 7] {
+        let b = &self.blocks[layer];
+        [
+            b.attn.q.as_ref(),
+            b.attn.k.as_ref(),
+            b.attn.v.as_ref(),
+            b.attn.o.as_ref(),
+            b.mlp.gate.as_ref(),
+            b.mlp.up.as_ref(),
+            b.mlp.down.as_ref(),
+        ]
+    }
+
+    fn fused_parts(&self, layer: usize, lora: &dyn LoraWeights) -> Result<Vec<Option<Fused>>> {
+        let mut out = Vec::with_capacity(7);
+        for (proj, base) in self.projections(layer).into_iter().enumerate() {
+            out.push(match (base.nf4_weight(), lora.module(layer, proj)) {
+                (Some(w), Some((a, b, scale))) => Some(Fused {
+                    op: LoraLinear {
+                        weight: w.clone(),
+                        scale: scale as f32,
+                        dropout: lora
+                            .dropout_mask(layer, proj)
+                            .map(|(seed, p)| Dropout { seed, p: p as f32 }),
+                    },
+                    // detach: no graph from the master weights (their gradients come back by
+                    // hand, cast to f32 as the cast's backward would).
+                    a: a.detach().to_dtype(DType::BF16)?,
+                    b: b.detach().to_dtype(DType::BF16)?,
+                }),
+                _ => None,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One projection's forward without a graph.
+    fn proj_fwd(
+        &self,
+        fused: &[Option<Fused>],
+        site: Site,
+        proj: usize,
+        x: &Tensor,
+    ) -> Result<Tensor> {
+        let Site { layer, ctx, lora } = site;
+        match &fused[proj] {
+            Some(f) => Ok(x.contiguous()?.apply_op3_no_bwd(&f.a, &f.b, &f.op)?),
+            None => Ok(super::train::project(
+                ctx.ops,
+                self.projections(layer)[proj],
+                layer,
+                proj,
+                x,
+                lora,
+            )?
+            .detach()),
+        }
+    }
+
+    /// One projection's backward: dx and, with LoRA, the f32 (dA, dB).
+    fn proj_bwd(
+        &self,
+        fused: &[Option<Fused>],
+        site: Site,
+        proj: usize,
+        (x, dy): (&Tensor, &Tensor),
+        grads: &mut Vec<(usize, Tensor, Tensor)>,
+    ) -> Result<Tensor> {
+        let Site { layer, ctx, lora } = site;
+        if let Some(f) = &fused[proj] {
+            let (dx, da, db) = f.op.backward(x, &f.a, &f.b, dy)?;
+            grads.push((proj, da.to_dtype(DType::F32)?, db.to_dtype(DType::F32)?));
+            return Ok(dx);
+        }
+        // Any other projection (a base without NF4, or no LoRA on it): candle's autograd over this
+        // projection alone, d/dx Σ(y ⊙ dy).
+        let xv = Var::from_tensor(x)?;
+        let base = self.projections(layer)[proj];
+        let y = super::train::project(ctx.ops, base, layer, proj, xv.as_tensor(), lora)?;
+        let store = (y * dy)?.sum(D::Minus1)?.sum_all()?.backward()?;
+        if let Some((a, b, _)) = lora.module(layer, proj) {
+            if let (Some(da), Some(db)) = (store.get(a), store.get(b)) {
+                grads.push((proj, da.clone(), db.clone()));
+            }
+        }
+        store
+            .get(xv.as_tensor())
+            .cloned()
+            .ok_or_else(|| ModelError::Invalid(format!("no gradient through projection {proj}")))
+    }
+
+    fn softmax(&self, hd: usize, ctx: &TrainContext) -> AttnProbs {
+        AttnProbs(CausalSoftmax {
+            scale: (1.0 / (hd as f64).sqrt()) as f32,
+            window: ctx.window.unwrap_or(0) as u32,
+        })
+    }
+
+    fn check_fused(&self, ctx: &TrainContext) -> Result<()> {
+        if ctx.ops != TrainOps::Fused {
+            return Err(ModelError::Invalid(
+                "a hand-written layer backward needs the fused training ops".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The final norm, LM head and mean cross-entropy of the last layer's output `x (b, t,
+    /// hidden)` against `targets` (one per position, `train_cuda::NO_TARGET` where none), and
+    /// their backward for an upstream gradient `scale` of the loss: (loss, dx). Logits are bf16
+    /// and never kept past this call; no gradient is formed for the frozen head (candle's matmul
+    /// backward would form one: a (vocab, hidden) product per step, broadcast over the batch).
+    pub fn head_backward(
+        &self,
+        x: &Tensor,
+        targets: &[u32],
+        scale: f32,
+        ctx: &TrainContext,
+    ) -> Result<(Tensor, Tensor)> {
+        self.check_fused(ctx)?;
+        let (b, t, hidden) = x.dims3()?;
+        let eps = self.cfg.rms_norm_eps;
+        let h = rms_norm(ctx.ops, x, &self.norm, eps)?.reshape((b * t, hidden))?;
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let logits = h.matmul(&head.t()?)?;
+        drop(h);
+        let (loss, dlogits) =
+            qlorad_kernels::train_cuda::cross_entropy_with_grad(&logits, targets, scale)?;
+        drop(logits);
+        let dh = dlogits.matmul(head)?.reshape((b, t, hidden))?;
+        drop(dlogits);
+        let norm = RmsNorm {
+            w: self.norm.clone(),
+            eps: eps as f32,
+        };
+        Ok((loss, norm.backward(x, &dh)?))
+    }
+
+    /// Decoder layer `layer` on `x (b, t, hidden)` (no graph): its output and what its backward
+    /// needs. Same result as [`Llama::block_train`] under the fused ops.
+    pub fn block_forward_saved(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        ctx: &TrainContext,
+        lora: &dyn LoraWeights,
+    ) -> Result<(Tensor, LayerActs)> {
+        self.check_fused(ctx)?;
+        let (cfg, blk, ops) = (&self.cfg, &self.blocks[layer], ctx.ops);
+        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
+        let x = x.detach();
+        let (b, t, _) = x.dims3()?;
+        let fused = self.fused_parts(layer, lora)?;
+        let site = Site { layer, ctx, lora };
+        let pf = |proj: usize, x: &Tensor| self.proj_fwd(&fused, site, proj, x);
+        let h = rms_norm(ops, &x, &blk.input_norm, cfg.rms_norm_eps)?;
+        let q = rope_heads(ops, &pf(0, &h)?, nh, &ctx.cos, &ctx.sin)?;
+        let k = rope_heads(ops, &pf(1, &h)?, nkv, &ctx.cos, &ctx.sin)?;
+        let v = pf(2, &h)?;
+        drop(h);
+        let hd = v.dim(D::Minus1)? / nkv;
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let qg = q.reshape((b, nkv, (nh / nkv) * t, hd))?;
+        let p = qg.apply_op2_no_bwd(&k, &self.softmax(hd, ctx))?;
+        let a = p
+            .matmul(&v)?
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        let x2 = (&x + pf(3, &a)?)?;
+        let h = rms_norm(ops, &x2, &blk.post_norm, cfg.rms_norm_eps)?;
+        let gate = pf(4, &h)?;
+        let up = pf(5, &h)?;
+        drop(h);
+        let y = (&x2 + pf(6, &swiglu(ops, &gate, &up)?)?)?;
+        let acts = LayerActs {
+            x,
+            x2,
+            qg,
+            k,
+            v,
+            p,
+            a,
+            gate,
+            up,
+            fused,
+        };
+        Ok((y, acts))
+    }
+
+    /// The backward of decoder layer `layer` from its saved activations and `dy`, the gradient of
+    /// its output: dx and the LoRA gradients, each intermediate freed after its last use.
+    pub fn block_backward(
+        &self,
+        layer: usize,
+        acts: LayerActs,
+        dy: &Tensor,
+        ctx: &TrainContext,
+        lora: &dyn LoraWeights,
+    ) -> Result<LayerGrads> {
+        self.check_fused(ctx)?;
+        let (cfg, blk, ops) = (&self.cfg, &self.blocks[layer], ctx.ops);
+        let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
+        let LayerActs {
+            x,
+            x2,
+            qg,
+            k,
+            v,
+            p,
+            a,
+            gate,
+            up,
+            fused,
+        } = acts;
+        let (b, t, _) = x.dims3()?;
+        let hd = v.dim(D::Minus1)?;
+        let mut grads = Vec::with_capacity(7);
+        let site = Site { layer, ctx, lora };
+        let mut pb = |proj: usize, x: &Tensor, dy: &Tensor| {
+            self.proj_bwd(&fused, site, proj, (x, dy), &mut grads)
+        };
+
+        // MLP: y = x2 + down(silu(gate)·up), gate/up = proj(rmsnorm(x2)).
+        let ds = pb(6, &swiglu(ops, &gate, &up)?, dy)?;
+        let (dgate, dup) = Swiglu::backward(&gate, &up, &ds)?;
+        drop((ds, gate, up));
+        let h = rms_norm(ops, &x2, &blk.post_norm, cfg.rms_norm_eps)?;
+        let dh = (pb(4, &h, &dgate)? + pb(5, &h, &dup)?)?;
+        drop((h, dgate, dup));
+        let norm = RmsNorm {
+            w: blk.post_norm.clone(),
+            eps: cfg.rms_norm_eps as f32,
+        };
+        let dx2 = (dy + norm.backward(&x2, &dh)?)?;
+        drop((dh, x2));
+
+        // Attention: x2 = x + o(P·V), P = softmax(Q·Kᵀ), Q/K/V = proj(rmsnorm(x)).
+        let da = pb(3, &a, &dx2)?;
+        drop(a);
+        let d_o = da
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, nkv, (nh / nkv) * t, hd))?;
+        drop(da);
+        let dv = p.t()?.matmul(&d_o)?; // (b, kv, t, hd)
+        let dp = d_o.matmul(&v.t()?)?; // (b, kv, group·t, t)
+        drop((d_o, v));
+        let (dqg, dk) = self.softmax(hd, ctx).backward(&qg, &k, &p, &dp)?;
+        drop((dp, p, qg, k));
+        let back = |d: &Tensor, heads: usize| -> Result<Tensor> {
+            Ok(d.contiguous()?.apply_op1_no_bwd(&RopeHeads {
+                cos: ctx.cos.clone(),
+                sin: ctx.sin.clone(),
+                heads,
+                sign: -1.0,
+            })?)
+        };
+        let dq = back(&dqg.reshape((b, nh, t, hd))?, nh)?;
+        let dk = back(&dk, nkv)?;
+        let dv = dv.transpose(1, 2)?.reshape((b, t, nkv * hd))?;
+        let h = rms_norm(ops, &x, &blk.input_norm, cfg.rms_norm_eps)?;
+        let dh = ((pb(0, &h, &dq)? + pb(1, &h, &dk)?)? + pb(2, &h, &dv)?)?;
+        drop((h, dq, dk, dv));
+        let norm = RmsNorm {
+            w: blk.input_norm.clone(),
+            eps: cfg.rms_norm_eps as f32,
+        };
+        let dx = (dx2 + norm.backward(&x, &dh)?)?;
+        Ok(LayerGrads { dx, lora: grads })
+    }
+}

@@ -1,0 +1,91 @@
+//! The training step's gradients through hand-written layer backwards (`Llama::block_backward`,
+//! model/src/llama_backward.rs) on a GPU with the fused ops: the same result as candle's
+//! autograd over the same ops ([`crate::step::loss_and_grads_autograd`]), in less time and memory.
+//! Only the final norm, LM head and loss stay under candle's autograd (a small graph).
+
+use crate::step::{Batch, Result, StepError};
+use candle_core::{DType, Tensor, TensorId, Var};
+use qlorad_model::llama::train::LoraWeights;
+use qlorad_model::Llama;
+use std::collections::HashMap;
+
+/// [`crate::step::loss_and_grads`] for a model whose training ops are fused.
+pub(crate) fn loss_and_grads(
+    model: &Llama,
+    lora: &dyn LoraWeights,
+    batch: &Batch,
+    vars: &[&Var],
+    scale: f64,
+    checkpointing: bool,
+    pause: &dyn Fn(),
+) -> Result<(f64, Vec<Tensor>)> {
+    let ctx = model.train_context(batch.seq)?;
+    let n = model.num_layers();
+    // Without checkpointing every layer's activations are kept from the forward; with it only
+    // the layer inputs, and each layer's forward runs again just before its backward (Chen et
+    // al., 2016; transformers' per-layer policy).
+    let mut inputs = Vec::with_capacity(n + 1);
+    let mut saved = Vec::with_capacity(if checkpointing { 0 } else { n });
+    inputs.push(model.embed_train(&batch.ids)?);
+    for li in 0..n {
+        let (y, acts) = model.block_forward_saved(li, &inputs[li], &ctx, lora)?;
+        if !checkpointing {
+            saved.push(acts);
+        }
+        inputs.push(y);
+        pause();
+    }
+    // The head and loss with their backward by hand too: the loss and its gradient at the last
+    // layer's output.
+    let top = inputs
+        .pop()
+        .ok_or_else(|| StepError::Invalid("no layer output".into()))?;
+    let targets = crate::step::row_targets(batch)?;
+    let (l, mut g) = model.head_backward(&top, &targets, scale as f32, &ctx)?;
+    let value = l.to_scalar::<f32>()? as f64 * scale;
+    drop(top);
+
+    let index: HashMap<TensorId, usize> = vars
+        .iter()
+        .enumerate()
+        .map(|(i, v)| (v.as_tensor().id(), i))
+        .collect();
+    let mut grads: Vec<Option<Tensor>> = vec![None; vars.len()];
+    let mut put = |t: &Tensor, gt: Tensor| -> Result<()> {
+        if let Some(&i) = index.get(&t.id()) {
+            grads[i] = Some(match grads[i].take() {
+                None => gt,
+                Some(acc) => (acc + gt)?,
+            });
+        }
+        Ok(())
+    };
+    for li in (0..n).rev() {
+        let x = inputs
+            .pop()
+            .ok_or_else(|| StepError::Invalid("layer inputs".into()))?;
+        let acts = match saved.pop() {
+            Some(a) => a,
+            None => model.block_forward_saved(li, &x, &ctx, lora)?.1,
+        };
+        drop(x);
+        let lg = model.block_backward(li, acts, &g, &ctx, lora)?;
+        for (proj, da, db) in lg.lora {
+            if let Some((a, b, _)) = lora.module(li, proj) {
+                put(a, da)?;
+                put(b, db)?;
+            }
+        }
+        g = lg.dx;
+        pause();
+    }
+    let grads = grads
+        .into_iter()
+        .zip(vars)
+        .map(|(g, v)| match g {
+            Some(g) => Ok(g),
+            None => Ok(Tensor::zeros(v.shape(), DType::F32, v.device())?),
+        })
+        .collect::<Result<_>>()?;
+    Ok((value, grads))
+}
