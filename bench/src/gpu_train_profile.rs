@@ -164,7 +164,9 @@ pub fn run(device: DeviceSpec, json_out: Option<std::path::PathBuf>) -> Result<(
         })?;
         let fb = time(&p, n, || {
             let (_, acts) = model.block_forward_saved(0, x.as_tensor(), &ctx, &lora)?;
-            Ok(model.block_backward(0, acts, &dy, &ctx, &lora).map(drop)?)
+            Ok(model
+                .block_backward(0, acts, &dy, &ctx, &lora, &|| {})
+                .map(drop)?)
         })?;
         add("layer, hand-written backward", 1.0, ops, fwd, fb);
     }

@@ -535,6 +535,7 @@ impl JobRunner {
             self.engine.clone(),
             self.cfg.train_share,
             self.metrics.training.yielded_seconds.clone(),
+            self.model.device().clone(),
         ));
         let y = yielder.clone();
         trainer.set_between_layers(Arc::new(move || y.maybe_yield()));
@@ -694,27 +695,45 @@ impl JobRunner {
 /// Gives the cores back to serving: called at preemption points, it sleeps while the engine has
 /// requests in flight so that training's share of wall time since the previous point stays at
 /// `share` (returning early once serving is idle).
+///
+/// On a GPU the host only queues work: a layer's kernels are still running (and serving's queue
+/// behind them on the same stream) when the host reaches the next point. So with requests in
+/// flight the yielder first waits for the device, which makes `worked` the layer's real time and
+/// leaves the GPU to serving for the pause (without that, training's measured share was mostly
+/// queueing and serving's ITL took every queued layer).
 struct Yielder {
     engine: EngineHandle,
     share: f64,
     last: Mutex<Instant>,
     yielded_ms: prometheus::IntCounter,
+    device: candle_core::Device,
 }
 
 impl Yielder {
-    fn new(engine: EngineHandle, share: f64, yielded_ms: prometheus::IntCounter) -> Self {
+    fn new(
+        engine: EngineHandle,
+        share: f64,
+        yielded_ms: prometheus::IntCounter,
+        device: candle_core::Device,
+    ) -> Self {
         Self {
             engine,
             share: share.clamp(0.01, 1.0),
             last: Mutex::new(Instant::now()),
             yielded_ms,
+            device,
         }
     }
 
     fn maybe_yield(&self) {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        let worked = last.elapsed();
         if self.share < 1.0 && self.engine.inflight() > 0 {
+            if !self.device.is_cpu() {
+                // Best effort: a failed wait only makes the share less exact; the step's own
+                // error handling sees a broken device at its next operation.
+                let _ = self.device.synchronize();
+            }
+            let worked = last.elapsed();
             let budget = worked.mul_f64((1.0 - self.share) / self.share);
             let started = Instant::now();
             while started.elapsed() < budget && self.engine.inflight() > 0 {

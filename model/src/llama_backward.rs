@@ -255,6 +255,7 @@ impl Llama {
 
     /// The backward of decoder layer `layer` from its saved activations and `dy`, the gradient of
     /// its output: dx and the LoRA gradients, each intermediate freed after its last use.
+    /// `pause` is called between the MLP's backward and attention's (a preemption point).
     pub fn block_backward(
         &self,
         layer: usize,
@@ -262,6 +263,7 @@ impl Llama {
         dy: &Tensor,
         ctx: &TrainContext,
         lora: &dyn LoraWeights,
+        pause: &dyn Fn(),
     ) -> Result<LayerGrads> {
         self.check_fused(ctx)?;
         let (cfg, blk, ops) = (&self.cfg, &self.blocks[layer], ctx.ops);
@@ -299,6 +301,7 @@ impl Llama {
         };
         let dx2 = (dy + norm.backward(&x2, &dh)?)?;
         drop((dh, x2));
+        pause();
 
         // Attention: x2 = x + o(P·V), P = softmax(Q·Kᵀ), Q/K/V = proj(rmsnorm(x)).
         let da = pb(3, &a, &dx2)?;

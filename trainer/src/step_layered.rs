@@ -66,10 +66,14 @@ pub(crate) fn loss_and_grads(
             .ok_or_else(|| StepError::Invalid("layer inputs".into()))?;
         let acts = match saved.pop() {
             Some(a) => a,
-            None => model.block_forward_saved(li, &x, &ctx, lora)?.1,
+            None => {
+                let acts = model.block_forward_saved(li, &x, &ctx, lora)?.1;
+                pause();
+                acts
+            }
         };
         drop(x);
-        let lg = model.block_backward(li, acts, &g, &ctx, lora)?;
+        let lg = model.block_backward(li, acts, &g, &ctx, lora, pause)?;
         for (proj, da, db) in lg.lora {
             if let Some((a, b, _)) = lora.module(li, proj) {
                 put(a, da)?;

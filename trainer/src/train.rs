@@ -376,6 +376,11 @@ impl<'m> Trainer<'m> {
             self.pos.step,
             self.total,
         );
+        // A preemption point between the gradient and the update (each a few milliseconds of
+        // GPU work that serving would otherwise wait behind).
+        if let Some(f) = &self.between_layers {
+            f();
+        }
         self.opt.update(&vars, &grads, lr)?;
         self.pos.step += 1;
         self.pos.group += 1;
