@@ -440,18 +440,7 @@ pub const NO_TARGET: u32 = u32::MAX;
 /// log-softmax is computed in f32 on the fly, never stored; the backward recomputes it from the
 /// per-row logsumexp the forward keeps.
 pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tensor> {
-    let (n, v) = logits.dims2()?;
-    let count = targets.iter().filter(|&&t| (t as usize) < v).count();
-    if targets.len() != n || count == 0 {
-        return Err(msg(format!(
-            "cross_entropy: {} targets ({count} valid) for {n} rows",
-            targets.len()
-        )));
-    }
-    let op = CrossEntropy {
-        targets: Tensor::from_slice(targets, n, logits.device())?,
-        count,
-    };
+    let op = CrossEntropy::new(logits, targets)?;
     logits.contiguous()?.apply_op1(op)?.get(0)
 }
 
@@ -462,18 +451,7 @@ pub fn cross_entropy_with_grad(
     targets: &[u32],
     g: f32,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let (n, v) = logits.dims2()?;
-    let count = targets.iter().filter(|&&t| (t as usize) < v).count();
-    if targets.len() != n || count == 0 {
-        return Err(msg(format!(
-            "cross_entropy: {} targets ({count} valid) for {n} rows",
-            targets.len()
-        )));
-    }
-    let op = CrossEntropy {
-        targets: Tensor::from_slice(targets, n, logits.device())?,
-        count,
-    };
+    let op = CrossEntropy::new(logits, targets)?;
     let logits = logits.contiguous()?;
     let res = logits.apply_op1_no_bwd(&op)?;
     let g = Tensor::new(&[g], logits.device())?;
@@ -486,6 +464,24 @@ pub fn cross_entropy_with_grad(
 struct CrossEntropy {
     targets: Tensor,
     count: usize,
+}
+
+impl CrossEntropy {
+    /// The op for `logits (n, v)` and one target per row (at least one valid).
+    fn new(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Self> {
+        let (n, v) = logits.dims2()?;
+        let count = targets.iter().filter(|&&t| (t as usize) < v).count();
+        if targets.len() != n || count == 0 {
+            return Err(msg(format!(
+                "cross_entropy: {} targets ({count} valid) for {n} rows",
+                targets.len()
+            )));
+        }
+        Ok(Self {
+            targets: Tensor::from_slice(targets, n, logits.device())?,
+            count,
+        })
+    }
 }
 
 impl CustomOp1 for CrossEntropy {

@@ -64,16 +64,7 @@ pub struct LayerGrads {
 
 impl Llama {
     fn projections(&self, layer: usize) -> [&dyn BaseLinear; 7] {
-        let b = &self.blocks[layer];
-        [
-            b.attn.q.as_ref(),
-            b.attn.k.as_ref(),
-            b.attn.v.as_ref(),
-            b.attn.o.as_ref(),
-            b.mlp.gate.as_ref(),
-            b.mlp.up.as_ref(),
-            b.mlp.down.as_ref(),
-        ]
+        self.blocks[layer].linears()
     }
 
     fn fused_parts(&self, layer: usize, lora: &dyn LoraWeights) -> Result<Vec<Option<Fused>>> {

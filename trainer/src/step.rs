@@ -395,11 +395,7 @@ pub fn loss_and_grads(
 ) -> Result<(f64, Vec<Tensor>)> {
     #[cfg(feature = "cuda")]
     if model.train_ops() == TrainOps::Fused {
-        let pause = || {
-            if let Some(f) = between_layers {
-                f()
-            }
-        };
+        let pause = pauser(between_layers);
         return crate::step_layered::loss_and_grads(
             model,
             lora,
@@ -432,11 +428,7 @@ pub fn loss_and_grads_autograd(
     checkpointing: bool,
     between_layers: Option<&(dyn Fn() + Send + Sync)>,
 ) -> Result<(f64, Vec<Tensor>)> {
-    let pause = || {
-        if let Some(f) = between_layers {
-            f()
-        }
-    };
+    let pause = pauser(between_layers);
     if !checkpointing {
         let l = (loss(model, lora, batch)? * scale)?;
         let value = l.to_scalar::<f32>()? as f64;
@@ -484,15 +476,28 @@ pub fn loss_and_grads_autograd(
                 .ok_or_else(|| StepError::Invalid(format!("no gradient reached layer {li}")))?;
         }
     }
-    let grads = grads
+    Ok((value, fill_missing(grads, vars)?))
+}
+
+/// The gradients in var order, zeros where a var got none.
+pub(crate) fn fill_missing(grads: Vec<Option<Tensor>>, vars: &[&Var]) -> Result<Vec<Tensor>> {
+    grads
         .into_iter()
         .zip(vars)
         .map(|(g, v)| match g {
             Some(g) => Ok(g),
             None => Ok(Tensor::zeros(v.shape(), DType::F32, v.device())?),
         })
-        .collect::<Result<_>>()?;
-    Ok((value, grads))
+        .collect()
+}
+
+/// The preemption callback as a plain closure (a no-op without one).
+fn pauser(between_layers: Option<&(dyn Fn() + Send + Sync)>) -> impl Fn() + '_ {
+    move || {
+        if let Some(f) = between_layers {
+            f()
+        }
+    }
 }
 
 /// Scales gradients so their global L2 norm is at most `max_norm` (as

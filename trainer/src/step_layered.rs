@@ -4,7 +4,7 @@
 //! Only the final norm, LM head and loss stay under candle's autograd (a small graph).
 
 use crate::step::{Batch, Result, StepError};
-use candle_core::{DType, Tensor, TensorId, Var};
+use candle_core::{Tensor, TensorId, Var};
 use qlorad_model::llama::train::LoraWeights;
 use qlorad_model::Llama;
 use std::collections::HashMap;
@@ -83,13 +83,5 @@ pub(crate) fn loss_and_grads(
         g = lg.dx;
         pause();
     }
-    let grads = grads
-        .into_iter()
-        .zip(vars)
-        .map(|(g, v)| match g {
-            Some(g) => Ok(g),
-            None => Ok(Tensor::zeros(v.shape(), DType::F32, v.device())?),
-        })
-        .collect::<Result<_>>()?;
-    Ok((value, grads))
+    Ok((value, crate::step::fill_missing(grads, vars)?))
 }
