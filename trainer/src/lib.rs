@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod merge;
 pub mod optim;
+pub mod parallel;
 pub mod step;
 #[cfg(feature = "cuda")]
 mod step_layered;

@@ -169,6 +169,8 @@ pub struct Trainer<'m> {
     started: Instant,
     session_tokens: u64,
     between_layers: Option<std::sync::Arc<dyn Fn() + Send + Sync>>,
+    /// Data-parallel group this trainer is one rank of (`None`: trains alone).
+    collective: Option<std::sync::Arc<dyn crate::parallel::Collective>>,
 }
 
 impl<'m> Trainer<'m> {
@@ -239,7 +241,31 @@ impl<'m> Trainer<'m> {
             started: Instant::now(),
             session_tokens: 0,
             between_layers: None,
+            collective: None,
         })
+    }
+
+    /// Makes this trainer one rank of a data-parallel group (crate::parallel): every rank must
+    /// hold the same adapter, examples and config, and call `step` in lockstep; a step then covers
+    /// `grad_accum × world` micro-batches, this rank's share of them computed here. Call before the
+    /// first step.
+    pub fn set_collective(&mut self, c: std::sync::Arc<dyn crate::parallel::Collective>) {
+        let world = c.world().max(1);
+        self.collective = Some(c);
+        if self.cfg.max_steps == 0 {
+            self.total = self
+                .lengths
+                .len()
+                .div_ceil(self.cfg.batch_size.max(1))
+                .div_ceil(self.cfg.grad_accum.max(1) * world)
+                * self.cfg.epochs.max(1);
+        }
+        self.warmup = (self.cfg.warmup_ratio * self.total as f64).ceil() as usize;
+    }
+
+    /// Micro-batches per optimizer step, over all ranks.
+    fn accum(&self) -> usize {
+        self.cfg.grad_accum.max(1) * self.collective.as_ref().map_or(1, |c| c.world().max(1))
     }
 
     /// A function called between decoder layers during a step (with gradient checkpointing), e.g. to
@@ -281,7 +307,7 @@ impl<'m> Trainer<'m> {
     /// implementation can train on exactly these batches (bench/gpu_epoch_reference.py). Returns
     /// the number of steps written.
     pub fn write_plan(&self, w: &mut dyn std::io::Write) -> Result<usize> {
-        let accum = self.cfg.grad_accum.max(1);
+        let accum = self.accum();
         let mut step = self.pos.step;
         let first = (self.pos.group * accum).min(self.order.len());
         for group in self.order[first..].chunks(accum) {
@@ -319,7 +345,7 @@ impl<'m> Trainer<'m> {
         if self.is_done() {
             return Ok(None);
         }
-        let accum = self.cfg.grad_accum.max(1);
+        let accum = self.accum();
         if self.pos.group * accum >= self.order.len() {
             self.pos.epoch += 1;
             self.pos.group = 0;
@@ -336,7 +362,15 @@ impl<'m> Trainer<'m> {
         let vars: Vec<_> = named.iter().map(|(_, v)| *v).collect();
         let mut acc: Option<Vec<candle_core::Tensor>> = None;
         let (mut loss_sum, mut step_tokens) = (0.0, 0u64);
+        let (rank, world) = self
+            .collective
+            .as_ref()
+            .map_or((0, 1), |c| (c.rank(), c.world().max(1)));
         for (micro, idx) in group.iter().enumerate() {
+            // Data-parallel: micro-batch k belongs to rank k mod world.
+            if micro % world != rank {
+                continue;
+            }
             let exs: Vec<&Example> = idx.iter().map(|&i| &self.examples[i]).collect();
             step_tokens += exs.iter().map(|e| e.input_ids.len() as u64).sum::<u64>();
             let batch = Batch::from_examples(&exs, self.pad_id)?;
@@ -363,7 +397,20 @@ impl<'m> Trainer<'m> {
                     .collect::<candle_core::Result<_>>()?,
             });
         }
-        let mut grads = acc.unwrap_or_default();
+        let mut grads = match acc {
+            Some(g) => g,
+            // A rank with no micro-batch in this (short, last) step contributes zeros.
+            None => vars
+                .iter()
+                .map(|v| v.zeros_like())
+                .collect::<candle_core::Result<_>>()?,
+        };
+        if let Some(c) = &self.collective {
+            c.all_reduce_sum(&mut grads)?;
+            let s = c.all_reduce_sum_f64(&[loss_sum, step_tokens as f64])?;
+            loss_sum = s[0];
+            step_tokens = s[1] as u64;
+        }
         let grad_norm = if self.cfg.max_grad_norm > 0.0 {
             clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?
         } else {
