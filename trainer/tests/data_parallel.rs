@@ -4,35 +4,17 @@
 //! equal within rounding (the ranks' partial sums add the same gradients in another order),
 //! through an epoch boundary and a short last step, with LoRA dropout on.
 
-use qlorad_model::loader::{self, Quant};
+mod common;
+use common::model;
 use qlorad_model::Llama;
-use qlorad_tests::fixture;
 use qlorad_trainer::parallel::{Collective, ThreadGroup};
 use qlorad_trainer::step::{AdamWConfig, LoraSpec, TrainableLora};
 use qlorad_trainer::train::{StepLog, TrainConfig, Trainer};
 use qlorad_trainer::Example;
-use rand::{Rng, SeedableRng};
 use std::sync::Arc;
 
-fn model() -> Llama {
-    let (cfg, w) =
-        loader::load(&fixture("tiny-llama/fp32"), Quant::Nf4(Default::default())).unwrap();
-    Llama::new(cfg, w).unwrap()
-}
-
 fn examples(n: usize, seed: u64) -> Vec<Example> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| {
-            let len = rng.random_range(4..16);
-            let input_ids: Vec<u32> = (0..len).map(|_| rng.random_range(3..64)).collect();
-            let prompt = rng.random_range(1..len - 1);
-            Example {
-                loss_mask: (0..len).map(|i| i >= prompt).collect(),
-                input_ids,
-            }
-        })
-        .collect()
+    common::examples(n, seed, 16)
 }
 
 fn spec() -> LoraSpec {

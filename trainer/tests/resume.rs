@@ -2,35 +2,16 @@
 //! same losses, bit for bit, and the same adapter bytes as the uninterrupted run (CPU, NF4 base,
 //! gradient accumulation, dropout, crossing an epoch boundary, with evaluation).
 
-use qlorad_model::loader::{self, Quant};
+mod common;
+use common::model;
 use qlorad_model::Llama;
-use qlorad_tests::fixture;
 use qlorad_trainer::checkpoint::{read_state, OPTIMIZER_FILE};
 use qlorad_trainer::step::{AdamWConfig, LoraSpec, StepError, TrainableLora};
 use qlorad_trainer::train::{save_peft, Schedule, StepLog, TrainConfig, Trainer};
 use qlorad_trainer::Example;
-use rand::{Rng, SeedableRng};
-
-fn model() -> Llama {
-    let (cfg, w) =
-        loader::load(&fixture("tiny-llama/fp32"), Quant::Nf4(Default::default())).unwrap();
-    Llama::new(cfg, w).unwrap()
-}
 
 fn examples(n: usize, seed: u64) -> Vec<Example> {
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| {
-            let len = rng.random_range(4..20);
-            let input_ids: Vec<u32> = (0..len).map(|_| rng.random_range(3..64)).collect();
-            let prompt = rng.random_range(1..len - 1);
-            let loss_mask = (0..len).map(|i| i >= prompt).collect();
-            Example {
-                input_ids,
-                loss_mask,
-            }
-        })
-        .collect()
+    common::examples(n, seed, 20)
 }
 
 fn spec() -> LoraSpec {
