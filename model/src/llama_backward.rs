@@ -201,6 +201,22 @@ impl Llama {
         ctx: &TrainContext,
         lora: &dyn LoraWeights,
     ) -> Result<(Tensor, LayerActs)> {
+        let acts = self.block_acts(layer, x, ctx, lora)?;
+        let site = Site { layer, ctx, lora };
+        let s = swiglu(ctx.ops, &acts.gate, &acts.up)?;
+        let y = (&acts.x2 + self.proj_fwd(&acts.fused, site, 6, &s)?)?;
+        Ok((y, acts))
+    }
+
+    /// What the backward of layer `layer` needs, without the layer's output: the recomputation of
+    /// a checkpointed layer stops before the down projection, whose output it would discard.
+    pub fn block_acts(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        ctx: &TrainContext,
+        lora: &dyn LoraWeights,
+    ) -> Result<LayerActs> {
         self.check_fused(ctx)?;
         let (cfg, blk, ops) = (&self.cfg, &self.blocks[layer], ctx.ops);
         let (nh, nkv) = (cfg.num_heads, cfg.num_kv_heads);
@@ -228,8 +244,7 @@ impl Llama {
         let gate = pf(4, &h)?;
         let up = pf(5, &h)?;
         drop(h);
-        let y = (&x2 + pf(6, &swiglu(ops, &gate, &up)?)?)?;
-        let acts = LayerActs {
+        Ok(LayerActs {
             x,
             x2,
             qg,
@@ -240,8 +255,7 @@ impl Llama {
             gate,
             up,
             fused,
-        };
-        Ok((y, acts))
+        })
     }
 
     /// The backward of decoder layer `layer` from its saved activations and `dy`, the gradient of

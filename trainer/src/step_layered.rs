@@ -67,7 +67,7 @@ pub(crate) fn loss_and_grads(
         let acts = match saved.pop() {
             Some(a) => a,
             None => {
-                let acts = model.block_forward_saved(li, &x, &ctx, lora)?.1;
+                let acts = model.block_acts(li, &x, &ctx, lora)?;
                 pause();
                 acts
             }
