@@ -33,7 +33,7 @@ impl CustomOp2 for AttnProbs {
     fn name(&self) -> &'static str {
         "qlorad-attn-probs"
     }
-    cuda_only!(2);
+    cuda_only!(s1 l1, s2 l2);
     fn cuda_fwd(
         &self,
         qs: &CudaStorage,
@@ -142,7 +142,7 @@ impl CustomOp2 for AttnProbsGrad {
     fn name(&self) -> &'static str {
         "qlorad-attn-probs-grad"
     }
-    cuda_only!(2);
+    cuda_only!(s1 l1, s2 l2);
     fn cuda_fwd(
         &self,
         ps: &CudaStorage,

@@ -164,7 +164,7 @@ impl CustomOp3 for LoraLinear {
     fn name(&self) -> &'static str {
         "qlorad-lora-linear"
     }
-    cuda_only!(3);
+    cuda_only!(s1 l1, s2 l2, s3 l3);
     fn cuda_fwd(
         &self,
         xs: &CudaStorage,
@@ -258,7 +258,7 @@ impl CustomOp2 for LoraLinearGrad {
     fn name(&self) -> &'static str {
         "qlorad-lora-linear-grad"
     }
-    cuda_only!(2);
+    cuda_only!(s1 l1, s2 l2);
     fn cuda_fwd(
         &self,
         ds: &CudaStorage,

@@ -93,39 +93,16 @@ pub(crate) fn no_cpu(op: &str) -> candle_core::Error {
     msg(format!("{op}: CUDA only (CPU training runs candle's ops)"))
 }
 
-/// The `cpu_fwd` of a custom op with 1, 2 or 3 inputs that exists only on CUDA: an error naming
-/// the op (the model never sends CPU tensors here; candle's traits require the method).
+/// The `cpu_fwd` of a custom op that exists only on CUDA, one `storage layout` name pair per input
+/// (`cuda_only!(s l)`, `cuda_only!(s1 l1, s2 l2)`, …): an error naming the op (the model never
+/// sends CPU tensors here; candle's traits require the method).
 macro_rules! cuda_only {
-    (1) => {
+    ($($s:ident $l:ident),+) => {
         fn cpu_fwd(
             &self,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
+            $($s: &candle_core::CpuStorage, $l: &candle_core::Layout),+
         ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            Err($crate::train_cuda::no_cpu(self.name()))
-        }
-    };
-    (2) => {
-        fn cpu_fwd(
-            &self,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
-        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-            Err($crate::train_cuda::no_cpu(self.name()))
-        }
-    };
-    (3) => {
-        fn cpu_fwd(
-            &self,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
-            _: &candle_core::CpuStorage,
-            _: &candle_core::Layout,
-        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            let _ = ($($s, $l),+);
             Err($crate::train_cuda::no_cpu(self.name()))
         }
     };
@@ -157,7 +134,7 @@ impl CustomOp1 for RmsNorm {
     fn name(&self) -> &'static str {
         "qlorad-rms-norm"
     }
-    cuda_only!(1);
+    cuda_only!(s l);
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = s.device();
         let (rows, n) = self.rows(self.name(), l)?;
@@ -198,7 +175,7 @@ impl CustomOp2 for RmsNormGrad {
     fn name(&self) -> &'static str {
         "qlorad-rms-norm-grad"
     }
-    cuda_only!(2);
+    cuda_only!(s1 l1, s2 l2);
     fn cuda_fwd(
         &self,
         ds: &CudaStorage,
@@ -257,7 +234,7 @@ impl CustomOp1 for RopeHeads {
     fn name(&self) -> &'static str {
         "qlorad-rope-heads"
     }
-    cuda_only!(1);
+    cuda_only!(s l);
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = s.device();
         let to_heads = self.sign > 0.0;
@@ -351,7 +328,7 @@ impl CustomOp2 for Swiglu {
     fn name(&self) -> &'static str {
         "qlorad-swiglu"
     }
-    cuda_only!(2);
+    cuda_only!(s1 l1, s2 l2);
     fn cuda_fwd(
         &self,
         gs: &CudaStorage,
@@ -402,7 +379,7 @@ impl CustomOp3 for SwigluGrad {
     fn name(&self) -> &'static str {
         "qlorad-swiglu-grad"
     }
-    cuda_only!(3);
+    cuda_only!(s1 l1, s2 l2, s3 l3);
     fn cuda_fwd(
         &self,
         gs: &CudaStorage,
@@ -488,7 +465,7 @@ impl CustomOp1 for CrossEntropy {
     fn name(&self) -> &'static str {
         "qlorad-cross-entropy"
     }
-    cuda_only!(1);
+    cuda_only!(s l);
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
         let dev = s.device();
         let &[n, v] = l.dims() else {
@@ -539,7 +516,7 @@ impl CustomOp3 for CrossEntropyGrad {
     fn name(&self) -> &'static str {
         "qlorad-cross-entropy-grad"
     }
-    cuda_only!(3);
+    cuda_only!(s1 l1, s2 l2, s3 l3);
     fn cuda_fwd(
         &self,
         xs: &CudaStorage,

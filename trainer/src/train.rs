@@ -217,8 +217,7 @@ impl<'m> Trainer<'m> {
         }
         let opt = opt.paged(cfg.paged_optimizer, model.device())?;
         let lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
-        let total = total_steps(lengths.len(), &cfg);
-        let warmup = (cfg.warmup_ratio * total as f64).ceil() as usize;
+        let (total, warmup) = schedule_len(lengths.len(), &cfg, 1);
         let order = batches(
             &lengths,
             cfg.batch_size,
@@ -250,17 +249,8 @@ impl<'m> Trainer<'m> {
     /// `grad_accum × world` micro-batches, this rank's share of them computed here. Call before the
     /// first step.
     pub fn set_collective(&mut self, c: std::sync::Arc<dyn crate::parallel::Collective>) {
-        let world = c.world().max(1);
+        (self.total, self.warmup) = schedule_len(self.lengths.len(), &self.cfg, c.world());
         self.collective = Some(c);
-        if self.cfg.max_steps == 0 {
-            self.total = self
-                .lengths
-                .len()
-                .div_ceil(self.cfg.batch_size.max(1))
-                .div_ceil(self.cfg.grad_accum.max(1) * world)
-                * self.cfg.epochs.max(1);
-        }
-        self.warmup = (self.cfg.warmup_ratio * self.total as f64).ceil() as usize;
     }
 
     /// Micro-batches per optimizer step, over all ranks.
@@ -482,12 +472,20 @@ impl<'m> Trainer<'m> {
 
 /// Optimizer steps of a run over `n` examples.
 pub fn total_steps(n: usize, cfg: &TrainConfig) -> usize {
-    if cfg.max_steps > 0 {
-        return cfg.max_steps;
-    }
-    n.div_ceil(cfg.batch_size.max(1))
-        .div_ceil(cfg.grad_accum.max(1))
-        * cfg.epochs.max(1)
+    schedule_len(n, cfg, 1).0
+}
+
+/// (optimizer steps, warmup steps) of a run over `n` examples on `world` data-parallel ranks
+/// (each step covers `grad_accum × world` micro-batches).
+fn schedule_len(n: usize, cfg: &TrainConfig, world: usize) -> (usize, usize) {
+    let total = if cfg.max_steps > 0 {
+        cfg.max_steps
+    } else {
+        n.div_ceil(cfg.batch_size.max(1))
+            .div_ceil(cfg.grad_accum.max(1) * world.max(1))
+            * cfg.epochs.max(1)
+    };
+    (total, (cfg.warmup_ratio * total as f64).ceil() as usize)
 }
 
 /// The dropout stream of one micro-batch: a pure function of where it is in the run (SplitMix64
