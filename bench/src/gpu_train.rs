@@ -19,8 +19,7 @@ use qlorad_model::llama::train::TrainOps;
 use qlorad_model::{loader, Llama, LoraAdapter, Placement};
 use qlorad_trainer::data::Example;
 use qlorad_trainer::step::{
-    clip_grad_norm, loss_and_grads, loss_and_grads_autograd, AdamW, AdamWConfig, Batch, LoraSpec,
-    TrainableLora,
+    loss_and_grads, loss_and_grads_autograd, AdamW, AdamWConfig, Batch, LoraSpec, TrainableLora,
 };
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -89,9 +88,8 @@ fn train_step(
 ) -> Result<f64> {
     let named = lora.named_vars();
     let vars: Vec<&Var> = named.iter().map(|(_, v)| *v).collect();
-    let (loss, mut grads) = loss_and_grads(m, lora, batch, &vars, 1.0, checkpointing, None)?;
-    clip_grad_norm(&mut grads, 0.3)?;
-    opt.update(&vars, &grads, lr)?;
+    let (loss, grads) = loss_and_grads(m, lora, batch, &vars, 1.0, checkpointing, None)?;
+    opt.clip_and_update(&vars, &grads, lr, 0.3, &|| {})?;
     Ok(loss)
 }
 
@@ -156,6 +154,38 @@ pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
                 format!("loss {l1:.5} vs {l2:.5}"),
             );
         }
+    }
+    // The head and loss in row chunks (some without any target) vs in one piece.
+    if fused == TrainOps::Fused {
+        let mut hb = random_batch(cfg.vocab_size, 2, 128, 5)?;
+        for m in hb.mask.iter_mut().take(100) {
+            *m = false;
+        }
+        let targets = qlorad_trainer::step::row_targets(&hb)?;
+        let ctx = gpu_m.train_context(128)?;
+        let x = (Tensor::randn(0f32, 1.0, (2, 128, cfg.hidden_size), &gpu.device)?)
+            .to_dtype(DType::BF16)?;
+        let pauses = std::cell::Cell::new(0usize);
+        let (l1, d1) = gpu_m.head_backward_chunked(&x, &targets, 0.7, &ctx, &|| {}, usize::MAX)?;
+        let (l2, d2) = gpu_m.head_backward_chunked(
+            &x,
+            &targets,
+            0.7,
+            &ctx,
+            &|| pauses.set(pauses.get() + 1),
+            48,
+        )?;
+        let (l1, l2) = (l1.to_scalar::<f32>()? as f64, l2.to_scalar::<f32>()? as f64);
+        let (_, rel) = compare(&flat(&[d2])?, &flat(&[d1])?);
+        r.add(
+            "head + loss in 48-row chunks vs one piece (gpu, rel)".into(),
+            rel.max((l1 - l2).abs() / l1.abs()),
+            1e-2,
+            format!(
+                "loss {l1:.5} vs {l2:.5}; {} preemption points",
+                pauses.get()
+            ),
+        );
     }
     let note = format!("cpu {loss_c:.5}, gpu {loss_g:.5}");
     r.add(
@@ -473,11 +503,10 @@ pub fn bench(a: GpuTrainBenchArgs) -> Result<()> {
             // The same work as `train_step`, with a synchronization after the backward pass to
             // split the step into forward+backward and clip+AdamW.
             let ts = Instant::now();
-            let (loss, mut grads) = loss_and_grads(&model, &lora, &batch, &vrefs, 1.0, ckpt, None)?;
+            let (loss, grads) = loss_and_grads(&model, &lora, &batch, &vrefs, 1.0, ckpt, None)?;
             p.synchronize()?;
             grad_s.push(ts.elapsed().as_secs_f64());
-            clip_grad_norm(&mut grads, 0.3)?;
-            opt.update(&vrefs, &grads, 2e-4)?;
+            opt.clip_and_update(&vrefs, &grads, 2e-4, 0.3, &|| {})?;
             p.synchronize()?;
             losses.push(loss);
             step_s.push(ts.elapsed().as_secs_f64());

@@ -327,3 +327,136 @@ pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
     })?;
     Ok(())
 }
+
+/// The optimizer's multi-tensor launches (kernels/src/multi_tensor_cuda.rs): the gradient norm and
+/// clipped AdamW over tensors of ragged sizes (chunk tails, one-value tensors, several per block
+/// group) against the trainer's candle ops on the CPU, and the update cut into groups (with a
+/// preemption point between them) against one launch, bit for bit.
+pub fn optimizer_checks(gpu: &Placement, r: &mut Report) -> Result<()> {
+    use qlorad_kernels::multi_tensor_cuda::{adamw_update, Moments};
+    use qlorad_trainer::step::{AdamW, AdamWConfig};
+    let sizes = [8192 * 3 + 5, 1, 100_003, 64 * 37, 8192, 4099];
+    let cfg = AdamWConfig {
+        lr: 1e-3,
+        weight_decay: 0.01,
+        ..Default::default()
+    };
+    let on = |d: &Device, seed: u64, std: f64| -> Result<Vec<Var>> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                Ok(Var::from_tensor(
+                    &input(&[n], 0.0, std, seed + i as u64)?.to_device(d)?,
+                )?)
+            })
+            .collect()
+    };
+    let grads_on = |d: &Device, step: u64| -> Result<Vec<Tensor>> {
+        Ok(on(d, 100 * step, 2.0)?
+            .into_iter()
+            .map(|v| v.as_tensor().clone())
+            .collect())
+    };
+    let (pc, pg) = (on(&Device::Cpu, 40, 0.5)?, on(&gpu.device, 40, 0.5)?);
+    let (rc, rg): (Vec<&Var>, Vec<&Var>) = (pc.iter().collect(), pg.iter().collect());
+    let mut oc = AdamW::new(&rc, cfg)?;
+    let mut og = AdamW::new(&rg, cfg)?;
+    let (mut norm_err, mut pauses) = (0f64, 0usize);
+    let count = std::cell::Cell::new(0usize);
+    for step in 1..=3 {
+        let gc = grads_on(&Device::Cpu, step)?;
+        // The exact norm in f64 (the CPU path sums each tensor in f32: ~1e-5 relative).
+        let mut sq = 0f64;
+        for g in &gc {
+            sq += g
+                .flatten_all()?
+                .to_vec1::<f32>()?
+                .iter()
+                .map(|&x| x as f64 * x as f64)
+                .sum::<f64>();
+        }
+        oc.clip_and_update(&rc, &gc, 1e-3, 30.0, &|| {})?;
+        let ng = og.clip_and_update(&rg, &grads_on(&gpu.device, step)?, 1e-3, 30.0, &|| {
+            count.set(count.get() + 1)
+        })?;
+        norm_err = norm_err.max((ng - sq.sqrt()).abs() / sq.sqrt());
+        pauses = count.get();
+    }
+    r.add(
+        "multi-tensor grad norm vs f64 on the host, 6 ragged tensors (rel)".into(),
+        norm_err,
+        1e-6,
+        format!(
+            "{} values; clip 30 → coefficient < 1",
+            sizes.iter().sum::<usize>()
+        ),
+    );
+    let mut werr = 0f64;
+    for (a, b) in pc.iter().zip(&pg) {
+        werr = werr.max(rel_err(
+            &b.as_tensor().to_device(&Device::Cpu)?,
+            a.as_tensor(),
+        )?);
+    }
+    r.add(
+        "multi-tensor clipped AdamW, 3 steps, gpu vs cpu (weights, rel)".into(),
+        werr,
+        1e-6,
+        format!("weight decay 0.01; {pauses} preemption points"),
+    );
+    // The same update in groups of ≥ 10,000 values (4 launches) vs one launch: bit-identical.
+    let step = qlorad_kernels::train_cuda::AdamWStep {
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        decay: 0.999,
+        step_size: 1e-3,
+        bc2_sqrt: 0.05,
+    };
+    let mut out = Vec::new();
+    let mut groups_seen = 0;
+    for group in [usize::MAX, 10_000] {
+        let ps = on(&gpu.device, 7, 0.5)?;
+        let ms: Vec<Tensor> = on(&gpu.device, 17, 0.1)?
+            .iter()
+            .map(|v| v.as_tensor().clone())
+            .collect();
+        let vs: Vec<Tensor> = on(&gpu.device, 27, 0.1)?
+            .iter()
+            .map(|v| v.as_tensor().abs())
+            .collect::<candle_core::Result<_>>()?;
+        let gs = grads_on(&gpu.device, 9)?;
+        let pr: Vec<&Tensor> = ps.iter().map(|v| v.as_tensor()).collect();
+        let n = std::cell::Cell::new(1usize);
+        adamw_update(
+            &pr,
+            &gs,
+            Moments::Device(&ms, &vs),
+            step,
+            0.7,
+            group,
+            &|| n.set(n.get() + 1),
+        )?;
+        groups_seen = n.get();
+        let flat = |ts: Vec<Tensor>| -> Result<Tensor> {
+            Ok(Tensor::cat(&ts, 0)?.to_device(&Device::Cpu)?)
+        };
+        out.push([
+            flat(ps.iter().map(|v| v.as_tensor().clone()).collect())?,
+            flat(ms)?,
+            flat(vs)?,
+        ]);
+    }
+    let mut d = 0f64;
+    for (a, b) in out[0].iter().zip(&out[1]) {
+        d = d.max((a - b)?.abs()?.max(0)?.to_scalar::<f32>()? as f64);
+    }
+    r.add(
+        "multi-tensor AdamW in groups vs one launch (max |Δ|, bit-identical)".into(),
+        d,
+        0.0,
+        format!("{groups_seen} launches"),
+    );
+    Ok(())
+}

@@ -15,7 +15,7 @@ use qlorad_model::linear::{BaseLinear, Nf4Linear};
 use qlorad_model::llama::train::{self, LoraWeights, NoLora, TrainOps};
 use qlorad_model::Llama;
 use qlorad_model::{DeviceSpec, Placement};
-use qlorad_trainer::step::{clip_grad_norm, loss_from_logits, AdamW, AdamWConfig, TrainableLora};
+use qlorad_trainer::step::{grad_norm, loss_from_logits, AdamW, AdamWConfig, TrainableLora};
 use std::time::Instant;
 
 /// Milliseconds per call of `f` (2 untimed calls first).
@@ -159,11 +159,11 @@ pub fn run(device: DeviceSpec, json_out: Option<std::path::PathBuf>) -> Result<(
         let dy = x.as_tensor().ones_like()?;
         let fwd = time(&p, n, || {
             Ok(model
-                .block_forward_saved(0, x.as_tensor(), &ctx, &lora)
+                .block_forward_saved(0, x.as_tensor(), &ctx, &lora, &|| {})
                 .map(drop)?)
         })?;
         let fb = time(&p, n, || {
-            let (_, acts) = model.block_forward_saved(0, x.as_tensor(), &ctx, &lora)?;
+            let (_, acts) = model.block_forward_saved(0, x.as_tensor(), &ctx, &lora, &|| {})?;
             Ok(model
                 .block_backward(0, acts, &dy, &ctx, &lora, &|| {})
                 .map(drop)?)
@@ -228,6 +228,23 @@ pub fn run(device: DeviceSpec, json_out: Option<std::path::PathBuf>) -> Result<(
             time(&p, n, || Ok(f()?.backward().map(drop)?))?,
         );
     }
+    // The head and loss with their hand-written backward (what the trainer runs on a GPU).
+    {
+        let ctx = model.train_context(t)?;
+        let targets = qlorad_trainer::step::row_targets(&batch)?;
+        let hb = time(&p, n, || {
+            Ok(model
+                .head_backward(x.as_tensor(), &targets, 1.0, &ctx, &|| {})
+                .map(drop)?)
+        })?;
+        add(
+            "head + loss, hand-written backward",
+            0.0,
+            TrainOps::Fused,
+            hb,
+            hb,
+        );
+    }
 
     // The optimizer over all 32 layers' LoRA tensors (gradients: the weights themselves).
     let mut cfg32 = cfg.clone();
@@ -237,14 +254,18 @@ pub fn run(device: DeviceSpec, json_out: Option<std::path::PathBuf>) -> Result<(
     let vars: Vec<&Var> = named.iter().map(|(_, v)| *v).collect();
     let grads: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let mut opt = AdamW::new(&vars, AdamWConfig::default())?;
-    let clip = time(&p, 3, || {
-        let mut g = grads.clone();
-        clip_grad_norm(&mut g, 0.3)?;
-        Ok(())
+    let clip = time(&p, 3, || Ok(grad_norm(&grads).map(drop)?))?;
+    let adam = time(&p, 3, || {
+        Ok(opt.update_scaled(&vars, &grads, 2e-4, 0.5, &|| {})?)
     })?;
-    let adam = time(&p, 3, || Ok(opt.update(&vars, &grads, 2e-4)?))?;
-    add("clip (448 tensors, per step)", 0.0, ops, clip, clip);
-    add("AdamW (448 tensors, per step)", 0.0, ops, adam, adam);
+    add("grad norm (448 tensors, per step)", 0.0, ops, clip, clip);
+    add(
+        "clipped AdamW (448 tensors, per step)",
+        0.0,
+        ops,
+        adam,
+        adam,
+    );
 
     // A plain step ≈ 32 layers' forward + backward, the head and loss, clip and AdamW.
     for (ops, piece) in [
@@ -256,13 +277,18 @@ pub fn run(device: DeviceSpec, json_out: Option<std::path::PathBuf>) -> Result<(
             .iter()
             .find(|r| r.ops == ops && r.per_layer == 1.0 && r.name.starts_with(piece))
             .map_or(0.0, |r| r.fwd_bwd);
-        // The head and loss under these ops, clip and AdamW.
+        // The head and loss as this path runs them, the norm and the update.
+        let head = if piece == "layer, hand" {
+            "head + loss, hand"
+        } else {
+            "head + loss (once"
+        };
         let once: f64 = rows
             .iter()
             .filter(|r| {
-                (r.name.starts_with("head") && r.ops == ops)
-                    || r.name.starts_with("clip")
-                    || r.name.starts_with("AdamW")
+                (r.name.starts_with(head) && r.ops == ops)
+                    || r.name.starts_with("grad norm")
+                    || r.name.starts_with("clipped AdamW")
             })
             .map(|r| r.fwd_bwd)
             .sum();

@@ -11,8 +11,8 @@
 //  - swiglu_fwd/bwd: silu(g) * u and its gradients (dg = dy * u * s * (1 + g * (1 - s)), du = dy *
 //    silu(g), s = sigmoid(g));
 //  - adamw_f32: one AdamW update (Loshchilov & Hutter 2019, torch.optim.AdamW's formula) of a
-//    parameter and its moments in place; sumsq_f32: the squared L2 norm for gradient clipping,
-//    accumulated in f64 across tensors.
+//    parameter and its moments in place, and adamw_multi_f32 / sumsq_multi_f32: the update and
+//    the squared L2 norm for gradient clipping over many tensors in one launch.
 // Reductions and every intermediate are f32; only stored activations are bf16.
 
 #include "bf16.cuh"
@@ -160,15 +160,61 @@ extern "C" __global__ void adamw_f32(float* __restrict__ p, const float* __restr
     }
 }
 
-// *acc += sum of squares of x (n values); block partial sums in f32, the total in f64.
-extern "C" __global__ void sumsq_f32(const float* __restrict__ x, u64 n, double* __restrict__ acc) {
+// Multi-tensor launches (the scheme of apex's multi_tensor_apply / torch's _foreach ops): one grid
+// over many tensors, each cut into MT_CHUNK-value chunks, one block per chunk. A segment table in
+// device memory gives each tensor's addresses, length and first block; a block finds its tensor by
+// binary search over the (ascending) first blocks.
+#define MT_CHUNK 8192
+struct MtSeg {
+    u64 ptr[4];
+    u64 n;
+    u64 block0;
+};
+
+__device__ __forceinline__ const MtSeg& mt_seg(const MtSeg* __restrict__ segs, u32 count) {
+    u32 lo = 0, hi = count - 1;
+    while (lo < hi) {
+        const u32 mid = (lo + hi + 1) >> 1;
+        if (segs[mid].block0 <= blockIdx.x) lo = mid; else hi = mid - 1;
+    }
+    return segs[lo];
+}
+
+// partial[block] = sum of squares of the block's chunk of the f32 tensor at ptr[0]; the host adds
+// the partials in f64, in block order (deterministic, unlike atomics).
+extern "C" __global__ void sumsq_multi_f32(const MtSeg* __restrict__ segs, u32 count,
+                                           float* __restrict__ partial) {
     __shared__ float part[32];
+    const MtSeg& sg = mt_seg(segs, count);
+    const float* __restrict__ x = (const float*)sg.ptr[0];
+    const u64 start = (u64)(blockIdx.x - sg.block0) * MT_CHUNK;
+    const u64 end = min(start + MT_CHUNK, sg.n);
     float s = 0.f;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (u64)gridDim.x * blockDim.x)
-        s = fmaf(x[i], x[i], s);
+    for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) s = fmaf(x[i], x[i], s);
     s = block_sum(s, part);
-    if (threadIdx.x == 0) atomicAdd(acc, (double)s);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+// adamw_f32 over many parameters: ptr = (p, g, m, v); the gradient is first multiplied by gscale
+// (the clip coefficient of torch.nn.utils.clip_grad_norm_, folded in instead of a pass per tensor).
+extern "C" __global__ void adamw_multi_f32(const MtSeg* __restrict__ segs, u32 count, float gscale,
+                                           float beta1, float beta2, float eps, float decay,
+                                           float step_size, float bc2_sqrt) {
+    const MtSeg& sg = mt_seg(segs, count);
+    float* __restrict__ p = (float*)sg.ptr[0];
+    const float* __restrict__ g = (const float*)sg.ptr[1];
+    float* __restrict__ m = (float*)sg.ptr[2];
+    float* __restrict__ v = (float*)sg.ptr[3];
+    const u64 start = (u64)(blockIdx.x - sg.block0) * MT_CHUNK;
+    const u64 end = min(start + MT_CHUNK, sg.n);
+    for (u64 i = start + threadIdx.x; i < end; i += blockDim.x) {
+        const float gi = g[i] * gscale;
+        const float mi = beta1 * m[i] + (1.f - beta1) * gi;
+        const float vi = beta2 * v[i] + (1.f - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] * decay - step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+    }
 }
 
 // Cross-entropy of rows of logits (n, v) bf16 against targets (u32; 0xffffffff: no target), the

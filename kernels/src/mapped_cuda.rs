@@ -7,11 +7,9 @@
 //! the state never moves: the update streams it across the link once per step (2 × 4 bytes read
 //! and written per trainable parameter), with no device memory and no extra launches.
 
-use crate::train_cuda::{adamw_launch, cuda_of, msg, tensor_addr, AdamWStep};
 use candle_core::backend::BackendDevice;
 use candle_core::cuda_backend::cudarc::driver::{sys, PinnedHostSlice};
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
-use candle_core::{DType, Tensor};
 
 /// n f32 in mapped page-locked host memory, tied to one GPU.
 pub struct MappedF32 {
@@ -57,6 +55,16 @@ impl MappedF32 {
         self.len == 0
     }
 
+    /// The buffer's address as its GPU sees it.
+    pub(crate) fn dptr(&self) -> u64 {
+        self.dptr
+    }
+
+    /// Whether the buffer is mapped for `dev`.
+    pub(crate) fn is_for(&self, dev: &CudaDevice) -> bool {
+        self.dev.same_device(dev)
+    }
+
     /// The values, after every queued kernel has finished with them.
     pub fn to_vec(&self) -> candle_core::Result<Vec<f32>> {
         self.dev.cuda_stream().synchronize().w()?;
@@ -69,32 +77,4 @@ impl Drop for MappedF32 {
         // A queued update may still be writing the buffer; cuMemFreeHost does not wait for it.
         let _ = self.dev.cuda_stream().synchronize();
     }
-}
-
-/// [`crate::train_cuda::adamw_update`] with the moments in mapped host memory.
-pub fn adamw_update_mapped(
-    p: &Tensor,
-    g: &Tensor,
-    m: &mut MappedF32,
-    v: &mut MappedF32,
-    s: AdamWStep,
-) -> candle_core::Result<()> {
-    let dev = cuda_of(p)?;
-    let n = p.elem_count();
-    if g.elem_count() != n || m.len != n || v.len != n {
-        return Err(msg(format!(
-            "adamw (mapped): p {:?}, g {:?}, m {}, v {}",
-            p.dims(),
-            g.dims(),
-            m.len,
-            v.len
-        )));
-    }
-    if !m.dev.same_device(&dev) || !v.dev.same_device(&dev) {
-        return Err(msg("adamw (mapped): state mapped for another GPU".into()));
-    }
-    let pa = tensor_addr("adamw", p, &dev, DType::F32)?;
-    let ga = tensor_addr("adamw", g, &dev, DType::F32)?;
-    // SAFETY: p and g hold n f32 on dev (checked above); m and v are n f32 mapped for dev.
-    unsafe { adamw_launch(&dev, [pa, ga, m.dptr, v.dptr], n, s) }
 }

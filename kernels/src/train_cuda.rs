@@ -1,8 +1,9 @@
 //! The fused training ops of `cuda/train.cu` (behind the `cuda` feature) as candle custom ops with
 //! their own backward: RMSNorm, RoPE, the causal attention softmax and SwiGLU, each one launch
 //! forward and one backward instead of a chain of candle kernels with f32 copies (issue 6's
-//! profile: `qlorad-bench gpu-train-profile`), and the causal-LM cross-entropy. Plus AdamW and the gradient norm over many tensors,
-//! in place, one launch per tensor.
+//! profile: `qlorad-bench gpu-train-profile`), and the causal-LM cross-entropy. Plus AdamW of one
+//! tensor in place (the optimizer's per-tensor paging fallback; crate::multi_tensor_cuda updates
+//! many tensors per launch).
 //!
 //! bf16 activations on one GPU, contiguous (the wrappers make them so); frozen weights and tables
 //! (the norm weight, RoPE's cos/sin) live inside the op and get no gradient. CPU training keeps
@@ -675,7 +676,7 @@ pub fn adamw_update(
 ///
 /// # Safety
 /// Each address must hold n f32 the device can reach (device memory, or mapped host memory).
-pub(crate) unsafe fn adamw_launch(
+unsafe fn adamw_launch(
     dev: &CudaDevice,
     [pa, ga, ma, va]: [u64; 4],
     n: usize,
@@ -700,25 +701,4 @@ pub(crate) unsafe fn adamw_launch(
     // Writing p, m and v in place is what the optimizer means (as candle's Var::set does).
     unsafe { b.launch(grid(n64)) }.w()?;
     Ok(())
-}
-
-/// Σ x² over every value of `ts` (f32 tensors on one GPU), in f64, one read-back.
-pub fn sum_squares(ts: &[Tensor]) -> candle_core::Result<f64> {
-    let Some(first) = ts.first() else {
-        return Ok(0.0);
-    };
-    let dev = cuda_of(first)?;
-    let mut acc = dev.alloc_zeros::<f64>(1)?;
-    let f = func(&dev, "sumsq_f32")?;
-    let stream = dev.cuda_stream();
-    for t in ts {
-        let t = t.contiguous()?;
-        let a = tensor_addr("sumsq", &t, &dev, DType::F32)?;
-        let n = t.elem_count() as u64;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&a).arg(&n).arg(&mut acc);
-        // SAFETY: argument order and types match sumsq_f32; t holds n f32.
-        unsafe { b.launch(grid(n)) }.w()?;
-    }
-    Ok(dev.clone_dtoh(&acc)?[0])
 }

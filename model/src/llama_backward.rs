@@ -20,6 +20,10 @@ use qlorad_kernels::attention_train_cuda::AttnProbs;
 use qlorad_kernels::lora_train_cuda::LoraLinear;
 use qlorad_kernels::train_cuda::{CausalSoftmax, Dropout, RmsNorm, RopeHeads, Swiglu};
 
+/// Rows of the LM head and loss per chunk in [`Llama::head_backward`]: at Mistral-7B's shapes a
+/// chunk is ~0.3 ms of GEMMs per direction, and 512 rows still fill the GPU.
+pub const HEAD_ROWS: usize = 512;
+
 /// One projection's fused op with its bf16 adapter copies, when the base is NF4 and the module
 /// has LoRA; `None` runs the projection through candle's ops (and their autograd, locally).
 struct Fused {
@@ -166,25 +170,80 @@ impl Llama {
     /// their backward for an upstream gradient `scale` of the loss: (loss, dx). Logits are bf16
     /// and never kept past this call; no gradient is formed for the frozen head (candle's matmul
     /// backward would form one: a (vocab, hidden) product per step, broadcast over the batch).
+    ///
+    /// The rows go through in chunks of [`HEAD_ROWS`], each weighted by its share of the targets
+    /// (the mean over all rows is the target-weighted mean of the chunks' means), with `pause`
+    /// between chunks: the logits stay a fraction of (rows, vocab) and serving is never stalled
+    /// behind the whole head (two GEMMs over the vocabulary for every row).
     pub fn head_backward(
         &self,
         x: &Tensor,
         targets: &[u32],
         scale: f32,
         ctx: &TrainContext,
+        pause: &dyn Fn(),
+    ) -> Result<(Tensor, Tensor)> {
+        self.head_backward_chunked(x, targets, scale, ctx, pause, HEAD_ROWS)
+    }
+
+    /// [`Llama::head_backward`] in chunks of `chunk_rows` rows.
+    pub fn head_backward_chunked(
+        &self,
+        x: &Tensor,
+        targets: &[u32],
+        scale: f32,
+        ctx: &TrainContext,
+        pause: &dyn Fn(),
+        chunk_rows: usize,
     ) -> Result<(Tensor, Tensor)> {
         self.check_fused(ctx)?;
+        let chunk_rows = chunk_rows.max(1);
         let (b, t, hidden) = x.dims3()?;
+        let rows = b * t;
         let eps = self.cfg.rms_norm_eps;
-        let h = rms_norm(ctx.ops, x, &self.norm, eps)?.reshape((b * t, hidden))?;
+        let h = rms_norm(ctx.ops, x, &self.norm, eps)?.reshape((rows, hidden))?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = h.matmul(&head.t()?)?;
+        let vocab = head.dim(0)?;
+        let has_target = |tg: &[u32]| tg.iter().filter(|&&i| (i as usize) < vocab).count();
+        let total = has_target(targets);
+        if targets.len() != rows || total == 0 {
+            return Err(ModelError::Invalid(format!(
+                "head: {} targets ({total} valid) for {rows} rows",
+                targets.len()
+            )));
+        }
+        let head_t = head.t()?;
+        let (mut loss, mut dhs) = (None::<Tensor>, Vec::new());
+        for start in (0..rows).step_by(chunk_rows) {
+            let len = chunk_rows.min(rows - start);
+            let tg = &targets[start..start + len];
+            let n = has_target(tg);
+            if n == 0 {
+                dhs.push(Tensor::zeros((len, hidden), h.dtype(), h.device())?);
+                continue;
+            }
+            if start > 0 {
+                pause();
+            }
+            let share = n as f64 / total as f64;
+            let logits = h.narrow(0, start, len)?.matmul(&head_t)?;
+            let (l, dlogits) = qlorad_kernels::train_cuda::cross_entropy_with_grad(
+                &logits,
+                tg,
+                scale * share as f32,
+            )?;
+            drop(logits);
+            let l = (l * share)?;
+            loss = Some(match loss {
+                None => l,
+                Some(acc) => (acc + l)?,
+            });
+            dhs.push(dlogits.matmul(head)?);
+        }
         drop(h);
-        let (loss, dlogits) =
-            qlorad_kernels::train_cuda::cross_entropy_with_grad(&logits, targets, scale)?;
-        drop(logits);
-        let dh = dlogits.matmul(head)?.reshape((b, t, hidden))?;
-        drop(dlogits);
+        let loss = loss.ok_or_else(|| ModelError::Invalid("head: no rows".into()))?;
+        let dh = Tensor::cat(&dhs, 0)?.reshape((b, t, hidden))?;
+        drop(dhs);
         let norm = RmsNorm {
             w: self.norm.clone(),
             eps: eps as f32,
@@ -193,15 +252,17 @@ impl Llama {
     }
 
     /// Decoder layer `layer` on `x (b, t, hidden)` (no graph): its output and what its backward
-    /// needs. Same result as [`Llama::block_train`] under the fused ops.
+    /// needs. Same result as [`Llama::block_train`] under the fused ops. `pause` is called
+    /// between attention and the MLP (a preemption point).
     pub fn block_forward_saved(
         &self,
         layer: usize,
         x: &Tensor,
         ctx: &TrainContext,
         lora: &dyn LoraWeights,
+        pause: &dyn Fn(),
     ) -> Result<(Tensor, LayerActs)> {
-        let acts = self.block_acts(layer, x, ctx, lora)?;
+        let acts = self.block_acts(layer, x, ctx, lora, pause)?;
         let site = Site { layer, ctx, lora };
         let s = swiglu(ctx.ops, &acts.gate, &acts.up)?;
         let y = (&acts.x2 + self.proj_fwd(&acts.fused, site, 6, &s)?)?;
@@ -210,12 +271,14 @@ impl Llama {
 
     /// What the backward of layer `layer` needs, without the layer's output: the recomputation of
     /// a checkpointed layer stops before the down projection, whose output it would discard.
+    /// `pause` is called between attention and the MLP.
     pub fn block_acts(
         &self,
         layer: usize,
         x: &Tensor,
         ctx: &TrainContext,
         lora: &dyn LoraWeights,
+        pause: &dyn Fn(),
     ) -> Result<LayerActs> {
         self.check_fused(ctx)?;
         let (cfg, blk, ops) = (&self.cfg, &self.blocks[layer], ctx.ops);
@@ -240,6 +303,7 @@ impl Llama {
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
         let x2 = (&x + pf(3, &a)?)?;
+        pause();
         let h = rms_norm(ops, &x2, &blk.post_norm, cfg.rms_norm_eps)?;
         let gate = pf(4, &h)?;
         let up = pf(5, &h)?;

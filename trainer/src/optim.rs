@@ -160,33 +160,81 @@ impl AdamW {
 
     /// One update of every var from its gradient, at learning rate `lr`.
     pub fn update(&mut self, vars: &[&Var], grads: &[Tensor], lr: f64) -> Result<()> {
+        self.update_scaled(vars, grads, lr, 1.0, &|| {})
+    }
+
+    /// Clips the gradients' global norm to `max_norm` (0: no clipping) and updates, as
+    /// `torch.nn.utils.clip_grad_norm_` then `step()`; returns the norm before clipping (NaN
+    /// without clipping). `between` is a preemption point: called after the norm and between the
+    /// update's launches on a GPU.
+    pub fn clip_and_update(
+        &mut self,
+        vars: &[&Var],
+        grads: &[Tensor],
+        lr: f64,
+        max_norm: f64,
+        between: &dyn Fn(),
+    ) -> Result<f64> {
+        let (norm, coef) = if max_norm > 0.0 {
+            let norm = crate::step::grad_norm(grads)?;
+            (norm, crate::step::clip_coef(norm, max_norm))
+        } else {
+            (f64::NAN, 1.0)
+        };
+        between();
+        self.update_scaled(vars, grads, lr, coef, between)?;
+        Ok(norm)
+    }
+
+    /// One update of every var from `grad_scale ·` its gradient (the clip coefficient, applied
+    /// as `clip_grad_norm_` scales the gradients). On a GPU every tensor is updated by a few
+    /// multi-tensor launches, with `between` called between them.
+    pub fn update_scaled(
+        &mut self,
+        vars: &[&Var],
+        grads: &[Tensor],
+        lr: f64,
+        grad_scale: f64,
+        between: &dyn Fn(),
+    ) -> Result<()> {
         self.step += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         #[cfg(feature = "cuda")]
-        let fused = qlorad_kernels::train_cuda::AdamWStep {
-            beta1: c.beta1 as f32,
-            beta2: c.beta2 as f32,
-            eps: c.eps as f32,
-            decay: (1.0 - lr * c.weight_decay) as f32,
-            step_size: (lr / bc1) as f32,
-            bc2_sqrt: bc2.sqrt() as f32,
-        };
-        #[cfg(feature = "cuda")]
-        if let Some(mp) = &mut self.mapped {
-            for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
-                qlorad_kernels::mapped_cuda::adamw_update_mapped(
-                    var.as_tensor(),
-                    &g.contiguous()?,
-                    &mut mp.m[i],
-                    &mut mp.v[i],
+        {
+            use qlorad_kernels::multi_tensor_cuda::{adamw_update, Moments};
+            let fused = fused_step(c, lr, bc1, bc2);
+            let on_gpu = |t: &Tensor| t.device().is_cuda() && t.dtype() == DType::F32;
+            let ps: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+            let moments = match &mut self.mapped {
+                Some(mp) => Some(Moments::Mapped(&mut mp.m, &mut mp.v)),
+                None if !self.paged && ps.iter().all(|p| on_gpu(p)) => {
+                    Some(Moments::Device(&self.m, &self.v))
+                }
+                None => None,
+            };
+            if let Some(moments) = moments {
+                adamw_update(
+                    &ps,
+                    grads,
+                    moments,
                     fused,
+                    grad_scale as f32,
+                    GROUP_ELEMS,
+                    between,
                 )?;
+                return Ok(());
             }
-            return Ok(());
         }
+        #[cfg(not(feature = "cuda"))]
+        let _ = between; // one pass per tensor on the CPU: nothing to preempt between
         for (i, (var, g)) in vars.iter().zip(grads).enumerate() {
+            let g = &if grad_scale != 1.0 {
+                (g * grad_scale)?
+            } else {
+                g.clone()
+            };
             // Paged: this tensor's moments come in from the host for its update only.
             let (m0, v0) = (
                 self.m[i].to_device(var.device())?,
@@ -201,7 +249,7 @@ impl AdamW {
                     &g.contiguous()?,
                     &m0,
                     &v0,
-                    fused,
+                    fused_step(c, lr, bc1, bc2),
                 )?;
                 let home = self.m[i].device().clone();
                 self.m[i] = m0.to_device(&home)?;
@@ -222,6 +270,30 @@ impl AdamW {
             self.v[i] = v.to_device(&home)?;
         }
         Ok(())
+    }
+}
+
+/// Values per multi-tensor AdamW launch on a GPU (~20 launches for r = 64 on a 7B model): small
+/// enough that a paged update, which streams its moments over the host link, leaves serving a
+/// preemption point every few milliseconds.
+#[cfg(feature = "cuda")]
+const GROUP_ELEMS: usize = 1 << 23;
+
+/// The fused kernels' form of one update's hyper-parameters (bias corrections folded in).
+#[cfg(feature = "cuda")]
+fn fused_step(
+    c: AdamWConfig,
+    lr: f64,
+    bc1: f64,
+    bc2: f64,
+) -> qlorad_kernels::train_cuda::AdamWStep {
+    qlorad_kernels::train_cuda::AdamWStep {
+        beta1: c.beta1 as f32,
+        beta2: c.beta2 as f32,
+        eps: c.eps as f32,
+        decay: (1.0 - lr * c.weight_decay) as f32,
+        step_size: (lr / bc1) as f32,
+        bc2_sqrt: bc2.sqrt() as f32,
     }
 }
 

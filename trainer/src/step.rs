@@ -350,7 +350,7 @@ pub fn loss_from_logits(ops: TrainOps, logits: &Tensor, batch: &Batch) -> Result
 /// Each position's target for the fused cross-entropy: the next token where the mask is set,
 /// `NO_TARGET` elsewhere (the last position of every row has none).
 #[cfg(feature = "cuda")]
-pub(crate) fn row_targets(batch: &Batch) -> Result<Vec<u32>> {
+pub fn row_targets(batch: &Batch) -> Result<Vec<u32>> {
     let t = batch.seq;
     let ids = batch.ids.to_vec2::<u32>()?;
     let mut targets = vec![qlorad_kernels::train_cuda::NO_TARGET; batch.batch * t];
@@ -501,10 +501,11 @@ fn pauser(between_layers: Option<&(dyn Fn() + Send + Sync)>) -> impl Fn() + '_ {
 }
 
 /// Scales gradients so their global L2 norm is at most `max_norm` (as
-/// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping.
+/// `torch.nn.utils.clip_grad_norm_`); returns the norm before clipping. (A GPU step folds the
+/// coefficient into the update instead: [`AdamW::clip_and_update`].)
 pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    let norm = sum_squares(grads)?.sqrt();
-    let coef = max_norm / (norm + 1e-6);
+    let norm = grad_norm(grads)?;
+    let coef = clip_coef(norm, max_norm);
     if coef < 1.0 {
         for g in grads.iter_mut() {
             *g = (&*g * coef)?;
@@ -513,7 +514,18 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     Ok(norm)
 }
 
-/// Σ g² over all gradients: on a GPU one fused launch per tensor and one read-back (candle's
+/// The global L2 norm of all gradients together.
+pub fn grad_norm(grads: &[Tensor]) -> Result<f64> {
+    Ok(sum_squares(grads)?.sqrt())
+}
+
+/// The factor `torch.nn.utils.clip_grad_norm_` scales gradients by: `max_norm / (norm + 1e-6)`,
+/// at most 1.
+pub fn clip_coef(norm: f64, max_norm: f64) -> f64 {
+    (max_norm / (norm + 1e-6)).min(1.0)
+}
+
+/// Σ g² over all gradients: on a GPU one multi-tensor launch and one read-back (candle's
 /// `sum_all` reduces a tensor in one block and each `to_scalar` waits: 121 ms for r=64 on all 7
 /// projections of a 7B model); per tensor in f32, totalled in f64, elsewhere.
 fn sum_squares(grads: &[Tensor]) -> Result<f64> {
@@ -522,7 +534,7 @@ fn sum_squares(grads: &[Tensor]) -> Result<f64> {
         .iter()
         .all(|g| g.device().is_cuda() && g.dtype() == DType::F32)
     {
-        return Ok(qlorad_kernels::train_cuda::sum_squares(grads)?);
+        return Ok(qlorad_kernels::multi_tensor_cuda::sum_squares(grads)?);
     }
     let mut sq = 0f64;
     for g in grads {

@@ -1,7 +1,6 @@
 //! The training step's gradients through hand-written layer backwards (`Llama::block_backward`,
 //! model/src/llama_backward.rs) on a GPU with the fused ops: the same result as candle's
 //! autograd over the same ops ([`crate::step::loss_and_grads_autograd`]), in less time and memory.
-//! Only the final norm, LM head and loss stay under candle's autograd (a small graph).
 
 use crate::step::{Batch, Result, StepError};
 use candle_core::{Tensor, TensorId, Var};
@@ -28,7 +27,7 @@ pub(crate) fn loss_and_grads(
     let mut saved = Vec::with_capacity(if checkpointing { 0 } else { n });
     inputs.push(model.embed_train(&batch.ids)?);
     for li in 0..n {
-        let (y, acts) = model.block_forward_saved(li, &inputs[li], &ctx, lora)?;
+        let (y, acts) = model.block_forward_saved(li, &inputs[li], &ctx, lora, pause)?;
         if !checkpointing {
             saved.push(acts);
         }
@@ -41,7 +40,7 @@ pub(crate) fn loss_and_grads(
         .pop()
         .ok_or_else(|| StepError::Invalid("no layer output".into()))?;
     let targets = crate::step::row_targets(batch)?;
-    let (l, mut g) = model.head_backward(&top, &targets, scale as f32, &ctx)?;
+    let (l, mut g) = model.head_backward(&top, &targets, scale as f32, &ctx, pause)?;
     let value = l.to_scalar::<f32>()? as f64 * scale;
     drop(top);
 
@@ -67,7 +66,7 @@ pub(crate) fn loss_and_grads(
         let acts = match saved.pop() {
             Some(a) => a,
             None => {
-                let acts = model.block_acts(li, &x, &ctx, lora)?;
+                let acts = model.block_acts(li, &x, &ctx, lora, pause)?;
                 pause();
                 acts
             }

@@ -5,8 +5,7 @@
 
 use crate::data::{batches, Example};
 use crate::step::{
-    clip_grad_norm, loss, loss_and_grads, AdamW, AdamWConfig, Batch, Result, StepError,
-    TrainableLora,
+    loss, loss_and_grads, AdamW, AdamWConfig, Batch, Result, StepError, TrainableLora,
 };
 use qlorad_model::io::{write_json, write_safetensors, OwnedTensor, StagingDir};
 use qlorad_model::Llama;
@@ -401,11 +400,6 @@ impl<'m> Trainer<'m> {
             loss_sum = s[0];
             step_tokens = s[1] as u64;
         }
-        let grad_norm = if self.cfg.max_grad_norm > 0.0 {
-            clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?
-        } else {
-            f64::NAN
-        };
         let lr = lr_at(
             self.cfg.adamw.lr,
             self.cfg.schedule,
@@ -413,12 +407,18 @@ impl<'m> Trainer<'m> {
             self.pos.step,
             self.total,
         );
-        // A preemption point between the gradient and the update (each a few milliseconds of
-        // GPU work that serving would otherwise wait behind).
-        if let Some(f) = &self.between_layers {
-            f();
-        }
-        self.opt.update(&vars, &grads, lr)?;
+        // Preemption points after the gradient norm and between the update's launches (a paged
+        // update streams the moments over the host link: tens of milliseconds of GPU work that
+        // serving would otherwise wait behind).
+        let between = self.between_layers.clone();
+        let pause = move || {
+            if let Some(f) = &between {
+                f()
+            }
+        };
+        let grad_norm =
+            self.opt
+                .clip_and_update(&vars, &grads, lr, self.cfg.max_grad_norm, &pause)?;
         self.pos.step += 1;
         self.pos.group += 1;
         self.pos.trained_tokens += step_tokens;
