@@ -1,6 +1,7 @@
-//! Build script: with the `cuda` feature, compiles cuda/nf4.cu, lora.cu, decode.cu and train.cu to PTX with nvcc
-//! (loaded at run time through candle's cudarc). Without it nothing happens, so CPU-only builds (CI) need no CUDA
-//! toolkit.
+//! Build script: with the `cuda` feature, compiles cuda/nf4.cu, nf4_sweep.cu, lora.cu, decode.cu and train.cu
+//! with nvcc into fat binaries holding machine code for `CUDA_COMPUTE_CAP` (default 90) and its PTX (for newer GPUs),
+//! embedded and loaded at run time by src/module_cuda.rs. Without the feature nothing happens, so CPU-only builds
+//! (CI) need no CUDA toolkit.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -19,15 +20,17 @@ fn main() {
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     println!("cargo:rerun-if-changed=cuda/bf16.cuh");
-    for name in ["nf4", "lora", "decode", "train"] {
+    println!("cargo:rerun-if-changed=cuda/nf4_common.cuh");
+    for name in ["nf4", "nf4_sweep", "lora", "decode", "train"] {
         let src = format!("cuda/{name}.cu");
         println!("cargo:rerun-if-changed={src}");
         let status = Command::new(&nvcc)
-            .args(["--ptx", "-O3", "-std=c++17"])
-            .arg(format!("-arch=sm_{cap}"))
+            .args(["--fatbin", "-O3", "-std=c++17"])
+            .arg(format!("-gencode=arch=compute_{cap},code=sm_{cap}"))
+            .arg(format!("-gencode=arch=compute_{cap},code=compute_{cap}"))
             .arg(&src)
             .arg("-o")
-            .arg(out.join(format!("{name}.ptx")))
+            .arg(out.join(format!("{name}.fatbin")))
             .status()
             .unwrap_or_else(|e| panic!("running {}: {e} (set CUDA_HOME)", nvcc.display()));
         assert!(status.success(), "nvcc failed on {src}");

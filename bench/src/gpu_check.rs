@@ -67,10 +67,38 @@ impl Report {
     }
 }
 
+/// Loading every kernel module (first use in this process): the fat binaries carry machine code
+/// for the build's GPU, so nothing is JIT-compiled (PTX alone took ~20 s on a fresh H200 machine).
+fn module_load(device: &Device, r: &mut Report) -> Result<()> {
+    use qlorad_kernels::module_cuda::{function, DECODE, LORA, NF4, NF4_SWEEP, TRAIN};
+    let Device::Cuda(dev) = device else {
+        anyhow::bail!("gpu-check needs a CUDA device");
+    };
+    let t = Instant::now();
+    for (image, f) in [
+        (&NF4, "nf4_dequantize_bf16"),
+        (&NF4_SWEEP, "nf4_gemv_sweep_ld0_u4"),
+        (&LORA, "lora_bgmv_shrink"),
+        (&DECODE, "silu_mul_bf16"),
+        (&TRAIN, "adamw_multi_f32"),
+    ] {
+        function(dev, image, f)?;
+    }
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    r.add(
+        "kernel modules load without JIT (5 modules, ms)".into(),
+        ms,
+        1000.0,
+        String::new(),
+    );
+    Ok(())
+}
+
 pub fn run(a: GpuCheckArgs) -> Result<()> {
     let gpu = Placement::open(a.device)?;
     let mut report = Report::default();
     let t = Instant::now();
+    module_load(&gpu.device, &mut report)?;
     if !a.skip_kernels {
         kernel_checks(&gpu.device, &mut report)?;
         lora::kernel_checks(&gpu.device, &mut report)?;

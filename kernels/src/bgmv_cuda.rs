@@ -22,9 +22,6 @@ use candle_core::{DType, Device, Storage, Tensor};
 use half::bf16;
 use std::sync::Arc;
 
-/// PTX of `cuda/lora.cu`, built for the compute capability in `CUDA_COMPUTE_CAP` (default 90).
-pub const LORA_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lora.ptx"));
-const MODULE: &str = "qlorad_lora";
 /// u64 words per slot of an adapter table: A's address, B's address, rank | scale bits << 32.
 const TABLE_WORDS: usize = 3;
 // Launch geometry; must match the #defines of cuda/lora.cu.
@@ -139,9 +136,7 @@ impl AdapterTable {
         let table = device.clone_htod(&words[..])?;
         let addr = table.device_ptr(&stream).0;
         let load = |name: &str| -> candle_core::Result<CudaFunction> {
-            Ok(device
-                .get_or_load_custom_func(name, MODULE, LORA_PTX)?
-                .into_cuda_function())
+            crate::module_cuda::function(&device, &crate::module_cuda::LORA, name)
         };
         Ok(Some(Self {
             shrink: load("lora_bgmv_shrink")?,

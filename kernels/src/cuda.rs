@@ -1,6 +1,5 @@
 //! The CUDA side of the NF4 ops (behind the `cuda` feature): a weight's device copy and the
-//! launches of the kernels in `cuda/nf4.cu` (compiled to PTX by build.rs, loaded through candle's
-//! cudarc).
+//! launches of the kernels in `cuda/nf4.cu` (compiled by build.rs, loaded by [`crate::module_cuda`]).
 //!
 //! `y = x·Wᵀ` takes one of two paths, the split bitsandbytes makes too (its `gemv_4bit` for
 //! single-token inference, `dequantize_4bit` + matmul otherwise):
@@ -22,10 +21,6 @@ use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Shape};
 use half::bf16;
 use std::sync::Arc;
-
-/// PTX of `cuda/nf4.cu`, built for the compute capability in `CUDA_COMPUTE_CAP` (default 90).
-pub const NF4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
-const MODULE: &str = "qlorad_nf4";
 
 /// Rows one GEMV launch handles (the kernel is instantiated for 1..=8 rows).
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -189,9 +184,7 @@ impl Nf4Gpu {
             + nested.len() * 4
             + ncode.len() * 4;
         let load = |name: &str| -> candle_core::Result<CudaFunction> {
-            Ok(device
-                .get_or_load_custom_func(name, MODULE, NF4_PTX)?
-                .into_cuda_function())
+            crate::module_cuda::function(device, &crate::module_cuda::NF4, name)
         };
         let gemv = (1..=GEMV_MAX_ROWS)
             .map(|m| {
@@ -312,10 +305,11 @@ impl Nf4Gpu {
                 self.k
             )));
         }
-        let func = self
-            .device
-            .get_or_load_custom_func(&format!("nf4_gemv_sweep_{name}"), MODULE, NF4_PTX)?
-            .into_cuda_function();
+        let func = crate::module_cuda::function(
+            &self.device,
+            &crate::module_cuda::NF4_SWEEP,
+            &format!("nf4_gemv_sweep_{name}"),
+        )?;
         // SAFETY: one output per row, written by lane 0 of its warp.
         let mut y = unsafe { self.device.alloc::<bf16>(self.n) }?;
         let cfg = LaunchConfig {

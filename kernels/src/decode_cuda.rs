@@ -19,9 +19,6 @@ use candle_core::{CudaStorage, DType, Device, Shape, Storage, Tensor};
 use half::bf16;
 use std::sync::Arc;
 
-/// PTX of `cuda/decode.cu`, built for the compute capability in `CUDA_COMPUTE_CAP` (default 90).
-pub const DECODE_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/decode.ptx"));
-const MODULE: &str = "qlorad_decode";
 // Must match cuda/decode.cu.
 const ATT_THREADS: u32 = 128;
 /// Most query heads per KV head the attention kernel takes (one instantiation per group size).
@@ -127,9 +124,7 @@ impl DecodeKernels {
             return Err(msg("decode kernels need a CUDA device".into()));
         };
         let load = |name: &str| -> candle_core::Result<CudaFunction> {
-            Ok(dev
-                .get_or_load_custom_func(name, MODULE, DECODE_PTX)?
-                .into_cuda_function())
+            crate::module_cuda::function(dev, &crate::module_cuda::DECODE, name)
         };
         Ok(Self {
             device: dev.clone(),

@@ -20,6 +20,8 @@ pub mod lora_train_cuda;
 #[cfg(feature = "cuda")]
 pub mod mapped_cuda;
 #[cfg(feature = "cuda")]
+pub mod module_cuda;
+#[cfg(feature = "cuda")]
 pub mod multi_tensor_cuda;
 pub mod nf4;
 pub mod nf4_matmul;

@@ -19,9 +19,6 @@ use candle_core::{
 };
 use half::bf16;
 
-/// PTX of `cuda/train.cu`, built for the compute capability in `CUDA_COMPUTE_CAP` (default 90).
-pub const TRAIN_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/train.ptx"));
-const MODULE: &str = "qlorad_train";
 const THREADS: u32 = 256;
 // Must match SOFTMAX_WARPS in cuda/train.cu.
 const SOFTMAX_WARPS: u64 = 8;
@@ -33,9 +30,7 @@ pub(crate) fn msg(s: String) -> candle_core::Error {
 }
 
 pub(crate) fn func(dev: &CudaDevice, name: &str) -> candle_core::Result<CudaFunction> {
-    Ok(dev
-        .get_or_load_custom_func(name, MODULE, TRAIN_PTX)?
-        .into_cuda_function())
+    crate::module_cuda::function(dev, &crate::module_cuda::TRAIN, name)
 }
 
 /// Device address of a contiguous `dtype` storage's first element under `layout`.

@@ -9,6 +9,8 @@ pub mod data;
 pub mod merge;
 pub mod optim;
 pub mod parallel;
+#[cfg(feature = "cuda")]
+pub mod parallel_nccl;
 pub mod step;
 #[cfg(feature = "cuda")]
 mod step_layered;

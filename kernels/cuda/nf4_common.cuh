@@ -1,0 +1,35 @@
+// Shared by nf4.cu and nf4_sweep.cu: NF4 block-scale decoding and load helpers.
+#pragma once
+#include "bf16.cuh"
+
+// Entries of the second-level (absmax) quantization block, fixed in bitsandbytes.
+#define NESTED_LOG2 8
+// Chunks each lane loads before it computes (memory-level parallelism).
+#define UNROLL 4
+
+__device__ __forceinline__ u32 word_of(const uint4& v, int j) {
+    return j == 0 ? v.x : (j == 1 ? v.y : (j == 2 ? v.z : v.w));
+}
+
+// A 16-byte load that bypasses L1 allocation: each weight byte is used once, x is what L1 keeps.
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 r;
+    asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+        : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+        : "l"(p));
+    return r;
+}
+
+// The scale of first-level block `b`. Double quantization: the dynamic-code product, then the
+// offset, as two separately rounded f32 operations (bitsandbytes' dequantize_blockwise followed by
+// `+= offset`; no FMA, so the CPU reference is reproduced exactly).
+__device__ __forceinline__ float block_scale(u64 b, u32 plain, const float* __restrict__ absmax,
+                                             const u8* __restrict__ qabs,
+                                             const float* __restrict__ nested,
+                                             const float* __restrict__ ncode, float offset) {
+    if (plain) {
+        return __ldg(absmax + b);
+    }
+    const float c = __ldg(ncode + __ldg(qabs + b));
+    return __fadd_rn(__fmul_rn(c, __ldg(nested + (b >> NESTED_LOG2))), offset);
+}
