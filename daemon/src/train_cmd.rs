@@ -3,10 +3,12 @@
 use anyhow::{bail, Context, Result};
 use qlorad_model::{DeviceSpec, Placement, Quant};
 use qlorad_trainer::data::{load_examples, pack, split_validation, DataOptions};
+use qlorad_trainer::parallel::{Collective, ThreadGroup};
 use qlorad_trainer::step::{AdamWConfig, LoraSpec, TrainableLora};
 use qlorad_trainer::train::{save_peft, Schedule, TrainConfig, Trainer};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 #[derive(clap::Args, Debug)]
 pub struct TrainArgs {
@@ -22,8 +24,12 @@ pub struct TrainArgs {
     #[arg(long, default_value = "nf4")]
     quant: Quant,
     /// Where to train: cpu (f32) or cuda:N (base in bf16, f32 LoRA master weights and AdamW state).
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
+    /// Several, comma-separated (cuda:0,cuda:1), train data-parallel: one copy of the base per
+    /// device, each optimizer step's micro-batches split over them and the gradients summed
+    /// (NCCL between GPUs when libnccl is found, host memory otherwise); the same result as one
+    /// device with --grad-accum multiplied by the number of devices.
+    #[arg(long, default_value = "cpu", value_delimiter = ',')]
+    device: Vec<DeviceSpec>,
     #[arg(long, default_value_t = 1)]
     epochs: usize,
     /// Stop after this many optimizer steps (0: run the epochs).
@@ -148,7 +154,97 @@ pub fn run(a: TrainArgs) -> Result<()> {
         paged_optimizer: a.paged_optimizer,
     };
     cfg.validate()?;
-    let placement = Placement::open(a.device)?;
+    match a.device.as_slice() {
+        [] => bail!("--device names no device"),
+        [one] => run_rank(&a, &spec, cfg, Placement::open(*one)?, None),
+        many => data_parallel(&a, &spec, cfg, many),
+    }
+}
+
+/// Trains on every device of `devices` at once, one rank per device on its own thread.
+fn data_parallel(
+    a: &TrainArgs,
+    spec: &LoraSpec,
+    cfg: TrainConfig,
+    devices: &[DeviceSpec],
+) -> Result<()> {
+    for (i, d) in devices.iter().enumerate() {
+        if *d != DeviceSpec::Cpu && devices[..i].contains(d) {
+            bail!("--device lists {d:?} twice (one rank per GPU)");
+        }
+    }
+    let placements = devices
+        .iter()
+        .map(|d| Placement::open(*d))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (groups, how) = collectives(&placements)?;
+    eprintln!("data parallel over {} devices ({how})", placements.len());
+    std::thread::scope(|s| {
+        let ranks: Vec<_> = placements
+            .into_iter()
+            .zip(groups)
+            .enumerate()
+            .map(|(rank, (p, g))| {
+                let cfg = cfg.clone();
+                s.spawn(move || {
+                    let r = run_rank(a, spec, cfg, p, Some(g));
+                    if let Err(e) = &r {
+                        // The other ranks would wait for this one forever in the next exchange.
+                        eprintln!("error: rank {rank}: {e:#}");
+                        std::process::exit(1);
+                    }
+                    r
+                })
+            })
+            .collect();
+        for r in ranks {
+            r.join()
+                .map_err(|_| anyhow::anyhow!("a training rank panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+/// The group's exchanges, in rank order, and what carries them: NCCL when every rank is a GPU
+/// and libnccl opens (unless QLORAD_COLLECTIVE=host), sums through host memory otherwise.
+fn collectives(ps: &[Placement]) -> Result<(Vec<Arc<dyn Collective>>, &'static str)> {
+    #[cfg(feature = "cuda")]
+    if ps.iter().all(|p| p.device.is_cuda())
+        && std::env::var("QLORAD_COLLECTIVE").map_or(true, |v| v != "host")
+    {
+        use qlorad_trainer::parallel_nccl::{available, NcclGroup};
+        if available() {
+            let devices: Vec<_> = ps.iter().map(|p| p.device.clone()).collect();
+            let groups = NcclGroup::new_local(&devices)?;
+            return Ok((
+                groups
+                    .into_iter()
+                    .map(|g| Arc::new(g) as Arc<dyn Collective>)
+                    .collect(),
+                "NCCL",
+            ));
+        }
+        eprintln!("warning: libnccl.so.2 not found; summing gradients through host memory");
+    }
+    Ok((
+        ThreadGroup::new(ps.len())
+            .into_iter()
+            .map(|g| Arc::new(g) as Arc<dyn Collective>)
+            .collect(),
+        "host memory",
+    ))
+}
+
+/// One rank's run (the whole run on a single device): rank 0 (or a lone device) logs, writes
+/// checkpoints and the adapter; the others only train.
+fn run_rank(
+    a: &TrainArgs,
+    spec: &LoraSpec,
+    cfg: TrainConfig,
+    placement: Placement,
+    group: Option<Arc<dyn Collective>>,
+) -> Result<()> {
+    let lead = group.as_ref().is_none_or(|g| g.rank() == 0);
     let (model, tok) = qlorad_model::load_model_on(&a.model, a.quant, &placement)
         .with_context(|| format!("loading model from {}", a.model.display()))?;
     let opts = DataOptions {
@@ -169,12 +265,22 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let pad = tok.eos_id().unwrap_or(0);
     let base = a.model.display().to_string();
     let mut trainer = match &a.resume {
-        Some(dir) => Trainer::resume(&model, &spec, examples, eval, cfg, pad, dir)?,
+        Some(dir) => {
+            Trainer::resume_in_group(&model, spec, examples, eval, cfg, pad, dir, group.clone())?
+        }
         None => {
-            let lora = TrainableLora::new_on(model.config(), &spec, a.seed, model.device())?;
-            Trainer::new(&model, lora, examples, eval, cfg, pad)?
+            let lora = TrainableLora::new_on(model.config(), spec, a.seed, model.device())?;
+            let mut t = Trainer::new(&model, lora, examples, eval, cfg, pad)?;
+            if let Some(g) = &group {
+                t.set_collective(g.clone());
+            }
+            t
         }
     };
+    if !lead {
+        while trainer.step()?.is_some() {}
+        return Ok(());
+    }
     if let Some(p) = &a.dump_plan {
         let mut f = std::io::BufWriter::new(
             std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,

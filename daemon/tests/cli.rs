@@ -425,3 +425,78 @@ fn train_writes_a_peft_adapter_that_generate_loads() {
     ]);
     assert_one_line_error(&o, &["caps.jsonl", "line 1", "empty"]);
 }
+
+/// `--device cpu,cpu` trains data-parallel (two ranks, gradients summed through host memory) and
+/// ends where one device accumulating the same global batch ends: the same losses and adapter.
+#[test]
+fn train_on_two_devices_equals_one_device_accumulating() {
+    let Some(model) = smollm2() else { return };
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("caps.jsonl");
+    let rows: Vec<String> = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Peru", "Lima")]
+        .iter()
+        .map(|(c, k)| format!(r#"{{"messages":[{{"role":"user","content":"Capital of {c}?"}},{{"role":"assistant","content":"ANSWER: {k}"}}]}}"#))
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let run = |name: &str, extra: &[&str]| -> (Vec<f64>, Vec<u8>) {
+        let out = d.path().join(name);
+        let log = d.path().join(format!("{name}.jsonl"));
+        let mut args = vec![
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--batch-size",
+            "1",
+            "--lora-r",
+            "4",
+            "--target-modules",
+            "q_proj,v_proj",
+            "--lr",
+            "1e-3",
+            "--log",
+            log.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let o = qlorad(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let losses = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect();
+        (
+            losses,
+            std::fs::read(out.join("adapter_model.safetensors")).unwrap(),
+        )
+    };
+    let (one, a1) = run("one", &["--grad-accum", "2"]);
+    let (two, a2) = run("two", &["--device", "cpu,cpu"]);
+    // 5 examples, 2 micro-batches per step: 3 steps, the last one short (one rank idle).
+    assert_eq!(one.len(), 3, "{one:?}");
+    assert_eq!(one.len(), two.len());
+    for (x, y) in one.iter().zip(&two) {
+        assert!((x - y).abs() <= 1e-6 * x.abs(), "losses {one:?} vs {two:?}");
+    }
+    assert_eq!(a1, a2, "adapters differ");
+    // A bad device list is one line and a non-zero exit.
+    let o = qlorad(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        d.path().join("x").to_str().unwrap(),
+        "--device",
+        "cpu,gpu7",
+    ]);
+    assert!(!o.status.success());
+}

@@ -132,6 +132,22 @@ impl<'m> Trainer<'m> {
         pad_id: u32,
         dir: &Path,
     ) -> Result<Self> {
+        Self::resume_in_group(model, spec, examples, eval, cfg, pad_id, dir, None)
+    }
+
+    /// [`Trainer::resume`] as one rank of a data-parallel group (every rank resumes from the same
+    /// checkpoint; it must come from a run over as many ranks, or the step positions differ).
+    #[allow(clippy::too_many_arguments)] // resume's parts and the group
+    pub fn resume_in_group(
+        model: &'m Llama,
+        spec: &LoraSpec,
+        examples: Vec<Example>,
+        eval: Vec<Example>,
+        cfg: TrainConfig,
+        pad_id: u32,
+        dir: &Path,
+        group: Option<std::sync::Arc<dyn crate::parallel::Collective>>,
+    ) -> Result<Self> {
         let st = read_state(dir)?;
         if st.config_json != settings_json(&cfg)? {
             return Err(bad(dir, "made with different training settings"));
@@ -168,9 +184,15 @@ impl<'m> Trainer<'m> {
             }
         }
         let opt = AdamW::from_state(cfg.adamw, m, v, st.adam_step);
-        let t = Trainer::assemble(model, lora, examples, eval, cfg, pad_id, opt, st.position)?;
+        let mut t = Trainer::assemble(model, lora, examples, eval, cfg, pad_id, opt, st.position)?;
+        if let Some(g) = group {
+            t.set_collective(g);
+        }
         if t.total_steps() != st.total_steps {
-            return Err(bad(dir, "the run's length changed"));
+            return Err(bad(
+                dir,
+                "the run's length changed (other settings, or another number of devices)",
+            ));
         }
         Ok(t)
     }

@@ -9,7 +9,7 @@
 //!
 //! [`Collective`] is the exchange. [`ThreadGroup`] runs ranks as threads of one process and sums
 //! through host memory in rank order (deterministic, and bit-identical on the CPU to one rank
-//! accumulating); a multi-GPU host plugs NCCL's all-reduce in behind the same trait.
+//! accumulating); on GPUs crate::parallel_nccl sums with NCCL behind the same trait.
 
 use crate::step::{Result, StepError};
 use candle_core::Tensor;

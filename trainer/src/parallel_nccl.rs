@@ -10,7 +10,7 @@
 //! do, minus the overlap with the backward): for r = 64 on a 7B model 671 MB of f32.
 //!
 //! Across hosts the same path needs `ncclCommInitRank` with a unique id handed to every rank out
-//! of band (docs/multi-gpu.md describes that rendezvous); this module builds communicators for the
+//! of band (README.md, "Multi-GPU", describes that rendezvous); this module builds communicators for the
 //! GPUs of one process only (`ncclCommInitAll`).
 
 use crate::parallel::Collective;
@@ -27,8 +27,15 @@ const NCCL_SUM: c_int = 0;
 /// The NCCL entry points this module calls.
 struct Api {
     comm_init_all: unsafe extern "C" fn(*mut Comm, c_int, *const c_int) -> c_int,
-    all_reduce:
-        unsafe extern "C" fn(*const c_void, *mut c_void, usize, c_int, c_int, Comm, *mut c_void) -> c_int,
+    all_reduce: unsafe extern "C" fn(
+        *const c_void,
+        *mut c_void,
+        usize,
+        c_int,
+        c_int,
+        Comm,
+        *mut c_void,
+    ) -> c_int,
     comm_destroy: unsafe extern "C" fn(Comm) -> c_int,
     error_string: unsafe extern "C" fn(c_int) -> *const c_char,
     _lib: libloading::Library,
@@ -116,7 +123,11 @@ impl NcclGroup {
         let mut comms: Vec<Comm> = vec![std::ptr::null_mut(); cuda.len()];
         // SAFETY: comms has room for one communicator per listed device.
         check(api, "init", unsafe {
-            (api.comm_init_all)(comms.as_mut_ptr(), ordinals.len() as c_int, ordinals.as_ptr())
+            (api.comm_init_all)(
+                comms.as_mut_ptr(),
+                ordinals.len() as c_int,
+                ordinals.as_ptr(),
+            )
         })?;
         let world = cuda.len();
         Ok(comms
