@@ -24,6 +24,11 @@ if [[ -f "$D/bnb.tar.xz" ]]; then
 fi
 cp -n "$D"/smol.part* "$S"/ 2>/dev/null || true
 export QLORAD_BENCH="$S/qlorad-bench" PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 OUT
+# NCCL for gpu-check's collective checks: PyTorch's nvidia-nccl wheel (opened at run time by
+# qlorad); NVLink multicast stays off.
+export NCCL_NVLS_ENABLE=0
+nccl=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(list(nvidia.nccl.__path__)[0], "lib"))' 2>/dev/null)
+[[ -n "$nccl" ]] && export LD_LIBRARY_PATH="$nccl${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 log "stash: $(ls $S | tr '\n' ' ')"
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.mem --format=csv || true
 smol=""

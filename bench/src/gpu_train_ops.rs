@@ -460,3 +460,47 @@ pub fn optimizer_checks(gpu: &Placement, r: &mut Report) -> Result<()> {
     );
     Ok(())
 }
+
+/// NCCL's entry points as the data-parallel trainer calls them (trainer/src/parallel_nccl.rs), on
+/// a one-rank group (one GPU here; the two-GPU runs are `scripts/device-dp-run.sh`): both ways of
+/// making a communicator, the flattened gradient all-reduce (a sum over one rank returns its
+/// input, in the input's shapes) and the host-value one. Skipped when libnccl.so.2 is absent.
+pub fn nccl_checks(gpu: &Placement, r: &mut Report) -> Result<()> {
+    use qlorad_trainer::parallel::Collective;
+    use qlorad_trainer::parallel_nccl::{available, NcclGroup};
+    if !available() {
+        println!("SKIP nccl checks: libnccl.so.2 not found");
+        return Ok(());
+    }
+    let ts = [
+        input(&[3, 5], 0.0, 1.0, 70)?.to_device(&gpu.device)?,
+        input(&[7], 0.0, 1.0, 71)?.to_device(&gpu.device)?,
+    ];
+    for (how, group) in [
+        (
+            "ncclCommInitAll",
+            NcclGroup::new_local(std::slice::from_ref(&gpu.device))?.remove(0),
+        ),
+        (
+            "ncclGetUniqueId + ncclCommInitRank",
+            NcclGroup::join(&gpu.device, &NcclGroup::unique_id()?, 0, 1)?,
+        ),
+    ] {
+        let mut out = ts.to_vec();
+        group.all_reduce_sum(&mut out)?;
+        let mut d = 0f64;
+        for (a, b) in ts.iter().zip(&out) {
+            anyhow::ensure!(a.dims() == b.dims(), "all-reduce changed a shape");
+            d = d.max((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64);
+        }
+        let h = group.all_reduce_sum_f64(&[1.5, -2.25])?;
+        d = d.max((h[0] - 1.5).abs() + (h[1] + 2.25).abs());
+        r.add(
+            format!("nccl one-rank all-reduce = identity ({how})"),
+            d,
+            0.0,
+            format!("rank {} of {}", group.rank(), group.world()),
+        );
+    }
+    Ok(())
+}

@@ -26,8 +26,9 @@ pub struct TrainArgs {
     /// Where to train: cpu (f32) or cuda:N (base in bf16, f32 LoRA master weights and AdamW state).
     /// Several, comma-separated (cuda:0,cuda:1), train data-parallel: one copy of the base per
     /// device, each optimizer step's micro-batches split over them and the gradients summed
-    /// (NCCL between GPUs when libnccl is found, host memory otherwise); the same result as one
-    /// device with --grad-accum multiplied by the number of devices.
+    /// (NCCL between GPUs when libnccl is found, one thread per GPU, or one process each with
+    /// QLORAD_DP=processes; host memory otherwise); the same result as one device with
+    /// --grad-accum multiplied by the number of devices.
     #[arg(long, default_value = "cpu", value_delimiter = ',')]
     device: Vec<DeviceSpec>,
     #[arg(long, default_value_t = 1)]
@@ -154,10 +155,107 @@ pub fn run(a: TrainArgs) -> Result<()> {
         paged_optimizer: a.paged_optimizer,
     };
     cfg.validate()?;
+    #[cfg(feature = "cuda")]
+    if let Some(r) = process_rank(&a)? {
+        return run_rank(&a, &spec, cfg, r.0, Some(r.1));
+    }
     match a.device.as_slice() {
         [] => bail!("--device names no device"),
         [one] => run_rank(&a, &spec, cfg, Placement::open(*one)?, None),
         many => data_parallel(&a, &spec, cfg, many),
+    }
+}
+
+/// This process as one rank of an NCCL group, when QLORAD_RANK and QLORAD_WORLD are set (by
+/// [`launch_processes`] for the GPUs of one host, or by hand / a scheduler on each host of a
+/// multi-node run), with the group's id in QLORAD_NCCL_ID or, for hosts that share storage, in the
+/// file QLORAD_NCCL_ID_FILE, which rank 0 writes and the others wait for. Its device is `--device`'s
+/// entry `rank`, or its only entry.
+#[cfg(feature = "cuda")]
+fn process_rank(a: &TrainArgs) -> Result<Option<(Placement, Arc<dyn Collective>)>> {
+    use qlorad_trainer::parallel_nccl::NcclGroup;
+    let var = |k: &str| std::env::var(k).ok();
+    let (Some(rank), Some(world)) = (var("QLORAD_RANK"), var("QLORAD_WORLD")) else {
+        return Ok(None);
+    };
+    let (rank, world): (usize, usize) = (
+        rank.parse().context("QLORAD_RANK")?,
+        world.parse().context("QLORAD_WORLD")?,
+    );
+    let dev = match a.device.as_slice() {
+        [one] => *one,
+        all if all.len() == world && rank < world => all[rank],
+        _ => bail!("rank {rank} of {world}: --device must list one device or {world} devices"),
+    };
+    let placement = Placement::open(dev)?;
+    let id = match (var("QLORAD_NCCL_ID"), var("QLORAD_NCCL_ID_FILE")) {
+        (Some(id), _) => id,
+        (None, Some(file)) => {
+            let file = PathBuf::from(file);
+            if rank == 0 {
+                // Rank 0 makes the id (NCCL's rendezvous root lives in the process that made it)
+                // and publishes it whole: written beside, then renamed into place.
+                let id = NcclGroup::unique_id()?;
+                let tmp = file.with_extension("tmp");
+                std::fs::write(&tmp, &id).with_context(|| format!("writing {}", tmp.display()))?;
+                std::fs::rename(&tmp, &file)
+                    .with_context(|| format!("publishing {}", file.display()))?;
+                id
+            } else {
+                let t = std::time::Instant::now();
+                loop {
+                    if let Ok(id) = std::fs::read_to_string(&file) {
+                        break id.trim().to_string();
+                    }
+                    if t.elapsed().as_secs() > 600 {
+                        bail!("rank {rank}: no NCCL id in {} after 10 min", file.display());
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                }
+            }
+        }
+        (None, None) => bail!("QLORAD_RANK is set without QLORAD_NCCL_ID or QLORAD_NCCL_ID_FILE"),
+    };
+    let group = NcclGroup::join(&placement.device, &id, rank, world)?;
+    Ok(Some((placement, Arc::new(group))))
+}
+
+/// The GPUs of one host as one process each (as torchrun runs DDP): this process makes the NCCL
+/// id, starts itself once per device with QLORAD_RANK / QLORAD_WORLD / QLORAD_NCCL_ID set, and
+/// waits; if one rank fails the others are stopped.
+#[cfg(feature = "cuda")]
+fn launch_processes(n: usize) -> Result<()> {
+    let id = qlorad_trainer::parallel_nccl::NcclGroup::unique_id()?;
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let mut children = Vec::with_capacity(n);
+    for rank in 0..n {
+        let child = std::process::Command::new(&exe)
+            .args(std::env::args_os().skip(1))
+            .env("QLORAD_RANK", rank.to_string())
+            .env("QLORAD_WORLD", n.to_string())
+            .env("QLORAD_NCCL_ID", &id)
+            .spawn()
+            .with_context(|| format!("starting rank {rank}"))?;
+        children.push(child);
+    }
+    loop {
+        let mut running = 0;
+        for (rank, c) in children.iter_mut().enumerate() {
+            match c.try_wait()? {
+                None => running += 1,
+                Some(st) if st.success() => {}
+                Some(st) => {
+                    for other in children.iter_mut() {
+                        let _ = other.kill();
+                    }
+                    bail!("rank {rank} failed ({st})");
+                }
+            }
+        }
+        if running == 0 {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
@@ -172,6 +270,17 @@ fn data_parallel(
         if *d != DeviceSpec::Cpu && devices[..i].contains(d) {
             bail!("--device lists {d:?} twice (one rank per GPU)");
         }
+    }
+    #[cfg(feature = "cuda")]
+    if devices.iter().all(|d| *d != DeviceSpec::Cpu)
+        && std::env::var("QLORAD_DP").is_ok_and(|v| v == "processes")
+        && qlorad_trainer::parallel_nccl::available()
+    {
+        eprintln!(
+            "data parallel over {} GPUs (NCCL, one process each)",
+            devices.len()
+        );
+        return launch_processes(devices.len());
     }
     let placements = devices
         .iter()

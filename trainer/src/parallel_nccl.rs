@@ -9,9 +9,9 @@
 //! Gradients are flattened into one buffer per step and reduced in one call (what DDP's buckets
 //! do, minus the overlap with the backward): for r = 64 on a 7B model 671 MB of f32.
 //!
-//! Across hosts the same path needs `ncclCommInitRank` with a unique id handed to every rank out
-//! of band (README.md, "Multi-GPU", describes that rendezvous); this module builds communicators for the
-//! GPUs of one process only (`ncclCommInitAll`).
+//! Ranks are threads of one process ([`NcclGroup::new_local`], `ncclCommInitAll`) or processes,
+//! on one host or several ([`NcclGroup::join`], `ncclCommInitRank` with an id one process made and
+//! handed to all: README.md, "Multi-GPU", describes that rendezvous).
 
 use crate::parallel::Collective;
 use crate::step::{Result, StepError};
@@ -20,12 +20,23 @@ use std::ffi::{c_char, c_int, c_void, CStr};
 use std::sync::OnceLock;
 
 type Comm = *mut c_void;
+/// Bytes of an `ncclUniqueId` (NCCL_UNIQUE_ID_BYTES).
+pub const ID_BYTES: usize = 128;
+
+/// `ncclUniqueId`: a struct of 128 bytes, passed by value to ncclCommInitRank.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct UniqueId {
+    internal: [u8; ID_BYTES],
+}
 const NCCL_FLOAT32: c_int = 7;
 const NCCL_FLOAT64: c_int = 8;
 const NCCL_SUM: c_int = 0;
 
 /// The NCCL entry points this module calls.
 struct Api {
+    get_unique_id: unsafe extern "C" fn(*mut UniqueId) -> c_int,
+    comm_init_rank: unsafe extern "C" fn(*mut Comm, c_int, UniqueId, c_int) -> c_int,
     comm_init_all: unsafe extern "C" fn(*mut Comm, c_int, *const c_int) -> c_int,
     all_reduce: unsafe extern "C" fn(
         *const c_void,
@@ -63,6 +74,8 @@ fn load(lib: libloading::Library) -> std::result::Result<Api, String> {
     unsafe {
         let sym = |e: libloading::Error| format!("NCCL: {e}");
         Ok(Api {
+            get_unique_id: *lib.get(b"ncclGetUniqueId\0").map_err(sym)?,
+            comm_init_rank: *lib.get(b"ncclCommInitRank\0").map_err(sym)?,
             comm_init_all: *lib.get(b"ncclCommInitAll\0").map_err(sym)?,
             all_reduce: *lib.get(b"ncclAllReduce\0").map_err(sym)?,
             comm_destroy: *lib.get(b"ncclCommDestroy\0").map_err(sym)?,
@@ -141,6 +154,55 @@ impl NcclGroup {
                 device,
             })
             .collect())
+    }
+
+    /// A new group's rendezvous id (`ncclGetUniqueId`), as hex: made by one process and handed to
+    /// every rank's [`NcclGroup::join`] out of band (environment, a shared file).
+    pub fn unique_id() -> Result<String> {
+        let api = api().map_err(StepError::Invalid)?;
+        let mut id = UniqueId {
+            internal: [0; ID_BYTES],
+        };
+        // SAFETY: id is an ncclUniqueId for NCCL to fill.
+        check(api, "unique id", unsafe { (api.get_unique_id)(&mut id) })?;
+        Ok(id.internal.iter().map(|b| format!("{b:02x}")).collect())
+    }
+
+    /// Rank `rank` of `world` on `device` (one per process, or per host), joining the group whose
+    /// id [`NcclGroup::unique_id`] made (`ncclCommInitRank`; returns once every rank has joined).
+    pub fn join(device: &Device, id_hex: &str, rank: usize, world: usize) -> Result<Self> {
+        let api = api().map_err(StepError::Invalid)?;
+        let Device::Cuda(cuda) = device else {
+            return Err(StepError::Invalid("NCCL needs a CUDA device".into()));
+        };
+        let bad = || StepError::Invalid(format!("NCCL id: want {} hex digits", 2 * ID_BYTES));
+        if id_hex.len() != 2 * ID_BYTES || rank >= world {
+            return Err(bad());
+        }
+        let mut id = UniqueId {
+            internal: [0; ID_BYTES],
+        };
+        for (i, b) in id.internal.iter_mut().enumerate() {
+            *b = u8::from_str_radix(id_hex.get(2 * i..2 * i + 2).ok_or_else(bad)?, 16)
+                .map_err(|_| bad())?;
+        }
+        // The communicator binds to the current device: this rank's (candle made its context
+        // current on this thread when it opened the device; make sure).
+        cuda.cuda_stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| StepError::Invalid(format!("NCCL: {e}")))?;
+        let mut comm: Comm = std::ptr::null_mut();
+        // SAFETY: comm receives the new communicator; id is passed by value as nccl.h declares.
+        check(api, "join", unsafe {
+            (api.comm_init_rank)(&mut comm, world as c_int, id, rank as c_int)
+        })?;
+        Ok(Self {
+            comm,
+            rank,
+            world,
+            device: cuda.clone(),
+        })
     }
 
     /// In-place sum over the ranks of `t` (a contiguous tensor this call owns exclusively).
