@@ -2,7 +2,7 @@
 //! giving one clear error line (naming the file and tensor), a non-zero exit and no panic.
 
 use qlorad_tests::{fixture, smollm2};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn qlorad(args: &[&str]) -> Output {
@@ -319,16 +319,23 @@ fn sigterm_drains_in_flight_streams_then_exits_cleanly() {
     assert!(status.success(), "exit status {status}");
 }
 
+/// `caps.jsonl` in `dir`: `n` (≤ 5) chat examples asking for a capital.
+fn capitals(dir: &Path, n: usize) -> PathBuf {
+    let data = dir.join("caps.jsonl");
+    let rows: Vec<String> = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Peru", "Lima")]
+        .iter()
+        .take(n)
+        .map(|(c, k)| format!(r#"{{"messages":[{{"role":"user","content":"Capital of {c}?"}},{{"role":"assistant","content":"ANSWER: {k}"}}]}}"#))
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    data
+}
+
 #[test]
 fn train_writes_a_peft_adapter_that_generate_loads() {
     let Some(model) = smollm2() else { return };
     let d = tempfile::tempdir().unwrap();
-    let data = d.path().join("caps.jsonl");
-    let rows: Vec<String> = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid")]
-        .iter()
-        .map(|(c, k)| format!(r#"{{"messages":[{{"role":"user","content":"Capital of {c}?"}},{{"role":"assistant","content":"ANSWER: {k}"}}]}}"#))
-        .collect();
-    std::fs::write(&data, rows.join("\n")).unwrap();
+    let data = capitals(d.path(), 4);
     let out = d.path().join("adapter");
     let log = d.path().join("log.jsonl");
     let m = model.to_str().unwrap();
@@ -432,12 +439,7 @@ fn train_writes_a_peft_adapter_that_generate_loads() {
 fn train_on_two_devices_equals_one_device_accumulating() {
     let Some(model) = smollm2() else { return };
     let d = tempfile::tempdir().unwrap();
-    let data = d.path().join("caps.jsonl");
-    let rows: Vec<String> = [("France", "Paris"), ("Germany", "Berlin"), ("Italy", "Rome"), ("Spain", "Madrid"), ("Peru", "Lima")]
-        .iter()
-        .map(|(c, k)| format!(r#"{{"messages":[{{"role":"user","content":"Capital of {c}?"}},{{"role":"assistant","content":"ANSWER: {k}"}}]}}"#))
-        .collect();
-    std::fs::write(&data, rows.join("\n")).unwrap();
+    let data = capitals(d.path(), 5);
     let run = |name: &str, extra: &[&str]| -> (Vec<f64>, Vec<u8>) {
         let out = d.path().join(name);
         let log = d.path().join(format!("{name}.jsonl"));

@@ -175,15 +175,8 @@ pub fn adamw_update(
         }
         let segs_ptr = base + (first_seg * SEG_WORDS * 8) as u64;
         let mut b = stream.launch_builder(&f);
-        b.arg(&segs_ptr)
-            .arg(&count)
-            .arg(&grad_scale)
-            .arg(&s.beta1)
-            .arg(&s.beta2)
-            .arg(&s.eps)
-            .arg(&s.decay)
-            .arg(&s.step_size)
-            .arg(&s.bc2_sqrt);
+        b.arg(&segs_ptr).arg(&count).arg(&grad_scale);
+        s.push_args(&mut b);
         // SAFETY: argument order and types match adamw_multi_f32; segs_ptr points at `count`
         // segments inside seg_buf (alive until after the launches: frees are stream-ordered), each
         // addressing n f32 of p, g, m and v on (or mapped for) this device, checked above. Writing

@@ -638,6 +638,21 @@ pub struct AdamWStep {
     pub bc2_sqrt: f32,
 }
 
+impl AdamWStep {
+    /// The hyper-parameters as the AdamW kernels' trailing arguments, in their order.
+    pub(crate) fn push_args<'a>(
+        &'a self,
+        b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>,
+    ) {
+        b.arg(&self.beta1)
+            .arg(&self.beta2)
+            .arg(&self.eps)
+            .arg(&self.decay)
+            .arg(&self.step_size)
+            .arg(&self.bc2_sqrt);
+    }
+}
+
 pub(crate) fn cuda_of(t: &Tensor) -> candle_core::Result<CudaDevice> {
     match t.device() {
         candle_core::Device::Cuda(d) => Ok(d.clone()),
@@ -681,17 +696,8 @@ unsafe fn adamw_launch(
     let stream = dev.cuda_stream();
     let n64 = n as u64;
     let mut b = stream.launch_builder(&f);
-    b.arg(&pa)
-        .arg(&ga)
-        .arg(&ma)
-        .arg(&va)
-        .arg(&n64)
-        .arg(&s.beta1)
-        .arg(&s.beta2)
-        .arg(&s.eps)
-        .arg(&s.decay)
-        .arg(&s.step_size)
-        .arg(&s.bc2_sqrt);
+    b.arg(&pa).arg(&ga).arg(&ma).arg(&va).arg(&n64);
+    s.push_args(&mut b);
     // SAFETY: argument order and types match adamw_f32; the caller vouches for the addresses.
     // Writing p, m and v in place is what the optimizer means (as candle's Var::set does).
     unsafe { b.launch(grid(n64)) }.w()?;
