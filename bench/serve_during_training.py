@@ -49,6 +49,16 @@ def metric(base, name):
     return None
 
 
+def histogram(base, name):
+    """(upper bound, cumulative count) pairs of a Prometheus histogram, +Inf last."""
+    out = []
+    for line in req(base, "/metrics").decode().splitlines():
+        if line.startswith(name + "_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out.append((float(le), float(line.rsplit(" ", 1)[1])))
+    return out
+
+
 def stream_once(base, prompt, max_tokens):
     body = {"model": MODEL_ID, "stream": True, "temperature": 0, "max_tokens": max_tokens,
             "messages": [{"role": "user", "content": prompt}]}
@@ -161,6 +171,14 @@ def main():
         busy["training_steps_during"] = metric(base, "qlorad_fine_tuning_steps_total") - steps0
         busy["training_s"] = round(time.time() - t0, 1)
         busy["yielded_ms"] = metric(base, "qlorad_fine_tuning_yield_milliseconds_total")
+        # Training's pieces between preemption points while requests were in flight: how many,
+        # and the bucket bounds of the longest ones (what a token may wait behind).
+        h = histogram(base, "qlorad_fine_tuning_uninterrupted_seconds")
+        if h:
+            total = h[-1][1]
+            busy["train_pieces"] = total
+            busy["train_pieces_over_2ms"] = total - max((c for le, c in h if le <= 0.002), default=0)
+            busy["train_piece_max_le_ms"] = next((le * 1e3 for le, c in h if c >= total), None)
         busy["job_lora_bytes"] = metric(base, 'qlorad_fine_tuning_memory_bytes{kind="lora"}')
         req(base, f"/v1/fine_tuning/jobs/{job['id']}/cancel", {}, method="POST")
         ratio = lambda k: None if not idle[k] or busy[k] is None else round(busy[k] / idle[k], 2)

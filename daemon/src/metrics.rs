@@ -38,6 +38,10 @@ pub struct TrainingMetrics {
     pub lr: Gauge,
     pub step_seconds: Histogram,
     pub yielded_seconds: IntCounter,
+    /// Wall time between two preemption points of training while requests were in flight: the
+    /// training work in between plus, on a GPU, whatever serving queued on the same device stream
+    /// meanwhile (the yielder waits for the device before it measures).
+    pub uninterrupted_seconds: Histogram,
     /// Bytes of trainable LoRA weights and of optimizer state of the running job.
     pub job_bytes: IntGaugeVec,
     pub process_rss: IntGauge,
@@ -191,6 +195,13 @@ impl Metrics {
                 "qlorad_fine_tuning_yield_milliseconds_total",
                 "Milliseconds training paused to give serving priority",
             )?,
+            uninterrupted_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "qlorad_fine_tuning_uninterrupted_seconds",
+                    "Wall time between two preemption points of training while requests were in flight (with a GPU, serving work queued in between included)",
+                )
+                .buckets(buckets(0.0005, 2.0, 12)),
+            )?,
             job_bytes: IntGaugeVec::new(
                 Opts::new(
                     "qlorad_fine_tuning_memory_bytes",
@@ -211,6 +222,7 @@ impl Metrics {
         registry.register(Box::new(training.lr.clone()))?;
         registry.register(Box::new(training.step_seconds.clone()))?;
         registry.register(Box::new(training.yielded_seconds.clone()))?;
+        registry.register(Box::new(training.uninterrupted_seconds.clone()))?;
         registry.register(Box::new(training.job_bytes.clone()))?;
         registry.register(Box::new(training.process_rss.clone()))?;
         let exports = IntCounterVec::new(

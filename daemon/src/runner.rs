@@ -534,7 +534,7 @@ impl JobRunner {
         let yielder = Arc::new(Yielder::new(
             self.engine.clone(),
             self.cfg.train_share,
-            self.metrics.training.yielded_seconds.clone(),
+            &self.metrics.training,
             self.model.device().clone(),
         ));
         let y = yielder.clone();
@@ -706,6 +706,7 @@ struct Yielder {
     share: f64,
     last: Mutex<Instant>,
     yielded_ms: prometheus::IntCounter,
+    uninterrupted: prometheus::Histogram,
     device: candle_core::Device,
 }
 
@@ -713,14 +714,15 @@ impl Yielder {
     fn new(
         engine: EngineHandle,
         share: f64,
-        yielded_ms: prometheus::IntCounter,
+        m: &crate::metrics::TrainingMetrics,
         device: candle_core::Device,
     ) -> Self {
         Self {
             engine,
             share: share.clamp(0.01, 1.0),
             last: Mutex::new(Instant::now()),
-            yielded_ms,
+            yielded_ms: m.yielded_seconds.clone(),
+            uninterrupted: m.uninterrupted_seconds.clone(),
             device,
         }
     }
@@ -734,6 +736,7 @@ impl Yielder {
                 let _ = self.device.synchronize();
             }
             let worked = last.elapsed();
+            self.uninterrupted.observe(worked.as_secs_f64());
             let budget = worked.mul_f64((1.0 - self.share) / self.share);
             let started = Instant::now();
             while started.elapsed() < budget && self.engine.inflight() > 0 {
