@@ -168,6 +168,10 @@ def jobs(b):
             [(f"sum(rate({sel('qlorad_fine_tuning_yield_milliseconds_total')}[{W}])) / 1000",
               "share of wall time")],
             "percentunit", "Fraction of time training paused to give serving priority (--train-share).")
+    b.panel("Training between yields", quantiles("qlorad_fine_tuning_uninterrupted_seconds",
+                                                  qs=(0.5, 0.99)), "s",
+            "Wall time between two preemption points of training while requests are in flight "
+            "(on a GPU including serving work queued in between): how long a token may wait.")
     b.panel("Exports (promotions) in the last hour",
             [(f"sum by (status) (increase({sel('qlorad_exports_total')}[1h]))", "{{status}}")],
             "short", "Promote jobs (merge an adapter, export an HF folder) by transition: queued, "
