@@ -461,6 +461,11 @@ fn train_on_two_devices_equals_one_device_accumulating() {
             "1e-3",
             "--log",
             log.to_str().unwrap(),
+            // Evaluated every step over 5 batches: split 3 / 2 over two ranks.
+            "--validation-file",
+            data.to_str().unwrap(),
+            "--eval-every",
+            "1",
         ];
         args.extend_from_slice(extra);
         let o = qlorad(&args);
@@ -468,10 +473,12 @@ fn train_on_two_devices_equals_one_device_accumulating() {
         let losses = std::fs::read_to_string(&log)
             .unwrap()
             .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                    .as_f64()
-                    .unwrap()
+            .flat_map(|l| {
+                let v = serde_json::from_str::<serde_json::Value>(l).unwrap();
+                [
+                    v["loss"].as_f64().unwrap(),
+                    v["eval_loss"].as_f64().unwrap(),
+                ]
             })
             .collect();
         (
@@ -481,8 +488,9 @@ fn train_on_two_devices_equals_one_device_accumulating() {
     };
     let (one, a1) = run("one", &["--grad-accum", "2"]);
     let (two, a2) = run("two", &["--device", "cpu,cpu"]);
-    // 5 examples, 2 micro-batches per step: 3 steps, the last one short (one rank idle).
-    assert_eq!(one.len(), 3, "{one:?}");
+    // 5 examples, 2 micro-batches per step: 3 steps, the last one short (one rank idle); a
+    // training and an eval loss per step.
+    assert_eq!(one.len(), 6, "{one:?}");
     assert_eq!(one.len(), two.len());
     for (x, y) in one.iter().zip(&two) {
         assert!((x - y).abs() <= 1e-6 * x.abs(), "losses {one:?} vs {two:?}");

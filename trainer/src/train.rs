@@ -351,10 +351,7 @@ impl<'m> Trainer<'m> {
         let vars: Vec<_> = named.iter().map(|(_, v)| *v).collect();
         let mut acc: Option<Vec<candle_core::Tensor>> = None;
         let (mut loss_sum, mut step_tokens) = (0.0, 0u64);
-        let (rank, world) = self
-            .collective
-            .as_ref()
-            .map_or((0, 1), |c| (c.rank(), c.world().max(1)));
+        let (rank, world) = self.rank_world();
         for (micro, idx) in group.iter().enumerate() {
             // Data-parallel: micro-batch k belongs to rank k mod world.
             if micro % world != rank {
@@ -448,10 +445,23 @@ impl<'m> Trainer<'m> {
         Ok(Some(log))
     }
 
-    /// Mean cross-entropy per target token over the validation examples (no dropout).
+    /// (rank, world) of this trainer's data-parallel group; (0, 1) alone.
+    fn rank_world(&self) -> (usize, usize) {
+        self.collective
+            .as_ref()
+            .map_or((0, 1), |c| (c.rank(), c.world().max(1)))
+    }
+
+    /// Mean cross-entropy per target token over the validation examples (no dropout). In a
+    /// data-parallel group every rank calls it: each evaluates its share of the batches and the
+    /// sums are exchanged.
     pub fn evaluate(&self) -> Result<f64> {
+        let (rank, world) = self.rank_world();
         let (mut sum, mut count) = (0.0, 0usize);
-        for chunk in self.eval.chunks(self.cfg.batch_size.max(1)) {
+        for (k, chunk) in self.eval.chunks(self.cfg.batch_size.max(1)).enumerate() {
+            if k % world != rank {
+                continue;
+            }
             let exs: Vec<&Example> = chunk.iter().collect();
             let batch = Batch::from_examples(&exs, self.pad_id)?;
             let n = batch.target_count();
@@ -460,6 +470,10 @@ impl<'m> Trainer<'m> {
             }
             sum += loss(self.model, &self.lora, &batch)?.to_scalar::<f32>()? as f64 * n as f64;
             count += n;
+        }
+        if let Some(c) = &self.collective {
+            let s = c.all_reduce_sum_f64(&[sum, count as f64])?;
+            (sum, count) = (s[0], s[1] as usize);
         }
         if count == 0 {
             return Err(StepError::Invalid(
