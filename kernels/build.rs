@@ -21,6 +21,7 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     println!("cargo:rerun-if-changed=cuda/bf16.cuh");
     println!("cargo:rerun-if-changed=cuda/nf4_common.cuh");
+    println!("cargo:rerun-if-changed=cuda/nf4_pipe.cuh");
     for name in ["nf4", "nf4_sweep", "lora", "decode", "train"] {
         let src = format!("cuda/{name}.cu");
         println!("cargo:rerun-if-changed={src}");

@@ -16,20 +16,24 @@ use rand_chacha::ChaCha8Rng;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// (kernel suffix, warps per block, x staged in shared memory). `noscale` and `read*` compute
-/// something else on purpose (no block scales; the weight stream alone): their error vs lut16 is
-/// not a check.
-const VARIANTS: [(&str, u32, bool); 10] = [
-    ("ld0_u4", 8, false),
-    ("ld0_u4", 4, false),
-    ("ld3_u4", 8, false),
-    ("ld0_u2", 8, false),
-    ("xs_u4", 8, true),
-    ("noscale_u4", 8, false),
-    ("read_u4", 8, false),
-    ("read_u4", 4, false),
-    ("read_u8", 8, false),
-    ("read2_u4", 8, false),
+/// (kernel suffix, warps per block, x staged in shared memory, grid of resident blocks only).
+/// `noscale`, `read*` and `calc*` compute something else on purpose (no block scales; the weight
+/// stream alone; the arithmetic alone): their error vs lut16 is not a check.
+const VARIANTS: [(&str, u32, bool, bool); 14] = [
+    ("ld0_u4", 8, false, false),
+    ("ld0_u2", 8, false, false),
+    ("noscale_u4", 8, false, false),
+    ("read_u4", 8, false, false),
+    ("calc_u4", 8, false, false),
+    ("calcnolds_u4", 8, false, false),
+    ("calcnox_u4", 8, false, false),
+    ("pipe_u1", 8, false, true),
+    ("pipe_u2", 8, false, true),
+    ("pipe_u2", 4, false, true),
+    ("prmt_u4", 8, false, false),
+    ("prmt_u2", 8, false, false),
+    ("prmt_u4", 4, false, false),
+    ("prmt_u2", 16, false, false),
 ];
 
 fn to_tensor(
@@ -107,13 +111,14 @@ pub fn run(dev: &Device, r: &mut Report) -> Result<()> {
             anyhow::bail!("the sweep needs a CUDA device");
         };
         let stream = cd.cuda_stream();
-        for (name, warps, shared) in VARIANTS {
+        for (name, warps, shared, resident) in VARIANTS {
+            let tag = if resident { "res" } else { "row" };
             let gpu = |i: usize| ws[i % copies].gpu().context("weight not on the GPU");
-            let got = to_tensor(gpu(0)?.gemv_sweep(name, warps, shared, &xv)?, dev)?
+            let got = to_tensor(gpu(0)?.gemv_sweep(name, warps, shared, resident, &xv)?, dev)?
                 .to_dtype(DType::F32)?;
             let err = rel_err(&got, &want)?;
             for i in 0..copies {
-                drop(gpu(i)?.gemv_sweep(name, warps, shared, &xv)?);
+                drop(gpu(i)?.gemv_sweep(name, warps, shared, resident, &xv)?);
             }
             dev.synchronize()?;
             // GPU time, not host time: the launches queue behind ~4 ms of dequantization, so the
@@ -125,7 +130,7 @@ pub fn run(dev: &Device, r: &mut Report) -> Result<()> {
             let t0 = Instant::now();
             let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
             for i in 0..iters {
-                drop(gpu(i)?.gemv_sweep(name, warps, shared, &xv)?);
+                drop(gpu(i)?.gemv_sweep(name, warps, shared, resident, &xv)?);
             }
             let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
             let host = t0.elapsed().as_secs_f64() / iters as f64;
@@ -133,12 +138,12 @@ pub fn run(dev: &Device, r: &mut Report) -> Result<()> {
             let per = f64::from(start.elapsed_ms(&end)?) * 1e-3 / iters as f64;
             let gbs = (n * k / 2 + n * k / 64) as f64 / per / 1e9;
             println!(
-                "INFO gemv sweep {name:<7} {warps:>2} warps {n}x{k}: {:.1} us GPU ({:.1} us host to issue), {gbs:.0} GB/s (rel err vs lut16 {err:.1e})",
+                "INFO gemv sweep {name:<10} {warps:>2} warps {tag} {n}x{k}: {:.1} us GPU ({:.1} us host to issue), {gbs:.0} GB/s (rel err vs lut16 {err:.1e})",
                 per * 1e6,
                 host * 1e6
             );
             r.extra.insert(
-                format!("sweep_{name}_w{warps}_{n}x{k}_us"),
+                format!("sweep_{name}_w{warps}_{tag}_{n}x{k}_us"),
                 serde_json::json!((per * 1e7).round() / 10.0),
             );
         }

@@ -253,6 +253,24 @@ NF4_GEMV_ENTRY(nf4_gemv3_bf16, 6, true, 2)
 NF4_GEMV_ENTRY(nf4_gemv3_bf16, 7, true, 2)
 NF4_GEMV_ENTRY(nf4_gemv3_bf16, 8, true, 2)
 
+// lut16 with several rows per warp: x is loaded and converted once per chunk for all of them.
+// gpu-check's sweep found the arithmetic, not the weight stream, bounds the one-row kernel
+// (26.6 of its 32 µs on 14336×4096 remain with no weight or scale loads), and of that the loads
+// of x cost the most (15.3 µs without them): each lane reads 64 bytes of x per 16 bytes of
+// weights. Two or four rows per warp divide that by two or four.
+NF4_GEMV_ENTRY(nf4_gemv_r2_bf16, 1, false, 2)
+NF4_GEMV_ENTRY(nf4_gemv_r2_bf16, 2, false, 2)
+NF4_GEMV_ENTRY(nf4_gemv_r2_bf16, 3, false, 2)
+NF4_GEMV_ENTRY(nf4_gemv_r2_bf16, 4, false, 2)
+NF4_GEMV_ENTRY(nf4_gemv_r2_bf16, 5, false, 2)
+NF4_GEMV_ENTRY(nf4_gemv_r2_bf16, 6, false, 2)
+NF4_GEMV_ENTRY(nf4_gemv_r2_bf16, 7, false, 2)
+NF4_GEMV_ENTRY(nf4_gemv_r2_bf16, 8, false, 2)
+NF4_GEMV_ENTRY(nf4_gemv_r4_bf16, 1, false, 4)
+NF4_GEMV_ENTRY(nf4_gemv_r4_bf16, 2, false, 4)
+NF4_GEMV_ENTRY(nf4_gemv_r4_bf16, 3, false, 4)
+NF4_GEMV_ENTRY(nf4_gemv_r4_bf16, 4, false, 4)
+
 // The GEMV on tensor cores, for decode's 1..8 input rows (Marlin, Frantar et al. 2024, does the
 // same for int4 GEMM): a block of MMA_WARPS warps computes 16 output features; each warp takes
 // every MMA_WARPS-th 64-element k block, dequantizes its codes straight into mma.m16n8k16 A

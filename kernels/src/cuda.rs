@@ -32,7 +32,7 @@ const GEMV_WARPS: u32 = 8;
 
 /// Which fused NF4 GEMV kernel decode uses (all compute the same function; they differ in how
 /// they spend instructions, see cuda/nf4.cu). Chosen per process with `QLORAD_NF4_GEMV`
-/// (`lut16`, `pair`, `pair2`); gpu-check measures all of them.
+/// (`lut16`, `pair`, `pair2`, `mma`, `r2`, `r4`); gpu-check measures all of them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemvKernel {
     /// One 16-entry shared-memory lookup per 4-bit code, one row per warp.
@@ -46,14 +46,20 @@ pub enum GemvKernel {
     /// table, 16 features per block of 8 warps (needs out % 16 == 0, in % 64 == 0 and a
     /// blocksize that is a multiple of 64; other weights keep `Lut16`).
     Mma,
+    /// `Lut16` with two rows per warp: x is loaded and converted once for both.
+    Rows2,
+    /// `Lut16` with four rows per warp up to 2 input rows, two up to 8 (register pressure).
+    Rows4,
 }
 
 impl GemvKernel {
-    pub const ALL: [GemvKernel; 4] = [
+    pub const ALL: [GemvKernel; 6] = [
         GemvKernel::Lut16,
         GemvKernel::Pair,
         GemvKernel::PairTwoRows,
         GemvKernel::Mma,
+        GemvKernel::Rows2,
+        GemvKernel::Rows4,
     ];
 
     pub fn name(self) -> &'static str {
@@ -62,6 +68,8 @@ impl GemvKernel {
             GemvKernel::Pair => "pair",
             GemvKernel::PairTwoRows => "pair2",
             GemvKernel::Mma => "mma",
+            GemvKernel::Rows2 => "r2",
+            GemvKernel::Rows4 => "r4",
         }
     }
 
@@ -81,6 +89,8 @@ impl GemvKernel {
     fn entry(self, m: usize) -> (String, u32) {
         match self {
             GemvKernel::Lut16 => (format!("nf4_gemv_bf16_m{m}"), 1),
+            GemvKernel::Rows4 if m <= 2 => (format!("nf4_gemv_r4_bf16_m{m}"), 4),
+            GemvKernel::Rows2 | GemvKernel::Rows4 => (format!("nf4_gemv_r2_bf16_m{m}"), 2),
             // 16 features per block of GEMV_WARPS = 8 warps.
             GemvKernel::Mma => (format!("nf4_gemv_mma_bf16_m{m}"), 2),
             GemvKernel::PairTwoRows if m <= 4 => (format!("nf4_gemv3_bf16_m{m}"), 2),
@@ -89,6 +99,25 @@ impl GemvKernel {
     }
 }
 const DEQUANT_THREADS: u32 = 256;
+
+/// Thread blocks of `threads` threads running `func` that fit on `device` at once (multiprocessors
+/// × resident blocks per multiprocessor): the grid of a kernel that strides over its work.
+pub fn resident_blocks(
+    device: &CudaDevice,
+    func: &CudaFunction,
+    threads: u32,
+) -> candle_core::Result<u32> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+    let sms = device
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    let per_sm = func
+        .occupancy_max_active_blocks_per_multiprocessor(threads, 0, None)
+        .w()?;
+    Ok((sms.max(1) as u32) * per_sm.max(1))
+}
 
 /// An NF4 weight resident on one GPU: packed codes, the (double-quantized) scales and the code
 /// tables, plus the kernels loaded for that device.
@@ -289,12 +318,15 @@ impl Nf4Gpu {
 
     /// Kernel experiments (gpu-check's GEMV sweep): launches the sweep kernel
     /// `nf4_gemv_sweep_{name}` of cuda/nf4.cu on this weight for one row `x` (1, k) bf16 with
-    /// `warps` warps per block; `x_shared`: the kernel stages x in dynamic shared memory.
+    /// `warps` warps per block; `x_shared`: the kernel stages x in dynamic shared memory;
+    /// `resident`: the grid holds only the blocks that fit on the GPU at once (for the kernels
+    /// that stride over rows), else one warp per row.
     pub fn gemv_sweep(
         &self,
         name: &str,
         warps: u32,
         x_shared: bool,
+        resident: bool,
         x: &CudaView<'_, bf16>,
     ) -> candle_core::Result<CudaSlice<bf16>> {
         if !self.k.is_multiple_of(32) || x.len() != self.k {
@@ -312,8 +344,12 @@ impl Nf4Gpu {
         )?;
         // SAFETY: one output per row, written by lane 0 of its warp.
         let mut y = unsafe { self.device.alloc::<bf16>(self.n) }?;
+        let mut blocks = (self.n as u32).div_ceil(warps);
+        if resident {
+            blocks = blocks.min(resident_blocks(&self.device, &func, 32 * warps)?);
+        }
         let cfg = LaunchConfig {
-            grid_dim: ((self.n as u32).div_ceil(warps), 1, 1),
+            grid_dim: (blocks, 1, 1),
             block_dim: (32 * warps, 1, 1),
             shared_mem_bytes: if x_shared { (self.k * 2) as u32 } else { 0 },
         };
