@@ -4,6 +4,7 @@
 # tokenizer), Guanaco-1k at `qlorad train`'s defaults (r 16 on all 7 projections, batch 4 × ≤512,
 # clip 0.3) unless QLORAD_DP_ARGS adds to them, STEPS optimizer steps (default 30):
 #   1 GPU:  --device cuda:0 --grad-accum N        N GPUs: --device cuda:0,...,cuda:N-1
+# (one process per GPU, qlorad's default; QLORAD_DP=threads for one thread each).
 # Both runs log every step; the summary compares losses step by step (loss-curve equality) and
 # tokens/s after the first step (scaling efficiency = tok/s(N) / (N · tok/s(1))). Stage as
 # scripts/device-epoch-run.sh says, then on an nvidia-h200-x2 (or -x4) machine:

@@ -26,8 +26,8 @@ pub struct TrainArgs {
     /// Where to train: cpu (f32) or cuda:N (base in bf16, f32 LoRA master weights and AdamW state).
     /// Several, comma-separated (cuda:0,cuda:1), train data-parallel: one copy of the base per
     /// device, each optimizer step's micro-batches split over them and the gradients summed
-    /// (NCCL between GPUs when libnccl is found, one thread per GPU, or one process each with
-    /// QLORAD_DP=processes; host memory otherwise); the same result as one device with
+    /// (NCCL between GPUs when libnccl is found, one process per GPU, or one thread each with
+    /// QLORAD_DP=threads; host memory otherwise); the same result as one device with
     /// --grad-accum multiplied by the number of devices.
     #[arg(long, default_value = "cpu", value_delimiter = ',')]
     device: Vec<DeviceSpec>,
@@ -271,9 +271,12 @@ fn data_parallel(
             bail!("--device lists {d:?} twice (one rank per GPU)");
         }
     }
+    // GPUs train as one process each unless QLORAD_DP=threads: on two H200s processes scaled
+    // 0.96 and threads 0.90 in the same run (BENCHMARKS.md), the threads of one process sharing
+    // the host work of issuing kernels.
     #[cfg(feature = "cuda")]
     if devices.iter().all(|d| *d != DeviceSpec::Cpu)
-        && std::env::var("QLORAD_DP").is_ok_and(|v| v == "processes")
+        && std::env::var("QLORAD_DP").map_or(true, |v| v != "threads")
         && qlorad_trainer::parallel_nccl::available()
     {
         eprintln!(
