@@ -148,11 +148,11 @@ impl Metrics {
             )?,
             resident_bytes: IntGauge::new(
                 "qlorad_adapter_resident_bytes",
-                "Bytes of servable adapter weights (on the GPU, or in host memory for a CPU model)",
+                "Bytes of servable adapter weights (on the GPU, or in host memory for a CPU model), summed over the serving devices",
             )?,
             host_bytes: IntGauge::new(
                 "qlorad_adapter_host_bytes",
-                "Bytes of host copies of adapters evicted from the GPU (one upload from servable)",
+                "Bytes of host copies of adapters evicted from a GPU or not on every GPU (one upload from servable)",
             )?,
             disk_bytes: IntGauge::new(
                 "qlorad_adapter_disk_bytes",

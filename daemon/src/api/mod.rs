@@ -199,9 +199,12 @@ fn select(st: &AppState, model: &str) -> Result<Option<Arc<LoraAdapter>>, ApiErr
     let found = if model == &*st.model_id {
         None
     } else {
-        match st.adapters.lookup(model) {
+        // One serving device so far: device 0.
+        match st.adapters.lookup(model, 0) {
             Lookup::Resident(a) => Some(a),
-            Lookup::Evicted => Some(tokio::task::block_in_place(|| st.adapters.reload(model))?),
+            Lookup::Evicted => Some(tokio::task::block_in_place(|| {
+                st.adapters.reload(model, 0)
+            })?),
             Lookup::Unknown => return Err(ApiError::model_not_found(model)),
         }
     };
