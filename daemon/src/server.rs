@@ -40,7 +40,7 @@ pub struct ServeArgs {
     /// Several, comma-separated (cuda:0,cuda:1), serve from each: one copy of the base, KV caches
     /// and engine per device behind one API, one adapter registry and one state store; each
     /// request goes to the least loaded device, preferring one that holds its adapter.
-    /// Fine-tuning jobs and exports run on the first device.
+    /// Fine-tuning jobs train on the first device.
     #[arg(
         long,
         env = "QLORAD_DEVICE",

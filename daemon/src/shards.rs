@@ -45,8 +45,8 @@ impl Shard {
     }
 }
 
-/// The shards of a daemon, in `--device` order; shard 0 is the primary (fine-tuning jobs and
-/// exports use its model). Cheap to clone.
+/// The shards of a daemon, in `--device` order; shard 0 is the primary (fine-tuning jobs train on
+/// its model). Cheap to clone.
 #[derive(Clone)]
 pub struct Shards {
     shards: Arc<Vec<Shard>>,
