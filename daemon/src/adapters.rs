@@ -5,10 +5,18 @@
 //! Tiers (vLLM's LoRA CPU/GPU caches): `device` (placed where the model computes, servable at once),
 //! `host` (the adapter as read from disk, kept in host memory: placing it again is one upload) and
 //! `disk` (only its folder is remembered). Device bytes stay under a budget by evicting the least
-//! recently used unpinned adapter to the host tier, host copies of evicted adapters under a second
-//! budget by dropping the least recently used to disk; a request for an evicted adapter reloads it
-//! transparently from the nearest tier. When the model computes on the CPU in f32 the device copy
-//! *is* the host copy: there are two tiers, resident (`host`) and `disk`.
+//! recently used unpinned adapter to the host tier, host copies under a second budget by dropping
+//! the least recently used to disk; a request for an evicted adapter reloads it transparently from
+//! the nearest tier. When the model computes on the CPU in f32 the device copy *is* the host copy:
+//! there are two tiers, resident (`host`) and `disk`.
+//!
+//! With several serving devices (`--device cuda:0,cuda:1`, one engine each) an entry keeps one
+//! servable copy per device and ONE host copy shared by them, so that placing an adapter on a second
+//! GPU is an upload from host memory, not a disk read. A load places the adapter on its *home*
+//! device only (rendezvous hash of its name, [`crate::shards::home`]); another device gets a copy
+//! when routing sends it a request for the adapter. Each device keeps its copies under the byte
+//! budget on its own (LRU per device); the host budget counts the host copies of adapters that are
+//! not resident on every device (with one device: the host copies of evicted adapters).
 //!
 //! The map sits behind a std `RwLock` that is only ever held for a lookup or an insert — never across
 //! an `.await` or while reading files.
@@ -56,30 +64,108 @@ pub struct AdapterInfo {
     pub name: String,
     pub path: String,
     pub bytes: usize,
-    /// `device` (placed on the GPU / in the compute dtype, servable at once), `host` (servable at
+    /// `device` (placed on a GPU / in the compute dtype, servable at once), `host` (servable at
     /// once on a CPU model; one upload away on a GPU one) or `disk` (reloaded on next use).
     pub tier: &'static str,
     pub pinned: bool,
+    /// The serving devices holding a servable copy (`cuda:0`; empty when evicted everywhere).
+    pub devices: Vec<String>,
+}
+
+/// A device adapters are placed on: one per serving shard, in shard order.
+struct Device {
+    name: String,
+    placement: Placement,
+    /// Whether placing an adapter here makes a second copy (GPU, or bf16/f16 compute), so that a
+    /// host tier sits between it and the disk.
+    staged: bool,
+}
+
+impl Device {
+    fn new(name: String, placement: Placement) -> Self {
+        let staged = placement.is_cuda() || placement.dtype != candle_core::DType::F32;
+        Self {
+            name,
+            placement,
+            staged,
+        }
+    }
+}
+
+/// `cpu` or `cuda:N`: the name of a placement's device.
+fn device_name(p: &Placement) -> String {
+    match p.device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        _ => "cpu".to_string(),
+    }
+}
+
+/// An adapter's copy on one device.
+#[derive(Default)]
+struct Slot {
+    /// The servable copy; `None` when not resident (not placed there yet, or evicted).
+    copy: Option<Arc<LoraAdapter>>,
+    /// Bytes of the copy (kept after eviction; the file's size before the first placement).
+    bytes: usize,
+    /// Tick of the last request for it on this device (LRU per device).
+    used: AtomicU64,
 }
 
 struct Entry {
-    /// The servable copy; `None` once evicted.
-    adapter: Option<Arc<LoraAdapter>>,
+    /// One per device, in device order.
+    slots: Vec<Slot>,
     /// With a staged placement (GPU, or a compute dtype other than f32): the copy as read from
-    /// disk, kept in host memory until the host budget drops it.
+    /// disk, shared by the devices, kept in host memory until the host budget drops it.
     host: Option<Arc<LoraAdapter>>,
-    path: PathBuf,
-    /// Bytes of the servable copy, and of the host copy.
-    bytes: usize,
     host_bytes: usize,
+    path: PathBuf,
     pinned: bool,
-    last_used: AtomicU64,
+}
+
+impl Entry {
+    fn resident_anywhere(&self) -> bool {
+        self.slots.iter().any(|s| s.copy.is_some())
+    }
+
+    fn resident_everywhere(&self) -> bool {
+        self.slots.iter().all(|s| s.copy.is_some())
+    }
+
+    /// The latest use on any device (the host tier's LRU order).
+    fn last_used(&self) -> u64 {
+        self.slots
+            .iter()
+            .map(|s| s.used.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Bytes of one servable copy (of a resident one if any).
+    fn bytes(&self) -> usize {
+        self.slots
+            .iter()
+            .find(|s| s.copy.is_some())
+            .or_else(|| self.slots.iter().max_by_key(|s| s.bytes))
+            .map_or(0, |s| s.bytes)
+    }
+
+    /// The adapter in host memory in the form read from disk: the host copy, or the copy of an
+    /// unstaged device (a CPU model in f32), which *is* that form.
+    fn source(&self, devices: &[Device]) -> Option<Arc<LoraAdapter>> {
+        self.host.clone().or_else(|| {
+            self.slots
+                .iter()
+                .zip(devices)
+                .find(|(s, d)| !d.staged && s.copy.is_some())
+                .and_then(|(s, _)| s.copy.clone())
+        })
+    }
 }
 
 /// What a lookup found.
 pub enum Lookup {
     Resident(Arc<LoraAdapter>),
-    /// Registered but evicted: call [`AdapterRegistry::reload`] (blocking) to serve it.
+    /// Registered but not on this device: call [`AdapterRegistry::reload`] (blocking) to serve it.
     Evicted,
     Unknown,
 }
@@ -99,15 +185,13 @@ pub struct AdapterRegistry {
     root: Option<PathBuf>,
     base_id: String,
     base: Config,
-    /// Where loaded adapters are placed (the base model's device and compute dtype).
-    placement: Placement,
-    /// Resident-bytes budget; least recently used unpinned adapters are evicted beyond it.
+    /// Where loaded adapters are placed (the serving devices, in shard order; never empty).
+    devices: Vec<Device>,
+    /// Resident-bytes budget of each device; least recently used unpinned adapters are evicted
+    /// beyond it.
     budget: usize,
-    /// Budget of host copies of evicted adapters (staged placements only).
+    /// Budget of host copies of adapters not resident on every device (staged placements only).
     host_budget: usize,
-    /// Whether placing an adapter makes a second copy (GPU, or bf16/f16 compute), so that a host
-    /// tier sits between it and the disk.
-    staged: bool,
     clock: AtomicU64,
     counters: Option<AdapterCounters>,
     map: RwLock<BTreeMap<String, Entry>>,
@@ -115,7 +199,7 @@ pub struct AdapterRegistry {
 
 impl AdapterRegistry {
     /// `root`: the folder adapters must live under (canonicalized); `None` refuses runtime loads.
-    /// `budget`: bytes of adapter weights kept resident (`usize::MAX`: no limit).
+    /// `budget`: bytes of adapter weights kept resident on each device (`usize::MAX`: no limit).
     pub fn new(
         root: Option<PathBuf>,
         base_id: &str,
@@ -127,27 +211,47 @@ impl AdapterRegistry {
             root: root.and_then(|r| r.canonicalize().ok()),
             base_id: base_id.to_string(),
             base,
-            placement: Placement::cpu(),
+            devices: vec![Device::new("cpu".into(), Placement::cpu())],
             budget,
             host_budget: usize::MAX,
-            staged: false,
             clock: AtomicU64::new(0),
             counters,
             map: RwLock::new(BTreeMap::new()),
         }
     }
 
-    /// Places adapters loaded from now on where the base model computes (default: the CPU, f32).
+    /// Places adapters where the base model computes (default: the CPU, f32): one device.
     pub fn with_placement(mut self, p: Placement) -> Self {
-        self.staged = p.is_cuda() || p.dtype != candle_core::DType::F32;
-        self.placement = p;
+        self.devices = vec![Device::new(device_name(&p), p)];
         self
     }
 
-    /// Bytes of host copies kept for adapters evicted from the device (`usize::MAX`: no limit).
+    /// Places adapters on several devices, as `(name, placement)` in shard order (the device index
+    /// of [`lookup`](Self::lookup) and [`reload`](Self::reload)). An empty list changes nothing.
+    pub fn with_devices(mut self, devices: Vec<(String, Placement)>) -> Self {
+        if !devices.is_empty() {
+            self.devices = devices
+                .into_iter()
+                .map(|(n, p)| Device::new(n, p))
+                .collect();
+        }
+        self
+    }
+
+    /// Bytes of host copies kept for adapters not resident on every device (`usize::MAX`: no limit).
     pub fn with_host_budget(mut self, bytes: usize) -> Self {
         self.host_budget = bytes;
         self
+    }
+
+    /// Number of serving devices.
+    pub fn devices(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// Whether some device makes a second copy, so that a host copy is worth keeping.
+    fn staged(&self) -> bool {
+        self.devices.iter().any(|d| d.staged)
     }
 
     /// Resolves a requested path (absolute, or relative to the root) and checks it stays inside
@@ -181,7 +285,31 @@ impl AdapterRegistry {
         self.clock.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Loads (or replaces) adapter `name` from `dir` (blocking file reads: call off the async threads).
+    fn read_disk(&self, name: &str, dir: &Path) -> Result<Arc<LoraAdapter>, AdapterError> {
+        LoraAdapter::load(dir, name, &self.base)
+            .map(Arc::new)
+            .map_err(|e| AdapterError::Invalid(e.to_string()))
+    }
+
+    /// A servable copy for device `dev` of `source` (the form read from disk): `source` itself on
+    /// an unstaged device, an upload / conversion on a staged one.
+    fn place(
+        &self,
+        source: &Arc<LoraAdapter>,
+        dev: usize,
+    ) -> Result<Arc<LoraAdapter>, AdapterError> {
+        match self.devices.get(dev) {
+            Some(d) if d.staged => source
+                .to_placement(&d.placement)
+                .map(Arc::new)
+                .map_err(|e| AdapterError::Invalid(e.to_string())),
+            Some(_) => Ok(source.clone()),
+            None => Err(AdapterError::Invalid(format!("no serving device {dev}"))),
+        }
+    }
+
+    /// Loads (or replaces) adapter `name` from `dir` onto its home device (blocking file reads:
+    /// call off the async threads); the other devices get it on their first request for it.
     pub fn load(&self, name: &str, dir: &Path) -> Result<AdapterInfo, AdapterError> {
         if !valid_name(name) {
             return Err(AdapterError::BadName(name.to_string()));
@@ -189,39 +317,35 @@ impl AdapterRegistry {
         if name == self.base_id {
             return Err(AdapterError::NameIsBase(name.to_string()));
         }
-        let loaded = LoraAdapter::load(dir, name, &self.base)
-            .map_err(|e| AdapterError::Invalid(e.to_string()))?;
-        let (adapter, host) = if self.staged {
-            let placed = self.place(&loaded)?;
-            (placed, Some(Arc::new(loaded)))
-        } else {
-            (Arc::new(loaded), None)
-        };
-        let bytes = adapter.bytes();
+        let source = self.read_disk(name, dir)?;
+        let home = crate::shards::home(name, self.devices.len());
+        let placed = self.place(&source, home)?;
+        let bytes = placed.bytes();
+        let host = self.staged().then_some(source);
         let host_bytes = host.as_ref().map_or(0, |h| h.bytes());
-        let pinned = self.read().get(name).is_some_and(|e| e.pinned);
-        let entry = Entry {
-            adapter: Some(adapter),
-            host,
-            path: dir.to_path_buf(),
-            bytes,
-            host_bytes,
-            pinned,
-            last_used: AtomicU64::new(self.tick()),
-        };
+        let mut placed = Some(placed);
+        let slots = (0..self.devices.len())
+            .map(|i| Slot {
+                copy: if i == home { placed.take() } else { None },
+                bytes,
+                used: AtomicU64::new(if i == home { self.tick() } else { 0 }),
+            })
+            .collect();
         {
             let mut map = self.write();
+            let pinned = map.get(name).is_some_and(|e| e.pinned);
+            let entry = Entry {
+                slots,
+                host,
+                host_bytes,
+                path: dir.to_path_buf(),
+                pinned,
+            };
             map.insert(name.to_string(), entry);
-            self.enforce_budget(&mut map, name);
+            self.enforce_budget(&mut map, &[home], name);
         }
         self.info(name)
             .ok_or_else(|| AdapterError::NotFound(name.to_string()))
-    }
-
-    fn place(&self, a: &LoraAdapter) -> Result<Arc<LoraAdapter>, AdapterError> {
-        a.to_placement(&self.placement)
-            .map(Arc::new)
-            .map_err(|e| AdapterError::Invalid(e.to_string()))
     }
 
     /// Registers adapter `name` from `dir` without reading its weights (the disk tier): its first
@@ -236,118 +360,149 @@ impl AdapterRegistry {
             .map_err(|e| AdapterError::Invalid(format!("{}: {e}", dir.display())))?;
         let mut map = self.write();
         map.entry(name.to_string()).or_insert_with(|| Entry {
-            adapter: None,
+            slots: (0..self.devices.len())
+                .map(|_| Slot {
+                    bytes,
+                    ..Slot::default()
+                })
+                .collect(),
             host: None,
-            path: dir.to_path_buf(),
-            bytes,
             host_bytes: 0,
+            path: dir.to_path_buf(),
             pinned: false,
-            last_used: AtomicU64::new(0),
         });
         self.update_gauges(&map);
         Ok(())
     }
 
-    /// Brings an evicted adapter back from its folder (blocking) and returns it.
-    pub fn reload(&self, name: &str) -> Result<Arc<LoraAdapter>, AdapterError> {
-        let (path, host) = match self.read().get(name) {
-            Some(e) => match &e.adapter {
+    /// Makes adapter `name` servable on device `dev` (blocking) and returns that copy: from host
+    /// memory when another copy is there (one upload), from its folder otherwise.
+    pub fn reload(&self, name: &str, dev: usize) -> Result<Arc<LoraAdapter>, AdapterError> {
+        let (path, source) = match self.read().get(name) {
+            Some(e) => match e.slots.get(dev).and_then(|s| s.copy.as_ref()) {
                 Some(a) => return Ok(a.clone()),
-                None => (e.path.clone(), e.host.clone()),
+                None => (e.path.clone(), e.source(&self.devices)),
             },
             None => return Err(AdapterError::NotFound(name.to_string())),
         };
-        match host {
-            // From the host tier: one upload, no disk read.
-            Some(h) => {
-                let placed = self.place(&h)?;
-                let mut map = self.write();
-                if let Some(e) = map.get_mut(name) {
-                    e.bytes = placed.bytes();
-                    e.adapter = Some(placed);
-                    e.last_used.store(self.tick(), Ordering::Relaxed);
-                }
-                self.enforce_budget(&mut map, name);
-            }
-            None => {
-                self.load(name, &path)?;
-            }
+        let (source, from_disk) = match source {
+            Some(s) => (s, false),
+            None => (self.read_disk(name, &path)?, true),
+        };
+        let placed = self.place(&source, dev)?;
+        let mut map = self.write();
+        let e = map
+            .get_mut(name)
+            .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
+        if from_disk && self.staged() {
+            // Back in host memory: the next device to need it uploads from here.
+            e.host_bytes = source.bytes();
+            e.host = Some(source);
         }
-        match self.lookup(name) {
-            Lookup::Resident(a) => Ok(a),
-            _ => Err(AdapterError::Invalid(format!(
-                "adapter {name:?} could not be kept resident"
-            ))),
+        if let Some(s) = e.slots.get_mut(dev) {
+            s.bytes = placed.bytes();
+            s.copy = Some(placed.clone());
+            s.used.store(self.tick(), Ordering::Relaxed);
         }
+        self.enforce_budget(&mut map, &[dev], name);
+        Ok(placed)
     }
 
-    /// Evicts least recently used, unpinned adapters (never `keep`) until resident bytes fit.
-    fn enforce_budget(&self, map: &mut BTreeMap<String, Entry>, keep: &str) {
+    /// Evicts least recently used, unpinned adapters (never `keep`) from each of `devs` until its
+    /// resident bytes fit, then drops host copies beyond the host budget.
+    fn enforce_budget(&self, map: &mut BTreeMap<String, Entry>, devs: &[usize], keep: &str) {
+        for &dev in devs {
+            self.evict(map, dev, keep);
+        }
+        self.drop_host_copies(map);
+        self.update_gauges(map);
+    }
+
+    fn evict(&self, map: &mut BTreeMap<String, Entry>, dev: usize, keep: &str) {
+        let on = |e: &Entry| {
+            e.slots
+                .get(dev)
+                .filter(|s| s.copy.is_some())
+                .map(|s| s.bytes)
+        };
         loop {
-            let resident: usize = map
-                .values()
-                .filter(|e| e.adapter.is_some())
-                .map(|e| e.bytes)
-                .sum();
+            let resident: usize = map.values().filter_map(on).sum();
             if resident <= self.budget {
                 break;
             }
             let victim = map
                 .iter()
-                .filter(|(n, e)| e.adapter.is_some() && !e.pinned && n.as_str() != keep)
-                .min_by_key(|(_, e)| e.last_used.load(Ordering::Relaxed))
+                .filter(|(n, e)| on(e).is_some() && !e.pinned && n.as_str() != keep)
+                .min_by_key(|(_, e)| e.slots[dev].used.load(Ordering::Relaxed))
                 .map(|(n, _)| n.clone());
             let Some(victim) = victim else {
                 tracing::warn!(
                     resident,
                     budget = self.budget,
+                    device = %self.devices[dev].name,
                     "adapter budget exceeded by pinned adapters"
                 );
                 break;
             };
             if let Some(e) = map.get_mut(&victim) {
-                e.adapter = None;
-                let to = if e.host.is_some() { "host" } else { "disk" };
-                tracing::info!(adapter = %victim, "evicted adapter to {to} (LRU)");
+                e.slots[dev].copy = None;
+                let to = if e.resident_anywhere() {
+                    "its other devices"
+                } else if e.host.is_some() {
+                    "host"
+                } else {
+                    "disk"
+                };
+                tracing::info!(adapter = %victim, device = %self.devices[dev].name, "evicted adapter to {to} (LRU)");
                 if let Some(c) = &self.counters {
                     c.evictions.inc();
                 }
             }
         }
-        // Host copies of evicted adapters, under their own budget (least recently used to disk).
+    }
+
+    /// Host copies of adapters not resident on every device, under their own budget (least
+    /// recently used to disk). A copy resident everywhere needs no host copy to be placed again.
+    fn drop_host_copies(&self, map: &mut BTreeMap<String, Entry>) {
+        let counted = |e: &Entry| e.host.is_some() && !e.resident_everywhere();
         loop {
             let held: usize = map
                 .values()
-                .filter(|e| e.adapter.is_none())
-                .map(|e| e.host.as_ref().map_or(0, |_| e.host_bytes))
+                .filter(|e| counted(e))
+                .map(|e| e.host_bytes)
                 .sum();
             if held <= self.host_budget {
                 break;
             }
             let victim = map
                 .iter()
-                .filter(|(_, e)| e.adapter.is_none() && e.host.is_some())
-                .min_by_key(|(_, e)| e.last_used.load(Ordering::Relaxed))
+                .filter(|(_, e)| counted(e))
+                .min_by_key(|(_, e)| e.last_used())
                 .map(|(n, _)| n.clone());
             let Some(e) = victim.and_then(|v| map.get_mut(&v)) else {
                 break;
             };
             e.host = None;
-            tracing::info!(path = %e.path.display(), "dropped an evicted adapter's host copy (LRU)");
+            tracing::info!(path = %e.path.display(), "dropped an adapter's host copy (LRU)");
         }
-        self.update_gauges(map);
     }
 
+    /// Gauges summed over the devices: every device's copies (resident), host copies counted by
+    /// the host budget (host), adapters with no copy in memory (disk).
     fn update_gauges(&self, map: &BTreeMap<String, Entry>) {
         if let Some(c) = &self.counters {
             let (mut resident, mut host, mut disk) = (0, 0, 0);
             for e in map.values() {
-                if e.adapter.is_some() {
-                    resident += e.bytes;
-                } else if e.host.is_some() {
+                resident += e
+                    .slots
+                    .iter()
+                    .filter(|s| s.copy.is_some())
+                    .map(|s| s.bytes)
+                    .sum::<usize>();
+                if e.host.is_some() && !e.resident_everywhere() {
                     host += e.host_bytes;
-                } else {
-                    disk += e.bytes;
+                } else if e.host.is_none() && !e.resident_anywhere() {
+                    disk += e.bytes();
                 }
             }
             c.resident_bytes.set(resident as i64);
@@ -397,8 +552,8 @@ impl AdapterRegistry {
         r
     }
 
-    /// Pins (never evicted) or unpins an adapter. Pinning an evicted adapter does not reload it;
-    /// its next use does.
+    /// Pins (never evicted, on any device) or unpins an adapter. Pinning an evicted adapter does
+    /// not reload it; its next use does.
     pub fn set_pinned(&self, name: &str, pinned: bool) -> Result<AdapterInfo, AdapterError> {
         {
             let mut map = self.write();
@@ -407,21 +562,22 @@ impl AdapterRegistry {
                 .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
             e.pinned = pinned;
             if !pinned {
-                self.enforce_budget(&mut map, "");
+                let all: Vec<usize> = (0..self.devices.len()).collect();
+                self.enforce_budget(&mut map, &all, "");
             }
         }
         self.info(name)
             .ok_or_else(|| AdapterError::NotFound(name.to_string()))
     }
 
-    /// Finds an adapter for a request, marking it used.
-    pub fn lookup(&self, name: &str) -> Lookup {
+    /// Finds an adapter's copy on device `dev` for a request, marking it used there.
+    pub fn lookup(&self, name: &str, dev: usize) -> Lookup {
         let map = self.read();
-        let Some(e) = map.get(name) else {
+        let Some(slot) = map.get(name).and_then(|e| e.slots.get(dev)) else {
             return Lookup::Unknown;
         };
-        e.last_used.store(self.tick(), Ordering::Relaxed);
-        match &e.adapter {
+        slot.used.store(self.tick(), Ordering::Relaxed);
+        match &slot.copy {
             Some(a) => {
                 if let Some(c) = &self.counters {
                     c.hits.inc();
@@ -437,23 +593,41 @@ impl AdapterRegistry {
         }
     }
 
+    /// Whether `name` has a servable copy on device `dev` (for routing; not a use).
+    pub fn is_resident(&self, name: &str, dev: usize) -> bool {
+        self.read()
+            .get(name)
+            .and_then(|e| e.slots.get(dev))
+            .is_some_and(|s| s.copy.is_some())
+    }
+
     /// Whether `name` is registered (resident or evicted).
     pub fn contains(&self, name: &str) -> bool {
         self.read().contains_key(name)
     }
 
     fn info_of(&self, name: &str, e: &Entry) -> AdapterInfo {
-        let tier = match (&e.adapter, &e.host) {
-            (Some(_), _) if self.staged => "device",
-            (Some(_), _) | (None, Some(_)) => "host",
-            (None, None) => "disk",
+        let on: Vec<&Device> = e
+            .slots
+            .iter()
+            .zip(&self.devices)
+            .filter(|(s, _)| s.copy.is_some())
+            .map(|(_, d)| d)
+            .collect();
+        let tier = if on.iter().any(|d| d.staged) {
+            "device"
+        } else if !on.is_empty() || e.host.is_some() {
+            "host"
+        } else {
+            "disk"
         };
         AdapterInfo {
             name: name.to_string(),
             path: e.path.display().to_string(),
-            bytes: e.bytes,
+            bytes: e.bytes(),
             tier,
             pinned: e.pinned,
+            devices: on.iter().map(|d| d.name.clone()).collect(),
         }
     }
 
@@ -532,8 +706,8 @@ mod tests {
             ]
         );
         // b comes back from its host copy, with the same weights as a fresh load.
-        assert!(matches!(r.lookup("b"), Lookup::Evicted));
-        let b = r.reload("b").unwrap();
+        assert!(matches!(r.lookup("b", 0), Lookup::Evicted));
+        let b = r.reload("b", 0).unwrap();
         let fresh = one.to_placement(&bf16).unwrap();
         let (x, y) = (b.module(0, 0).unwrap(), fresh.module(0, 0).unwrap());
         let d = (&x.b - &y.b).unwrap().abs().unwrap().sum_all().unwrap();
@@ -553,7 +727,7 @@ mod tests {
             ]
         );
         // a comes back from disk.
-        r.reload("a").unwrap();
+        r.reload("a", 0).unwrap();
         assert_eq!(tiers(&r)[0], ("a".into(), "device"));
     }
 

@@ -114,6 +114,7 @@ impl EngineHandle {
                     shared: s.clone(),
                     waiting: VecDeque::new(),
                     running: Vec::new(),
+                    published: (0, 0),
                 }
                 .run(rx);
                 s.alive.store(false, Ordering::SeqCst);
@@ -179,6 +180,8 @@ struct Engine {
     shared: Arc<Shared>,
     waiting: VecDeque<Request>,
     running: Vec<Seq>,
+    /// The (waiting, running) counts this engine last added to the shared gauges.
+    published: (i64, i64),
 }
 
 impl Engine {
@@ -205,9 +208,13 @@ impl Engine {
         }
     }
 
-    fn publish_gauges(&self) {
-        self.metrics.queue_waiting.set(self.waiting.len() as i64);
-        self.metrics.batch_running.set(self.running.len() as i64);
+    /// Brings the shared gauges up to date by this engine's change since its last report: with one
+    /// engine per device they are sums, and a `set` would overwrite the other engines' counts.
+    fn publish_gauges(&mut self) {
+        let now = (self.waiting.len() as i64, self.running.len() as i64);
+        self.metrics.queue_waiting.add(now.0 - self.published.0);
+        self.metrics.batch_running.add(now.1 - self.published.1);
+        self.published = now;
     }
 
     fn finish_one(&self) {
@@ -318,6 +325,14 @@ impl Engine {
         for _ in done.iter().filter(|d| **d) {
             self.finish_one();
         }
+    }
+}
+
+impl Drop for Engine {
+    /// Takes this engine's share out of the shared gauges when it stops (also by a panic).
+    fn drop(&mut self) {
+        self.metrics.queue_waiting.sub(self.published.0);
+        self.metrics.batch_running.sub(self.published.1);
     }
 }
 

@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod pending;
 pub mod runner;
 pub mod server;
+pub mod shards;
 pub mod state;
 pub mod train_cmd;

@@ -15,17 +15,21 @@ pub struct Metrics {
     pub ttft: Histogram,
     pub itl: Histogram,
     pub batch_tokens: Histogram,
+    /// Sums over the engines: each adds the change of its own count (several engines share them).
     pub queue_waiting: IntGauge,
     pub batch_running: IntGauge,
+    /// Base weights of every shard's copy.
     pub model_weight_bytes: IntGauge,
+    /// Requests submitted to each engine (label `engine`: the shard's index).
+    pub engine_requests: IntCounterVec,
     pub adapter_requests: IntCounterVec,
     pub adapters: crate::adapters::AdapterCounters,
     pub training: TrainingMetrics,
     pub exports: IntCounterVec,
     pub export_bytes: IntCounter,
-    /// Memory of the device the model computes on, read at each scrape.
+    /// Memory of the devices the shards compute on, read at each scrape.
     pub device_memory: IntGaugeVec,
-    device: std::sync::OnceLock<qlorad_model::Placement>,
+    devices: std::sync::OnceLock<Vec<qlorad_model::Placement>>,
 }
 
 /// Fine-tuning job metrics.
@@ -116,15 +120,22 @@ impl Metrics {
         )?;
         let queue_waiting = IntGauge::new(
             "qlorad_queue_waiting_requests",
-            "Requests waiting for a batch slot",
+            "Requests waiting for a batch slot (all engines)",
         )?;
         let batch_running = IntGauge::new(
             "qlorad_batch_running_requests",
-            "Requests in the running batch",
+            "Requests in the running batches (all engines)",
         )?;
         let model_weight_bytes = IntGauge::new(
             "qlorad_model_weight_bytes",
-            "Bytes of resident base weights",
+            "Bytes of resident base weights (summed over the devices' copies)",
+        )?;
+        let engine_requests = IntCounterVec::new(
+            Opts::new(
+                "qlorad_engine_requests_total",
+                "Generation requests submitted to each engine (one per --device entry, by index)",
+            ),
+            &["engine"],
         )?;
         let adapter_requests = IntCounterVec::new(
             Opts::new(
@@ -148,11 +159,11 @@ impl Metrics {
             )?,
             resident_bytes: IntGauge::new(
                 "qlorad_adapter_resident_bytes",
-                "Bytes of servable adapter weights (on the GPU, or in host memory for a CPU model)",
+                "Bytes of servable adapter weights (on the GPU, or in host memory for a CPU model), summed over the serving devices",
             )?,
             host_bytes: IntGauge::new(
                 "qlorad_adapter_host_bytes",
-                "Bytes of host copies of adapters evicted from the GPU (one upload from servable)",
+                "Bytes of host copies of adapters evicted from a GPU or not on every GPU (one upload from servable)",
             )?,
             disk_bytes: IntGauge::new(
                 "qlorad_adapter_disk_bytes",
@@ -241,7 +252,7 @@ impl Metrics {
         let device_memory = IntGaugeVec::new(
             Opts::new(
                 "qlorad_device_memory_bytes",
-                "Memory of the device the model computes on (kind used|total): on a GPU the driver's \
+                "Memory of each device a shard computes on (kind used|total): on a GPU the driver's \
                  view (CUDA context and caching pool included); on the CPU the process RSS and the \
                  machine's physical memory",
             ),
@@ -259,6 +270,7 @@ impl Metrics {
         registry.register(Box::new(queue_waiting.clone()))?;
         registry.register(Box::new(batch_running.clone()))?;
         registry.register(Box::new(model_weight_bytes.clone()))?;
+        registry.register(Box::new(engine_requests.clone()))?;
         registry.register(Box::new(adapter_requests.clone()))?;
         registry.register(Box::new(adapters.hits.clone()))?;
         registry.register(Box::new(adapters.misses.clone()))?;
@@ -279,34 +291,46 @@ impl Metrics {
             queue_waiting,
             batch_running,
             model_weight_bytes,
+            engine_requests,
             adapter_requests,
             adapters,
             training,
             exports,
             export_bytes,
             device_memory,
-            device: std::sync::OnceLock::new(),
+            devices: std::sync::OnceLock::new(),
         })
     }
 
-    /// Reports `p`'s memory in `qlorad_device_memory_bytes` from now on.
-    pub fn watch_device(&self, p: qlorad_model::Placement) {
-        let _ = self.device.set(p);
+    /// Reports the memory of `devices` (the shards' placements) in `qlorad_device_memory_bytes`
+    /// from now on; the first call wins.
+    pub fn watch_devices(&self, devices: Vec<qlorad_model::Placement>) {
+        let _ = self.devices.set(devices);
     }
 
     fn update_device_memory(&self) {
-        let Some(p) = self.device.get() else { return };
-        let name = match p.device.location() {
-            candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
-            _ => "cpu".to_string(),
+        let Some(devices) = self.devices.get() else {
+            return;
         };
-        let (used, total) = match p.memory_info() {
-            Some((free, total)) => ((total - free) as i64, total as i64),
-            None => (process_rss_bytes(), host_memory_total_bytes()),
-        };
-        let g = &self.device_memory;
-        g.with_label_values(&[name.as_str(), "used"]).set(used);
-        g.with_label_values(&[name.as_str(), "total"]).set(total);
+        let mut seen = Vec::new();
+        for p in devices {
+            let name = match p.device.location() {
+                candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+                _ => "cpu".to_string(),
+            };
+            // Several CPU shards share one memory (and one line).
+            if seen.contains(&name) {
+                continue;
+            }
+            let (used, total) = match p.memory_info() {
+                Some((free, total)) => ((total - free) as i64, total as i64),
+                None => (process_rss_bytes(), host_memory_total_bytes()),
+            };
+            let g = &self.device_memory;
+            g.with_label_values(&[name.as_str(), "used"]).set(used);
+            g.with_label_values(&[name.as_str(), "total"]).set(total);
+            seen.push(name);
+        }
     }
 
     /// The Prometheus text exposition of every metric.

@@ -3,7 +3,9 @@
 //! only the LoRA weights, their gradients and AdamW state). One job runs at a time; others queue.
 //!
 //! Serving keeps priority: while the engine has requests in flight, the runner sleeps after each
-//! step so training takes at most `train_share` of wall time. Every `checkpoint_interval` steps the
+//! step so training takes at most `train_share` of wall time. With several serving devices the
+//! runner trains on the first one's model and yields to that engine only; routing sees
+//! [`JobRunner::is_training`] and sends requests to the other devices first. Every `checkpoint_interval` steps the
 //! job writes a checkpoint (atomically) and records it in the state database; after a crash or
 //! kill -9 the daemon marks running jobs queued again at start and they resume from their latest
 //! checkpoint, which reproduces the uninterrupted run exactly (see qlorad-trainer's checkpoint
@@ -22,6 +24,7 @@ use qlorad_trainer::train::{save_peft, StepLog, Trainer};
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,6 +55,8 @@ pub struct JobRunner {
     /// Failures the store could not record yet (a full state volume).
     pending: PendingFailures,
     wake: Wakeup,
+    /// Whether a job is executing (on the model of serving shard 0).
+    training: AtomicBool,
 }
 
 /// Why a job stopped early.
@@ -112,6 +117,7 @@ impl JobRunner {
             control: Mutex::new(HashMap::new()),
             pending: PendingFailures::default(),
             wake: Wakeup::default(),
+            training: AtomicBool::new(false),
         });
         for (name, dir) in runner.store.servable()? {
             if let Err(e) = runner.adapters.register_on_disk(&name, &dir) {
@@ -156,6 +162,11 @@ impl JobRunner {
 
     pub fn base_id(&self) -> &str {
         &self.cfg.base_id
+    }
+
+    /// Whether a fine-tuning job is training now (on the first serving device).
+    pub fn is_training(&self) -> bool {
+        self.training.load(Ordering::Relaxed)
     }
 
     /// Refreshes the jobs-by-status gauges and queue length.
@@ -392,7 +403,9 @@ impl JobRunner {
         }
         self.update_gauges();
         let _ = self.store.set_started(id);
+        self.training.store(true, Ordering::Relaxed);
         let outcome = self.execute(id);
+        self.training.store(false, Ordering::Relaxed);
         self.lock_control().remove(id);
         let t = &self.metrics.training;
         t.job_bytes.with_label_values(&["lora"]).set(0);

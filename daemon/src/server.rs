@@ -1,5 +1,6 @@
-//! `qlorad serve`: loads the base model once, starts the engine thread and the HTTP server, and
-//! shuts down gracefully on SIGINT/SIGTERM (in-flight requests drain, bounded by a deadline).
+//! `qlorad serve`: loads the base model on each device of `--device` (one copy and one engine
+//! thread per device, [`crate::shards`]), starts the HTTP server, and shuts down gracefully on
+//! SIGINT/SIGTERM (in-flight requests drain, bounded by a deadline).
 
 use crate::adapters::AdapterRegistry;
 use crate::api::{self, AppState};
@@ -8,9 +9,10 @@ use crate::engine::{EngineConfig, EngineHandle};
 use crate::exports::ExportRunner;
 use crate::metrics::Metrics;
 use crate::runner::{JobRunner, RunnerConfig};
+use crate::shards::{Shard, Shards};
 use crate::state::Store;
 use anyhow::{bail, Context, Result};
-use qlorad_model::{DeviceSpec, Placement, Quant};
+use qlorad_model::{DeviceSpec, Llama, Placement, Quant, Tokenizer};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
@@ -35,15 +37,25 @@ pub struct ServeArgs {
     #[arg(long, env = "QLORAD_QUANT", default_value = "nf4")]
     pub quant: Quant,
     /// Where the model computes: cpu (f32) or cuda:N (bf16; needs a build with the cuda feature).
-    #[arg(long, env = "QLORAD_DEVICE", default_value = "cpu")]
-    pub device: DeviceSpec,
+    /// Several, comma-separated (cuda:0,cuda:1), serve from each: one copy of the base, KV caches
+    /// and engine per device behind one API, one adapter registry and one state store; each
+    /// request goes to the least loaded device, preferring one that holds its adapter.
+    /// Fine-tuning jobs train on the first device.
+    #[arg(
+        long,
+        env = "QLORAD_DEVICE",
+        default_value = "cpu",
+        value_delimiter = ','
+    )]
+    pub device: Vec<DeviceSpec>,
     /// Tokens per forward pass (prefill + decode).
     #[arg(long, env = "QLORAD_MAX_BATCH_TOKENS", default_value_t = 2048)]
     pub max_batch_tokens: usize,
-    /// Sequences decoded together.
+    /// Sequences decoded together (per device).
     #[arg(long, env = "QLORAD_MAX_RUNNING", default_value_t = 32)]
     pub max_running: usize,
-    /// Requests accepted at once (running + waiting); beyond it clients get 429.
+    /// Requests accepted at once by each device's engine (running + waiting); beyond it clients
+    /// get 429.
     #[arg(long, env = "QLORAD_MAX_INFLIGHT", default_value_t = 128)]
     pub max_inflight: usize,
     /// Largest request body accepted (413 beyond).
@@ -64,12 +76,13 @@ pub struct ServeArgs {
     /// Folder that runtime-loaded adapters must live under (`POST /v1/adapters`).
     #[arg(long, env = "QLORAD_ADAPTER_ROOT")]
     pub adapter_root: Option<PathBuf>,
-    /// Bytes of adapter weights kept resident; beyond it the least recently used unpinned adapters
-    /// are evicted to disk and reloaded on their next request (0: no limit).
+    /// Bytes of adapter weights kept resident on each device; beyond it the least recently used
+    /// unpinned adapters are evicted and reloaded on their next request (0: no limit).
     #[arg(long, env = "QLORAD_MAX_ADAPTER_BYTES", default_value_t = 0)]
     pub max_adapter_bytes: usize,
-    /// On a GPU: bytes of host-memory copies kept of adapters evicted from the GPU, so that their
-    /// next request is an upload rather than a disk read (0: no limit).
+    /// On a GPU: bytes of host-memory copies kept of adapters evicted from a GPU (or not yet on
+    /// every GPU), so that their next request there is an upload rather than a disk read (0: no
+    /// limit).
     #[arg(long, env = "QLORAD_MAX_HOST_ADAPTER_BYTES", default_value_t = 8 << 30)]
     pub max_host_adapter_bytes: usize,
     /// Adapters to load at start, as NAME=DIR (repeatable).
@@ -136,10 +149,13 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             a.listen
         );
     }
-    let placement = Placement::open(a.device)?;
-    let placement_for_metrics = placement.clone();
-    let (model, tok) = qlorad_model::load_model_on(&a.model, a.quant, &placement)
-        .with_context(|| format!("loading model from {}", a.model.display()))?;
+    let loaded = load_shards(&a)?;
+    let model = loaded
+        .models
+        .first()
+        .cloned()
+        .context("no serving device")?;
+    let tok = loaded.tok;
     let model_id = a.model_id.clone().unwrap_or_else(|| {
         a.model
             .canonicalize()
@@ -161,7 +177,14 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             budget,
             Some(metrics.adapters.clone()),
         )
-        .with_placement(placement)
+        .with_devices(
+            loaded
+                .names
+                .iter()
+                .cloned()
+                .zip(loaded.placements.clone())
+                .collect(),
+        )
         .with_host_budget(if a.max_host_adapter_bytes == 0 {
             usize::MAX
         } else {
@@ -173,24 +196,19 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             .load(name, dir)
             .with_context(|| format!("loading adapter {name} from {}", dir.display()))?;
     }
-    metrics.model_weight_bytes.set(model.weight_bytes() as i64);
-    metrics.watch_device(placement_for_metrics);
+    let weights: usize = loaded.models.iter().map(|m| m.weight_bytes()).sum();
+    metrics.model_weight_bytes.set(weights as i64);
+    metrics.watch_devices(loaded.placements);
     let context_len = model.config().max_position_embeddings;
     if !(0.01..=1.0).contains(&a.train_share) {
         bail!("--train-share must be between 0.01 and 1");
     }
-    let tok = Arc::new(tok);
-    let model = Arc::new(model);
-    let engine = EngineHandle::start(
-        model.clone(),
-        tok.clone(),
-        EngineConfig {
-            max_batch_tokens: a.max_batch_tokens,
-            max_running: a.max_running,
-            max_inflight: a.max_inflight,
-        },
-        metrics.clone(),
-    );
+    let shards = start_engines(&a, &loaded.models, &loaded.names, &tok, &metrics);
+    // Jobs train on shard 0's model and yield to its engine only.
+    let engine = shards
+        .get(0)
+        .map(|s| s.engine.clone())
+        .context("no serving device")?;
     let (runner, exports) = match &a.state_dir {
         None => (None, None),
         Some(dir) => {
@@ -217,7 +235,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
                 tok.clone(),
                 adapters.clone(),
                 metrics.clone(),
-                engine.clone(),
+                engine,
                 RunnerConfig {
                     base_id: model_id.clone(),
                     checkpoint_interval: a.checkpoint_interval.max(1),
@@ -239,7 +257,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         }
     };
     let state = AppState {
-        engine,
+        shards,
         adapters,
         keys: Arc::new(keys),
         tok,
@@ -289,6 +307,72 @@ pub fn serve(a: ServeArgs) -> Result<()> {
             _ = deadline => { eprintln!("qlorad: shutdown deadline reached, closing remaining connections"); }
         }
         Ok(())
+    })
+}
+
+/// The base loaded on each serving device, in `--device` order.
+struct Loaded {
+    models: Vec<Arc<Llama>>,
+    placements: Vec<Placement>,
+    names: Vec<String>,
+    tok: Arc<Tokenizer>,
+}
+
+/// One engine thread per loaded copy of the base, in device order.
+fn start_engines(
+    a: &ServeArgs,
+    models: &[Arc<Llama>],
+    names: &[String],
+    tok: &Arc<Tokenizer>,
+    metrics: &Arc<Metrics>,
+) -> Shards {
+    let cfg = EngineConfig {
+        max_batch_tokens: a.max_batch_tokens,
+        max_running: a.max_running,
+        max_inflight: a.max_inflight,
+    };
+    let shards = models
+        .iter()
+        .zip(names)
+        .enumerate()
+        .map(|(i, (m, name))| {
+            let engine = EngineHandle::start(m.clone(), tok.clone(), cfg.clone(), metrics.clone());
+            Shard::new(i, engine, name, metrics)
+        })
+        .collect();
+    // Routing's penalty: one batch.
+    Shards::new(shards, a.max_running.max(1))
+}
+
+/// Opens every device first (a bad one fails before minutes of loading), then loads one copy of
+/// the base on each, one after the other.
+fn load_shards(a: &ServeArgs) -> Result<Loaded> {
+    if a.device.is_empty() {
+        bail!("--device names no device");
+    }
+    let placements = a
+        .device
+        .iter()
+        .map(|d| Placement::open(*d))
+        .collect::<qlorad_model::Result<Vec<_>>>()?;
+    let names = crate::shards::names(&a.device);
+    let mut models = Vec::with_capacity(placements.len());
+    let mut tok = None;
+    for (p, name) in placements.iter().zip(&names) {
+        let (model, t) = qlorad_model::load_model_on(&a.model, a.quant, p)
+            .with_context(|| format!("loading model from {}", a.model.display()))?;
+        if placements.len() > 1 {
+            eprintln!("qlorad: loaded the base on {name}");
+        }
+        models.push(Arc::new(model));
+        // Every copy reads the same tokenizer; the first is kept.
+        tok.get_or_insert(t);
+    }
+    Ok(Loaded {
+        models,
+        placements,
+        names,
+        tok: Arc::new(tok.context("no serving device")?),
     })
 }
 

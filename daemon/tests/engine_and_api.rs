@@ -166,7 +166,11 @@ fn state(model: Arc<Llama>, tok: Arc<Tokenizer>, cfg: EngineConfig, max_body: us
     AppState {
         adapters,
         keys: Arc::new(qlorad::auth::ApiKeys::default()),
-        engine: EngineHandle::start(model, tok.clone(), cfg, metrics.clone()),
+        shards: qlorad::shards::Shards::single(
+            EngineHandle::start(model, tok.clone(), cfg, metrics.clone()),
+            "cpu",
+            &metrics,
+        ),
         tok,
         model_id: "smollm2".into(),
         context_len,

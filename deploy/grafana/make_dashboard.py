@@ -123,6 +123,12 @@ def serving(b):
     b.panel("Forward passes per second",
             [(f"sum(rate({sel('qlorad_batch_tokens_count')}[{W}]))", "steps/s")],
             "short", "Engine steps per second (one forward pass each).")
+    b.panel("Requests per engine",
+            [(f"sum by (instance, engine) (rate({sel('qlorad_engine_requests_total')}[{W}]))",
+              "{{instance}} engine {{engine}}")],
+            "reqps", "Generation requests routed to each engine of a daemon (one per --device "
+            "entry, by index): the spread of least-loaded routing. Engine 0 gets less while a "
+            "fine-tuning job trains on its device.", stack=True)
 
 
 def adapters(b):
@@ -186,11 +192,12 @@ def memory(b):
     b.panel("Process resident memory", [(sel("qlorad_process_resident_memory_bytes"), "{{instance}}")],
             "bytes", "RSS of the daemon: base weights, KV caches, adapters and the running job.")
     b.panel("Device memory", [(sel("qlorad_device_memory_bytes"), "{{instance}} {{device}} {{kind}}")],
-            "bytes", "Used and total memory of the compute device: the GPU as the driver sees it "
+            "bytes", "Used and total memory of each compute device: the GPU as the driver sees it "
             "(context and caching pool included), or the process RSS and the machine's memory on a "
             "CPU model.")
     b.panel("Model weights", [(sel("qlorad_model_weight_bytes"), "{{instance}}")], "bytes",
-            "Bytes of the resident base weights (NF4 projections plus full-precision embeddings).")
+            "Bytes of the resident base weights (NF4 projections plus full-precision embeddings), "
+            "summed over the devices of a multi-device daemon (one copy each).")
     b.panel("Fine-tuning job memory",
             [(f"sum by (kind) ({sel('qlorad_fine_tuning_memory_bytes')})", "{{kind}}")],
             "bytes", "Memory of the running job beyond the shared base: trainable LoRA weights and "

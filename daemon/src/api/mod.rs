@@ -7,8 +7,9 @@ pub mod openai;
 pub mod openapi;
 
 use crate::adapters::{AdapterRegistry, Lookup};
-use crate::engine::{EngineHandle, Event, Request, SubmitError};
+use crate::engine::{Event, Request, SubmitError};
 use crate::metrics::Metrics;
+use crate::shards::Shards;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -31,7 +32,9 @@ use tracing::Instrument;
 /// Shared state of the handlers: cheap to clone (all `Arc`s).
 #[derive(Clone)]
 pub struct AppState {
-    pub engine: EngineHandle,
+    /// One engine per serving device; requests are routed among them ([`crate::shards`]).
+    pub shards: Shards,
+    /// One registry over all devices (device index = shard index).
     pub adapters: Arc<AdapterRegistry>,
     pub keys: Arc<crate::auth::ApiKeys>,
     pub tok: Arc<Tokenizer>,
@@ -109,12 +112,28 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Ready while every engine runs: a stopped one would fail the requests routed to it.
 async fn ready(State(st): State<AppState>) -> Response {
-    if st.engine.is_alive() {
-        Json(json!({"status": "ready", "model": &*st.model_id, "inflight": st.engine.inflight()}))
-            .into_response()
+    if st.shards.all_alive() {
+        Json(json!({
+            "status": "ready",
+            "model": &*st.model_id,
+            "engines": st.shards.len(),
+            "inflight": st.shards.inflight(),
+        }))
+        .into_response()
     } else {
-        ApiError::unavailable("the inference engine is not running").into_response()
+        let stopped: Vec<&str> = st
+            .shards
+            .iter()
+            .filter(|s| !s.engine.is_alive())
+            .map(|s| s.device.as_str())
+            .collect();
+        ApiError::unavailable(format!(
+            "the inference engine is not running on {}",
+            stopped.join(", ")
+        ))
+        .into_response()
     }
 }
 
@@ -193,15 +212,37 @@ fn parse<T: serde::de::DeserializeOwned>(
         .map_err(|e| ApiError::invalid(format!("invalid request body: {e}"), None))
 }
 
-/// The adapter a request's `model` names: `None` for the base model's id. An adapter evicted to
-/// disk is reloaded here (a blocking read, moved off the async workers with `block_in_place`).
-fn select(st: &AppState, model: &str) -> Result<Option<Arc<LoraAdapter>>, ApiError> {
-    let found = if model == &*st.model_id {
+/// Where a request runs: a shard, and the adapter its `model` names as placed on that shard's
+/// device (`None` for the base model).
+struct Target {
+    shard: usize,
+    adapter: Option<Arc<LoraAdapter>>,
+}
+
+/// Routes a request for `model` to a shard ([`crate::shards`]: least loaded, adapter affinity,
+/// away from a training GPU) and resolves its adapter there. An adapter not on that device is
+/// placed here — an upload from its host copy, or a read from disk — blocking, so moved off the
+/// async workers with `block_in_place`.
+fn select(st: &AppState, model: &str) -> Result<Target, ApiError> {
+    let base = model == &*st.model_id;
+    if !base && !st.adapters.contains(model) {
+        return Err(ApiError::model_not_found(model));
+    }
+    let training = st.runner.as_ref().is_some_and(|r| r.is_training());
+    let shard = st.shards.route(
+        model,
+        |dev| base || st.adapters.is_resident(model, dev),
+        training,
+    );
+    tracing::debug!(model, shard, "routed");
+    let adapter = if base {
         None
     } else {
-        match st.adapters.lookup(model) {
+        match st.adapters.lookup(model, shard) {
             Lookup::Resident(a) => Some(a),
-            Lookup::Evicted => Some(tokio::task::block_in_place(|| st.adapters.reload(model))?),
+            Lookup::Evicted => Some(tokio::task::block_in_place(|| {
+                st.adapters.reload(model, shard)
+            })?),
             Lookup::Unknown => return Err(ApiError::model_not_found(model)),
         }
     };
@@ -209,7 +250,7 @@ fn select(st: &AppState, model: &str) -> Result<Option<Arc<LoraAdapter>>, ApiErr
         .adapter_requests
         .with_label_values(&[model])
         .inc();
-    Ok(found)
+    Ok(Target { shard, adapter })
 }
 
 async fn list_adapters(State(st): State<AppState>) -> Response {
@@ -287,13 +328,14 @@ async fn unload_adapter(State(st): State<AppState>, Path(name): Path<String>) ->
     r.unwrap_or_else(|e| e.into_response())
 }
 
-/// Validates limits against the context and submits; returns the event stream.
+/// Validates limits against the context and submits to the target's engine; returns the event
+/// stream.
 fn submit(
     st: &AppState,
     prompt: Vec<u32>,
     sampling: &Sampling,
     default_max: Option<usize>,
-    adapter: Option<Arc<LoraAdapter>>,
+    target: Target,
 ) -> Result<(UnboundedReceiver<Event>, usize), ApiError> {
     let n = prompt.len();
     if n == 0 {
@@ -301,7 +343,7 @@ fn submit(
     }
     let room = st.context_len.saturating_sub(n);
     let mut params = sampling.to_params(default_max.unwrap_or(room).max(1))?;
-    params.adapter = adapter;
+    params.adapter = target.adapter;
     if n + params.max_tokens > st.context_len {
         return Err(ApiError::invalid(
             format!(
@@ -314,8 +356,13 @@ fn submit(
         )
         .with_code("context_length_exceeded"));
     }
+    let shard = st
+        .shards
+        .get(target.shard)
+        .ok_or_else(|| ApiError::internal(format!("no shard {}", target.shard)))?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    st.engine
+    shard
+        .engine
         .submit(Request {
             prompt,
             params,
@@ -325,6 +372,7 @@ fn submit(
             SubmitError::QueueFull(_) => ApiError::overloaded(e.to_string()),
             SubmitError::Stopped => ApiError::unavailable(e.to_string()),
         })?;
+    shard.requests.inc();
     Ok((rx, n))
 }
 
@@ -369,14 +417,14 @@ fn chat_inner(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(UnboundedReceiver<Event>, usize, ChatRequest), ApiError> {
     let req: ChatRequest = parse(st, body)?;
-    let adapter = select(st, &req.model)?;
+    let target = select(st, &req.model)?;
     let msgs = req.messages()?;
     let text = st
         .tok
         .apply_chat_template(&msgs, true)
         .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
     let ids = st.tok.encode(&text, false).map_err(ApiError::internal)?;
-    let (rx, n) = submit(st, ids, &req.sampling, None, adapter)?;
+    let (rx, n) = submit(st, ids, &req.sampling, None, target)?;
     Ok((rx, n, req))
 }
 
@@ -389,13 +437,13 @@ async fn completions_traced(st: AppState, body: Result<Bytes, BytesRejection>) -
     let started = Instant::now();
     let inner = || -> Result<_, ApiError> {
         let req: CompletionRequest = parse(&st, body)?;
-        let adapter = select(&st, &req.model)?;
+        let target = select(&st, &req.model)?;
         let ids = st
             .tok
             .encode(req.prompt()?, true)
             .map_err(ApiError::internal)?;
         // OpenAI's legacy completions default to 16 tokens.
-        let (rx, n) = submit(&st, ids, &req.sampling, Some(16), adapter)?;
+        let (rx, n) = submit(&st, ids, &req.sampling, Some(16), target)?;
         Ok((rx, n, req))
     };
     let resp = match inner() {

@@ -146,7 +146,7 @@ pub fn spec(version: &str) -> Value {
             "/v1/models": {"get": op("List the base model and adapters", None, json_ok("list"), &["401", "403"], true)},
             "/v1/models/{id}": {"get": model},
             "/v1/adapters": {
-                "get": op("List adapters (tier, pinned, bytes)", None, json_ok("list"), &["401", "403"], true),
+                "get": op("List adapters (tier, pinned, bytes, devices)", None, json_ok("list"), &["401", "403"], true),
                 "post": load
             },
             "/v1/adapters/{name}": {"delete": unload},
@@ -171,7 +171,7 @@ pub fn spec(version: &str) -> Value {
             "/v1/fine_tuning/jobs/{id}/events": {"get": ft("A job's events, newest first", "list")},
             "/v1/fine_tuning/jobs/{id}/checkpoints": {"get": ft("A job's checkpoints (each servable by name)", "list")},
             "/health": {"get": op("Liveness", None, json_ok("ok"), &[], false)},
-            "/ready": {"get": op("Readiness (model loaded, engine alive)", None, json_ok("ready"), &["503"], false)},
+            "/ready": {"get": op("Readiness (model loaded, every engine alive)", None, json_ok("ready"), &["503"], false)},
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1",
                 "content": {"application/json": {"schema": {"type": "object"}}}}}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition",
