@@ -101,7 +101,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AdapterCmd {
-    /// List adapters with their tier (host/disk) and pin state.
+    /// List adapters with their tier (device/host/disk), pin state and the devices holding a copy.
     List,
     /// Load (or replace) an adapter from a folder under the daemon's adapter root.
     Load {
@@ -214,14 +214,25 @@ fn run(cli: Cli) -> Result<(), Failure> {
             };
             print(cli.json, &v, |v| match cmd {
                 AdapterCmd::List => {
-                    println!("NAME\tTIER\tPINNED\tBYTES\tPATH");
+                    println!("NAME\tTIER\tPINNED\tBYTES\tDEVICES\tPATH");
                     for a in v["data"].as_array().into_iter().flatten() {
+                        let devices: Vec<&str> = a["devices"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|d| d.as_str())
+                            .collect();
                         println!(
-                            "{}\t{}\t{}\t{}\t{}",
+                            "{}\t{}\t{}\t{}\t{}\t{}",
                             a["name"].as_str().unwrap_or(""),
                             a["tier"].as_str().unwrap_or(""),
                             a["pinned"],
                             a["bytes"],
+                            if devices.is_empty() {
+                                "-".to_string()
+                            } else {
+                                devices.join(",")
+                            },
                             a["path"].as_str().unwrap_or("")
                         );
                     }

@@ -28,6 +28,25 @@ fn qctl_drives_a_daemon() {
     let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(v["data"][0]["name"], "qv");
     assert_eq!(v["data"][0]["pinned"], true);
+    // The table shows the devices holding a copy, as the JSON lists them.
+    let table = stdout(&qctl(url, admin, &["adapters", "list"]));
+    let row: Vec<&str> = table.lines().nth(1).unwrap_or("").split('\t').collect();
+    let devices: Vec<&str> = v["data"][0]["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.as_str())
+        .collect();
+    assert!(
+        table.starts_with("NAME\tTIER\tPINNED\tBYTES\tDEVICES\tPATH"),
+        "{table}"
+    );
+    assert_eq!(
+        row.get(4).copied(),
+        Some(devices.join(",").as_str()),
+        "{table}"
+    );
+    assert!(!devices.is_empty(), "{table}");
     assert!(stdout(&qctl(url, admin, &["adapters", "unpin", "qv"])).contains("pinned=false"));
     let chat = qctl(
         url,
