@@ -19,11 +19,17 @@ use std::time::Instant;
 /// (kernel suffix, warps per block, x staged in shared memory, grid of resident blocks only).
 /// `noscale`, `read*` and `calc*` compute something else on purpose (no block scales; the weight
 /// stream alone; the arithmetic alone): their error vs lut16 is not a check.
-const VARIANTS: [(&str, u32, bool, bool); 14] = [
+const VARIANTS: [(&str, u32, bool, bool); 20] = [
     ("ld0_u4", 8, false, false),
+    ("ld0_u4", 4, false, false),
+    ("ld3_u4", 8, false, false),
     ("ld0_u2", 8, false, false),
+    ("xs_u4", 8, true, false),
     ("noscale_u4", 8, false, false),
     ("read_u4", 8, false, false),
+    ("read_u4", 4, false, false),
+    ("read_u8", 8, false, false),
+    ("read2_u4", 8, false, false),
     ("calc_u4", 8, false, false),
     ("calcnolds_u4", 8, false, false),
     ("calcnox_u4", 8, false, false),

@@ -60,7 +60,7 @@ __device__ __forceinline__ void pipe_load(const u8* __restrict__ packed, u32 row
 
 // y (M, n) = x (M, k) · Wᵀ with W (n, k) in NF4; any grid size (rows are strided by the grid's
 // warp count). Needs k % 32 == 0 and blocksize >= 32, as nf4_gemv.
-template <int M, int UNR, bool ACC2 = true>
+template <int M, int UNR>
 __device__ __forceinline__ void nf4_gemv_pipe(const u16* __restrict__ x,
                                               const u8* __restrict__ packed,
                                               const float* __restrict__ code16, u32 plain,
@@ -155,17 +155,13 @@ __device__ __forceinline__ void nf4_gemv_pipe(const u16* __restrict__ x,
                     for (int m = 0; m < M; ++m) {
                         const u32 xw = word_of(xv[m], b);
                         part[m] = fmaf(c_first, bf16_lo(xw), part[m]);
-                        if (ACC2) {
-                            part2[m] = fmaf(c_second, bf16_hi(xw), part2[m]);
-                        } else {
-                            part[m] = fmaf(c_second, bf16_hi(xw), part[m]);
-                        }
+                        part2[m] = fmaf(c_second, bf16_hi(xw), part2[m]);
                     }
                 }
             }
 #pragma unroll
             for (int m = 0; m < M; ++m) {
-                acc[m] = fmaf(ACC2 ? part[m] + part2[m] : part[m], scale, acc[m]);
+                acc[m] = fmaf(part[m] + part2[m], scale, acc[m]);
             }
         }
         if (cur_g == groups - 1) {

@@ -257,7 +257,7 @@ extern "C" __global__ void nf4_gemv_sweep_prmt_u2(
     gemv_prmt<2>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset, log2_bs, n, k, y);
 }
 
-// The pipelined GEMV (nf4_pipe.cuh) with 1, 2 or 4 chunks per lane per step.
+// The pipelined GEMV (nf4_pipe.cuh) with 1 or 2 chunks per lane per step.
 #define GEMV_PIPE_SWEEP_ENTRY(UNR)                                                                 \
     extern "C" __global__ void nf4_gemv_sweep_pipe_u##UNR(                                       \
         const u16* __restrict__ x, const u8* __restrict__ packed,                                \
@@ -270,14 +270,3 @@ extern "C" __global__ void nf4_gemv_sweep_prmt_u2(
     }
 GEMV_PIPE_SWEEP_ENTRY(1)
 GEMV_PIPE_SWEEP_ENTRY(2)
-GEMV_PIPE_SWEEP_ENTRY(4)
-
-// pipe_u2 with one accumulator chain per chunk (as nf4_gemv): what the second chain buys.
-extern "C" __global__ void nf4_gemv_sweep_pipe1acc_u2(
-    const u16* __restrict__ x, const u8* __restrict__ packed, const float* __restrict__ code16,
-    u32 plain, const float* __restrict__ absmax, const u8* __restrict__ qabs,
-    const float* __restrict__ nested, const float* __restrict__ ncode, float offset, u32 log2_bs,
-    u32 n, u32 k, u16* __restrict__ y) {
-    nf4_gemv_pipe<1, 2, false>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset,
-                               log2_bs, n, k, y);
-}

@@ -102,7 +102,7 @@ const DEQUANT_THREADS: u32 = 256;
 
 /// Thread blocks of `threads` threads running `func` that fit on `device` at once (multiprocessors
 /// × resident blocks per multiprocessor): the grid of a kernel that strides over its work.
-pub fn resident_blocks(
+fn resident_blocks(
     device: &CudaDevice,
     func: &CudaFunction,
     threads: u32,
