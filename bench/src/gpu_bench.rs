@@ -274,20 +274,34 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         "multi_adapter_32_ratio": null,
     });
     if let Some(dir) = &a.adapter {
+        // The hot-load as the daemon's registry does it with GPUs only: the file converted into
+        // pinned staging and uploaded as it converts (`LoraAdapter::load_placed`). Beside it, the
+        // two-step path through the packed host form (read, then upload), which a multi-GPU
+        // daemon uses to place an adapter on a further GPU.
         let mut loads = Vec::new();
         let mut adapter = None;
-        let mut reads = Vec::new();
         for _ in 0..reps {
             let t = Instant::now();
-            let ad = LoraAdapter::load(dir, "bench", model.config())?;
-            reads.push(t.elapsed().as_secs_f64() * 1e3);
-            let ad = model.place_adapter(ad)?;
+            let ad = LoraAdapter::load_placed(dir, "bench", model.config(), &p)?;
             p.synchronize()?;
             loads.push(t.elapsed().as_secs_f64() * 1e3);
             adapter = Some(Arc::new(ad));
         }
-        println!("adapter read from disk (host f32): {reads:.1?} ms of the totals below");
-        out["adapter_read_runs_ms"] = serde_json::json!(reads);
+        let (mut reads, mut uploads) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            let t = Instant::now();
+            let host = LoraAdapter::load_for(dir, "bench", model.config(), &p)?;
+            reads.push(t.elapsed().as_secs_f64() * 1e3);
+            let t = Instant::now();
+            drop(model.place_adapter(host)?);
+            p.synchronize()?;
+            uploads.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        println!(
+            "adapter via the packed host form: read {reads:.1?} ms, then upload {uploads:.1?} ms"
+        );
+        out["adapter_host_read_runs_ms"] = serde_json::json!(reads);
+        out["adapter_host_upload_runs_ms"] = serde_json::json!(uploads);
         let ad = adapter.context("no adapter loaded")?;
         let load_ms = median(loads.clone());
         println!(

@@ -114,9 +114,42 @@ fn packed_placement(m: &Llama, gpu: &Placement, r: &mut Report) -> Result<()> {
     Ok(())
 }
 
+/// The pinned staging ring of the hot-load upload (`qlorad_kernels::upload_cuda`) on a buffer of
+/// several chunks with a partial last one, twice (the second reuses the ring): the device copy must
+/// be the host buffer bit for bit.
+fn upload_round_trip(gpu: &Placement, r: &mut Report) -> Result<()> {
+    let candle_core::Device::Cuda(dev) = &gpu.device else {
+        return Ok(());
+    };
+    let n = 2 * (8 << 20) + 12_345;
+    let mut differing = 0usize;
+    for round in 0..2u32 {
+        let host: Vec<half::bf16> = (0..n as u32)
+            .map(|i| half::bf16::from_bits((i.wrapping_mul(2_654_435_761) ^ round) as u16 & 0x7f7f))
+            .collect();
+        let t = qlorad_kernels::upload_cuda::upload_bf16(dev, &host)?;
+        let back = t.to_vec1::<half::bf16>()?;
+        differing += back.len().abs_diff(host.len());
+        differing += back
+            .iter()
+            .zip(&host)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+    }
+    r.add(
+        "adapter hot-load: pinned ring upload of 16.8M bf16 (3 chunks), twice, differing values"
+            .into(),
+        differing as f64,
+        0.0,
+        String::new(),
+    );
+    Ok(())
+}
+
 pub fn checks(gpu: &Placement, n: usize, r: &mut Report) -> Result<()> {
     let vocab = RandomSpec::small().vocab;
     let mut m = model(gpu, None)?;
+    upload_round_trip(gpu, r)?;
     packed_placement(&m, gpu, r)?;
     let mut ads: Vec<Option<Arc<LoraAdapter>>> = [8usize, 16, 64, 32]
         .iter()

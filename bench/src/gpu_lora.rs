@@ -12,6 +12,7 @@ use super::greedy::{max_abs_diff, top2_margin, LOGIT_BOUND};
 use super::{adapter_pair, poison, random_pair, rel_err, Report, MATMUL_BOUND};
 use crate::random_model::{self, nf4, RandomSpec};
 use anyhow::Result;
+use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::{DType, Device, Tensor};
 use qlorad_model::lora::{LoraBatch, LoraKernel, LoraModule};
 use qlorad_model::sampling::argmax;
@@ -238,7 +239,10 @@ fn group_check(dev: &Device, rng: &mut ChaCha8Rng, r: &mut Report) -> Result<()>
 
 /// Host-timed µs per call of the batch's LoRA for projections `0..ys.len()` of layer 0 (one
 /// group), over 200 calls after a warm-up.
-fn time_apply(batch: &LoraBatch, x: &Tensor, ys: &[Tensor], dev: &Device) -> Result<f64> {
+/// (host µs, GPU µs) per call. The GPU time is taken with events over launches queued behind
+/// ~5 ms of copies, so the GPU runs them back to back as in a decode step that the host issues
+/// ahead of (the adapter's weights stay in L2 between calls here, unlike a decode step's).
+fn time_apply(batch: &LoraBatch, x: &Tensor, ys: &[Tensor], dev: &Device) -> Result<(f64, f64)> {
     for _ in 0..10 {
         drop(batch.apply_group(0, 0, x, ys.to_vec())?);
     }
@@ -249,12 +253,28 @@ fn time_apply(batch: &LoraBatch, x: &Tensor, ys: &[Tensor], dev: &Device) -> Res
         drop(batch.apply_group(0, 0, x, ys.to_vec())?);
     }
     dev.synchronize()?;
-    Ok(t.elapsed().as_secs_f64() / iters as f64 * 1e6)
+    let host = t.elapsed().as_secs_f64() / iters as f64 * 1e6;
+    let Device::Cuda(cd) = dev else {
+        return Ok((host, f64::NAN));
+    };
+    let stream = cd.cuda_stream();
+    let filler = Tensor::zeros(256 << 20, DType::BF16, dev)?;
+    for _ in 0..20 {
+        drop(filler.copy()?);
+    }
+    let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    for _ in 0..iters {
+        drop(batch.apply_group(0, 0, x, ys.to_vec())?);
+    }
+    let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+    end.synchronize()?;
+    let gpu = f64::from(start.elapsed_ms(&end)?) * 1e3 / iters as f64;
+    Ok((host, gpu))
 }
 
 /// µs per projection LoRA (and per q/k/v group), BGMV vs gather: 1 row with one r=64 adapter,
 /// and 32 rows with 32 adapters of ranks 8..64 (host-timed, launches included: decode is
-/// launch-bound). Scales are 1, as placement folds them into B. Also the cost of building the
+/// launch-bound; and GPU time from events). Scales are 1, as placement folds them into B. Also the cost of building the
 /// per-forward plan for the 32 rows.
 pub fn timing(dev: &Device, r: &mut Report) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(0x7173);
@@ -282,20 +302,26 @@ pub fn timing(dev: &Device, r: &mut Report) -> Result<()> {
                 .flatten()
                 .map(|&(_, o)| Ok(Tensor::randn(0f32, 0.1, (n, o), dev)?.to_dtype(DType::BF16)?))
                 .collect::<Result<Vec<_>>>()?;
-            let mut us = [0f64; 2];
+            let mut us = [(0f64, 0f64); 2];
             for (k, kernel) in LoraKernel::ALL.into_iter().enumerate() {
                 let batch = LoraBatch::with_kernel(rows, dev, kernel)?;
                 us[k] = time_apply(&batch, &x, &ys, dev)?;
                 r.extra.insert(
                     format!("lora_{}_{case}_{shape}_us", kernel.name()),
-                    serde_json::json!((us[k] * 10.0).round() / 10.0),
+                    serde_json::json!((us[k].0 * 10.0).round() / 10.0),
+                );
+                r.extra.insert(
+                    format!("lora_{}_{case}_{shape}_gpu_us", kernel.name()),
+                    serde_json::json!((us[k].1 * 10.0).round() / 10.0),
                 );
             }
             println!(
-                "INFO lora {case} {shape}: gather {:.1} us, bgmv {:.1} us per call ({:.1}x)",
-                us[0],
-                us[1],
-                us[0] / us[1]
+                "INFO lora {case} {shape}: gather {:.1} us, bgmv {:.1} us per call ({:.1}x); GPU time gather {:.1} us, bgmv {:.1} us",
+                us[0].0,
+                us[1].0,
+                us[0].0 / us[1].0,
+                us[0].1,
+                us[1].1
             );
         }
         if shape == "4096x4096" {

@@ -29,6 +29,8 @@ mod gpu_train;
 mod gpu_train_ops;
 #[cfg(feature = "cuda")]
 mod gpu_train_profile;
+#[cfg(feature = "cuda")]
+mod hot_load_probe;
 mod random_model;
 
 #[derive(Parser)]
@@ -51,6 +53,9 @@ enum Cmd {
     GpuTrainBench(GpuTrainBenchArgs),
     /// One training layer taken apart: forward and backward time of each piece (needs cuda).
     GpuTrainProfile(GpuTrainProfileArgs),
+    /// Where an adapter hot-load's time goes, piece by piece (needs the cuda feature).
+    #[cfg(feature = "cuda")]
+    HotLoadProbe(hot_load_probe::HotLoadProbeArgs),
     /// Writes a random PEFT LoRA adapter (all 7 projections) for a model folder.
     WriteAdapter(adapter_gen::WriteAdapterArgs),
     /// One decode step at several batch sizes, per CPU attention path (batched vs reference).
@@ -301,6 +306,8 @@ fn main() -> Result<()> {
         Some(Cmd::GpuCheck(a)) => gpu_check::run(a),
         #[cfg(feature = "cuda")]
         Some(Cmd::GpuBench(a)) => gpu_bench::run(a),
+        #[cfg(feature = "cuda")]
+        Some(Cmd::HotLoadProbe(a)) => hot_load_probe::run(a),
         #[cfg(feature = "cuda")]
         Some(Cmd::GpuTrainBench(a)) => gpu_train::bench(a),
         #[cfg(feature = "cuda")]

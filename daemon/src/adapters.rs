@@ -18,6 +18,14 @@
 //! budget on its own (LRU per device); the host budget counts the host copies of adapters that are
 //! not resident on every device (with one device: the host copies of evicted adapters).
 //!
+//! When every device is a GPU computing in bf16, a read from disk goes straight to the GPU that
+//! needs it (the file converts to bf16 into pinned staging buffers that upload as they fill:
+//! `LoraAdapter::load_placed`), and the host copy is the packed bf16 form, read after the adapter
+//! is servable and only with several GPUs. With one GPU no host copy is kept: an evicted adapter
+//! drops to the disk tier, and reloading it is that same direct path (from the OS page cache: ~33
+//! ms for a rank-64 adapter of a 7B model on the H200, where uploading a host copy took 23–32 ms;
+//! BENCHMARKS.md), which saves the host memory a copy per adapter would hold.
+//!
 //! The map sits behind a std `RwLock` that is only ever held for a lookup or an insert — never across
 //! an `.await` or while reading files.
 
@@ -285,10 +293,54 @@ impl AdapterRegistry {
         self.clock.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// Whether every device is a GPU computing in bf16: adapters then go from disk straight to a
+    /// GPU (converted into pinned staging as they upload, `LoraAdapter::load_placed`), and their
+    /// host copies are the packed bf16 form.
+    fn all_gpu(&self) -> bool {
+        self.devices
+            .iter()
+            .all(|d| d.placement.is_cuda() && d.placement.dtype == candle_core::DType::BF16)
+    }
+
+    /// Reads an adapter folder into its host form: packed bf16 when every device is a GPU in
+    /// bf16, the f32 modules otherwise (what a CPU device serves from).
     fn read_disk(&self, name: &str, dir: &Path) -> Result<Arc<LoraAdapter>, AdapterError> {
-        LoraAdapter::load(dir, name, &self.base)
-            .map(Arc::new)
+        let read = match self.devices.first() {
+            Some(d) if self.all_gpu() => LoraAdapter::load_for(dir, name, &self.base, &d.placement),
+            _ => LoraAdapter::load(dir, name, &self.base),
+        };
+        read.map(Arc::new)
             .map_err(|e| AdapterError::Invalid(e.to_string()))
+    }
+
+    /// Reads an adapter folder and makes it servable on device `dev`: the servable copy, and the
+    /// host copy to keep (`None` where none is kept). With GPUs only, the file goes straight to the
+    /// device (the hot-load path); a host copy is read afterwards only when there are other GPUs
+    /// to place it on, so the adapter is servable before that read.
+    fn read_and_place(
+        &self,
+        name: &str,
+        dir: &Path,
+        dev: usize,
+    ) -> Result<(Arc<LoraAdapter>, Option<Arc<LoraAdapter>>), AdapterError> {
+        match self.devices.get(dev) {
+            Some(d) if self.all_gpu() => {
+                let placed = LoraAdapter::load_placed(dir, name, &self.base, &d.placement)
+                    .map(Arc::new)
+                    .map_err(|e| AdapterError::Invalid(e.to_string()))?;
+                let host = if self.devices.len() > 1 {
+                    Some(self.read_disk(name, dir)?)
+                } else {
+                    None
+                };
+                Ok((placed, host))
+            }
+            _ => {
+                let source = self.read_disk(name, dir)?;
+                let placed = self.place(&source, dev)?;
+                Ok((placed, self.staged().then_some(source)))
+            }
+        }
     }
 
     /// A servable copy for device `dev` of `source` (the form read from disk): `source` itself on
@@ -317,11 +369,9 @@ impl AdapterRegistry {
         if name == self.base_id {
             return Err(AdapterError::NameIsBase(name.to_string()));
         }
-        let source = self.read_disk(name, dir)?;
         let home = crate::shards::home(name, self.devices.len());
-        let placed = self.place(&source, home)?;
+        let (placed, host) = self.read_and_place(name, dir, home)?;
         let bytes = placed.bytes();
-        let host = self.staged().then_some(source);
         let host_bytes = host.as_ref().map_or(0, |h| h.bytes());
         let mut placed = Some(placed);
         let slots = (0..self.devices.len())
@@ -385,16 +435,15 @@ impl AdapterRegistry {
             },
             None => return Err(AdapterError::NotFound(name.to_string())),
         };
-        let (source, from_disk) = match source {
-            Some(s) => (s, false),
-            None => (self.read_disk(name, &path)?, true),
+        let (placed, host) = match source {
+            Some(s) => (self.place(&s, dev)?, None),
+            None => self.read_and_place(name, &path, dev)?,
         };
-        let placed = self.place(&source, dev)?;
         let mut map = self.write();
         let e = map
             .get_mut(name)
             .ok_or_else(|| AdapterError::NotFound(name.to_string()))?;
-        if from_disk && self.staged() {
+        if let Some(source) = host {
             // Back in host memory: the next device to need it uploads from here.
             e.host_bytes = source.bytes();
             e.host = Some(source);

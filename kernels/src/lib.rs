@@ -28,6 +28,8 @@ pub mod nf4_matmul;
 pub mod nf4_op;
 #[cfg(feature = "cuda")]
 pub mod train_cuda;
+#[cfg(feature = "cuda")]
+pub mod upload_cuda;
 
 pub use error::{KernelError, Result};
 pub use nf4::{Absmax, DoubleQuant, Nf4Config, Nf4Tensor, NF4_CODE};

@@ -22,6 +22,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
+mod pack;
+
 /// One adapted projection: `delta = scale · (x·Aᵀ)·Bᵀ`.
 #[derive(Debug)]
 pub struct LoraModule {
@@ -52,6 +54,8 @@ pub struct LoraAdapter {
     bytes: usize,
     /// The modules' device table for the BGMV kernels, when they live on a GPU in bf16.
     bgmv: Option<Arc<AdapterTable>>,
+    /// The packed bf16 host form the modules are views of ([`LoraAdapter::load_packed`]).
+    packed: Option<Arc<pack::Packed>>,
 }
 
 /// The BGMV table of `modules`, or `None` when they are not on a GPU in bf16. A failure to build
@@ -200,78 +204,21 @@ impl PeftConfig {
 }
 
 impl LoraAdapter {
-    /// Loads a PEFT adapter folder and checks it against the base model's shapes.
+    /// Loads a PEFT adapter folder and checks it against the base model's shapes (f32 host
+    /// modules; [`LoraAdapter::load_for`] picks the form for a placement).
     pub fn load(dir: &Path, name: &str, cfg: &Config) -> Result<Self> {
-        let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
-        let pc: PeftConfig =
-            serde_json::from_str(&text).map_err(|e| invalid(&cfg_path, e.to_string()))?;
-        pc.validate(&cfg_path)?;
-        let store = WeightStore::open_files(dir, vec![dir.join("adapter_model.safetensors")])?;
-        // Names and shapes are checked first (cheap, in file order, so the first bad tensor is the
-        // one reported); the weights are then read and converted in parallel: a rank-64 adapter of
-        // a 7B model is 671 MB of f32, one memcpy-bound pass per tensor.
-        let mut wanted = Vec::new();
-        for tensor in store.names() {
-            // base_model.model.model.layers.{i}.{proj}.lora_A.weight
-            let Some(rest) = tensor.strip_prefix("base_model.model.") else {
-                return Err(bad(
-                    dir,
-                    tensor,
-                    "unexpected tensor (not under base_model.model.)",
-                ));
-            };
-            let Some(module) = rest.strip_suffix(".lora_A.weight") else {
-                if rest.ends_with(".lora_B.weight") {
-                    continue; // read with its A
-                }
-                return Err(bad(dir, tensor, "only lora_A/lora_B weights are supported (embedding, lm_head or DoRA tensors are not)"));
-            };
-            let (layer, proj) = parse_module(module).ok_or_else(|| {
-                bad(
-                    dir,
-                    tensor,
-                    "only the q/k/v/o/gate/up/down projections of decoder layers can be adapted",
-                )
-            })?;
-            if layer >= cfg.num_layers {
-                return Err(bad(
-                    dir,
-                    tensor,
-                    format!(
-                        "layer {layer} does not exist (the base has {})",
-                        cfg.num_layers
-                    ),
-                ));
-            }
-            let (out, inp) = projection_shape(cfg, PROJECTIONS[proj]);
-            let (r, scale) = pc.rank_and_scale(module);
-            let b_name = format!("base_model.model.{module}.lora_B.weight");
-            for (name, shape, want) in [
-                (tensor, store.raw(tensor)?.shape, [r, inp]),
-                (b_name.as_str(), store.raw(&b_name)?.shape, [out, r]),
-            ] {
-                if shape != want {
-                    return Err(bad(
-                        dir,
-                        name,
-                        format!("shape {shape:?}, expected {want:?} for this base model"),
-                    ));
-                }
-            }
-            wanted.push((tensor.to_string(), b_name, layer * 7 + proj, scale));
-        }
+        let (store, wanted) = plan(dir, cfg)?;
         let read = wanted
             .par_iter()
-            .map(|(a_name, b_name, slot, scale)| {
-                let a = store.f32_tensor(a_name, None)?;
-                let b = store.f32_tensor(b_name, None)?;
+            .map(|w| {
+                let a = store.f32_tensor(&w.a_name, None)?;
+                let b = store.f32_tensor(&w.b_name, None)?;
                 Ok((
-                    *slot,
+                    w.slot,
                     LoraModule {
                         a,
                         b,
-                        scale: *scale,
+                        scale: w.scale,
                     },
                 ))
             })
@@ -282,17 +229,12 @@ impl LoraAdapter {
             bytes += (m.a.elem_count() + m.b.elem_count()) * 4;
             modules[slot] = Some(m);
         }
-        if modules.iter().all(Option::is_none) {
-            return Err(invalid(
-                &dir.join("adapter_model.safetensors"),
-                "the adapter has no LoRA weights",
-            ));
-        }
         Ok(Self {
             name: name.to_string(),
             modules,
             bytes,
             bgmv: None,
+            packed: None,
         })
     }
 
@@ -312,6 +254,7 @@ impl LoraAdapter {
             bgmv: bgmv_table(name, &modules),
             modules,
             bytes,
+            packed: None,
         }
     }
 
@@ -372,82 +315,8 @@ impl LoraAdapter {
             bgmv: bgmv_table(&self.name, &modules),
             modules,
             bytes,
+            packed: None,
         })
-    }
-
-    /// [`LoraAdapter::to_placement`] for host f32 modules going to a GPU in bf16, the hot-load
-    /// path: every module's `A` and `B·scale` are converted to bf16 on the host in parallel into
-    /// one staging buffer (each at a 256-byte boundary, as the BGMV kernels' 16-byte loads want),
-    /// which goes to the GPU in one copy; the modules are views of that one device buffer. The
-    /// values are the general path's exactly (`B·s` in f32, then rounded to nearest even).
-    /// `None` when a module is not a contiguous f32 tensor on the CPU.
-    fn to_gpu_packed(&self, p: &crate::device::Placement) -> Result<Option<Self>> {
-        const ALIGN: usize = 128; // bf16 elements = 256 bytes
-        let mut srcs = Vec::new();
-        let mut total = 0;
-        for m in self.modules.iter().flatten() {
-            for (t, scale) in [(&m.a, 1.0f32), (&m.b, m.scale as f32)] {
-                if t.dtype() != DType::F32 || !t.device().is_cpu() || !t.is_contiguous() {
-                    return Ok(None);
-                }
-                srcs.push((t, scale, total));
-                total += t.elem_count().next_multiple_of(ALIGN);
-            }
-        }
-        if srcs.is_empty() {
-            return Ok(None);
-        }
-        // Zeroed pages from the allocator (no memset); every module region is overwritten below.
-        let mut staging = vec![0u16; total];
-        let mut rest = staging.as_mut_slice();
-        let mut dsts = Vec::with_capacity(srcs.len());
-        for (t, _, _) in &srcs {
-            let (head, tail) = rest.split_at_mut(t.elem_count().next_multiple_of(ALIGN));
-            dsts.push(head);
-            rest = tail;
-        }
-        let converted = dsts
-            .par_iter_mut()
-            .zip(srcs.par_iter())
-            .all(|(dst, (t, scale, _))| to_bf16_bits(t, *scale, dst));
-        if !converted {
-            return Ok(None);
-        }
-        let staging: Vec<half::bf16> = half::vec::HalfBitsVecExt::reinterpret_into(staging);
-        let all = Tensor::from_vec(staging, total, &Device::Cpu)?.to_device(&p.device)?;
-        let view = |off: usize, dims: &[usize]| -> Result<Tensor> {
-            let n: usize = dims.iter().product();
-            Ok(all.narrow(0, off, n)?.reshape(dims)?)
-        };
-        let mut placed = srcs.iter();
-        let mut modules = Vec::with_capacity(self.modules.len());
-        for m in &self.modules {
-            modules.push(match m {
-                None => None,
-                Some(_) => {
-                    let (Some((a, _, a_off)), Some((b, _, b_off))) = (placed.next(), placed.next())
-                    else {
-                        return Err(ModelError::Invalid("packed adapter lost a module".into()));
-                    };
-                    Some(LoraModule {
-                        a: view(*a_off, a.dims())?,
-                        b: view(*b_off, b.dims())?,
-                        scale: 1.0,
-                    })
-                }
-            });
-        }
-        let bytes = modules
-            .iter()
-            .flatten()
-            .map(|m| (m.a.elem_count() + m.b.elem_count()) * 2)
-            .sum();
-        Ok(Some(Self {
-            name: self.name.clone(),
-            bgmv: bgmv_table(&self.name, &modules),
-            modules,
-            bytes,
-        }))
     }
 
     /// The device table the BGMV kernels read, if the adapter is on a GPU in bf16.
@@ -464,21 +333,85 @@ impl LoraAdapter {
     }
 }
 
-/// Converts a contiguous f32 CPU tensor, times `scale`, to bf16 bits in `dst` (nearest even);
-/// false if the tensor is not one.
-fn to_bf16_bits(t: &Tensor, scale: f32, dst: &mut [u16]) -> bool {
-    let (storage, layout) = t.storage_and_layout();
-    let candle_core::Storage::Cpu(cpu) = &*storage else {
-        return false;
-    };
-    let (Ok(all), Some((a, b))) = (cpu.as_slice::<f32>(), layout.contiguous_offsets()) else {
-        return false;
-    };
-    for (d, &v) in dst.iter_mut().zip(&all[a..b]) {
-        let v = if scale == 1.0 { v } else { v * scale };
-        *d = half::bf16::from_f32(v).to_bits();
+/// One adapted module of a folder being loaded: its tensors' names, slot and scale.
+struct Wanted {
+    a_name: String,
+    b_name: String,
+    slot: usize,
+    scale: f64,
+}
+
+/// Opens an adapter folder and checks its config, tensor names and shapes against the base (cheap,
+/// in file order, so the first bad tensor is the one reported) before any weight is read.
+fn plan(dir: &Path, cfg: &Config) -> Result<(WeightStore, Vec<Wanted>)> {
+    let cfg_path = dir.join("adapter_config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| ModelError::io(&cfg_path, e))?;
+    let pc: PeftConfig =
+        serde_json::from_str(&text).map_err(|e| invalid(&cfg_path, e.to_string()))?;
+    pc.validate(&cfg_path)?;
+    let store = WeightStore::open_files(dir, vec![dir.join("adapter_model.safetensors")])?;
+    let mut wanted = Vec::new();
+    for tensor in store.names() {
+        // base_model.model.model.layers.{i}.{proj}.lora_A.weight
+        let Some(rest) = tensor.strip_prefix("base_model.model.") else {
+            return Err(bad(
+                dir,
+                tensor,
+                "unexpected tensor (not under base_model.model.)",
+            ));
+        };
+        let Some(module) = rest.strip_suffix(".lora_A.weight") else {
+            if rest.ends_with(".lora_B.weight") {
+                continue; // read with its A
+            }
+            return Err(bad(dir, tensor, "only lora_A/lora_B weights are supported (embedding, lm_head or DoRA tensors are not)"));
+        };
+        let (layer, proj) = parse_module(module).ok_or_else(|| {
+            bad(
+                dir,
+                tensor,
+                "only the q/k/v/o/gate/up/down projections of decoder layers can be adapted",
+            )
+        })?;
+        if layer >= cfg.num_layers {
+            return Err(bad(
+                dir,
+                tensor,
+                format!(
+                    "layer {layer} does not exist (the base has {})",
+                    cfg.num_layers
+                ),
+            ));
+        }
+        let (out, inp) = projection_shape(cfg, PROJECTIONS[proj]);
+        let (r, scale) = pc.rank_and_scale(module);
+        let b_name = format!("base_model.model.{module}.lora_B.weight");
+        for (name, shape, want) in [
+            (tensor, store.raw(tensor)?.shape, [r, inp]),
+            (b_name.as_str(), store.raw(&b_name)?.shape, [out, r]),
+        ] {
+            if shape != want {
+                return Err(bad(
+                    dir,
+                    name,
+                    format!("shape {shape:?}, expected {want:?} for this base model"),
+                ));
+            }
+        }
+        wanted.push(Wanted {
+            a_name: tensor.to_string(),
+            b_name,
+            slot: layer * 7 + proj,
+            scale,
+        });
     }
-    true
+    if wanted.is_empty() {
+        return Err(invalid(
+            &dir.join("adapter_model.safetensors"),
+            "the adapter has no LoRA weights",
+        ));
+    }
+    Ok((store, wanted))
 }
 
 fn bad(dir: &Path, name: &str, msg: impl Into<String>) -> ModelError {

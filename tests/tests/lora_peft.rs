@@ -221,6 +221,80 @@ fn unsupported_adapters_are_refused_with_a_reason() {
     }
     let e = LoraAdapter::load(&fixture("lora/does-not-exist"), "x", base.config()).unwrap_err();
     assert!(e.to_string().contains("adapter_config.json"), "{e}");
+    // The packed (GPU hot-load) reader checks the same things and says the same.
+    for name in [
+        "tiny-dora",
+        "tiny-embed",
+        "tiny-wrong-shape",
+        "does-not-exist",
+    ] {
+        let dir = fixture(&format!("lora/{name}"));
+        let f32_err = LoraAdapter::load(&dir, name, base.config()).unwrap_err();
+        let packed_err = LoraAdapter::load_packed(&dir, name, base.config()).unwrap_err();
+        assert_eq!(f32_err.to_string(), packed_err.to_string(), "{name}");
+    }
+}
+
+/// The packed bf16 host form (the GPU hot-load path: converted straight from the file) holds
+/// exactly `bf16(A)` and `bf16(B·scale)` of the f32 reader's modules, with the scale folded, and
+/// places on the CPU like any adapter.
+#[test]
+fn packed_host_form_is_the_f32_adapter_rounded_once() {
+    use candle_core::DType;
+    let base = model(&fixture("tiny-llama/fp32"), Quant::None);
+    for name in TINY {
+        let dir = fixture(&format!("lora/tiny-{name}"));
+        let full = LoraAdapter::load(&dir, name, base.config()).unwrap();
+        let packed = LoraAdapter::load_packed(&dir, name, base.config()).unwrap();
+        let bits = |t: &candle_core::Tensor| -> Vec<u16> {
+            assert_eq!(t.dtype(), DType::BF16);
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<half::bf16>()
+                .unwrap()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect()
+        };
+        let rounded = |t: &candle_core::Tensor, s: f64| -> Vec<u16> {
+            t.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|v| half::bf16::from_f32(v * s as f32).to_bits())
+                .collect()
+        };
+        let mut modules = 0;
+        for layer in 0..base.config().num_layers {
+            for proj in 0..7 {
+                match (full.module(layer, proj), packed.module(layer, proj)) {
+                    (None, None) => {}
+                    (Some(f), Some(p)) => {
+                        modules += 1;
+                        assert_eq!(p.scale, 1.0, "{name}: scale folded into B");
+                        assert_eq!(p.a.dims(), f.a.dims());
+                        assert_eq!(p.b.dims(), f.b.dims());
+                        assert_eq!(bits(&p.a), rounded(&f.a, 1.0), "{name} {layer}.{proj} A");
+                        assert_eq!(
+                            bits(&p.b),
+                            rounded(&f.b, f.scale),
+                            "{name} {layer}.{proj} B"
+                        );
+                    }
+                    _ => panic!("{name}: module {layer}.{proj} present in one form only"),
+                }
+            }
+        }
+        assert!(modules > 0, "{name}");
+        // Served on the CPU (f32) from the packed form: the same logits as the f32 adapter to
+        // bf16 rounding of the weights.
+        let placed = packed.to_placement(base.placement()).unwrap();
+        let want = logits(&base, &IDS, Some(Arc::new(full)), Logits::All);
+        let got = logits(&base, &IDS, Some(Arc::new(placed)), Logits::All);
+        let e = rel_err(&got, &want);
+        assert!(e < 2e-2, "{name}: rel err {e}");
+    }
 }
 
 #[test]
