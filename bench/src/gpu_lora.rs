@@ -175,6 +175,7 @@ pub fn kernel_checks(dev: &Device, r: &mut Report) -> Result<()> {
         0.0,
         "elements of rows without an adapter that differ from y (bitwise)".into(),
     );
+    gemv_epilogue(dev, r)?;
     Ok(())
 }
 
@@ -239,6 +240,68 @@ fn group_check(dev: &Device, rng: &mut ChaCha8Rng, r: &mut Report) -> Result<()>
 
 /// Host-timed µs per call of the batch's LoRA for projections `0..ys.len()` of layer 0 (one
 /// group), over 200 calls after a warm-up.
+/// The decode GEMV with the LoRA expand in its epilogue (after the group's BGMV shrink) against
+/// the two-step path (GEMV, then the BGMV pair) on a q/k/v-shaped group: 1, 3 and 8 rows, ranks
+/// 8..64, scales not folded, every third row without an adapter. The two differ by the bf16
+/// rounding of y between the GEMV and the expand, which the epilogue skips.
+fn gemv_epilogue(dev: &Device, r: &mut Report) -> Result<()> {
+    use qlorad_kernels::cuda::GemvKernel;
+    use qlorad_kernels::{nf4_linear, Nf4Config, Nf4Tensor, Nf4Weight};
+    let mut rng = ChaCha8Rng::seed_from_u64(0x5eed);
+    let qkv = [Some((512, 1024)), Some((512, 256)), Some((512, 256))];
+    let ws = qkv
+        .iter()
+        .flatten()
+        .map(|&(k, n)| {
+            let w = random_model::normal(&mut rng, n * k, 0.05);
+            let t = Nf4Tensor::quantize(&w, &[n, k], Nf4Config::default())?;
+            Ok(Arc::new(
+                Nf4Weight::new(t).to_device_with(dev, GemvKernel::Lut16)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut worst = 0f64;
+    for rows in [1usize, 3, 8] {
+        let per_row = (0..rows)
+            .map(|i| {
+                if i % 3 == 2 {
+                    return Ok(None);
+                }
+                let rank = 8 * (1 + (i * 3) % 8);
+                Ok(Some(slots_adapter(&mut rng, rank, &qkv, 0.5, dev)?.1))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let batch = LoraBatch::with_kernel(&per_row, dev, LoraKernel::Bgmv)?;
+        let plan = batch
+            .bgmv_plan()
+            .ok_or_else(|| anyhow::anyhow!("no BGMV plan for {rows} rows"))?;
+        let x = Tensor::randn(0f32, 1.0, (rows, 512), dev)?.to_dtype(DType::BF16)?;
+        let base = ws
+            .iter()
+            .map(|w| Ok(nf4_linear(&x, w)?))
+            .collect::<Result<Vec<_>>>()?;
+        let want = batch.apply_group(0, 0, &x, base)?;
+        let epis = plan
+            .shrink_for_gemv(0, 3, &x)?
+            .ok_or_else(|| anyhow::anyhow!("shrink_for_gemv found no module"))?;
+        for ((w, e), want) in ws.iter().zip(&epis).zip(&want) {
+            let got = qlorad_kernels::nf4_op::nf4_linear_lora(&x, w, e)?;
+            worst = worst.max(rel_err(
+                &got.to_dtype(DType::F32)?,
+                &want.to_dtype(DType::F32)?,
+            )?);
+        }
+    }
+    r.add(
+        "nf4 GEMV + LoRA expand epilogue vs GEMV then BGMV (q/k/v group, 1/3/8 rows, r 8..64)"
+            .into(),
+        worst,
+        1e-2,
+        "bf16 rounding of y between the two steps".into(),
+    );
+    Ok(())
+}
+
 /// (host µs, GPU µs) per call. The GPU time is taken with events over launches queued behind
 /// ~5 ms of copies, so the GPU runs them back to back as in a decode step that the host issues
 /// ahead of (the adapter's weights stay in L2 between calls here, unlike a decode step's).

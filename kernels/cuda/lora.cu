@@ -28,15 +28,13 @@
 //
 // bf16 is handled as its 16 bits (bf16.cuh; no cuda_bf16.h), like nf4.cu.
 
-#include "bf16.cuh"
+#include "lora_table.cuh"
 
 #define SHRINK_THREADS 256
 #define SHRINK_WARPS (SHRINK_THREADS / 32)
 // Rank outputs per shrink block.
 #define SHRINK_RANKS 4
 #define EXPAND_THREADS 128
-// u64 words per slot in an adapter table.
-#define TABLE_WORDS 3
 // Most projections one launch pair serves (q, k and v).
 #define MAX_GROUP 3
 
@@ -51,33 +49,6 @@ __device__ __forceinline__ float dot8(const uint4& w, const float* f, float acc)
     acc = fmaf(bf16_lo(w.w), f[6], acc);
     acc = fmaf(bf16_hi(w.w), f[7], acc);
     return acc;
-}
-
-struct RowLora {
-    const u16* a;  // (r, in)
-    const u16* b;  // (out, r)
-    u32 r;         // 0: nothing to do for this row
-    float scale;
-};
-
-// Row `row`'s adapter module for `slot`.
-__device__ __forceinline__ RowLora lookup(const u64* __restrict__ row_tables, u32 row, u32 slot) {
-    RowLora l;
-    l.a = 0;
-    l.b = 0;
-    l.r = 0;
-    l.scale = 0.f;
-    const u64 table = row_tables[row];
-    if (table == 0) {
-        return l;
-    }
-    const u64* e = reinterpret_cast<const u64*>(table) + (u64)slot * TABLE_WORDS;
-    const u64 meta = e[2];
-    l.r = (u32)(meta & 0xffffffffull);
-    l.scale = __uint_as_float((u32)(meta >> 32));
-    l.a = reinterpret_cast<const u16*>(e[0]);
-    l.b = reinterpret_cast<const u16*>(e[1]);
-    return l;
 }
 
 // For slot = slot0 + z: t_z (rows, t_stride) f32, t_z[row, j] = x[row, :] · A_row[j, :] for

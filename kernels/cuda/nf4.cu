@@ -16,6 +16,7 @@
 // bf16 is handled as its 16 bits (bf16.cuh; no cuda_bf16.h).
 
 #include "nf4_common.cuh"
+#include "lora_table.cuh"
 
 // out[e] = bf16(code[nibble(e)] * absmax[e / blocksize]) for e < numel. Needs blocksize >= 32.
 extern "C" __global__ void nf4_dequantize_bf16(const u8* __restrict__ packed,
@@ -77,14 +78,21 @@ extern "C" __global__ void nf4_dequantize_bf16(const u8* __restrict__ packed,
 // half the lookups and index arithmetic per element.
 // R = 2: two rows per warp share each load and conversion of x, and double the weight bytes each
 // lane has in flight.
-template <int M, bool PAIR, int R>
+// LORA = true: the epilogue adds each input row's LoRA expand for this projection before the
+// warp's reduction, y[m, o] += scale_m · t_m · B_m[o, :r_m] (the BGMV expand of lora.cu, in the
+// same f32 accumulator, so y is rounded to bf16 once), with t (rows, t_stride) f32 written by the
+// BGMV shrink launched before this kernel and `slot` the projection's slot in the row tables.
+template <int M, bool PAIR, int R, bool LORA = false>
 __device__ __forceinline__ void nf4_gemv(const u16* __restrict__ x, const u8* __restrict__ packed,
                                          const float* __restrict__ code16, u32 plain,
                                          const float* __restrict__ absmax,
                                          const u8* __restrict__ qabs,
                                          const float* __restrict__ nested,
                                          const float* __restrict__ ncode, float offset,
-                                         u32 log2_bs, u32 n, u32 k, u16* __restrict__ y) {
+                                         u32 log2_bs, u32 n, u32 k, u16* __restrict__ y,
+                                         const u64* __restrict__ row_tables = nullptr,
+                                         u32 slot = 0, const float* __restrict__ t = nullptr,
+                                         u32 t_stride = 0) {
     __shared__ float s_code[PAIR ? 1 : 16];
     __shared__ float2 s_pair[PAIR ? 256 * PAIR_COPIES : 1];
     if (PAIR) {
@@ -192,6 +200,29 @@ __device__ __forceinline__ void nf4_gemv(const u16* __restrict__ x, const u8* __
             }
         }
     }
+    if (LORA) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const RowLora l = lookup(row_tables, m, slot);
+            if (l.r == 0 || l.r > t_stride) {
+                continue;
+            }
+            const float* tm = t + (u64)m * t_stride;
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const u32 o = row0 + r;
+                if (o >= n) {
+                    continue;
+                }
+                const u16* br = l.b + (u64)o * l.r;
+                float d = 0.f;
+                for (u32 j = lane; j < l.r; j += 32) {
+                    d = fmaf(bf16_f(br[j]), __ldg(tm + j), d);
+                }
+                acc[r][m] = fmaf(l.scale, d, acc[r][m]);
+            }
+        }
+    }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
 #pragma unroll
@@ -252,6 +283,29 @@ NF4_GEMV_ENTRY(nf4_gemv3_bf16, 5, true, 2)
 NF4_GEMV_ENTRY(nf4_gemv3_bf16, 6, true, 2)
 NF4_GEMV_ENTRY(nf4_gemv3_bf16, 7, true, 2)
 NF4_GEMV_ENTRY(nf4_gemv3_bf16, 8, true, 2)
+
+// lut16 with the LoRA expand in its epilogue (see nf4_gemv's LORA): decode's projections whose rows
+// use adapters, after the BGMV shrink of their group.
+#define NF4_GEMV_LORA_ENTRY(M)                                                                   \
+    extern "C" __global__ void nf4_gemv_lora_bf16_m##M(                                          \
+        const u16* __restrict__ x, const u8* __restrict__ packed,                                \
+        const float* __restrict__ code16, u32 plain, const float* __restrict__ absmax,           \
+        const u8* __restrict__ qabs, const float* __restrict__ nested,                           \
+        const float* __restrict__ ncode, float offset, u32 log2_bs, u32 n, u32 k,                \
+        u16* __restrict__ y, const u64* __restrict__ row_tables, u32 slot,                       \
+        const float* __restrict__ t, u32 t_stride) {                                             \
+        nf4_gemv<M, false, 1, true>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset, \
+                                    log2_bs, n, k, y, row_tables, slot, t, t_stride);            \
+    }
+
+NF4_GEMV_LORA_ENTRY(1)
+NF4_GEMV_LORA_ENTRY(2)
+NF4_GEMV_LORA_ENTRY(3)
+NF4_GEMV_LORA_ENTRY(4)
+NF4_GEMV_LORA_ENTRY(5)
+NF4_GEMV_LORA_ENTRY(6)
+NF4_GEMV_LORA_ENTRY(7)
+NF4_GEMV_LORA_ENTRY(8)
 
 // lut16 with several rows per warp: x is loaded and converted once per chunk for all of them.
 // gpu-check's sweep found the arithmetic, not the weight stream, bounds the one-row kernel

@@ -170,6 +170,23 @@ struct SlotPlan {
     out_f: usize,
 }
 
+/// The epilogue arguments of a GEMV that adds a projection's LoRA expand
+/// ([`BgmvPlan::shrink_for_gemv`]): device addresses of the plan's row tables and of this
+/// projection's shrink output, t (rows, t_stride) f32.
+#[derive(Debug, Clone, Copy)]
+pub struct GemvLora {
+    pub row_tables: u64,
+    pub slot: u32,
+    pub t: u64,
+    pub t_stride: u32,
+    /// Rows of the plan (the GEMV's input rows must be these).
+    pub rows: usize,
+    /// Output features of the adapters' modules at this slot (checked against the weight).
+    pub out_f: usize,
+    /// Whether any row has a module at this slot (else the plain GEMV suffices).
+    pub active: bool,
+}
+
 /// One forward pass's row → adapter mapping on the GPU, with the shrink's f32 scratch.
 pub struct BgmvPlan {
     device: CudaDevice,
@@ -260,6 +277,76 @@ impl BgmvPlan {
             slots,
             _tables: tables,
         }))
+    }
+
+    /// The BGMV shrink alone for the projections of slots `slot0 .. slot0 + n` reading `x`
+    /// (rows, in), for GEMVs that apply the expand in their epilogue
+    /// ([`crate::cuda::Nf4Gpu::xwt_lora`]): one launch, and each projection's epilogue arguments.
+    /// Those stay valid until the next launch of this plan (they point into its scratch, which
+    /// the next shrink overwrites in stream order). `None` when no row has a module at these
+    /// slots (nothing to launch or add).
+    pub fn shrink_for_gemv(
+        &self,
+        slot0: usize,
+        n: usize,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Vec<GemvLora>>> {
+        if n == 0 || n > MAX_GROUP || slot0 + n > self.slots.len() {
+            return Err(msg(format!(
+                "bgmv: slots {slot0}..{} for a plan of {} (groups of 1..={MAX_GROUP})",
+                slot0 + n,
+                self.slots.len()
+            )));
+        }
+        let group = &self.slots[slot0..slot0 + n];
+        let max_rank = group.iter().map(|s| s.max_rank).max().unwrap_or(0);
+        if max_rank == 0 {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let (rows, in_f) = x.dims2()?;
+        if rows != self.rows || group.iter().any(|s| s.max_rank > 0 && s.in_f != in_f) {
+            return Err(msg(format!(
+                "bgmv: input ({rows}, {in_f}) does not fit the plan ({} rows) and the adapters' \
+                 input features at slots {slot0}..{}",
+                self.rows,
+                slot0 + n
+            )));
+        }
+        let x_span = self.span(&x, "the input")?;
+        let (rows_u, in_u) = (self.rows as u32, in_f as u32);
+        let (t_stride, slot0_u) = (self.t_stride as u32, slot0 as u32);
+        let cfg = LaunchConfig {
+            grid_dim: (max_rank.div_ceil(SHRINK_RANKS), rows_u, n as u32),
+            block_dim: (SHRINK_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(&self.shrink);
+        l.arg(&x_span.0)
+            .arg(&in_u)
+            .arg(&self.row_tables)
+            .arg(&slot0_u)
+            .arg(&self.scratch)
+            .arg(&t_stride);
+        // SAFETY: as in apply_group: argument types and order match lora_bgmv_shrink; x holds
+        // rows·in bf16, the scratch MAX_GROUP·rows·t_stride f32, and the slots' modules read `in`
+        // features (checked above).
+        unsafe { l.launch(cfg) }.w()?;
+        let (tables, _g) = self.row_tables.device_ptr(&self.stream);
+        let (scratch, _g2) = self.scratch.device_ptr(&self.stream);
+        Ok(Some(
+            (0..n)
+                .map(|z| GemvLora {
+                    row_tables: tables,
+                    slot: (slot0 + z) as u32,
+                    t: scratch + (z * self.rows * self.t_stride * 4) as u64,
+                    t_stride,
+                    rows: self.rows,
+                    out_f: group[z].out_f,
+                    active: group[z].max_rank > 0,
+                })
+                .collect(),
+        ))
     }
 
     /// Rows of the batch this plan was built for.

@@ -142,6 +142,8 @@ pub struct Nf4Gpu {
     kernel: GemvKernel,
     /// The GEMV for 1..=8 input rows, with its output rows per warp.
     gemv: Vec<(CudaFunction, u32)>,
+    /// The lut16 GEMV with the LoRA expand epilogue for 1..=8 input rows, loaded on first use.
+    gemv_lora: std::sync::OnceLock<Vec<CudaFunction>>,
 }
 
 impl std::fmt::Debug for Nf4Gpu {
@@ -238,6 +240,7 @@ impl Nf4Gpu {
             k,
             bytes,
             dequant: load("nf4_dequantize_bf16")?,
+            gemv_lora: std::sync::OnceLock::new(),
             kernel,
             gemv,
         })
@@ -361,6 +364,72 @@ impl Nf4Gpu {
         // SAFETY: the sweep kernels take the GEMV's arguments for one input row; x holds k and y
         // n bf16; the dynamic shared memory holds x when the kernel stages it (k·2 bytes <= 48 KB
         // for the shapes gpu-check sweeps).
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(y)
+    }
+
+    /// `y (m, n) = x (m, k) · Wᵀ + each row's LoRA delta`, bf16, for m ≤ [`GEMV_MAX_ROWS`]: the
+    /// lut16 GEMV with the BGMV expand in its epilogue, after [`crate::bgmv::BgmvPlan::shrink_for_gemv`]
+    /// (one rounding of y instead of the GEMV's and the expand's). Errors when the shape does not
+    /// fit the kernel (the caller checks first and otherwise keeps the two-step path).
+    pub fn xwt_lora(
+        &self,
+        x: &CudaView<'_, bf16>,
+        m: usize,
+        x16: bool,
+        lora: &crate::bgmv::GemvLora,
+    ) -> candle_core::Result<CudaSlice<bf16>> {
+        let (n, k) = (self.n, self.k);
+        if m == 0
+            || m > GEMV_MAX_ROWS
+            || !k.is_multiple_of(32)
+            || !x16
+            || m != lora.rows
+            || lora.out_f != n
+        {
+            return Err(msg(format!(
+                "gemv with LoRA epilogue: {m} rows of {k} -> {n} (x aligned: {x16}) do not fit \
+                 (plan: {} rows, {} outputs)",
+                lora.rows, lora.out_f
+            )));
+        }
+        let funcs = match self.gemv_lora.get() {
+            Some(f) => f,
+            None => {
+                let loaded = (1..=GEMV_MAX_ROWS)
+                    .map(|r| {
+                        crate::module_cuda::function(
+                            &self.device,
+                            &crate::module_cuda::NF4,
+                            &format!("nf4_gemv_lora_bf16_m{r}"),
+                        )
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                self.gemv_lora.get_or_init(|| loaded)
+            }
+        };
+        // SAFETY: written by lane 0 of each row's warp below.
+        let mut y = unsafe { self.device.alloc::<bf16>(m * n) }?;
+        let cfg = LaunchConfig {
+            grid_dim: ((n as u32).div_ceil(GEMV_WARPS), 1, 1),
+            block_dim: (32 * GEMV_WARPS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n32, k32) = (n as u32, k as u32);
+        let mut b = self.stream.launch_builder(&funcs[m - 1]);
+        b.arg(x);
+        self.weight_args(&mut b);
+        b.arg(&n32)
+            .arg(&k32)
+            .arg(&mut y)
+            .arg(&lora.row_tables)
+            .arg(&lora.slot)
+            .arg(&lora.t)
+            .arg(&lora.t_stride);
+        // SAFETY: argument types and order match nf4_gemv_lora_bf16_m{m}; x has m·k and y m·n
+        // elements, k % 32 == 0; the row tables hold m rows (m == the plan's rows) whose modules at
+        // `slot` have n outputs, and t holds the plan's shrink output for this slot, written
+        // earlier on this stream.
         unsafe { b.launch(cfg) }.w()?;
         Ok(y)
     }

@@ -291,6 +291,59 @@ pub fn nf4_linear(x: &Tensor, weight: &Arc<Nf4Weight>) -> candle_core::Result<Te
     })
 }
 
+/// Forward-only op: `x · Wᵀ` plus each row's LoRA delta through the GEMV's epilogue
+/// ([`crate::cuda::Nf4Gpu::xwt_lora`]); CUDA only.
+#[cfg(feature = "cuda")]
+#[derive(Debug, Clone)]
+struct Nf4MatmulLora {
+    weight: Arc<Nf4Weight>,
+    lora: crate::bgmv::GemvLora,
+}
+
+#[cfg(feature = "cuda")]
+impl CustomOp1 for Nf4MatmulLora {
+    fn name(&self) -> &'static str {
+        "nf4-matmul-lora"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        Err(candle_core::Error::Msg(
+            "nf4-matmul-lora runs on a GPU only".into(),
+        ))
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let w = &self.weight;
+        crate::cuda::apply(
+            self.name(),
+            w.gpu.as_ref(),
+            storage,
+            layout,
+            w.in_features,
+            w.out_features,
+            |g, x, m, x16| g.xwt_lora(x, m, x16, &self.lora),
+        )
+    }
+}
+
+/// `x (m, k) · Wᵀ` plus each row's LoRA delta for the projection `lora` describes (after the BGMV
+/// shrink of its group), in one GEMV launch; m ≤ 8 rows, bf16 on the weight's GPU.
+#[cfg(feature = "cuda")]
+pub fn nf4_linear_lora(
+    x: &Tensor,
+    weight: &Arc<Nf4Weight>,
+    lora: &crate::bgmv::GemvLora,
+) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Nf4MatmulLora {
+        weight: weight.clone(),
+        lora: *lora,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

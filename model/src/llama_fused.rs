@@ -10,6 +10,7 @@
 use super::{project, project_group, Llama, SeqInput};
 use crate::device::Placement;
 use crate::error::{ModelError, Result};
+use crate::linear::BaseLinear;
 use crate::lora::LoraBatch;
 use candle_core::{DType, Tensor};
 use qlorad_kernels::decode_cuda::{attention_supports, DecodeKernels, KvRow};
@@ -95,7 +96,7 @@ impl Llama {
         let mut pending: Option<Tensor> = None;
         for (li, b) in self.blocks.iter().enumerate() {
             let (xs, h) = kern.add_rms_norm(&x, pending.as_ref(), &b.input_norm, eps)?;
-            let [q, k, v] = project_group(
+            let [q, k, v] = project_group_fused(
                 [b.attn.q.as_ref(), b.attn.k.as_ref(), b.attn.v.as_ref()],
                 li,
                 0,
@@ -104,12 +105,12 @@ impl Llama {
             )?;
             let q = kern.rope_kv(&q, &k, &v, &self.cos, &self.sin, &table, li, nh, nkv, hd)?;
             let a = kern.attention(&q, &table, li, nh, nkv, hd, c.sliding_window)?;
-            let o = project(b.attn.o.as_ref(), li, 3, &a, lora)?;
+            let [o] = project_group_fused([b.attn.o.as_ref()], li, 3, &a, lora)?;
             let (xs, h) = kern.add_rms_norm(&xs, Some(&o), &b.post_norm, eps)?;
             let [gate, up] =
-                project_group([b.mlp.gate.as_ref(), b.mlp.up.as_ref()], li, 4, &h, lora)?;
-            let m = project(
-                b.mlp.down.as_ref(),
+                project_group_fused([b.mlp.gate.as_ref(), b.mlp.up.as_ref()], li, 4, &h, lora)?;
+            let [m] = project_group_fused(
+                [b.mlp.down.as_ref()],
                 li,
                 6,
                 &kern.silu_mul(&gate, &up)?,
@@ -126,4 +127,62 @@ impl Llama {
         let logits = crate::linear::dense_xwt(&h, head)?;
         Ok(logits.to_dtype(DType::F32)?)
     }
+}
+
+/// Whether decode GEMVs apply LoRA expands in their epilogue (`QLORAD_LORA_EPILOGUE=0`: off, the
+/// BGMV expand launches instead; read once per process).
+fn lora_epilogue() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("QLORAD_LORA_EPILOGUE").map_or(true, |v| v != "0"))
+}
+
+/// Projections `proj0 ..` reading `x`, with the batch's LoRA deltas: on the BGMV path with NF4
+/// bases and at most 8 rows, one shrink launch for the group, then each base GEMV adds its
+/// projection's expand in its epilogue (`qlorad_kernels::nf4_linear_lora`): half the LoRA launches
+/// of the two-step path (shrink, expand), and y is rounded to bf16 once. Otherwise
+/// [`project_group`].
+fn project_group_fused<const N: usize>(
+    bases: [&dyn BaseLinear; N],
+    layer: usize,
+    proj0: usize,
+    x: &Tensor,
+    lora: &LoraBatch,
+) -> Result<[Tensor; N]> {
+    let plain = || -> Result<[Tensor; N]> {
+        if N == 1 {
+            let y = project(bases[0], layer, proj0, x, lora)?;
+            return vec![y]
+                .try_into()
+                .map_err(|_| ModelError::Invalid("a projection lost its output".into()));
+        }
+        project_group(bases, layer, proj0, x, lora)
+    };
+    let (Some(plan), true) = (lora.bgmv_plan(), lora_epilogue()) else {
+        return plain();
+    };
+    let weights: Option<Vec<_>> = bases.iter().map(|b| b.nf4_weight()).collect();
+    let (Some(weights), Ok((rows, k))) = (weights, x.dims2()) else {
+        return plain();
+    };
+    if rows > qlorad_kernels::cuda::GEMV_MAX_ROWS || k % 32 != 0 || rows != plan.rows() {
+        return plain();
+    }
+    let x = x.contiguous()?;
+    let Some(epis) = plan.shrink_for_gemv(layer * 7 + proj0, N, &x)? else {
+        // No row has a module at these slots: the base alone.
+        return plain();
+    };
+    let ys = weights
+        .iter()
+        .zip(&epis)
+        .map(|(w, e)| {
+            if e.active {
+                Ok(qlorad_kernels::nf4_op::nf4_linear_lora(&x, w, e)?)
+            } else {
+                Ok(qlorad_kernels::nf4_linear(&x, w)?)
+            }
+        })
+        .collect::<Result<Vec<_>>>()?;
+    ys.try_into()
+        .map_err(|_| ModelError::Invalid("a projection group lost an output".into()))
 }

@@ -537,6 +537,11 @@ impl LoraBatch {
         self.groups.is_empty()
     }
 
+    /// The BGMV plan when the batch takes that path (a GPU batch of few rows).
+    pub fn bgmv_plan(&self) -> Option<&BgmvPlan> {
+        self.bgmv.as_ref()
+    }
+
     /// Whether this batch's projections run the BGMV kernels.
     pub fn uses_bgmv(&self) -> bool {
         self.bgmv.is_some()

@@ -1,0 +1,36 @@
+// The per-row adapter tables of the BGMV kernels (lora.cu), shared with the GEMV whose epilogue
+// applies the LoRA expand (nf4.cu). Row `row` finds its adapter through `row_tables[row]`: 0 for
+// "no adapter", else the address of a table of TABLE_WORDS u64 per (layer, projection) slot:
+// [address of A, address of B, rank | f32 bits of scale << 32] (rank 0: no module there).
+#pragma once
+#include "bf16.cuh"
+
+// u64 words per slot in an adapter table.
+#define TABLE_WORDS 3
+
+struct RowLora {
+    const u16* a;  // (r, in)
+    const u16* b;  // (out, r)
+    u32 r;         // 0: nothing to do for this row
+    float scale;
+};
+
+// Row `row`'s adapter module for `slot`.
+__device__ __forceinline__ RowLora lookup(const u64* __restrict__ row_tables, u32 row, u32 slot) {
+    RowLora l;
+    l.a = 0;
+    l.b = 0;
+    l.r = 0;
+    l.scale = 0.f;
+    const u64 table = row_tables[row];
+    if (table == 0) {
+        return l;
+    }
+    const u64* e = reinterpret_cast<const u64*>(table) + (u64)slot * TABLE_WORDS;
+    const u64 meta = e[2];
+    l.r = (u32)(meta & 0xffffffffull);
+    l.scale = __uint_as_float((u32)(meta >> 32));
+    l.a = reinterpret_cast<const u16*>(e[0]);
+    l.b = reinterpret_cast<const u16*>(e[1]);
+    return l;
+}
