@@ -36,6 +36,10 @@ pub fn attention_supports(heads: usize, kv_heads: usize, head_dim: usize) -> boo
         && 32usize.is_multiple_of(head_dim / 8)
 }
 const NORM_THREADS: u32 = 256;
+/// rope_kv is one block per sequence that loops over (heads + kv heads) · head_dim / 2 pairs: at
+/// batch 1 its time is its loop's chain of memory round trips (256 threads: ~10 µs per call on the
+/// H200, ncu), so it takes the largest block.
+const ROPE_THREADS: u32 = 1024;
 const ELEMWISE_THREADS: u32 = 256;
 /// Fewest positions one split of the attention takes: below this, splitting a short context costs
 /// more in the combine than it gains in parallelism.
@@ -326,7 +330,7 @@ impl DecodeKernels {
         let (nh, nkv, hd) = (heads as u32, kv_heads as u32, head_dim as u32);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
-            block_dim: (NORM_THREADS, 1, 1),
+            block_dim: (ROPE_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(&self.rope_kv);
