@@ -314,24 +314,8 @@ impl BgmvPlan {
             )));
         }
         let x_span = self.span(&x, "the input")?;
-        let (rows_u, in_u) = (self.rows as u32, in_f as u32);
-        let (t_stride, slot0_u) = (self.t_stride as u32, slot0 as u32);
-        let cfg = LaunchConfig {
-            grid_dim: (max_rank.div_ceil(SHRINK_RANKS), rows_u, n as u32),
-            block_dim: (SHRINK_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut l = self.stream.launch_builder(&self.shrink);
-        l.arg(&x_span.0)
-            .arg(&in_u)
-            .arg(&self.row_tables)
-            .arg(&slot0_u)
-            .arg(&self.scratch)
-            .arg(&t_stride);
-        // SAFETY: as in apply_group: argument types and order match lora_bgmv_shrink; x holds
-        // rows·in bf16, the scratch MAX_GROUP·rows·t_stride f32, and the slots' modules read `in`
-        // features (checked above).
-        unsafe { l.launch(cfg) }.w()?;
+        self.launch_shrink(x_span.0, in_f, slot0, n, max_rank)?;
+        let t_stride = self.t_stride as u32;
         let (tables, _g) = self.row_tables.device_ptr(&self.stream);
         let (scratch, _g2) = self.scratch.device_ptr(&self.stream);
         Ok(Some(
@@ -347,6 +331,40 @@ impl BgmvPlan {
                 })
                 .collect(),
         ))
+    }
+
+    /// The shrink for slots `slot0 .. slot0 + groups` of the input at device address `x` (rows,
+    /// in_f) into the scratch. The callers have checked that x holds rows·in_f bf16 and that
+    /// every module at these slots reads in_f features; `max_rank` is the largest rank there.
+    fn launch_shrink(
+        &self,
+        x: u64,
+        in_f: usize,
+        slot0: usize,
+        groups: usize,
+        max_rank: u32,
+    ) -> candle_core::Result<()> {
+        let (rows, in_f) = (self.rows as u32, in_f as u32);
+        let (t_stride, slot0, groups) = (self.t_stride as u32, slot0 as u32, groups as u32);
+        let cfg = LaunchConfig {
+            grid_dim: (max_rank.div_ceil(SHRINK_RANKS), rows, groups),
+            block_dim: (SHRINK_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = self.stream.launch_builder(&self.shrink);
+        l.arg(&x)
+            .arg(&in_f)
+            .arg(&self.row_tables)
+            .arg(&slot0)
+            .arg(&self.scratch)
+            .arg(&t_stride);
+        // SAFETY: argument types and order match lora_bgmv_shrink. x holds rows·in bf16; the
+        // scratch MAX_GROUP·rows·t_stride f32 with t_stride >= every rank (plan construction); the
+        // slots exist in every table and their modules read `in` features (checked by the
+        // callers). The scratch is written through a shared reference: only these kernels use
+        // it, in stream order.
+        unsafe { l.launch(cfg) }.w()?;
+        Ok(())
     }
 
     /// Rows of the batch this plan was built for.
@@ -436,26 +454,10 @@ impl BgmvPlan {
             y_addr[i] = s.0;
             outs[i] = out_f as u32;
         }
-        let (rows, in_f) = (self.rows as u32, in_f as u32);
+        self.launch_shrink(x_span.0, in_f, slot0, n, max_rank)?;
+        let rows = self.rows as u32;
         let (t_stride, slot0, groups) = (self.t_stride as u32, slot0 as u32, n as u32);
         let max_out = outs.iter().copied().max().unwrap_or(0).max(1);
-        let cfg = LaunchConfig {
-            grid_dim: (max_rank.div_ceil(SHRINK_RANKS), rows, groups),
-            block_dim: (SHRINK_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let mut l = self.stream.launch_builder(&self.shrink);
-        l.arg(&x_span.0)
-            .arg(&in_f)
-            .arg(&self.row_tables)
-            .arg(&slot0)
-            .arg(&self.scratch)
-            .arg(&t_stride);
-        // SAFETY: argument types and order match lora_bgmv_shrink. x holds rows·in bf16; the
-        // scratch MAX_GROUP·rows·t_stride f32 with t_stride >= every rank (plan construction); the
-        // slots exist in every table and their modules read `in` features (checked above). The
-        // scratch is written through a shared reference: only these kernels use it, in stream order.
-        unsafe { l.launch(cfg) }.w()?;
         let cfg = LaunchConfig {
             grid_dim: (max_out.div_ceil(EXPAND_THREADS), rows, groups),
             block_dim: (EXPAND_THREADS, 1, 1),
