@@ -297,17 +297,20 @@ impl AdapterRegistry {
     /// GPU (converted into pinned staging as they upload, `LoraAdapter::load_placed`), and their
     /// host copies are the packed bf16 form.
     fn all_gpu(&self) -> bool {
-        self.devices
-            .iter()
-            .all(|d| d.placement.is_cuda() && d.placement.dtype == candle_core::DType::BF16)
+        !self.devices.is_empty()
+            && self
+                .devices
+                .iter()
+                .all(|d| d.placement.is_cuda() && d.placement.dtype == candle_core::DType::BF16)
     }
 
     /// Reads an adapter folder into its host form: packed bf16 when every device is a GPU in
     /// bf16, the f32 modules otherwise (what a CPU device serves from).
     fn read_disk(&self, name: &str, dir: &Path) -> Result<Arc<LoraAdapter>, AdapterError> {
-        let read = match self.devices.first() {
-            Some(d) if self.all_gpu() => LoraAdapter::load_for(dir, name, &self.base, &d.placement),
-            _ => LoraAdapter::load(dir, name, &self.base),
+        let read = if self.all_gpu() {
+            LoraAdapter::load_packed(dir, name, &self.base)
+        } else {
+            LoraAdapter::load(dir, name, &self.base)
         };
         read.map(Arc::new)
             .map_err(|e| AdapterError::Invalid(e.to_string()))

@@ -64,7 +64,6 @@ impl Layout {
         }
     }
 
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     /// Fills `dst` with buffer elements `at .. at + dst.len()`: `convert(i, from, d)` writes
     /// elements `from .. from + d.len()` of tensor `i`; padding is zeroed.
     fn fill<F>(&self, at: usize, dst: &mut [u16], convert: &F) -> bool
@@ -103,25 +102,19 @@ pub(super) struct Packed {
 
 impl Packed {
     /// Packs tensors laid out by `layout`: `convert(i, from, dst)` fills elements `from ..` of
-    /// tensor `i` with bf16 bits and says whether it could. Tensors convert in parallel. `None`
-    /// when one could not.
+    /// tensor `i` with bf16 bits and says whether it could. The buffer fills in parallel pieces
+    /// through [`Layout::fill`], as the GPU staging ring fills its slots. `None` when a tensor
+    /// could not convert.
     fn build<F>(layout: Layout, slots: usize, convert: F) -> Option<Self>
     where
         F: Fn(usize, usize, &mut [u16]) -> bool + Sync,
     {
-        // Zeroed pages from the allocator (no memset): the alignment padding stays zero.
+        const PIECE: usize = 256 << 10;
         let mut buf = vec![0u16; layout.total];
-        let mut rest = buf.as_mut_slice();
-        let mut dsts = Vec::with_capacity(layout.spans.len());
-        for &(_, n, padded) in &layout.spans {
-            let (head, tail) = rest.split_at_mut(padded);
-            dsts.push(&mut head[..n]);
-            rest = tail;
-        }
-        let ok = dsts
-            .into_par_iter()
+        let ok = buf
+            .par_chunks_mut(PIECE)
             .enumerate()
-            .all(|(i, dst)| convert(i, 0, dst));
+            .all(|(j, dst)| layout.fill(j * PIECE, dst, &convert));
         if !ok {
             return None;
         }
@@ -455,7 +448,8 @@ mod tests {
     use super::*;
 
     /// Filling the buffer piece by piece (as the staging ring does, pieces crossing tensor and
-    /// padding boundaries) gives the buffer the whole-tensor packing gives.
+    /// padding boundaries) gives the buffer `Packed::build` gives (one piece, this buffer being
+    /// small), at every piece size.
     #[test]
     fn piecewise_fill_equals_whole_packing() {
         let shapes = [
