@@ -187,6 +187,18 @@ pub struct GemvLora {
     pub active: bool,
 }
 
+/// A projection group's input as [`BgmvPlan::group_input`] checked it.
+struct GroupInput {
+    /// x made contiguous: held until the group's launches are queued (a copy's memory must not be
+    /// freed, in stream order, before the kernels that read it).
+    _x: Tensor,
+    /// x's (address, bytes) on the device.
+    span: (u64, u64),
+    in_f: usize,
+    /// The group's largest rank (> 0).
+    max_rank: u32,
+}
+
 /// One forward pass's row → adapter mapping on the GPU, with the shrink's f32 scratch.
 pub struct BgmvPlan {
     device: CudaDevice,
@@ -298,22 +310,11 @@ impl BgmvPlan {
                 self.slots.len()
             )));
         }
-        let group = &self.slots[slot0..slot0 + n];
-        let max_rank = group.iter().map(|s| s.max_rank).max().unwrap_or(0);
-        if max_rank == 0 {
+        let Some(input) = self.group_input(slot0, n, x)? else {
             return Ok(None);
-        }
-        let x = x.contiguous()?;
-        let (rows, in_f) = x.dims2()?;
-        if rows != self.rows || group.iter().any(|s| s.max_rank > 0 && s.in_f != in_f) {
-            return Err(msg(format!(
-                "bgmv: input ({rows}, {in_f}) does not fit the plan ({} rows) and the adapters' \
-                 input features at slots {slot0}..{}",
-                self.rows,
-                slot0 + n
-            )));
-        }
-        let x_span = self.span(&x, "the input")?;
+        };
+        let (x_span, in_f, max_rank) = (input.span, input.in_f, input.max_rank);
+        let group = &self.slots[slot0..slot0 + n];
         self.launch_shrink(x_span.0, in_f, slot0, n, max_rank)?;
         let t_stride = self.t_stride as u32;
         let (tables, _g) = self.row_tables.device_ptr(&self.stream);
@@ -331,6 +332,38 @@ impl BgmvPlan {
                 })
                 .collect(),
         ))
+    }
+
+    /// The input `x` (rows, in) of the projections at slots `slot0 .. slot0 + n` (inside the
+    /// tables), checked against the plan; `None` when no row has a module there.
+    fn group_input(
+        &self,
+        slot0: usize,
+        n: usize,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<GroupInput>> {
+        let group = &self.slots[slot0..slot0 + n];
+        let max_rank = group.iter().map(|s| s.max_rank).max().unwrap_or(0);
+        if max_rank == 0 {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let (rows, in_f) = x.dims2()?;
+        if rows != self.rows || group.iter().any(|s| s.max_rank > 0 && s.in_f != in_f) {
+            return Err(msg(format!(
+                "bgmv: input ({rows}, {in_f}) does not fit the plan ({} rows) and the adapters' \
+                 input features at slots {slot0}..{}",
+                self.rows,
+                slot0 + n
+            )));
+        }
+        let span = self.span(&x, "the input")?;
+        Ok(Some(GroupInput {
+            _x: x,
+            span,
+            in_f,
+            max_rank,
+        }))
     }
 
     /// The shrink for slots `slot0 .. slot0 + groups` of the input at device address `x` (rows,
@@ -413,22 +446,11 @@ impl BgmvPlan {
             }
             return Ok(());
         }
-        let group = &self.slots[slot0..slot0 + n];
-        let max_rank = group.iter().map(|s| s.max_rank).max().unwrap_or(0);
-        if max_rank == 0 {
+        let Some(input) = self.group_input(slot0, n, x)? else {
             return Ok(());
-        }
-        let x = x.contiguous()?;
-        let (rows, in_f) = x.dims2()?;
-        if rows != self.rows || group.iter().any(|s| s.max_rank > 0 && s.in_f != in_f) {
-            return Err(msg(format!(
-                "bgmv: input ({rows}, {in_f}) does not fit the plan ({} rows) and the adapters' \
-                 input features at slots {slot0}..{}",
-                self.rows,
-                slot0 + n
-            )));
-        }
-        let x_span = self.span(&x, "the input")?;
+        };
+        let (x_span, in_f, max_rank) = (input.span, input.in_f, input.max_rank);
+        let group = &self.slots[slot0..slot0 + n];
         let mut spans = vec![x_span];
         let mut y_addr = [0u64; MAX_GROUP];
         let mut outs = [0u32; MAX_GROUP];

@@ -7,7 +7,7 @@
 //!
 //! `QLORAD_FUSED_DECODE=0` turns it off for a process; [`Llama::set_fused_decode`] per model.
 
-use super::{project, project_group, Llama, SeqInput};
+use super::{project_group, Llama, SeqInput};
 use crate::device::Placement;
 use crate::error::{ModelError, Result};
 use crate::linear::BaseLinear;
@@ -148,15 +148,7 @@ fn project_group_fused<const N: usize>(
     x: &Tensor,
     lora: &LoraBatch,
 ) -> Result<[Tensor; N]> {
-    let plain = || -> Result<[Tensor; N]> {
-        if N == 1 {
-            let y = project(bases[0], layer, proj0, x, lora)?;
-            return vec![y]
-                .try_into()
-                .map_err(|_| ModelError::Invalid("a projection lost its output".into()));
-        }
-        project_group(bases, layer, proj0, x, lora)
-    };
+    let plain = || project_group(bases, layer, proj0, x, lora);
     let (Some(plan), true) = (lora.bgmv_plan(), lora_epilogue()) else {
         return plain();
     };
