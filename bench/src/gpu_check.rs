@@ -364,6 +364,22 @@ fn bandwidth(dev: &Device, r: &mut Report) -> Result<()> {
                 serde_json::json!(gbs.round()),
             );
             layer_us[gi] += per * 1e6 * uses as f64;
+            if n == 14336 {
+                // Eight input rows (one GEMV group of batched decode), same weights.
+                let x8 = rand_tensor(&mut rng, &[8, k], 1.0)?
+                    .to_dtype(DType::BF16)?
+                    .to_device(dev)?;
+                let per8 = time_rotating(&x8, &ws, dev)?;
+                println!(
+                    "INFO gemv {:<5} m=8 {n}x{k}: {:.1} us/launch (host-timed, incl. launch)",
+                    g.name(),
+                    per8 * 1e6
+                );
+                r.extra.insert(
+                    format!("gemv_{}_m8_{n}x{k}_us", g.name()),
+                    serde_json::json!((per8 * 1e7).round() / 10.0),
+                );
+            }
         }
         if n == 14336 {
             // Diagnostic: the same shape with plain f32 absmax (no dependent scale lookups).

@@ -246,6 +246,17 @@ fn group_check(dev: &Device, rng: &mut ChaCha8Rng, r: &mut Report) -> Result<()>
 /// rounding of y between the GEMV and the expand, which the epilogue skips.
 fn gemv_epilogue(dev: &Device, r: &mut Report) -> Result<()> {
     use qlorad_kernels::cuda::GemvKernel;
+    for kernel in [GemvKernel::Lut16, GemvKernel::Tc] {
+        gemv_epilogue_with(dev, r, kernel)?;
+    }
+    Ok(())
+}
+
+fn gemv_epilogue_with(
+    dev: &Device,
+    r: &mut Report,
+    kernel: qlorad_kernels::cuda::GemvKernel,
+) -> Result<()> {
     use qlorad_kernels::{nf4_linear, Nf4Config, Nf4Tensor, Nf4Weight};
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed);
     let qkv = [Some((512, 1024)), Some((512, 256)), Some((512, 256))];
@@ -255,9 +266,7 @@ fn gemv_epilogue(dev: &Device, r: &mut Report) -> Result<()> {
         .map(|&(k, n)| {
             let w = random_model::normal(&mut rng, n * k, 0.05);
             let t = Nf4Tensor::quantize(&w, &[n, k], Nf4Config::default())?;
-            Ok(Arc::new(
-                Nf4Weight::new(t).to_device_with(dev, GemvKernel::Lut16)?,
-            ))
+            Ok(Arc::new(Nf4Weight::new(t).to_device_with(dev, kernel)?))
         })
         .collect::<Result<Vec<_>>>()?;
     let mut worst = 0f64;
@@ -293,8 +302,10 @@ fn gemv_epilogue(dev: &Device, r: &mut Report) -> Result<()> {
         }
     }
     r.add(
-        "nf4 GEMV + LoRA expand epilogue vs GEMV then BGMV (q/k/v group, 1/3/8 rows, r 8..64)"
-            .into(),
+        format!(
+            "nf4 GEMV ({}) + LoRA expand epilogue vs GEMV then BGMV (q/k/v group, 1/3/8 rows, r 8..64)",
+            kernel.name()
+        ),
         worst,
         1e-2,
         "bf16 rounding of y between the two steps".into(),

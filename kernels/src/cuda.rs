@@ -32,7 +32,8 @@ const GEMV_WARPS: u32 = 8;
 
 /// Which fused NF4 GEMV kernel decode uses (all compute the same function; they differ in how
 /// they spend instructions, see cuda/nf4.cu). Chosen per process with `QLORAD_NF4_GEMV`
-/// (`lut16`, `pair`, `pair2`, `mma`, `r2`, `r4`); gpu-check measures all of them.
+/// (`lut16`, `pair`, `pair2`, `mma`, `tc`, `tcr`, `tc3`, `r2`, `r4`); gpu-check measures all of
+/// them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemvKernel {
     /// One 16-entry shared-memory lookup per 4-bit code, one row per warp.
@@ -46,6 +47,14 @@ pub enum GemvKernel {
     /// table, 16 features per block of 8 warps (needs out % 16 == 0, in % 64 == 0 and a
     /// blocksize that is a multiple of 64; other weights keep `Lut16`).
     Mma,
+    /// Tensor cores, second form (cuda/nf4_tc.cuh): `Mma`'s fragments with a software pipeline of
+    /// 2 k blocks per warp, ≤ 64 registers, cheaper table addressing; also has the LoRA epilogue.
+    /// Same shape limits as `Mma`, and n·k < 2^32.
+    Tc,
+    /// `Tc` with up to 85 registers (3 resident blocks per multiprocessor instead of 4).
+    TcRegs,
+    /// `Tc` with 3 k blocks in flight per warp and up to 85 registers.
+    Tc3,
     /// `Lut16` with two rows per warp: x is loaded and converted once for both.
     Rows2,
     /// `Lut16` with four rows per warp up to 2 input rows, two up to 8 (register pressure).
@@ -53,11 +62,14 @@ pub enum GemvKernel {
 }
 
 impl GemvKernel {
-    pub const ALL: [GemvKernel; 6] = [
+    pub const ALL: [GemvKernel; 9] = [
         GemvKernel::Lut16,
         GemvKernel::Pair,
         GemvKernel::PairTwoRows,
         GemvKernel::Mma,
+        GemvKernel::Tc,
+        GemvKernel::TcRegs,
+        GemvKernel::Tc3,
         GemvKernel::Rows2,
         GemvKernel::Rows4,
     ];
@@ -68,21 +80,44 @@ impl GemvKernel {
             GemvKernel::Pair => "pair",
             GemvKernel::PairTwoRows => "pair2",
             GemvKernel::Mma => "mma",
+            GemvKernel::Tc => "tc",
+            GemvKernel::TcRegs => "tcr",
+            GemvKernel::Tc3 => "tc3",
             GemvKernel::Rows2 => "r2",
             GemvKernel::Rows4 => "r4",
         }
+    }
+
+    /// The tensor-core kernels (16 features per block of [`GEMV_WARPS`] warps).
+    fn tensor_cores(self) -> bool {
+        matches!(
+            self,
+            GemvKernel::Mma | GemvKernel::Tc | GemvKernel::TcRegs | GemvKernel::Tc3
+        )
+    }
+
+    /// Whether this kernel computes an (n, k) weight of `blocksize`; the others fall back to
+    /// `Lut16`.
+    fn fits(self, n: usize, k: usize, blocksize: usize) -> bool {
+        if !self.tensor_cores() {
+            return true;
+        }
+        let shape = n.is_multiple_of(16) && k.is_multiple_of(64) && blocksize.is_multiple_of(64);
+        // The second form indexes elements in 32 bits.
+        shape && (self == GemvKernel::Mma || (n as u64) * (k as u64) < (1u64 << 32))
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.name() == s)
     }
 
-    /// `QLORAD_NF4_GEMV` if set to a known name, else the default.
+    /// `QLORAD_NF4_GEMV` if set to a known name, else the default `tc3` (the fastest in gpu-check's
+    /// per-layer timing on the H200, and 5x lut16 at 8 input rows; see BENCHMARKS.md).
     pub fn from_env() -> Self {
         std::env::var("QLORAD_NF4_GEMV")
             .ok()
             .and_then(|s| Self::parse(&s))
-            .unwrap_or(GemvKernel::Lut16)
+            .unwrap_or(GemvKernel::Tc3)
     }
 
     /// (kernel entry point, output rows per warp) for `m` input rows.
@@ -93,6 +128,9 @@ impl GemvKernel {
             GemvKernel::Rows2 | GemvKernel::Rows4 => (format!("nf4_gemv_r2_bf16_m{m}"), 2),
             // 16 features per block of GEMV_WARPS = 8 warps.
             GemvKernel::Mma => (format!("nf4_gemv_mma_bf16_m{m}"), 2),
+            GemvKernel::Tc | GemvKernel::TcRegs | GemvKernel::Tc3 => {
+                (format!("nf4_gemv_{}_bf16_m{m}", self.name()), 2)
+            }
             GemvKernel::PairTwoRows if m <= 4 => (format!("nf4_gemv3_bf16_m{m}"), 2),
             GemvKernel::Pair | GemvKernel::PairTwoRows => (format!("nf4_gemv2_bf16_m{m}"), 1),
         }
@@ -179,12 +217,10 @@ impl Nf4Gpu {
                 "NF4 on CUDA needs a power-of-two blocksize >= 32, got {bs}"
             )));
         }
-        let kernel = if kernel == GemvKernel::Mma
-            && !(n.is_multiple_of(16) && k.is_multiple_of(64) && bs.is_multiple_of(64))
-        {
-            GemvKernel::Lut16
-        } else {
+        let kernel = if kernel.fits(n, k, bs) {
             kernel
+        } else {
+            GemvKernel::Lut16
         };
         let dummy_f = device.clone_htod(&[0f32][..])?;
         let dummy_u = device.clone_htod(&[0u8][..])?;
@@ -369,7 +405,8 @@ impl Nf4Gpu {
     }
 
     /// `y (m, n) = x (m, k) · Wᵀ + each row's LoRA delta`, bf16, for m ≤ [`GEMV_MAX_ROWS`]: the
-    /// lut16 GEMV with the BGMV expand in its epilogue, after [`crate::bgmv::BgmvPlan::shrink_for_gemv`]
+    /// GEMV (`tc` when this weight decodes with a tensor-core kernel, else lut16) with the BGMV
+    /// expand in its epilogue, after [`crate::bgmv::BgmvPlan::shrink_for_gemv`]
     /// (one rounding of y instead of the GEMV's and the expand's). Errors when the shape does not
     /// fit the kernel (the caller checks first and otherwise keeps the two-step path).
     pub fn xwt_lora(
@@ -393,26 +430,39 @@ impl Nf4Gpu {
                 lora.rows, lora.out_f
             )));
         }
+        let tc = self.kernel.tensor_cores();
         let funcs = match self.gemv_lora.get() {
             Some(f) => f,
             None => {
+                let prefix = if tc {
+                    "nf4_gemv_tc_lora"
+                } else {
+                    "nf4_gemv_lora"
+                };
                 let loaded = (1..=GEMV_MAX_ROWS)
                     .map(|r| {
                         crate::module_cuda::function(
                             &self.device,
                             &crate::module_cuda::NF4,
-                            &format!("nf4_gemv_lora_bf16_m{r}"),
+                            &format!("{prefix}_bf16_m{r}"),
                         )
                     })
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 self.gemv_lora.get_or_init(|| loaded)
             }
         };
-        // SAFETY: written by lane 0 of each row's warp below.
+        // SAFETY: written by lane 0 of each row's warp below (lut16), or by warp 0 of each
+        // 16-feature block (tc).
         let mut y = unsafe { self.device.alloc::<bf16>(m * n) }?;
+        // tc: 16 features per block, and a ninth warp computing their LoRA expand.
+        let (rows_per_block, warps) = if tc {
+            (2 * GEMV_WARPS, GEMV_WARPS + 1)
+        } else {
+            (GEMV_WARPS, GEMV_WARPS)
+        };
         let cfg = LaunchConfig {
-            grid_dim: ((n as u32).div_ceil(GEMV_WARPS), 1, 1),
-            block_dim: (32 * GEMV_WARPS, 1, 1),
+            grid_dim: ((n as u32).div_ceil(rows_per_block), 1, 1),
+            block_dim: (32 * warps, 1, 1),
             shared_mem_bytes: 0,
         };
         let (n32, k32) = (n as u32, k as u32);
@@ -426,7 +476,8 @@ impl Nf4Gpu {
             .arg(&lora.slot)
             .arg(&lora.t)
             .arg(&lora.t_stride);
-        // SAFETY: argument types and order match nf4_gemv_lora_bf16_m{m}; x has m·k and y m·n
+        // SAFETY: argument types and order match nf4_gemv_lora_bf16_m{m} and
+        // nf4_gemv_tc_lora_bf16_m{m} (tc: the weight passed `fits`); x has m·k and y m·n
         // elements, k % 32 == 0; the row tables hold m rows (m == the plan's rows) whose modules at
         // `slot` have n outputs, and t holds the plan's shrink output for this slot, written
         // earlier on this stream.

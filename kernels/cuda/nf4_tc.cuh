@@ -1,0 +1,266 @@
+// The NF4 GEMV on tensor cores, second form (`tc`), for decode's 1..8 input rows; included by
+// nf4.cu after the first form (`mma`), whose fragment layout it keeps: a block of TC_WARPS warps
+// computes 16 output features, each warp takes every TC_WARPS-th 64-element k block, codes become
+// mma.m16n8k16 A fragments through a per-lane table of bf16 code pairs indexed by the packed byte,
+// x is the B operand (column m = input row m) and each block's absmax scales the f32 result of its
+// 64 elements. What changed, from ncu on the H200 (the `mma` form ran at 25 % theoretical
+// occupancy, 114 registers, warps stalled ~50 % of their cycles on global loads, and
+// 6.4 instructions per code):
+//  - a software pipeline: each warp keeps STAGES k blocks of weights (and their quantized
+//    absmax bytes) in flight and issues the loads for block i + STAGES as soon as block i's
+//    registers are consumed, instead of loading four, computing four (`tc`: 2 stages, <= 64
+//    registers; gpu-check's candidates `tcr`: 2 stages, <= 85 registers, `tc3`: 3 stages, <= 85);
+//  - registers: only the weight words and the scales' operands are carried across iterations; x
+//    (a few KB, L1-resident) is read where it is used; the launch bounds ask for 4 resident blocks
+//    (<= 64 registers);
+//  - fewer instructions per code: a byte's entry for lane l sits at byte offset byte·128 + 4·l,
+//    so its address is one byte permute and one shift-add; the dynamic code of the absmax is in
+//    shared memory; pointers and indices advance instead of being recomputed, in 32 bits where
+//    they can (the host checks n·k < 2^32). 132 SASS instructions per lane per k block of 32
+//    codes, against ~210 in `mma`.
+// Precision as `mma`: codes are rounded to bf16 (bitsandbytes' own dequantize rounds code·absmax
+// to bf16), products and sums in f32, y rounded once.
+// LORA: the epilogue adds each input row's LoRA expand (as nf4_gemv's LORA in nf4.cu), computed
+// by a ninth warp of the block while the eight stream the weights (blocks of 288 threads), and
+// added by warp 0 in the cross-warp reduction.
+// Needs n % 16 == 0, k % 64 == 0, a blocksize that is a multiple of 64 and n·k < 2^32.
+#pragma once
+
+#define TC_WARPS 8
+#define TC_COPIES 32
+
+// (STAGES, minimum resident blocks for the launch bounds) of the variants.
+#define TC_CFG_tc 2, 4
+#define TC_CFG_tcr 2, 3
+#define TC_CFG_tc3 3, 3
+
+struct TcStage {
+    uint2 a, b;  // 8 bytes (16 codes) of the lane's two rows in this k block
+    u32 qa, qb;  // the rows' first-level absmax: its 8-bit code (double quant) or its f32 bits
+    float na, nb;  // double quant: the rows' second-level absmax
+};
+
+template <int M, bool LORA, int STAGES>
+__device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
+                                            const u8* __restrict__ packed,
+                                            const float* __restrict__ code16, u32 plain,
+                                            const float* __restrict__ absmax,
+                                            const u8* __restrict__ qabs,
+                                            const float* __restrict__ nested,
+                                            const float* __restrict__ ncode, float offset,
+                                            u32 log2_bs, u32 n, u32 k, u16* __restrict__ y,
+                                            const u64* __restrict__ row_tables, u32 slot,
+                                            const float* __restrict__ t_lora, u32 t_stride) {
+    __shared__ __align__(16) u32 lut[256 * TC_COPIES];
+    __shared__ float s_ncode[256];
+    __shared__ float red[TC_WARPS][32][4];
+    __shared__ float lora_out[LORA ? 16 * M : 1];
+    if (threadIdx.x < 256) {
+        // Thread `byte` fills its entry's 32 copies (all equal), rotating the copy order by its
+        // index so a warp's stores go to 32 different banks.
+        const u32 byte = threadIdx.x;
+        const u32 v =
+            (u32)f32_to_bf16(code16[byte >> 4]) | ((u32)f32_to_bf16(code16[byte & 15u]) << 16);
+#pragma unroll 8
+        for (u32 c = 0; c < TC_COPIES; ++c) {
+            lut[byte * TC_COPIES + ((c + byte) & (TC_COPIES - 1))] = v;
+        }
+        s_ncode[byte] = plain ? 0.f : ncode[byte];
+    }
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    const u32 g = lane >> 2, t = lane & 3u;
+    const u32 ra = blockIdx.x * 16 + g, rb = ra + 8;
+    __syncthreads();
+    if (LORA && warp == TC_WARPS) {
+        // The LoRA warp: scale_m · t_m · B_m[o, :r_m] for the tile's 16 features o and every input
+        // row m, two lanes per feature. Its chain of dependent loads (row table, module, B, t)
+        // runs while the other warps stream the weights.
+        const u32 o = lane >> 1, h = lane & 1u;
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+            const RowLora l = lookup(row_tables, m, slot);
+            float d = 0.f;
+            if (l.r != 0 && l.r <= t_stride) {
+                const u16* br = l.b + (u64)(blockIdx.x * 16 + o) * l.r;
+                const float* tm = t_lora + (u64)m * t_stride;
+                for (u32 j = h; j < l.r; j += 2) {
+                    d = fmaf(bf16_f(br[j]), __ldg(tm + j), d);
+                }
+                d = (d + __shfl_xor_sync(0xffffffffu, d, 1)) * l.scale;
+            }
+            if (h == 0) {
+                lora_out[o * M + m] = d;
+            }
+        }
+    }
+    const u32 lut_base = (u32)__cvta_generic_to_shared(lut) + 4 * lane;
+    const u32 nkb = k >> 6;
+    const u32 iters =
+        warp < TC_WARPS && warp < nkb ? (nkb - warp + TC_WARPS - 1) / TC_WARPS : 0;
+    // The next k block to load, as pointers into the two rows and element indices for the scales.
+    const u8* pa = packed + (u64)ra * (k >> 1) + 8 * t + 32 * warp;
+    const u8* pb = packed + (u64)rb * (k >> 1) + 8 * t + 32 * warp;
+    u32 ea = ra * k + 64 * warp, eb = rb * k + 64 * warp;  // n·k < 2^32
+    const u16* xg = x + (u64)(g < M ? g : 0) * k + 16 * t + 64 * warp;
+
+    auto load = [&](TcStage& s) {
+        s.a = ld_stream8(pa);
+        s.b = ld_stream8(pb);
+        const u32 ba = ea >> log2_bs, bb = eb >> log2_bs;
+        if (plain) {
+            s.qa = __float_as_uint(__ldg(absmax + ba));
+            s.qb = __float_as_uint(__ldg(absmax + bb));
+        } else {
+            s.qa = __ldg(qabs + ba);
+            s.qb = __ldg(qabs + bb);
+            s.na = __ldg(nested + (ba >> NESTED_LOG2));
+            s.nb = __ldg(nested + (bb >> NESTED_LOG2));
+        }
+        pa += 32 * TC_WARPS;
+        pb += 32 * TC_WARPS;
+        ea += 64 * TC_WARPS;
+        eb += 64 * TC_WARPS;
+    };
+    // The code pair of byte `pos` (0..3) of `w` for this lane: entry byte·32 + lane of the table,
+    // at shared address lane_base + byte·128: one byte permute and one shift-add (the table's
+    // base is not a compile-time constant on sm_90, so a mask-or cannot replace the add).
+    auto look = [&](u32 w, int pos) -> u32 {
+        const u32 byte = __byte_perm(w, 0u, 0x4440u + pos);
+        u32 v;
+        asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(lut_base + (byte << 7)));
+        return v;
+    };
+    auto scale = [&](u32 q, float nv) -> float {
+        if (plain) {
+            return __uint_as_float(q);
+        }
+        return __fadd_rn(__fmul_rn(s_ncode[q], nv), offset);
+    };
+
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    TcStage st[STAGES];
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+        if ((u32)s < iters) {
+            load(st[s]);
+        }
+    }
+    for (u32 i0 = 0; i0 < iters; i0 += STAGES) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s) {
+            const u32 i = i0 + s;
+            if (i >= iters) {
+                break;
+            }
+            uint4 xl = make_uint4(0u, 0u, 0u, 0u), xh = xl;
+            if (g < M) {
+                const uint4* xp = reinterpret_cast<const uint4*>(xg);
+                xl = __ldg(xp);
+                xh = __ldg(xp + 1);
+            }
+            xg += 64 * TC_WARPS;
+            const u32 xs[8] = {xl.x, xl.y, xl.z, xl.w, xh.x, xh.y, xh.z, xh.w};
+            // All 16 lookups first: the stage's weight registers are free for the next load.
+            u32 f[4][4];
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                const u32 wA = u < 2 ? st[s].a.x : st[s].a.y;
+                const u32 wB = u < 2 ? st[s].b.x : st[s].b.y;
+                const int p = (u & 1) * 2;
+                f[u][0] = look(wA, p);
+                f[u][1] = look(wB, p);
+                f[u][2] = look(wA, p + 1);
+                f[u][3] = look(wB, p + 1);
+            }
+            const float sa = scale(st[s].qa, st[s].na), sb = scale(st[s].qb, st[s].nb);
+            if (i + STAGES < iters) {
+                load(st[s]);
+            }
+            float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int u = 0; u < 4; ++u) {
+                mma_bf16_16816(d, f[u][0], f[u][1], f[u][2], f[u][3], xs[2 * u], xs[2 * u + 1]);
+            }
+            acc[0] = fmaf(d[0], sa, acc[0]);
+            acc[1] = fmaf(d[1], sa, acc[1]);
+            acc[2] = fmaf(d[2], sb, acc[2]);
+            acc[3] = fmaf(d[3], sb, acc[3]);
+        }
+    }
+    if (warp < TC_WARPS) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp][lane][i] = acc[i];
+    }
+    __syncthreads();
+    if (warp == 0) {
+        float o[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (u32 w = 0; w < TC_WARPS; ++w) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) o[i] += red[w][lane][i];
+        }
+        // D fragment: o[0] (feature ra, m = 2t), o[1] (ra, 2t + 1), o[2] (rb, 2t), o[3] (rb, 2t + 1).
+        const u32 m0 = 2 * t, m1 = 2 * t + 1;
+        if (m0 < M) {
+            float va = o[0], vb = o[2];
+            if (LORA) {
+                va += lora_out[g * M + m0];
+                vb += lora_out[(g + 8) * M + m0];
+            }
+            y[(u64)m0 * n + ra] = f32_to_bf16(va);
+            y[(u64)m0 * n + rb] = f32_to_bf16(vb);
+        }
+        if (m1 < M) {
+            float va = o[1], vb = o[3];
+            if (LORA) {
+                va += lora_out[g * M + m1];
+                vb += lora_out[(g + 8) * M + m1];
+            }
+            y[(u64)m1 * n + ra] = f32_to_bf16(va);
+            y[(u64)m1 * n + rb] = f32_to_bf16(vb);
+        }
+    }
+}
+
+#define TC_BOUNDS_(S, B) __launch_bounds__(TC_WARPS * 32, B)
+#define TC_BOUNDS(CFG) TC_BOUNDS_(CFG)
+#define TC_STAGES_(S, B) S
+#define TC_STAGES_OF(CFG) TC_STAGES_(CFG)
+
+#define NF4_GEMV_TC_ENTRY(NAME, M)                                                               \
+    extern "C" __global__ void TC_BOUNDS(TC_CFG_##NAME) nf4_gemv_##NAME##_bf16_m##M(             \
+        const u16* __restrict__ x, const u8* __restrict__ packed,                                \
+        const float* __restrict__ code16, u32 plain, const float* __restrict__ absmax,           \
+        const u8* __restrict__ qabs, const float* __restrict__ nested,                           \
+        const float* __restrict__ ncode, float offset, u32 log2_bs, u32 n, u32 k,                \
+        u16* __restrict__ y) {                                                                   \
+        nf4_gemv_tc<M, false, TC_STAGES_OF(TC_CFG_##NAME)>(x, packed, code16, plain, absmax, qabs, \
+                                                      nested, ncode, offset, log2_bs, n, k, y,   \
+                                                      nullptr, 0, nullptr, 0);                   \
+    }
+#define NF4_GEMV_TC_LORA_ENTRY(M)                                                                \
+    extern "C" __global__ void __launch_bounds__((TC_WARPS + 1) * 32, 3)                         \
+        nf4_gemv_tc_lora_bf16_m##M(                                                              \
+        const u16* __restrict__ x, const u8* __restrict__ packed,                                \
+        const float* __restrict__ code16, u32 plain, const float* __restrict__ absmax,           \
+        const u8* __restrict__ qabs, const float* __restrict__ nested,                           \
+        const float* __restrict__ ncode, float offset, u32 log2_bs, u32 n, u32 k,                \
+        u16* __restrict__ y, const u64* __restrict__ row_tables, u32 slot,                       \
+        const float* __restrict__ t, u32 t_stride) {                                             \
+        nf4_gemv_tc<M, true, 2>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset,   \
+                                log2_bs, n, k, y, row_tables, slot, t, t_stride);                \
+    }
+#define NF4_GEMV_TC_ALL(M)                                                                       \
+    NF4_GEMV_TC_ENTRY(tc, M)                                                                     \
+    NF4_GEMV_TC_ENTRY(tcr, M)                                                                    \
+    NF4_GEMV_TC_ENTRY(tc3, M)                                                                    \
+    NF4_GEMV_TC_LORA_ENTRY(M)
+
+NF4_GEMV_TC_ALL(1)
+NF4_GEMV_TC_ALL(2)
+NF4_GEMV_TC_ALL(3)
+NF4_GEMV_TC_ALL(4)
+NF4_GEMV_TC_ALL(5)
+NF4_GEMV_TC_ALL(6)
+NF4_GEMV_TC_ALL(7)
+NF4_GEMV_TC_ALL(8)
