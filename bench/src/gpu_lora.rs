@@ -246,7 +246,7 @@ fn group_check(dev: &Device, rng: &mut ChaCha8Rng, r: &mut Report) -> Result<()>
 /// rounding of y between the GEMV and the expand, which the epilogue skips.
 fn gemv_epilogue(dev: &Device, r: &mut Report) -> Result<()> {
     use qlorad_kernels::cuda::GemvKernel;
-    for kernel in [GemvKernel::Lut16, GemvKernel::Tc] {
+    for kernel in [GemvKernel::Lut16, GemvKernel::Tc, GemvKernel::Tc3] {
         gemv_epilogue_with(dev, r, kernel)?;
     }
     Ok(())
@@ -257,6 +257,7 @@ fn gemv_epilogue_with(
     r: &mut Report,
     kernel: qlorad_kernels::cuda::GemvKernel,
 ) -> Result<()> {
+    use qlorad_kernels::cuda::GemvKernel;
     use qlorad_kernels::{nf4_linear, Nf4Config, Nf4Tensor, Nf4Weight};
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed);
     let qkv = [Some((512, 1024)), Some((512, 256)), Some((512, 256))];
@@ -270,6 +271,7 @@ fn gemv_epilogue_with(
         })
         .collect::<Result<Vec<_>>>()?;
     let mut worst = 0f64;
+    let (mut grouped, mut grouped_worst) = (false, 0f64);
     for rows in [1usize, 3, 8] {
         let per_row = (0..rows)
             .map(|i| {
@@ -293,13 +295,49 @@ fn gemv_epilogue_with(
         let epis = plan
             .shrink_for_gemv(0, 3, &x)?
             .ok_or_else(|| anyhow::anyhow!("shrink_for_gemv found no module"))?;
+        let mut singles = Vec::new();
         for ((w, e), want) in ws.iter().zip(&epis).zip(&want) {
             let got = qlorad_kernels::nf4_op::nf4_linear_lora(&x, w, e)?;
             worst = worst.max(rel_err(
                 &got.to_dtype(DType::F32)?,
                 &want.to_dtype(DType::F32)?,
             )?);
+            singles.push((got, nf4_linear(&x, w)?));
         }
+        // The grouped launch (tensor-core kernels only) against the weights one by one: the same
+        // arithmetic per tile, so the same bits.
+        let refs: Vec<&Arc<Nf4Weight>> = ws.iter().collect();
+        for with_lora in [true, false] {
+            let loras = with_lora.then_some(&epis[..]);
+            match qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &refs, loras)? {
+                Some(ys) => {
+                    for (y, (lo, base)) in ys.iter().zip(&singles) {
+                        let want = if with_lora { lo } else { base };
+                        let d = (y.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?
+                            .abs()?
+                            .max_all()?
+                            .to_scalar::<f32>()?;
+                        grouped_worst = grouped_worst.max(f64::from(d));
+                    }
+                    grouped = true;
+                }
+                None if kernel != GemvKernel::Lut16 => {
+                    anyhow::bail!("the grouped GEMV declined {} weights", kernel.name())
+                }
+                None => {}
+            }
+        }
+    }
+    if grouped {
+        r.add(
+            format!(
+                "grouped GEMV ({}, q/k/v in one launch, with and without LoRA) vs one launch per weight, 1/3/8 rows",
+                kernel.name()
+            ),
+            grouped_worst,
+            0.0,
+            "max |difference| (same arithmetic: bitwise)".into(),
+        );
     }
     r.add(
         format!(

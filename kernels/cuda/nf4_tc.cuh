@@ -50,7 +50,8 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
                                             const float* __restrict__ ncode, float offset,
                                             u32 log2_bs, u32 n, u32 k, u16* __restrict__ y,
                                             const u64* __restrict__ row_tables, u32 slot,
-                                            const float* __restrict__ t_lora, u32 t_stride) {
+                                            const float* __restrict__ t_lora, u32 t_stride,
+                                            u32 tile) {
     __shared__ __align__(16) u32 lut[256 * TC_COPIES];
     __shared__ float s_ncode[256];
     __shared__ float red[TC_WARPS][32][4];
@@ -69,7 +70,7 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
     }
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const u32 g = lane >> 2, t = lane & 3u;
-    const u32 ra = blockIdx.x * 16 + g, rb = ra + 8;
+    const u32 ra = tile * 16 + g, rb = ra + 8;
     __syncthreads();
     if (LORA && warp == TC_WARPS) {
         // The LoRA warp: scale_m · t_m · B_m[o, :r_m] for the tile's 16 features o and every input
@@ -81,7 +82,7 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
             const RowLora l = lookup(row_tables, m, slot);
             float d = 0.f;
             if (l.r != 0 && l.r <= t_stride) {
-                const u16* br = l.b + (u64)(blockIdx.x * 16 + o) * l.r;
+                const u16* br = l.b + (u64)(tile * 16 + o) * l.r;
                 const float* tm = t_lora + (u64)m * t_stride;
                 for (u32 j = h; j < l.r; j += 2) {
                     d = fmaf(bf16_f(br[j]), __ldg(tm + j), d);
@@ -236,7 +237,7 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
         u16* __restrict__ y) {                                                                   \
         nf4_gemv_tc<M, false, TC_STAGES_OF(TC_CFG_##NAME)>(x, packed, code16, plain, absmax, qabs, \
                                                       nested, ncode, offset, log2_bs, n, k, y,   \
-                                                      nullptr, 0, nullptr, 0);                   \
+                                                      nullptr, 0, nullptr, 0, blockIdx.x);       \
     }
 #define NF4_GEMV_TC_LORA_ENTRY(M)                                                                \
     extern "C" __global__ void __launch_bounds__((TC_WARPS + 1) * 32, 3)                         \
@@ -248,7 +249,7 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
         u16* __restrict__ y, const u64* __restrict__ row_tables, u32 slot,                       \
         const float* __restrict__ t, u32 t_stride) {                                             \
         nf4_gemv_tc<M, true, 2>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset,   \
-                                log2_bs, n, k, y, row_tables, slot, t, t_stride);                \
+                                log2_bs, n, k, y, row_tables, slot, t, t_stride, blockIdx.x);    \
     }
 #define NF4_GEMV_TC_ALL(M)                                                                       \
     NF4_GEMV_TC_ENTRY(tc, M)                                                                     \
@@ -264,3 +265,69 @@ NF4_GEMV_TC_ALL(5)
 NF4_GEMV_TC_ALL(6)
 NF4_GEMV_TC_ALL(7)
 NF4_GEMV_TC_ALL(8)
+
+// Several weights that read the same x (q/k/v, gate/up) in one launch: the grid is the
+// concatenation of their 16-feature tiles, and each block computes a tile of its weight exactly as
+// the one-weight kernels do. Small weights (k/v: 64 tiles) no longer leave most of the GPU idle
+// for a launch of their own. Passed by value (kernel parameters); mirrored by TcGroup in
+// src/cuda.rs.
+#define TC_GROUP_MAX 3
+
+struct TcWeight {
+    const u8* packed;
+    const float* code16;
+    const float* absmax;
+    const u8* qabs;
+    const float* nested;
+    const float* ncode;
+    u16* y;
+    const float* t;  // LORA: the shrink output of this weight's slot
+    float offset;
+    u32 plain;
+    u32 log2_bs;
+    u32 n;
+    u32 tile0;  // the group's first tile of this weight
+    u32 slot;   // LORA: the weight's slot in the row tables
+};
+
+struct TcGroup {
+    TcWeight w[TC_GROUP_MAX];
+    u32 count;
+    u32 k;
+    u32 t_stride;
+    const u64* row_tables;
+};
+
+template <int M, bool LORA, int STAGES>
+__device__ __forceinline__ void nf4_gemv_tc_group(const u16* __restrict__ x, const TcGroup& grp) {
+    u32 i = 0;
+#pragma unroll
+    for (u32 j = 1; j < TC_GROUP_MAX; ++j) {
+        if (j < grp.count && blockIdx.x >= grp.w[j].tile0) {
+            i = j;
+        }
+    }
+    const TcWeight& w = grp.w[i];
+    nf4_gemv_tc<M, LORA, STAGES>(x, w.packed, w.code16, w.plain, w.absmax, w.qabs, w.nested,
+                                 w.ncode, w.offset, w.log2_bs, w.n, grp.k, w.y, grp.row_tables,
+                                 w.slot, w.t, grp.t_stride, blockIdx.x - w.tile0);
+}
+
+#define NF4_GEMV_TC_GROUP_ENTRY(M)                                                               \
+    extern "C" __global__ void TC_BOUNDS(TC_CFG_tc3)                                             \
+        nf4_gemv_tcg_bf16_m##M(const u16* __restrict__ x, const TcGroup grp) {                   \
+        nf4_gemv_tc_group<M, false, TC_STAGES_OF(TC_CFG_tc3)>(x, grp);                           \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__((TC_WARPS + 1) * 32, 3)                         \
+        nf4_gemv_tcg_lora_bf16_m##M(const u16* __restrict__ x, const TcGroup grp) {              \
+        nf4_gemv_tc_group<M, true, 2>(x, grp);                                                   \
+    }
+
+NF4_GEMV_TC_GROUP_ENTRY(1)
+NF4_GEMV_TC_GROUP_ENTRY(2)
+NF4_GEMV_TC_GROUP_ENTRY(3)
+NF4_GEMV_TC_GROUP_ENTRY(4)
+NF4_GEMV_TC_GROUP_ENTRY(5)
+NF4_GEMV_TC_GROUP_ENTRY(6)
+NF4_GEMV_TC_GROUP_ENTRY(7)
+NF4_GEMV_TC_GROUP_ENTRY(8)

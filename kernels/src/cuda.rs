@@ -15,7 +15,8 @@ use crate::nf4::{Absmax, Nf4Tensor};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{sys::cublasOperation_t, Gemm, GemmConfig};
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, LaunchArgs, LaunchConfig,
+    PushKernelArg, SyncOnDrop,
 };
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{CudaStorage, Layout, Shape};
@@ -28,7 +29,7 @@ pub const GEMV_MAX_ROWS: usize = 8;
 /// weights a few times still moves fewer bytes than writing and reading a bf16 copy of them.
 pub const GEMV_BATCH_ROWS: usize = 32;
 /// Warps per GEMV thread block.
-const GEMV_WARPS: u32 = 8;
+pub(crate) const GEMV_WARPS: u32 = 8;
 
 /// Which fused NF4 GEMV kernel decode uses (all compute the same function; they differ in how
 /// they spend instructions, see cuda/nf4.cu). Chosen per process with `QLORAD_NF4_GEMV`
@@ -294,6 +295,52 @@ impl Nf4Gpu {
     /// The GEMV kernel this weight decodes with.
     pub fn gemv_kernel(&self) -> GemvKernel {
         self.kernel
+    }
+
+    /// (out, in) features.
+    pub fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
+    }
+
+    /// Whether this weight decodes with a tensor-core kernel (and so fits the grouped one).
+    pub(crate) fn tensor_cores(&self) -> bool {
+        self.kernel.tensor_cores()
+    }
+
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Device addresses of (packed codes, code table, absmax, quantized absmax, nested absmax,
+    /// nested code), with the guards that order their use on `stream` (kept until the launch is
+    /// queued).
+    pub(crate) fn pointers<'a>(
+        &'a self,
+        stream: &'a CudaStream,
+        guards: &mut Vec<SyncOnDrop<'a>>,
+    ) -> (u64, u64, u64, u64, u64, u64) {
+        let mut p = |s: u64, g: SyncOnDrop<'a>| {
+            guards.push(g);
+            s
+        };
+        let (a, g) = self.packed.device_ptr(stream);
+        let packed = p(a, g);
+        let (a, g) = self.code.device_ptr(stream);
+        let code = p(a, g);
+        let (a, g) = self.absmax.device_ptr(stream);
+        let absmax = p(a, g);
+        let (a, g) = self.qabs.device_ptr(stream);
+        let qabs = p(a, g);
+        let (a, g) = self.nested.device_ptr(stream);
+        let nested = p(a, g);
+        let (a, g) = self.ncode.device_ptr(stream);
+        let ncode = p(a, g);
+        (packed, code, absmax, qabs, nested, ncode)
+    }
+
+    /// (offset, plain flag, log2 of the blocksize): the weight's scalar kernel arguments.
+    pub(crate) fn scalars(&self) -> (f32, u32, u32) {
+        (self.offset, self.plain, self.log2_bs)
     }
 
     /// Pushes the weight's arguments, in the order every kernel of cuda/nf4.cu takes them after

@@ -24,6 +24,8 @@ pub mod module_cuda;
 #[cfg(feature = "cuda")]
 pub mod multi_tensor_cuda;
 pub mod nf4;
+#[cfg(feature = "cuda")]
+pub mod nf4_group_cuda;
 pub mod nf4_matmul;
 pub mod nf4_op;
 #[cfg(feature = "cuda")]

@@ -136,10 +136,18 @@ fn lora_epilogue() -> bool {
     *ON.get_or_init(|| std::env::var("QLORAD_LORA_EPILOGUE").map_or(true, |v| v != "0"))
 }
 
-/// Projections `proj0 ..` reading `x`, with the batch's LoRA deltas: on the BGMV path with NF4
-/// bases and at most 8 rows, one shrink launch for the group, then each base GEMV adds its
-/// projection's expand in its epilogue (`qlorad_kernels::nf4_linear_lora`): half the LoRA launches
-/// of the two-step path (shrink, expand), and y is rounded to bf16 once. Otherwise
+/// Whether decode's projections that read the same input run as one grouped GEMV launch
+/// (`QLORAD_GEMV_GROUP=0` turns it off, for comparisons).
+fn gemv_group() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("QLORAD_GEMV_GROUP").map_or(true, |v| v != "0"))
+}
+
+/// Projections `proj0 ..` reading `x`, with the batch's LoRA deltas: on the GPU with NF4 bases and
+/// at most 8 rows, one grouped GEMV launch for the whole group when the bases decode on tensor
+/// cores (`qlorad_kernels::nf4_group_cuda`), else one launch per base; with adapters on the BGMV
+/// path, one shrink launch for the group first, then the GEMV adds each projection's expand in its
+/// epilogue (`qlorad_kernels::nf4_linear_lora`): y is rounded to bf16 once. Otherwise
 /// [`project_group`].
 fn project_group_fused<const N: usize>(
     bases: [&dyn BaseLinear; N],
@@ -149,14 +157,29 @@ fn project_group_fused<const N: usize>(
     lora: &LoraBatch,
 ) -> Result<[Tensor; N]> {
     let plain = || project_group(bases, layer, proj0, x, lora);
-    let (Some(plan), true) = (lora.bgmv_plan(), lora_epilogue()) else {
-        return plain();
+    let into_array = |ys: Vec<Tensor>| -> Result<[Tensor; N]> {
+        ys.try_into()
+            .map_err(|_| ModelError::Invalid("a projection group lost an output".into()))
     };
     let weights: Option<Vec<_>> = bases.iter().map(|b| b.nf4_weight()).collect();
     let (Some(weights), Ok((rows, k))) = (weights, x.dims2()) else {
         return plain();
     };
-    if rows > qlorad_kernels::cuda::GEMV_MAX_ROWS || k % 32 != 0 || rows != plan.rows() {
+    if rows > qlorad_kernels::cuda::GEMV_MAX_ROWS || k % 32 != 0 || !x.device().is_cuda() {
+        return plain();
+    }
+    if lora.is_empty() {
+        if gemv_group() {
+            if let Some(ys) = qlorad_kernels::nf4_group_cuda::nf4_linear_group(x, &weights, None)? {
+                return into_array(ys);
+            }
+        }
+        return plain();
+    }
+    let (Some(plan), true) = (lora.bgmv_plan(), lora_epilogue()) else {
+        return plain();
+    };
+    if rows != plan.rows() {
         return plain();
     }
     let x = x.contiguous()?;
@@ -164,6 +187,13 @@ fn project_group_fused<const N: usize>(
         // No row has a module at these slots: the base alone.
         return plain();
     };
+    if gemv_group() {
+        if let Some(ys) =
+            qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &weights, Some(&epis))?
+        {
+            return into_array(ys);
+        }
+    }
     let ys = weights
         .iter()
         .zip(&epis)
@@ -175,6 +205,5 @@ fn project_group_fused<const N: usize>(
             }
         })
         .collect::<Result<Vec<_>>>()?;
-    ys.try_into()
-        .map_err(|_| ModelError::Invalid("a projection group lost an output".into()))
+    into_array(ys)
 }

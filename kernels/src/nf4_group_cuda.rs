@@ -1,0 +1,213 @@
+//! Decode projections that read the same input (q/k/v, gate/up) in one tensor-core GEMV launch
+//! (`nf4_gemv_tcg*` of cuda/nf4_tc.cuh): the grid is the concatenation of the weights' 16-feature
+//! tiles. On their own the k and v projections of Mistral-7B (1024 × 4096) fill 64 blocks, half the
+//! H200's multiprocessors, and each launch pays its own ramp-up and tail.
+
+use crate::bgmv::GemvLora;
+use crate::cuda::{Nf4Gpu, GEMV_MAX_ROWS, GEMV_WARPS};
+use crate::nf4_op::Nf4Weight;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{CudaStorage, Storage, Tensor};
+use half::bf16;
+use std::sync::Arc;
+
+/// Weights one grouped launch takes (`TC_GROUP_MAX` in cuda/nf4_tc.cuh).
+pub const GROUP_MAX: usize = 3;
+
+/// Mirrors `TcWeight` of cuda/nf4_tc.cuh (device addresses as u64; 88 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct TcWeight {
+    packed: u64,
+    code16: u64,
+    absmax: u64,
+    qabs: u64,
+    nested: u64,
+    ncode: u64,
+    y: u64,
+    t: u64,
+    offset: f32,
+    plain: u32,
+    log2_bs: u32,
+    n: u32,
+    tile0: u32,
+    slot: u32,
+}
+
+/// Mirrors `TcGroup` of cuda/nf4_tc.cuh (288 bytes, passed by value).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct TcGroup {
+    w: [TcWeight; GROUP_MAX],
+    count: u32,
+    k: u32,
+    t_stride: u32,
+    row_tables: u64,
+}
+
+// SAFETY: plain data with the C layout of the kernel's parameter (repr(C), no padding the kernel
+// reads, no host pointers).
+unsafe impl DeviceRepr for TcGroup {}
+
+fn msg(s: String) -> candle_core::Error {
+    candle_core::Error::Msg(s)
+}
+
+/// `y_i (m, n_i) = x (m, k) · W_iᵀ` (+ each row's LoRA delta for W_i when `loras` is given, after
+/// the group's BGMV shrink) for up to [`GROUP_MAX`] weights on one GPU in one launch. `Ok(None)`
+/// when the group does not fit the grouped kernel (a weight off the GPU or decoding with a
+/// non-tensor-core kernel, different k or devices, more than 8 rows, an unaligned or non-bf16 x):
+/// the caller then launches the weights one by one.
+pub fn nf4_linear_group(
+    x: &Tensor,
+    weights: &[&Arc<Nf4Weight>],
+    loras: Option<&[GemvLora]>,
+) -> candle_core::Result<Option<Vec<Tensor>>> {
+    let Some(gpus) = weights
+        .iter()
+        .map(|w| w.gpu().filter(|g| g.tensor_cores()))
+        .collect::<Option<Vec<&Nf4Gpu>>>()
+    else {
+        return Ok(None);
+    };
+    if gpus.is_empty() || gpus.len() > GROUP_MAX || loras.is_some_and(|l| l.len() != gpus.len()) {
+        return Ok(None);
+    }
+    let (m, k) = x.dims2()?;
+    let k0 = gpus[0].shape().1;
+    if m == 0 || m > GEMV_MAX_ROWS || k != k0 || x.dtype() != candle_core::DType::BF16 {
+        return Ok(None);
+    }
+    let dev0 = gpus[0].device();
+    if gpus
+        .iter()
+        .any(|g| g.shape().1 != k || g.device().id() != dev0.id())
+    {
+        return Ok(None);
+    }
+    let (storage, layout) = x.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Ok(None);
+    };
+    if cs.device.id() != dev0.id() {
+        return Ok(None);
+    }
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        return Ok(None);
+    };
+    // Allocations are 256-byte aligned: the element offset decides the 16-byte alignment.
+    if a % 8 != 0 {
+        return Ok(None);
+    }
+    let slice = cs.as_cuda_slice::<bf16>()?;
+    let xv = slice.slice(a..b);
+    let ys = launch(&gpus, &xv, m, loras)?;
+    drop(storage);
+    Ok(Some(
+        ys.into_iter()
+            .zip(&gpus)
+            .map(|(y, g)| {
+                Tensor::from_storage(
+                    Storage::Cuda(CudaStorage::wrap_cuda_slice(y, g.device().clone())),
+                    (m, g.shape().0),
+                    candle_core::op::BackpropOp::none(),
+                    false,
+                )
+            })
+            .collect(),
+    ))
+}
+
+fn launch(
+    gpus: &[&Nf4Gpu],
+    x: &CudaView<'_, bf16>,
+    m: usize,
+    loras: Option<&[GemvLora]>,
+) -> candle_core::Result<Vec<CudaSlice<bf16>>> {
+    let g0 = gpus[0];
+    let (device, stream) = (g0.device(), g0.stream());
+    let k = g0.shape().1;
+    if x.len() != m * k {
+        return Err(msg(format!(
+            "grouped gemv: x has {} values, expected {m}x{k}",
+            x.len()
+        )));
+    }
+    if let Some(ls) = loras {
+        for (l, g) in ls.iter().zip(gpus) {
+            if l.rows != m
+                || l.out_f != g.shape().0
+                || l.row_tables != ls[0].row_tables
+                || l.t_stride != ls[0].t_stride
+            {
+                return Err(msg(format!(
+                    "grouped gemv with LoRA: plan of {} rows, {} outputs, does not fit {m} rows of \
+                     a {}x{k} weight",
+                    l.rows,
+                    l.out_f,
+                    g.shape().0
+                )));
+            }
+        }
+    }
+    let mut ys = gpus
+        .iter()
+        // SAFETY: every element is written by warp 0 of its tile's block.
+        .map(|g| unsafe { device.alloc::<bf16>(m * g.shape().0) })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut grp = TcGroup {
+        count: gpus.len() as u32,
+        k: k as u32,
+        ..Default::default()
+    };
+    let mut guards = Vec::new();
+    let mut tiles = 0u32;
+    for (i, (g, y)) in gpus.iter().zip(ys.iter_mut()).enumerate() {
+        let (n, _) = g.shape();
+        let w = &mut grp.w[i];
+        let p = g.pointers(stream, &mut guards);
+        (w.packed, w.code16, w.absmax, w.qabs, w.nested, w.ncode) = p;
+        let (yp, yg) = y.device_ptr_mut(stream);
+        guards.push(yg);
+        w.y = yp;
+        (w.offset, w.plain, w.log2_bs) = g.scalars();
+        w.n = n as u32;
+        w.tile0 = tiles;
+        if let Some(ls) = loras {
+            w.t = ls[i].t;
+            w.slot = ls[i].slot;
+        }
+        tiles += (n / 16) as u32;
+    }
+    if let Some(ls) = loras {
+        grp.row_tables = ls[0].row_tables;
+        grp.t_stride = ls[0].t_stride;
+    }
+    let (name, warps) = if loras.is_some() {
+        (format!("nf4_gemv_tcg_lora_bf16_m{m}"), GEMV_WARPS + 1)
+    } else {
+        (format!("nf4_gemv_tcg_bf16_m{m}"), GEMV_WARPS)
+    };
+    let func = crate::module_cuda::function(device, &crate::module_cuda::NF4, &name)?;
+    let cfg = LaunchConfig {
+        grid_dim: (tiles, 1, 1),
+        block_dim: (32 * warps, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = stream.launch_builder(&func);
+    b.arg(x).arg(&grp);
+    // SAFETY: the kernel takes (x, TcGroup by value); x holds m·k bf16 (checked), each y_i m·n_i;
+    // every weight passed `fits` for the tensor-core kernels (n % 16 == 0, k % 64 == 0, blocksize
+    // a multiple of 64, n·k < 2^32) and lives on this stream's device; the LoRA tables and shrink
+    // output were written earlier on this stream for m rows (checked against the plan).
+    unsafe { b.launch(cfg) }.w()?;
+    drop(guards);
+    Ok(ys)
+}
+
+// The C layouts of cuda/nf4_tc.cuh.
+const _: () = assert!(std::mem::size_of::<TcWeight>() == 88);
+const _: () = assert!(std::mem::size_of::<TcGroup>() == 288);
