@@ -55,23 +55,28 @@ __device__ __forceinline__ float dot8(const uint4& w, const float* f, float acc)
 // j < r_row; other entries are left as they are. x (rows, in) bf16; t holds gridDim.z regions of
 // rows · t_stride. Grid (ceil(max_r / SHRINK_RANKS), rows, slots), SHRINK_THREADS threads. Needs
 // r_row <= t_stride (rows that break it are skipped, as the host never asks that).
-extern "C" __global__ void __launch_bounds__(SHRINK_THREADS)
-    lora_bgmv_shrink(const u16* __restrict__ x, u32 in_f, const u64* __restrict__ row_tables,
-                     u32 slot0, float* __restrict__ t_all, u32 t_stride) {
+// RANKS rank outputs per block: `lora_bgmv_shrink` takes SHRINK_RANKS (4), and
+// `lora_bgmv_shrink_r1` (the host's default) one: four times the blocks, each with a quarter of
+// the work (the decode shrink at batch 1 fills 48 blocks with the former, and its time is the
+// latency of one block).
+template <int RANKS>
+__device__ __forceinline__ void bgmv_shrink(const u16* __restrict__ x, u32 in_f,
+                                            const u64* __restrict__ row_tables, u32 slot0,
+                                            float* __restrict__ t_all, u32 t_stride) {
     const u32 row = blockIdx.y;
     const RowLora l = lookup(row_tables, row, slot0 + blockIdx.z);
     float* t = t_all + (u64)blockIdx.z * gridDim.y * t_stride;
-    const u32 j0 = blockIdx.x * SHRINK_RANKS;
+    const u32 j0 = blockIdx.x * RANKS;
     // Block-uniform exits, before the barrier below.
     if (l.r == 0 || l.r > t_stride || j0 >= l.r || blockDim.x != SHRINK_THREADS) {
         return;
     }
-    const u32 nj = min((u32)SHRINK_RANKS, l.r - j0);
+    const u32 nj = min((u32)RANKS, l.r - j0);
     const u16* xr = x + (u64)row * in_f;
     const u16* a0 = l.a + (u64)j0 * in_f;
-    float acc[SHRINK_RANKS];
+    float acc[RANKS];
 #pragma unroll
-    for (int k = 0; k < SHRINK_RANKS; ++k) {
+    for (int k = 0; k < RANKS; ++k) {
         acc[k] = 0.f;
     }
     const bool vec = (in_f & 7u) == 0 &&
@@ -93,7 +98,7 @@ extern "C" __global__ void __launch_bounds__(SHRINK_THREADS)
             xf[6] = bf16_lo(xw.w);
             xf[7] = bf16_hi(xw.w);
 #pragma unroll
-            for (int k = 0; k < SHRINK_RANKS; ++k) {
+            for (int k = 0; k < RANKS; ++k) {
                 if ((u32)k < nj) {
                     const uint4 aw = __ldg(reinterpret_cast<const uint4*>(a0 + (u64)k * in_f) + v);
                     acc[k] = dot8(aw, xf, acc[k]);
@@ -104,18 +109,18 @@ extern "C" __global__ void __launch_bounds__(SHRINK_THREADS)
         for (u32 i = threadIdx.x; i < in_f; i += SHRINK_THREADS) {
             const float xf = bf16_f(xr[i]);
 #pragma unroll
-            for (int k = 0; k < SHRINK_RANKS; ++k) {
+            for (int k = 0; k < RANKS; ++k) {
                 if ((u32)k < nj) {
                     acc[k] = fmaf(bf16_f(a0[(u64)k * in_f + i]), xf, acc[k]);
                 }
             }
         }
     }
-    __shared__ float part[SHRINK_WARPS][SHRINK_RANKS];
+    __shared__ float part[SHRINK_WARPS][RANKS];
     const u32 warp = threadIdx.x >> 5;
     const u32 lane = threadIdx.x & 31u;
 #pragma unroll
-    for (int k = 0; k < SHRINK_RANKS; ++k) {
+    for (int k = 0; k < RANKS; ++k) {
         const float s = warp_sum(acc[k]);
         if (lane == 0) {
             part[warp][k] = s;
@@ -130,6 +135,18 @@ extern "C" __global__ void __launch_bounds__(SHRINK_THREADS)
         }
         t[(u64)row * t_stride + j0 + threadIdx.x] = s;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(SHRINK_THREADS)
+    lora_bgmv_shrink(const u16* __restrict__ x, u32 in_f, const u64* __restrict__ row_tables,
+                     u32 slot0, float* __restrict__ t_all, u32 t_stride) {
+    bgmv_shrink<SHRINK_RANKS>(x, in_f, row_tables, slot0, t_all, t_stride);
+}
+
+extern "C" __global__ void __launch_bounds__(SHRINK_THREADS)
+    lora_bgmv_shrink_r1(const u16* __restrict__ x, u32 in_f, const u64* __restrict__ row_tables,
+                        u32 slot0, float* __restrict__ t_all, u32 t_stride) {
+    bgmv_shrink<1>(x, in_f, row_tables, slot0, t_all, t_stride);
 }
 
 // For slot = slot0 + z, y_z (rows, out_z) bf16 in place:

@@ -84,8 +84,32 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
             if (l.r != 0 && l.r <= t_stride) {
                 const u16* br = l.b + (u64)(tile * 16 + o) * l.r;
                 const float* tm = t_lora + (u64)m * t_stride;
-                for (u32 j = h; j < l.r; j += 2) {
-                    d = fmaf(bf16_f(br[j]), __ldg(tm + j), d);
+                const u32 half = l.r >> 1;
+                // Each lane's half row as 16-byte loads issued together (one memory round trip,
+                // not one per element): needs r % 16 == 0 and 16-byte aligned B and t rows.
+                const bool vec = (l.r & 15u) == 0 && (t_stride & 3u) == 0 &&
+                                 ((reinterpret_cast<u64>(l.b) | reinterpret_cast<u64>(tm)) & 15ull) == 0;
+                if (vec) {
+                    const uint4* bv = reinterpret_cast<const uint4*>(br + h * half);
+                    const float4* tv = reinterpret_cast<const float4*>(tm + h * half);
+#pragma unroll 4
+                    for (u32 c = 0; c < (half >> 3); ++c) {
+                        const uint4 w = __ldg(bv + c);
+                        const float4 t0 = __ldg(tv + 2 * c), t1 = __ldg(tv + 2 * c + 1);
+                        d = fmaf(bf16_lo(w.x), t0.x, d);
+                        d = fmaf(bf16_hi(w.x), t0.y, d);
+                        d = fmaf(bf16_lo(w.y), t0.z, d);
+                        d = fmaf(bf16_hi(w.y), t0.w, d);
+                        d = fmaf(bf16_lo(w.z), t1.x, d);
+                        d = fmaf(bf16_hi(w.z), t1.y, d);
+                        d = fmaf(bf16_lo(w.w), t1.z, d);
+                        d = fmaf(bf16_hi(w.w), t1.w, d);
+                    }
+                } else {
+#pragma unroll 8
+                    for (u32 j = h; j < l.r; j += 2) {
+                        d = fmaf(bf16_f(br[j]), __ldg(tm + j), d);
+                    }
                 }
                 d = (d + __shfl_xor_sync(0xffffffffu, d, 1)) * l.scale;
             }
@@ -248,7 +272,7 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
         const float* __restrict__ ncode, float offset, u32 log2_bs, u32 n, u32 k,                \
         u16* __restrict__ y, const u64* __restrict__ row_tables, u32 slot,                       \
         const float* __restrict__ t, u32 t_stride) {                                             \
-        nf4_gemv_tc<M, true, 2>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset,   \
+        nf4_gemv_tc<M, true, 3>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset,   \
                                 log2_bs, n, k, y, row_tables, slot, t, t_stride, blockIdx.x);    \
     }
 #define NF4_GEMV_TC_ALL(M)                                                                       \
@@ -320,7 +344,7 @@ __device__ __forceinline__ void nf4_gemv_tc_group(const u16* __restrict__ x, con
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__((TC_WARPS + 1) * 32, 3)                         \
         nf4_gemv_tcg_lora_bf16_m##M(const u16* __restrict__ x, const TcGroup grp) {              \
-        nf4_gemv_tc_group<M, true, 2>(x, grp);                                                   \
+        nf4_gemv_tc_group<M, true, 3>(x, grp);                                                   \
     }
 
 NF4_GEMV_TC_GROUP_ENTRY(1)

@@ -27,6 +27,20 @@ const TABLE_WORDS: usize = 3;
 // Launch geometry; must match the #defines of cuda/lora.cu.
 const SHRINK_THREADS: u32 = 256;
 const SHRINK_RANKS: u32 = 4;
+
+/// The shrink kernel and its rank outputs per block: `lora_bgmv_shrink_r1` (1), or with
+/// `QLORAD_SHRINK_RANKS=4` `lora_bgmv_shrink` (4: a quarter of the blocks, each reusing its x
+/// chunks for four ranks). One rank per block measured faster at batch 1 on the H200 (decode with
+/// an r=64 adapter 210.3 vs 200.6 tok/s, same machine; the shrink is latency-bound there).
+fn shrink_kernel() -> (&'static str, u32) {
+    static FOUR: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *FOUR.get_or_init(|| std::env::var("QLORAD_SHRINK_RANKS").is_ok_and(|v| v == "4")) {
+        ("lora_bgmv_shrink", SHRINK_RANKS)
+    } else {
+        ("lora_bgmv_shrink_r1", 1)
+    }
+}
+
 const EXPAND_THREADS: u32 = 128;
 /// Most projections one launch pair serves (q, k and v); `MAX_GROUP` in cuda/lora.cu.
 pub const MAX_GROUP: usize = 3;
@@ -139,7 +153,7 @@ impl AdapterTable {
             crate::module_cuda::function(&device, &crate::module_cuda::LORA, name)
         };
         Ok(Some(Self {
-            shrink: load("lora_bgmv_shrink")?,
+            shrink: load(shrink_kernel().0)?,
             expand: load("lora_bgmv_expand")?,
             device,
             stream,
@@ -380,7 +394,7 @@ impl BgmvPlan {
         let (rows, in_f) = (self.rows as u32, in_f as u32);
         let (t_stride, slot0, groups) = (self.t_stride as u32, slot0 as u32, groups as u32);
         let cfg = LaunchConfig {
-            grid_dim: (max_rank.div_ceil(SHRINK_RANKS), rows, groups),
+            grid_dim: (max_rank.div_ceil(shrink_kernel().1), rows, groups),
             block_dim: (SHRINK_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
