@@ -271,7 +271,7 @@ fn gemv_epilogue_with(
         })
         .collect::<Result<Vec<_>>>()?;
     let mut worst = 0f64;
-    let (mut grouped, mut grouped_worst) = (false, 0f64);
+    let (mut grouped, mut grouped_worst, mut fused_worst) = (false, 0f64, 0f64);
     for rows in [1usize, 3, 8] {
         let per_row = (0..rows)
             .map(|i| {
@@ -327,6 +327,34 @@ fn gemv_epilogue_with(
                 None => {}
             }
         }
+        // The grouped launch that runs the shrink itself, twice (its counters must come back to
+        // zero), against the two-step path.
+        if kernel != GemvKernel::Lut16 {
+            for _ in 0..2 {
+                let fused = plan
+                    .gemv_loras_fused(0, 3, &x)?
+                    .ok_or_else(|| anyhow::anyhow!("gemv_loras_fused found no module"))?;
+                let ys = qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &refs, Some(&fused))?
+                    .ok_or_else(|| anyhow::anyhow!("the grouped GEMV declined the fused shrink"))?;
+                for (y, want) in ys.iter().zip(&want) {
+                    fused_worst = fused_worst.max(rel_err(
+                        &y.to_dtype(DType::F32)?,
+                        &want.to_dtype(DType::F32)?,
+                    )?);
+                }
+            }
+        }
+    }
+    if kernel != GemvKernel::Lut16 {
+        r.add(
+            format!(
+                "grouped GEMV ({}) with the shrink in its launch vs GEMV then BGMV (q/k/v, 1/3/8 rows, r 8..64, twice)",
+                kernel.name()
+            ),
+            fused_worst,
+            1e-2,
+            "bf16 rounding of y between the two steps".into(),
+        );
     }
     if grouped {
         r.add(

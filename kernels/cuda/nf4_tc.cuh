@@ -34,6 +34,105 @@
 #define TC_CFG_tcr 2, 3
 #define TC_CFG_tc3 3, 3
 
+#define TC_GROUP_MAX 3
+
+struct TcWeight {
+    const u8* packed;
+    const float* code16;
+    const float* absmax;
+    const u8* qabs;
+    const float* nested;
+    const float* ncode;
+    u16* y;
+    float* t;  // LORA: the shrink output of this weight's slot
+    float offset;
+    u32 plain;
+    u32 log2_bs;
+    u32 n;
+    u32 tile0;  // the group's first tile of this weight
+    u32 slot;   // LORA: the weight's slot in the row tables
+};
+
+struct TcGroup {
+    TcWeight w[TC_GROUP_MAX];
+    u32 count;
+    u32 k;
+    u32 t_stride;
+    const u64* row_tables;
+    // The shrink inside the launch (0: launched before it): [units claimed, units done, blocks
+    // finished, unused], zero between launches (the last block to finish resets them).
+    u32* counters;
+    u32 max_rank;  // the group's largest rank over its rows
+    u32 pad;
+};
+
+// The group's BGMV shrink inside the grouped launch, run by the blocks' LoRA warps while the other
+// warps stream the weights: t_i[m, j] = x[m, :] · A_{m,i}[j, :] for every weight i, row m and rank
+// j < r_{m,i}, one (i, m, j) unit per claim. Units are claimed from a counter, never owned in
+// advance, so a warp waits only once every unit has been claimed by a running warp that finishes
+// it without waiting: no block can wait on one that has not started (the grid may be larger than
+// what is resident, and other work may share the GPU). Then it waits until all are done and the
+// expand reads t from L2. Needs k % 8 == 0 (the host's k % 64).
+template <int M>
+__device__ __forceinline__ void tc_shrink(const u16* __restrict__ x, u32 k, const TcGroup& grp) {
+    const u32 lane = threadIdx.x & 31u;
+    const u32 per_w = (u32)M * grp.max_rank;
+    const u32 units = grp.count * per_w;
+    u32* c = grp.counters;
+    for (;;) {
+        u32 u = 0;
+        if (lane == 0) {
+            u = atomicAdd(c, 1u);
+        }
+        u = __shfl_sync(0xffffffffu, u, 0);
+        if (u >= units) {
+            break;
+        }
+        const u32 i = u / per_w, m = (u % per_w) / grp.max_rank, j = u % grp.max_rank;
+        const RowLora l = lookup(grp.row_tables, m, grp.w[i].slot);
+        if (j < l.r && l.r <= grp.t_stride) {
+            const u16* a = l.a + (u64)j * k;
+            const u16* xm = x + (u64)m * k;
+            float acc = 0.f;
+            if ((reinterpret_cast<u64>(a) & 15ull) == 0) {
+                const uint4* av = reinterpret_cast<const uint4*>(a);
+                const uint4* xv = reinterpret_cast<const uint4*>(xm);
+#pragma unroll 4
+                for (u32 q = lane; q < (k >> 3); q += 32) {
+                    const uint4 aw = __ldg(av + q), xw = __ldg(xv + q);
+                    acc = fmaf(bf16_lo(aw.x), bf16_lo(xw.x), acc);
+                    acc = fmaf(bf16_hi(aw.x), bf16_hi(xw.x), acc);
+                    acc = fmaf(bf16_lo(aw.y), bf16_lo(xw.y), acc);
+                    acc = fmaf(bf16_hi(aw.y), bf16_hi(xw.y), acc);
+                    acc = fmaf(bf16_lo(aw.z), bf16_lo(xw.z), acc);
+                    acc = fmaf(bf16_hi(aw.z), bf16_hi(xw.z), acc);
+                    acc = fmaf(bf16_lo(aw.w), bf16_lo(xw.w), acc);
+                    acc = fmaf(bf16_hi(aw.w), bf16_hi(xw.w), acc);
+                }
+            } else {
+                for (u32 q = lane; q < k; q += 32) {
+                    acc = fmaf(bf16_f(a[q]), bf16_f(xm[q]), acc);
+                }
+            }
+            acc = warp_sum(acc);
+            if (lane == 0) {
+                grp.w[i].t[(u64)m * grp.t_stride + j] = acc;
+            }
+        }
+        if (lane == 0) {
+            __threadfence();  // the store above before the count
+            atomicAdd(c + 1, 1u);
+        }
+    }
+    if (lane == 0) {
+        while (atomicAdd(c + 1, 0u) < units) {
+            __nanosleep(200);
+        }
+        __threadfence();
+    }
+    __syncwarp();
+}
+
 struct TcStage {
     uint2 a, b;  // 8 bytes (16 codes) of the lane's two rows in this k block
     u32 qa, qb;  // the rows' first-level absmax: its 8-bit code (double quant) or its f32 bits
@@ -51,7 +150,7 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
                                             u32 log2_bs, u32 n, u32 k, u16* __restrict__ y,
                                             const u64* __restrict__ row_tables, u32 slot,
                                             const float* __restrict__ t_lora, u32 t_stride,
-                                            u32 tile) {
+                                            u32 tile, const TcGroup* grp = nullptr) {
     __shared__ __align__(16) u32 lut[256 * TC_COPIES];
     __shared__ float s_ncode[256];
     __shared__ float red[TC_WARPS][32][4];
@@ -76,6 +175,10 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
         // The LoRA warp: scale_m · t_m · B_m[o, :r_m] for the tile's 16 features o and every input
         // row m, two lanes per feature. Its chain of dependent loads (row table, module, B, t)
         // runs while the other warps stream the weights.
+        const bool fused = grp != nullptr && grp->counters != nullptr;
+        if (fused) {
+            tc_shrink<M>(x, k, *grp);
+        }
         const u32 o = lane >> 1, h = lane & 1u;
 #pragma unroll
         for (int m = 0; m < M; ++m) {
@@ -95,7 +198,8 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
 #pragma unroll 4
                     for (u32 c = 0; c < (half >> 3); ++c) {
                         const uint4 w = __ldg(bv + c);
-                        const float4 t0 = __ldg(tv + 2 * c), t1 = __ldg(tv + 2 * c + 1);
+                        // t: L2 loads (written during this launch by other blocks when fused).
+                        const float4 t0 = __ldcg(tv + 2 * c), t1 = __ldcg(tv + 2 * c + 1);
                         d = fmaf(bf16_lo(w.x), t0.x, d);
                         d = fmaf(bf16_hi(w.x), t0.y, d);
                         d = fmaf(bf16_lo(w.y), t0.z, d);
@@ -108,7 +212,7 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
                 } else {
 #pragma unroll 8
                     for (u32 j = h; j < l.r; j += 2) {
-                        d = fmaf(bf16_f(br[j]), __ldg(tm + j), d);
+                        d = fmaf(bf16_f(br[j]), __ldcg(tm + j), d);
                     }
                 }
                 d = (d + __shfl_xor_sync(0xffffffffu, d, 1)) * l.scale;
@@ -245,6 +349,17 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
             y[(u64)m1 * n + rb] = f32_to_bf16(vb);
         }
     }
+    if (LORA && grp != nullptr && grp->counters != nullptr && threadIdx.x == 0) {
+        // Every block has passed its LoRA warp's wait once it gets here; the last one leaves the
+        // counters zeroed for the next launch (which runs after this one, in stream order).
+        u32* c = grp->counters;
+        if (atomicAdd(c + 2, 1u) == gridDim.x - 1) {
+            c[0] = 0u;
+            c[1] = 0u;
+            c[2] = 0u;
+            __threadfence();
+        }
+    }
 }
 
 #define TC_BOUNDS_(S, B) __launch_bounds__(TC_WARPS * 32, B)
@@ -295,33 +410,6 @@ NF4_GEMV_TC_ALL(8)
 // the one-weight kernels do. Small weights (k/v: 64 tiles) no longer leave most of the GPU idle
 // for a launch of their own. Passed by value (kernel parameters); mirrored by TcGroup in
 // src/cuda.rs.
-#define TC_GROUP_MAX 3
-
-struct TcWeight {
-    const u8* packed;
-    const float* code16;
-    const float* absmax;
-    const u8* qabs;
-    const float* nested;
-    const float* ncode;
-    u16* y;
-    const float* t;  // LORA: the shrink output of this weight's slot
-    float offset;
-    u32 plain;
-    u32 log2_bs;
-    u32 n;
-    u32 tile0;  // the group's first tile of this weight
-    u32 slot;   // LORA: the weight's slot in the row tables
-};
-
-struct TcGroup {
-    TcWeight w[TC_GROUP_MAX];
-    u32 count;
-    u32 k;
-    u32 t_stride;
-    const u64* row_tables;
-};
-
 template <int M, bool LORA, int STAGES>
 __device__ __forceinline__ void nf4_gemv_tc_group(const u16* __restrict__ x, const TcGroup& grp) {
     u32 i = 0;
@@ -334,7 +422,7 @@ __device__ __forceinline__ void nf4_gemv_tc_group(const u16* __restrict__ x, con
     const TcWeight& w = grp.w[i];
     nf4_gemv_tc<M, LORA, STAGES>(x, w.packed, w.code16, w.plain, w.absmax, w.qabs, w.nested,
                                  w.ncode, w.offset, w.log2_bs, w.n, grp.k, w.y, grp.row_tables,
-                                 w.slot, w.t, grp.t_stride, blockIdx.x - w.tile0);
+                                 w.slot, w.t, grp.t_stride, blockIdx.x - w.tile0, &grp);
 }
 
 #define NF4_GEMV_TC_GROUP_ENTRY(M)                                                               \

@@ -199,6 +199,11 @@ pub struct GemvLora {
     pub out_f: usize,
     /// Whether any row has a module at this slot (else the plain GEMV suffices).
     pub active: bool,
+    /// Device address of the plan's shrink counters when the grouped GEMV runs the shrink itself
+    /// ([`BgmvPlan::gemv_loras_fused`]); 0 when the shrink was launched before it.
+    pub counters: u64,
+    /// The largest rank at the group's slots over the plan's rows.
+    pub max_rank: u32,
 }
 
 /// A projection group's input as [`BgmvPlan::group_input`] checked it.
@@ -222,6 +227,8 @@ pub struct BgmvPlan {
     row_tables: CudaSlice<u64>,
     /// (MAX_GROUP, rows, t_stride) f32, reused by every launch in stream order.
     scratch: CudaSlice<f32>,
+    /// The grouped GEMV's in-launch shrink counters (4 u32, zero between launches).
+    counters: CudaSlice<u32>,
     t_stride: usize,
     slots: Vec<SlotPlan>,
     shrink: CudaFunction,
@@ -291,6 +298,7 @@ impl BgmvPlan {
         // SAFETY: the expand reads only the entries t_z[row, j < r_row] that the shrink of the same
         // slots wrote before it in stream order; nothing else reads the scratch.
         let scratch = unsafe { device.alloc::<f32>(MAX_GROUP * per_row.len() * t_stride) }?;
+        let counters = device.clone_htod(&[0u32; 4][..])?;
         Ok(Some(Self {
             stream: first.stream.clone(),
             shrink: first.shrink.clone(),
@@ -299,6 +307,7 @@ impl BgmvPlan {
             rows: per_row.len(),
             row_tables,
             scratch,
+            counters,
             t_stride,
             slots,
             _tables: tables,
@@ -328,24 +337,52 @@ impl BgmvPlan {
             return Ok(None);
         };
         let (x_span, in_f, max_rank) = (input.span, input.in_f, input.max_rank);
-        let group = &self.slots[slot0..slot0 + n];
         self.launch_shrink(x_span.0, in_f, slot0, n, max_rank)?;
+        Ok(Some(self.gemv_loras(slot0, n, max_rank, 0)))
+    }
+
+    /// [`BgmvPlan::shrink_for_gemv`] without the shrink launch: the descriptors for the grouped
+    /// tensor-core GEMV, which runs the shrink inside its own launch
+    /// (`qlorad_kernels::nf4_group_cuda`). The caller must pass them to that kernel, or launch the
+    /// shrink with [`BgmvPlan::shrink_for_gemv`] instead.
+    pub fn gemv_loras_fused(
+        &self,
+        slot0: usize,
+        n: usize,
+        x: &Tensor,
+    ) -> candle_core::Result<Option<Vec<GemvLora>>> {
+        if n == 0 || n > MAX_GROUP || slot0 + n > self.slots.len() {
+            return Err(msg(format!(
+                "bgmv: slots {slot0}..{} for a plan of {} (groups of 1..={MAX_GROUP})",
+                slot0 + n,
+                self.slots.len()
+            )));
+        }
+        let Some(input) = self.group_input(slot0, n, x)? else {
+            return Ok(None);
+        };
+        let counters = self.counters.device_ptr(&self.stream).0;
+        Ok(Some(self.gemv_loras(slot0, n, input.max_rank, counters)))
+    }
+
+    fn gemv_loras(&self, slot0: usize, n: usize, max_rank: u32, counters: u64) -> Vec<GemvLora> {
+        let group = &self.slots[slot0..slot0 + n];
         let t_stride = self.t_stride as u32;
         let (tables, _g) = self.row_tables.device_ptr(&self.stream);
         let (scratch, _g2) = self.scratch.device_ptr(&self.stream);
-        Ok(Some(
-            (0..n)
-                .map(|z| GemvLora {
-                    row_tables: tables,
-                    slot: (slot0 + z) as u32,
-                    t: scratch + (z * self.rows * self.t_stride * 4) as u64,
-                    t_stride,
-                    rows: self.rows,
-                    out_f: group[z].out_f,
-                    active: group[z].max_rank > 0,
-                })
-                .collect(),
-        ))
+        (0..n)
+            .map(|z| GemvLora {
+                row_tables: tables,
+                slot: (slot0 + z) as u32,
+                t: scratch + (z * self.rows * self.t_stride * 4) as u64,
+                t_stride,
+                rows: self.rows,
+                out_f: group[z].out_f,
+                active: group[z].max_rank > 0,
+                counters,
+                max_rank,
+            })
+            .collect()
     }
 
     /// The input `x` (rows, in) of the projections at slots `slot0 .. slot0 + n` (inside the

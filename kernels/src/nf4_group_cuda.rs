@@ -37,7 +37,7 @@ struct TcWeight {
     slot: u32,
 }
 
-/// Mirrors `TcGroup` of cuda/nf4_tc.cuh (288 bytes, passed by value).
+/// Mirrors `TcGroup` of cuda/nf4_tc.cuh (304 bytes, passed by value).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct TcGroup {
@@ -46,6 +46,10 @@ struct TcGroup {
     k: u32,
     t_stride: u32,
     row_tables: u64,
+    /// 0, or the plan's shrink counters: the launch runs the group's shrink itself.
+    counters: u64,
+    max_rank: u32,
+    _pad: u32,
 }
 
 // SAFETY: plain data with the C layout of the kernel's parameter (repr(C), no padding the kernel
@@ -56,8 +60,9 @@ fn msg(s: String) -> candle_core::Error {
     candle_core::Error::Msg(s)
 }
 
-/// `y_i (m, n_i) = x (m, k) · W_iᵀ` (+ each row's LoRA delta for W_i when `loras` is given, after
-/// the group's BGMV shrink) for up to [`GROUP_MAX`] weights on one GPU in one launch. `Ok(None)`
+/// `y_i (m, n_i) = x (m, k) · W_iᵀ` (+ each row's LoRA delta for W_i when `loras` is given: after
+/// the group's BGMV shrink, or with descriptors from `BgmvPlan::gemv_loras_fused` the shrink in the
+/// same launch) for up to [`GROUP_MAX`] weights on one GPU in one launch. `Ok(None)`
 /// when the group does not fit the grouped kernel (a weight off the GPU or decoding with a
 /// non-tensor-core kernel, different k or devices, more than 8 rows, an unaligned or non-bf16 x):
 /// the caller then launches the weights one by one.
@@ -142,6 +147,8 @@ fn launch(
                 || l.out_f != g.shape().0
                 || l.row_tables != ls[0].row_tables
                 || l.t_stride != ls[0].t_stride
+                || l.counters != ls[0].counters
+                || l.max_rank != ls[0].max_rank
             {
                 return Err(msg(format!(
                     "grouped gemv with LoRA: plan of {} rows, {} outputs, does not fit {m} rows of \
@@ -185,6 +192,8 @@ fn launch(
     if let Some(ls) = loras {
         grp.row_tables = ls[0].row_tables;
         grp.t_stride = ls[0].t_stride;
+        grp.counters = ls[0].counters;
+        grp.max_rank = ls[0].max_rank;
     }
     let (name, warps) = if loras.is_some() {
         (format!("nf4_gemv_tcg_lora_bf16_m{m}"), GEMV_WARPS + 1)
@@ -201,8 +210,10 @@ fn launch(
     b.arg(x).arg(&grp);
     // SAFETY: the kernel takes (x, TcGroup by value); x holds m·k bf16 (checked), each y_i m·n_i;
     // every weight passed `fits` for the tensor-core kernels (n % 16 == 0, k % 64 == 0, blocksize
-    // a multiple of 64, n·k < 2^32) and lives on this stream's device; the LoRA tables and shrink
-    // output were written earlier on this stream for m rows (checked against the plan).
+    // a multiple of 64, n·k < 2^32) and lives on this stream's device; the LoRA tables were
+    // written earlier on this stream for m rows (checked against the plan), and the shrink output
+    // too unless the counters are set, in which case the launch writes it (each plan's counters
+    // are used by one launch at a time: its launches are ordered on this stream).
     unsafe { b.launch(cfg) }.w()?;
     drop(guards);
     Ok(ys)
@@ -210,4 +221,4 @@ fn launch(
 
 // The C layouts of cuda/nf4_tc.cuh.
 const _: () = assert!(std::mem::size_of::<TcWeight>() == 88);
-const _: () = assert!(std::mem::size_of::<TcGroup>() == 288);
+const _: () = assert!(std::mem::size_of::<TcGroup>() == 304);

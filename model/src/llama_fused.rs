@@ -143,11 +143,20 @@ fn gemv_group() -> bool {
     *ON.get_or_init(|| std::env::var("QLORAD_GEMV_GROUP").map_or(true, |v| v != "0"))
 }
 
+/// Whether the grouped GEMV runs the BGMV shrink inside its launch (by the blocks' LoRA warps,
+/// while the others stream the weights) instead of a launch of its own before it
+/// (`QLORAD_FUSED_SHRINK=0` turns it off, for comparisons).
+fn fused_shrink() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("QLORAD_FUSED_SHRINK").map_or(true, |v| v != "0"))
+}
+
 /// Projections `proj0 ..` reading `x`, with the batch's LoRA deltas: on the GPU with NF4 bases and
 /// at most 8 rows, one grouped GEMV launch for the whole group when the bases decode on tensor
 /// cores (`qlorad_kernels::nf4_group_cuda`), else one launch per base; with adapters on the BGMV
-/// path, one shrink launch for the group first, then the GEMV adds each projection's expand in its
-/// epilogue (`qlorad_kernels::nf4_linear_lora`): y is rounded to bf16 once. Otherwise
+/// path, the grouped launch also runs the group's shrink and adds each projection's expand in its
+/// epilogue (else one shrink launch for the group first, then `qlorad_kernels::nf4_linear_lora`
+/// per base): y is rounded to bf16 once. Otherwise
 /// [`project_group`].
 fn project_group_fused<const N: usize>(
     bases: [&dyn BaseLinear; N],
@@ -183,7 +192,20 @@ fn project_group_fused<const N: usize>(
         return plain();
     }
     let x = x.contiguous()?;
-    let Some(epis) = plan.shrink_for_gemv(layer * 7 + proj0, N, &x)? else {
+    let slot0 = layer * 7 + proj0;
+    if gemv_group() && fused_shrink() {
+        // The grouped GEMV runs the shrink in its own launch; if it declines the group, the
+        // shrink is launched below instead.
+        let Some(epis) = plan.gemv_loras_fused(slot0, N, &x)? else {
+            return plain();
+        };
+        if let Some(ys) =
+            qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &weights, Some(&epis))?
+        {
+            return into_array(ys);
+        }
+    }
+    let Some(epis) = plan.shrink_for_gemv(slot0, N, &x)? else {
         // No row has a module at these slots: the base alone.
         return plain();
     };
