@@ -329,24 +329,18 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
             for (int i = 0; i < 4; ++i) o[i] += red[w][lane][i];
         }
         // D fragment: o[0] (feature ra, m = 2t), o[1] (ra, 2t + 1), o[2] (rb, 2t), o[3] (rb, 2t + 1).
-        const u32 m0 = 2 * t, m1 = 2 * t + 1;
-        if (m0 < M) {
-            float va = o[0], vb = o[2];
-            if (LORA) {
-                va += lora_out[g * M + m0];
-                vb += lora_out[(g + 8) * M + m0];
+#pragma unroll
+        for (u32 c = 0; c < 2; ++c) {
+            const u32 m = 2 * t + c;
+            if (m < M) {
+                float va = o[c], vb = o[2 + c];
+                if (LORA) {
+                    va += lora_out[g * M + m];
+                    vb += lora_out[(g + 8) * M + m];
+                }
+                y[(u64)m * n + ra] = f32_to_bf16(va);
+                y[(u64)m * n + rb] = f32_to_bf16(vb);
             }
-            y[(u64)m0 * n + ra] = f32_to_bf16(va);
-            y[(u64)m0 * n + rb] = f32_to_bf16(vb);
-        }
-        if (m1 < M) {
-            float va = o[1], vb = o[3];
-            if (LORA) {
-                va += lora_out[g * M + m1];
-                vb += lora_out[(g + 8) * M + m1];
-            }
-            y[(u64)m1 * n + ra] = f32_to_bf16(va);
-            y[(u64)m1 * n + rb] = f32_to_bf16(vb);
         }
     }
     if (LORA && grp != nullptr && grp->counters != nullptr && threadIdx.x == 0) {

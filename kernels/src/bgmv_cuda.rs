@@ -326,19 +326,7 @@ impl BgmvPlan {
         n: usize,
         x: &Tensor,
     ) -> candle_core::Result<Option<Vec<GemvLora>>> {
-        if n == 0 || n > MAX_GROUP || slot0 + n > self.slots.len() {
-            return Err(msg(format!(
-                "bgmv: slots {slot0}..{} for a plan of {} (groups of 1..={MAX_GROUP})",
-                slot0 + n,
-                self.slots.len()
-            )));
-        }
-        let Some(input) = self.group_input(slot0, n, x)? else {
-            return Ok(None);
-        };
-        let (x_span, in_f, max_rank) = (input.span, input.in_f, input.max_rank);
-        self.launch_shrink(x_span.0, in_f, slot0, n, max_rank)?;
-        Ok(Some(self.gemv_loras(slot0, n, max_rank, 0)))
+        self.gemv_descriptors(slot0, n, x, true)
     }
 
     /// [`BgmvPlan::shrink_for_gemv`] without the shrink launch: the descriptors for the grouped
@@ -351,6 +339,18 @@ impl BgmvPlan {
         n: usize,
         x: &Tensor,
     ) -> candle_core::Result<Option<Vec<GemvLora>>> {
+        self.gemv_descriptors(slot0, n, x, false)
+    }
+
+    /// The epilogue descriptors of slots `slot0 .. slot0 + n` for input `x`, after launching the
+    /// shrink (`launch`) or for a GEMV that runs it (the plan's counters in the descriptors).
+    fn gemv_descriptors(
+        &self,
+        slot0: usize,
+        n: usize,
+        x: &Tensor,
+        launch: bool,
+    ) -> candle_core::Result<Option<Vec<GemvLora>>> {
         if n == 0 || n > MAX_GROUP || slot0 + n > self.slots.len() {
             return Err(msg(format!(
                 "bgmv: slots {slot0}..{} for a plan of {} (groups of 1..={MAX_GROUP})",
@@ -361,7 +361,12 @@ impl BgmvPlan {
         let Some(input) = self.group_input(slot0, n, x)? else {
             return Ok(None);
         };
-        let counters = self.counters.device_ptr(&self.stream).0;
+        let counters = if launch {
+            self.launch_shrink(input.span.0, input.in_f, slot0, n, input.max_rank)?;
+            0
+        } else {
+            self.counters.device_ptr(&self.stream).0
+        };
         Ok(Some(self.gemv_loras(slot0, n, input.max_rank, counters)))
     }
 
