@@ -11,8 +11,8 @@
 //    registers are consumed, instead of loading four, computing four (`tc`: 2 stages, <= 64
 //    registers; gpu-check's candidates `tcr`: 2 stages, <= 85 registers, `tc3`: 3 stages, <= 85);
 //  - registers: only the weight words and the scales' operands are carried across iterations; x
-//    (a few KB, L1-resident) is read where it is used; the launch bounds ask for 4 resident blocks
-//    (<= 64 registers);
+//    (a few KB, L1-resident) is read where it is used; the launch bounds ask for 3 or 4 resident
+//    blocks (<= 85 or <= 64 registers);
 //  - fewer instructions per code: a byte's entry for lane l sits at byte offset byte·128 + 4·l,
 //    so its address is one byte permute and one shift-add; the dynamic code of the absmax is in
 //    shared memory; pointers and indices advance instead of being recomputed, in 32 bits where
@@ -22,7 +22,8 @@
 // to bf16), products and sums in f32, y rounded once.
 // LORA: the epilogue adds each input row's LoRA expand (as nf4_gemv's LORA in nf4.cu), computed
 // by a ninth warp of the block while the eight stream the weights (blocks of 288 threads), and
-// added by warp 0 in the cross-warp reduction.
+// added by warp 0 in the cross-warp reduction; in the grouped launch that warp may first run a
+// share of the group's shrink (tc_shrink below).
 // Needs n % 16 == 0, k % 64 == 0, a blocksize that is a multiple of 64 and n·k < 2^32.
 #pragma once
 
