@@ -181,8 +181,11 @@ pub struct Nf4Gpu {
     kernel: GemvKernel,
     /// The GEMV for 1..=8 input rows, with its output rows per warp.
     gemv: Vec<(CudaFunction, u32)>,
-    /// The lut16 GEMV with the LoRA expand epilogue for 1..=8 input rows, loaded on first use.
+    /// The GEMV with the LoRA expand epilogue for 1..=8 input rows, loaded on first use.
     gemv_lora: std::sync::OnceLock<Vec<CudaFunction>>,
+    /// The grouped tensor-core GEMV for 1..=8 input rows, without and with the LoRA epilogue
+    /// (`nf4_group_cuda`), loaded on first use.
+    gemv_group: [std::sync::OnceLock<Vec<CudaFunction>>; 2],
 }
 
 impl std::fmt::Debug for Nf4Gpu {
@@ -278,6 +281,7 @@ impl Nf4Gpu {
             bytes,
             dequant: load("nf4_dequantize_bf16")?,
             gemv_lora: std::sync::OnceLock::new(),
+            gemv_group: Default::default(),
             kernel,
             gemv,
         })
@@ -336,6 +340,44 @@ impl Nf4Gpu {
         let (a, g) = self.ncode.device_ptr(stream);
         let ncode = p(a, g);
         (packed, code, absmax, qabs, nested, ncode)
+    }
+
+    /// The kernels `{prefix}_bf16_m1 ..= _m8` of cuda/nf4.cu, loaded into `cell` on first use (the
+    /// decode path then launches them without a name lookup).
+    fn row_functions<'a>(
+        &self,
+        cell: &'a std::sync::OnceLock<Vec<CudaFunction>>,
+        prefix: &str,
+    ) -> candle_core::Result<&'a [CudaFunction]> {
+        if let Some(f) = cell.get() {
+            return Ok(f);
+        }
+        let loaded = (1..=GEMV_MAX_ROWS)
+            .map(|r| {
+                crate::module_cuda::function(
+                    &self.device,
+                    &crate::module_cuda::NF4,
+                    &format!("{prefix}_bf16_m{r}"),
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(cell.get_or_init(|| loaded))
+    }
+
+    /// The grouped tensor-core GEMV for `m` (1..=8) input rows, with the LoRA epilogue or not.
+    pub(crate) fn group_function(
+        &self,
+        m: usize,
+        lora: bool,
+    ) -> candle_core::Result<&CudaFunction> {
+        let (cell, prefix) = if lora {
+            (&self.gemv_group[1], "nf4_gemv_tcg_lora")
+        } else {
+            (&self.gemv_group[0], "nf4_gemv_tcg")
+        };
+        self.row_functions(cell, prefix)?
+            .get(m.wrapping_sub(1))
+            .ok_or_else(|| msg(format!("grouped gemv: {m} rows (1..={GEMV_MAX_ROWS})")))
     }
 
     /// (offset, plain flag, log2 of the blocksize): the weight's scalar kernel arguments.
@@ -478,26 +520,12 @@ impl Nf4Gpu {
             )));
         }
         let tc = self.kernel.tensor_cores();
-        let funcs = match self.gemv_lora.get() {
-            Some(f) => f,
-            None => {
-                let prefix = if tc {
-                    "nf4_gemv_tc_lora"
-                } else {
-                    "nf4_gemv_lora"
-                };
-                let loaded = (1..=GEMV_MAX_ROWS)
-                    .map(|r| {
-                        crate::module_cuda::function(
-                            &self.device,
-                            &crate::module_cuda::NF4,
-                            &format!("{prefix}_bf16_m{r}"),
-                        )
-                    })
-                    .collect::<candle_core::Result<Vec<_>>>()?;
-                self.gemv_lora.get_or_init(|| loaded)
-            }
+        let prefix = if tc {
+            "nf4_gemv_tc_lora"
+        } else {
+            "nf4_gemv_lora"
         };
+        let funcs = self.row_functions(&self.gemv_lora, prefix)?;
         // SAFETY: written by lane 0 of each row's warp below (lut16), or by warp 0 of each
         // 16-feature block (tc).
         let mut y = unsafe { self.device.alloc::<bf16>(m * n) }?;

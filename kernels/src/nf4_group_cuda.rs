@@ -195,18 +195,19 @@ fn launch(
         grp.counters = ls[0].counters;
         grp.max_rank = ls[0].max_rank;
     }
-    let (name, warps) = if loras.is_some() {
-        (format!("nf4_gemv_tcg_lora_bf16_m{m}"), GEMV_WARPS + 1)
+    let func = g0.group_function(m, loras.is_some())?;
+    // With LoRA, a ninth warp per block computes the epilogue (and its share of the shrink).
+    let warps = if loras.is_some() {
+        GEMV_WARPS + 1
     } else {
-        (format!("nf4_gemv_tcg_bf16_m{m}"), GEMV_WARPS)
+        GEMV_WARPS
     };
-    let func = crate::module_cuda::function(device, &crate::module_cuda::NF4, &name)?;
     let cfg = LaunchConfig {
         grid_dim: (tiles, 1, 1),
         block_dim: (32 * warps, 1, 1),
         shared_mem_bytes: 0,
     };
-    let mut b = stream.launch_builder(&func);
+    let mut b = stream.launch_builder(func);
     b.arg(x).arg(&grp);
     // SAFETY: the kernel takes (x, TcGroup by value); x holds m·k bf16 (checked), each y_i m·n_i;
     // every weight passed `fits` for the tensor-core kernels (n % 16 == 0, k % 64 == 0, blocksize

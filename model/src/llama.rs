@@ -381,6 +381,11 @@ fn project_group<const N: usize>(
     } else {
         lora.apply_group(layer, proj0, x, ys)?
     };
+    group_outputs(ys)
+}
+
+/// A projection group's outputs as the array its callers destructure.
+fn group_outputs<const N: usize>(ys: Vec<Tensor>) -> Result<[Tensor; N]> {
     ys.try_into()
         .map_err(|_| ModelError::Invalid("a projection group lost an output".into()))
 }

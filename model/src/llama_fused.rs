@@ -7,7 +7,7 @@
 //!
 //! `QLORAD_FUSED_DECODE=0` turns it off for a process; [`Llama::set_fused_decode`] per model.
 
-use super::{project_group, Llama, SeqInput};
+use super::{group_outputs, project_group, Llama, SeqInput};
 use crate::device::Placement;
 use crate::error::{ModelError, Result};
 use crate::linear::BaseLinear;
@@ -166,10 +166,6 @@ fn project_group_fused<const N: usize>(
     lora: &LoraBatch,
 ) -> Result<[Tensor; N]> {
     let plain = || project_group(bases, layer, proj0, x, lora);
-    let into_array = |ys: Vec<Tensor>| -> Result<[Tensor; N]> {
-        ys.try_into()
-            .map_err(|_| ModelError::Invalid("a projection group lost an output".into()))
-    };
     let weights: Option<Vec<_>> = bases.iter().map(|b| b.nf4_weight()).collect();
     let (Some(weights), Ok((rows, k))) = (weights, x.dims2()) else {
         return plain();
@@ -180,7 +176,7 @@ fn project_group_fused<const N: usize>(
     if lora.is_empty() {
         if gemv_group() {
             if let Some(ys) = qlorad_kernels::nf4_group_cuda::nf4_linear_group(x, &weights, None)? {
-                return into_array(ys);
+                return group_outputs(ys);
             }
         }
         return plain();
@@ -193,27 +189,29 @@ fn project_group_fused<const N: usize>(
     }
     let x = x.contiguous()?;
     let slot0 = layer * 7 + proj0;
-    if gemv_group() && fused_shrink() {
-        // The grouped GEMV runs the shrink in its own launch; if it declines the group, the
-        // shrink is launched below instead.
+    let mut grouped = gemv_group();
+    if grouped && fused_shrink() {
+        // The grouped GEMV runs the shrink in its own launch; if it declines the group (which
+        // does not depend on the shrink), the shrink is launched below and the bases one by one.
         let Some(epis) = plan.gemv_loras_fused(slot0, N, &x)? else {
             return plain();
         };
         if let Some(ys) =
             qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &weights, Some(&epis))?
         {
-            return into_array(ys);
+            return group_outputs(ys);
         }
+        grouped = false;
     }
     let Some(epis) = plan.shrink_for_gemv(slot0, N, &x)? else {
         // No row has a module at these slots: the base alone.
         return plain();
     };
-    if gemv_group() {
+    if grouped {
         if let Some(ys) =
             qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &weights, Some(&epis))?
         {
-            return into_array(ys);
+            return group_outputs(ys);
         }
     }
     let ys = weights
@@ -227,5 +225,5 @@ fn project_group_fused<const N: usize>(
             }
         })
         .collect::<Result<Vec<_>>>()?;
-    into_array(ys)
+    group_outputs(ys)
 }
