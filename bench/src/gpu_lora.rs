@@ -246,7 +246,12 @@ fn group_check(dev: &Device, rng: &mut ChaCha8Rng, r: &mut Report) -> Result<()>
 /// rounding of y between the GEMV and the expand, which the epilogue skips.
 fn gemv_epilogue(dev: &Device, r: &mut Report) -> Result<()> {
     use qlorad_kernels::cuda::GemvKernel;
-    for kernel in [GemvKernel::Lut16, GemvKernel::Tc, GemvKernel::Tc3] {
+    for kernel in [
+        GemvKernel::Lut16,
+        GemvKernel::Tc,
+        GemvKernel::Tc3,
+        GemvKernel::T4,
+    ] {
         gemv_epilogue_with(dev, r, kernel)?;
     }
     Ok(())
@@ -260,7 +265,9 @@ fn gemv_epilogue_with(
     use qlorad_kernels::cuda::GemvKernel;
     use qlorad_kernels::{nf4_linear, Nf4Config, Nf4Tensor, Nf4Weight};
     let mut rng = ChaCha8Rng::seed_from_u64(0x5eed);
-    let qkv = [Some((512, 1024)), Some((512, 256)), Some((512, 256))];
+    // k = 3072: 48 k blocks per row, so every kernel's pipeline refills its stages (t4: 3 iterations
+    // of 2 blocks per warp).
+    let qkv = [Some((3072, 1024)), Some((3072, 256)), Some((3072, 256))];
     let ws = qkv
         .iter()
         .flatten()
@@ -286,7 +293,7 @@ fn gemv_epilogue_with(
         let plan = batch
             .bgmv_plan()
             .ok_or_else(|| anyhow::anyhow!("no BGMV plan for {rows} rows"))?;
-        let x = Tensor::randn(0f32, 1.0, (rows, 512), dev)?.to_dtype(DType::BF16)?;
+        let x = Tensor::randn(0f32, 1.0, (rows, 3072), dev)?.to_dtype(DType::BF16)?;
         let base = ws
             .iter()
             .map(|w| Ok(nf4_linear(&x, w)?))

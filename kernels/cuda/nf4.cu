@@ -483,3 +483,4 @@ NF4_GEMV_MMA_ENTRY(6)
 NF4_GEMV_MMA_ENTRY(7)
 NF4_GEMV_MMA_ENTRY(8)
 #include "nf4_tc.cuh"
+#include "nf4_t4.cuh"

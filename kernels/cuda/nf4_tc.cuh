@@ -134,6 +134,79 @@ __device__ __forceinline__ void tc_shrink(const u16* __restrict__ x, u32 k, cons
     __syncwarp();
 }
 
+// The LoRA warp of a tensor-core GEMV block: scale_m · t_m · B_m[o, :r_m] for the tile's 16
+// features o and every input row m into lora_out[o * M + m] (first, in the grouped launch with
+// counters, its share of the group's shrink). Its chain of dependent loads (row table, module, B,
+// t) runs while the block's other warps stream the weights.
+template <int M>
+__device__ __forceinline__ void tc_lora_warp(const u16* __restrict__ x, u32 k,
+                                             const u64* __restrict__ row_tables, u32 slot,
+                                             const float* __restrict__ t_lora, u32 t_stride,
+                                             u32 tile, const TcGroup* grp, float* lora_out) {
+    const u32 lane = threadIdx.x & 31u;
+    const bool fused = grp != nullptr && grp->counters != nullptr;
+    if (fused) {
+        tc_shrink<M>(x, k, *grp);
+    }
+    const u32 o = lane >> 1, h = lane & 1u;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        const RowLora l = lookup(row_tables, m, slot);
+        float d = 0.f;
+        if (l.r != 0 && l.r <= t_stride) {
+            const u16* br = l.b + (u64)(tile * 16 + o) * l.r;
+            const float* tm = t_lora + (u64)m * t_stride;
+            const u32 half = l.r >> 1;
+            // Each lane's half row as 16-byte loads issued together (one memory round trip,
+            // not one per element): needs r % 16 == 0 and 16-byte aligned B and t rows.
+            const bool vec = (l.r & 15u) == 0 && (t_stride & 3u) == 0 &&
+                             ((reinterpret_cast<u64>(l.b) | reinterpret_cast<u64>(tm)) & 15ull) == 0;
+            if (vec) {
+                const uint4* bv = reinterpret_cast<const uint4*>(br + h * half);
+                const float4* tv = reinterpret_cast<const float4*>(tm + h * half);
+#pragma unroll 4
+                for (u32 c = 0; c < (half >> 3); ++c) {
+                    const uint4 w = __ldg(bv + c);
+                    // t: L2 loads (written during this launch by other blocks when fused).
+                    const float4 t0 = __ldcg(tv + 2 * c), t1 = __ldcg(tv + 2 * c + 1);
+                    d = fmaf(bf16_lo(w.x), t0.x, d);
+                    d = fmaf(bf16_hi(w.x), t0.y, d);
+                    d = fmaf(bf16_lo(w.y), t0.z, d);
+                    d = fmaf(bf16_hi(w.y), t0.w, d);
+                    d = fmaf(bf16_lo(w.z), t1.x, d);
+                    d = fmaf(bf16_hi(w.z), t1.y, d);
+                    d = fmaf(bf16_lo(w.w), t1.z, d);
+                    d = fmaf(bf16_hi(w.w), t1.w, d);
+                }
+            } else {
+#pragma unroll 8
+                for (u32 j = h; j < l.r; j += 2) {
+                    d = fmaf(bf16_f(br[j]), __ldcg(tm + j), d);
+                }
+            }
+            d = (d + __shfl_xor_sync(0xffffffffu, d, 1)) * l.scale;
+        }
+        if (h == 0) {
+            lora_out[o * M + m] = d;
+        }
+    }
+}
+
+// After a grouped LoRA launch's block is done: every block has passed its LoRA warp's wait once it
+// gets here; the last one leaves the counters zeroed for the next launch (which runs after this
+// one, in stream order).
+__device__ __forceinline__ void tc_group_finish(const TcGroup* grp) {
+    if (grp != nullptr && grp->counters != nullptr && threadIdx.x == 0) {
+        u32* c = grp->counters;
+        if (atomicAdd(c + 2, 1u) == gridDim.x - 1) {
+            c[0] = 0u;
+            c[1] = 0u;
+            c[2] = 0u;
+            __threadfence();
+        }
+    }
+}
+
 struct TcStage {
     uint2 a, b;  // 8 bytes (16 codes) of the lane's two rows in this k block
     u32 qa, qb;  // the rows' first-level absmax: its 8-bit code (double quant) or its f32 bits
@@ -173,55 +246,7 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
     const u32 ra = tile * 16 + g, rb = ra + 8;
     __syncthreads();
     if (LORA && warp == TC_WARPS) {
-        // The LoRA warp: scale_m · t_m · B_m[o, :r_m] for the tile's 16 features o and every input
-        // row m, two lanes per feature. Its chain of dependent loads (row table, module, B, t)
-        // runs while the other warps stream the weights.
-        const bool fused = grp != nullptr && grp->counters != nullptr;
-        if (fused) {
-            tc_shrink<M>(x, k, *grp);
-        }
-        const u32 o = lane >> 1, h = lane & 1u;
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-            const RowLora l = lookup(row_tables, m, slot);
-            float d = 0.f;
-            if (l.r != 0 && l.r <= t_stride) {
-                const u16* br = l.b + (u64)(tile * 16 + o) * l.r;
-                const float* tm = t_lora + (u64)m * t_stride;
-                const u32 half = l.r >> 1;
-                // Each lane's half row as 16-byte loads issued together (one memory round trip,
-                // not one per element): needs r % 16 == 0 and 16-byte aligned B and t rows.
-                const bool vec = (l.r & 15u) == 0 && (t_stride & 3u) == 0 &&
-                                 ((reinterpret_cast<u64>(l.b) | reinterpret_cast<u64>(tm)) & 15ull) == 0;
-                if (vec) {
-                    const uint4* bv = reinterpret_cast<const uint4*>(br + h * half);
-                    const float4* tv = reinterpret_cast<const float4*>(tm + h * half);
-#pragma unroll 4
-                    for (u32 c = 0; c < (half >> 3); ++c) {
-                        const uint4 w = __ldg(bv + c);
-                        // t: L2 loads (written during this launch by other blocks when fused).
-                        const float4 t0 = __ldcg(tv + 2 * c), t1 = __ldcg(tv + 2 * c + 1);
-                        d = fmaf(bf16_lo(w.x), t0.x, d);
-                        d = fmaf(bf16_hi(w.x), t0.y, d);
-                        d = fmaf(bf16_lo(w.y), t0.z, d);
-                        d = fmaf(bf16_hi(w.y), t0.w, d);
-                        d = fmaf(bf16_lo(w.z), t1.x, d);
-                        d = fmaf(bf16_hi(w.z), t1.y, d);
-                        d = fmaf(bf16_lo(w.w), t1.z, d);
-                        d = fmaf(bf16_hi(w.w), t1.w, d);
-                    }
-                } else {
-#pragma unroll 8
-                    for (u32 j = h; j < l.r; j += 2) {
-                        d = fmaf(bf16_f(br[j]), __ldcg(tm + j), d);
-                    }
-                }
-                d = (d + __shfl_xor_sync(0xffffffffu, d, 1)) * l.scale;
-            }
-            if (h == 0) {
-                lora_out[o * M + m] = d;
-            }
-        }
+        tc_lora_warp<M>(x, k, row_tables, slot, t_lora, t_stride, tile, grp, lora_out);
     }
     const u32 lut_base = (u32)__cvta_generic_to_shared(lut) + 4 * lane;
     const u32 nkb = k >> 6;
@@ -344,16 +369,8 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
             }
         }
     }
-    if (LORA && grp != nullptr && grp->counters != nullptr && threadIdx.x == 0) {
-        // Every block has passed its LoRA warp's wait once it gets here; the last one leaves the
-        // counters zeroed for the next launch (which runs after this one, in stream order).
-        u32* c = grp->counters;
-        if (atomicAdd(c + 2, 1u) == gridDim.x - 1) {
-            c[0] = 0u;
-            c[1] = 0u;
-            c[2] = 0u;
-            __threadfence();
-        }
+    if (LORA) {
+        tc_group_finish(grp);
     }
 }
 

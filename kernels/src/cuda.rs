@@ -33,7 +33,7 @@ pub(crate) const GEMV_WARPS: u32 = 8;
 
 /// Which fused NF4 GEMV kernel decode uses (all compute the same function; they differ in how
 /// they spend instructions, see cuda/nf4.cu). Chosen per process with `QLORAD_NF4_GEMV`
-/// (`lut16`, `pair`, `pair2`, `mma`, `tc`, `tcr`, `tc3`, `r2`, `r4`); gpu-check measures all of
+/// (`lut16`, `pair`, `pair2`, `mma`, `tc`, `tcr`, `tc3`, `t4`, `r2`, `r4`); gpu-check measures all of
 /// them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GemvKernel {
@@ -56,6 +56,11 @@ pub enum GemvKernel {
     TcRegs,
     /// `Tc` with 3 k blocks in flight per warp and up to 85 registers.
     Tc3,
+    /// Tensor cores, third form (cuda/nf4_t4.cuh): two k blocks per iteration and 16-byte loads,
+    /// the blocks kept apart in the mma's B columns, ~90 instructions per k block instead of
+    /// `Tc3`'s 132; up to 4 input rows (5..8 run `Tc3`). Needs `Tc3`'s shapes with in % 128 == 0
+    /// and blocksize 64, else the weight decodes with `Tc3`.
+    T4,
     /// `Lut16` with two rows per warp: x is loaded and converted once for both.
     Rows2,
     /// `Lut16` with four rows per warp up to 2 input rows, two up to 8 (register pressure).
@@ -63,7 +68,7 @@ pub enum GemvKernel {
 }
 
 impl GemvKernel {
-    pub const ALL: [GemvKernel; 9] = [
+    pub const ALL: [GemvKernel; 10] = [
         GemvKernel::Lut16,
         GemvKernel::Pair,
         GemvKernel::PairTwoRows,
@@ -71,6 +76,7 @@ impl GemvKernel {
         GemvKernel::Tc,
         GemvKernel::TcRegs,
         GemvKernel::Tc3,
+        GemvKernel::T4,
         GemvKernel::Rows2,
         GemvKernel::Rows4,
     ];
@@ -84,6 +90,7 @@ impl GemvKernel {
             GemvKernel::Tc => "tc",
             GemvKernel::TcRegs => "tcr",
             GemvKernel::Tc3 => "tc3",
+            GemvKernel::T4 => "t4",
             GemvKernel::Rows2 => "r2",
             GemvKernel::Rows4 => "r4",
         }
@@ -93,7 +100,11 @@ impl GemvKernel {
     fn tensor_cores(self) -> bool {
         matches!(
             self,
-            GemvKernel::Mma | GemvKernel::Tc | GemvKernel::TcRegs | GemvKernel::Tc3
+            GemvKernel::Mma
+                | GemvKernel::Tc
+                | GemvKernel::TcRegs
+                | GemvKernel::Tc3
+                | GemvKernel::T4
         )
     }
 
@@ -104,21 +115,31 @@ impl GemvKernel {
             return true;
         }
         let shape = n.is_multiple_of(16) && k.is_multiple_of(64) && blocksize.is_multiple_of(64);
-        // The second form indexes elements in 32 bits.
-        shape && (self == GemvKernel::Mma || (n as u64) * (k as u64) < (1u64 << 32))
+        // The second form indexes elements in 32 bits; the third takes two 64-element k blocks
+        // (one per absmax) per iteration.
+        let third = self != GemvKernel::T4 || (k.is_multiple_of(128) && blocksize == 64);
+        shape && third && (self == GemvKernel::Mma || (n as u64) * (k as u64) < (1u64 << 32))
+    }
+
+    /// The kernel a weight that does not fit this one decodes with.
+    fn fallback(self) -> Self {
+        match self {
+            GemvKernel::T4 => GemvKernel::Tc3,
+            _ => GemvKernel::Lut16,
+        }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|k| k.name() == s)
     }
 
-    /// `QLORAD_NF4_GEMV` if set to a known name, else the default `tc3` (the fastest in gpu-check's
-    /// per-layer timing on the H200, and 5x lut16 at 8 input rows; see BENCHMARKS.md).
+    /// `QLORAD_NF4_GEMV` if set to a known name, else the default `t4` (the fastest in gpu-check's
+    /// per-layer timing on the H200 at 1..4 rows, `tc3` for 5..8; see BENCHMARKS.md).
     pub fn from_env() -> Self {
         std::env::var("QLORAD_NF4_GEMV")
             .ok()
             .and_then(|s| Self::parse(&s))
-            .unwrap_or(GemvKernel::Tc3)
+            .unwrap_or(GemvKernel::T4)
     }
 
     /// (kernel entry point, output rows per warp) for `m` input rows.
@@ -129,7 +150,7 @@ impl GemvKernel {
             GemvKernel::Rows2 | GemvKernel::Rows4 => (format!("nf4_gemv_r2_bf16_m{m}"), 2),
             // 16 features per block of GEMV_WARPS = 8 warps.
             GemvKernel::Mma => (format!("nf4_gemv_mma_bf16_m{m}"), 2),
-            GemvKernel::Tc | GemvKernel::TcRegs | GemvKernel::Tc3 => {
+            GemvKernel::Tc | GemvKernel::TcRegs | GemvKernel::Tc3 | GemvKernel::T4 => {
                 (format!("nf4_gemv_{}_bf16_m{m}", self.name()), 2)
             }
             GemvKernel::PairTwoRows if m <= 4 => (format!("nf4_gemv3_bf16_m{m}"), 2),
@@ -223,6 +244,8 @@ impl Nf4Gpu {
         }
         let kernel = if kernel.fits(n, k, bs) {
             kernel
+        } else if kernel.fallback().fits(n, k, bs) {
+            kernel.fallback()
         } else {
             GemvKernel::Lut16
         };
@@ -370,10 +393,12 @@ impl Nf4Gpu {
         m: usize,
         lora: bool,
     ) -> candle_core::Result<&CudaFunction> {
-        let (cell, prefix) = if lora {
-            (&self.gemv_group[1], "nf4_gemv_tcg_lora")
-        } else {
-            (&self.gemv_group[0], "nf4_gemv_tcg")
+        let t4 = self.kernel == GemvKernel::T4;
+        let (cell, prefix) = match (lora, t4) {
+            (true, true) => (&self.gemv_group[1], "nf4_gemv_t4g_lora"),
+            (true, false) => (&self.gemv_group[1], "nf4_gemv_tcg_lora"),
+            (false, true) => (&self.gemv_group[0], "nf4_gemv_t4g"),
+            (false, false) => (&self.gemv_group[0], "nf4_gemv_tcg"),
         };
         self.row_functions(cell, prefix)?
             .get(m.wrapping_sub(1))
@@ -520,10 +545,10 @@ impl Nf4Gpu {
             )));
         }
         let tc = self.kernel.tensor_cores();
-        let prefix = if tc {
-            "nf4_gemv_tc_lora"
-        } else {
-            "nf4_gemv_lora"
+        let prefix = match self.kernel {
+            GemvKernel::T4 => "nf4_gemv_t4_lora",
+            _ if tc => "nf4_gemv_tc_lora",
+            _ => "nf4_gemv_lora",
         };
         let funcs = self.row_functions(&self.gemv_lora, prefix)?;
         // SAFETY: written by lane 0 of each row's warp below (lut16), or by warp 0 of each
@@ -551,8 +576,9 @@ impl Nf4Gpu {
             .arg(&lora.slot)
             .arg(&lora.t)
             .arg(&lora.t_stride);
-        // SAFETY: argument types and order match nf4_gemv_lora_bf16_m{m} and
-        // nf4_gemv_tc_lora_bf16_m{m} (tc: the weight passed `fits`); x has m·k and y m·n
+        // SAFETY: argument types and order match nf4_gemv_lora_bf16_m{m},
+        // nf4_gemv_tc_lora_bf16_m{m} and nf4_gemv_t4_lora_bf16_m{m} (tc, t4: the weight passed
+        // `fits` for its kernel); x has m·k and y m·n
         // elements, k % 32 == 0; the row tables hold m rows (m == the plan's rows) whose modules at
         // `slot` have n outputs, and t holds the plan's shrink output for this slot, written
         // earlier on this stream.

@@ -64,8 +64,8 @@ fn msg(s: String) -> candle_core::Error {
 /// the group's BGMV shrink, or with descriptors from `BgmvPlan::gemv_loras_fused` the shrink in the
 /// same launch) for up to [`GROUP_MAX`] weights on one GPU in one launch. `Ok(None)`
 /// when the group does not fit the grouped kernel (a weight off the GPU or decoding with a
-/// non-tensor-core kernel, different k or devices, more than 8 rows, an unaligned or non-bf16 x):
-/// the caller then launches the weights one by one.
+/// non-tensor-core kernel, different k, devices or kernels, more than 8 rows, an unaligned or
+/// non-bf16 x): the caller then launches the weights one by one.
 pub fn nf4_linear_group(
     x: &Tensor,
     weights: &[&Arc<Nf4Weight>],
@@ -87,10 +87,10 @@ pub fn nf4_linear_group(
         return Ok(None);
     }
     let dev0 = gpus[0].device();
-    if gpus
-        .iter()
-        .any(|g| g.shape().1 != k || g.device().id() != dev0.id())
-    {
+    // One kernel for the whole grid: every weight must decode with the first one's.
+    if gpus.iter().any(|g| {
+        g.shape().1 != k || g.device().id() != dev0.id() || g.gemv_kernel() != gpus[0].gemv_kernel()
+    }) {
         return Ok(None);
     }
     let (storage, layout) = x.storage_and_layout();
