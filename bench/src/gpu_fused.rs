@@ -52,6 +52,30 @@ fn compare(
     let want = batch_greedy(m, prompts, ads, n, None)?;
     m.set_fused_decode(true)?;
     let got = batch_greedy(m, prompts, ads, n, Some(&want.tokens))?;
+    // RoPE and the KV write in the attention launch (the default) against rope_kv then
+    // attention: the same arithmetic, so the same logits bit for bit.
+    std::env::set_var("QLORAD_ROPE_ATTENTION", "0");
+    let two = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
+    std::env::remove_var("QLORAD_ROPE_ATTENTION");
+    let differing: usize = two?
+        .logits
+        .iter()
+        .flatten()
+        .zip(got.logits.iter().flatten())
+        .map(|(a, b)| {
+            a.len().abs_diff(b.len())
+                + a.iter()
+                    .zip(b)
+                    .filter(|(x, y)| x.to_bits() != y.to_bits())
+                    .count()
+        })
+        .sum();
+    r.add(
+        format!("fused decode, {name}: RoPE in the attention launch vs rope_kv, differing logits"),
+        differing as f64,
+        0.0,
+        String::new(),
+    );
     let (worst, unexplained, ties) = forced_agreement(&want, &got)?;
     r.add(
         format!("fused decode vs general path, {name}: logits rel err (max)"),

@@ -209,17 +209,26 @@ extern "C" __global__ void rope_kv_bf16(const u16* __restrict__ q, const u16* __
 // as in FlashAttention). The slots are merged at the end with log-sum-exp weights. With one split
 // the block writes the normalized bf16 output; with several, the unnormalized f32 output with its
 // max and sum, for attention_combine.
-template <int G>
+//
+// ROPE (decode_attention_rope_*): q is the projection's output before RoPE, and the block applies
+// rope_kv's arithmetic itself (same roundings, so the same bits): each thread rotates its 8 dims of
+// q with its partner's (the thread dv/2 lanes away holds dims i ± hd/2), and the block whose split
+// holds the new position first writes RoPE(k) and v there (its own loads then see them after the
+// barrier; no other block reads that position). One launch instead of two: at batch 1 rope_kv
+// was a one-block kernel of ~6.5 µs per layer (ncu).
+template <int G, bool ROPE>
 __device__ __forceinline__ void decode_attention(
     const u16* __restrict__ q, const u64* __restrict__ table, u32 layers, u32 layer, u32 nh,
     u32 nkv, u32 hd, u32 window, float scale, u16* __restrict__ out,
-    float* __restrict__ part_o, float* __restrict__ part_ml) {
+    float* __restrict__ part_o, float* __restrict__ part_ml, const u16* __restrict__ knew = nullptr,
+    const u16* __restrict__ vnew = nullptr, const u16* __restrict__ cosb = nullptr,
+    const u16* __restrict__ sinb = nullptr) {
     const u32 kvh = blockIdx.x, row = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const u64* t = kv_row(table, layers, row);
     const u32 pos = (u32)(t[0] & 0xffffffffu);
     const u64 cap = t[0] >> 32;
-    const u16* kc = reinterpret_cast<const u16*>(t[1 + 2 * layer]) + (u64)kvh * cap * hd;
-    const u16* vc = reinterpret_cast<const u16*>(t[2 + 2 * layer]) + (u64)kvh * cap * hd;
+    u16* kc = reinterpret_cast<u16*>(t[1 + 2 * layer]) + (u64)kvh * cap * hd;
+    u16* vc = reinterpret_cast<u16*>(t[2 + 2 * layer]) + (u64)kvh * cap * hd;
     const u32 first = (window > 0 && pos >= window) ? pos - window + 1 : 0;
     const u32 total = pos + 1 - first;
     const u32 per = (total + splits - 1) / splits;
@@ -230,16 +239,63 @@ __device__ __forceinline__ void decode_attention(
     const u32 slots = ATT_THREADS / dv;
     const u32 slot = threadIdx.x / dv, part = threadIdx.x % dv;
     const u16* qrow = q + ((u64)row * nh + (u64)kvh * G) * hd + part * 8;
+    // RoPE of this thread's 8 dims [8 part, +8) of a head row: cos/sin index (8 part) mod hd/2;
+    // the partner (dims ± hd/2) is the thread dv/2 lanes away in the same slot.
+    float cr[8], sr[8];
+    const bool upper = part >= (dv >> 1);
+    if (ROPE) {
+        const u32 i0 = (part * 8) % (hd >> 1);
+        const uint4 c4 = *reinterpret_cast<const uint4*>(cosb + (u64)pos * (hd >> 1) + i0);
+        const uint4 s4 = *reinterpret_cast<const uint4*>(sinb + (u64)pos * (hd >> 1) + i0);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            cr[e] = word_half(c4, e);
+            sr[e] = word_half(s4, e);
+        }
+    }
+    // rope_kv's arithmetic on 8 dims (bf16 in, bf16 bits out as floats): lower half
+    // a·c − b·s with b the partner's, upper half a'·s + b'·c with a' the partner's.
+    auto rope8 = [&](const uint4 v, float* o) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float mine = word_half(v, e);
+            const float other = __shfl_xor_sync(0xffffffffu, mine, dv >> 1, dv);
+            const float r = upper ? __fadd_rn(rbf(__fmul_rn(other, sr[e])), rbf(__fmul_rn(mine, cr[e])))
+                                  : __fsub_rn(rbf(__fmul_rn(mine, cr[e])), rbf(__fmul_rn(other, sr[e])));
+            o[e] = rbf(r);
+        }
+    };
     float qr[G][8];
 #pragma unroll
     for (int g = 0; g < G; ++g) {
         const uint4 v = *reinterpret_cast<const uint4*>(qrow + (u64)g * hd);
-        const u32 w[4] = {v.x, v.y, v.z, v.w};
+        if (ROPE) {
+            float o[8];
+            rope8(v, o);
 #pragma unroll
-        for (int b = 0; b < 4; ++b) {
-            qr[g][2 * b] = __uint_as_float(w[b] << 16) * scale;
-            qr[g][2 * b + 1] = __uint_as_float(w[b] & 0xffff0000u) * scale;
+            for (int e = 0; e < 8; ++e) qr[g][e] = o[e] * scale;
+        } else {
+            const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+                qr[g][2 * b] = __uint_as_float(w[b] << 16) * scale;
+                qr[g][2 * b + 1] = __uint_as_float(w[b] & 0xffff0000u) * scale;
+            }
         }
+    }
+    if (ROPE && lo <= pos && pos < hi) {
+        // This split holds the new position: its K (rotated) and V go into the caches first.
+        // Every slot rotates the row (the shuffles need whole warps); slot 0 stores it.
+        const u64 src = ((u64)row * nkv + kvh) * hd + part * 8;
+        float o[8];
+        rope8(*reinterpret_cast<const uint4*>(knew + src), o);
+        if (slot == 0) {
+            *reinterpret_cast<uint4*>(kc + (u64)pos * hd + part * 8) = make_uint4(
+                pack2(o[0], o[1]), pack2(o[2], o[3]), pack2(o[4], o[5]), pack2(o[6], o[7]));
+            *reinterpret_cast<uint4*>(vc + (u64)pos * hd + part * 8) =
+                *reinterpret_cast<const uint4*>(vnew + src);
+        }
+        __syncthreads();
     }
     float m[G], l[G], acc[G][8];
 #pragma unroll
@@ -330,8 +386,17 @@ __device__ __forceinline__ void decode_attention(
         const u16* __restrict__ q, const u64* __restrict__ table, u32 layers, u32 layer, u32 nh, \
         u32 nkv, u32 hd, u32 window, float scale, u16* __restrict__ out,                         \
         float* __restrict__ part_o, float* __restrict__ part_ml) {                               \
-        decode_attention<G>(q, table, layers, layer, nh, nkv, hd, window, scale, out, part_o,   \
-                            part_ml);                                                            \
+        decode_attention<G, false>(q, table, layers, layer, nh, nkv, hd, window, scale, out,    \
+                                   part_o, part_ml);                                             \
+    }                                                                                            \
+    extern "C" __global__ void decode_attention_rope_g##G##_bf16(                               \
+        const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,         \
+        const u16* __restrict__ cosb, const u16* __restrict__ sinb,                              \
+        const u64* __restrict__ table, u32 layers, u32 layer, u32 nh, u32 nkv, u32 hd,           \
+        u32 window, float scale, u16* __restrict__ out, float* __restrict__ part_o,              \
+        float* __restrict__ part_ml) {                                                           \
+        decode_attention<G, true>(q, table, layers, layer, nh, nkv, hd, window, scale, out,     \
+                                  part_o, part_ml, k, v, cosb, sinb);                            \
     }
 
 DECODE_ATTENTION_ENTRY(1)

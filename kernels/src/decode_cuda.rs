@@ -35,6 +35,11 @@ pub fn attention_supports(heads: usize, kv_heads: usize, head_dim: usize) -> boo
         && head_dim / 8 > 0
         && 32usize.is_multiple_of(head_dim / 8)
 }
+/// Whether [`DecodeKernels::rope_attention`] takes these shapes: the attention's, with
+/// head_dim % 16 == 0 (each thread's 8 dims and its partner's lie in opposite halves).
+pub fn rope_attention_supports(heads: usize, kv_heads: usize, head_dim: usize) -> bool {
+    attention_supports(heads, kv_heads, head_dim) && head_dim.is_multiple_of(16)
+}
 const NORM_THREADS: u32 = 256;
 /// rope_kv is one block per sequence that loops over (heads + kv heads) · head_dim / 2 pairs: at
 /// batch 1 its time is its loop's chain of memory round trips (256 threads: ~10 µs per call on the
@@ -61,6 +66,8 @@ pub struct DecodeKernels {
     rope_kv: CudaFunction,
     /// The attention for group sizes 1..=ATT_MAX_GROUP.
     attention: Vec<CudaFunction>,
+    /// The attention that applies RoPE and writes the new K and V itself, same group sizes.
+    attention_rope: Vec<CudaFunction>,
     combine: CudaFunction,
 }
 
@@ -138,6 +145,9 @@ impl DecodeKernels {
             rope_kv: load("rope_kv_bf16")?,
             attention: (1..=ATT_MAX_GROUP)
                 .map(|g| load(&format!("decode_attention_g{g}_bf16")))
+                .collect::<candle_core::Result<_>>()?,
+            attention_rope: (1..=ATT_MAX_GROUP)
+                .map(|g| load(&format!("decode_attention_rope_g{g}_bf16")))
                 .collect::<candle_core::Result<_>>()?,
             combine: load("attention_combine_bf16")?,
         })
@@ -366,6 +376,71 @@ impl DecodeKernels {
         head_dim: usize,
         window: Option<usize>,
     ) -> candle_core::Result<Tensor> {
+        self.attention_with(q, None, table, layer, heads, kv_heads, head_dim, window)
+    }
+
+    /// [`Self::rope_kv`] then [`Self::attention`] in one launch (plus the split combine): `q`
+    /// (rows, heads·hd) and `k`, `v` (rows, kv_heads·hd) are the projections' outputs before
+    /// RoPE; the block holding each row's new position writes its rotated K and V into the caches
+    /// of `layer` before attending. Same arithmetic, so the same bits as the two launches. Needs
+    /// [`rope_attention_supports`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        table: &KvTable,
+        layer: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        window: Option<usize>,
+    ) -> candle_core::Result<Tensor> {
+        let rows = table.rows;
+        if k.dims() != [rows, kv_heads * head_dim]
+            || v.dims() != k.dims()
+            || cos.dims().len() != 2
+            || cos.dims()[1] != head_dim / 2
+            || cos.dims() != sin.dims()
+            || cos.dims()[0] <= table.max_position
+            || !rope_attention_supports(heads, kv_heads, head_dim)
+        {
+            return Err(msg(format!(
+                "rope attention: k {:?}, v {:?}, cos {:?} for {rows} rows, {heads}/{kv_heads} \
+                 heads of {head_dim}",
+                k.dims(),
+                v.dims(),
+                cos.dims()
+            )));
+        }
+        let rope = RopeInputs { k, v, cos, sin };
+        self.attention_with(
+            q,
+            Some(rope),
+            table,
+            layer,
+            heads,
+            kv_heads,
+            head_dim,
+            window,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_with(
+        &self,
+        q: &Tensor,
+        rope: Option<RopeInputs<'_>>,
+        table: &KvTable,
+        layer: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        window: Option<usize>,
+    ) -> candle_core::Result<Tensor> {
         let rows = table.rows;
         if q.dims() != [rows, heads * head_dim]
             || !attention_supports(heads, kv_heads, head_dim)
@@ -380,6 +455,20 @@ impl DecodeKernels {
         let (qs, _) = q.storage_and_layout();
         let (qv, qa, qb) = bf16_view(&qs, q, &self.device, "q")?;
         let qview = qv.slice(qa..qb);
+        let rope_guards = rope
+            .as_ref()
+            .map(|r| [r.k, r.v, r.cos, r.sin].map(|t| t.storage_and_layout()));
+        let mut rope_views = Vec::with_capacity(4);
+        if let (Some(r), Some(guards)) = (&rope, &rope_guards) {
+            for ((g, t), name) in guards
+                .iter()
+                .zip([r.k, r.v, r.cos, r.sin])
+                .zip(["k", "v", "cos", "sin"])
+            {
+                let (s, a, b) = bf16_view(&g.0, t, &self.device, name)?;
+                rope_views.push(s.slice(a..b));
+            }
+        }
         let positions = table.max_position + 1;
         let splits = splits_for(positions, rows * kv_heads);
         // SAFETY: fully written, by the kernel (one split) or the combine (several).
@@ -408,9 +497,17 @@ impl DecodeKernels {
             block_dim: (ATT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = self.stream.launch_builder(&self.attention[group - 1]);
-        b.arg(&qview)
-            .arg(&table.table)
+        let func = if rope.is_some() {
+            &self.attention_rope[group - 1]
+        } else {
+            &self.attention[group - 1]
+        };
+        let mut b = self.stream.launch_builder(func);
+        b.arg(&qview);
+        for v in &rope_views {
+            b.arg(v);
+        }
+        b.arg(&table.table)
             .arg(&layers)
             .arg(&layer)
             .arg(&nh)
@@ -423,9 +520,13 @@ impl DecodeKernels {
             Some((o, ml)) => b.arg(o).arg(ml),
             None => b.arg(&null).arg(&null),
         };
-        // SAFETY: argument types and order match decode_attention_g{group}_bf16; q holds
+        // SAFETY: argument types and order match decode_attention_g{group}_bf16 (no RoPE inputs)
+        // and decode_attention_rope_g{group}_bf16 (k, v, cos, sin after q); q holds
         // rows·heads·hd, out the same, the partials rows·splits·heads·(hd | 2) f32 when splits > 1;
-        // group and head_dim within the kernel's limits (checked above).
+        // group and head_dim within the kernel's limits, and with RoPE k and v rows·kv_heads·hd,
+        // cos and sin more than max_position rows of hd/2 (checked above / by rope_attention).
+        // The caches are written through addresses taken under read guards: only this forward
+        // pass uses them, in stream order.
         unsafe { b.launch(cfg) }.w()?;
         if let Some((part_o, part_ml)) = &parts {
             let splits32 = splits as u32;
@@ -446,6 +547,14 @@ impl DecodeKernels {
         }
         Ok(wrap(out, &self.device, (rows, heads * head_dim)))
     }
+}
+
+/// The RoPE inputs of [`DecodeKernels::rope_attention`].
+struct RopeInputs<'a> {
+    k: &'a Tensor,
+    v: &'a Tensor,
+    cos: &'a Tensor,
+    sin: &'a Tensor,
 }
 
 /// Splits of the context per (row, KV head) block: enough blocks to fill the GPU, each split at

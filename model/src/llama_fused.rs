@@ -13,7 +13,9 @@ use crate::error::{ModelError, Result};
 use crate::linear::BaseLinear;
 use crate::lora::LoraBatch;
 use candle_core::{DType, Tensor};
-use qlorad_kernels::decode_cuda::{attention_supports, DecodeKernels, KvRow};
+use qlorad_kernels::decode_cuda::{
+    attention_supports, rope_attention_supports, DecodeKernels, KvRow,
+};
 use std::sync::Arc;
 
 /// The kernels when the fused step can serve `p` (a GPU in bf16) and the environment allows it.
@@ -91,6 +93,10 @@ impl Llama {
             kern.kv_table(&rows, layers, nkv, hd)?
         };
         let eps = c.rms_norm_eps as f32;
+        // RoPE and the KV write inside the attention launch (QLORAD_ROPE_ATTENTION=0: rope_kv
+        // first, for comparison).
+        let rope_in_attention = rope_attention_supports(nh, nkv, hd)
+            && !std::env::var("QLORAD_ROPE_ATTENTION").is_ok_and(|v| v == "0");
         let mut x = self.embed.index_select(ids, 0)?;
         // The MLP output of the previous layer, added to x by the next add + norm.
         let mut pending: Option<Tensor> = None;
@@ -103,8 +109,24 @@ impl Llama {
                 &h,
                 lora,
             )?;
-            let q = kern.rope_kv(&q, &k, &v, &self.cos, &self.sin, &table, li, nh, nkv, hd)?;
-            let a = kern.attention(&q, &table, li, nh, nkv, hd, c.sliding_window)?;
+            let a = if rope_in_attention {
+                kern.rope_attention(
+                    &q,
+                    &k,
+                    &v,
+                    &self.cos,
+                    &self.sin,
+                    &table,
+                    li,
+                    nh,
+                    nkv,
+                    hd,
+                    c.sliding_window,
+                )?
+            } else {
+                let q = kern.rope_kv(&q, &k, &v, &self.cos, &self.sin, &table, li, nh, nkv, hd)?;
+                kern.attention(&q, &table, li, nh, nkv, hd, c.sliding_window)?
+            };
             let [o] = project_group_fused([b.attn.o.as_ref()], li, 3, &a, lora)?;
             let (xs, h) = kern.add_rms_norm(&xs, Some(&o), &b.post_norm, eps)?;
             let [gate, up] =
