@@ -30,3 +30,20 @@ __device__ __forceinline__ float warp_sum(float v) {
     }
     return v;
 }
+
+// Programmatic dependent launch (sm_90): a kernel launched with the programmatic stream
+// serialization attribute (kernels/src/pdl_cuda.rs) may start while the previous kernel of its
+// stream still runs. pdl_wait blocks until that kernel has completed and its writes are visible:
+// every block calls it, unconditionally, before it reads anything the previous kernels wrote or
+// writes anything (so also before any early exit). pdl_trigger lets the next kernel launch once
+// every block of this one has called it. Both are no-ops for an ordinary launch (and below sm_90).
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}

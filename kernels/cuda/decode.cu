@@ -66,6 +66,8 @@ __device__ __forceinline__ float block_sum(float acc) {
 extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u16* __restrict__ y,
                                              const u16* __restrict__ w, float eps, u32 rows, u32 n,
                                              u16* __restrict__ out) {
+    pdl_trigger();
+    pdl_wait();
     const u32 row = blockIdx.x;
     const u16* xr = x + (u64)row * n;
     const u16* yr = y ? y + (u64)row * n : nullptr;
@@ -139,6 +141,8 @@ extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u1
 // out = silu(gate) * up, elementwise over n values.
 extern "C" __global__ void silu_mul_bf16(const u16* __restrict__ gate, const u16* __restrict__ up,
                                          u64 n, u16* __restrict__ out) {
+    pdl_trigger();
+    pdl_wait();
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (u64)gridDim.x * blockDim.x) {
         const float g = bf16_f(gate[i]);
@@ -223,6 +227,8 @@ __device__ __forceinline__ void decode_attention(
     float* __restrict__ part_o, float* __restrict__ part_ml, const u16* __restrict__ knew = nullptr,
     const u16* __restrict__ vnew = nullptr, const u16* __restrict__ cosb = nullptr,
     const u16* __restrict__ sinb = nullptr) {
+    pdl_trigger();
+    pdl_wait();
     const u32 kvh = blockIdx.x, row = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const u64* t = kv_row(table, layers, row);
     const u32 pos = (u32)(t[0] & 0xffffffffu);
@@ -413,6 +419,8 @@ DECODE_ATTENTION_ENTRY(8)
 extern "C" __global__ void attention_combine_bf16(const float* __restrict__ part_o,
                                                   const float* __restrict__ part_ml, u32 splits,
                                                   u32 nh, u32 hd, u16* __restrict__ out) {
+    pdl_trigger();
+    pdl_wait();
     const u32 head = blockIdx.x, row = blockIdx.y, d = threadIdx.x;
     if (d >= hd) return;
     float m = -INFINITY;

@@ -99,8 +99,10 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
             load(st[s]);
         }
     }
-    // Weights in flight: now the tables (their loads are L2 hits).
+    // Weights in flight: now the tables (their loads are L2 hits), then wait for the previous
+    // kernel (programmatic dependent launch) before x is read.
     tc_fill_tables(lut, s_ncode, code16, ncode, PLAIN ? 1u : 0u);
+    pdl_wait();
     __syncthreads();
 
     const u32 lut_base = (u32)__cvta_generic_to_shared(lut) + 4 * lane;
@@ -201,6 +203,7 @@ __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
                                             const float* __restrict__ t_lora, u32 t_stride,
                                             u32 tile, const TcGroup* grp = nullptr) {
     static_assert(M >= 1 && M <= 4, "t4 keeps two k blocks per input row in B's 8 columns");
+    pdl_trigger();
     __shared__ __align__(16) u32 lut[256 * TC_COPIES];
     __shared__ float s_ncode[256];
     __shared__ float red[TC_WARPS][32][2];

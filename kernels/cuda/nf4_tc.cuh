@@ -229,6 +229,9 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
     __shared__ float s_ncode[256];
     __shared__ float red[TC_WARPS][32][4];
     __shared__ float lora_out[LORA ? 16 * M : 1];
+    // Programmatic dependent launch (grouped decode launches): nothing here overlaps yet.
+    pdl_trigger();
+    pdl_wait();
     if (threadIdx.x < 256) {
         // Thread `byte` fills its entry's 32 copies (all equal), rotating the copy order by its
         // index so a warp's stores go to 32 different banks.

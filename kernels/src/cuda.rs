@@ -207,6 +207,8 @@ pub struct Nf4Gpu {
     /// The grouped tensor-core GEMV for 1..=8 input rows, without and with the LoRA epilogue
     /// (`nf4_group_cuda`), loaded on first use.
     gemv_group: [std::sync::OnceLock<Vec<CudaFunction>>; 2],
+    /// The same kernels for programmatic dependent launch (`pdl_cuda`), when the device takes it.
+    gemv_group_pdl: [std::sync::OnceLock<Vec<crate::pdl_cuda::RawFunction>>; 2],
 }
 
 impl std::fmt::Debug for Nf4Gpu {
@@ -305,6 +307,7 @@ impl Nf4Gpu {
             dequant: load("nf4_dequantize_bf16")?,
             gemv_lora: std::sync::OnceLock::new(),
             gemv_group: Default::default(),
+            gemv_group_pdl: Default::default(),
             kernel,
             gemv,
         })
@@ -403,6 +406,38 @@ impl Nf4Gpu {
         self.row_functions(cell, prefix)?
             .get(m.wrapping_sub(1))
             .ok_or_else(|| msg(format!("grouped gemv: {m} rows (1..={GEMV_MAX_ROWS})")))
+    }
+
+    /// [`Self::group_function`] for a programmatic dependent launch; `None` when the device or
+    /// `QLORAD_PDL=0` rules it out.
+    pub(crate) fn group_function_pdl(
+        &self,
+        m: usize,
+        lora: bool,
+    ) -> candle_core::Result<Option<crate::pdl_cuda::RawFunction>> {
+        if m == 0 || m > GEMV_MAX_ROWS || !crate::pdl_cuda::enabled(&self.device) {
+            return Ok(None);
+        }
+        let prefix = match (lora, self.kernel == GemvKernel::T4) {
+            (true, true) => "nf4_gemv_t4g_lora",
+            (true, false) => "nf4_gemv_tcg_lora",
+            (false, true) => "nf4_gemv_t4g",
+            (false, false) => "nf4_gemv_tcg",
+        };
+        let cell = &self.gemv_group_pdl[usize::from(lora)];
+        if cell.get().is_none() {
+            let loaded = (1..=GEMV_MAX_ROWS)
+                .map(|r| {
+                    crate::pdl_cuda::raw_function(
+                        &self.device,
+                        &crate::module_cuda::NF4,
+                        &format!("{prefix}_bf16_m{r}"),
+                    )
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let _ = cell.set(loaded);
+        }
+        Ok(cell.get().and_then(|f| f.get(m - 1)).copied())
     }
 
     /// (offset, plain flag, log2 of the blocksize): the weight's scalar kernel arguments.

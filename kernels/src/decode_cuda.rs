@@ -9,9 +9,10 @@
 //! them through those addresses; `attention` reads them in place (no copy of the history).
 
 use crate::bgmv_cuda::bf16_addr;
+use crate::pdl_cuda::RawFunction;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::op::BackpropOp;
@@ -69,6 +70,24 @@ pub struct DecodeKernels {
     /// The attention that applies RoPE and writes the new K and V itself, same group sizes.
     attention_rope: Vec<CudaFunction>,
     combine: CudaFunction,
+    /// The same kernels for programmatic dependent launch (`pdl_cuda`), when the device takes it.
+    pdl: Option<PdlKernels>,
+}
+
+/// [`DecodeKernels`]' kernels of the default decode step, raw-loaded for `pdl_cuda::launch`.
+struct PdlKernels {
+    add_rms_norm: RawFunction,
+    silu_mul: RawFunction,
+    attention: Vec<RawFunction>,
+    attention_rope: Vec<RawFunction>,
+    combine: RawFunction,
+}
+
+/// One scalar kernel argument (a device address is a u64).
+enum KArg {
+    U64(u64),
+    U32(u32),
+    F32(f32),
 }
 
 impl std::fmt::Debug for DecodeKernels {
@@ -150,7 +169,63 @@ impl DecodeKernels {
                 .map(|g| load(&format!("decode_attention_rope_g{g}_bf16")))
                 .collect::<candle_core::Result<_>>()?,
             combine: load("attention_combine_bf16")?,
+            pdl: if crate::pdl_cuda::enabled(dev) {
+                let raw = |name: &str| {
+                    crate::pdl_cuda::raw_function(dev, &crate::module_cuda::DECODE, name)
+                };
+                let group = |prefix: &str| {
+                    (1..=ATT_MAX_GROUP)
+                        .map(|g| raw(&format!("{prefix}_g{g}_bf16")))
+                        .collect::<candle_core::Result<Vec<_>>>()
+                };
+                Some(PdlKernels {
+                    add_rms_norm: raw("add_rms_norm_bf16")?,
+                    silu_mul: raw("silu_mul_bf16")?,
+                    attention: group("decode_attention")?,
+                    attention_rope: group("decode_attention_rope")?,
+                    combine: raw("attention_combine_bf16")?,
+                })
+            } else {
+                None
+            },
         })
+    }
+
+    /// Launches `func` (or its raw twin `raw` as a programmatic dependent of the stream's previous
+    /// kernel) with `args`.
+    ///
+    /// # Safety
+    /// As `cuLaunchKernel`: `args` match the kernel's parameters in order and type, and the
+    /// buffers they address are valid for what it does, in stream order. The kernel calls
+    /// `pdl_wait` in every block before it touches memory earlier work uses (decode.cu does).
+    unsafe fn launch(
+        &self,
+        func: &CudaFunction,
+        raw: Option<RawFunction>,
+        cfg: LaunchConfig,
+        args: &[KArg],
+    ) -> candle_core::Result<()> {
+        if let Some(f) = raw {
+            let mut ptrs: Vec<*mut std::ffi::c_void> = args
+                .iter()
+                .map(|a| match a {
+                    KArg::U64(v) => crate::pdl_cuda::arg(v),
+                    KArg::U32(v) => crate::pdl_cuda::arg(v),
+                    KArg::F32(v) => crate::pdl_cuda::arg(v),
+                })
+                .collect();
+            return crate::pdl_cuda::launch(f, cfg, &self.stream, &mut ptrs);
+        }
+        let mut b = self.stream.launch_builder(func);
+        for a in args {
+            match a {
+                KArg::U64(v) => b.arg(v),
+                KArg::U32(v) => b.arg(v),
+                KArg::F32(v) => b.arg(v),
+            };
+        }
+        b.launch(cfg).w()?;
+        Ok(())
     }
 
     /// Uploads the KV table of one forward pass. Every row's buffers must have `capacity`
@@ -244,17 +319,25 @@ impl DecodeKernels {
             }
             _ => None,
         };
-        let null = 0u64;
-        let mut b = self.stream.launch_builder(&self.add_rms_norm);
-        b.arg(&xview);
-        match &yview {
-            Some(v) => b.arg(v),
-            None => b.arg(&null),
-        };
-        b.arg(&wview).arg(&eps).arg(&rows32).arg(&n32).arg(&mut out);
-        // SAFETY: argument types and order match add_rms_norm_bf16; x and y hold rows·n, w n and
-        // out 2·rows·n bf16 (checked above).
-        unsafe { b.launch(cfg) }.w()?;
+        let st = &self.stream;
+        let (xp, _xg) = xview.device_ptr(st);
+        let yp = yview.as_ref().map(|v| v.device_ptr(st));
+        let (wp, _wg) = wview.device_ptr(st);
+        let (op, og) = out.device_ptr_mut(st);
+        let args = [
+            KArg::U64(xp),
+            KArg::U64(yp.as_ref().map_or(0, |(p, _)| *p)),
+            KArg::U64(wp),
+            KArg::F32(eps),
+            KArg::U32(rows32),
+            KArg::U32(n32),
+            KArg::U64(op),
+        ];
+        let raw = self.pdl.as_ref().map(|p| p.add_rms_norm);
+        // SAFETY: argument types and order match add_rms_norm_bf16; x and y (or null) hold rows·n,
+        // w n and out 2·rows·n bf16 (checked above).
+        unsafe { self.launch(&self.add_rms_norm, raw, cfg, &args) }?;
+        drop(og);
         let both = wrap(out, &self.device, (2, rows, n));
         Ok((both.get(0)?, both.get(1)?))
     }
@@ -283,10 +366,14 @@ impl DecodeKernels {
         };
         let n64 = n as u64;
         let (gview, uview) = (gv.slice(ga..gb), uv.slice(ua..ub));
-        let mut b = self.stream.launch_builder(&self.silu_mul);
-        b.arg(&gview).arg(&uview).arg(&n64).arg(&mut out);
+        let st = &self.stream;
+        let ((gp, _gg), (up, _ug)) = (gview.device_ptr(st), uview.device_ptr(st));
+        let (op, og) = out.device_ptr_mut(st);
+        let args = [KArg::U64(gp), KArg::U64(up), KArg::U64(n64), KArg::U64(op)];
+        let raw = self.pdl.as_ref().map(|p| p.silu_mul);
         // SAFETY: argument types and order match silu_mul_bf16; all three hold n bf16.
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { self.launch(&self.silu_mul, raw, cfg, &args) }?;
+        drop(og);
         Ok(wrap(out, &self.device, gate.shape().clone()))
     }
 
@@ -497,29 +584,46 @@ impl DecodeKernels {
             block_dim: (ATT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let func = if rope.is_some() {
-            &self.attention_rope[group - 1]
+        let (func, raw) = if rope.is_some() {
+            (
+                &self.attention_rope[group - 1],
+                self.pdl.as_ref().map(|p| p.attention_rope[group - 1]),
+            )
         } else {
-            &self.attention[group - 1]
+            (
+                &self.attention[group - 1],
+                self.pdl.as_ref().map(|p| p.attention[group - 1]),
+            )
         };
-        let mut b = self.stream.launch_builder(func);
-        b.arg(&qview);
-        for v in &rope_views {
-            b.arg(v);
+        let st = &self.stream;
+        let mut guards = Vec::new();
+        let mut args = Vec::new();
+        for v in std::iter::once(&qview).chain(&rope_views) {
+            let (p, g) = v.device_ptr(st);
+            guards.push(g);
+            args.push(KArg::U64(p));
         }
-        b.arg(&table.table)
-            .arg(&layers)
-            .arg(&layer)
-            .arg(&nh)
-            .arg(&nkv)
-            .arg(&hd)
-            .arg(&window)
-            .arg(&scale)
-            .arg(&mut out);
-        match &parts {
-            Some((o, ml)) => b.arg(o).arg(ml),
-            None => b.arg(&null).arg(&null),
-        };
+        let (tp, _tg) = table.table.device_ptr(st);
+        let (op, og) = out.device_ptr_mut(st);
+        let part_ptrs = parts
+            .as_ref()
+            .map(|(o, ml)| (o.device_ptr(st), ml.device_ptr(st)));
+        let (po, pml) = part_ptrs
+            .as_ref()
+            .map_or((null, null), |((o, _), (ml, _))| (*o, *ml));
+        args.extend([
+            KArg::U64(tp),
+            KArg::U32(layers),
+            KArg::U32(layer),
+            KArg::U32(nh),
+            KArg::U32(nkv),
+            KArg::U32(hd),
+            KArg::U32(window),
+            KArg::F32(scale),
+            KArg::U64(op),
+            KArg::U64(po),
+            KArg::U64(pml),
+        ]);
         // SAFETY: argument types and order match decode_attention_g{group}_bf16 (no RoPE inputs)
         // and decode_attention_rope_g{group}_bf16 (k, v, cos, sin after q); q holds
         // rows·heads·hd, out the same, the partials rows·splits·heads·(hd | 2) f32 when splits > 1;
@@ -527,7 +631,8 @@ impl DecodeKernels {
         // cos and sin more than max_position rows of hd/2 (checked above / by rope_attention).
         // The caches are written through addresses taken under read guards: only this forward
         // pass uses them, in stream order.
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { self.launch(func, raw, cfg, &args) }?;
+        drop((og, part_ptrs, guards));
         if let Some((part_o, part_ml)) = &parts {
             let splits32 = splits as u32;
             let cfg = LaunchConfig {
@@ -535,15 +640,20 @@ impl DecodeKernels {
                 block_dim: (hd, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = self.stream.launch_builder(&self.combine);
-            b.arg(part_o)
-                .arg(part_ml)
-                .arg(&splits32)
-                .arg(&nh)
-                .arg(&hd)
-                .arg(&mut out);
+            let ((pp, _pg), (mp, _mg)) = (part_o.device_ptr(st), part_ml.device_ptr(st));
+            let (op, og) = out.device_ptr_mut(st);
+            let args = [
+                KArg::U64(pp),
+                KArg::U64(mp),
+                KArg::U32(splits32),
+                KArg::U32(nh),
+                KArg::U32(hd),
+                KArg::U64(op),
+            ];
+            let raw = self.pdl.as_ref().map(|p| p.combine);
             // SAFETY: argument types and order match attention_combine_bf16 (shapes as above).
-            unsafe { b.launch(cfg) }.w()?;
+            unsafe { self.launch(&self.combine, raw, cfg, &args) }?;
+            drop(og);
         }
         Ok(wrap(out, &self.device, (rows, heads * head_dim)))
     }

@@ -29,6 +29,8 @@ pub mod nf4_group_cuda;
 pub mod nf4_matmul;
 pub mod nf4_op;
 #[cfg(feature = "cuda")]
+pub mod pdl_cuda;
+#[cfg(feature = "cuda")]
 pub mod train_cuda;
 #[cfg(feature = "cuda")]
 pub mod upload_cuda;

@@ -7,7 +7,7 @@ use crate::bgmv::GemvLora;
 use crate::cuda::{Nf4Gpu, GEMV_MAX_ROWS, GEMV_WARPS};
 use crate::nf4_op::Nf4Weight;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, Storage, Tensor};
@@ -207,6 +207,17 @@ fn launch(
         block_dim: (32 * warps, 1, 1),
         shared_mem_bytes: 0,
     };
+    if let Some(f) = g0.group_function_pdl(m, loras.is_some())? {
+        let (xp, xg) = x.device_ptr(stream);
+        let mut args = [crate::pdl_cuda::arg(&xp), crate::pdl_cuda::arg(&grp)];
+        // SAFETY: as the launch below (same kernel, same arguments: x's address and TcGroup by
+        // value); every block of the kernel calls pdl_wait before it reads x, the LoRA tables or
+        // the counters and before it writes y or t.
+        unsafe { crate::pdl_cuda::launch(f, cfg, stream, &mut args) }?;
+        drop(xg);
+        drop(guards);
+        return Ok(ys);
+    }
     let mut b = stream.launch_builder(func);
     b.arg(x).arg(&grp);
     // SAFETY: the kernel takes (x, TcGroup by value); x holds m·k bf16 (checked), each y_i m·n_i;
