@@ -309,6 +309,11 @@ __device__ __forceinline__ void nf4_gemv_t4_group(const u16* __restrict__ x, con
     extern "C" __global__ void __launch_bounds__((TC_WARPS + 1) * 32, 3)                         \
         nf4_gemv_t4g_lora_bf16_m##M(const u16* __restrict__ x, const TcGroup grp) {              \
         nf4_gemv_t4_group<M, true>(x, grp);                                                      \
+    }                                                                                            \
+    /* Two resident blocks: registers for the stream loop without spills (QLORAD_T4_LORA=2). */  \
+    extern "C" __global__ void __launch_bounds__((TC_WARPS + 1) * 32, 2)                         \
+        nf4_gemv_t4g_lora2_bf16_m##M(const u16* __restrict__ x, const TcGroup grp) {             \
+        nf4_gemv_t4_group<M, true>(x, grp);                                                      \
     }
 
 NF4_GEMV_T4_ENTRIES(1)

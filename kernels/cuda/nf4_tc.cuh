@@ -64,8 +64,24 @@ struct TcGroup {
     // finished, unused], zero between launches (the last block to finish resets them).
     u32* counters;
     u32 max_rank;  // the group's largest rank over its rows
-    u32 pad;
+    // With counters: floats between the shrink's k-chunk partials (partial c of weight i's t at
+    // w[i].t + c * part_stride; the expand sums them).
+    u32 part_stride;
 };
+
+// The in-launch shrink splits each dot product over k into up to TC_SHRINK_CHUNKS chunks of at
+// least TC_SHRINK_CHUNK values, one unit each, so a unit is one memory round trip per lane: on the
+// H200 a down projection's unit (k = 14336) was 14 dependent round trips of one warp, and every
+// block's expand waits for the last unit. The host sizes the partials for TC_SHRINK_CHUNKS.
+#define TC_SHRINK_CHUNKS 8
+#define TC_SHRINK_CHUNK 2048
+
+// (chunks, values per chunk, a multiple of 8) of a k-long dot product.
+__device__ __forceinline__ uint2 tc_shrink_chunks(u32 k) {
+    const u32 nch = min((u32)TC_SHRINK_CHUNKS, (k + TC_SHRINK_CHUNK - 1) / TC_SHRINK_CHUNK);
+    const u32 len = ((k + nch - 1) / nch + 7u) & ~7u;
+    return make_uint2(nch, len);
+}
 
 // The group's BGMV shrink inside the grouped launch, run by the blocks' LoRA warps while the other
 // warps stream the weights: t_i[m, j] = x[m, :] · A_{m,i}[j, :] for every weight i, row m and rank
@@ -77,7 +93,8 @@ struct TcGroup {
 template <int M>
 __device__ __forceinline__ void tc_shrink(const u16* __restrict__ x, u32 k, const TcGroup& grp) {
     const u32 lane = threadIdx.x & 31u;
-    const u32 per_w = (u32)M * grp.max_rank;
+    const uint2 ch = tc_shrink_chunks(k);
+    const u32 per_w = (u32)M * grp.max_rank * ch.x;
     const u32 units = grp.count * per_w;
     u32* c = grp.counters;
     for (;;) {
@@ -89,17 +106,22 @@ __device__ __forceinline__ void tc_shrink(const u16* __restrict__ x, u32 k, cons
         if (u >= units) {
             break;
         }
-        const u32 i = u / per_w, m = (u % per_w) / grp.max_rank, j = u % grp.max_rank;
+        // Unit (weight i, row m, rank j, chunk `part`): the dot over k values [part·len, +len).
+        const u32 i = u / per_w, rest = u % per_w;
+        const u32 part = rest % ch.x, mj = rest / ch.x;
+        const u32 m = mj / grp.max_rank, j = mj % grp.max_rank;
+        const u32 k0 = part * ch.y, k1 = min(k, k0 + ch.y);
         const RowLora l = lookup(grp.row_tables, m, grp.w[i].slot);
         if (j < l.r && l.r <= grp.t_stride) {
-            const u16* a = l.a + (u64)j * k;
-            const u16* xm = x + (u64)m * k;
+            const u16* a = l.a + (u64)j * k + k0;
+            const u16* xm = x + (u64)m * k + k0;
+            const u32 len = k1 > k0 ? k1 - k0 : 0u;
             float acc = 0.f;
             if ((reinterpret_cast<u64>(a) & 15ull) == 0) {
                 const uint4* av = reinterpret_cast<const uint4*>(a);
                 const uint4* xv = reinterpret_cast<const uint4*>(xm);
-#pragma unroll 4
-                for (u32 q = lane; q < (k >> 3); q += 32) {
+#pragma unroll 8
+                for (u32 q = lane; q < (len >> 3); q += 32) {
                     const uint4 aw = __ldg(av + q), xw = __ldg(xv + q);
                     acc = fmaf(bf16_lo(aw.x), bf16_lo(xw.x), acc);
                     acc = fmaf(bf16_hi(aw.x), bf16_hi(xw.x), acc);
@@ -111,13 +133,13 @@ __device__ __forceinline__ void tc_shrink(const u16* __restrict__ x, u32 k, cons
                     acc = fmaf(bf16_hi(aw.w), bf16_hi(xw.w), acc);
                 }
             } else {
-                for (u32 q = lane; q < k; q += 32) {
+                for (u32 q = lane; q < len; q += 32) {
                     acc = fmaf(bf16_f(a[q]), bf16_f(xm[q]), acc);
                 }
             }
             acc = warp_sum(acc);
             if (lane == 0) {
-                grp.w[i].t[(u64)m * grp.t_stride + j] = acc;
+                grp.w[i].t[(u64)part * grp.part_stride + (u64)m * grp.t_stride + j] = acc;
             }
         }
         if (lane == 0) {
@@ -145,8 +167,12 @@ __device__ __forceinline__ void tc_lora_warp(const u16* __restrict__ x, u32 k,
                                              u32 tile, const TcGroup* grp, float* lora_out) {
     const u32 lane = threadIdx.x & 31u;
     const bool fused = grp != nullptr && grp->counters != nullptr;
+    // t's k-chunk partials to sum (the separately launched shrink writes whole dots).
+    u32 nparts = 1, pstride = 0;
     if (fused) {
         tc_shrink<M>(x, k, *grp);
+        nparts = tc_shrink_chunks(k).x;
+        pstride = grp->part_stride;
     }
     const u32 o = lane >> 1, h = lane & 1u;
 #pragma unroll
@@ -167,8 +193,16 @@ __device__ __forceinline__ void tc_lora_warp(const u16* __restrict__ x, u32 k,
 #pragma unroll 4
                 for (u32 c = 0; c < (half >> 3); ++c) {
                     const uint4 w = __ldg(bv + c);
-                    // t: L2 loads (written during this launch by other blocks when fused).
-                    const float4 t0 = __ldcg(tv + 2 * c), t1 = __ldcg(tv + 2 * c + 1);
+                    // t: L2 loads (written during this launch by other blocks when fused), the
+                    // sum of its k-chunk partials.
+                    float4 t0 = __ldcg(tv + 2 * c), t1 = __ldcg(tv + 2 * c + 1);
+                    for (u32 p = 1; p < nparts; ++p) {
+                        const float4* tp = reinterpret_cast<const float4*>(
+                            reinterpret_cast<const float*>(tv) + (u64)p * pstride);
+                        const float4 u0 = __ldcg(tp + 2 * c), u1 = __ldcg(tp + 2 * c + 1);
+                        t0 = make_float4(t0.x + u0.x, t0.y + u0.y, t0.z + u0.z, t0.w + u0.w);
+                        t1 = make_float4(t1.x + u1.x, t1.y + u1.y, t1.z + u1.z, t1.w + u1.w);
+                    }
                     d = fmaf(bf16_lo(w.x), t0.x, d);
                     d = fmaf(bf16_hi(w.x), t0.y, d);
                     d = fmaf(bf16_lo(w.y), t0.z, d);
@@ -181,7 +215,9 @@ __device__ __forceinline__ void tc_lora_warp(const u16* __restrict__ x, u32 k,
             } else {
 #pragma unroll 8
                 for (u32 j = h; j < l.r; j += 2) {
-                    d = fmaf(bf16_f(br[j]), __ldcg(tm + j), d);
+                    float tj = __ldcg(tm + j);
+                    for (u32 p = 1; p < nparts; ++p) tj += __ldcg(tm + (u64)p * pstride + j);
+                    d = fmaf(bf16_f(br[j]), tj, d);
                 }
             }
             d = (d + __shfl_xor_sync(0xffffffffu, d, 1)) * l.scale;

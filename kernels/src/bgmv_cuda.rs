@@ -204,7 +204,12 @@ pub struct GemvLora {
     pub counters: u64,
     /// The largest rank at the group's slots over the plan's rows.
     pub max_rank: u32,
+    /// Floats between the in-launch shrink's k-chunk partials of t (`counters` set).
+    pub part_stride: u32,
 }
+
+/// k-chunk partials of t the in-launch shrink may write (TC_SHRINK_CHUNKS in cuda/nf4_tc.cuh).
+const SHRINK_CHUNKS: usize = 8;
 
 /// A projection group's input as [`BgmvPlan::group_input`] checked it.
 struct GroupInput {
@@ -225,7 +230,8 @@ pub struct BgmvPlan {
     rows: usize,
     /// (rows,): each row's adapter table address, 0 for none.
     row_tables: CudaSlice<u64>,
-    /// (MAX_GROUP, rows, t_stride) f32, reused by every launch in stream order.
+    /// (SHRINK_CHUNKS, MAX_GROUP, rows, t_stride) f32, reused by every launch in stream order:
+    /// the separately launched shrink writes chunk 0, the in-launch shrink k-chunk partials.
     scratch: CudaSlice<f32>,
     /// The grouped GEMV's in-launch shrink counters (4 u32, zero between launches).
     counters: CudaSlice<u32>,
@@ -297,7 +303,8 @@ impl BgmvPlan {
         let row_tables = device.clone_htod(&addrs[..])?;
         // SAFETY: the expand reads only the entries t_z[row, j < r_row] that the shrink of the same
         // slots wrote before it in stream order; nothing else reads the scratch.
-        let scratch = unsafe { device.alloc::<f32>(MAX_GROUP * per_row.len() * t_stride) }?;
+        let scratch =
+            unsafe { device.alloc::<f32>(SHRINK_CHUNKS * MAX_GROUP * per_row.len() * t_stride) }?;
         let counters = device.clone_htod(&[0u32; 4][..])?;
         Ok(Some(Self {
             stream: first.stream.clone(),
@@ -386,6 +393,7 @@ impl BgmvPlan {
                 active: group[z].max_rank > 0,
                 counters,
                 max_rank,
+                part_stride: (MAX_GROUP * self.rows * self.t_stride) as u32,
             })
             .collect()
     }

@@ -229,6 +229,19 @@ fn msg(s: String) -> candle_core::Error {
     candle_core::Error::Msg(s)
 }
 
+/// The grouped t4 GEMV with the LoRA epilogue: three resident blocks per multiprocessor (the
+/// stream loop spills a few registers at that bound) or, with `QLORAD_T4_LORA=2`, two (no spills).
+fn t4_lora_group() -> &'static str {
+    static P: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        if std::env::var("QLORAD_T4_LORA").is_ok_and(|v| v == "2") {
+            "nf4_gemv_t4g_lora2"
+        } else {
+            "nf4_gemv_t4g_lora"
+        }
+    })
+}
+
 impl Nf4Gpu {
     /// Copies `t` (2-D, (n, k)) to `device` and loads the kernels there (`kernel` for decode).
     pub fn upload(
@@ -398,7 +411,7 @@ impl Nf4Gpu {
     ) -> candle_core::Result<&CudaFunction> {
         let t4 = self.kernel == GemvKernel::T4;
         let (cell, prefix) = match (lora, t4) {
-            (true, true) => (&self.gemv_group[1], "nf4_gemv_t4g_lora"),
+            (true, true) => (&self.gemv_group[1], t4_lora_group()),
             (true, false) => (&self.gemv_group[1], "nf4_gemv_tcg_lora"),
             (false, true) => (&self.gemv_group[0], "nf4_gemv_t4g"),
             (false, false) => (&self.gemv_group[0], "nf4_gemv_tcg"),
@@ -419,7 +432,7 @@ impl Nf4Gpu {
             return Ok(None);
         }
         let prefix = match (lora, self.kernel == GemvKernel::T4) {
-            (true, true) => "nf4_gemv_t4g_lora",
+            (true, true) => t4_lora_group(),
             (true, false) => "nf4_gemv_tcg_lora",
             (false, true) => "nf4_gemv_t4g",
             (false, false) => "nf4_gemv_tcg",

@@ -49,7 +49,7 @@ struct TcGroup {
     /// 0, or the plan's shrink counters: the launch runs the group's shrink itself.
     counters: u64,
     max_rank: u32,
-    _pad: u32,
+    part_stride: u32,
 }
 
 // SAFETY: plain data with the C layout of the kernel's parameter (repr(C), no padding the kernel
@@ -149,6 +149,7 @@ fn launch(
                 || l.t_stride != ls[0].t_stride
                 || l.counters != ls[0].counters
                 || l.max_rank != ls[0].max_rank
+                || l.part_stride != ls[0].part_stride
             {
                 return Err(msg(format!(
                     "grouped gemv with LoRA: plan of {} rows, {} outputs, does not fit {m} rows of \
@@ -194,6 +195,7 @@ fn launch(
         grp.t_stride = ls[0].t_stride;
         grp.counters = ls[0].counters;
         grp.max_rank = ls[0].max_rank;
+        grp.part_stride = ls[0].part_stride;
     }
     let func = g0.group_function(m, loras.is_some())?;
     // With LoRA, a ninth warp per block computes the epilogue (and its share of the shrink).
