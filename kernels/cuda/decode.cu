@@ -195,6 +195,28 @@ extern "C" __global__ void rope_kv_bf16(const u16* __restrict__ q, const u16* __
     }
 }
 
+// The merge of one (row, head, dim) over the splits' partial outputs (log-sum-exp weights; an
+// empty split has max -inf and weight 0). L2 loads: other blocks of the launch may have written
+// them.
+__device__ __forceinline__ u16 combine_splits(const float* part_o, const float* part_ml,
+                                              u32 splits, u32 nh, u32 hd, u32 row, u32 head,
+                                              u32 d) {
+    float m = -INFINITY;
+    for (u32 s = 0; s < splits; ++s) {
+        m = fmaxf(m, __ldcg(part_ml + (((u64)row * splits + s) * nh + head) * 2));
+    }
+    float l = 0.f, o = 0.f;
+    for (u32 s = 0; s < splits; ++s) {
+        const u64 base = ((u64)row * splits + s) * nh + head;
+        const float ms = __ldcg(part_ml + base * 2);
+        if (ms == -INFINITY) continue;
+        const float w = __expf(ms - m);
+        l = fmaf(__ldcg(part_ml + base * 2 + 1), w, l);
+        o = fmaf(__ldcg(part_o + base * hd + d), w, o);
+    }
+    return f32_to_bf16(o / l);
+}
+
 // Decode attention geometry: threads per block, and the largest group (query heads per KV head).
 // A K or V row of head_dim bf16 is read by DV = head_dim / 8 threads, 16 bytes each (coalesced);
 // the block's ATT_THREADS / DV position slots walk the positions independently.
@@ -224,9 +246,9 @@ template <int G, bool ROPE>
 __device__ __forceinline__ void decode_attention(
     const u16* __restrict__ q, const u64* __restrict__ table, u32 layers, u32 layer, u32 nh,
     u32 nkv, u32 hd, u32 window, float scale, u16* __restrict__ out,
-    float* __restrict__ part_o, float* __restrict__ part_ml, const u16* __restrict__ knew = nullptr,
-    const u16* __restrict__ vnew = nullptr, const u16* __restrict__ cosb = nullptr,
-    const u16* __restrict__ sinb = nullptr) {
+    float* __restrict__ part_o, float* __restrict__ part_ml, u32* __restrict__ counters,
+    const u16* __restrict__ knew = nullptr, const u16* __restrict__ vnew = nullptr,
+    const u16* __restrict__ cosb = nullptr, const u16* __restrict__ sinb = nullptr) {
     pdl_trigger();
     pdl_wait();
     const u32 kvh = blockIdx.x, row = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
@@ -385,24 +407,48 @@ __device__ __forceinline__ void decode_attention(
             }
         }
     }
+    if (splits > 1 && counters != nullptr) {
+        // The last of the (row, kvh) splits to finish merges them all, as attention_combine does
+        // (same order, same bits), instead of a launch of its own: each block publishes its
+        // partials, then counts itself; the count's last one reads the others' through L2.
+        __shared__ u32 s_last;
+        __threadfence();
+        __syncthreads();
+        u32* count = counters + (u64)row * nkv + kvh;
+        if (threadIdx.x == 0) {
+            s_last = atomicAdd(count, 1u) == splits - 1 ? 1u : 0u;
+        }
+        __syncthreads();
+        if (s_last) {
+            __threadfence();
+            for (u32 e = threadIdx.x; e < G * hd; e += ATT_THREADS) {
+                const u32 g = e / hd, d = e % hd, head = kvh * G + g;
+                out[((u64)row * nh + head) * hd + d] =
+                    combine_splits(part_o, part_ml, splits, nh, hd, row, head, d);
+            }
+            if (threadIdx.x == 0) {
+                *count = 0u;  // for the next launch, which runs after this one in stream order
+            }
+        }
+    }
 }
 
 #define DECODE_ATTENTION_ENTRY(G)                                                                \
     extern "C" __global__ void decode_attention_g##G##_bf16(                                    \
         const u16* __restrict__ q, const u64* __restrict__ table, u32 layers, u32 layer, u32 nh, \
         u32 nkv, u32 hd, u32 window, float scale, u16* __restrict__ out,                         \
-        float* __restrict__ part_o, float* __restrict__ part_ml) {                               \
+        float* __restrict__ part_o, float* __restrict__ part_ml, u32* __restrict__ counters) {   \
         decode_attention<G, false>(q, table, layers, layer, nh, nkv, hd, window, scale, out,    \
-                                   part_o, part_ml);                                             \
+                                   part_o, part_ml, counters);                                   \
     }                                                                                            \
     extern "C" __global__ void decode_attention_rope_g##G##_bf16(                               \
         const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,         \
         const u16* __restrict__ cosb, const u16* __restrict__ sinb,                              \
         const u64* __restrict__ table, u32 layers, u32 layer, u32 nh, u32 nkv, u32 hd,           \
         u32 window, float scale, u16* __restrict__ out, float* __restrict__ part_o,              \
-        float* __restrict__ part_ml) {                                                           \
+        float* __restrict__ part_ml, u32* __restrict__ counters) {                               \
         decode_attention<G, true>(q, table, layers, layer, nh, nkv, hd, window, scale, out,     \
-                                  part_o, part_ml, k, v, cosb, sinb);                            \
+                                  part_o, part_ml, counters, k, v, cosb, sinb);                  \
     }
 
 DECODE_ATTENTION_ENTRY(1)
@@ -423,18 +469,5 @@ extern "C" __global__ void attention_combine_bf16(const float* __restrict__ part
     pdl_wait();
     const u32 head = blockIdx.x, row = blockIdx.y, d = threadIdx.x;
     if (d >= hd) return;
-    float m = -INFINITY;
-    for (u32 s = 0; s < splits; ++s) {
-        m = fmaxf(m, part_ml[(((u64)row * splits + s) * nh + head) * 2]);
-    }
-    float l = 0.f, o = 0.f;
-    for (u32 s = 0; s < splits; ++s) {
-        const u64 base = ((u64)row * splits + s) * nh + head;
-        const float ms = part_ml[base * 2];
-        if (ms == -INFINITY) continue;
-        const float w = __expf(ms - m);
-        l = fmaf(part_ml[base * 2 + 1], w, l);
-        o = fmaf(part_o[base * hd + d], w, o);
-    }
-    out[((u64)row * nh + head) * hd + d] = f32_to_bf16(o / l);
+    out[((u64)row * nh + head) * hd + d] = combine_splits(part_o, part_ml, splits, nh, hd, row, head, d);
 }

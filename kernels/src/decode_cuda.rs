@@ -48,8 +48,13 @@ const NORM_THREADS: u32 = 256;
 const ROPE_THREADS: u32 = 1024;
 const ELEMWISE_THREADS: u32 = 256;
 /// Fewest positions one split of the attention takes: below this, splitting a short context costs
-/// more in the combine than it gains in parallelism.
+/// more in the merge than it gains in parallelism (on the H200, same call, batch-1 Mistral decode
+/// over 128-256 positions: 280.1 tok/s at 64 against 269.7 at 16, whose 13 splits per KV head
+/// the last block then merges alone). `QLORAD_ATT_MIN_SPLIT` overrides it (comparisons).
 const MIN_SPLIT_POSITIONS: usize = 64;
+/// (row, KV head) pairs whose splits the attention merges itself (its counters); larger batches
+/// launch attention_combine.
+const ATT_COUNTERS: usize = 16384;
 const MAX_SPLITS: usize = 32;
 /// Blocks that keep the H200's 132 SMs busy about twice over.
 const TARGET_BLOCKS: usize = 264;
@@ -70,6 +75,9 @@ pub struct DecodeKernels {
     /// The attention that applies RoPE and writes the new K and V itself, same group sizes.
     attention_rope: Vec<CudaFunction>,
     combine: CudaFunction,
+    /// ATT_COUNTERS zeroed u32: per (row, KV head), the splits of the attention that are done
+    /// (the last one merges them and zeroes its count; `QLORAD_ATT_MERGE=1` only).
+    att_counters: CudaSlice<u32>,
     /// The same kernels for programmatic dependent launch (`pdl_cuda`), when the device takes it.
     pdl: Option<PdlKernels>,
 }
@@ -169,6 +177,7 @@ impl DecodeKernels {
                 .map(|g| load(&format!("decode_attention_rope_g{g}_bf16")))
                 .collect::<candle_core::Result<_>>()?,
             combine: load("attention_combine_bf16")?,
+            att_counters: dev.alloc_zeros::<u32>(ATT_COUNTERS)?,
             pdl: if crate::pdl_cuda::enabled(dev) {
                 let raw = |name: &str| {
                     crate::pdl_cuda::raw_function(dev, &crate::module_cuda::DECODE, name)
@@ -557,7 +566,10 @@ impl DecodeKernels {
             }
         }
         let positions = table.max_position + 1;
-        let splits = splits_for(positions, rows * kv_heads);
+        let splits = splits_for(positions, rows * kv_heads, min_split_positions());
+        // With QLORAD_ATT_MERGE=1 the kernel merges its splits itself when the counters cover
+        // the batch; by default attention_combine's launch does.
+        let merge_in_kernel = splits > 1 && rows * kv_heads <= ATT_COUNTERS && merge_splits();
         // SAFETY: fully written, by the kernel (one split) or the combine (several).
         let mut out = unsafe { self.device.alloc::<bf16>(rows * heads * head_dim) }?;
         // The partial outputs, maxima and sums of the splits; one split writes `out` directly and
@@ -611,6 +623,8 @@ impl DecodeKernels {
         let (po, pml) = part_ptrs
             .as_ref()
             .map_or((null, null), |((o, _), (ml, _))| (*o, *ml));
+        let (cp, cg) = self.att_counters.device_ptr(st);
+        let counters = if merge_in_kernel { cp } else { null };
         args.extend([
             KArg::U64(tp),
             KArg::U32(layers),
@@ -623,17 +637,20 @@ impl DecodeKernels {
             KArg::U64(op),
             KArg::U64(po),
             KArg::U64(pml),
+            KArg::U64(counters),
         ]);
         // SAFETY: argument types and order match decode_attention_g{group}_bf16 (no RoPE inputs)
         // and decode_attention_rope_g{group}_bf16 (k, v, cos, sin after q); q holds
         // rows·heads·hd, out the same, the partials rows·splits·heads·(hd | 2) f32 when splits > 1;
         // group and head_dim within the kernel's limits, and with RoPE k and v rows·kv_heads·hd,
-        // cos and sin more than max_position rows of hd/2 (checked above / by rope_attention).
+        // cos and sin more than max_position rows of hd/2 (checked above / by rope_attention);
+        // the counters (when passed) cover rows·kv_heads entries, zero between launches (each
+        // launch's merging blocks reset theirs; launches are ordered on this stream).
         // The caches are written through addresses taken under read guards: only this forward
         // pass uses them, in stream order.
         unsafe { self.launch(func, raw, cfg, &args) }?;
-        drop((og, part_ptrs, guards));
-        if let Some((part_o, part_ml)) = &parts {
+        drop((og, cg, part_ptrs, guards));
+        if let (Some((part_o, part_ml)), false) = (&parts, merge_in_kernel) {
             let splits32 = splits as u32;
             let cfg = LaunchConfig {
                 grid_dim: (nh, rows as u32, 1),
@@ -667,10 +684,32 @@ struct RopeInputs<'a> {
     sin: &'a Tensor,
 }
 
+/// Whether the attention merges its splits in its last block instead of attention_combine's
+/// launch (`QLORAD_ATT_MERGE=1`; read once). Off by default: on the H200, same call, batch-1
+/// Mistral decode ran 282.7 tok/s with it against 291.1 with the combine launch (which, launched
+/// as a programmatic dependent, overlaps the attention's tail, while the merge serializes one
+/// block per KV head after every split).
+fn merge_splits() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("QLORAD_ATT_MERGE").is_ok_and(|v| v == "1"))
+}
+
+/// [`MIN_SPLIT_POSITIONS`], or `QLORAD_ATT_MIN_SPLIT` (read once).
+fn min_split_positions() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("QLORAD_ATT_MIN_SPLIT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&v| v > 0)
+            .unwrap_or(MIN_SPLIT_POSITIONS)
+    })
+}
+
 /// Splits of the context per (row, KV head) block: enough blocks to fill the GPU, each split at
-/// least [`MIN_SPLIT_POSITIONS`] long.
-fn splits_for(positions: usize, blocks: usize) -> usize {
-    let by_length = positions.div_ceil(MIN_SPLIT_POSITIONS);
+/// least `min_len` positions long.
+fn splits_for(positions: usize, blocks: usize, min_len: usize) -> usize {
+    let by_length = positions.div_ceil(min_len.max(1));
     let by_occupancy = TARGET_BLOCKS.div_ceil(blocks.max(1));
     by_length.min(by_occupancy).clamp(1, MAX_SPLITS)
 }
@@ -681,9 +720,10 @@ mod tests {
 
     #[test]
     fn splits_fill_the_gpu_but_stay_long() {
-        assert_eq!(splits_for(10, 8), 1); // a short context is one split
-        assert_eq!(splits_for(1024, 8), 16); // batch 1, Mistral: 33 wanted, 16 by length
-        assert_eq!(splits_for(4096, 8), 32); // capped
-        assert_eq!(splits_for(4096, 64 * 8), 1); // a big batch fills the GPU already
+        assert_eq!(splits_for(10, 8, 16), 1); // a short context is one split
+        assert_eq!(splits_for(200, 8, 16), 13); // batch 1, Mistral: 33 wanted, 13 by length
+        assert_eq!(splits_for(1024, 8, 64), 16); // longer splits: 16 by length
+        assert_eq!(splits_for(1024, 8, 16), 32); // capped
+        assert_eq!(splits_for(4096, 64 * 8, 16), 1); // a big batch fills the GPU already
     }
 }
