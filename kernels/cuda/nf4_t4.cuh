@@ -42,22 +42,6 @@ struct T4Stage<true> {
     float2 sa, sb;  // the rows' two f32 absmax
 };
 
-// The per-lane byte -> bf16 pair table and the absmax code table (see nf4_gemv_tc).
-__device__ __forceinline__ void tc_fill_tables(u32* lut, float* s_ncode,
-                                               const float* __restrict__ code16,
-                                               const float* __restrict__ ncode, u32 plain) {
-    if (threadIdx.x < 256) {
-        const u32 byte = threadIdx.x;
-        const u32 v =
-            (u32)f32_to_bf16(code16[byte >> 4]) | ((u32)f32_to_bf16(code16[byte & 15u]) << 16);
-#pragma unroll 8
-        for (u32 c = 0; c < TC_COPIES; ++c) {
-            lut[byte * TC_COPIES + ((c + byte) & (TC_COPIES - 1))] = v;
-        }
-        s_ncode[byte] = plain ? 0.f : ncode[byte];
-    }
-}
-
 template <int M, int STAGES, bool PLAIN>
 __device__ __forceinline__ void nf4_gemv_t4_stream(
     const u16* __restrict__ x, const u8* __restrict__ packed, const float* __restrict__ code16,

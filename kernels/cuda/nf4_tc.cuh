@@ -243,6 +243,24 @@ __device__ __forceinline__ void tc_group_finish(const TcGroup* grp) {
     }
 }
 
+// The per-lane byte -> bf16 pair table and the absmax code table: thread `byte` fills its
+// entry's TC_COPIES copies (all equal, one per lane, so a warp's lookups never share a bank),
+// rotating the copy order by its index so a warp's stores go to 32 different banks.
+__device__ __forceinline__ void tc_fill_tables(u32* lut, float* s_ncode,
+                                               const float* __restrict__ code16,
+                                               const float* __restrict__ ncode, u32 plain) {
+    if (threadIdx.x < 256) {
+        const u32 byte = threadIdx.x;
+        const u32 v =
+            (u32)f32_to_bf16(code16[byte >> 4]) | ((u32)f32_to_bf16(code16[byte & 15u]) << 16);
+#pragma unroll 8
+        for (u32 c = 0; c < TC_COPIES; ++c) {
+            lut[byte * TC_COPIES + ((c + byte) & (TC_COPIES - 1))] = v;
+        }
+        s_ncode[byte] = plain ? 0.f : ncode[byte];
+    }
+}
+
 struct TcStage {
     uint2 a, b;  // 8 bytes (16 codes) of the lane's two rows in this k block
     u32 qa, qb;  // the rows' first-level absmax: its 8-bit code (double quant) or its f32 bits
@@ -268,18 +286,7 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
     // Programmatic dependent launch (grouped decode launches): nothing here overlaps yet.
     pdl_trigger();
     pdl_wait();
-    if (threadIdx.x < 256) {
-        // Thread `byte` fills its entry's 32 copies (all equal), rotating the copy order by its
-        // index so a warp's stores go to 32 different banks.
-        const u32 byte = threadIdx.x;
-        const u32 v =
-            (u32)f32_to_bf16(code16[byte >> 4]) | ((u32)f32_to_bf16(code16[byte & 15u]) << 16);
-#pragma unroll 8
-        for (u32 c = 0; c < TC_COPIES; ++c) {
-            lut[byte * TC_COPIES + ((c + byte) & (TC_COPIES - 1))] = v;
-        }
-        s_ncode[byte] = plain ? 0.f : ncode[byte];
-    }
+    tc_fill_tables(lut, s_ncode, code16, ncode, plain);
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const u32 g = lane >> 2, t = lane & 3u;
     const u32 ra = tile * 16 + g, rb = ra + 8;
