@@ -288,8 +288,10 @@ __device__ __forceinline__ void decode_attention(
         for (int e = 0; e < 8; ++e) {
             const float mine = word_half(v, e);
             const float other = __shfl_xor_sync(0xffffffffu, mine, dv >> 1, dv);
-            const float r = upper ? __fadd_rn(rbf(__fmul_rn(other, sr[e])), rbf(__fmul_rn(mine, cr[e])))
-                                  : __fsub_rn(rbf(__fmul_rn(mine, cr[e])), rbf(__fmul_rn(other, sr[e])));
+            const float r = upper ? __fadd_rn(rbf(__fmul_rn(other, sr[e])),
+                                              rbf(__fmul_rn(mine, cr[e])))
+                                  : __fsub_rn(rbf(__fmul_rn(mine, cr[e])),
+                                              rbf(__fmul_rn(other, sr[e])));
             o[e] = rbf(r);
         }
     };
@@ -469,5 +471,6 @@ extern "C" __global__ void attention_combine_bf16(const float* __restrict__ part
     pdl_wait();
     const u32 head = blockIdx.x, row = blockIdx.y, d = threadIdx.x;
     if (d >= hd) return;
-    out[((u64)row * nh + head) * hd + d] = combine_splits(part_o, part_ml, splits, nh, hd, row, head, d);
+    out[((u64)row * nh + head) * hd + d] =
+        combine_splits(part_o, part_ml, splits, nh, hd, row, head, d);
 }

@@ -19,13 +19,7 @@
 #include "lora_table.cuh"
 
 // out[e] = bf16(code[nibble(e)] * absmax[e / blocksize]) for e < numel. Needs blocksize >= 32.
-extern "C" __global__ void nf4_dequantize_bf16(const u8* __restrict__ packed,
-                                               const float* __restrict__ code16, u32 plain,
-                                               const float* __restrict__ absmax,
-                                               const u8* __restrict__ qabs,
-                                               const float* __restrict__ nested,
-                                               const float* __restrict__ ncode, float offset,
-                                               u32 log2_bs, u64 numel, u16* __restrict__ out) {
+extern "C" __global__ void nf4_dequantize_bf16(NF4_W_PARAMS, u64 numel, u16* __restrict__ out) {
     __shared__ float s_code[16];
     if (threadIdx.x < 16) {
         s_code[threadIdx.x] = code16[threadIdx.x];
@@ -83,13 +77,8 @@ extern "C" __global__ void nf4_dequantize_bf16(const u8* __restrict__ packed,
 // same f32 accumulator, so y is rounded to bf16 once), with t (rows, t_stride) f32 written by the
 // BGMV shrink launched before this kernel and `slot` the projection's slot in the row tables.
 template <int M, bool PAIR, int R, bool LORA = false>
-__device__ __forceinline__ void nf4_gemv(const u16* __restrict__ x, const u8* __restrict__ packed,
-                                         const float* __restrict__ code16, u32 plain,
-                                         const float* __restrict__ absmax,
-                                         const u8* __restrict__ qabs,
-                                         const float* __restrict__ nested,
-                                         const float* __restrict__ ncode, float offset,
-                                         u32 log2_bs, u32 n, u32 k, u16* __restrict__ y,
+__device__ __forceinline__ void nf4_gemv(const u16* __restrict__ x, NF4_W_PARAMS,
+                                         u32 n, u32 k, u16* __restrict__ y,
                                          const u64* __restrict__ row_tables = nullptr,
                                          u32 slot = 0, const float* __restrict__ t = nullptr,
                                          u32 t_stride = 0) {
@@ -248,14 +237,11 @@ __device__ __forceinline__ void nf4_gemv(const u16* __restrict__ x, const u8* __
     }
 }
 
-#define NF4_GEMV_ENTRY(NAME, M, PAIR, R)                                                            \
+#define NF4_GEMV_ENTRY(NAME, M, PAIR, R)                                                         \
     extern "C" __global__ void NAME##_m##M(                                                      \
-        const u16* __restrict__ x, const u8* __restrict__ packed,                                \
-        const float* __restrict__ code16, u32 plain, const float* __restrict__ absmax,           \
-        const u8* __restrict__ qabs, const float* __restrict__ nested,                           \
-        const float* __restrict__ ncode, float offset, u32 log2_bs, u32 n, u32 k,                \
+        const u16* __restrict__ x, NF4_W_PARAMS, u32 n, u32 k,                                   \
         u16* __restrict__ y) {                                                                   \
-        nf4_gemv<M, PAIR, R>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset, log2_bs, \
+        nf4_gemv<M, PAIR, R>(x, NF4_W_ARGS,                                                      \
                           n, k, y);                                                              \
     }
 
@@ -288,14 +274,10 @@ NF4_GEMV_ENTRY(nf4_gemv3_bf16, 8, true, 2)
 // use adapters, after the BGMV shrink of their group.
 #define NF4_GEMV_LORA_ENTRY(M)                                                                   \
     extern "C" __global__ void nf4_gemv_lora_bf16_m##M(                                          \
-        const u16* __restrict__ x, const u8* __restrict__ packed,                                \
-        const float* __restrict__ code16, u32 plain, const float* __restrict__ absmax,           \
-        const u8* __restrict__ qabs, const float* __restrict__ nested,                           \
-        const float* __restrict__ ncode, float offset, u32 log2_bs, u32 n, u32 k,                \
+        const u16* __restrict__ x, NF4_W_PARAMS, u32 n, u32 k,                                   \
         u16* __restrict__ y, const u64* __restrict__ row_tables, u32 slot,                       \
         const float* __restrict__ t, u32 t_stride) {                                             \
-        nf4_gemv<M, false, 1, true>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset, \
-                                    log2_bs, n, k, y, row_tables, slot, t, t_stride);            \
+        nf4_gemv<M, false, 1, true>(x, NF4_W_ARGS, n, k, y, row_tables, slot, t, t_stride);      \
     }
 
 NF4_GEMV_LORA_ENTRY(1)
@@ -362,13 +344,7 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, u32 a0, u32 a1, u32 a2,
 
 template <int M>
 __device__ __forceinline__ void nf4_gemv_mma(const u16* __restrict__ x,
-                                             const u8* __restrict__ packed,
-                                             const float* __restrict__ code16, u32 plain,
-                                             const float* __restrict__ absmax,
-                                             const u8* __restrict__ qabs,
-                                             const float* __restrict__ nested,
-                                             const float* __restrict__ ncode, float offset,
-                                             u32 log2_bs, u32 n, u32 k, u16* __restrict__ y) {
+                                             NF4_W_PARAMS, u32 n, u32 k, u16* __restrict__ y) {
     __shared__ u32 lut[256 * LUT_COPIES];
     __shared__ float red[MMA_WARPS][32][4];
     {
@@ -465,12 +441,9 @@ __device__ __forceinline__ void nf4_gemv_mma(const u16* __restrict__ x,
 
 #define NF4_GEMV_MMA_ENTRY(M)                                                                    \
     extern "C" __global__ void __launch_bounds__(MMA_WARPS * 32) nf4_gemv_mma_bf16_m##M(         \
-        const u16* __restrict__ x, const u8* __restrict__ packed,                                \
-        const float* __restrict__ code16, u32 plain, const float* __restrict__ absmax,           \
-        const u8* __restrict__ qabs, const float* __restrict__ nested,                           \
-        const float* __restrict__ ncode, float offset, u32 log2_bs, u32 n, u32 k,                \
+        const u16* __restrict__ x, NF4_W_PARAMS, u32 n, u32 k,                                   \
         u16* __restrict__ y) {                                                                   \
-        nf4_gemv_mma<M>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset, log2_bs,  \
+        nf4_gemv_mma<M>(x, NF4_W_ARGS,                                                           \
                         n, k, y);                                                                \
     }
 

@@ -4,6 +4,17 @@
 
 // Entries of the second-level (absmax) quantization block, fixed in bitsandbytes.
 #define NESTED_LOG2 8
+// An NF4 weight as kernel parameters, in the order the host pushes them (Nf4Gpu::weight_args in
+// src/cuda.rs): packed codes, code table, plain flag, f32 absmax, or the double quantization's
+// 8-bit absmax, second-level absmax, dynamic code and offset, then log2 of the blocksize. Every
+// NF4 kernel takes it, and passes NF4_W_ARGS on to its body.
+#define NF4_W_PARAMS                                                                             \
+    const u8 *__restrict__ packed, const float *__restrict__ code16, u32 plain,                  \
+        const float *__restrict__ absmax, const u8 *__restrict__ qabs,                           \
+        const float *__restrict__ nested, const float *__restrict__ ncode, float offset,         \
+        u32 log2_bs
+#define NF4_W_ARGS packed, code16, plain, absmax, qabs, nested, ncode, offset, log2_bs
+
 // Chunks each lane loads before it computes (memory-level parallelism).
 #define UNROLL 4
 

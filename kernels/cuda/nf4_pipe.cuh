@@ -62,13 +62,7 @@ __device__ __forceinline__ void pipe_load(const u8* __restrict__ packed, u32 row
 // warp count). Needs k % 32 == 0 and blocksize >= 32, as nf4_gemv.
 template <int M, int UNR>
 __device__ __forceinline__ void nf4_gemv_pipe(const u16* __restrict__ x,
-                                              const u8* __restrict__ packed,
-                                              const float* __restrict__ code16, u32 plain,
-                                              const float* __restrict__ absmax,
-                                              const u8* __restrict__ qabs,
-                                              const float* __restrict__ nested,
-                                              const float* __restrict__ ncode, float offset,
-                                              u32 log2_bs, u32 n, u32 k, u16* __restrict__ y) {
+                                              NF4_W_PARAMS, u32 n, u32 k, u16* __restrict__ y) {
     __shared__ float s_code[16];
     __shared__ float s_ncode[256];
     if (threadIdx.x < 16) {

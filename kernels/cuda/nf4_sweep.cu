@@ -33,13 +33,8 @@ __device__ __forceinline__ uint4 ld_variant(const uint4* p) {
 // code's value made from its bits by integer ops); 5: as 3 with x held in registers (no x loads).
 // Modes 3-5 locate what bounds the arithmetic: the lookups, the loads of x, or the instructions.
 template <int LD, bool XS, int UNR, int MODE>
-__device__ __forceinline__ void gemv_sweep(const u16* __restrict__ x, const u8* __restrict__ packed,
-                                           const float* __restrict__ code16, u32 plain,
-                                           const float* __restrict__ absmax,
-                                           const u8* __restrict__ qabs,
-                                           const float* __restrict__ nested,
-                                           const float* __restrict__ ncode, float offset,
-                                           u32 log2_bs, u32 n, u32 k, u16* __restrict__ y) {
+__device__ __forceinline__ void gemv_sweep(const u16* __restrict__ x, NF4_W_PARAMS,
+                                           u32 n, u32 k, u16* __restrict__ y) {
     extern __shared__ uint4 xs_dyn[];
     __shared__ float s_code[16];
     if (threadIdx.x < 16) {
@@ -120,15 +115,11 @@ __device__ __forceinline__ void gemv_sweep(const u16* __restrict__ x, const u8* 
     }
 }
 
-#define GEMV_SWEEP_ENTRY(NAME, LD, XS, UNR, MODE)                                                      \
+#define GEMV_SWEEP_ENTRY(NAME, LD, XS, UNR, MODE)                                                \
     extern "C" __global__ void nf4_gemv_sweep_##NAME(                                            \
-        const u16* __restrict__ x, const u8* __restrict__ packed,                                \
-        const float* __restrict__ code16, u32 plain, const float* __restrict__ absmax,           \
-        const u8* __restrict__ qabs, const float* __restrict__ nested,                           \
-        const float* __restrict__ ncode, float offset, u32 log2_bs, u32 n, u32 k,                \
+        const u16* __restrict__ x, NF4_W_PARAMS, u32 n, u32 k,                                   \
         u16* __restrict__ y) {                                                                   \
-        gemv_sweep<LD, XS, UNR, MODE>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset,   \
-                                log2_bs, n, k, y);                                               \
+        gemv_sweep<LD, XS, UNR, MODE>(x, NF4_W_ARGS, n, k, y);                                   \
     }
 
 GEMV_SWEEP_ENTRY(ld0_u4, 0, false, 4, 0)
@@ -157,13 +148,8 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
 // work, no shared-memory traffic. Codes are rounded to bf16 (as bitsandbytes' dequantize rounds
 // code * absmax), so results agree with lut16 to bf16 rounding of the codes.
 template <int UNR>
-__device__ __forceinline__ void gemv_prmt(const u16* __restrict__ x, const u8* __restrict__ packed,
-                                          const float* __restrict__ code16, u32 plain,
-                                          const float* __restrict__ absmax,
-                                          const u8* __restrict__ qabs,
-                                          const float* __restrict__ nested,
-                                          const float* __restrict__ ncode, float offset,
-                                          u32 log2_bs, u32 n, u32 k, u16* __restrict__ y) {
+__device__ __forceinline__ void gemv_prmt(const u16* __restrict__ x, NF4_W_PARAMS,
+                                          u32 n, u32 k, u16* __restrict__ y) {
     u32 lo[4], hi[4];
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -242,31 +228,23 @@ __device__ __forceinline__ void gemv_prmt(const u16* __restrict__ x, const u8* _
 }
 
 extern "C" __global__ void nf4_gemv_sweep_prmt_u4(
-    const u16* __restrict__ x, const u8* __restrict__ packed, const float* __restrict__ code16,
-    u32 plain, const float* __restrict__ absmax, const u8* __restrict__ qabs,
-    const float* __restrict__ nested, const float* __restrict__ ncode, float offset, u32 log2_bs,
+    const u16* __restrict__ x, NF4_W_PARAMS,
     u32 n, u32 k, u16* __restrict__ y) {
-    gemv_prmt<4>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset, log2_bs, n, k, y);
+    gemv_prmt<4>(x, NF4_W_ARGS, n, k, y);
 }
 
 extern "C" __global__ void nf4_gemv_sweep_prmt_u2(
-    const u16* __restrict__ x, const u8* __restrict__ packed, const float* __restrict__ code16,
-    u32 plain, const float* __restrict__ absmax, const u8* __restrict__ qabs,
-    const float* __restrict__ nested, const float* __restrict__ ncode, float offset, u32 log2_bs,
+    const u16* __restrict__ x, NF4_W_PARAMS,
     u32 n, u32 k, u16* __restrict__ y) {
-    gemv_prmt<2>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset, log2_bs, n, k, y);
+    gemv_prmt<2>(x, NF4_W_ARGS, n, k, y);
 }
 
 // The pipelined GEMV (nf4_pipe.cuh) with 1 or 2 chunks per lane per step.
-#define GEMV_PIPE_SWEEP_ENTRY(UNR)                                                                 \
+#define GEMV_PIPE_SWEEP_ENTRY(UNR)                                                               \
     extern "C" __global__ void nf4_gemv_sweep_pipe_u##UNR(                                       \
-        const u16* __restrict__ x, const u8* __restrict__ packed,                                \
-        const float* __restrict__ code16, u32 plain, const float* __restrict__ absmax,           \
-        const u8* __restrict__ qabs, const float* __restrict__ nested,                           \
-        const float* __restrict__ ncode, float offset, u32 log2_bs, u32 n, u32 k,                \
+        const u16* __restrict__ x, NF4_W_PARAMS, u32 n, u32 k,                                   \
         u16* __restrict__ y) {                                                                   \
-        nf4_gemv_pipe<1, UNR>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset,     \
-                              log2_bs, n, k, y);                                                 \
+        nf4_gemv_pipe<1, UNR>(x, NF4_W_ARGS, n, k, y);                                           \
     }
 GEMV_PIPE_SWEEP_ENTRY(1)
 GEMV_PIPE_SWEEP_ENTRY(2)

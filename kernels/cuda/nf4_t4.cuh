@@ -176,13 +176,7 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
 
 template <int M, bool LORA, int STAGES>
 __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
-                                            const u8* __restrict__ packed,
-                                            const float* __restrict__ code16, u32 plain,
-                                            const float* __restrict__ absmax,
-                                            const u8* __restrict__ qabs,
-                                            const float* __restrict__ nested,
-                                            const float* __restrict__ ncode, float offset,
-                                            u32 log2_bs, u32 n, u32 k, u16* __restrict__ y,
+                                            NF4_W_PARAMS, u32 n, u32 k, u16* __restrict__ y,
                                             const u64* __restrict__ row_tables, u32 slot,
                                             const float* __restrict__ t_lora, u32 t_stride,
                                             u32 tile, const TcGroup* grp = nullptr) {
@@ -233,18 +227,15 @@ __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
 // 1..4 rows run t4, 5..8 rows tc3 (one name per row count, as the other kernels).
 template <int M, bool LORA>
 __device__ __forceinline__ void nf4_gemv_t4_or_tc3(
-    const u16* __restrict__ x, const u8* __restrict__ packed, const float* __restrict__ code16,
-    u32 plain, const float* __restrict__ absmax, const u8* __restrict__ qabs,
-    const float* __restrict__ nested, const float* __restrict__ ncode, float offset, u32 log2_bs,
+    const u16* __restrict__ x, NF4_W_PARAMS,
     u32 n, u32 k, u16* __restrict__ y, const u64* __restrict__ row_tables, u32 slot,
     const float* __restrict__ t_lora, u32 t_stride, u32 tile, const TcGroup* grp) {
     if constexpr (M <= 4) {
-        nf4_gemv_t4<M, LORA, T4_STAGES>(x, packed, code16, plain, absmax, qabs, nested, ncode,
-                                        offset, log2_bs, n, k, y, row_tables, slot, t_lora,
+        nf4_gemv_t4<M, LORA, T4_STAGES>(x, NF4_W_ARGS, n, k, y, row_tables, slot, t_lora,
                                         t_stride, tile, grp);
     } else {
-        nf4_gemv_tc<M, LORA, 3>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset,
-                                log2_bs, n, k, y, row_tables, slot, t_lora, t_stride, tile, grp);
+        nf4_gemv_tc<M, LORA, 3>(x, NF4_W_ARGS,
+                                n, k, y, row_tables, slot, t_lora, t_stride, tile, grp);
     }
 }
 
@@ -265,25 +256,17 @@ __device__ __forceinline__ void nf4_gemv_t4_group(const u16* __restrict__ x, con
 
 #define NF4_GEMV_T4_ENTRIES(M)                                                                   \
     extern "C" __global__ void TC_BOUNDS(TC_CFG_tc3) nf4_gemv_t4_bf16_m##M(                      \
-        const u16* __restrict__ x, const u8* __restrict__ packed,                                \
-        const float* __restrict__ code16, u32 plain, const float* __restrict__ absmax,           \
-        const u8* __restrict__ qabs, const float* __restrict__ nested,                           \
-        const float* __restrict__ ncode, float offset, u32 log2_bs, u32 n, u32 k,                \
+        const u16* __restrict__ x, NF4_W_PARAMS, u32 n, u32 k,                                   \
         u16* __restrict__ y) {                                                                   \
-        nf4_gemv_t4_or_tc3<M, false>(x, packed, code16, plain, absmax, qabs, nested, ncode,      \
-                                     offset, log2_bs, n, k, y, nullptr, 0, nullptr, 0,           \
+        nf4_gemv_t4_or_tc3<M, false>(x, NF4_W_ARGS, n, k, y, nullptr, 0, nullptr, 0,             \
                                      blockIdx.x, nullptr);                                       \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__((TC_WARPS + 1) * 32, 3)                         \
         nf4_gemv_t4_lora_bf16_m##M(                                                              \
-        const u16* __restrict__ x, const u8* __restrict__ packed,                                \
-        const float* __restrict__ code16, u32 plain, const float* __restrict__ absmax,           \
-        const u8* __restrict__ qabs, const float* __restrict__ nested,                           \
-        const float* __restrict__ ncode, float offset, u32 log2_bs, u32 n, u32 k,                \
+        const u16* __restrict__ x, NF4_W_PARAMS, u32 n, u32 k,                                   \
         u16* __restrict__ y, const u64* __restrict__ row_tables, u32 slot,                       \
         const float* __restrict__ t, u32 t_stride) {                                             \
-        nf4_gemv_t4_or_tc3<M, true>(x, packed, code16, plain, absmax, qabs, nested, ncode,       \
-                                    offset, log2_bs, n, k, y, row_tables, slot, t, t_stride,     \
+        nf4_gemv_t4_or_tc3<M, true>(x, NF4_W_ARGS, n, k, y, row_tables, slot, t, t_stride,       \
                                     blockIdx.x, nullptr);                                        \
     }                                                                                            \
     extern "C" __global__ void TC_BOUNDS(TC_CFG_tc3)                                             \

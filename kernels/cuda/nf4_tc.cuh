@@ -269,13 +269,7 @@ struct TcStage {
 
 template <int M, bool LORA, int STAGES>
 __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
-                                            const u8* __restrict__ packed,
-                                            const float* __restrict__ code16, u32 plain,
-                                            const float* __restrict__ absmax,
-                                            const u8* __restrict__ qabs,
-                                            const float* __restrict__ nested,
-                                            const float* __restrict__ ncode, float offset,
-                                            u32 log2_bs, u32 n, u32 k, u16* __restrict__ y,
+                                            NF4_W_PARAMS, u32 n, u32 k, u16* __restrict__ y,
                                             const u64* __restrict__ row_tables, u32 slot,
                                             const float* __restrict__ t_lora, u32 t_stride,
                                             u32 tile, const TcGroup* grp = nullptr) {
@@ -427,26 +421,19 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
 
 #define NF4_GEMV_TC_ENTRY(NAME, M)                                                               \
     extern "C" __global__ void TC_BOUNDS(TC_CFG_##NAME) nf4_gemv_##NAME##_bf16_m##M(             \
-        const u16* __restrict__ x, const u8* __restrict__ packed,                                \
-        const float* __restrict__ code16, u32 plain, const float* __restrict__ absmax,           \
-        const u8* __restrict__ qabs, const float* __restrict__ nested,                           \
-        const float* __restrict__ ncode, float offset, u32 log2_bs, u32 n, u32 k,                \
+        const u16* __restrict__ x, NF4_W_PARAMS, u32 n, u32 k,                                   \
         u16* __restrict__ y) {                                                                   \
-        nf4_gemv_tc<M, false, TC_STAGES_OF(TC_CFG_##NAME)>(x, packed, code16, plain, absmax, qabs, \
-                                                      nested, ncode, offset, log2_bs, n, k, y,   \
+        nf4_gemv_tc<M, false, TC_STAGES_OF(TC_CFG_##NAME)>(x, NF4_W_ARGS, n, k, y,               \
                                                       nullptr, 0, nullptr, 0, blockIdx.x);       \
     }
 #define NF4_GEMV_TC_LORA_ENTRY(M)                                                                \
     extern "C" __global__ void __launch_bounds__((TC_WARPS + 1) * 32, 3)                         \
         nf4_gemv_tc_lora_bf16_m##M(                                                              \
-        const u16* __restrict__ x, const u8* __restrict__ packed,                                \
-        const float* __restrict__ code16, u32 plain, const float* __restrict__ absmax,           \
-        const u8* __restrict__ qabs, const float* __restrict__ nested,                           \
-        const float* __restrict__ ncode, float offset, u32 log2_bs, u32 n, u32 k,                \
+        const u16* __restrict__ x, NF4_W_PARAMS, u32 n, u32 k,                                   \
         u16* __restrict__ y, const u64* __restrict__ row_tables, u32 slot,                       \
         const float* __restrict__ t, u32 t_stride) {                                             \
-        nf4_gemv_tc<M, true, 3>(x, packed, code16, plain, absmax, qabs, nested, ncode, offset,   \
-                                log2_bs, n, k, y, row_tables, slot, t, t_stride, blockIdx.x);    \
+        nf4_gemv_tc<M, true, 3>(x, NF4_W_ARGS, n, k, y, row_tables, slot, t, t_stride,          \
+                                blockIdx.x);                                                     \
     }
 #define NF4_GEMV_TC_ALL(M)                                                                       \
     NF4_GEMV_TC_ENTRY(tc, M)                                                                     \
