@@ -224,6 +224,13 @@ fn from_f32_slice(src: &[f32], scale: f32, dst: &mut [u16]) {
 
 /// Elements `from .. from + dst.len()` of a stored tensor (f32, bf16 or f16, little-endian) times
 /// `scale` as bf16 bits; false for other dtypes or a range past its end.
+/// [`convert_raw`] of the `i`-th of [`LoraAdapter::read_raws`]' tensors (the conversion callback
+/// of the packed and the streamed loads).
+fn convert_nth(raws: &[(RawTensor<'_>, f32)], i: usize, from: usize, dst: &mut [u16]) -> bool {
+    let (raw, scale) = &raws[i];
+    convert_raw(raw, *scale, from, dst)
+}
+
 fn convert_raw(raw: &RawTensor<'_>, scale: f32, from: usize, dst: &mut [u16]) -> bool {
     let width = match raw.dtype {
         Dtype::F32 => 4,
@@ -331,8 +338,7 @@ impl LoraAdapter {
         let (store, wanted) = super::plan(dir, cfg)?;
         let (layout, raws) = Self::read_raws(&store, &wanted)?;
         let Some(packed) = Packed::build(layout, cfg.num_layers * 7, |i, from, dst| {
-            let (raw, scale) = &raws[i];
-            convert_raw(raw, *scale, from, dst)
+            convert_nth(&raws, i, from, dst)
         }) else {
             return Self::load(dir, name, cfg);
         };
@@ -358,10 +364,8 @@ impl LoraAdapter {
         if p.is_cuda() && p.dtype == DType::BF16 {
             let (store, wanted) = super::plan(dir, cfg)?;
             let (layout, raws) = Self::read_raws(&store, &wanted)?;
-            let streamed = stream_to_gpu(&layout, p, |i, from, dst| {
-                let (raw, scale) = &raws[i];
-                convert_raw(raw, *scale, from, dst)
-            })?;
+            let streamed =
+                stream_to_gpu(&layout, p, |i, from, dst| convert_nth(&raws, i, from, dst))?;
             if let Some(all) = streamed {
                 let modules = views(&layout.regions, cfg.num_layers * 7, &all)?;
                 return Ok(Self::placed(name, modules, layout.total));
