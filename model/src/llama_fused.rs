@@ -94,7 +94,7 @@ impl Llama {
         };
         let eps = c.rms_norm_eps as f32;
         // RoPE and the KV write inside the attention launch (QLORAD_ROPE_ATTENTION=0: rope_kv
-        // first, for comparison).
+        // first, for comparison; read per step because gpu-check switches it).
         let rope_in_attention = rope_attention_supports(nh, nkv, hd)
             && !std::env::var("QLORAD_ROPE_ATTENTION").is_ok_and(|v| v == "0");
         let mut x = self.embed.index_select(ids, 0)?;
