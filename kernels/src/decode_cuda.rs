@@ -47,17 +47,9 @@ const NORM_THREADS: u32 = 256;
 /// H200, ncu), so it takes the largest block.
 const ROPE_THREADS: u32 = 1024;
 const ELEMWISE_THREADS: u32 = 256;
-/// Fewest positions one split of the attention takes: below this, splitting a short context costs
-/// more in the merge than it gains in parallelism (on the H200, same call, batch-1 Mistral decode
-/// over 128-256 positions: 280.1 tok/s at 64 against 269.7 at 16, whose 13 splits per KV head
-/// the last block then merges alone). `QLORAD_ATT_MIN_SPLIT` overrides it (comparisons).
-const MIN_SPLIT_POSITIONS: usize = 64;
 /// (row, KV head) pairs whose splits the attention merges itself (its counters); larger batches
 /// launch attention_combine.
 const ATT_COUNTERS: usize = 16384;
-const MAX_SPLITS: usize = 32;
-/// Blocks that keep the H200's 132 SMs busy about twice over.
-const TARGET_BLOCKS: usize = 264;
 
 fn msg(s: String) -> candle_core::Error {
     candle_core::Error::Msg(s)
@@ -566,7 +558,11 @@ impl DecodeKernels {
             }
         }
         let positions = table.max_position + 1;
-        let splits = splits_for(positions, rows * kv_heads, min_split_positions());
+        let splits = crate::decode_split::splits_for(
+            positions,
+            rows * kv_heads,
+            crate::decode_split::min_split_positions(),
+        );
         // With QLORAD_ATT_MERGE=1 the kernel merges its splits itself when the counters cover
         // the batch; by default attention_combine's launch does.
         let merge_in_kernel = splits > 1 && rows * kv_heads <= ATT_COUNTERS && merge_splits();
@@ -692,38 +688,4 @@ struct RopeInputs<'a> {
 fn merge_splits() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("QLORAD_ATT_MERGE").is_ok_and(|v| v == "1"))
-}
-
-/// [`MIN_SPLIT_POSITIONS`], or `QLORAD_ATT_MIN_SPLIT` (read once).
-fn min_split_positions() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("QLORAD_ATT_MIN_SPLIT")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|&v| v > 0)
-            .unwrap_or(MIN_SPLIT_POSITIONS)
-    })
-}
-
-/// Splits of the context per (row, KV head) block: enough blocks to fill the GPU, each split at
-/// least `min_len` positions long.
-fn splits_for(positions: usize, blocks: usize, min_len: usize) -> usize {
-    let by_length = positions.div_ceil(min_len.max(1));
-    let by_occupancy = TARGET_BLOCKS.div_ceil(blocks.max(1));
-    by_length.min(by_occupancy).clamp(1, MAX_SPLITS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::splits_for;
-
-    #[test]
-    fn splits_fill_the_gpu_but_stay_long() {
-        assert_eq!(splits_for(10, 8, 16), 1); // a short context is one split
-        assert_eq!(splits_for(200, 8, 16), 13); // batch 1, Mistral: 33 wanted, 13 by length
-        assert_eq!(splits_for(1024, 8, 64), 16); // longer splits: 16 by length
-        assert_eq!(splits_for(1024, 8, 16), 32); // capped
-        assert_eq!(splits_for(4096, 64 * 8, 16), 1); // a big batch fills the GPU already
-    }
 }

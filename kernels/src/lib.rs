@@ -12,6 +12,7 @@ mod bgmv_cuda;
 pub mod cuda;
 #[cfg(feature = "cuda")]
 pub mod decode_cuda;
+mod decode_split;
 pub mod dynamic;
 pub mod error;
 pub mod gemv;
