@@ -241,14 +241,7 @@ __device__ __forceinline__ void nf4_gemv_t4_or_tc3(
 
 template <int M, bool LORA>
 __device__ __forceinline__ void nf4_gemv_t4_group(const u16* __restrict__ x, const TcGroup& grp) {
-    u32 i = 0;
-#pragma unroll
-    for (u32 j = 1; j < TC_GROUP_MAX; ++j) {
-        if (j < grp.count && blockIdx.x >= grp.w[j].tile0) {
-            i = j;
-        }
-    }
-    const TcWeight& w = grp.w[i];
+    const TcWeight& w = tc_group_weight(grp);
     nf4_gemv_t4_or_tc3<M, LORA>(x, w.packed, w.code16, w.plain, w.absmax, w.qabs, w.nested,
                                 w.ncode, w.offset, w.log2_bs, w.n, grp.k, w.y, grp.row_tables,
                                 w.slot, w.t, grp.t_stride, blockIdx.x - w.tile0, &grp);

@@ -455,8 +455,8 @@ NF4_GEMV_TC_ALL(8)
 // the one-weight kernels do. Small weights (k/v: 64 tiles) no longer leave most of the GPU idle
 // for a launch of their own. Passed by value (kernel parameters); mirrored by TcGroup in
 // src/cuda.rs.
-template <int M, bool LORA, int STAGES>
-__device__ __forceinline__ void nf4_gemv_tc_group(const u16* __restrict__ x, const TcGroup& grp) {
+// The weight whose tiles hold this block (the grid is the weights' tiles concatenated).
+__device__ __forceinline__ const TcWeight& tc_group_weight(const TcGroup& grp) {
     u32 i = 0;
 #pragma unroll
     for (u32 j = 1; j < TC_GROUP_MAX; ++j) {
@@ -464,7 +464,12 @@ __device__ __forceinline__ void nf4_gemv_tc_group(const u16* __restrict__ x, con
             i = j;
         }
     }
-    const TcWeight& w = grp.w[i];
+    return grp.w[i];
+}
+
+template <int M, bool LORA, int STAGES>
+__device__ __forceinline__ void nf4_gemv_tc_group(const u16* __restrict__ x, const TcGroup& grp) {
+    const TcWeight& w = tc_group_weight(grp);
     nf4_gemv_tc<M, LORA, STAGES>(x, w.packed, w.code16, w.plain, w.absmax, w.qabs, w.nested,
                                  w.ncode, w.offset, w.log2_bs, w.n, grp.k, w.y, grp.row_tables,
                                  w.slot, w.t, grp.t_stride, blockIdx.x - w.tile0, &grp);
