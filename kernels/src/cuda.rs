@@ -207,8 +207,9 @@ pub struct Nf4Gpu {
     /// The grouped tensor-core GEMV for 1..=8 input rows, without and with the LoRA epilogue
     /// (`nf4_group_cuda`), loaded on first use.
     gemv_group: [std::sync::OnceLock<Vec<CudaFunction>>; 2],
-    /// The same kernels for programmatic dependent launch (`pdl_cuda`), when the device takes it.
-    gemv_group_pdl: [std::sync::OnceLock<Vec<crate::pdl_cuda::RawFunction>>; 2],
+    /// The same kernels for programmatic dependent launch (`pdl_cuda`), settled on first use:
+    /// `None` when the device or `QLORAD_PDL=0` rules it out.
+    gemv_group_pdl: [std::sync::OnceLock<Option<Vec<crate::pdl_cuda::RawFunction>>>; 2],
 }
 
 impl std::fmt::Debug for Nf4Gpu {
@@ -403,20 +404,25 @@ impl Nf4Gpu {
         Ok(cell.get_or_init(|| loaded))
     }
 
+    /// The name prefix of the grouped tensor-core GEMV (`{prefix}_bf16_m{rows}`) this weight
+    /// decodes with, with the LoRA epilogue or not.
+    fn group_prefix(&self, lora: bool) -> &'static str {
+        match (lora, self.kernel == GemvKernel::T4) {
+            (true, true) => t4_lora_group(),
+            (true, false) => "nf4_gemv_tcg_lora",
+            (false, true) => "nf4_gemv_t4g",
+            (false, false) => "nf4_gemv_tcg",
+        }
+    }
+
     /// The grouped tensor-core GEMV for `m` (1..=8) input rows, with the LoRA epilogue or not.
     pub(crate) fn group_function(
         &self,
         m: usize,
         lora: bool,
     ) -> candle_core::Result<&CudaFunction> {
-        let t4 = self.kernel == GemvKernel::T4;
-        let (cell, prefix) = match (lora, t4) {
-            (true, true) => (&self.gemv_group[1], t4_lora_group()),
-            (true, false) => (&self.gemv_group[1], "nf4_gemv_tcg_lora"),
-            (false, true) => (&self.gemv_group[0], "nf4_gemv_t4g"),
-            (false, false) => (&self.gemv_group[0], "nf4_gemv_tcg"),
-        };
-        self.row_functions(cell, prefix)?
+        let cell = &self.gemv_group[usize::from(lora)];
+        self.row_functions(cell, self.group_prefix(lora))?
             .get(m.wrapping_sub(1))
             .ok_or_else(|| msg(format!("grouped gemv: {m} rows (1..={GEMV_MAX_ROWS})")))
     }
@@ -428,29 +434,32 @@ impl Nf4Gpu {
         m: usize,
         lora: bool,
     ) -> candle_core::Result<Option<crate::pdl_cuda::RawFunction>> {
-        if m == 0 || m > GEMV_MAX_ROWS || !crate::pdl_cuda::enabled(&self.device) {
+        if m == 0 || m > GEMV_MAX_ROWS {
             return Ok(None);
         }
-        let prefix = match (lora, self.kernel == GemvKernel::T4) {
-            (true, true) => t4_lora_group(),
-            (true, false) => "nf4_gemv_tcg_lora",
-            (false, true) => "nf4_gemv_t4g",
-            (false, false) => "nf4_gemv_tcg",
-        };
+        // Settled once per weight: the device query stays off the per-launch path.
         let cell = &self.gemv_group_pdl[usize::from(lora)];
-        if cell.get().is_none() {
-            let loaded = (1..=GEMV_MAX_ROWS)
-                .map(|r| {
-                    crate::pdl_cuda::raw_function(
-                        &self.device,
-                        &crate::module_cuda::NF4,
-                        &format!("{prefix}_bf16_m{r}"),
-                    )
-                })
-                .collect::<candle_core::Result<Vec<_>>>()?;
-            let _ = cell.set(loaded);
+        if let Some(funcs) = cell.get() {
+            return Ok(funcs.as_ref().and_then(|f| f.get(m - 1)).copied());
         }
-        Ok(cell.get().and_then(|f| f.get(m - 1)).copied())
+        let loaded = if crate::pdl_cuda::enabled(&self.device) {
+            let prefix = self.group_prefix(lora);
+            Some(
+                (1..=GEMV_MAX_ROWS)
+                    .map(|r| {
+                        crate::pdl_cuda::raw_function(
+                            &self.device,
+                            &crate::module_cuda::NF4,
+                            &format!("{prefix}_bf16_m{r}"),
+                        )
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?,
+            )
+        } else {
+            None
+        };
+        let funcs = cell.get_or_init(|| loaded);
+        Ok(funcs.as_ref().and_then(|f| f.get(m - 1)).copied())
     }
 
     /// (offset, plain flag, log2 of the blocksize): the weight's scalar kernel arguments.
