@@ -314,7 +314,7 @@ impl Engine {
         };
         let mut done = vec![false; self.running.len()];
         for (i, (s, row)) in self.running.iter_mut().zip(rows).enumerate() {
-            done[i] = advance(s, &row, &self.tok, &self.metrics);
+            done[i] = advance(s, &row, &self.tok, &self.metrics, &self.shared.inflight);
         }
         let mut i = 0;
         self.running.retain(|_| {
@@ -322,9 +322,6 @@ impl Engine {
             i += 1;
             keep
         });
-        for _ in done.iter().filter(|d| **d) {
-            self.finish_one();
-        }
     }
 }
 
@@ -337,7 +334,9 @@ impl Drop for Engine {
 }
 
 /// Samples the next token of `s` from its logits row, streams text, and says whether it finished.
-fn advance(s: &mut Seq, row: &[f32], tok: &Tokenizer, m: &Metrics) -> bool {
+/// A finished sequence leaves `inflight` before its last event is sent, so a client that has its
+/// whole response never reads a count that still includes it (`/ready`, the runner's yield).
+fn advance(s: &mut Seq, row: &[f32], tok: &Tokenizer, m: &Metrics, inflight: &AtomicUsize) -> bool {
     let now = Instant::now();
     match s.last_token_at {
         None => m.ttft.observe(now.duration_since(s.started).as_secs_f64()),
@@ -368,6 +367,7 @@ fn advance(s: &mut Seq, row: &[f32], tok: &Tokenizer, m: &Metrics) -> bool {
             }
             Ok(_) => {}
             Err(e) => {
+                inflight.fetch_sub(1, Ordering::SeqCst);
                 let _ = s
                     .req
                     .events
@@ -385,6 +385,7 @@ fn advance(s: &mut Seq, row: &[f32], tok: &Tokenizer, m: &Metrics) -> bool {
     if !rest.is_empty() {
         let _ = s.req.events.send(Event::Text(rest));
     }
+    inflight.fetch_sub(1, Ordering::SeqCst);
     let _ = s.req.events.send(Event::Finish {
         reason,
         prompt_tokens: s.req.prompt.len(),
