@@ -186,6 +186,12 @@ __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
     __shared__ float s_ncode[256];
     __shared__ float red[TC_WARPS][32][2];
     __shared__ float lora_out[LORA ? 16 * M : 1];
+    __shared__ TcLoraRefs<M> lrefs;  // unused (and dropped) without LORA
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    if (LORA && warp == TC_WARPS) {
+        // Before the stream's programmatic-launch wait: the lookups and B need nothing from it.
+        tc_lora_prologue<M>(row_tables, slot, k, tile, grp, lrefs);
+    }
     float acc_a = 0.f, acc_b = 0.f;
     if (plain) {
         nf4_gemv_t4_stream<M, STAGES, true>(x, packed, code16, absmax, qabs, nested, ncode, offset,
@@ -194,11 +200,10 @@ __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
         nf4_gemv_t4_stream<M, STAGES, false>(x, packed, code16, absmax, qabs, nested, ncode,
                                              offset, k, tile, lut, s_ncode, acc_a, acc_b);
     }
-    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const u32 g = lane >> 2, t = lane & 3u;
     const u32 ra = tile * 16 + g, rb = ra + 8;
     if (LORA && warp == TC_WARPS) {
-        tc_lora_warp<M>(x, k, row_tables, slot, t_lora, t_stride, tile, grp, lora_out);
+        tc_lora_warp<M>(x, k, t_lora, t_stride, tile, grp, lrefs, lora_out);
     }
     if (warp < TC_WARPS) {
         red[warp][lane][0] = acc_a;

@@ -83,26 +83,108 @@ __device__ __forceinline__ uint2 tc_shrink_chunks(u32 k) {
     return make_uint2(nch, len);
 }
 
+// The LoRA warp's adapter modules, looked up once per block by its lanes in parallel (a lookup is
+// two dependent loads) before anything waits: own[m] is input row m's module at this weight's slot
+// (the expand), pair[i * M + m] row m's module at group weight i's slot (the in-launch shrink's
+// units; unused without it).
+template <int M>
+struct TcLoraRefs {
+    RowLora own[M];
+    RowLora pair[TC_GROUP_MAX * M];
+};
+
+// The in-launch shrink's claim and done counts as one 64-bit word (counters[0] claimed, [1] done):
+// a claim also returns how many units are done, so a block that arrives after every unit has
+// finished proceeds on that one atomic.
+__device__ __forceinline__ u64 tc_claim(u32* c) {
+    u64 v;
+    asm volatile("atom.acq_rel.gpu.global.add.u64 %0, [%1], 1;"
+                 : "=l"(v)
+                 : "l"(c)
+                 : "memory");
+    return v;
+}
+__device__ __forceinline__ void tc_unit_done(u32* c) {
+    asm volatile("red.release.gpu.global.add.u64 [%0], %1;" ::"l"(c), "l"(1ull << 32)
+                 : "memory");
+}
+__device__ __forceinline__ u32 tc_done_count(u32* c) {
+    u64 v;
+    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(c) : "memory");
+    return (u32)(v >> 32);
+}
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// The LoRA warp's prologue: the module lookups, its tile's B rows requested into L2 for the expand
+// and, with the in-launch shrink, this block's share (1/grid) of every A the shrink reads. Needs
+// nothing this launch or the previous kernel writes (row tables and adapter weights are written
+// before the decode step's first launch), so the t4 GEMV runs it before its programmatic-launch
+// wait: the chains of dependent loads and the A and B reads from DRAM overlap the previous
+// kernel's tail, and the shrink's and expand's loads that follow the wait are L2 hits.
+template <int M>
+__device__ __forceinline__ void tc_lora_prologue(const u64* __restrict__ row_tables, u32 slot,
+                                                 u32 k, u32 tile, const TcGroup* grp,
+                                                 TcLoraRefs<M>& refs) {
+    const u32 lane = threadIdx.x & 31u;
+    const bool fused = grp != nullptr && grp->counters != nullptr;
+    if (lane < (u32)M) {
+        refs.own[lane] = lookup(row_tables, lane, slot);
+    } else if (fused && lane - M < grp->count * M) {
+        const u32 j = lane - M;
+        refs.pair[j] = lookup(row_tables, j % M, grp->w[j / M].slot);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+        const RowLora l = refs.own[m];
+        // The tile's 16 rows of B are 32·r contiguous bytes.
+        const u8* b = reinterpret_cast<const u8*>(l.b + (u64)tile * 16 * l.r);
+        for (u32 off = 128 * lane; off < 32 * l.r; off += 32 * 128) {
+            prefetch_l2(b + off);
+        }
+    }
+    if (fused) {
+        for (u32 p = 0; p < grp->count * M; ++p) {
+            const RowLora l = refs.pair[p];
+            const u64 lines = ((u64)l.r * k * 2 + 127) / 128;
+            const u64 per = (lines + gridDim.x - 1) / gridDim.x;
+            const u64 end = min(lines, (blockIdx.x + 1) * per);
+            const u8* a = reinterpret_cast<const u8*>(l.a);
+            for (u64 q = blockIdx.x * per + lane; q < end; q += 32) {
+                prefetch_l2(a + 128 * q);
+            }
+        }
+    }
+}
+
 // The group's BGMV shrink inside the grouped launch, run by the blocks' LoRA warps while the other
 // warps stream the weights: t_i[m, j] = x[m, :] · A_{m,i}[j, :] for every weight i, row m and rank
-// j < r_{m,i}, one (i, m, j) unit per claim. Units are claimed from a counter, never owned in
-// advance, so a warp waits only once every unit has been claimed by a running warp that finishes
-// it without waiting: no block can wait on one that has not started (the grid may be larger than
-// what is resident, and other work may share the GPU). Then it waits until all are done and the
-// expand reads t from L2. Needs k % 8 == 0 (the host's k % 64).
+// j < r_{m,i}, one (i, m, j, k chunk) unit per claim. Units are claimed from a counter, never owned
+// in advance, so a warp waits only once every unit has been claimed by a running warp that
+// finishes it without waiting: no block can wait on one that has not started (the grid may be
+// larger than what is resident, and other work may share the GPU). Then it waits until all are
+// done (release/acquire on the done count) and the expand reads t from L2. Needs k % 8 == 0 (the
+// host's k % 64).
 template <int M>
-__device__ __forceinline__ void tc_shrink(const u16* __restrict__ x, u32 k, const TcGroup& grp) {
+__device__ __forceinline__ void tc_shrink(const u16* __restrict__ x, u32 k, const TcGroup& grp,
+                                          const TcLoraRefs<M>& refs) {
     const u32 lane = threadIdx.x & 31u;
     const uint2 ch = tc_shrink_chunks(k);
     const u32 per_w = (u32)M * grp.max_rank * ch.x;
     const u32 units = grp.count * per_w;
     u32* c = grp.counters;
+    u32 done;
     for (;;) {
-        u32 u = 0;
+        u64 v = 0;
         if (lane == 0) {
-            u = atomicAdd(c, 1u);
+            v = tc_claim(c);
         }
-        u = __shfl_sync(0xffffffffu, u, 0);
+        v = __shfl_sync(0xffffffffu, v, 0);
+        const u32 u = (u32)v;
+        done = (u32)(v >> 32);
         if (u >= units) {
             break;
         }
@@ -111,7 +193,7 @@ __device__ __forceinline__ void tc_shrink(const u16* __restrict__ x, u32 k, cons
         const u32 part = rest % ch.x, mj = rest / ch.x;
         const u32 m = mj / grp.max_rank, j = mj % grp.max_rank;
         const u32 k0 = part * ch.y, k1 = min(k, k0 + ch.y);
-        const RowLora l = lookup(grp.row_tables, m, grp.w[i].slot);
+        const RowLora l = refs.pair[i * M + m];
         if (j < l.r && l.r <= grp.t_stride) {
             const u16* a = l.a + (u64)j * k + k0;
             const u16* xm = x + (u64)m * k + k0;
@@ -143,41 +225,40 @@ __device__ __forceinline__ void tc_shrink(const u16* __restrict__ x, u32 k, cons
             }
         }
         if (lane == 0) {
-            __threadfence();  // the store above before the count
-            atomicAdd(c + 1, 1u);
+            tc_unit_done(c);  // release: the store above before the count
         }
     }
-    if (lane == 0) {
-        while (atomicAdd(c + 1, 0u) < units) {
-            __nanosleep(200);
+    if (lane == 0 && done < units) {
+        while (tc_done_count(c) < units) {
+            __nanosleep(100);
         }
-        __threadfence();
     }
+    // Lane 0's acquire, then the warp barrier, orders every lane's reads of t after the units.
     __syncwarp();
 }
 
 // The LoRA warp of a tensor-core GEMV block: scale_m · t_m · B_m[o, :r_m] for the tile's 16
 // features o and every input row m into lora_out[o * M + m] (first, in the grouped launch with
-// counters, its share of the group's shrink). Its chain of dependent loads (row table, module, B,
-// t) runs while the block's other warps stream the weights.
+// counters, its share of the group's shrink). Runs after tc_lora_prologue (the modules in refs, B
+// on its way to L2) while the block's other warps stream the weights.
 template <int M>
 __device__ __forceinline__ void tc_lora_warp(const u16* __restrict__ x, u32 k,
-                                             const u64* __restrict__ row_tables, u32 slot,
                                              const float* __restrict__ t_lora, u32 t_stride,
-                                             u32 tile, const TcGroup* grp, float* lora_out) {
+                                             u32 tile, const TcGroup* grp,
+                                             const TcLoraRefs<M>& refs, float* lora_out) {
     const u32 lane = threadIdx.x & 31u;
     const bool fused = grp != nullptr && grp->counters != nullptr;
     // t's k-chunk partials to sum (the separately launched shrink writes whole dots).
     u32 nparts = 1, pstride = 0;
     if (fused) {
-        tc_shrink<M>(x, k, *grp);
+        tc_shrink<M>(x, k, *grp, refs);
         nparts = tc_shrink_chunks(k).x;
         pstride = grp->part_stride;
     }
     const u32 o = lane >> 1, h = lane & 1u;
 #pragma unroll
     for (int m = 0; m < M; ++m) {
-        const RowLora l = lookup(row_tables, m, slot);
+        const RowLora l = refs.own[m];
         float d = 0.f;
         if (l.r != 0 && l.r <= t_stride) {
             const u16* br = l.b + (u64)(tile * 16 + o) * l.r;
@@ -277,6 +358,7 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
     __shared__ float s_ncode[256];
     __shared__ float red[TC_WARPS][32][4];
     __shared__ float lora_out[LORA ? 16 * M : 1];
+    __shared__ TcLoraRefs<M> lrefs;  // unused (and dropped) without LORA
     // Programmatic dependent launch (grouped decode launches): nothing here overlaps yet.
     pdl_trigger();
     pdl_wait();
@@ -286,7 +368,8 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
     const u32 ra = tile * 16 + g, rb = ra + 8;
     __syncthreads();
     if (LORA && warp == TC_WARPS) {
-        tc_lora_warp<M>(x, k, row_tables, slot, t_lora, t_stride, tile, grp, lora_out);
+        tc_lora_prologue<M>(row_tables, slot, k, tile, grp, lrefs);
+        tc_lora_warp<M>(x, k, t_lora, t_stride, tile, grp, lrefs, lora_out);
     }
     const u32 lut_base = (u32)__cvta_generic_to_shared(lut) + 4 * lane;
     const u32 nkb = k >> 6;
