@@ -47,3 +47,15 @@ __device__ __forceinline__ void pdl_trigger() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// A 16-byte load of data an earlier kernel wrote, for code after pdl_wait: __ldg's non-coherent
+// loads count as invariant, and the compiler moved one above griddepcontrol.wait (add_rms_norm's
+// SASS with the shrink blocks' prefetch loop before the wait): a volatile load with a memory
+// clobber stays after it.
+__device__ __forceinline__ uint4 ld_after_wait(const uint4* p) {
+    uint4 v;
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p)
+                 : "memory");
+    return v;
+}

@@ -20,6 +20,7 @@
 // Buffers are (kv_heads, capacity, head_dim) bf16, as model/src/kv_cache.rs lays them out.
 
 #include "bf16.cuh"
+#include "lora_table.cuh"
 
 __device__ __forceinline__ float rbf(float f) { return bf16_f(f32_to_bf16(f)); }
 
@@ -57,16 +58,153 @@ __device__ __forceinline__ float block_sum(float acc) {
     return part[0];
 }
 
-// One block per row. out (2, rows, n): out[0] = x + y (bf16, as candle's add), out[1] =
-// rmsnorm(out[0]) * w. y may be null (then out[0] = x).
-// Rows of n % 8 == 0 values (up to NORM_VEC chunks per thread) on 16-byte boundaries load x, y and
-// w in 16-byte chunks, all issued before any arithmetic, and keep the sums in registers for the
-// second pass: at batch 1 this kernel is one block, whose time is its chain of memory round trips
-// (the element-by-element loop took ~17 µs per call on the H200, ncu; two calls per layer).
+// The vectorized add + RMSNorm of one row (n % 8 == 0, n <= NORM_VEC * 8 * blockDim, 16-byte
+// aligned): x, y and w loaded in 16-byte chunks, all issued before any arithmetic, the sums kept in
+// registers for the second pass. Writes the sum (unless `sum` is null) and the normed row (global
+// or shared memory).
+__device__ __forceinline__ void add_rms_norm_vec(const u16* __restrict__ xr,
+                                                 const u16* __restrict__ yr,
+                                                 const u16* __restrict__ w, float eps, u32 n,
+                                                 u16* sum, u16* normed) {
+    const u32 nv = n >> 3;
+    const uint4* x4 = reinterpret_cast<const uint4*>(xr);
+    const uint4* y4 = reinterpret_cast<const uint4*>(yr);
+    const uint4* w4 = reinterpret_cast<const uint4*>(w);
+    uint4 xv[NORM_VEC], yv[NORM_VEC], wv[NORM_VEC];
+#pragma unroll
+    for (int j = 0; j < NORM_VEC; ++j) {
+        const u32 c = threadIdx.x + j * blockDim.x;
+        const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+        // x and y come from earlier kernels (ld_after_wait), w is a weight.
+        xv[j] = c < nv ? ld_after_wait(x4 + c) : z;
+        yv[j] = (c < nv && y4) ? ld_after_wait(y4 + c) : z;
+        wv[j] = c < nv ? __ldg(w4 + c) : z;
+    }
+    float sv[NORM_VEC][8];
+    float acc = 0.f;
+#pragma unroll
+    for (int j = 0; j < NORM_VEC; ++j) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float xe = word_half(xv[j], e);
+            const float s = y4 ? rbf(__fadd_rn(xe, word_half(yv[j], e))) : xe;
+            sv[j][e] = s;
+            acc = fmaf(s, s, acc);
+        }
+        const u32 c = threadIdx.x + j * blockDim.x;
+        if (sum != nullptr && c < nv) {
+            reinterpret_cast<uint4*>(sum)[c] =
+                make_uint4(pack2(sv[j][0], sv[j][1]), pack2(sv[j][2], sv[j][3]),
+                           pack2(sv[j][4], sv[j][5]), pack2(sv[j][6], sv[j][7]));
+        }
+    }
+    const float scale = rsqrtf(block_sum(acc) / (float)n + eps);
+#pragma unroll
+    for (int j = 0; j < NORM_VEC; ++j) {
+        const u32 c = threadIdx.x + j * blockDim.x;
+        if (c < nv) {
+            float o[8];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) {
+                o[e] = __fmul_rn(__fmul_rn(scale, sv[j][e]), word_half(wv[j], e));
+            }
+            reinterpret_cast<uint4*>(normed)[c] = make_uint4(
+                pack2(o[0], o[1]), pack2(o[2], o[3]), pack2(o[4], o[5]), pack2(o[6], o[7]));
+        }
+    }
+}
+
+// The LoRA shrink of the projections that read the normed rows (q/k/v, or gate/up), computed by
+// extra blocks of the add + RMSNorm launch instead of a launch of its own or inside the GEMV:
+// t_z[m, j] = normed[m, :] · A_{m, slot0 + z}[j, :] for z < count, j < r (the rows' ranks at that
+// slot), written to t + z * t_zstride + m * t_stride + j (BgmvPlan's scratch layout, read by the
+// GEMV's epilogue expand). `bpr` blocks per row, each warp one (z, j) dot at a time. Its module
+// lookups and A's DRAM reads (into L2) happen before the programmatic-launch wait, during the
+// previous kernel; after it, the block recomputes its row's norm (bit for bit what the norm blocks
+// write, same code) into shared memory and reads A from L2.
+struct NormShrink {
+    const u64* row_tables;
+    float* t;
+    u32 slot0, count, max_rank, t_stride, t_zstride, bpr;
+};
+
+__device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
+                                                  const u16* __restrict__ y,
+                                                  const u16* __restrict__ w, float eps, u32 n,
+                                                  const NormShrink& sh, u32 m, u32 part) {
+    __shared__ __align__(16) u16 s_normed[NORM_VEC * 8 * 256];
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u, nw = blockDim.x >> 5;
+    const u32 units = sh.count * sh.max_rank;
+    for (u32 u = part * nw + warp; u < units; u += sh.bpr * nw) {
+        const RowLora l = lookup(sh.row_tables, m, sh.slot0 + u / sh.max_rank);
+        const u32 j = u % sh.max_rank;
+        if (j < l.r) {
+            const u8* a = reinterpret_cast<const u8*>(l.a + (u64)j * n);
+            for (u32 off = 128 * lane; off < 2 * n; off += 32 * 128) {
+                asm volatile("prefetch.global.L2 [%0];" ::"l"(a + off));
+            }
+        }
+    }
+    pdl_wait();
+    add_rms_norm_vec(x + (u64)m * n, y ? y + (u64)m * n : nullptr, w, eps, n, nullptr, s_normed);
+    __syncthreads();
+    const uint4* xv = reinterpret_cast<const uint4*>(s_normed);
+    for (u32 u = part * nw + warp; u < units; u += sh.bpr * nw) {
+        const u32 z = u / sh.max_rank, j = u % sh.max_rank;
+        const RowLora l = lookup(sh.row_tables, m, sh.slot0 + z);
+        if (j >= l.r || l.r > sh.t_stride) {
+            continue;
+        }
+        const u16* a = l.a + (u64)j * n;
+        float acc = 0.f;
+        if ((reinterpret_cast<u64>(a) & 15ull) == 0) {
+            const uint4* av = reinterpret_cast<const uint4*>(a);
+#pragma unroll 8
+            for (u32 q = lane; q < (n >> 3); q += 32) {
+                const uint4 aw = __ldg(av + q), xw = xv[q];
+                acc = fmaf(bf16_lo(aw.x), bf16_lo(xw.x), acc);
+                acc = fmaf(bf16_hi(aw.x), bf16_hi(xw.x), acc);
+                acc = fmaf(bf16_lo(aw.y), bf16_lo(xw.y), acc);
+                acc = fmaf(bf16_hi(aw.y), bf16_hi(xw.y), acc);
+                acc = fmaf(bf16_lo(aw.z), bf16_lo(xw.z), acc);
+                acc = fmaf(bf16_hi(aw.z), bf16_hi(xw.z), acc);
+                acc = fmaf(bf16_lo(aw.w), bf16_lo(xw.w), acc);
+                acc = fmaf(bf16_hi(aw.w), bf16_hi(xw.w), acc);
+            }
+        } else {
+            for (u32 q = lane; q < n; q += 32) {
+                acc = fmaf(bf16_f(a[q]), bf16_f(s_normed[q]), acc);
+            }
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) {
+            sh.t[(u64)z * sh.t_zstride + (u64)m * sh.t_stride + j] = acc;
+        }
+    }
+}
+
+// Blocks 0 .. rows: one per row. out (2, rows, n): out[0] = x + y (bf16, as candle's add), out[1]
+// = rmsnorm(out[0]) * w. y may be null (then out[0] = x). With sh_bpr > 0 the grid has rows ·
+// sh_bpr more blocks, which compute the LoRA shrink of the normed rows (norm_shrink_block; the
+// host launches them only for rows the vectorized path takes).
+// Rows of n % 8 == 0 values (up to NORM_VEC chunks per thread) on 16-byte boundaries take the
+// vectorized path: at batch 1 this kernel's norm is one block, whose time is its chain of memory
+// round trips (the element-by-element loop took ~17 µs per call on the H200, ncu; two calls per
+// layer).
 extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u16* __restrict__ y,
                                              const u16* __restrict__ w, float eps, u32 rows, u32 n,
-                                             u16* __restrict__ out) {
+                                             u16* __restrict__ out,
+                                             const u64* __restrict__ sh_tables, float* sh_t,
+                                             u32 sh_slot0, u32 sh_count, u32 sh_max_rank,
+                                             u32 sh_t_stride, u32 sh_t_zstride, u32 sh_bpr) {
     pdl_trigger();
+    if (blockIdx.x >= rows) {
+        const NormShrink sh = {sh_tables,   sh_t,        sh_slot0, sh_count,
+                               sh_max_rank, sh_t_stride, sh_t_zstride, sh_bpr};
+        const u32 b = blockIdx.x - rows;
+        norm_shrink_block(x, y, w, eps, n, sh, b / sh.bpr, b % sh.bpr);
+        return;
+    }
     pdl_wait();
     const u32 row = blockIdx.x;
     const u16* xr = x + (u64)row * n;
@@ -79,50 +217,7 @@ extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u1
                        reinterpret_cast<u64>(w) | reinterpret_cast<u64>(sum) |
                        reinterpret_cast<u64>(normed)) & 15ull) == 0;
     if (vec) {
-        const uint4* x4 = reinterpret_cast<const uint4*>(xr);
-        const uint4* y4 = reinterpret_cast<const uint4*>(yr);
-        const uint4* w4 = reinterpret_cast<const uint4*>(w);
-        uint4 xv[NORM_VEC], yv[NORM_VEC], wv[NORM_VEC];
-#pragma unroll
-        for (int j = 0; j < NORM_VEC; ++j) {
-            const u32 c = threadIdx.x + j * blockDim.x;
-            const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-            xv[j] = c < nv ? __ldg(x4 + c) : z;
-            yv[j] = (c < nv && y4) ? __ldg(y4 + c) : z;
-            wv[j] = c < nv ? __ldg(w4 + c) : z;
-        }
-        float sv[NORM_VEC][8];
-        float acc = 0.f;
-#pragma unroll
-        for (int j = 0; j < NORM_VEC; ++j) {
-#pragma unroll
-            for (int e = 0; e < 8; ++e) {
-                const float xe = word_half(xv[j], e);
-                const float s = y4 ? rbf(__fadd_rn(xe, word_half(yv[j], e))) : xe;
-                sv[j][e] = s;
-                acc = fmaf(s, s, acc);
-            }
-            const u32 c = threadIdx.x + j * blockDim.x;
-            if (c < nv) {
-                reinterpret_cast<uint4*>(sum)[c] =
-                    make_uint4(pack2(sv[j][0], sv[j][1]), pack2(sv[j][2], sv[j][3]),
-                               pack2(sv[j][4], sv[j][5]), pack2(sv[j][6], sv[j][7]));
-            }
-        }
-        const float scale = rsqrtf(block_sum(acc) / (float)n + eps);
-#pragma unroll
-        for (int j = 0; j < NORM_VEC; ++j) {
-            const u32 c = threadIdx.x + j * blockDim.x;
-            if (c < nv) {
-                float o[8];
-#pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    o[e] = __fmul_rn(__fmul_rn(scale, sv[j][e]), word_half(wv[j], e));
-                }
-                reinterpret_cast<uint4*>(normed)[c] = make_uint4(
-                    pack2(o[0], o[1]), pack2(o[2], o[3]), pack2(o[4], o[5]), pack2(o[6], o[7]));
-            }
-        }
+        add_rms_norm_vec(xr, yr, w, eps, n, sum, normed);
         return;
     }
     float acc = 0.f;

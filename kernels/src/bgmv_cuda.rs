@@ -208,6 +208,25 @@ pub struct GemvLora {
     pub part_stride: u32,
 }
 
+/// A group's shrink for the decode step's add + RMSNorm launch to compute from the rows it normalizes
+/// ([`crate::decode_cuda::DecodeKernels::add_rms_norm_shrink`]): t_z[m, j] = normed[m] ·
+/// A_{m, slot0 + z}[j] into the plan's scratch, where [`BgmvPlan::norm_shrink`]'s epilogue
+/// descriptors read it.
+#[derive(Debug, Clone, Copy)]
+pub struct NormShrink {
+    pub row_tables: u64,
+    pub t: u64,
+    pub slot0: u32,
+    pub count: u32,
+    pub max_rank: u32,
+    pub t_stride: u32,
+    /// Floats between consecutive slots' t.
+    pub t_zstride: u32,
+    /// Input features of the group's modules (the normed rows' length).
+    pub in_f: usize,
+    pub rows: usize,
+}
+
 /// k-chunk partials of t the in-launch shrink may write (TC_SHRINK_CHUNKS in cuda/nf4_tc.cuh).
 const SHRINK_CHUNKS: usize = 8;
 
@@ -347,6 +366,50 @@ impl BgmvPlan {
         x: &Tensor,
     ) -> candle_core::Result<Option<Vec<GemvLora>>> {
         self.gemv_descriptors(slot0, n, x, false)
+    }
+
+    /// The shrink of slots `slot0 .. slot0 + n` for the add + RMSNorm launch that produces their
+    /// input (rows, `in_f`) to run, and the GEMV epilogue descriptors that read its result (valid
+    /// until the plan's next launch, as [`BgmvPlan::shrink_for_gemv`]'s). `None` when no row has a
+    /// module at these slots.
+    pub fn norm_shrink(
+        &self,
+        slot0: usize,
+        n: usize,
+        in_f: usize,
+    ) -> candle_core::Result<Option<(NormShrink, Vec<GemvLora>)>> {
+        if n == 0 || n > MAX_GROUP || slot0 + n > self.slots.len() {
+            return Err(msg(format!(
+                "bgmv: slots {slot0}..{} for a plan of {} (groups of 1..={MAX_GROUP})",
+                slot0 + n,
+                self.slots.len()
+            )));
+        }
+        let group = &self.slots[slot0..slot0 + n];
+        let max_rank = group.iter().map(|s| s.max_rank).max().unwrap_or(0);
+        if max_rank == 0 {
+            return Ok(None);
+        }
+        if group.iter().any(|s| s.max_rank > 0 && s.in_f != in_f) {
+            return Err(msg(format!(
+                "bgmv: the adapters' input features at slots {slot0}..{} are not {in_f}",
+                slot0 + n
+            )));
+        }
+        let (row_tables, _g) = self.row_tables.device_ptr(&self.stream);
+        let (t, _g2) = self.scratch.device_ptr(&self.stream);
+        let shrink = NormShrink {
+            row_tables,
+            t,
+            slot0: slot0 as u32,
+            count: n as u32,
+            max_rank,
+            t_stride: self.t_stride as u32,
+            t_zstride: (self.rows * self.t_stride) as u32,
+            in_f,
+            rows: self.rows,
+        };
+        Ok(Some((shrink, self.gemv_loras(slot0, n, max_rank, 0))))
     }
 
     /// The epilogue descriptors of slots `slot0 .. slot0 + n` for input `x`, after launching the

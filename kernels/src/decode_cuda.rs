@@ -8,7 +8,7 @@
 //! buffers (`(kv_heads, capacity, head_dim)` bf16). `rope_kv` writes the new token's K and V into
 //! them through those addresses; `attention` reads them in place (no copy of the history).
 
-use crate::bgmv_cuda::bf16_addr;
+use crate::bgmv_cuda::{bf16_addr, NormShrink};
 use crate::pdl_cuda::RawFunction;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -42,6 +42,8 @@ pub fn rope_attention_supports(heads: usize, kv_heads: usize, head_dim: usize) -
     attention_supports(heads, kv_heads, head_dim) && head_dim.is_multiple_of(16)
 }
 const NORM_THREADS: u32 = 256;
+/// 16-byte chunks per thread of add_rms_norm's vectorized path (NORM_VEC in decode.cu).
+const NORM_VEC: usize = 4;
 /// rope_kv is one block per sequence that loops over (heads + kv heads) · head_dim / 2 pairs: at
 /// batch 1 its time is its loop's chain of memory round trips (256 threads: ~10 µs per call on the
 /// H200, ncu), so it takes the largest block.
@@ -289,6 +291,23 @@ impl DecodeKernels {
         w: &Tensor,
         eps: f32,
     ) -> candle_core::Result<(Tensor, Tensor)> {
+        self.add_rms_norm_shrink(x, y, w, eps, None)?
+            .ok_or_else(|| msg("add_rms_norm: no result without a shrink".into()))
+    }
+
+    /// [`DecodeKernels::add_rms_norm`], and with `shrink` the LoRA shrink of the normed rows in
+    /// the same launch (extra blocks that recompute their row's norm, bit for bit, and dot it with
+    /// the adapters' A rows; see decode.cu's norm_shrink_block). `None` when the shrink was asked
+    /// for but these rows do not take the kernel's vectorized path (then nothing was launched:
+    /// the caller launches the norm and the shrink separately).
+    pub fn add_rms_norm_shrink(
+        &self,
+        x: &Tensor,
+        y: Option<&Tensor>,
+        w: &Tensor,
+        eps: f32,
+        shrink: Option<&NormShrink>,
+    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
         let (rows, n) = x.dims2()?;
         if w.dims() != [n] || y.is_some_and(|y| y.dims() != [rows, n]) {
             return Err(msg(format!(
@@ -324,23 +343,60 @@ impl DecodeKernels {
         let (xp, _xg) = xview.device_ptr(st);
         let yp = yview.as_ref().map(|v| v.device_ptr(st));
         let (wp, _wg) = wview.device_ptr(st);
+        let yp = yp.as_ref().map_or(0, |(p, _)| *p);
+        // The shrink blocks take the vectorized norm only: the norm blocks must take it too, or
+        // the rows they normalize would not be the ones the shrink read.
+        let mut cfg = cfg;
+        let mut sh = [0u64, 0, 0, 0, 0, 0, 0, 0];
+        if let Some(s) = shrink {
+            let vec = n.is_multiple_of(8)
+                && n / 8 <= NORM_VEC * NORM_THREADS as usize
+                && (xp | yp | wp) % 16 == 0;
+            if !vec || s.in_f != n || s.rows != rows || s.max_rank == 0 {
+                return Ok(None);
+            }
+            // One warp per (slot, rank) dot: blocks per row to cover them once.
+            let bpr = (s.count * s.max_rank).div_ceil(NORM_THREADS / 32);
+            cfg.grid_dim.0 = rows32 * (1 + bpr);
+            sh = [
+                s.row_tables,
+                s.t,
+                s.slot0.into(),
+                s.count.into(),
+                s.max_rank.into(),
+                s.t_stride.into(),
+                s.t_zstride.into(),
+                bpr.into(),
+            ];
+        }
         let (op, og) = out.device_ptr_mut(st);
         let args = [
             KArg::U64(xp),
-            KArg::U64(yp.as_ref().map_or(0, |(p, _)| *p)),
+            KArg::U64(yp),
             KArg::U64(wp),
             KArg::F32(eps),
             KArg::U32(rows32),
             KArg::U32(n32),
             KArg::U64(op),
+            KArg::U64(sh[0]),
+            KArg::U64(sh[1]),
+            KArg::U32(sh[2] as u32),
+            KArg::U32(sh[3] as u32),
+            KArg::U32(sh[4] as u32),
+            KArg::U32(sh[5] as u32),
+            KArg::U32(sh[6] as u32),
+            KArg::U32(sh[7] as u32),
         ];
         let raw = self.pdl.as_ref().map(|p| p.add_rms_norm);
         // SAFETY: argument types and order match add_rms_norm_bf16; x and y (or null) hold rows·n,
-        // w n and out 2·rows·n bf16 (checked above).
+        // w n and out 2·rows·n bf16 (checked above). With a shrink: its row tables, slots and
+        // scratch come from a live BgmvPlan whose modules at those slots read n features and
+        // whose scratch holds count · rows · t_stride f32 from `t` (BgmvPlan::norm_shrink);
+        // without one the extra arguments are unused (no shrink blocks).
         unsafe { self.launch(&self.add_rms_norm, raw, cfg, &args) }?;
         drop(og);
         let both = wrap(out, &self.device, (2, rows, n));
-        Ok((both.get(0)?, both.get(1)?))
+        Ok(Some((both.get(0)?, both.get(1)?)))
     }
 
     /// `silu(gate) · up`, elementwise (same shapes).

@@ -13,6 +13,7 @@ use crate::error::{ModelError, Result};
 use crate::linear::BaseLinear;
 use crate::lora::LoraBatch;
 use candle_core::{DType, Tensor};
+use qlorad_kernels::bgmv::GemvLora;
 use qlorad_kernels::decode_cuda::{
     attention_supports, rope_attention_supports, DecodeKernels, KvRow,
 };
@@ -101,13 +102,23 @@ impl Llama {
         // The MLP output of the previous layer, added to x by the next add + norm.
         let mut pending: Option<Tensor> = None;
         for (li, b) in self.blocks.iter().enumerate() {
-            let (xs, h) = kern.add_rms_norm(&x, pending.as_ref(), &b.input_norm, eps)?;
+            let (xs, h, pre) = norm_for_group(
+                kern,
+                &x,
+                pending.as_ref(),
+                &b.input_norm,
+                eps,
+                lora,
+                li * 7,
+                3,
+            )?;
             let [q, k, v] = project_group_fused(
                 [b.attn.q.as_ref(), b.attn.k.as_ref(), b.attn.v.as_ref()],
                 li,
                 0,
                 &h,
                 lora,
+                pre,
             )?;
             let a = if rope_in_attention {
                 kern.rope_attention(
@@ -127,16 +138,24 @@ impl Llama {
                 let q = kern.rope_kv(&q, &k, &v, &self.cos, &self.sin, &table, li, nh, nkv, hd)?;
                 kern.attention(&q, &table, li, nh, nkv, hd, c.sliding_window)?
             };
-            let [o] = project_group_fused([b.attn.o.as_ref()], li, 3, &a, lora)?;
-            let (xs, h) = kern.add_rms_norm(&xs, Some(&o), &b.post_norm, eps)?;
-            let [gate, up] =
-                project_group_fused([b.mlp.gate.as_ref(), b.mlp.up.as_ref()], li, 4, &h, lora)?;
+            let [o] = project_group_fused([b.attn.o.as_ref()], li, 3, &a, lora, None)?;
+            let (xs, h, pre) =
+                norm_for_group(kern, &xs, Some(&o), &b.post_norm, eps, lora, li * 7 + 4, 2)?;
+            let [gate, up] = project_group_fused(
+                [b.mlp.gate.as_ref(), b.mlp.up.as_ref()],
+                li,
+                4,
+                &h,
+                lora,
+                pre,
+            )?;
             let [m] = project_group_fused(
                 [b.mlp.down.as_ref()],
                 li,
                 6,
                 &kern.silu_mul(&gate, &up)?,
                 lora,
+                None,
             )?;
             x = xs;
             pending = Some(m);
@@ -173,19 +192,63 @@ fn fused_shrink() -> bool {
     *ON.get_or_init(|| std::env::var("QLORAD_FUSED_SHRINK").map_or(true, |v| v != "0"))
 }
 
+/// Whether the add + RMSNorm launch before q/k/v and before gate/up also computes their LoRA
+/// shrink (`QLORAD_NORM_SHRINK=0`: the grouped GEMV runs it, as before; read once per process).
+fn norm_shrink() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("QLORAD_NORM_SHRINK").map_or(true, |v| v != "0"))
+}
+
+/// The residual add + RMSNorm before the `n` projections at adapter slots `slot0 ..` that read its
+/// output. With adapters on the BGMV path whose expand the GEMVs apply, the same launch computes
+/// the group's shrink from the rows it normalizes (its blocks fetch the A rows during the previous
+/// kernel, and the grouped GEMV no longer waits inside its launch for a shrink): the third value is
+/// then the GEMVs' epilogue descriptors for [`project_group_fused`].
+#[allow(clippy::too_many_arguments)]
+fn norm_for_group(
+    kern: &DecodeKernels,
+    x: &Tensor,
+    y: Option<&Tensor>,
+    w: &Tensor,
+    eps: f32,
+    lora: &LoraBatch,
+    slot0: usize,
+    n: usize,
+) -> Result<(Tensor, Tensor, Option<Vec<GemvLora>>)> {
+    if let (false, Some(plan), true, true) = (
+        lora.is_empty(),
+        lora.bgmv_plan(),
+        lora_epilogue(),
+        norm_shrink(),
+    ) {
+        let (rows, in_f) = x.dims2()?;
+        if rows == plan.rows() && rows <= qlorad_kernels::cuda::GEMV_MAX_ROWS {
+            if let Some((sh, epis)) = plan.norm_shrink(slot0, n, in_f)? {
+                if let Some((xs, h)) = kern.add_rms_norm_shrink(x, y, w, eps, Some(&sh))? {
+                    return Ok((xs, h, Some(epis)));
+                }
+            }
+        }
+    }
+    let (xs, h) = kern.add_rms_norm(x, y, w, eps)?;
+    Ok((xs, h, None))
+}
+
 /// Projections `proj0 ..` reading `x`, with the batch's LoRA deltas: on the GPU with NF4 bases and
 /// at most 8 rows, one grouped GEMV launch for the whole group when the bases decode on tensor
 /// cores (`qlorad_kernels::nf4_group_cuda`), else one launch per base; with adapters on the BGMV
 /// path, the grouped launch also runs the group's shrink and adds each projection's expand in its
 /// epilogue (else one shrink launch for the group first, then `qlorad_kernels::nf4_linear_lora`
 /// per base): y is rounded to bf16 once. Otherwise
-/// [`project_group`].
+/// [`project_group`]. `pre`: the group's shrink already ran ([`norm_for_group`]); these are the
+/// epilogue descriptors that read it.
 fn project_group_fused<const N: usize>(
     bases: [&dyn BaseLinear; N],
     layer: usize,
     proj0: usize,
     x: &Tensor,
     lora: &LoraBatch,
+    pre: Option<Vec<GemvLora>>,
 ) -> Result<[Tensor; N]> {
     let plain = || project_group(bases, layer, proj0, x, lora);
     let weights: Option<Vec<_>> = bases.iter().map(|b| b.nf4_weight()).collect();
@@ -212,6 +275,9 @@ fn project_group_fused<const N: usize>(
     let x = x.contiguous()?;
     let slot0 = layer * 7 + proj0;
     let mut grouped = gemv_group();
+    if let Some(epis) = pre {
+        return project_with_epilogues(&weights, &x, &epis, grouped);
+    }
     if grouped && fused_shrink() {
         // The grouped GEMV runs the shrink in its own launch; if it declines the group (which
         // does not depend on the shrink), the shrink is launched below and the bases one by one.
@@ -229,21 +295,32 @@ fn project_group_fused<const N: usize>(
         // No row has a module at these slots: the base alone.
         return plain();
     };
+    project_with_epilogues(&weights, &x, &epis, grouped)
+}
+
+/// The NF4 bases of a group on `x` with their LoRA expands in the GEMV epilogues, the shrink
+/// already in `epis`' scratch: one grouped launch when `grouped` and the kernels take it, else one
+/// GEMV per base.
+fn project_with_epilogues<const N: usize>(
+    weights: &[&Arc<qlorad_kernels::Nf4Weight>],
+    x: &Tensor,
+    epis: &[GemvLora],
+    grouped: bool,
+) -> Result<[Tensor; N]> {
     if grouped {
-        if let Some(ys) =
-            qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &weights, Some(&epis))?
+        if let Some(ys) = qlorad_kernels::nf4_group_cuda::nf4_linear_group(x, weights, Some(epis))?
         {
             return group_outputs(ys);
         }
     }
     let ys = weights
         .iter()
-        .zip(&epis)
+        .zip(epis)
         .map(|(w, e)| {
             if e.active {
-                Ok(qlorad_kernels::nf4_op::nf4_linear_lora(&x, w, e)?)
+                Ok(qlorad_kernels::nf4_op::nf4_linear_lora(x, w, e)?)
             } else {
-                Ok(qlorad_kernels::nf4_linear(&x, w)?)
+                Ok(qlorad_kernels::nf4_linear(x, w)?)
             }
         })
         .collect::<Result<Vec<_>>>()?;
