@@ -204,12 +204,36 @@ pub struct Nf4Gpu {
     gemv: Vec<(CudaFunction, u32)>,
     /// The GEMV with the LoRA expand epilogue for 1..=8 input rows, loaded on first use.
     gemv_lora: std::sync::OnceLock<Vec<CudaFunction>>,
-    /// The grouped tensor-core GEMV for 1..=8 input rows, without and with the LoRA epilogue
+    /// The grouped tensor-core GEMV for 1..=8 input rows, per [`GroupKernel`]
     /// (`nf4_group_cuda`), loaded on first use.
-    gemv_group: [std::sync::OnceLock<Vec<CudaFunction>>; 2],
+    gemv_group: [std::sync::OnceLock<Vec<CudaFunction>>; 3],
     /// The same kernels for programmatic dependent launch (`pdl_cuda`), settled on first use:
     /// `None` when the device or `QLORAD_PDL=0` rules it out.
-    gemv_group_pdl: [std::sync::OnceLock<Option<Vec<crate::pdl_cuda::RawFunction>>>; 2],
+    gemv_group_pdl: [std::sync::OnceLock<Option<Vec<crate::pdl_cuda::RawFunction>>>; 3],
+}
+
+/// Which grouped GEMV a launch takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GroupKernel {
+    /// The base alone.
+    Base,
+    /// With the LoRA epilogue computed by a ninth warp per block (which also runs the group's
+    /// shrink when the launch carries its counters).
+    Lora,
+    /// t4 only, 1..=4 rows, the shrink finished before the launch: the expand's inputs staged in
+    /// shared memory during the stream and the expand computed by all 8 warps after it
+    /// (`nf4_gemv_t4g_lorae`, cuda/nf4_t4.cuh).
+    LoraAllWarps,
+}
+
+impl GroupKernel {
+    fn index(self) -> usize {
+        match self {
+            GroupKernel::Base => 0,
+            GroupKernel::Lora => 1,
+            GroupKernel::LoraAllWarps => 2,
+        }
+    }
 }
 
 impl std::fmt::Debug for Nf4Gpu {
@@ -405,24 +429,26 @@ impl Nf4Gpu {
     }
 
     /// The name prefix of the grouped tensor-core GEMV (`{prefix}_bf16_m{rows}`) this weight
-    /// decodes with, with the LoRA epilogue or not.
-    fn group_prefix(&self, lora: bool) -> &'static str {
-        match (lora, self.kernel == GemvKernel::T4) {
-            (true, true) => t4_lora_group(),
-            (true, false) => "nf4_gemv_tcg_lora",
-            (false, true) => "nf4_gemv_t4g",
-            (false, false) => "nf4_gemv_tcg",
+    /// decodes with, for `kind` (the all-warps epilogue exists for t4 only: tc weights take the
+    /// LoRA warp's kernel).
+    fn group_prefix(&self, kind: GroupKernel) -> &'static str {
+        match (kind, self.kernel == GemvKernel::T4) {
+            (GroupKernel::LoraAllWarps, true) => "nf4_gemv_t4g_lorae",
+            (GroupKernel::Lora, true) => t4_lora_group(),
+            (GroupKernel::Lora | GroupKernel::LoraAllWarps, false) => "nf4_gemv_tcg_lora",
+            (GroupKernel::Base, true) => "nf4_gemv_t4g",
+            (GroupKernel::Base, false) => "nf4_gemv_tcg",
         }
     }
 
-    /// The grouped tensor-core GEMV for `m` (1..=8) input rows, with the LoRA epilogue or not.
+    /// The grouped tensor-core GEMV of `kind` for `m` (1..=8) input rows.
     pub(crate) fn group_function(
         &self,
         m: usize,
-        lora: bool,
+        kind: GroupKernel,
     ) -> candle_core::Result<&CudaFunction> {
-        let cell = &self.gemv_group[usize::from(lora)];
-        self.row_functions(cell, self.group_prefix(lora))?
+        let cell = &self.gemv_group[kind.index()];
+        self.row_functions(cell, self.group_prefix(kind))?
             .get(m.wrapping_sub(1))
             .ok_or_else(|| msg(format!("grouped gemv: {m} rows (1..={GEMV_MAX_ROWS})")))
     }
@@ -432,18 +458,18 @@ impl Nf4Gpu {
     pub(crate) fn group_function_pdl(
         &self,
         m: usize,
-        lora: bool,
+        kind: GroupKernel,
     ) -> candle_core::Result<Option<crate::pdl_cuda::RawFunction>> {
         if m == 0 || m > GEMV_MAX_ROWS {
             return Ok(None);
         }
         // Settled once per weight: the device query stays off the per-launch path.
-        let cell = &self.gemv_group_pdl[usize::from(lora)];
+        let cell = &self.gemv_group_pdl[kind.index()];
         if let Some(funcs) = cell.get() {
             return Ok(funcs.as_ref().and_then(|f| f.get(m - 1)).copied());
         }
         let loaded = if crate::pdl_cuda::enabled(&self.device) {
-            let prefix = self.group_prefix(lora);
+            let prefix = self.group_prefix(kind);
             Some(
                 (1..=GEMV_MAX_ROWS)
                     .map(|r| {

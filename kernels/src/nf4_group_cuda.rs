@@ -4,7 +4,7 @@
 //! H200's multiprocessors, and each launch pays its own ramp-up and tail.
 
 use crate::bgmv::GemvLora;
-use crate::cuda::{Nf4Gpu, GEMV_MAX_ROWS, GEMV_WARPS};
+use crate::cuda::{GemvKernel, GroupKernel, Nf4Gpu, GEMV_MAX_ROWS, GEMV_WARPS};
 use crate::nf4_op::Nf4Weight;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -197,9 +197,15 @@ fn launch(
         grp.max_rank = ls[0].max_rank;
         grp.part_stride = ls[0].part_stride;
     }
-    let func = g0.group_function(m, loras.is_some())?;
-    // With LoRA, a ninth warp per block computes the epilogue (and its share of the shrink).
-    let warps = if loras.is_some() {
+    let kind = match loras {
+        None => GroupKernel::Base,
+        Some(ls) if all_warps_epilogue(g0, m, &ls[0]) => GroupKernel::LoraAllWarps,
+        Some(_) => GroupKernel::Lora,
+    };
+    let func = g0.group_function(m, kind)?;
+    // With the LoRA warp's kernel, a ninth warp per block computes the epilogue (and its share
+    // of the shrink).
+    let warps = if kind == GroupKernel::Lora {
         GEMV_WARPS + 1
     } else {
         GEMV_WARPS
@@ -209,7 +215,7 @@ fn launch(
         block_dim: (32 * warps, 1, 1),
         shared_mem_bytes: 0,
     };
-    if let Some(f) = g0.group_function_pdl(m, loras.is_some())? {
+    if let Some(f) = g0.group_function_pdl(m, kind)? {
         let (xp, xg) = x.device_ptr(stream);
         let mut args = [crate::pdl_cuda::arg(&xp), crate::pdl_cuda::arg(&grp)];
         // SAFETY: as the launch below (same kernel, same arguments: x's address and TcGroup by
@@ -231,6 +237,22 @@ fn launch(
     unsafe { b.launch(cfg) }.w()?;
     drop(guards);
     Ok(ys)
+}
+
+/// The ranks, summed over the input rows, that the all-warps epilogue stages (T4E_RANKS in
+/// cuda/nf4_t4.cuh).
+const T4E_RANKS: u32 = 256;
+
+/// Whether a grouped LoRA launch takes the all-warps epilogue (`GroupKernel::LoraAllWarps`): t4
+/// weights, 1..=4 rows, the shrink finished before the launch (no counters), every row's rank
+/// within the staging, and `QLORAD_LORA_ALL_WARPS` not 0 (read once per process).
+fn all_warps_epilogue(g: &Nf4Gpu, m: usize, l: &GemvLora) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let on = *ON.get_or_init(|| std::env::var("QLORAD_LORA_ALL_WARPS").map_or(true, |v| v != "0"));
+    on && g.gemv_kernel() == GemvKernel::T4
+        && (1..=4).contains(&m)
+        && l.counters == 0
+        && (m as u32) * l.max_rank <= T4E_RANKS
 }
 
 // The C layouts of cuda/nf4_tc.cuh.
