@@ -162,14 +162,7 @@ __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
 #pragma unroll 8
             for (u32 q = lane; q < (n >> 3); q += 32) {
                 const uint4 aw = __ldg(av + q), xw = xv[q];
-                acc = fmaf(bf16_lo(aw.x), bf16_lo(xw.x), acc);
-                acc = fmaf(bf16_hi(aw.x), bf16_hi(xw.x), acc);
-                acc = fmaf(bf16_lo(aw.y), bf16_lo(xw.y), acc);
-                acc = fmaf(bf16_hi(aw.y), bf16_hi(xw.y), acc);
-                acc = fmaf(bf16_lo(aw.z), bf16_lo(xw.z), acc);
-                acc = fmaf(bf16_hi(aw.z), bf16_hi(xw.z), acc);
-                acc = fmaf(bf16_lo(aw.w), bf16_lo(xw.w), acc);
-                acc = fmaf(bf16_hi(aw.w), bf16_hi(xw.w), acc);
+                acc = dot8_bf16(aw, xw, acc);
             }
         } else {
             for (u32 q = lane; q < n; q += 32) {

@@ -34,3 +34,16 @@ __device__ __forceinline__ RowLora lookup(const u64* __restrict__ row_tables, u3
     l.b = reinterpret_cast<const u16*>(e[1]);
     return l;
 }
+
+// acc plus the dot product of two 16-byte chunks of 8 bf16 each, in element order (the shrinks'
+// inner step: nf4_tc.cuh's in-launch shrink and decode.cu's shrink in the norm launch).
+__device__ __forceinline__ float dot8_bf16(const uint4& a, const uint4& x, float acc) {
+    acc = fmaf(bf16_lo(a.x), bf16_lo(x.x), acc);
+    acc = fmaf(bf16_hi(a.x), bf16_hi(x.x), acc);
+    acc = fmaf(bf16_lo(a.y), bf16_lo(x.y), acc);
+    acc = fmaf(bf16_hi(a.y), bf16_hi(x.y), acc);
+    acc = fmaf(bf16_lo(a.z), bf16_lo(x.z), acc);
+    acc = fmaf(bf16_hi(a.z), bf16_hi(x.z), acc);
+    acc = fmaf(bf16_lo(a.w), bf16_lo(x.w), acc);
+    return fmaf(bf16_hi(a.w), bf16_hi(x.w), acc);
+}
