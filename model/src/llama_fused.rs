@@ -109,7 +109,7 @@ impl Llama {
                 &b.input_norm,
                 eps,
                 lora,
-                li * 7,
+                (li, 0),
                 3,
             )?;
             let [q, k, v] = project_group_fused(
@@ -140,7 +140,7 @@ impl Llama {
             };
             let [o] = project_group_fused([b.attn.o.as_ref()], li, 3, &a, lora, None)?;
             let (xs, h, pre) =
-                norm_for_group(kern, &xs, Some(&o), &b.post_norm, eps, lora, li * 7 + 4, 2)?;
+                norm_for_group(kern, &xs, Some(&o), &b.post_norm, eps, lora, (li, 4), 2)?;
             let [gate, up] = project_group_fused(
                 [b.mlp.gate.as_ref(), b.mlp.up.as_ref()],
                 li,
@@ -199,8 +199,8 @@ fn norm_shrink() -> bool {
     *ON.get_or_init(|| std::env::var("QLORAD_NORM_SHRINK").map_or(true, |v| v != "0"))
 }
 
-/// The residual add + RMSNorm before the `n` projections at adapter slots `slot0 ..` that read its
-/// output. With adapters on the BGMV path whose expand the GEMVs apply, the same launch computes
+/// The residual add + RMSNorm before the `n` projections of layer `at.0` from projection `at.1` on
+/// (adapter slots `layer · 7 + proj0 ..`, as [`project_group_fused`]) that read its output. With adapters on the BGMV path whose expand the GEMVs apply, the same launch computes
 /// the group's shrink from the rows it normalizes (its blocks fetch the A rows during the previous
 /// kernel, and the grouped GEMV no longer waits inside its launch for a shrink): the third value is
 /// then the GEMVs' epilogue descriptors for [`project_group_fused`].
@@ -212,9 +212,10 @@ fn norm_for_group(
     w: &Tensor,
     eps: f32,
     lora: &LoraBatch,
-    slot0: usize,
+    at: (usize, usize),
     n: usize,
 ) -> Result<(Tensor, Tensor, Option<Vec<GemvLora>>)> {
+    let slot0 = at.0 * 7 + at.1;
     if let (false, Some(plan), true, true) = (
         lora.is_empty(),
         lora.bgmv_plan(),
