@@ -200,10 +200,11 @@ fn norm_shrink() -> bool {
 }
 
 /// The residual add + RMSNorm before the `n` projections of layer `at.0` from projection `at.1` on
-/// (adapter slots `layer · 7 + proj0 ..`, as [`project_group_fused`]) that read its output. With adapters on the BGMV path whose expand the GEMVs apply, the same launch computes
-/// the group's shrink from the rows it normalizes (its blocks fetch the A rows during the previous
-/// kernel, and the grouped GEMV no longer waits inside its launch for a shrink): the third value is
-/// then the GEMVs' epilogue descriptors for [`project_group_fused`].
+/// (adapter slots `layer · 7 + proj0 ..`, as [`project_group_fused`]) that read its output. With
+/// adapters on the BGMV path whose expand the GEMVs apply, the same launch computes the group's
+/// shrink from the rows it normalizes (its blocks fetch the A rows during the previous kernel, and
+/// the grouped GEMV no longer waits inside its launch for a shrink): the third value is then the
+/// GEMVs' epilogue descriptors for [`project_group_fused`].
 #[allow(clippy::too_many_arguments)]
 fn norm_for_group(
     kern: &DecodeKernels,
