@@ -306,8 +306,9 @@ impl Engine {
                     } else {
                         Event::Error("internal error in the forward pass".into())
                     };
-                    let _ = s.req.events.send(ev);
+                    // Out of the count before the client can see its error (as `advance`).
                     self.shared.inflight.fetch_sub(1, Ordering::SeqCst);
+                    let _ = s.req.events.send(ev);
                 }
                 return;
             }
