@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# ncu's throughput, occupancy, scheduler and memory sections for one decode layer's grouped GEMVs
+# (four launches), base and with the r=64 adapter, on the GPU machine (ncu at
+# /usr/local/cuda/bin/ncu there). What bounds a kernel (DRAM, L1, issue), where bench/ncu-decode.sh
+# gives only times.
+#
+#   QLORAD_BENCH=path/to/qlorad-bench OUT=/tmp/out bench/ncu-sections.sh [base] [adapter]
+#   → $OUT/ncu-sections-{base,adapter}.txt
+set -uo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+BIN="${QLORAD_BENCH:-$HERE/../target/release/qlorad-bench}"
+OUT="${OUT:-/tmp/out}"
+WORK="${WORK:-/tmp/qlorad-gpu-bench}"
+NCU="${NCU:-/usr/local/cuda/bin/ncu}"
+mkdir -p "$OUT" "$WORK"
+[[ -f "$WORK/m7b/config.json" ]] || python3 "$HERE/gen_random_llama.py" --out "$WORK/m7b" > /dev/null || exit 1
+[[ -f "$WORK/lora64/adapter_model.safetensors" ]] ||
+  "$BIN" write-adapter --model "$WORK/m7b" --out "$WORK/lora64" --rank 64 > /dev/null || exit 1
+modes=("$@")
+[[ ${#modes[@]} -gt 0 ]] || modes=(base adapter)
+for mode in "${modes[@]}"; do
+  case "$mode" in
+    base) regex='nf4_gemv_t4g_bf16|nf4_gemv_tcg_bf16'; args=() ;;
+    adapter) regex='nf4_gemv_t4g_lora|nf4_gemv_tcg_lora'; args=(--adapter "$WORK/lora64") ;;
+    *) echo "ncu-sections.sh: unknown mode $mode (base | adapter)" >&2; exit 2 ;;
+  esac
+  timeout "${TIMEOUT:-150}" "$NCU" --section SpeedOfLight --section LaunchStats --section Occupancy \
+    --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+    --kernel-name-base function --kernel-name "regex:$regex" --launch-skip "${SKIP:-300}" \
+    --launch-count "${COUNT:-4}" "$BIN" gpu-bench --model "$WORK/m7b" "${args[@]}" --repeats 1 \
+    --multi 0 --batch 0 --ttft-tokens 16 --decode-tokens 16 > "$OUT/ncu-sections-$mode.txt" 2>&1
+  echo "== $mode (rc=$?)"
+  grep -E "^  [a-z_0-9]+ \(|Duration|DRAM Throughput|L1/TEX Cache Throughput|Issued Warp|Eligible Warps" \
+    "$OUT/ncu-sections-$mode.txt"
+done
