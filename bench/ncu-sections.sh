@@ -8,14 +8,8 @@
 #   → $OUT/ncu-sections-{base,adapter}.txt
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
-BIN="${QLORAD_BENCH:-$HERE/../target/release/qlorad-bench}"
-OUT="${OUT:-/tmp/out}"
-WORK="${WORK:-/tmp/qlorad-gpu-bench}"
-NCU="${NCU:-/usr/local/cuda/bin/ncu}"
-mkdir -p "$OUT" "$WORK"
-[[ -f "$WORK/m7b/config.json" ]] || python3 "$HERE/gen_random_llama.py" --out "$WORK/m7b" > /dev/null || exit 1
-[[ -f "$WORK/lora64/adapter_model.safetensors" ]] ||
-  "$BIN" write-adapter --model "$WORK/m7b" --out "$WORK/lora64" --rank 64 > /dev/null || exit 1
+# shellcheck source=ncu-setup.sh
+source "$HERE/ncu-setup.sh"
 modes=("$@")
 [[ ${#modes[@]} -gt 0 ]] || modes=(base adapter)
 for mode in "${modes[@]}"; do
