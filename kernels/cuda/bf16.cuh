@@ -47,6 +47,12 @@ __device__ __forceinline__ void pdl_trigger() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+// Requests the 128-byte line at p into L2 (no register, no wait): adapter weights fetched before a
+// programmatic-launch wait, read after it.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 // A 16-byte load of data an earlier kernel wrote, for code after pdl_wait: __ldg's non-coherent
 // loads count as invariant, and the compiler moved one above griddepcontrol.wait (add_rms_norm's
 // SASS with the shrink blocks' prefetch loop before the wait): a volatile load with a memory

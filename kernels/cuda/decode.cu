@@ -141,7 +141,7 @@ __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
         if (j < l.r) {
             const u8* a = reinterpret_cast<const u8*>(l.a + (u64)j * n);
             for (u32 off = 128 * lane; off < 2 * n; off += 32 * 128) {
-                asm volatile("prefetch.global.L2 [%0];" ::"l"(a + off));
+                prefetch_l2(a + off);
             }
         }
     }

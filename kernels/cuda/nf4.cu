@@ -347,17 +347,8 @@ __device__ __forceinline__ void nf4_gemv_mma(const u16* __restrict__ x,
                                              NF4_W_PARAMS, u32 n, u32 k, u16* __restrict__ y) {
     __shared__ u32 lut[256 * LUT_COPIES];
     __shared__ float red[MMA_WARPS][32][4];
-    {
-        // Thread `byte` (the block has 256 threads) fills its entry's 32 copies, rotating the
-        // copy order by its index so the 32 lanes of a warp store to 32 different banks.
-        const u32 byte = threadIdx.x;
-        const u32 v =
-            (u32)f32_to_bf16(code16[byte >> 4]) | ((u32)f32_to_bf16(code16[byte & 15u]) << 16);
-#pragma unroll 8
-        for (u32 c = 0; c < LUT_COPIES; ++c) {
-            lut[byte * LUT_COPIES + ((c + byte) & (LUT_COPIES - 1))] = v;
-        }
-    }
+    // Thread `byte` (the block has 256 threads) fills its entry.
+    fill_pair_lut_entry<LUT_COPIES>(lut, code16, threadIdx.x);
     __syncthreads();
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const u32 g = lane >> 2, t = lane & 3u;

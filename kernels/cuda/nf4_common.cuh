@@ -44,3 +44,17 @@ __device__ __forceinline__ float block_scale(u64 b, u32 plain, const float* __re
     const float c = __ldg(ncode + __ldg(qabs + b));
     return __fadd_rn(__fmul_rn(c, __ldg(nested + (b >> NESTED_LOG2))), offset);
 }
+
+// Entry `byte` of the tensor-core GEMVs' byte -> bf16-pair code table (the low nibble's code in the
+// high half): COPIES equal copies, one per lane so a warp's lookups never share a bank, written in
+// an order rotated by `byte` so the 32 lanes of a warp store to 32 different banks.
+template <u32 COPIES>
+__device__ __forceinline__ void fill_pair_lut_entry(u32* lut, const float* __restrict__ code16,
+                                                    u32 byte) {
+    const u32 v =
+        (u32)f32_to_bf16(code16[byte >> 4]) | ((u32)f32_to_bf16(code16[byte & 15u]) << 16);
+#pragma unroll 8
+    for (u32 c = 0; c < COPIES; ++c) {
+        lut[byte * COPIES + ((c + byte) & (COPIES - 1))] = v;
+    }
+}

@@ -114,10 +114,6 @@ __device__ __forceinline__ u32 tc_done_count(u32* c) {
     return (u32)(v >> 32);
 }
 
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
 // The LoRA warp's prologue: the module lookups, its tile's B rows requested into L2 for the expand
 // and, with the in-launch shrink, this block's share (1/grid) of every A the shrink reads. Needs
 // nothing this launch or the previous kernel writes (row tables and adapter weights are written
@@ -325,12 +321,7 @@ __device__ __forceinline__ void tc_fill_tables(u32* lut, float* s_ncode,
                                                const float* __restrict__ ncode, u32 plain) {
     if (threadIdx.x < 256) {
         const u32 byte = threadIdx.x;
-        const u32 v =
-            (u32)f32_to_bf16(code16[byte >> 4]) | ((u32)f32_to_bf16(code16[byte & 15u]) << 16);
-#pragma unroll 8
-        for (u32 c = 0; c < TC_COPIES; ++c) {
-            lut[byte * TC_COPIES + ((c + byte) & (TC_COPIES - 1))] = v;
-        }
+        fill_pair_lut_entry<TC_COPIES>(lut, code16, byte);
         s_ncode[byte] = plain ? 0.f : ncode[byte];
     }
 }
