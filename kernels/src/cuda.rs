@@ -428,17 +428,30 @@ impl Nf4Gpu {
         Ok(cell.get_or_init(|| loaded))
     }
 
-    /// The name prefix of the grouped tensor-core GEMV (`{prefix}_bf16_m{rows}`) this weight
-    /// decodes with, for `kind` (the all-warps epilogue exists for t4 only: tc weights take the
-    /// LoRA warp's kernel).
-    fn group_prefix(&self, kind: GroupKernel) -> &'static str {
+    /// The grouped tensor-core GEMV this weight decodes with for `kind`: its name prefix
+    /// (`{prefix}_bf16_m{rows}`) and warps per block, one mapping so the two always agree (the
+    /// all-warps epilogue exists for t4 only: tc weights take the LoRA warp's kernel, with its
+    /// ninth warp, which computes the epilogue and its share of an in-launch shrink).
+    fn group_kernel(&self, kind: GroupKernel) -> (&'static str, u32) {
+        let lora_warp = GEMV_WARPS + 1;
         match (kind, self.kernel == GemvKernel::T4) {
-            (GroupKernel::LoraAllWarps, true) => "nf4_gemv_t4g_lorae",
-            (GroupKernel::Lora, true) => t4_lora_group(),
-            (GroupKernel::Lora | GroupKernel::LoraAllWarps, false) => "nf4_gemv_tcg_lora",
-            (GroupKernel::Base, true) => "nf4_gemv_t4g",
-            (GroupKernel::Base, false) => "nf4_gemv_tcg",
+            (GroupKernel::LoraAllWarps, true) => ("nf4_gemv_t4g_lorae", GEMV_WARPS),
+            (GroupKernel::Lora, true) => (t4_lora_group(), lora_warp),
+            (GroupKernel::Lora | GroupKernel::LoraAllWarps, false) => {
+                ("nf4_gemv_tcg_lora", lora_warp)
+            }
+            (GroupKernel::Base, true) => ("nf4_gemv_t4g", GEMV_WARPS),
+            (GroupKernel::Base, false) => ("nf4_gemv_tcg", GEMV_WARPS),
         }
+    }
+
+    fn group_prefix(&self, kind: GroupKernel) -> &'static str {
+        self.group_kernel(kind).0
+    }
+
+    /// Warps per block of [`Self::group_function`]`(_, kind)`.
+    pub(crate) fn group_warps(&self, kind: GroupKernel) -> u32 {
+        self.group_kernel(kind).1
     }
 
     /// The grouped tensor-core GEMV of `kind` for `m` (1..=8) input rows.

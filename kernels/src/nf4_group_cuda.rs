@@ -4,7 +4,7 @@
 //! H200's multiprocessors, and each launch pays its own ramp-up and tail.
 
 use crate::bgmv::GemvLora;
-use crate::cuda::{GemvKernel, GroupKernel, Nf4Gpu, GEMV_MAX_ROWS, GEMV_WARPS};
+use crate::cuda::{GemvKernel, GroupKernel, Nf4Gpu, GEMV_MAX_ROWS};
 use crate::nf4_op::Nf4Weight;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
@@ -203,13 +203,7 @@ fn launch(
         Some(_) => GroupKernel::Lora,
     };
     let func = g0.group_function(m, kind)?;
-    // With the LoRA warp's kernel, a ninth warp per block computes the epilogue (and its share
-    // of the shrink).
-    let warps = if kind == GroupKernel::Lora {
-        GEMV_WARPS + 1
-    } else {
-        GEMV_WARPS
-    };
+    let warps = g0.group_warps(kind);
     let cfg = LaunchConfig {
         grid_dim: (tiles, 1, 1),
         block_dim: (32 * warps, 1, 1),
