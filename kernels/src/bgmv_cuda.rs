@@ -208,6 +208,11 @@ pub struct GemvLora {
     pub part_stride: u32,
 }
 
+/// The largest rank over a group's slots (0: no row has a module there).
+fn max_rank(group: &[SlotPlan]) -> u32 {
+    group.iter().map(|s| s.max_rank).max().unwrap_or(0)
+}
+
 /// A group's shrink for the decode step's add + RMSNorm launch to compute from the rows it normalizes
 /// ([`crate::decode_cuda::DecodeKernels::add_rms_norm_shrink`]): t_z[m, j] = normed[m] ·
 /// A_{m, slot0 + z}[j] into the plan's scratch, where [`BgmvPlan::norm_shrink`]'s epilogue
@@ -312,7 +317,7 @@ impl BgmvPlan {
             }
         }
         // A multiple of 4: the expand reads t rows 16 bytes at a time.
-        let max_rank = slots.iter().map(|s| s.max_rank).max().unwrap_or(0) as usize;
+        let max_rank = max_rank(&slots) as usize;
         let t_stride = max_rank.max(1).next_multiple_of(4);
         let device = first.device.clone();
         let addrs: Vec<u64> = per_row
@@ -378,15 +383,8 @@ impl BgmvPlan {
         n: usize,
         in_f: usize,
     ) -> candle_core::Result<Option<(NormShrink, Vec<GemvLora>)>> {
-        if n == 0 || n > MAX_GROUP || slot0 + n > self.slots.len() {
-            return Err(msg(format!(
-                "bgmv: slots {slot0}..{} for a plan of {} (groups of 1..={MAX_GROUP})",
-                slot0 + n,
-                self.slots.len()
-            )));
-        }
-        let group = &self.slots[slot0..slot0 + n];
-        let max_rank = group.iter().map(|s| s.max_rank).max().unwrap_or(0);
+        let group = self.group(slot0, n)?;
+        let max_rank = max_rank(group);
         if max_rank == 0 {
             return Ok(None);
         }
@@ -412,6 +410,18 @@ impl BgmvPlan {
         Ok(Some((shrink, self.gemv_loras(slot0, n, max_rank, 0))))
     }
 
+    /// The plan's slots `slot0 .. slot0 + n`, a group of 1..=MAX_GROUP inside the tables.
+    fn group(&self, slot0: usize, n: usize) -> candle_core::Result<&[SlotPlan]> {
+        if n == 0 || n > MAX_GROUP || slot0 + n > self.slots.len() {
+            return Err(msg(format!(
+                "bgmv: slots {slot0}..{} for a plan of {} (groups of 1..={MAX_GROUP})",
+                slot0 + n,
+                self.slots.len()
+            )));
+        }
+        Ok(&self.slots[slot0..slot0 + n])
+    }
+
     /// The epilogue descriptors of slots `slot0 .. slot0 + n` for input `x`, after launching the
     /// shrink (`launch`) or for a GEMV that runs it (the plan's counters in the descriptors).
     fn gemv_descriptors(
@@ -421,13 +431,7 @@ impl BgmvPlan {
         x: &Tensor,
         launch: bool,
     ) -> candle_core::Result<Option<Vec<GemvLora>>> {
-        if n == 0 || n > MAX_GROUP || slot0 + n > self.slots.len() {
-            return Err(msg(format!(
-                "bgmv: slots {slot0}..{} for a plan of {} (groups of 1..={MAX_GROUP})",
-                slot0 + n,
-                self.slots.len()
-            )));
-        }
+        self.group(slot0, n)?;
         let Some(input) = self.group_input(slot0, n, x)? else {
             return Ok(None);
         };
@@ -470,7 +474,7 @@ impl BgmvPlan {
         x: &Tensor,
     ) -> candle_core::Result<Option<GroupInput>> {
         let group = &self.slots[slot0..slot0 + n];
-        let max_rank = group.iter().map(|s| s.max_rank).max().unwrap_or(0);
+        let max_rank = max_rank(group);
         if max_rank == 0 {
             return Ok(None);
         }
