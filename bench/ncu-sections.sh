@@ -6,6 +6,9 @@
 #
 #   QLORAD_BENCH=path/to/qlorad-bench OUT=/tmp/out bench/ncu-sections.sh [base] [adapter]
 #   → $OUT/ncu-sections-{base,adapter}.txt
+# REGEX: another kernel-name regex (e.g. one launch kind: 'nf4_gemv_t4g_bf16_m1'); NCU_EXTRA: more
+# ncu options (e.g. "--section MemoryWorkloadAnalysis_Tables --section InstructionStats
+# --metrics breakdown:l1tex__throughput.avg.pct_of_peak_sustained_elapsed": what keeps L1 busy).
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=ncu-setup.sh
@@ -18,7 +21,9 @@ for mode in "${modes[@]}"; do
     adapter) regex='nf4_gemv_t4g_lora|nf4_gemv_tcg_lora'; args=(--adapter "$WORK/lora64") ;;
     *) echo "ncu-sections.sh: unknown mode $mode (base | adapter)" >&2; exit 2 ;;
   esac
-  timeout "${TIMEOUT:-150}" "$NCU" --section SpeedOfLight --section LaunchStats --section Occupancy \
+  regex="${REGEX:-$regex}"
+  # shellcheck disable=SC2086 # NCU_EXTRA is a list of options
+  timeout "${TIMEOUT:-150}" "$NCU" ${NCU_EXTRA:-} --section SpeedOfLight --section LaunchStats --section Occupancy \
     --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
     --kernel-name-base function --kernel-name "regex:$regex" --launch-skip "${SKIP:-300}" \
     --launch-count "${COUNT:-4}" "$BIN" gpu-bench --model "$WORK/m7b" "${args[@]}" --repeats 1 \

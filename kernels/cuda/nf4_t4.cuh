@@ -25,9 +25,6 @@
 #define T4_STAGES 2
 #endif
 
-// 64 zero bytes: the x that lanes outside B's used columns read.
-__device__ const uint4 t4_zero[4] = {};
-
 template <bool PLAIN>
 struct T4Stage;
 template <>
@@ -100,13 +97,14 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
         return v;
     };
     // B's column g = 2m + c carries input row m's x for the lanes of k block c (t >> 1 == c);
-    // the other lanes read zeros from t4_zero without advancing (no predicated loads and no
-    // zeroing per iteration).
+    // the other lanes (28 of 32 for one input row) load nothing and hold zeros. They used to read
+    // a 64-byte zero buffer instead (no predicated loads): warp-wide 16-byte loads on the L1,
+    // which ncu showed as the busiest unit of the gate/up launch; predicated, that launch took
+    // 39.4 us instead of 43.1 and decode ran 10 % faster (BENCHMARKS.md, session 13).
     const bool xact = g < 2 * M && (t >> 1) == (g & 1u);
-    const uint4* xp = xact ? reinterpret_cast<const uint4*>(x + (u64)(g >> 1) * k + 128 * warp +
-                                                            32 * t)
-                           : t4_zero;
-    const u32 xstep = xact ? 16 * TC_WARPS : 0u;  // 128 values per super-block, in uint4
+    const uint4* xp = reinterpret_cast<const uint4*>(x + (u64)(g >> 1) * k + 128 * warp + 32 * t);
+    constexpr u32 xstep = 16 * TC_WARPS;  // 128 values per super-block, in uint4
+    const uint4 xz = make_uint4(0u, 0u, 0u, 0u);
     const u32 ncode_base = (u32)__cvta_generic_to_shared(s_ncode);
     auto ncode_at = [&](u32 q, int pos) -> float {
         float v;
@@ -125,7 +123,8 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
             float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const uint4 x0 = __ldg(xp + 2 * h), x1 = __ldg(xp + 2 * h + 1);
+                const uint4 x0 = xact ? __ldg(xp + 2 * h) : xz;
+                const uint4 x1 = xact ? __ldg(xp + 2 * h + 1) : xz;
                 const u32 xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
                 // mma u (0..3 of this half) takes bytes 2u, 2u + 1 of the half's two words.
                 const u32 a0 = h == 0 ? st[s].a.x : st[s].a.z, a1 = h == 0 ? st[s].a.y : st[s].a.w;
