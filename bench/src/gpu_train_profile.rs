@@ -169,6 +169,20 @@ pub fn run(device: DeviceSpec, json_out: Option<std::path::PathBuf>) -> Result<(
                 .map(drop)?)
         })?;
         add("layer, hand-written backward", 1.0, ops, fwd, fb);
+        // The same layer taken apart: each piece of the hand-written path on its own.
+        let klin: Box<dyn BaseLinear> =
+            Box::new(Nf4Linear::quantize(&host_w(nkv * hd, h)?, cfgq)?).to_placement(&p)?;
+        let dlin: Box<dyn BaseLinear> =
+            Box::new(Nf4Linear::quantize(&host_w(h, inter)?, cfgq)?).to_placement(&p)?;
+        let projs = crate::gpu_train_pieces::Projections {
+            q: qlin.as_ref(),
+            k: klin.as_ref(),
+            gate: glin.as_ref(),
+            down: dlin.as_ref(),
+        };
+        eprintln!("pieces of the hand-written layer (ms per call, calls per layer):");
+        let pieces = crate::gpu_train_pieces::pieces(&p, &ctx, &projs, &|f| time(&p, n, f))?;
+        crate::gpu_train_pieces::summary(&pieces, fwd, fb);
     }
     let f = |l: &dyn LoraWeights| train::project(ops, qlin.as_ref(), 0, 0, x.as_tensor(), l);
     add(

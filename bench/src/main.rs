@@ -28,6 +28,8 @@ mod gpu_train;
 #[cfg(feature = "cuda")]
 mod gpu_train_ops;
 #[cfg(feature = "cuda")]
+mod gpu_train_pieces;
+#[cfg(feature = "cuda")]
 mod gpu_train_profile;
 #[cfg(feature = "cuda")]
 mod hot_load_probe;
