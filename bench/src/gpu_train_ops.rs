@@ -238,28 +238,39 @@ pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
         },
     )?;
     let (t, hd) = (40, 64);
-    check(
-        r,
-        gpu,
-        "rope into heads (3 heads)",
-        &[input(&[2, t, 3 * hd], 0.0, 1.0, 2)?],
-        &|ops, d, x| {
-            let ctx = context(t, hd, None, ops, d, dt(d))?;
-            Ok(train::rope_heads(ops, &x[0], 3, &ctx.cos, &ctx.sin)?)
-        },
-    )?;
-    for window in [None, Some(16)] {
+    // hd 64: eight pairs per thread; hd 40: the one-pair kernel (hd % 16 != 0).
+    for hdr in [hd, 40] {
+        check(
+            r,
+            gpu,
+            &format!("rope into heads (3 heads of {hdr})"),
+            &[input(&[2, t, 3 * hdr], 0.0, 1.0, 2)?],
+            &|ops, d, x| {
+                let ctx = context(t, hdr, None, ops, d, dt(d))?;
+                Ok(train::rope_heads(ops, &x[0], 3, &ctx.cos, &ctx.sin)?)
+            },
+        )?;
+    }
+    // t 40: the softmax kernels' one-piece-per-lane form; t 264: two pieces per lane, the second
+    // in lane 0 only; t 42: the scalar kernels (t % 8 != 0).
+    for (ta, window) in [
+        (t, None),
+        (t, Some(16)),
+        (264, None),
+        (264, Some(100)),
+        (42, None),
+    ] {
         let name = match window {
-            None => "attention (GQA 8/2, t 40)".to_string(),
-            Some(w) => format!("attention (GQA 8/2, t 40, window {w})"),
+            None => format!("attention (GQA 8/2, t {ta})"),
+            Some(w) => format!("attention (GQA 8/2, t {ta}, window {w})"),
         };
         let qkv = [
-            input(&[2, 8, t, 32], 0.0, 1.0, 3)?,
-            input(&[2, 2, t, 32], 0.0, 1.0, 4)?,
-            input(&[2, 2, t, 32], 0.0, 1.0, 6)?,
+            input(&[2, 8, ta, 32], 0.0, 1.0, 3)?,
+            input(&[2, 2, ta, 32], 0.0, 1.0, 4)?,
+            input(&[2, 2, ta, 32], 0.0, 1.0, 6)?,
         ];
         check(r, gpu, &name, &qkv, &|ops, d, x| {
-            let ctx = context(t, 32, window, ops, d, dt(d))?;
+            let ctx = context(ta, 32, window, ops, d, dt(d))?;
             Ok(train::attention(&ctx, &x[0], &x[1], &x[2])?)
         })?;
     }
@@ -325,6 +336,63 @@ pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
     check(r, gpu, "swiglu", &gu, &|ops, _, x| {
         Ok(train::swiglu(ops, &x[0], &x[1])?)
     })?;
+    // An element count that is not a multiple of 8: the kernels' scalar tail.
+    let gu = [
+        input(&[3, 37, 203], 0.0, 2.0, 15)?,
+        input(&[3, 37, 203], 0.0, 1.0, 16)?,
+    ];
+    check(r, gpu, "swiglu (odd length)", &gu, &|ops, _, x| {
+        Ok(train::swiglu(ops, &x[0], &x[1])?)
+    })?;
+    elem_checks(gpu, r)
+}
+
+/// The hand-written layer's sum and head transpose (kernels/src/train_elem_cuda.rs) against
+/// candle's add and strided copy on the same GPU, bit for bit (aligned, odd-length and offset
+/// views: the vector path, its scalar tail and the fallbacks).
+fn elem_checks(gpu: &Placement, r: &mut Report) -> Result<()> {
+    use qlorad_kernels::train_elem_cuda::{add, swap12};
+    let on_gpu = |shape: &[usize], seed: u64| -> Result<Tensor> {
+        Ok(input(shape, 0.0, 1.0, seed)?
+            .to_dtype(DType::BF16)?
+            .to_device(&gpu.device)?)
+    };
+    let max_diff = |a: &Tensor, b: &Tensor| -> Result<f64> {
+        if a.dims() != b.dims() {
+            anyhow::bail!("shapes {:?} vs {:?}", a.dims(), b.dims());
+        }
+        let d = (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?;
+        Ok(d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? as f64)
+    };
+    for shape in [[4usize, 33, 128], [3, 37, 203]] {
+        let (a, b) = (on_gpu(&shape, 21)?, on_gpu(&shape, 22)?);
+        r.add(
+            format!("bf16 add {shape:?} vs candle's (max |d|, bit-identical)"),
+            max_diff(&add(&a, &b)?, &(&a + &b)?)?,
+            0.0,
+            String::new(),
+        );
+    }
+    let big = on_gpu(&[2 * 6 * 5 * 64 + 8], 23)?;
+    for (name, x) in [
+        ("(2, 6, 5, 64)", on_gpu(&[2, 6, 5, 64], 24)?),
+        ("(2, 3, 4, 12) (candle's copy)", on_gpu(&[2, 3, 4, 12], 25)?),
+        (
+            "(2, 6, 5, 64) at an offset (candle's copy)",
+            big.narrow(0, 3, 2 * 6 * 5 * 64)?.reshape((2, 6, 5, 64))?,
+        ),
+        (
+            "(2, 6, 5, 64) at a 16-byte offset",
+            big.narrow(0, 8, 2 * 6 * 5 * 64)?.reshape((2, 6, 5, 64))?,
+        ),
+    ] {
+        r.add(
+            format!("swap dims 1, 2 of {name} vs transpose + contiguous (max |d|)"),
+            max_diff(&swap12(&x)?, &x.transpose(1, 2)?.contiguous()?)?,
+            0.0,
+            String::new(),
+        );
+    }
     Ok(())
 }
 

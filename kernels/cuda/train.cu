@@ -10,6 +10,7 @@
 //    eager attention of transformers with `softmax(..., dtype=float32)`;
 //  - swiglu_fwd/bwd: silu(g) * u and its gradients (dg = dy * u * s * (1 + g * (1 - s)), du = dy *
 //    silu(g), s = sigmoid(g));
+//  - add_bf16 and swap12_bf16: the hand-written layer's sums and attention's head transposes;
 //  - adamw_f32: one AdamW update (Loshchilov & Hutter 2019, torch.optim.AdamW's formula) of a
 //    parameter and its moments in place, and adamw_multi_f32 / sumsq_multi_f32: the update and
 //    the squared L2 norm for gradient clipping over many tensors in one launch.
@@ -122,27 +123,235 @@ extern "C" __global__ void causal_softmax_bwd_bf16(const u16* __restrict__ p,
 
 __device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + __expf(-g)); }
 
+// Elementwise kernels move 8 bf16 (16 bytes) per thread and iteration when every pointer is
+// 16-byte aligned (candle's allocations are; a view at an odd offset takes the scalar loop), the
+// rest one value at a time: the scalar loop of 2-byte loads streamed at ~1.4 TB/s (swiglu over a
+// layer's (4·512, 14336) at 0.129 ms, gpu-train-profile's pieces), which is under half of HBM's.
+__device__ __forceinline__ bool aligned16(const void* a, const void* b, const void* c) {
+    return (((unsigned long long)a | (unsigned long long)b | (unsigned long long)c) & 15u) == 0;
+}
+__device__ __forceinline__ u32 bf16_pair(float lo, float hi) {
+    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+}
+__device__ __forceinline__ u64 grid_tid() { return (u64)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ u64 grid_stride() { return (u64)gridDim.x * blockDim.x; }
+
+__device__ __forceinline__ float swiglu_val(float gv, float uv) { return gv * sigmoid(gv) * uv; }
+
 extern "C" __global__ void swiglu_fwd_bf16(const u16* __restrict__ g, const u16* __restrict__ u,
                                            u64 n, u16* __restrict__ y) {
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (u64)gridDim.x * blockDim.x) {
-        const float gv = bf16_f(g[i]);
-        y[i] = f32_to_bf16(gv * sigmoid(gv) * bf16_f(u[i]));
+    const u64 n8 = aligned16(g, u, y) ? n / 8 : 0;
+    for (u64 i = grid_tid(); i < n8; i += grid_stride()) {
+        const uint4 gv = reinterpret_cast<const uint4*>(g)[i];
+        const uint4 uv = reinterpret_cast<const uint4*>(u)[i];
+        const u32 gw[4] = {gv.x, gv.y, gv.z, gv.w}, uw[4] = {uv.x, uv.y, uv.z, uv.w};
+        u32 o[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            o[j] = bf16_pair(swiglu_val(bf16_lo(gw[j]), bf16_lo(uw[j])),
+                             swiglu_val(bf16_hi(gw[j]), bf16_hi(uw[j])));
+        }
+        reinterpret_cast<uint4*>(y)[i] = make_uint4(o[0], o[1], o[2], o[3]);
     }
+    for (u64 i = 8 * n8 + grid_tid(); i < n; i += grid_stride()) {
+        y[i] = f32_to_bf16(swiglu_val(bf16_f(g[i]), bf16_f(u[i])));
+    }
+}
+
+// d gate and d up of one value.
+__device__ __forceinline__ void swiglu_grad(float gv, float uv, float d, float& dg, float& du) {
+    const float s = sigmoid(gv);
+    dg = d * uv * s * (1.f + gv * (1.f - s));
+    du = d * gv * s;
 }
 
 // out (2, n): out[0] = d gate, out[1] = d up.
 extern "C" __global__ void swiglu_bwd_bf16(const u16* __restrict__ g, const u16* __restrict__ u,
                                            const u16* __restrict__ dy, u64 n,
                                            u16* __restrict__ out) {
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (u64)gridDim.x * blockDim.x) {
-        const float gv = bf16_f(g[i]), uv = bf16_f(u[i]), d = bf16_f(dy[i]);
-        const float s = sigmoid(gv);
-        out[i] = f32_to_bf16(d * uv * s * (1.f + gv * (1.f - s)));
-        out[n + i] = f32_to_bf16(d * gv * s);
+    const u64 n8 = aligned16(g, u, dy) && aligned16(out, out + n, out) ? n / 8 : 0;
+    for (u64 i = grid_tid(); i < n8; i += grid_stride()) {
+        const uint4 gv = reinterpret_cast<const uint4*>(g)[i];
+        const uint4 uv = reinterpret_cast<const uint4*>(u)[i];
+        const uint4 dv = reinterpret_cast<const uint4*>(dy)[i];
+        const u32 gw[4] = {gv.x, gv.y, gv.z, gv.w}, uw[4] = {uv.x, uv.y, uv.z, uv.w};
+        const u32 dw[4] = {dv.x, dv.y, dv.z, dv.w};
+        u32 og[4], ou[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            float g0, u0, g1, u1;
+            swiglu_grad(bf16_lo(gw[j]), bf16_lo(uw[j]), bf16_lo(dw[j]), g0, u0);
+            swiglu_grad(bf16_hi(gw[j]), bf16_hi(uw[j]), bf16_hi(dw[j]), g1, u1);
+            og[j] = bf16_pair(g0, g1);
+            ou[j] = bf16_pair(u0, u1);
+        }
+        reinterpret_cast<uint4*>(out)[i] = make_uint4(og[0], og[1], og[2], og[3]);
+        reinterpret_cast<uint4*>(out + n)[i] = make_uint4(ou[0], ou[1], ou[2], ou[3]);
+    }
+    for (u64 i = 8 * n8 + grid_tid(); i < n; i += grid_stride()) {
+        float dg, du;
+        swiglu_grad(bf16_f(g[i]), bf16_f(u[i]), bf16_f(dy[i]), dg, du);
+        out[i] = f32_to_bf16(dg);
+        out[n + i] = f32_to_bf16(du);
     }
 }
+
+// y = a + b, each sum in f32 rounded once to bf16 (the correctly rounded bf16 sum, as candle's
+// bf16 addition): the residual stream and the gradient sums of the hand-written layer, where
+// candle's binary kernel ran at ~0.9 TB/s (0.057 ms per (4·512, 4096) sum, 7 per layer).
+extern "C" __global__ void add_bf16(const u16* __restrict__ a, const u16* __restrict__ b, u64 n,
+                                    u16* __restrict__ y) {
+    const u64 n8 = aligned16(a, b, y) ? n / 8 : 0;
+    for (u64 i = grid_tid(); i < n8; i += grid_stride()) {
+        const uint4 av = reinterpret_cast<const uint4*>(a)[i];
+        const uint4 bv = reinterpret_cast<const uint4*>(b)[i];
+        const u32 aw[4] = {av.x, av.y, av.z, av.w}, bw[4] = {bv.x, bv.y, bv.z, bv.w};
+        u32 o[4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            o[j] = bf16_pair(bf16_lo(aw[j]) + bf16_lo(bw[j]), bf16_hi(aw[j]) + bf16_hi(bw[j]));
+        }
+        reinterpret_cast<uint4*>(y)[i] = make_uint4(o[0], o[1], o[2], o[3]);
+    }
+    for (u64 i = 8 * n8 + grid_tid(); i < n; i += grid_stride()) {
+        y[i] = f32_to_bf16(bf16_f(a[i]) + bf16_f(b[i]));
+    }
+}
+
+// y (b, c, a, d) = x (b, a, c, d) with dims 1 and 2 swapped, in 16-byte pieces (d % 8 == 0, both
+// 16-byte aligned, fewer than 2^32 pieces: the host checks): attention's head transposes, which
+// candle's strided copy ran at ~0.34 TB/s (0.095 ms per (4, 512, 32, 128)). Consecutive threads
+// write consecutive pieces of y and read d-long runs of x.
+extern "C" __global__ void swap12_bf16(const u16* __restrict__ x, u32 b, u32 a, u32 c, u32 d,
+                                       u16* __restrict__ y) {
+    const u32 dc = d / 8;
+    const u32 pieces = b * a * c * dc;
+    const uint4* xs = reinterpret_cast<const uint4*>(x);
+    uint4* ys = reinterpret_cast<uint4*>(y);
+    for (u32 i = blockIdx.x * blockDim.x + threadIdx.x; i < pieces; i += gridDim.x * blockDim.x) {
+        const u32 p = i % dc;
+        u32 r = i / dc;
+        const u32 ia = r % a;
+        r /= a;
+        const u32 ic = r % c;
+        const u32 ib = r / c;
+        ys[i] = xs[((ib * a + ia) * c + ic) * dc + p];
+    }
+}
+
+// The causal softmax and its backward with each lane holding V 16-byte pieces of its warp's row in
+// registers (t % 8 == 0, t <= 256 V, rows 16-byte aligned: the host checks, else the scalar
+// kernels above): one read and one write of the row instead of three reads of 2-byte values, and
+// the pieces wholly above the diagonal are neither read nor computed, only zeroed (half of a
+// causal row on average). The scalar kernels moved ~1.3 TB/s (0.11 ms forward and 0.156 ms
+// backward over a layer's (4·32·512, 512) probabilities: gpu-train-profile's pieces).
+template <int V>
+__device__ __forceinline__ void causal_softmax_fwd_vec(const u16* __restrict__ s, u64 rows, u32 t,
+                                                       u32 window, float scale,
+                                                       u16* __restrict__ p) {
+    const u64 row = (u64)blockIdx.x * SOFTMAX_WARPS + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const u32 lane = threadIdx.x & 31, i = (u32)(row % t), nvec = t / 8;
+    const uint4* sr = reinterpret_cast<const uint4*>(s + row * t);
+    uint4* pr = reinterpret_cast<uint4*>(p + row * t);
+    float v[V][8];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+        const u32 j = lane + 32 * q;
+        const bool live = j < nvec && 8 * j <= i;
+        const uint4 w = live ? sr[j] : make_uint4(0u, 0u, 0u, 0u);
+        const u32 ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+            const float x = (e & 1) ? bf16_hi(ws[e >> 1]) : bf16_lo(ws[e >> 1]);
+            v[q][e] = live && visible(i, 8 * j + e, window) ? x * scale : -INFINITY;
+            mx = fmaxf(mx, v[q][e]);
+        }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sum = 0.f;
+#pragma unroll
+    for (int q = 0; q < V; ++q)
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+            if (v[q][e] != -INFINITY) sum += __expf(v[q][e] - mx);
+    const float inv = 1.f / warp_sum(sum);
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+        const u32 j = lane + 32 * q;
+        if (j >= nvec) break;
+        u32 o[4];
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+            const float a = v[q][e] != -INFINITY ? __expf(v[q][e] - mx) * inv : 0.f;
+            const float b = v[q][e + 1] != -INFINITY ? __expf(v[q][e + 1] - mx) * inv : 0.f;
+            o[e >> 1] = bf16_pair(a, b);
+        }
+        pr[j] = make_uint4(o[0], o[1], o[2], o[3]);
+    }
+}
+
+template <int V>
+__device__ __forceinline__ void causal_softmax_bwd_vec(const u16* __restrict__ p,
+                                                       const u16* __restrict__ dp, u64 rows, u32 t,
+                                                       float scale, u16* __restrict__ ds) {
+    const u64 row = (u64)blockIdx.x * SOFTMAX_WARPS + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const u32 lane = threadIdx.x & 31, i = (u32)(row % t), nvec = t / 8;
+    const uint4* prow = reinterpret_cast<const uint4*>(p + row * t);
+    const uint4* dprow = reinterpret_cast<const uint4*>(dp + row * t);
+    uint4* dsrow = reinterpret_cast<uint4*>(ds + row * t);
+    uint4 pv[V], dv[V];
+    float dot = 0.f;
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+        const u32 j = lane + 32 * q;
+        // Above the diagonal p is 0 (the forward's mask): nothing to read.
+        const bool live = j < nvec && 8 * j <= i;
+        pv[q] = live ? prow[j] : make_uint4(0u, 0u, 0u, 0u);
+        dv[q] = live ? dprow[j] : make_uint4(0u, 0u, 0u, 0u);
+        const u32 pw[4] = {pv[q].x, pv[q].y, pv[q].z, pv[q].w};
+        const u32 dw[4] = {dv[q].x, dv[q].y, dv[q].z, dv[q].w};
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+            dot = fmaf(bf16_lo(pw[h]), bf16_lo(dw[h]), dot);
+            dot = fmaf(bf16_hi(pw[h]), bf16_hi(dw[h]), dot);
+        }
+    }
+    dot = warp_sum(dot);
+#pragma unroll
+    for (int q = 0; q < V; ++q) {
+        const u32 j = lane + 32 * q;
+        if (j >= nvec) break;
+        const u32 pw[4] = {pv[q].x, pv[q].y, pv[q].z, pv[q].w};
+        const u32 dw[4] = {dv[q].x, dv[q].y, dv[q].z, dv[q].w};
+        u32 o[4];
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+            o[h] = bf16_pair(scale * bf16_lo(pw[h]) * (bf16_lo(dw[h]) - dot),
+                             scale * bf16_hi(pw[h]) * (bf16_hi(dw[h]) - dot));
+        }
+        dsrow[j] = make_uint4(o[0], o[1], o[2], o[3]);
+    }
+}
+
+#define CAUSAL_SOFTMAX_VEC(V)                                                                    \
+    extern "C" __global__ void causal_softmax_fwd_v##V##_bf16(                                   \
+        const u16* __restrict__ s, u64 rows, u32 t, u32 window, float scale,                     \
+        u16* __restrict__ p) {                                                                   \
+        causal_softmax_fwd_vec<V>(s, rows, t, window, scale, p);                                 \
+    }                                                                                            \
+    extern "C" __global__ void causal_softmax_bwd_v##V##_bf16(                                   \
+        const u16* __restrict__ p, const u16* __restrict__ dp, u64 rows, u32 t, float scale,     \
+        u16* __restrict__ ds) {                                                                  \
+        causal_softmax_bwd_vec<V>(p, dp, rows, t, scale, ds);                                    \
+    }
+CAUSAL_SOFTMAX_VEC(1)
+CAUSAL_SOFTMAX_VEC(2)
+CAUSAL_SOFTMAX_VEC(4)
+CAUSAL_SOFTMAX_VEC(8)
 
 // In place: m, v, p of one parameter. step_size = lr / (1 - beta1^t), bc2_sqrt = sqrt(1 - beta2^t).
 extern "C" __global__ void adamw_f32(float* __restrict__ p, const float* __restrict__ g,
@@ -336,5 +545,52 @@ extern "C" __global__ void rope_heads_bf16(const u16* __restrict__ x, const u16*
         const float x1 = bf16_f(x[src + j]), x2 = bf16_f(x[src + j + half]);
         y[dst + j] = f32_to_bf16(x1 * c - x2 * s);
         y[dst + j + half] = f32_to_bf16(x2 * c + x1 * s);
+    }
+}
+
+// rope_heads_bf16 with 8 consecutive pairs per thread (16-byte loads of x's two halves and of the
+// tables; hd % 16 == 0 and every address 16-byte aligned: the host checks). The scalar kernel's
+// 2-byte accesses moved ~1 TB/s (0.032 ms for a layer's q at batch 4 × 512).
+extern "C" __global__ void rope_heads_v8_bf16(const u16* __restrict__ x, const u16* __restrict__ cosb,
+                                              const u16* __restrict__ sinb, u64 pairs, u32 t,
+                                              u32 heads, u32 hd, float sign, u32 to_heads,
+                                              u16* __restrict__ y) {
+    const u32 half = hd / 2, hc = half / 8;
+    const u64 chunks = pairs / 8;
+    for (u64 p = (u64)blockIdx.x * blockDim.x + threadIdx.x; p < chunks;
+         p += (u64)gridDim.x * blockDim.x) {
+        const u32 j = (u32)(p % hc) * 8;
+        u64 r = p / hc;
+        const u32 pos = (u32)(r % t);
+        r /= t;
+        const u32 h = (u32)(r % heads);
+        const u64 b = r / heads;
+        const u64 hidx = ((b * heads + h) * t + pos) * hd;   // (b, h, t, hd)
+        const u64 tidx = ((b * t + pos) * heads + h) * hd;   // (b, t, h, hd)
+        const u64 src = to_heads ? tidx : hidx, dst = to_heads ? hidx : tidx;
+        const uint4 cv = *reinterpret_cast<const uint4*>(cosb + (u64)pos * half + j);
+        const uint4 sv = *reinterpret_cast<const uint4*>(sinb + (u64)pos * half + j);
+        const uint4 av = *reinterpret_cast<const uint4*>(x + src + j);
+        const uint4 bv = *reinterpret_cast<const uint4*>(x + src + j + half);
+        const u32 cw[4] = {cv.x, cv.y, cv.z, cv.w}, sw[4] = {sv.x, sv.y, sv.z, sv.w};
+        const u32 aw[4] = {av.x, av.y, av.z, av.w}, bw[4] = {bv.x, bv.y, bv.z, bv.w};
+        u32 o1[4], o2[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            float r1[2], r2[2];
+#pragma unroll
+            for (int k = 0; k < 2; ++k) {
+                const float c = k ? bf16_hi(cw[e]) : bf16_lo(cw[e]);
+                const float sn = sign * (k ? bf16_hi(sw[e]) : bf16_lo(sw[e]));
+                const float x1 = k ? bf16_hi(aw[e]) : bf16_lo(aw[e]);
+                const float x2 = k ? bf16_hi(bw[e]) : bf16_lo(bw[e]);
+                r1[k] = x1 * c - x2 * sn;
+                r2[k] = x2 * c + x1 * sn;
+            }
+            o1[e] = bf16_pair(r1[0], r1[1]);
+            o2[e] = bf16_pair(r2[0], r2[1]);
+        }
+        *reinterpret_cast<uint4*>(y + dst + j) = make_uint4(o1[0], o1[1], o1[2], o1[3]);
+        *reinterpret_cast<uint4*>(y + dst + j + half) = make_uint4(o2[0], o2[1], o2[2], o2[3]);
     }
 }

@@ -106,6 +106,19 @@ impl AttnProbs {
     }
 }
 
+/// The softmax kernel (`"fwd"` or `"bwd"`) for rows of `t` values at these addresses: the
+/// register-held form of `cuda/train.cu` for t % 8 == 0 up to 2048 with 16-byte aligned rows (V
+/// pieces of 8 per lane, the smallest power of two with 256·V ≥ t), else the scalar one.
+fn softmax_kernel(dir: &str, t: usize, addrs: &[u64]) -> String {
+    let aligned = addrs.iter().all(|a| a % 16 == 0);
+    if t.is_multiple_of(8) && t <= 2048 && aligned {
+        let v = t.div_ceil(256).next_power_of_two();
+        format!("causal_softmax_{dir}_v{v}_bf16")
+    } else {
+        format!("causal_softmax_{dir}_bf16")
+    }
+}
+
 /// The in-place softmax of `rows` rows of `t` scores at `s` into `p` (which may equal `s`: each
 /// thread reads its values before writing them).
 fn softmax(
@@ -116,7 +129,7 @@ fn softmax(
     c: CausalSoftmax,
     p: u64,
 ) -> candle_core::Result<()> {
-    let f = func(dev, "causal_softmax_fwd_bf16")?;
+    let f = func(dev, &softmax_kernel("fwd", t, &[s, p]))?;
     let stream = dev.cuda_stream();
     let t32 = t as u32;
     let mut b = stream.launch_builder(&f);
@@ -126,7 +139,8 @@ fn softmax(
         .arg(&c.window)
         .arg(&c.scale)
         .arg(&p);
-    // SAFETY: argument order and types match causal_softmax_fwd_bf16; s and p hold rows·t values.
+    // SAFETY: argument order and types match causal_softmax_fwd{,_vN}_bf16; s and p hold rows·t
+    // values.
     unsafe { b.launch(softmax_cfg(rows)) }.w()?;
     Ok(())
 }
@@ -167,7 +181,7 @@ impl CustomOp2 for AttnProbsGrad {
         // SAFETY: one warp per row writes all t values of it.
         let dsb = unsafe { dev.alloc::<bf16>(batch * rows * t) }?;
         let dsa = dsb.device_ptr(&stream).0;
-        let f = func(dev, "causal_softmax_bwd_bf16")?;
+        let f = func(dev, &softmax_kernel("bwd", t, &[pa, dpa, dsa]))?;
         let t32 = t as u32;
         let mut b = stream.launch_builder(&f);
         b.arg(&pa)
@@ -176,7 +190,7 @@ impl CustomOp2 for AttnProbsGrad {
             .arg(&t32)
             .arg(&self.soft.scale)
             .arg(&dsa);
-        // SAFETY: argument order and types match causal_softmax_bwd_bf16.
+        // SAFETY: argument order and types match causal_softmax_bwd{,_vN}_bf16.
         unsafe { b.launch(softmax_cfg(total_rows)) }.w()?;
         let (nq, nk) = (batch * rows * hd, batch * t * hd);
         // SAFETY: both parts are fully written by the GEMMs (beta 0).

@@ -34,6 +34,8 @@ pub mod pdl_cuda;
 #[cfg(feature = "cuda")]
 pub mod train_cuda;
 #[cfg(feature = "cuda")]
+pub mod train_elem_cuda;
+#[cfg(feature = "cuda")]
 pub mod upload_cuda;
 
 pub use error::{KernelError, Result};

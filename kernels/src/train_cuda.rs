@@ -264,7 +264,16 @@ impl CustomOp1 for RopeHeads {
         let sn = tensor_addr(self.name(), &self.sin, dev, DType::BF16)?;
         // SAFETY: every pair writes both of its values; pairs cover all n.
         let mut y = unsafe { dev.alloc::<bf16>(n) }?;
-        let f = func(dev, "rope_heads_bf16")?;
+        // Eight pairs per thread with 16-byte accesses when the halves and tables allow it.
+        let wide = hd.is_multiple_of(16) && [x, c, sn].iter().all(|a| a % 16 == 0);
+        let f = func(
+            dev,
+            if wide {
+                "rope_heads_v8_bf16"
+            } else {
+                "rope_heads_bf16"
+            },
+        )?;
         let stream = dev.cuda_stream();
         let (pairs, t32, h32, hd32) = ((n / 2) as u64, t as u32, self.heads as u32, hd as u32);
         let dir = u32::from(to_heads);
@@ -279,8 +288,9 @@ impl CustomOp1 for RopeHeads {
             .arg(&self.sign)
             .arg(&dir)
             .arg(&mut y);
-        // SAFETY: argument order and types match rope_heads_bf16; shapes checked above.
-        unsafe { bl.launch(grid(pairs)) }.w()?;
+        // SAFETY: argument order and types match rope_heads{,_v8}_bf16 (the same parameters);
+        // shapes checked above, and the v8 kernel's alignment.
+        unsafe { bl.launch(grid(if wide { pairs / 8 } else { pairs })) }.w()?;
         Ok((wrap(y, dev), out))
     }
     fn bwd(&self, _: &Tensor, _: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {

@@ -8,8 +8,9 @@
 //!
 //! Same math, same kernels as [`super::train`] with `TrainOps::Fused`; only the order of the
 //! gradient sums (bf16 additions) differs, and gpu-check compares the two layer by layer.
-//! RMSNorm outputs and SwiGLU's product are recomputed in the backward rather than kept (one cheap
-//! launch each, ~1/5 of a layer's saved bytes).
+//! RMSNorm outputs are recomputed in the backward rather than kept (one cheap launch each).
+//! SwiGLU's product, the down projection's input, is kept from a full forward (a fifth more of a
+//! layer's saved bytes) and recomputed after a checkpointed layer's shorter forward.
 
 use super::train::{rms_norm, rope_heads, swiglu, LoraWeights, TrainContext, TrainOps};
 use super::Llama;
@@ -19,6 +20,7 @@ use candle_core::{DType, Tensor, Var, D};
 use qlorad_kernels::attention_train_cuda::AttnProbs;
 use qlorad_kernels::lora_train_cuda::LoraLinear;
 use qlorad_kernels::train_cuda::{CausalSoftmax, Dropout, RmsNorm, RopeHeads, Swiglu};
+use qlorad_kernels::train_elem_cuda::{add, swap12};
 
 /// Rows of the LM head and loss per chunk in [`Llama::head_backward`]: at Mistral-7B's shapes a
 /// chunk is ~0.3 ms of GEMMs per direction, and 512 rows still fill the GPU.
@@ -46,9 +48,11 @@ pub struct LayerActs {
     p: Tensor,
     /// Attention output `(b, t, heads·hd)`, the input of o_proj.
     a: Tensor,
-    /// MLP gate and up projections.
+    /// MLP gate and up projections, and silu(gate)·up when the forward formed it (a
+    /// checkpointed layer's recomputation stops before it; the backward then recomputes it).
     gate: Tensor,
     up: Tensor,
+    s: Option<Tensor>,
     fused: Vec<Option<Fused>>,
 }
 
@@ -262,10 +266,11 @@ impl Llama {
         lora: &dyn LoraWeights,
         pause: &dyn Fn(),
     ) -> Result<(Tensor, LayerActs)> {
-        let acts = self.block_acts(layer, x, ctx, lora, pause)?;
+        let mut acts = self.block_acts(layer, x, ctx, lora, pause)?;
         let site = Site { layer, ctx, lora };
         let s = swiglu(ctx.ops, &acts.gate, &acts.up)?;
-        let y = (&acts.x2 + self.proj_fwd(&acts.fused, site, 6, &s)?)?;
+        let y = add(&acts.x2, &self.proj_fwd(&acts.fused, site, 6, &s)?)?;
+        acts.s = Some(s);
         Ok((y, acts))
     }
 
@@ -294,15 +299,11 @@ impl Llama {
         let v = pf(2, &h)?;
         drop(h);
         let hd = v.dim(D::Minus1)? / nkv;
-        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let v = swap12(&v.reshape((b, t, nkv, hd))?)?;
         let qg = q.reshape((b, nkv, (nh / nkv) * t, hd))?;
         let p = qg.apply_op2_no_bwd(&k, &self.softmax(hd, ctx))?;
-        let a = p
-            .matmul(&v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        let x2 = (&x + pf(3, &a)?)?;
+        let a = swap12(&p.matmul(&v)?.reshape((b, nh, t, hd))?)?.reshape((b, t, nh * hd))?;
+        let x2 = add(&x, &pf(3, &a)?)?;
         pause();
         let h = rms_norm(ops, &x2, &blk.post_norm, cfg.rms_norm_eps)?;
         let gate = pf(4, &h)?;
@@ -318,6 +319,7 @@ impl Llama {
             a,
             gate,
             up,
+            s: None,
             fused,
         })
     }
@@ -347,6 +349,7 @@ impl Llama {
             a,
             gate,
             up,
+            s,
             fused,
         } = acts;
         let (b, t, _) = x.dims3()?;
@@ -358,28 +361,29 @@ impl Llama {
         };
 
         // MLP: y = x2 + down(silu(gate)·up), gate/up = proj(rmsnorm(x2)).
-        let ds = pb(6, &swiglu(ops, &gate, &up)?, dy)?;
+        let s = match s {
+            Some(s) => s,
+            None => swiglu(ops, &gate, &up)?,
+        };
+        let ds = pb(6, &s, dy)?;
+        drop(s);
         let (dgate, dup) = Swiglu::backward(&gate, &up, &ds)?;
         drop((ds, gate, up));
         let h = rms_norm(ops, &x2, &blk.post_norm, cfg.rms_norm_eps)?;
-        let dh = (pb(4, &h, &dgate)? + pb(5, &h, &dup)?)?;
+        let dh = add(&pb(4, &h, &dgate)?, &pb(5, &h, &dup)?)?;
         drop((h, dgate, dup));
         let norm = RmsNorm {
             w: blk.post_norm.clone(),
             eps: cfg.rms_norm_eps as f32,
         };
-        let dx2 = (dy + norm.backward(&x2, &dh)?)?;
+        let dx2 = add(dy, &norm.backward(&x2, &dh)?)?;
         drop((dh, x2));
         pause();
 
         // Attention: x2 = x + o(P·V), P = softmax(Q·Kᵀ), Q/K/V = proj(rmsnorm(x)).
         let da = pb(3, &a, &dx2)?;
         drop(a);
-        let d_o = da
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, nkv, (nh / nkv) * t, hd))?;
+        let d_o = swap12(&da.reshape((b, t, nh, hd))?)?.reshape((b, nkv, (nh / nkv) * t, hd))?;
         drop(da);
         let dv = p.t()?.matmul(&d_o)?; // (b, kv, t, hd)
         let dp = d_o.matmul(&v.t()?)?; // (b, kv, group·t, t)
@@ -396,15 +400,15 @@ impl Llama {
         };
         let dq = back(&dqg.reshape((b, nh, t, hd))?, nh)?;
         let dk = back(&dk, nkv)?;
-        let dv = dv.transpose(1, 2)?.reshape((b, t, nkv * hd))?;
+        let dv = swap12(&dv)?.reshape((b, t, nkv * hd))?;
         let h = rms_norm(ops, &x, &blk.input_norm, cfg.rms_norm_eps)?;
-        let dh = ((pb(0, &h, &dq)? + pb(1, &h, &dk)?)? + pb(2, &h, &dv)?)?;
+        let dh = add(&add(&pb(0, &h, &dq)?, &pb(1, &h, &dk)?)?, &pb(2, &h, &dv)?)?;
         drop((h, dq, dk, dv));
         let norm = RmsNorm {
             w: blk.input_norm.clone(),
             eps: cfg.rms_norm_eps as f32,
         };
-        let dx = (dx2 + norm.backward(&x, &dh)?)?;
+        let dx = add(&dx2, &norm.backward(&x, &dh)?)?;
         Ok(LayerGrads { dx, lora: grads })
     }
 }
