@@ -138,24 +138,32 @@ __device__ __forceinline__ u64 grid_stride() { return (u64)gridDim.x * blockDim.
 
 __device__ __forceinline__ float swiglu_val(float gv, float uv) { return gv * sigmoid(gv) * uv; }
 
-extern "C" __global__ void swiglu_fwd_bf16(const u16* __restrict__ g, const u16* __restrict__ u,
-                                           u64 n, u16* __restrict__ y) {
-    const u64 n8 = aligned16(g, u, y) ? n / 8 : 0;
+// y = op(a, b) over n bf16 values, in f32 with one rounding: 8 values per thread and iteration
+// through 16-byte accesses when the pointers allow, the rest one at a time.
+template <class Op>
+__device__ __forceinline__ void map2_bf16(const u16* __restrict__ a, const u16* __restrict__ b,
+                                          u64 n, u16* __restrict__ y, Op op) {
+    const u64 n8 = aligned16(a, b, y) ? n / 8 : 0;
     for (u64 i = grid_tid(); i < n8; i += grid_stride()) {
-        const uint4 gv = reinterpret_cast<const uint4*>(g)[i];
-        const uint4 uv = reinterpret_cast<const uint4*>(u)[i];
-        const u32 gw[4] = {gv.x, gv.y, gv.z, gv.w}, uw[4] = {uv.x, uv.y, uv.z, uv.w};
+        const uint4 av = reinterpret_cast<const uint4*>(a)[i];
+        const uint4 bv = reinterpret_cast<const uint4*>(b)[i];
+        const u32 aw[4] = {av.x, av.y, av.z, av.w}, bw[4] = {bv.x, bv.y, bv.z, bv.w};
         u32 o[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-            o[j] = bf16_pair(swiglu_val(bf16_lo(gw[j]), bf16_lo(uw[j])),
-                             swiglu_val(bf16_hi(gw[j]), bf16_hi(uw[j])));
+            o[j] = bf16_pair(op(bf16_lo(aw[j]), bf16_lo(bw[j])),
+                             op(bf16_hi(aw[j]), bf16_hi(bw[j])));
         }
         reinterpret_cast<uint4*>(y)[i] = make_uint4(o[0], o[1], o[2], o[3]);
     }
     for (u64 i = 8 * n8 + grid_tid(); i < n; i += grid_stride()) {
-        y[i] = f32_to_bf16(swiglu_val(bf16_f(g[i]), bf16_f(u[i])));
+        y[i] = f32_to_bf16(op(bf16_f(a[i]), bf16_f(b[i])));
     }
+}
+
+extern "C" __global__ void swiglu_fwd_bf16(const u16* __restrict__ g, const u16* __restrict__ u,
+                                           u64 n, u16* __restrict__ y) {
+    map2_bf16(g, u, n, y, swiglu_val);
 }
 
 // d gate and d up of one value.
@@ -201,21 +209,7 @@ extern "C" __global__ void swiglu_bwd_bf16(const u16* __restrict__ g, const u16*
 // candle's binary kernel ran at ~0.9 TB/s (0.057 ms per (4·512, 4096) sum, 7 per layer).
 extern "C" __global__ void add_bf16(const u16* __restrict__ a, const u16* __restrict__ b, u64 n,
                                     u16* __restrict__ y) {
-    const u64 n8 = aligned16(a, b, y) ? n / 8 : 0;
-    for (u64 i = grid_tid(); i < n8; i += grid_stride()) {
-        const uint4 av = reinterpret_cast<const uint4*>(a)[i];
-        const uint4 bv = reinterpret_cast<const uint4*>(b)[i];
-        const u32 aw[4] = {av.x, av.y, av.z, av.w}, bw[4] = {bv.x, bv.y, bv.z, bv.w};
-        u32 o[4];
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            o[j] = bf16_pair(bf16_lo(aw[j]) + bf16_lo(bw[j]), bf16_hi(aw[j]) + bf16_hi(bw[j]));
-        }
-        reinterpret_cast<uint4*>(y)[i] = make_uint4(o[0], o[1], o[2], o[3]);
-    }
-    for (u64 i = 8 * n8 + grid_tid(); i < n; i += grid_stride()) {
-        y[i] = f32_to_bf16(bf16_f(a[i]) + bf16_f(b[i]));
-    }
+    map2_bf16(a, b, n, y, [](float p, float q) { return p + q; });
 }
 
 // y (b, c, a, d) = x (b, a, c, d) with dims 1 and 2 swapped, in 16-byte pieces (d % 8 == 0, both
@@ -551,7 +545,8 @@ extern "C" __global__ void rope_heads_bf16(const u16* __restrict__ x, const u16*
 // rope_heads_bf16 with 8 consecutive pairs per thread (16-byte loads of x's two halves and of the
 // tables; hd % 16 == 0 and every address 16-byte aligned: the host checks). The scalar kernel's
 // 2-byte accesses moved ~1 TB/s (0.032 ms for a layer's q at batch 4 × 512).
-extern "C" __global__ void rope_heads_v8_bf16(const u16* __restrict__ x, const u16* __restrict__ cosb,
+extern "C" __global__ void rope_heads_v8_bf16(const u16* __restrict__ x,
+                                              const u16* __restrict__ cosb,
                                               const u16* __restrict__ sinb, u64 pairs, u32 t,
                                               u32 heads, u32 hd, float sign, u32 to_heads,
                                               u16* __restrict__ y) {
