@@ -515,6 +515,21 @@ extern "C" __global__ void dropout_add_bf16(const u16* __restrict__ t, u64 n, u6
         if (!dropped(seed, i, thr)) acc[i] = f32_to_bf16(bf16_f(acc[i]) + bf16_f(t[i]) * keep);
 }
 
+// Row r of a RoPE launch, in (b, heads, t) order: its position and the offsets of its hd values in
+// the projection's layout (b, t, h, hd) and attention's (b, h, t, hd), as source and destination
+// for the direction.
+__device__ __forceinline__ void rope_row(u64 r, u32 t, u32 heads, u32 hd, u32 to_heads, u32& pos,
+                                         u64& src, u64& dst) {
+    pos = (u32)(r % t);
+    r /= t;
+    const u32 h = (u32)(r % heads);
+    const u64 b = r / heads;
+    const u64 hidx = ((b * heads + h) * t + pos) * hd;  // (b, h, t, hd)
+    const u64 tidx = ((b * t + pos) * heads + h) * hd;  // (b, t, h, hd)
+    src = to_heads ? tidx : hidx;
+    dst = to_heads ? hidx : tidx;
+}
+
 // RoPE with the head transposition of attention folded in. to_heads = 1: x is a projection's
 // output (b, t, heads*hd), y the rotated (b, heads, t, hd); to_heads = 0 (the backward, sign -1):
 // x is (b, heads, t, hd), y (b, t, heads*hd). One thread per rotated pair.
@@ -526,14 +541,9 @@ extern "C" __global__ void rope_heads_bf16(const u16* __restrict__ x, const u16*
     for (u64 p = (u64)blockIdx.x * blockDim.x + threadIdx.x; p < pairs;
          p += (u64)gridDim.x * blockDim.x) {
         const u32 j = (u32)(p % half);
-        u64 r = p / half;
-        const u32 pos = (u32)(r % t);
-        r /= t;
-        const u32 h = (u32)(r % heads);
-        const u64 b = r / heads;
-        const u64 hidx = ((b * heads + h) * t + pos) * hd;   // (b, h, t, hd)
-        const u64 tidx = ((b * t + pos) * heads + h) * hd;   // (b, t, h, hd)
-        const u64 src = to_heads ? tidx : hidx, dst = to_heads ? hidx : tidx;
+        u32 pos;
+        u64 src, dst;
+        rope_row(p / half, t, heads, hd, to_heads, pos, src, dst);
         const float c = bf16_f(cosb[(u64)pos * half + j]);
         const float s = sign * bf16_f(sinb[(u64)pos * half + j]);
         const float x1 = bf16_f(x[src + j]), x2 = bf16_f(x[src + j + half]);
@@ -555,14 +565,9 @@ extern "C" __global__ void rope_heads_v8_bf16(const u16* __restrict__ x,
     for (u64 p = (u64)blockIdx.x * blockDim.x + threadIdx.x; p < chunks;
          p += (u64)gridDim.x * blockDim.x) {
         const u32 j = (u32)(p % hc) * 8;
-        u64 r = p / hc;
-        const u32 pos = (u32)(r % t);
-        r /= t;
-        const u32 h = (u32)(r % heads);
-        const u64 b = r / heads;
-        const u64 hidx = ((b * heads + h) * t + pos) * hd;   // (b, h, t, hd)
-        const u64 tidx = ((b * t + pos) * heads + h) * hd;   // (b, t, h, hd)
-        const u64 src = to_heads ? tidx : hidx, dst = to_heads ? hidx : tidx;
+        u32 pos;
+        u64 src, dst;
+        rope_row(p / hc, t, heads, hd, to_heads, pos, src, dst);
         const uint4 cv = *reinterpret_cast<const uint4*>(cosb + (u64)pos * half + j);
         const uint4 sv = *reinterpret_cast<const uint4*>(sinb + (u64)pos * half + j);
         const uint4 av = *reinterpret_cast<const uint4*>(x + src + j);
