@@ -155,21 +155,9 @@ __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
         if (j >= l.r || l.r > sh.t_stride) {
             continue;
         }
-        const u16* a = l.a + (u64)j * n;
-        float acc = 0.f;
-        if ((reinterpret_cast<u64>(a) & 15ull) == 0) {
-            const uint4* av = reinterpret_cast<const uint4*>(a);
-#pragma unroll 8
-            for (u32 q = lane; q < (n >> 3); q += 32) {
-                const uint4 aw = __ldg(av + q), xw = xv[q];
-                acc = dot8_bf16(aw, xw, acc);
-            }
-        } else {
-            for (u32 q = lane; q < n; q += 32) {
-                acc = fmaf(bf16_f(a[q]), bf16_f(s_normed[q]), acc);
-            }
-        }
-        acc = warp_sum(acc);
+        const float acc = warp_dot_a(
+            l.a + (u64)j * n, n, lane, [&](u32 q) { return xv[q]; },
+            [&](u32 q) { return bf16_f(s_normed[q]); });
         if (lane == 0) {
             sh.t[(u64)z * sh.t_zstride + (u64)m * sh.t_stride + j] = acc;
         }

@@ -47,3 +47,26 @@ __device__ __forceinline__ float dot8_bf16(const uint4& a, const uint4& x, float
     acc = fmaf(bf16_lo(a.w), bf16_lo(x.w), acc);
     return fmaf(bf16_hi(a.w), bf16_hi(x.w), acc);
 }
+
+// One warp's dot product of A's row `a` with x over `len` values, summed over the warp (every
+// lane returns it): 16-byte pieces when `a` is 16-byte aligned (x then too), else one value at a
+// time, lane by lane in the same order. `x8(q)` loads x's q-th 16-byte piece and `x1(q)` its q-th
+// value: the shrinks read x from global memory (nf4_tc.cuh's in-launch shrink) or from shared
+// memory (decode.cu's shrink blocks).
+template <class X8, class X1>
+__device__ __forceinline__ float warp_dot_a(const u16* a, u32 len, u32 lane, X8 x8, X1 x1) {
+    float acc = 0.f;
+    if ((reinterpret_cast<u64>(a) & 15ull) == 0) {
+        const uint4* av = reinterpret_cast<const uint4*>(a);
+#pragma unroll 8
+        for (u32 q = lane; q < (len >> 3); q += 32) {
+            const uint4 aw = __ldg(av + q), xw = x8(q);
+            acc = dot8_bf16(aw, xw, acc);
+        }
+    } else {
+        for (u32 q = lane; q < len; q += 32) {
+            acc = fmaf(bf16_f(a[q]), x1(q), acc);
+        }
+    }
+    return warp_sum(acc);
+}

@@ -191,24 +191,11 @@ __device__ __forceinline__ void tc_shrink(const u16* __restrict__ x, u32 k, cons
         const u32 k0 = part * ch.y, k1 = min(k, k0 + ch.y);
         const RowLora l = refs.pair[i * M + m];
         if (j < l.r && l.r <= grp.t_stride) {
-            const u16* a = l.a + (u64)j * k + k0;
             const u16* xm = x + (u64)m * k + k0;
-            const u32 len = k1 > k0 ? k1 - k0 : 0u;
-            float acc = 0.f;
-            if ((reinterpret_cast<u64>(a) & 15ull) == 0) {
-                const uint4* av = reinterpret_cast<const uint4*>(a);
-                const uint4* xv = reinterpret_cast<const uint4*>(xm);
-#pragma unroll 8
-                for (u32 q = lane; q < (len >> 3); q += 32) {
-                    const uint4 aw = __ldg(av + q), xw = __ldg(xv + q);
-                    acc = dot8_bf16(aw, xw, acc);
-                }
-            } else {
-                for (u32 q = lane; q < len; q += 32) {
-                    acc = fmaf(bf16_f(a[q]), bf16_f(xm[q]), acc);
-                }
-            }
-            acc = warp_sum(acc);
+            const uint4* xv = reinterpret_cast<const uint4*>(xm);
+            const float acc = warp_dot_a(
+                l.a + (u64)j * k + k0, k1 > k0 ? k1 - k0 : 0u, lane,
+                [&](u32 q) { return __ldg(xv + q); }, [&](u32 q) { return bf16_f(xm[q]); });
             if (lane == 0) {
                 grp.w[i].t[(u64)part * grp.part_stride + (u64)m * grp.t_stride + j] = acc;
             }
