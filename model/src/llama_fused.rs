@@ -102,6 +102,7 @@ impl Llama {
         // The MLP output of the previous layer, added to x by the next add + norm.
         let mut pending: Option<Tensor> = None;
         for (li, b) in self.blocks.iter().enumerate() {
+            let qkv = [b.attn.q.as_ref(), b.attn.k.as_ref(), b.attn.v.as_ref()];
             let (xs, h, pre) = norm_for_group(
                 kern,
                 &x,
@@ -110,16 +111,9 @@ impl Llama {
                 eps,
                 lora,
                 (li, 0),
-                3,
+                qkv,
             )?;
-            let [q, k, v] = project_group_fused(
-                [b.attn.q.as_ref(), b.attn.k.as_ref(), b.attn.v.as_ref()],
-                li,
-                0,
-                &h,
-                lora,
-                pre,
-            )?;
+            let [q, k, v] = project_group_fused(qkv, li, 0, &h, lora, pre)?;
             let a = if rope_in_attention {
                 kern.rope_attention(
                     &q,
@@ -139,16 +133,18 @@ impl Llama {
                 kern.attention(&q, &table, li, nh, nkv, hd, c.sliding_window)?
             };
             let [o] = project_group_fused([b.attn.o.as_ref()], li, 3, &a, lora, None)?;
-            let (xs, h, pre) =
-                norm_for_group(kern, &xs, Some(&o), &b.post_norm, eps, lora, (li, 4), 2)?;
-            let [gate, up] = project_group_fused(
-                [b.mlp.gate.as_ref(), b.mlp.up.as_ref()],
-                li,
-                4,
-                &h,
+            let gate_up = [b.mlp.gate.as_ref(), b.mlp.up.as_ref()];
+            let (xs, h, pre) = norm_for_group(
+                kern,
+                &xs,
+                Some(&o),
+                &b.post_norm,
+                eps,
                 lora,
-                pre,
+                (li, 4),
+                gate_up,
             )?;
+            let [gate, up] = project_group_fused(gate_up, li, 4, &h, lora, pre)?;
             let [m] = project_group_fused(
                 [b.mlp.down.as_ref()],
                 li,
@@ -199,14 +195,15 @@ fn norm_shrink() -> bool {
     *ON.get_or_init(|| std::env::var("QLORAD_NORM_SHRINK").map_or(true, |v| v != "0"))
 }
 
-/// The residual add + RMSNorm before the `n` projections of layer `at.0` from projection `at.1` on
-/// (adapter slots `layer · 7 + proj0 ..`, as [`project_group_fused`]) that read its output. With
-/// adapters on the BGMV path whose expand the GEMVs apply, the same launch computes the group's
+/// The residual add + RMSNorm before the projections `bases` of layer `at.0` from projection `at.1`
+/// on (adapter slots `layer · 7 + proj0 ..`, as [`project_group_fused`]) that read its output. With
+/// adapters on the BGMV path whose expand the GEMVs apply (the group takes the fused GEMVs:
+/// [`gemv_weights`], the test [`project_group_fused`] makes), the same launch computes the group's
 /// shrink from the rows it normalizes (its blocks fetch the A rows during the previous kernel, and
 /// the grouped GEMV no longer waits inside its launch for a shrink): the third value is then the
 /// GEMVs' epilogue descriptors for [`project_group_fused`].
 #[allow(clippy::too_many_arguments)]
-fn norm_for_group(
+fn norm_for_group<const N: usize>(
     kern: &DecodeKernels,
     x: &Tensor,
     y: Option<&Tensor>,
@@ -214,18 +211,20 @@ fn norm_for_group(
     eps: f32,
     lora: &LoraBatch,
     at: (usize, usize),
-    n: usize,
+    bases: [&dyn BaseLinear; N],
 ) -> Result<(Tensor, Tensor, Option<Vec<GemvLora>>)> {
     let slot0 = at.0 * 7 + at.1;
-    if let (false, Some(plan), true, true) = (
+    if let (false, Some(plan), true, true, Some(_)) = (
         lora.is_empty(),
         lora.bgmv_plan(),
         lora_epilogue(),
         norm_shrink(),
+        gemv_weights(&bases, x),
     ) {
+        // x (rows, in_f) has the shape of the normed rows the group reads.
         let (rows, in_f) = x.dims2()?;
-        if rows == plan.rows() && rows <= qlorad_kernels::cuda::GEMV_MAX_ROWS {
-            if let Some((sh, epis)) = plan.norm_shrink(slot0, n, in_f)? {
+        if rows == plan.rows() {
+            if let Some((sh, epis)) = plan.norm_shrink(slot0, N, in_f)? {
                 if let Some((xs, h)) = kern.add_rms_norm_shrink(x, y, w, eps, Some(&sh))? {
                     return Ok((xs, h, Some(epis)));
                 }
@@ -234,6 +233,20 @@ fn norm_for_group(
     }
     let (xs, h) = kern.add_rms_norm(x, y, w, eps)?;
     Ok((xs, h, None))
+}
+
+/// The bases' NF4 weights when the group can run as fused GEMVs on `x` (rows, k): every base NF4,
+/// at most GEMV_MAX_ROWS rows, k % 32 == 0, on a GPU. [`project_group_fused`] takes the fused path
+/// on it, and [`norm_for_group`] computes a shrink only for groups that will.
+fn gemv_weights<'a>(
+    bases: &[&'a dyn BaseLinear],
+    x: &Tensor,
+) -> Option<Vec<&'a Arc<qlorad_kernels::Nf4Weight>>> {
+    let (rows, k) = x.dims2().ok()?;
+    if rows > qlorad_kernels::cuda::GEMV_MAX_ROWS || k % 32 != 0 || !x.device().is_cuda() {
+        return None;
+    }
+    bases.iter().map(|b| b.nf4_weight()).collect()
 }
 
 /// Projections `proj0 ..` reading `x`, with the batch's LoRA deltas: on the GPU with NF4 bases and
@@ -253,13 +266,10 @@ fn project_group_fused<const N: usize>(
     pre: Option<Vec<GemvLora>>,
 ) -> Result<[Tensor; N]> {
     let plain = || project_group(bases, layer, proj0, x, lora);
-    let weights: Option<Vec<_>> = bases.iter().map(|b| b.nf4_weight()).collect();
-    let (Some(weights), Ok((rows, k))) = (weights, x.dims2()) else {
+    let Some(weights) = gemv_weights(&bases, x) else {
         return plain();
     };
-    if rows > qlorad_kernels::cuda::GEMV_MAX_ROWS || k % 32 != 0 || !x.device().is_cuda() {
-        return plain();
-    }
+    let rows = x.dim(0)?;
     if lora.is_empty() {
         if gemv_group() {
             if let Some(ys) = qlorad_kernels::nf4_group_cuda::nf4_linear_group(x, &weights, None)? {
