@@ -19,8 +19,10 @@ use qlorad_model::llama::train::TrainOps;
 use qlorad_model::{loader, Llama, LoraAdapter, Placement};
 use qlorad_trainer::data::Example;
 use qlorad_trainer::step::{
-    loss_and_grads, loss_and_grads_autograd, AdamW, AdamWConfig, Batch, LoraSpec, TrainableLora,
+    loss_and_grads, loss_and_grads_autograd, loss_and_grads_hooked, AdamW, AdamWConfig, Batch,
+    LoraSpec, TrainableLora,
 };
+use qlorad_trainer::train::LayerGroups;
 use rand::{Rng, SeedableRng};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -86,10 +88,36 @@ fn train_step(
     lr: f64,
     checkpointing: bool,
 ) -> Result<f64> {
+    train_step_deferring(
+        m,
+        lora,
+        opt,
+        &LayerGroups::default(),
+        batch,
+        lr,
+        checkpointing,
+    )
+}
+
+/// [`train_step`] as the trainer takes it: an optimizer update deferred by the previous step
+/// (staged paged moments, `groups` from `LayerGroups::new`) lands layer by layer in this step's
+/// forward, and this step's update is deferred in turn.
+fn train_step_deferring(
+    m: &Llama,
+    lora: &TrainableLora,
+    opt: &mut AdamW,
+    groups: &LayerGroups,
+    batch: &Batch,
+    lr: f64,
+    checkpointing: bool,
+) -> Result<f64> {
     let named = lora.named_vars();
     let vars: Vec<&Var> = named.iter().map(|(_, v)| *v).collect();
-    let (loss, grads) = loss_and_grads(m, lora, batch, &vars, 1.0, checkpointing, None)?;
-    opt.clip_and_update(&vars, &grads, lr, 0.3, &|| {})?;
+    let o: &AdamW = opt;
+    let before = |li: usize| groups.before_layer(o, li);
+    let (loss, grads) =
+        loss_and_grads_hooked(m, lora, batch, &vars, 1.0, checkpointing, None, &before)?;
+    opt.clip_and_defer(&vars, &grads, lr, 0.3, &|| {})?;
     Ok(loss)
 }
 
@@ -299,7 +327,72 @@ pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
         0.0,
         String::new(),
     );
+
+    // Staged paged moments (host memory, copied through device slots by the copy engines), each
+    // step's update deferred into the next step's forward layer by layer, as the trainer runs it:
+    // after flushing, the same bits as the resident optimizer's immediate updates.
+    let ls = TrainableLora::from_adapter_on(&adapter()?, &cfg, &sp, &gpu.device)?;
+    let vs = vars_of(&ls);
+    let groups = LayerGroups::new(&gpu_m, &ls);
+    let mut os = AdamW::new(&vs.iter().collect::<Vec<_>>(), adam)?
+        .paged_in_groups(&gpu.device, groups.groups.clone())?;
+    let lr2 = TrainableLora::from_adapter_on(&adapter()?, &cfg, &sp, &gpu.device)?;
+    let vr2 = vars_of(&lr2);
+    let mut or2 = AdamW::new(&vr2.iter().collect::<Vec<_>>(), adam)?;
+    let mut loss_diff = 0f64;
+    for _ in 0..3 {
+        let a = train_step(&gpu_m, &lr2, &mut or2, &batch, adam.lr, true)?;
+        let b = train_step_deferring(&gpu_m, &ls, &mut os, &groups, &batch, adam.lr, true)?;
+        loss_diff = loss_diff.max((a - b).abs());
+    }
+    let pending_weights_differ = max_abs_diff(&vr2, &vs)? > 0.0;
+    os.flush()?;
+    let wdiff = max_abs_diff(&vr2, &vs)?;
+    r.add(
+        "staged paged AdamW, updates deferred into the next forward, vs resident: 3 steps (max |Δw| and |Δloss|, bit-identical)".into(),
+        wdiff.max(loss_diff),
+        0.0,
+        format!(
+            "{} groups; before the last flush the weights differ: {pending_weights_differ}; device bytes {} (slots)",
+            groups.groups.len(),
+            os.bytes_on(&gpu.device)
+        ),
+    );
+    r.add(
+        "staged paged AdamW: weights differ while an update is pending (1 = yes)".into(),
+        if pending_weights_differ { 0.0 } else { 1.0 },
+        0.0,
+        "the check above would be vacuous otherwise".into(),
+    );
+    let ((mr2, vr2m), (ms2, vs2)) = (or2.moments()?, os.moments()?);
+    let mut sdiff = 0f64;
+    for (a, b) in mr2.iter().chain(&vr2m).zip(ms2.iter().chain(&vs2)) {
+        let d = (a.to_device(&Device::Cpu)? - b.to_device(&Device::Cpu)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?;
+        sdiff = sdiff.max(d.to_scalar::<f32>()? as f64);
+    }
+    r.add(
+        "staged paged AdamW moments as saved vs resident (max |Δ|, bit-identical)".into(),
+        sdiff,
+        0.0,
+        format!("{} tensors", ms2.len() + vs2.len()),
+    );
     Ok(())
+}
+
+/// Largest |a − b| over two lists of vars.
+fn max_abs_diff(a: &[Var], b: &[Var]) -> Result<f64> {
+    let mut d = 0f64;
+    for (x, y) in a.iter().zip(b) {
+        let m = (x.as_tensor() - y.as_tensor())?
+            .abs()?
+            .flatten_all()?
+            .max(0)?;
+        d = d.max(m.to_scalar::<f32>()? as f64);
+    }
+    Ok(d)
 }
 
 /// Peak device memory in use (total − free) sampled every millisecond on a helper thread; the
@@ -488,11 +581,24 @@ pub fn bench(a: GpuTrainBenchArgs) -> Result<()> {
             .map(|(_, v)| v.clone())
             .collect();
         let params: usize = vars.iter().map(|v| v.elem_count()).sum();
-        let mut opt = AdamW::new(&vars.iter().collect::<Vec<_>>(), AdamWConfig::default())?
-            .paged(paged, &p.device)?;
+        // Paged as the trainer pages: staged moments, each update deferred into the next forward
+        // (QLORAD_PAGED_STAGED=0: mapped, applied at once).
+        let groups = if paged {
+            LayerGroups::new(&model, &lora)
+        } else {
+            LayerGroups::default()
+        };
+        let opt = AdamW::new(&vars.iter().collect::<Vec<_>>(), AdamWConfig::default())?;
+        let mut opt = if paged {
+            opt.paged_in_groups(&p.device, groups.groups.clone())?
+        } else {
+            opt
+        };
         let mut losses = Vec::new();
         for _ in 0..a.warmup {
-            losses.push(train_step(&model, &lora, &mut opt, &batch, 2e-4, ckpt)?);
+            losses.push(train_step_deferring(
+                &model, &lora, &mut opt, &groups, &batch, 2e-4, ckpt,
+            )?);
         }
         p.synchronize()?;
         let t = Instant::now();
@@ -503,10 +609,13 @@ pub fn bench(a: GpuTrainBenchArgs) -> Result<()> {
             // The same work as `train_step`, with a synchronization after the backward pass to
             // split the step into forward+backward and clip+AdamW.
             let ts = Instant::now();
-            let (loss, grads) = loss_and_grads(&model, &lora, &batch, &vrefs, 1.0, ckpt, None)?;
+            let o: &AdamW = &opt;
+            let before = |li: usize| groups.before_layer(o, li);
+            let (loss, grads) =
+                loss_and_grads_hooked(&model, &lora, &batch, &vrefs, 1.0, ckpt, None, &before)?;
             p.synchronize()?;
             grad_s.push(ts.elapsed().as_secs_f64());
-            opt.clip_and_update(&vrefs, &grads, 2e-4, 0.3, &|| {})?;
+            opt.clip_and_defer(&vrefs, &grads, 2e-4, 0.3, &|| {})?;
             p.synchronize()?;
             losses.push(loss);
             step_s.push(ts.elapsed().as_secs_f64());

@@ -520,7 +520,8 @@ impl JobRunner {
             }
         };
         let lora_bytes: usize = trainer
-            .lora
+            .lora()
+            .map_err(Self::internal)?
             .named_vars()
             .iter()
             .map(|(_, v)| v.elem_count() * 4)
@@ -687,7 +688,14 @@ impl JobRunner {
         trainer: &Trainer,
     ) -> Result<(String, PathBuf, i64), Stop> {
         let out = self.store.dir().join("adapters").join(id);
-        save_peft(&trainer.lora, &self.cfg.base_id, &out, true).map_err(|e| {
+        let lora = trainer.lora().map_err(|e| {
+            job_error(
+                "output_write_failed",
+                format!("applying the last optimizer update failed: {e}"),
+                None,
+            )
+        })?;
+        save_peft(lora, &self.cfg.base_id, &out, true).map_err(|e| {
             job_error(
                 "output_write_failed",
                 format!("writing the fine-tuned adapter failed: {e}"),

@@ -454,7 +454,7 @@ fn run_rank(
         last = Some(s);
     }
     eprintln!();
-    save_peft(&trainer.lora, &base, &a.out, a.overwrite)?;
+    save_peft(trainer.lora()?, &base, &a.out, a.overwrite)?;
     if let Some(l) = last {
         eprintln!(
             "saved {} (final loss {:.4}{} after {} steps, {} tokens; peak RSS {} MiB)",

@@ -32,6 +32,8 @@ pub mod nf4_op;
 #[cfg(feature = "cuda")]
 pub mod pdl_cuda;
 #[cfg(feature = "cuda")]
+pub mod staged_cuda;
+#[cfg(feature = "cuda")]
 pub mod train_cuda;
 #[cfg(feature = "cuda")]
 pub mod train_elem_cuda;

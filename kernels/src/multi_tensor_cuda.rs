@@ -10,48 +10,65 @@
 use crate::mapped_cuda::MappedF32;
 use crate::train_cuda::{cuda_of, func, msg, tensor_addr, AdamWStep};
 use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Tensor};
 
 /// Values per block; must match MT_CHUNK in cuda/train.cu.
 const CHUNK: u64 = 8192;
 const THREADS: u32 = 256;
 /// u64 words per segment (struct MtSeg: four addresses, length, first block).
-const SEG_WORDS: usize = 6;
+pub(crate) const SEG_WORDS: usize = 6;
 
 /// One tensor of a multi-tensor launch: up to four device addresses and its length.
-type Seg = ([u64; 4], u64);
+pub(crate) type Seg = ([u64; 4], u64);
 
 /// Segment table of `segs` (empty ones skipped), cut into groups of at least `group_elems` values
 /// (the last may be smaller); each group's first blocks count from 0.
-struct Table {
-    words: Vec<u64>,
+pub(crate) struct Table {
+    pub(crate) words: Vec<u64>,
     /// (first segment, segments, blocks) per group.
-    groups: Vec<(usize, u32, u32)>,
+    pub(crate) groups: Vec<(usize, u32, u32)>,
 }
 
 fn table(segs: &[Seg], group_elems: u64) -> candle_core::Result<Table> {
-    let mut words = Vec::with_capacity(segs.len() * SEG_WORDS);
-    let mut groups = Vec::new();
-    let (mut first, mut count, mut blocks, mut elems) = (0usize, 0u32, 0u64, 0u64);
-    for (ptrs, n) in segs.iter().filter(|(_, n)| *n > 0) {
-        words.extend_from_slice(ptrs);
-        words.extend_from_slice(&[*n, blocks]);
-        blocks += n.div_ceil(CHUNK);
-        elems += n;
-        count += 1;
-        if blocks > i32::MAX as u64 {
-            return Err(msg(format!("multi-tensor launch: {blocks} blocks")));
-        }
+    let mut groups: Vec<Vec<Seg>> = vec![Vec::new()];
+    let mut elems = 0u64;
+    for &(ptrs, n) in segs.iter().filter(|(_, n)| *n > 0) {
         if elems >= group_elems {
-            groups.push((first, count, blocks as u32));
-            (first, count, blocks, elems) = (first + count as usize, 0, 0, 0);
+            groups.push(Vec::new());
+            elems = 0;
+        }
+        if let Some(g) = groups.last_mut() {
+            g.push((ptrs, n));
+        }
+        elems += n;
+    }
+    table_of_groups(&groups)
+}
+
+/// Segment table with one launch group per non-empty entry of `groups` (empty segments skipped),
+/// in order; each group's first blocks count from 0.
+pub(crate) fn table_of_groups(groups: &[Vec<Seg>]) -> candle_core::Result<Table> {
+    let mut words = Vec::new();
+    let mut out = Vec::with_capacity(groups.len());
+    let mut first = 0usize;
+    for g in groups {
+        let (mut count, mut blocks) = (0u32, 0u64);
+        for (ptrs, n) in g.iter().filter(|(_, n)| *n > 0) {
+            words.extend_from_slice(ptrs);
+            words.extend_from_slice(&[*n, blocks]);
+            blocks += n.div_ceil(CHUNK);
+            count += 1;
+            if blocks > i32::MAX as u64 {
+                return Err(msg(format!("multi-tensor launch: {blocks} blocks")));
+            }
+        }
+        if count > 0 {
+            out.push((first, count, blocks as u32));
+            first += count as usize;
         }
     }
-    if count > 0 {
-        groups.push((first, count, blocks as u32));
-    }
-    Ok(Table { words, groups })
+    Ok(Table { words, groups: out })
 }
 
 fn launch_config(blocks: u32) -> LaunchConfig {
@@ -168,21 +185,40 @@ pub fn adamw_update(
     let stream = dev.cuda_stream();
     let seg_buf = stream.clone_htod(&tab.words).w()?;
     let base = seg_buf.device_ptr(&stream).0;
-    let f = func(&dev, "adamw_multi_f32")?;
-    for (gi, &(first_seg, count, blocks)) in tab.groups.iter().enumerate() {
+    for (gi, &group) in tab.groups.iter().enumerate() {
         if gi > 0 {
             between();
         }
-        let segs_ptr = base + (first_seg * SEG_WORDS * 8) as u64;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&segs_ptr).arg(&count).arg(&grad_scale);
-        s.push_args(&mut b);
-        // SAFETY: argument order and types match adamw_multi_f32; segs_ptr points at `count`
-        // segments inside seg_buf (alive until after the launches: frees are stream-ordered), each
-        // addressing n f32 of p, g, m and v on (or mapped for) this device, checked above. Writing
-        // p, m and v in place is what the optimizer means (as candle's Var::set does).
-        unsafe { b.launch(launch_config(blocks)) }.w()?;
+        // SAFETY: seg_buf holds the table (alive until after the launches: frees are
+        // stream-ordered); each segment addresses n f32 of p, g, m and v on (or mapped for) this
+        // device, checked above.
+        unsafe { launch_adamw(&dev, base, group, s, grad_scale) }?;
     }
     drop(seg_buf);
+    Ok(())
+}
+
+/// Launches `adamw_multi_f32` on `dev`'s stream over one group of a segment table uploaded at
+/// device address `table`.
+///
+/// # Safety
+/// `table` must hold the group's segments until the launch has run, each addressing n f32 of
+/// p, g, m and v that the device can read and write. Writing p, m and v in place is what the
+/// optimizer means (as candle's Var::set does).
+pub(crate) unsafe fn launch_adamw(
+    dev: &CudaDevice,
+    table: u64,
+    (first_seg, count, blocks): (usize, u32, u32),
+    s: AdamWStep,
+    grad_scale: f32,
+) -> candle_core::Result<()> {
+    let f = func(dev, "adamw_multi_f32")?;
+    let segs_ptr = table + (first_seg * SEG_WORDS * 8) as u64;
+    let stream = dev.cuda_stream();
+    let mut b = stream.launch_builder(&f);
+    b.arg(&segs_ptr).arg(&count).arg(&grad_scale);
+    s.push_args(&mut b);
+    // SAFETY: argument order and types match adamw_multi_f32; the rest is the caller's.
+    unsafe { b.launch(launch_config(blocks)) }.w()?;
     Ok(())
 }

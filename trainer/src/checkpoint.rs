@@ -89,10 +89,10 @@ impl Trainer<'_> {
     /// `overwrite`).
     pub fn save_checkpoint(&self, dir: &Path, base_model: &str, overwrite: bool) -> Result<()> {
         let staging = StagingDir::new(dir, overwrite)?;
-        write_peft_files(&self.lora, base_model, staging.path())?;
+        write_peft_files(self.lora()?, base_model, staging.path())?;
         let (m, v) = self.optimizer().moments()?;
         let mut tensors = Vec::with_capacity(2 * m.len());
-        for ((name, _), (m, v)) in self.lora.named_vars().iter().zip(m.iter().zip(&v)) {
+        for ((name, _), (m, v)) in self.lora()?.named_vars().iter().zip(m.iter().zip(&v)) {
             for (prefix, t) in [("exp_avg", m), ("exp_avg_sq", v)] {
                 let vals = t.flatten_all()?.to_vec1::<f32>()?;
                 tensors.push(OwnedTensor::f32(
@@ -109,7 +109,7 @@ impl Trainer<'_> {
             adam_step: self.optimizer().step,
             total_steps: self.total_steps(),
             config_json: settings_json(self.config())?,
-            lora_json: to_json(&self.lora.spec)?,
+            lora_json: to_json(&self.lora()?.spec)?,
             n_examples: self.n_examples(),
             data_fingerprint: data_fingerprint(self.examples()),
             base_model: base_model.to_string(),

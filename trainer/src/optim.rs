@@ -49,6 +49,9 @@ pub struct AdamW {
     v: Vec<Tensor>,
     #[cfg(feature = "cuda")]
     mapped: Option<Mapped>,
+    /// Moments in host memory streamed through device slots, updates deferred (staged_cuda.rs).
+    #[cfg(feature = "cuda")]
+    staged: Option<qlorad_kernels::staged_cuda::StagedAdamW>,
     pub step: u64,
     paged: bool,
 }
@@ -80,6 +83,8 @@ impl AdamW {
             v,
             #[cfg(feature = "cuda")]
             mapped: None,
+            #[cfg(feature = "cuda")]
+            staged: None,
             step,
             paged: false,
         }
@@ -92,6 +97,7 @@ impl AdamW {
         #[cfg(feature = "cuda")]
         {
             self.mapped = None;
+            self.staged = None;
             if let (true, Device::Cuda(d)) = (paged, device) {
                 if std::env::var("QLORAD_PAGED_MAPPED").map_or(true, |v| v != "0") {
                     match map(d, &m, &v) {
@@ -121,6 +127,60 @@ impl AdamW {
         Ok(self)
     }
 
+    /// Keeps the moments in host memory like [`AdamW::paged`]; on a GPU, streamed through device
+    /// slots in `groups` (var indices, in the order a forward pass reads them) by copy engines,
+    /// each group's update applied just before its vars are next read ([`AdamW::clip_and_defer`],
+    /// [`AdamW::apply_through`]). Elsewhere, or with `QLORAD_PAGED_STAGED=0`, as `paged(true)`.
+    pub fn paged_in_groups(self, device: &Device, groups: Vec<Vec<usize>>) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = device {
+            if std::env::var("QLORAD_PAGED_STAGED").map_or(true, |v| v != "0") {
+                let (m, v) = self.moments()?;
+                let host = |ts: &[Tensor]| -> Result<Vec<Vec<f32>>> {
+                    ts.iter()
+                        .map(|t| Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
+                        .collect()
+                };
+                let shapes = m.iter().map(|t| t.shape().clone()).collect();
+                match qlorad_kernels::staged_cuda::StagedAdamW::new(
+                    d,
+                    groups,
+                    shapes,
+                    &host(&m)?,
+                    &host(&v)?,
+                ) {
+                    Ok(st) => {
+                        let mut s = self;
+                        s.staged = Some(st);
+                        s.mapped = None;
+                        (s.m, s.v) = (Vec::new(), Vec::new());
+                        s.paged = true;
+                        return Ok(s);
+                    }
+                    Err(e) => tracing::warn!("paged optimizer: no staged moments ({e}); mapped"),
+                }
+            }
+        }
+        let _ = groups;
+        self.paged(true, device)
+    }
+
+    /// Applies a deferred update to the vars of every group up to `group` (an index into the
+    /// groups of [`AdamW::paged_in_groups`]; `usize::MAX`: all). Call before those vars are read.
+    pub fn apply_through(&self, group: usize) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Some(st) = &self.staged {
+            st.apply_through(group)?;
+        }
+        let _ = group;
+        Ok(())
+    }
+
+    /// Applies any deferred update: the vars and moments are current afterwards.
+    pub fn flush(&self) -> Result<()> {
+        self.apply_through(usize::MAX)
+    }
+
     pub fn is_paged(&self) -> bool {
         self.paged
     }
@@ -128,6 +188,13 @@ impl AdamW {
     /// Bytes of optimizer state held on `device` (all of it, or none when paged to the host of a
     /// GPU run).
     pub fn bytes_on(&self, device: &Device) -> usize {
+        #[cfg(feature = "cuda")]
+        if let Some(st) = &self.staged {
+            return match device {
+                Device::Cpu => st.host_bytes(),
+                _ => st.device_bytes(),
+            };
+        }
         #[cfg(feature = "cuda")]
         if let Some(mp) = &self.mapped {
             return match device {
@@ -145,6 +212,18 @@ impl AdamW {
 
     /// First and second moments, in var order (copies on the host when mapped).
     pub fn moments(&self) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if let Some(st) = &self.staged {
+            let (m, v) = st.moments()?;
+            let shapes = st.shapes();
+            let host = |vals: Vec<Vec<f32>>| -> Result<Vec<Tensor>> {
+                vals.into_iter()
+                    .zip(shapes)
+                    .map(|(x, s)| Ok(Tensor::from_vec(x, s.clone(), &Device::Cpu)?))
+                    .collect()
+            };
+            return Ok((host(m)?, host(v)?));
+        }
         #[cfg(feature = "cuda")]
         if let Some(mp) = &self.mapped {
             let host = |bufs: &[qlorad_kernels::mapped_cuda::MappedF32]| -> Result<Vec<Tensor>> {
@@ -186,6 +265,39 @@ impl AdamW {
         Ok(norm)
     }
 
+    /// [`AdamW::clip_and_update`], except that with staged moments the update is only scheduled:
+    /// each group is applied by [`AdamW::apply_through`] before its vars are next read (or by
+    /// [`AdamW::flush`]), so the moments' transfers overlap the next forward pass.
+    pub fn clip_and_defer(
+        &mut self,
+        vars: &[&Var],
+        grads: &[Tensor],
+        lr: f64,
+        max_norm: f64,
+        between: &dyn Fn(),
+    ) -> Result<f64> {
+        #[cfg(feature = "cuda")]
+        if self.staged.is_some() {
+            let (norm, coef) = if max_norm > 0.0 {
+                let norm = crate::step::grad_norm(grads)?;
+                (norm, crate::step::clip_coef(norm, max_norm))
+            } else {
+                (f64::NAN, 1.0)
+            };
+            between();
+            self.step += 1;
+            let c = self.cfg;
+            let bc1 = 1.0 - c.beta1.powi(self.step as i32);
+            let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+            let ps: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+            if let Some(st) = &self.staged {
+                st.defer(&ps, grads, fused_step(c, lr, bc1, bc2), coef as f32)?;
+            }
+            return Ok(norm);
+        }
+        self.clip_and_update(vars, grads, lr, max_norm, between)
+    }
+
     /// One update of every var from `grad_scale ·` its gradient (the clip coefficient, applied
     /// as `clip_grad_norm_` scales the gradients). On a GPU every tensor is updated by a few
     /// multi-tensor launches, with `between` called between them.
@@ -207,6 +319,11 @@ impl AdamW {
             let fused = fused_step(c, lr, bc1, bc2);
             let on_gpu = |t: &Tensor| t.device().is_cuda() && t.dtype() == DType::F32;
             let ps: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+            if let Some(st) = &self.staged {
+                st.defer(&ps, grads, fused, grad_scale as f32)?;
+                st.flush()?;
+                return Ok(());
+            }
             let moments = match &mut self.mapped {
                 Some(mp) => Some(Moments::Mapped(&mut mp.m, &mut mp.v)),
                 None if !self.paged && ps.iter().all(|p| on_gpu(p)) => {

@@ -393,6 +393,32 @@ pub fn loss_and_grads(
     checkpointing: bool,
     between_layers: Option<&(dyn Fn() + Send + Sync)>,
 ) -> Result<(f64, Vec<Tensor>)> {
+    loss_and_grads_hooked(
+        model,
+        lora,
+        batch,
+        vars,
+        scale,
+        checkpointing,
+        between_layers,
+        &|_| Ok(()),
+    )
+}
+
+/// [`loss_and_grads`] with `before_layer(li)` called before the forward pass first reads layer
+/// `li`'s LoRA vars, and `before_layer(usize::MAX)` before anything else reads any var (the
+/// trainer applies a deferred optimizer update there: `AdamW::apply_through`).
+#[allow(clippy::too_many_arguments)] // loss_and_grads' arguments and the hook
+pub fn loss_and_grads_hooked(
+    model: &Llama,
+    lora: &dyn LoraWeights,
+    batch: &Batch,
+    vars: &[&Var],
+    scale: f64,
+    checkpointing: bool,
+    between_layers: Option<&(dyn Fn() + Send + Sync)>,
+    before_layer: &dyn Fn(usize) -> Result<()>,
+) -> Result<(f64, Vec<Tensor>)> {
     #[cfg(feature = "cuda")]
     if model.train_ops() == TrainOps::Fused {
         let pause = pauser(between_layers);
@@ -404,8 +430,11 @@ pub fn loss_and_grads(
             scale,
             checkpointing,
             &pause,
+            before_layer,
         );
     }
+    // Autograd builds the whole graph from the vars: everything must be current first.
+    before_layer(usize::MAX)?;
     loss_and_grads_autograd(
         model,
         lora,

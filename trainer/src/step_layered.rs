@@ -8,7 +8,8 @@ use qlorad_model::llama::train::LoraWeights;
 use qlorad_model::Llama;
 use std::collections::HashMap;
 
-/// [`crate::step::loss_and_grads`] for a model whose training ops are fused.
+/// [`crate::step::loss_and_grads_hooked`] for a model whose training ops are fused.
+#[allow(clippy::too_many_arguments)] // loss_and_grads_hooked's, the pause made from its callback
 pub(crate) fn loss_and_grads(
     model: &Llama,
     lora: &dyn LoraWeights,
@@ -17,6 +18,7 @@ pub(crate) fn loss_and_grads(
     scale: f64,
     checkpointing: bool,
     pause: &dyn Fn(),
+    before_layer: &dyn Fn(usize) -> Result<()>,
 ) -> Result<(f64, Vec<Tensor>)> {
     let ctx = model.train_context(batch.seq)?;
     let n = model.num_layers();
@@ -27,6 +29,7 @@ pub(crate) fn loss_and_grads(
     let mut saved = Vec::with_capacity(if checkpointing { 0 } else { n });
     inputs.push(model.embed_train(&batch.ids)?);
     for li in 0..n {
+        before_layer(li)?;
         let (y, acts) = model.block_forward_saved(li, &inputs[li], &ctx, lora, pause)?;
         if !checkpointing {
             saved.push(acts);
@@ -34,6 +37,7 @@ pub(crate) fn loss_and_grads(
         inputs.push(y);
         pause();
     }
+    before_layer(usize::MAX)?;
     // The head and loss with their backward by hand too: the loss and its gradient at the last
     // layer's output.
     let top = inputs

@@ -5,7 +5,7 @@
 
 use crate::data::{batches, Example};
 use crate::step::{
-    loss, loss_and_grads, AdamW, AdamWConfig, Batch, Result, StepError, TrainableLora,
+    loss, loss_and_grads_hooked, AdamW, AdamWConfig, Batch, Result, StepError, TrainableLora,
 };
 use qlorad_model::io::{write_json, write_safetensors, OwnedTensor, StagingDir};
 use qlorad_model::Llama;
@@ -154,7 +154,7 @@ pub struct Position {
 /// job runner interleaving with serving) can log, checkpoint, pause or cancel between steps.
 pub struct Trainer<'m> {
     model: &'m Llama,
-    pub lora: TrainableLora,
+    lora: TrainableLora,
     examples: Vec<Example>,
     eval: Vec<Example>,
     cfg: TrainConfig,
@@ -170,6 +170,9 @@ pub struct Trainer<'m> {
     between_layers: Option<std::sync::Arc<dyn Fn() + Send + Sync>>,
     /// Data-parallel group this trainer is one rank of (`None`: trains alone).
     collective: Option<std::sync::Arc<dyn crate::parallel::Collective>>,
+    /// Where each layer's LoRA vars sit in the optimizer's groups, for an update deferred into
+    /// the next forward pass (staged paged moments on a GPU; empty otherwise: nothing deferred).
+    layer_groups: LayerGroups,
 }
 
 impl<'m> Trainer<'m> {
@@ -214,7 +217,15 @@ impl<'m> Trainer<'m> {
         if examples.is_empty() {
             return Err(StepError::Invalid("no training examples".into()));
         }
-        let opt = opt.paged(cfg.paged_optimizer, model.device())?;
+        let (opt, layer_groups) = if cfg.paged_optimizer && model.device().is_cuda() {
+            let lg = LayerGroups::new(model, &lora);
+            (opt.paged_in_groups(model.device(), lg.groups.clone())?, lg)
+        } else {
+            (
+                opt.paged(cfg.paged_optimizer, model.device())?,
+                LayerGroups::default(),
+            )
+        };
         let lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
         let (total, warmup) = schedule_len(lengths.len(), &cfg, 1);
         let order = batches(
@@ -240,7 +251,14 @@ impl<'m> Trainer<'m> {
             session_tokens: 0,
             between_layers: None,
             collective: None,
+            layer_groups,
         })
+    }
+
+    /// The adapter being trained, with any deferred optimizer update applied.
+    pub fn lora(&self) -> Result<&TrainableLora> {
+        self.opt.flush()?;
+        Ok(&self.lora)
     }
 
     /// Makes this trainer one rank of a data-parallel group (crate::parallel): every rank must
@@ -362,7 +380,10 @@ impl<'m> Trainer<'m> {
             let batch = Batch::from_examples(&exs, self.pad_id)?;
             self.lora
                 .set_dropout_seed(Some(dropout_seed(self.cfg.seed, self.pos.step, micro)));
-            let r = loss_and_grads(
+            // The previous step's update, if deferred, lands layer by layer in this forward.
+            let (opt, layer_groups) = (&self.opt, &self.layer_groups);
+            let before_layer = |li: usize| layer_groups.before_layer(opt, li);
+            let r = loss_and_grads_hooked(
                 self.model,
                 &self.lora,
                 &batch,
@@ -370,6 +391,7 @@ impl<'m> Trainer<'m> {
                 1.0 / group.len() as f64,
                 self.cfg.gradient_checkpointing,
                 self.between_layers.as_deref(),
+                &before_layer,
             );
             self.lora.set_dropout_seed(None);
             let (l, g) = r?;
@@ -413,9 +435,11 @@ impl<'m> Trainer<'m> {
                 f()
             }
         };
+        // Deferred with staged paged moments: applied in the next step's forward or on the next
+        // read of the weights (`lora`, `evaluate`, a checkpoint), whichever comes first.
         let grad_norm =
             self.opt
-                .clip_and_update(&vars, &grads, lr, self.cfg.max_grad_norm, &pause)?;
+                .clip_and_defer(&vars, &grads, lr, self.cfg.max_grad_norm, &pause)?;
         self.pos.step += 1;
         self.pos.group += 1;
         self.pos.trained_tokens += step_tokens;
@@ -456,6 +480,7 @@ impl<'m> Trainer<'m> {
     /// data-parallel group every rank calls it: each evaluates its share of the batches and the
     /// sums are exchanged.
     pub fn evaluate(&self) -> Result<f64> {
+        self.opt.flush()?;
         let (rank, world) = self.rank_world();
         let (mut sum, mut count) = (0.0, 0usize);
         for (k, chunk) in self.eval.chunks(self.cfg.batch_size.max(1)).enumerate() {
@@ -485,6 +510,71 @@ impl<'m> Trainer<'m> {
 }
 
 /// Optimizer steps of a run over `n` examples.
+/// A deferred optimizer update's groups of vars (indices into `named_vars`), in the order a
+/// forward pass reads them: vars that belong to no decoder layer first, then each layer's LoRA
+/// vars; and per layer, the group holding its vars.
+#[derive(Debug, Clone, Default)]
+pub struct LayerGroups {
+    pub groups: Vec<Vec<usize>>,
+    pub of_layer: Vec<Option<usize>>,
+}
+
+impl LayerGroups {
+    pub fn new(model: &Llama, lora: &TrainableLora) -> Self {
+        use qlorad_model::llama::train::LoraWeights;
+        let named = lora.named_vars();
+        let index: std::collections::HashMap<_, usize> = named
+            .iter()
+            .enumerate()
+            .map(|(i, (_, v))| (v.as_tensor().id(), i))
+            .collect();
+        let mut taken = vec![false; named.len()];
+        let mut per_layer = Vec::with_capacity(model.num_layers());
+        for li in 0..model.num_layers() {
+            let mut g = Vec::new();
+            for proj in 0..qlorad_model::loader::PROJECTIONS.len() {
+                if let Some((a, b, _)) = lora.module(li, proj) {
+                    for t in [a, b] {
+                        if let Some(&i) = index.get(&t.id()) {
+                            if !taken[i] {
+                                taken[i] = true;
+                                g.push(i);
+                            }
+                        }
+                    }
+                }
+            }
+            per_layer.push(g);
+        }
+        let rest: Vec<usize> = (0..named.len()).filter(|&i| !taken[i]).collect();
+        let mut groups = Vec::new();
+        if !rest.is_empty() {
+            groups.push(rest);
+        }
+        let mut of_layer = Vec::with_capacity(per_layer.len());
+        for g in per_layer {
+            if g.is_empty() {
+                // Nothing of this layer to update: what comes before it is applied by then.
+                of_layer.push(groups.len().checked_sub(1));
+            } else {
+                groups.push(g);
+                of_layer.push(Some(groups.len() - 1));
+            }
+        }
+        Self { groups, of_layer }
+    }
+
+    /// The hook of [`crate::step::loss_and_grads_hooked`]: applies `opt`'s deferred update up to
+    /// layer `li`'s group (everything for an index past the layers).
+    pub fn before_layer(&self, opt: &AdamW, li: usize) -> Result<()> {
+        match self.of_layer.get(li) {
+            Some(Some(g)) => opt.apply_through(*g),
+            Some(None) => Ok(()),
+            None => opt.flush(),
+        }
+    }
+}
+
 pub fn total_steps(n: usize, cfg: &TrainConfig) -> usize {
     schedule_len(n, cfg, 1).0
 }

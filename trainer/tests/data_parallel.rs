@@ -53,7 +53,8 @@ fn run(t: &mut Trainer) -> Vec<StepLog> {
 }
 
 fn weights(t: &Trainer) -> Vec<Vec<f32>> {
-    t.lora
+    t.lora()
+        .unwrap()
         .named_vars()
         .iter()
         .map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap())

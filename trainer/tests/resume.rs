@@ -75,7 +75,13 @@ fn resumed_run_equals_uninterrupted_bit_for_bit() {
     assert_eq!(whole.len(), 9);
     assert!(whole.iter().all(|l| l.loss.is_finite()));
     assert!(whole[1].eval_loss.is_some() && whole[2].eval_loss.is_none());
-    save_peft(&full.lora, "tiny", &dir.path().join("full"), false).unwrap();
+    save_peft(
+        full.lora().unwrap(),
+        "tiny",
+        &dir.path().join("full"),
+        false,
+    )
+    .unwrap();
 
     // Stop after 4 steps (mid-epoch), checkpoint, drop everything, resume in a new trainer.
     let ckpt = dir.path().join("checkpoint-4");
@@ -90,7 +96,13 @@ fn resumed_run_equals_uninterrupted_bit_for_bit() {
     );
     let mut resumed = resume(&m, &ckpt);
     let tail = run_to_end(&mut resumed);
-    save_peft(&resumed.lora, "tiny", &dir.path().join("resumed"), false).unwrap();
+    save_peft(
+        resumed.lora().unwrap(),
+        "tiny",
+        &dir.path().join("resumed"),
+        false,
+    )
+    .unwrap();
 
     let got: Vec<_> = head.iter().chain(&tail).map(key).collect();
     let want: Vec<_> = whole.iter().map(key).collect();
@@ -277,7 +289,8 @@ fn paged_optimizer_gives_the_same_run_and_resumes_across_the_switch() {
         first.optimizer().bytes_on(&candle_core::Device::Cpu),
         2 * 4
             * first
-                .lora
+                .lora()
+                .unwrap()
                 .named_vars()
                 .iter()
                 .map(|(_, v)| v.elem_count())
@@ -293,8 +306,20 @@ fn paged_optimizer_gives_the_same_run_and_resumes_across_the_switch() {
     let tail = run_to_end(&mut resumed);
     let got: Vec<_> = head.iter().chain(&tail).map(key).collect();
     assert_eq!(got, want);
-    save_peft(&resident.lora, "tiny", &dir.path().join("a"), false).unwrap();
-    save_peft(&resumed.lora, "tiny", &dir.path().join("b"), false).unwrap();
+    save_peft(
+        resident.lora().unwrap(),
+        "tiny",
+        &dir.path().join("a"),
+        false,
+    )
+    .unwrap();
+    save_peft(
+        resumed.lora().unwrap(),
+        "tiny",
+        &dir.path().join("b"),
+        false,
+    )
+    .unwrap();
     let bytes =
         |d: &str| std::fs::read(dir.path().join(d).join("adapter_model.safetensors")).unwrap();
     assert_eq!(bytes("a"), bytes("b"));
