@@ -638,7 +638,9 @@ pub fn bench(a: GpuTrainBenchArgs) -> Result<()> {
             );
         }
         out.insert(format!("{key}_fwd_bwd_s"), serde_json::json!(grad_s));
-        // Resets both high-water marks for the next mode.
+        // Resets both high-water marks for the next mode, which starts from an empty pool.
+        drop(opt);
+        qlorad_model::device::trim_pool(&p.device)?;
         std::thread::sleep(std::time::Duration::from_millis(20));
         mem.take();
         pool.take()?;

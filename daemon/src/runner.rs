@@ -406,6 +406,10 @@ impl JobRunner {
         self.training.store(true, Ordering::Relaxed);
         let outcome = self.execute(id);
         self.training.store(false, Ordering::Relaxed);
+        // The job's activations stay cached in the device's memory pool; hand them back.
+        if let Err(e) = qlorad_model::device::trim_pool(self.model.device()) {
+            tracing::warn!(job = %id, "{e}");
+        }
         self.lock_control().remove(id);
         let t = &self.metrics.training;
         t.job_bytes.with_label_values(&["lora"]).set(0);

@@ -71,6 +71,11 @@ impl Placement {
                     // add host overhead to each of the hundreds of launches of a decode step. Called
                     // before any tensor exists on the device.
                     unsafe { d.disable_event_tracking() };
+                    if std::env::var("QLORAD_POOL_CACHE").map_or(true, |v| v != "0") {
+                        keep_pool(d).map_err(|e| {
+                            ModelError::Invalid(format!("cuda:{n}: memory pool: {e}"))
+                        })?;
+                    }
                 }
                 Ok(Self {
                     device,
@@ -103,6 +108,55 @@ impl Placement {
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.device.synchronize()?)
     }
+}
+
+/// Makes the device's memory pool (the one cudarc's stream-ordered allocations come from) keep
+/// freed memory for reuse instead of handing it back to the driver at every synchronization.
+///
+/// The pool's default release threshold is 0: at each synchronizing call (a loss read on the host,
+/// a sampled token) the driver unmaps every free byte, and the next allocations map it again. A
+/// training step frees and re-allocates GBs of activations around such points, and decode
+/// allocates its temporaries again after every token. PyTorch's caching allocator keeps what it has
+/// reserved for the same reason; [`trim_pool`] gives it back (after a fine-tuning job).
+#[cfg(feature = "cuda")]
+fn keep_pool(d: &candle_core::CudaDevice) -> std::result::Result<(), String> {
+    use candle_core::cuda_backend::cudarc::driver::{result, sys};
+    let dev = d.cuda_stream().context().cu_device();
+    let mut keep = u64::MAX;
+    // SAFETY: `dev` is the device of a live context; the attribute is a cuuint64_t.
+    unsafe {
+        let pool = result::device::get_mem_pool(dev).map_err(|e| e.to_string())?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut keep as *mut u64).cast(),
+        )
+        .result()
+        .map_err(|e| e.to_string())
+    }
+}
+
+/// Returns the free memory the device's pool keeps cached (see `keep_pool`) to the driver, e.g.
+/// for other processes once a fine-tuning job's activations are gone; a no-op on the CPU.
+pub fn trim_pool(device: &Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        let fail = |e: String| ModelError::Invalid(format!("trimming the memory pool: {e}"));
+        d.cuda_stream()
+            .synchronize()
+            .map_err(|e| fail(e.to_string()))?;
+        let dev = d.cuda_stream().context().cu_device();
+        // SAFETY: `dev` is the device of a live context; trimming frees only unused memory.
+        unsafe {
+            let pool = result::device::get_mem_pool(dev).map_err(|e| fail(e.to_string()))?;
+            sys::cuMemPoolTrimTo(pool, 0)
+                .result()
+                .map_err(|e| fail(e.to_string()))?;
+        }
+    }
+    let _ = device;
+    Ok(())
 }
 
 fn first_line(e: &candle_core::Error) -> String {
