@@ -541,7 +541,7 @@ mod tests {
             let out = if batched_path {
                 batched_attention(geo, LAYER, &q, &k, &v, &mut seqs)
             } else {
-                reference_attention(geo, LAYER, &q, &k, &v, &mut seqs)
+                reference_attention(geo, LAYER, &q, &k, &v, &mut seqs, &Default::default())
             }
             .unwrap();
             for s in seqs.iter_mut() {
