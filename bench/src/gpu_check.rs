@@ -114,6 +114,7 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     }
     crate::gpu_train_ops::checks(&gpu, &mut report)?;
     crate::gpu_train::checks(&gpu, &mut report)?;
+    crate::gpu_trainer_check::checks(&gpu, &mut report)?;
     crate::gpu_train_ops::optimizer_checks(&gpu, &mut report)?;
     crate::gpu_train_ops::nccl_checks(&gpu, &mut report)?;
     let failed = report.checks.iter().filter(|c| !c.pass).count();

@@ -32,6 +32,8 @@ mod gpu_train_pieces;
 #[cfg(feature = "cuda")]
 mod gpu_train_profile;
 #[cfg(feature = "cuda")]
+mod gpu_trainer_check;
+#[cfg(feature = "cuda")]
 mod hot_load_probe;
 mod random_model;
 
