@@ -254,12 +254,7 @@ impl AdamW {
         max_norm: f64,
         between: &dyn Fn(),
     ) -> Result<f64> {
-        let (norm, coef) = if max_norm > 0.0 {
-            let norm = crate::step::grad_norm(grads)?;
-            (norm, crate::step::clip_coef(norm, max_norm))
-        } else {
-            (f64::NAN, 1.0)
-        };
+        let (norm, coef) = clip(grads, max_norm)?;
         between();
         self.update_scaled(vars, grads, lr, coef, between)?;
         Ok(norm)
@@ -278,24 +273,23 @@ impl AdamW {
     ) -> Result<f64> {
         #[cfg(feature = "cuda")]
         if self.staged.is_some() {
-            let (norm, coef) = if max_norm > 0.0 {
-                let norm = crate::step::grad_norm(grads)?;
-                (norm, crate::step::clip_coef(norm, max_norm))
-            } else {
-                (f64::NAN, 1.0)
-            };
+            let (norm, coef) = clip(grads, max_norm)?;
             between();
-            self.step += 1;
-            let c = self.cfg;
-            let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-            let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+            let (bc1, bc2) = self.advance();
             let ps: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
             if let Some(st) = &self.staged {
-                st.defer(&ps, grads, fused_step(c, lr, bc1, bc2), coef as f32)?;
+                st.defer(&ps, grads, fused_step(self.cfg, lr, bc1, bc2), coef as f32)?;
             }
             return Ok(norm);
         }
         self.clip_and_update(vars, grads, lr, max_norm, between)
+    }
+
+    /// Counts one more step; returns its bias corrections `1 − β₁ᵗ`, `1 − β₂ᵗ`.
+    fn advance(&mut self) -> (f64, f64) {
+        self.step += 1;
+        let t = self.step as i32;
+        (1.0 - self.cfg.beta1.powi(t), 1.0 - self.cfg.beta2.powi(t))
     }
 
     /// One update of every var from `grad_scale ·` its gradient (the clip coefficient, applied
@@ -309,10 +303,8 @@ impl AdamW {
         grad_scale: f64,
         between: &dyn Fn(),
     ) -> Result<()> {
-        self.step += 1;
         let c = self.cfg;
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+        let (bc1, bc2) = self.advance();
         #[cfg(feature = "cuda")]
         {
             use qlorad_kernels::multi_tensor_cuda::{adamw_update, Moments};
@@ -387,6 +379,17 @@ impl AdamW {
             self.v[i] = v.to_device(&home)?;
         }
         Ok(())
+    }
+}
+
+/// The gradients' global norm and the factor that clips it to `max_norm` (0: no clipping: NaN and
+/// 1), as `torch.nn.utils.clip_grad_norm_`.
+fn clip(grads: &[Tensor], max_norm: f64) -> Result<(f64, f64)> {
+    if max_norm > 0.0 {
+        let norm = crate::step::grad_norm(grads)?;
+        Ok((norm, crate::step::clip_coef(norm, max_norm)))
+    } else {
+        Ok((f64::NAN, 1.0))
     }
 }
 
