@@ -310,6 +310,14 @@ impl Engine {
                     self.shared.inflight.fetch_sub(1, Ordering::SeqCst);
                     let _ = s.req.events.send(ev);
                 }
+                if oom {
+                    // The failed batch's caches and activations are back in the device's memory
+                    // pool, which keeps what it frees (possibly in pieces too small for the next
+                    // large allocation): give it all back so that a retry maps it afresh.
+                    if let Err(e) = qlorad_model::device::trim_pool(self.model.device()) {
+                        tracing::warn!("{e}");
+                    }
+                }
                 return;
             }
         };
