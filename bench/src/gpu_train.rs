@@ -287,17 +287,9 @@ pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
         train_step(&gpu_m, &lr_, &mut or_, &batch, adam.lr, true)?;
         train_step(&gpu_m, &lp, &mut op, &batch, adam.lr, true)?;
     }
-    let mut diff = 0f64;
-    for (a, b) in vr.iter().zip(&vp) {
-        let d = (a.as_tensor() - b.as_tensor())?
-            .abs()?
-            .flatten_all()?
-            .max(0)?;
-        diff = diff.max(d.to_scalar::<f32>()? as f64);
-    }
     r.add(
         "paged AdamW vs resident, 3 steps on gpu (max |Δw|, bit-identical)".into(),
-        diff,
+        max_abs_diff(&vr, &vp)?,
         0.0,
         format!(
             "optimizer bytes on device: resident {}, paged {}",
@@ -306,20 +298,12 @@ pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
         ),
     );
     // The moments a checkpoint saves: read back from mapped host memory, the same bits.
-    let ((mr, vr_), (mp, vp_)) = (or_.moments()?, op.moments()?);
-    let mut mdiff = 0f64;
-    for (a, b) in mr.iter().chain(&vr_).zip(mp.iter().chain(&vp_)) {
-        let d = (a.to_device(&Device::Cpu)? - b.to_device(&Device::Cpu)?)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?;
-        mdiff = mdiff.max(d.to_scalar::<f32>()? as f64);
-    }
+    let (mdiff, tensors) = moments_diff(&or_, &op)?;
     r.add(
         "paged AdamW moments as saved vs resident (max |Δ|, bit-identical)".into(),
         mdiff,
         0.0,
-        format!("{} tensors", mp.len() + vp_.len()),
+        format!("{tensors} tensors"),
     );
     r.add(
         "paged AdamW keeps no moments on the device (bytes)".into(),
@@ -364,20 +348,12 @@ pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
         0.0,
         "the check above would be vacuous otherwise".into(),
     );
-    let ((mr2, vr2m), (ms2, vs2)) = (or2.moments()?, os.moments()?);
-    let mut sdiff = 0f64;
-    for (a, b) in mr2.iter().chain(&vr2m).zip(ms2.iter().chain(&vs2)) {
-        let d = (a.to_device(&Device::Cpu)? - b.to_device(&Device::Cpu)?)?
-            .abs()?
-            .flatten_all()?
-            .max(0)?;
-        sdiff = sdiff.max(d.to_scalar::<f32>()? as f64);
-    }
+    let (sdiff, tensors) = moments_diff(&or2, &os)?;
     r.add(
         "staged paged AdamW moments as saved vs resident (max |Δ|, bit-identical)".into(),
         sdiff,
         0.0,
-        format!("{} tensors", ms2.len() + vs2.len()),
+        format!("{tensors} tensors"),
     );
     Ok(())
 }
@@ -386,13 +362,29 @@ pub fn checks(gpu: &Placement, r: &mut Report) -> Result<()> {
 fn max_abs_diff(a: &[Var], b: &[Var]) -> Result<f64> {
     let mut d = 0f64;
     for (x, y) in a.iter().zip(b) {
-        let m = (x.as_tensor() - y.as_tensor())?
-            .abs()?
-            .flatten_all()?
-            .max(0)?;
-        d = d.max(m.to_scalar::<f32>()? as f64);
+        d = d.max(abs_diff(x.as_tensor(), y.as_tensor())?);
     }
     Ok(d)
+}
+
+/// Largest |a − b| between two optimizers' moments as a checkpoint saves them, and how many
+/// tensors that covers.
+fn moments_diff(a: &AdamW, b: &AdamW) -> Result<(f64, usize)> {
+    let ((ma, va), (mb, vb)) = (a.moments()?, b.moments()?);
+    let mut d = 0f64;
+    for (x, y) in ma.iter().chain(&va).zip(mb.iter().chain(&vb)) {
+        d = d.max(abs_diff(
+            &x.to_device(&Device::Cpu)?,
+            &y.to_device(&Device::Cpu)?,
+        )?);
+    }
+    Ok((d, mb.len() + vb.len()))
+}
+
+/// max |a − b| of two tensors of one shape, on one device.
+fn abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let m = (a - b)?.abs()?.flatten_all()?.max(0)?;
+    Ok(m.to_scalar::<f32>()? as f64)
 }
 
 /// Peak device memory in use (total − free) sampled every millisecond on a helper thread; the
@@ -583,17 +575,12 @@ pub fn bench(a: GpuTrainBenchArgs) -> Result<()> {
         let params: usize = vars.iter().map(|v| v.elem_count()).sum();
         // Paged as the trainer pages: staged moments, each update deferred into the next forward
         // (QLORAD_PAGED_STAGED=0: mapped, applied at once).
-        let groups = if paged {
-            LayerGroups::new(&model, &lora)
-        } else {
-            LayerGroups::default()
-        };
-        let opt = AdamW::new(&vars.iter().collect::<Vec<_>>(), AdamWConfig::default())?;
-        let mut opt = if paged {
-            opt.paged_in_groups(&p.device, groups.groups.clone())?
-        } else {
-            opt
-        };
+        let (mut opt, groups) = LayerGroups::place(
+            AdamW::new(&vars.iter().collect::<Vec<_>>(), AdamWConfig::default())?,
+            &model,
+            &lora,
+            paged,
+        )?;
         let mut losses = Vec::new();
         for _ in 0..a.warmup {
             losses.push(train_step_deferring(

@@ -137,9 +137,10 @@ impl AdamW {
             if std::env::var("QLORAD_PAGED_STAGED").map_or(true, |v| v != "0") {
                 let (m, v) = self.moments()?;
                 let host = |ts: &[Tensor]| -> Result<Vec<Vec<f32>>> {
-                    ts.iter()
-                        .map(|t| Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?))
-                        .collect()
+                    Ok(ts
+                        .iter()
+                        .map(host_f32)
+                        .collect::<candle_core::Result<_>>()?)
                 };
                 let shapes = m.iter().map(|t| t.shape().clone()).collect();
                 match qlorad_kernels::staged_cuda::StagedAdamW::new(
@@ -215,24 +216,19 @@ impl AdamW {
         #[cfg(feature = "cuda")]
         if let Some(st) = &self.staged {
             let (m, v) = st.moments()?;
-            let shapes = st.shapes();
-            let host = |vals: Vec<Vec<f32>>| -> Result<Vec<Tensor>> {
-                vals.into_iter()
-                    .zip(shapes)
-                    .map(|(x, s)| Ok(Tensor::from_vec(x, s.clone(), &Device::Cpu)?))
-                    .collect()
-            };
-            return Ok((host(m)?, host(v)?));
+            return Ok((cpu_tensors(m, st.shapes())?, cpu_tensors(v, st.shapes())?));
         }
         #[cfg(feature = "cuda")]
         if let Some(mp) = &self.mapped {
-            let host = |bufs: &[qlorad_kernels::mapped_cuda::MappedF32]| -> Result<Vec<Tensor>> {
+            let vals = |bufs: &[qlorad_kernels::mapped_cuda::MappedF32]| {
                 bufs.iter()
-                    .zip(&mp.shapes)
-                    .map(|(b, s)| Ok(Tensor::from_vec(b.to_vec()?, s.clone(), &Device::Cpu)?))
-                    .collect()
+                    .map(|b| b.to_vec())
+                    .collect::<candle_core::Result<Vec<_>>>()
             };
-            return Ok((host(&mp.m)?, host(&mp.v)?));
+            return Ok((
+                cpu_tensors(vals(&mp.m)?, &mp.shapes)?,
+                cpu_tensors(vals(&mp.v)?, &mp.shapes)?,
+            ));
         }
         Ok((self.m.clone(), self.v.clone()))
     }
@@ -254,9 +250,8 @@ impl AdamW {
         max_norm: f64,
         between: &dyn Fn(),
     ) -> Result<f64> {
-        let (norm, coef) = clip(grads, max_norm)?;
-        between();
-        self.update_scaled(vars, grads, lr, coef, between)?;
+        let norm = self.clip_and_defer(vars, grads, lr, max_norm, between)?;
+        self.flush()?;
         Ok(norm)
     }
 
@@ -271,18 +266,10 @@ impl AdamW {
         max_norm: f64,
         between: &dyn Fn(),
     ) -> Result<f64> {
-        #[cfg(feature = "cuda")]
-        if self.staged.is_some() {
-            let (norm, coef) = clip(grads, max_norm)?;
-            between();
-            let (bc1, bc2) = self.advance();
-            let ps: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
-            if let Some(st) = &self.staged {
-                st.defer(&ps, grads, fused_step(self.cfg, lr, bc1, bc2), coef as f32)?;
-            }
-            return Ok(norm);
-        }
-        self.clip_and_update(vars, grads, lr, max_norm, between)
+        let (norm, coef) = clip(grads, max_norm)?;
+        between();
+        self.defer_scaled(vars, grads, lr, coef, between)?;
+        Ok(norm)
     }
 
     /// Counts one more step; returns its bias corrections `1 − β₁ᵗ`, `1 − β₂ᵗ`.
@@ -303,6 +290,20 @@ impl AdamW {
         grad_scale: f64,
         between: &dyn Fn(),
     ) -> Result<()> {
+        self.defer_scaled(vars, grads, lr, grad_scale, between)?;
+        self.flush()
+    }
+
+    /// [`AdamW::update_scaled`], left pending with staged moments (applied by
+    /// [`AdamW::apply_through`] or [`AdamW::flush`]); done at once otherwise.
+    fn defer_scaled(
+        &mut self,
+        vars: &[&Var],
+        grads: &[Tensor],
+        lr: f64,
+        grad_scale: f64,
+        between: &dyn Fn(),
+    ) -> Result<()> {
         let c = self.cfg;
         let (bc1, bc2) = self.advance();
         #[cfg(feature = "cuda")]
@@ -313,7 +314,6 @@ impl AdamW {
             let ps: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
             if let Some(st) = &self.staged {
                 st.defer(&ps, grads, fused, grad_scale as f32)?;
-                st.flush()?;
                 return Ok(());
             }
             let moments = match &mut self.mapped {
@@ -417,18 +417,31 @@ fn fused_step(
     }
 }
 
+/// Host tensors of `shapes` from their values.
+#[cfg(feature = "cuda")]
+fn cpu_tensors(vals: Vec<Vec<f32>>, shapes: &[Shape]) -> Result<Vec<Tensor>> {
+    Ok(vals
+        .into_iter()
+        .zip(shapes)
+        .map(|(x, s)| Tensor::from_vec(x, s.clone(), &Device::Cpu))
+        .collect::<candle_core::Result<_>>()?)
+}
+
+/// A tensor's values as f32 on the host, flattened.
+#[cfg(feature = "cuda")]
+fn host_f32(t: &Tensor) -> candle_core::Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<f32>()
+}
+
 /// The moments copied into mapped page-locked host memory for GPU `d`.
 #[cfg(feature = "cuda")]
 fn map(d: &candle_core::CudaDevice, m: &[Tensor], v: &[Tensor]) -> candle_core::Result<Mapped> {
     use qlorad_kernels::mapped_cuda::MappedF32;
-    let one = |t: &Tensor| -> candle_core::Result<MappedF32> {
-        let host = t
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_device(&Device::Cpu)?
-            .to_vec1::<f32>()?;
-        MappedF32::from_slice(d, &host)
-    };
+    let one =
+        |t: &Tensor| -> candle_core::Result<MappedF32> { MappedF32::from_slice(d, &host_f32(t)?) };
     Ok(Mapped {
         m: m.iter().map(one).collect::<candle_core::Result<_>>()?,
         v: v.iter().map(one).collect::<candle_core::Result<_>>()?,

@@ -217,15 +217,7 @@ impl<'m> Trainer<'m> {
         if examples.is_empty() {
             return Err(StepError::Invalid("no training examples".into()));
         }
-        let (opt, layer_groups) = if cfg.paged_optimizer && model.device().is_cuda() {
-            let lg = LayerGroups::new(model, &lora);
-            (opt.paged_in_groups(model.device(), lg.groups.clone())?, lg)
-        } else {
-            (
-                opt.paged(cfg.paged_optimizer, model.device())?,
-                LayerGroups::default(),
-            )
-        };
+        let (opt, layer_groups) = LayerGroups::place(opt, model, &lora, cfg.paged_optimizer)?;
         let lengths: Vec<usize> = examples.iter().map(|e| e.input_ids.len()).collect();
         let (total, warmup) = schedule_len(lengths.len(), &cfg, 1);
         let order = batches(
@@ -562,6 +554,22 @@ impl LayerGroups {
             }
         }
         Self { groups, of_layer }
+    }
+
+    /// Puts `opt`'s moments where a run keeps them: paged to the host (`paged`; on a GPU staged
+    /// per layer, with updates deferred, so the groups come back too) or on the model's device.
+    pub fn place(
+        opt: AdamW,
+        model: &Llama,
+        lora: &TrainableLora,
+        paged: bool,
+    ) -> Result<(AdamW, Self)> {
+        if paged && model.device().is_cuda() {
+            let lg = Self::new(model, lora);
+            Ok((opt.paged_in_groups(model.device(), lg.groups.clone())?, lg))
+        } else {
+            Ok((opt.paged(paged, model.device())?, Self::default()))
+        }
     }
 
     /// The hook of [`crate::step::loss_and_grads_hooked`]: applies `opt`'s deferred update up to
