@@ -120,12 +120,11 @@ impl Placement {
 /// reserved for the same reason; [`trim_pool`] gives it back (after a fine-tuning job).
 #[cfg(feature = "cuda")]
 fn keep_pool(d: &candle_core::CudaDevice) -> std::result::Result<(), String> {
-    use candle_core::cuda_backend::cudarc::driver::{result, sys};
-    let dev = d.cuda_stream().context().cu_device();
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let pool = default_pool(d)?;
     let mut keep = u64::MAX;
-    // SAFETY: `dev` is the device of a live context; the attribute is a cuuint64_t.
+    // SAFETY: `pool` is the device's; the attribute is a cuuint64_t.
     unsafe {
-        let pool = result::device::get_mem_pool(dev).map_err(|e| e.to_string())?;
         sys::cuMemPoolSetAttribute(
             pool,
             sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
@@ -136,24 +135,32 @@ fn keep_pool(d: &candle_core::CudaDevice) -> std::result::Result<(), String> {
     }
 }
 
+/// The memory pool that cudarc's stream-ordered allocations on `d` come from (the device's default).
+#[cfg(feature = "cuda")]
+fn default_pool(
+    d: &candle_core::CudaDevice,
+) -> std::result::Result<candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool, String> {
+    let dev = d.cuda_stream().context().cu_device();
+    // SAFETY: `dev` is the device of a live context.
+    unsafe { candle_core::cuda_backend::cudarc::driver::result::device::get_mem_pool(dev) }
+        .map_err(|e| e.to_string())
+}
+
 /// Returns the free memory the device's pool keeps cached (see `keep_pool`) to the driver, e.g.
 /// for other processes once a fine-tuning job's activations are gone; a no-op on the CPU.
 pub fn trim_pool(device: &Device) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
-        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        use candle_core::cuda_backend::cudarc::driver::sys;
         let fail = |e: String| ModelError::Invalid(format!("trimming the memory pool: {e}"));
         d.cuda_stream()
             .synchronize()
             .map_err(|e| fail(e.to_string()))?;
-        let dev = d.cuda_stream().context().cu_device();
-        // SAFETY: `dev` is the device of a live context; trimming frees only unused memory.
-        unsafe {
-            let pool = result::device::get_mem_pool(dev).map_err(|e| fail(e.to_string()))?;
-            sys::cuMemPoolTrimTo(pool, 0)
-                .result()
-                .map_err(|e| fail(e.to_string()))?;
-        }
+        let pool = default_pool(d).map_err(fail)?;
+        // SAFETY: `pool` is the device's; trimming frees only unused memory.
+        unsafe { sys::cuMemPoolTrimTo(pool, 0) }
+            .result()
+            .map_err(|e| fail(e.to_string()))?;
     }
     let _ = device;
     Ok(())

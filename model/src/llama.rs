@@ -493,9 +493,18 @@ pub(crate) fn reference_attention(
             .cache
             .append(layer, &k.narrow(1, off, n)?, &v.narrow(1, off, n)?)?;
         let qi = q.narrow(1, off, n)?;
+        // A sequence's first tokens on a GPU: the training forward's fused attention (one
+        // batched GEMM, then one softmax kernel that skips the masked half) instead of passes over
+        // the (heads, n, n) scores with a mask.
         #[cfg(feature = "cuda")]
         if past == 0 && qi.device().is_cuda() && qi.dtype() == DType::BF16 {
-            outs.push(attend_fresh_cuda(geo, &qi, &kk, &vv)?);
+            let a = train::causal_attention_fused(
+                &qi.unsqueeze(0)?,
+                &kk.unsqueeze(0)?,
+                &vv.unsqueeze(0)?,
+                geo.window,
+            )?;
+            outs.push(a.squeeze(0)?);
             off += n;
             continue;
         }
@@ -534,30 +543,6 @@ fn attend(
     };
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     let out = probs.matmul(&v.contiguous()?)?; // (kv, group*n, hd)
-    Ok(out
-        .reshape((nh, n, hd))?
-        .transpose(0, 1)?
-        .reshape((n, nh * hd))?)
-}
-
-/// [`attend`] for a sequence's first tokens (nothing cached before them) on a GPU: Q·Kᵀ, the scale,
-/// the causal (and sliding-window) mask and the softmax as the training forward's one op (a batched
-/// GEMM, then one kernel that keeps each row in registers and skips the masked half) instead of
-/// four passes over the (heads, n, n) scores and a mask built on the host.
-#[cfg(feature = "cuda")]
-fn attend_fresh_cuda(geo: AttnGeometry, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (nh, n, hd) = q.dims3()?;
-    let nkv = geo.kv_heads;
-    let soft = qlorad_kernels::train_cuda::CausalSoftmax {
-        scale: (1.0 / (hd as f64).sqrt()) as f32,
-        window: geo.window.unwrap_or(0) as u32,
-    };
-    let qg = q.reshape((1, nkv, (nh / nkv) * n, hd))?;
-    let probs = qg.contiguous()?.apply_op2_no_bwd(
-        &k.contiguous()?.unsqueeze(0)?,
-        &qlorad_kernels::attention_train_cuda::AttnProbs(soft),
-    )?; // (1, kv, group*n, n)
-    let out = probs.squeeze(0)?.matmul(&v.contiguous()?)?; // (kv, group*n, hd)
     Ok(out
         .reshape((nh, n, hd))?
         .transpose(0, 1)?

@@ -157,31 +157,49 @@ fn to_heads(y: &Tensor, heads: usize) -> Result<Tensor> {
         .contiguous()?)
 }
 
+/// [`attention`] through the fused op on a GPU (also the serving prefill's attention for a
+/// sequence with nothing cached): Q·Kᵀ, scale, causal and sliding-window mask and softmax in one op
+/// that keeps only the probabilities (bf16), then P·V. q (b, heads, t, hd), k and v
+/// (b, kv_heads, t, hd) → (b, t, heads·hd).
+#[cfg(feature = "cuda")]
+pub(crate) fn causal_attention_fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    // Query heads sharing a kv head are folded into rows: (b, kv, group*t, hd).
+    let qg = q.reshape((b, nkv, (nh / nkv) * t, hd))?;
+    let soft = qlorad_kernels::train_cuda::CausalSoftmax {
+        scale: (1.0 / (hd as f64).sqrt()) as f32,
+        window: window.unwrap_or(0) as u32,
+    };
+    let probs = qg.contiguous()?.apply_op2(
+        &k.contiguous()?,
+        qlorad_kernels::attention_train_cuda::AttnProbs(soft),
+    )?;
+    // v may be a view of a KV cache (the prefill's); a training batch's is contiguous already.
+    Ok(probs
+        .matmul(&v.contiguous()?)?
+        .reshape((b, nh, t, hd))?
+        .transpose(1, 2)?
+        .reshape((b, t, nh * hd))?)
+}
+
 /// Causal grouped-query attention of a training batch: q (b, heads, t, hd), k and v
 /// (b, kv_heads, t, hd) → (b, t, heads·hd), under `ctx`'s causal mask and sliding window.
 pub fn attention(ctx: &TrainContext, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if ctx.ops == TrainOps::Fused {
+        return causal_attention_fused(q, k, v, ctx.window);
+    }
     let (b, nh, t, hd) = q.dims4()?;
     let nkv = k.dim(1)?;
     let group = nh / nkv;
     // Query heads sharing a kv head are folded into rows: (b, kv, group*t, hd).
     let qg = q.reshape((b, nkv, group * t, hd))?;
-    #[cfg(feature = "cuda")]
-    if ctx.ops == TrainOps::Fused {
-        // Q·Kᵀ, scale, mask and softmax in one op that keeps only the probabilities (bf16).
-        let soft = qlorad_kernels::train_cuda::CausalSoftmax {
-            scale: (1.0 / (hd as f64).sqrt()) as f32,
-            window: ctx.window.unwrap_or(0) as u32,
-        };
-        let probs = qg.contiguous()?.apply_op2(
-            &k.contiguous()?,
-            qlorad_kernels::attention_train_cuda::AttnProbs(soft),
-        )?;
-        return Ok(probs
-            .matmul(v)?
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?);
-    }
     let mask = ctx.mask.as_ref().ok_or_else(|| {
         crate::error::ModelError::Invalid(
             "a training context for candle's ops needs its mask".into(),
