@@ -150,11 +150,6 @@ impl StagedAdamW {
         })
     }
 
-    /// Groups, in the order they are applied.
-    pub fn groups(&self) -> &[Vec<usize>] {
-        &self.groups
-    }
-
     /// Parameter shapes, in parameter order.
     pub fn shapes(&self) -> &[Shape] {
         &self.shapes
@@ -314,14 +309,6 @@ impl StagedAdamW {
     /// Applies whatever is pending.
     pub fn flush(&self) -> candle_core::Result<()> {
         self.apply_through(usize::MAX)
-    }
-
-    /// Whether an update is pending.
-    pub fn is_pending(&self) -> bool {
-        self.pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some()
     }
 
     /// The moments (m, v) per parameter, after applying what is pending and waiting for the
