@@ -227,6 +227,110 @@ extern "C" __global__ void silu_mul_bf16(const u16* __restrict__ gate, const u16
     }
 }
 
+// silu_mul with the down projection's LoRA shrink (t = A · silu(gate)·up per row, for the GEMV's
+// all-warps epilogue) in the same launch, each block dotting only the values it computes: grid
+// (blocks, rows), SS_CHUNK values per block, one per thread (n % SS_CHUNK == 0). Warp w takes the
+// ranks w, w + 8, ..: per rank each lane dots 8 values (16 bytes of A) with the block's outputs
+// (bf16, from shared memory), the warp sums, lane 0 writes the block's partial to
+// part[(row · blocks + block) · max_rank + j]; the row's last block to finish (a counter per row,
+// zeroed again by it) sums the partials in block order into t[row · t_stride + j]. The first
+// SS_PRE ranks' A loads are issued before the programmatic-launch wait (adapter weights are
+// written before the step), so they overlap the gate/up GEMV's tail. Session 13 tried extra
+// blocks that each recomputed silu over the whole row for their ranks: a long tail the down GEMV
+// waited for (BENCHMARKS.md); here the shrink's work is spread like the elementwise work.
+#define SS_CHUNK 256
+#define SS_PRE 8
+extern "C" __global__ void silu_mul_shrink_bf16(
+    const u16* __restrict__ gate, const u16* __restrict__ up, u32 n, u16* __restrict__ out,
+    const u64* __restrict__ row_tables, u32 slot, float* __restrict__ t, u32 t_stride,
+    u32 max_rank, float* __restrict__ part, u32* __restrict__ counters) {
+    pdl_trigger();
+    __shared__ __align__(16) u16 s_val[SS_CHUNK];
+    __shared__ u32 s_last;
+    const u32 blk = blockIdx.x, row = blockIdx.y, blocks = gridDim.x;
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    const u32 c0 = blk * SS_CHUNK + lane * 8;  // the lane's 8 values of every A row
+    const RowLora l = lookup(row_tables, row, slot);
+    const u32 r = min(l.r, max_rank);
+    const bool vec = (reinterpret_cast<u64>(l.a) & 15ull) == 0;
+    uint4 apre[SS_PRE];
+#pragma unroll
+    for (int i = 0; i < SS_PRE; ++i) {
+        const u32 j = warp + 8 * i;
+        apre[i] = (vec && j < r)
+                      ? __ldg(reinterpret_cast<const uint4*>(l.a + (u64)j * n + c0))
+                      : make_uint4(0u, 0u, 0u, 0u);
+    }
+    pdl_wait();
+    const u64 e = (u64)row * n + blk * SS_CHUNK + threadIdx.x;
+    const float g = bf16_f(gate[e]);
+    const float sv = rbf(__fdiv_rn(g, __fadd_rn(1.f, __expf(-g))));
+    const u16 o = f32_to_bf16(__fmul_rn(sv, bf16_f(up[e])));
+    out[e] = o;
+    s_val[threadIdx.x] = o;
+    __syncthreads();
+    const uint4 xv = *reinterpret_cast<const uint4*>(s_val + lane * 8);
+    float* prow = part + ((u64)row * blocks + blk) * max_rank;
+    auto finish = [&](u32 j, float acc) {
+        acc = warp_sum(acc);
+        if (lane == 0) {
+            prow[j] = acc;
+        }
+    };
+#pragma unroll
+    for (int i = 0; i < SS_PRE; ++i) {
+        const u32 j = warp + 8 * i;
+        if (j < r) {
+            uint4 a = apre[i];
+            if (!vec) {
+                const u16* ap = l.a + (u64)j * n + c0;
+                a = make_uint4(ap[0] | ((u32)ap[1] << 16), ap[2] | ((u32)ap[3] << 16),
+                               ap[4] | ((u32)ap[5] << 16), ap[6] | ((u32)ap[7] << 16));
+            }
+            finish(j, dot8_bf16(a, xv, 0.f));
+        }
+    }
+    for (u32 j = warp + 8 * SS_PRE; j < r; j += 8) {
+        const u16* ap = l.a + (u64)j * n + c0;
+        const uint4 a = vec ? __ldg(reinterpret_cast<const uint4*>(ap))
+                            : make_uint4(ap[0] | ((u32)ap[1] << 16), ap[2] | ((u32)ap[3] << 16),
+                                         ap[4] | ((u32)ap[5] << 16), ap[6] | ((u32)ap[7] << 16));
+        finish(j, dot8_bf16(a, xv, 0.f));
+    }
+    // The row's last block sums the partials (block order: the same bits every run).
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        s_last = atomicAdd(counters + row, 1u) == blocks - 1 ? 1u : 0u;
+    }
+    __syncthreads();
+    if (s_last) {
+        // Four consecutive lanes per rank, each summing every fourth block's partial (loads
+        // unrolled, so a lane has several in flight: one lane summing all 56 of the down
+        // projection's blocks was a chain of L2 round trips), then two shuffles: a fixed order.
+        __threadfence();
+        const u32 q = threadIdx.x & 3u;
+        for (u32 j0 = 0; j0 < r; j0 += blockDim.x >> 2) {
+            const u32 j = j0 + (threadIdx.x >> 2);
+            float acc = 0.f;
+            if (j < r) {
+#pragma unroll 4
+                for (u32 b = q; b < blocks; b += 4) {
+                    acc += __ldcg(part + ((u64)row * blocks + b) * max_rank + j);
+                }
+            }
+            acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+            acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+            if (j < r && q == 0) {
+                t[(u64)row * t_stride + j] = acc;
+            }
+        }
+        if (threadIdx.x == 0) {
+            counters[row] = 0u;  // for the next launch, which runs after this one in stream order
+        }
+    }
+}
+
 // The KV table's words per sequence: position | capacity << 32, then K and V per layer.
 __device__ __forceinline__ const u64* kv_row(const u64* table, u32 layers, u32 row) {
     return table + (u64)row * (1 + 2 * (u64)layers);
