@@ -101,6 +101,7 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     module_load(&gpu.device, &mut report)?;
     if !a.skip_kernels {
         kernel_checks(&gpu.device, &mut report)?;
+        grouped_checks(&gpu.device, &mut report)?;
         lora::kernel_checks(&gpu.device, &mut report)?;
         bandwidth(&gpu.device, &mut report)?;
         sweep::run(&gpu.device, &mut report)?;
@@ -222,30 +223,44 @@ fn kernel_checks(dev: &Device, r: &mut Report) -> Result<()> {
         (256, 576, bs128),
         (3, 37, dq), // 111 elements: the partial last chunk and an odd element count
     ] {
-        let (cpu, gpu) = nf4_pair(&mut rng, n, k, cfg, dev)?;
-        poison(dev, n * k)?;
-        let got = gpu.dequantize_gpu()?.flatten_all()?.to_vec1::<bf16>()?;
+        // Row-major (lut16's upload) and, where the shape fits, t4's tiled layout.
+        let (cpu, gpus) = nf4_variants(
+            &mut rng,
+            n,
+            k,
+            cfg,
+            dev,
+            &[GemvKernel::Lut16, GemvKernel::T4],
+        )?;
         let want: Vec<bf16> = cpu
             .tensor
             .dequantize()
             .into_iter()
             .map(bf16::from_f32)
             .collect();
-        let mismatches = got
-            .iter()
-            .zip(&want)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
-        r.add(
-            format!(
-                "dequantize {n}x{k} bs{} {}",
-                cfg.blocksize,
-                if cfg.double_quant { "dq" } else { "plain" }
-            ),
-            mismatches as f64,
-            0.0,
-            "elements differing from CPU (bitwise)".into(),
-        );
+        for (g, gpu) in &gpus {
+            if *g == GemvKernel::T4 && !qlorad_kernels::tiled::fits(n, k, cfg.blocksize) {
+                continue;
+            }
+            poison(dev, n * k)?;
+            let got = gpu.dequantize_gpu()?.flatten_all()?.to_vec1::<bf16>()?;
+            let mismatches = got
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            r.add(
+                format!(
+                    "dequantize {n}x{k} bs{} {}{}",
+                    cfg.blocksize,
+                    if cfg.double_quant { "dq" } else { "plain" },
+                    if *g == GemvKernel::T4 { " (tiled)" } else { "" }
+                ),
+                mismatches as f64,
+                0.0,
+                "elements differing from CPU (bitwise)".into(),
+            );
+        }
     }
     // y = x·Wᵀ: the fused GEMV (≤ 32 rows, k % 32 == 0) and dequantize + cuBLAS otherwise.
     let cases: &[(usize, usize, &[usize])] = &[
@@ -264,13 +279,17 @@ fn kernel_checks(dev: &Device, r: &mut Report) -> Result<()> {
             let want = nf4_linear(&x.to_dtype(DType::F32)?, &cpu)?;
             let gemv = m <= 32 && k % 32 == 0;
             for (g, w) in &gpus {
-                if !gemv && *g != GemvKernel::Lut16 {
-                    continue; // the GEMM path does not depend on the GEMV kernel
+                if !gemv && !matches!(*g, GemvKernel::Lut16 | GemvKernel::T4) {
+                    // The GEMM path depends on the GEMV kernel only through the layout: row-major
+                    // (lut16) or t4's tiled one.
+                    continue;
                 }
                 poison(dev, m * n)?;
                 let got = nf4_linear(&x.to_device(dev)?, w)?;
                 let path = if gemv {
                     format!("gemv {}", g.name())
+                } else if *g == GemvKernel::T4 {
+                    "dequant+gemm, tiled".into()
                 } else {
                     "dequant+gemm".into()
                 };
@@ -282,24 +301,109 @@ fn kernel_checks(dev: &Device, r: &mut Report) -> Result<()> {
                 );
             }
         }
-        // dx = dy·W (the backward's op), one decode-sized and one batch-sized input.
+        // dx = dy·W (the backward's op), one decode-sized and one batch-sized input, for the
+        // first kernel's weight and t4's (tiled where the shape fits).
+        let tiled = gpus
+            .iter()
+            .find(|(g, _)| *g == GemvKernel::T4)
+            .map(|(_, w)| w.clone());
         for m in [1usize, 64] {
             let dy = rand_tensor(&mut rng, &[m, n], 1.0)?.to_dtype(DType::BF16)?;
             let op = Nf4MatmulGrad {
                 weight: cpu.clone(),
             };
             let want = dy.to_dtype(DType::F32)?.apply_op1_no_bwd(&op)?;
-            let op = Nf4MatmulGrad {
-                weight: gpu.clone(),
-            };
-            let got = dy.to_device(dev)?.apply_op1_no_bwd(&op)?;
-            r.add(
-                format!("dy·W {n}x{k} m={m} (dequant+gemm)"),
-                rel_err(&got, &want)?,
-                MATMUL_BOUND,
-                String::new(),
-            );
+            for (w, label) in
+                std::iter::once((gpu.clone(), "")).chain(tiled.clone().map(|w| (w, ", t4")))
+            {
+                let op = Nf4MatmulGrad { weight: w };
+                let got = dy.to_device(dev)?.apply_op1_no_bwd(&op)?;
+                r.add(
+                    format!("dy·W {n}x{k} m={m} (dequant+gemm{label})"),
+                    rel_err(&got, &want)?,
+                    MATMUL_BOUND,
+                    String::new(),
+                );
+            }
         }
+    }
+    Ok(())
+}
+
+/// A grouped-GEMV case of [`grouped_checks`]: name, quantization, the weights' (n, k).
+type GroupCase = (&'static str, Nf4Config, &'static [(usize, usize)]);
+
+/// The grouped base GEMV on decode shapes against one launch per weight, bit for bit (same
+/// arithmetic per tile): gate/up-like groups have more tiles than the device holds blocks at once,
+/// so the persistent t4 kernel (cuda/nf4_t4p.cuh) walks several tiles per block, across the
+/// group's weights, with double-quantized (per-weight offsets) and plain absmax.
+fn grouped_checks(dev: &Device, r: &mut Report) -> Result<()> {
+    let mut rng = ChaCha8Rng::seed_from_u64(0x6e0f);
+    let plain = Nf4Config {
+        blocksize: 64,
+        double_quant: false,
+    };
+    // (name, quantization, the group's (n, k) shapes)
+    let groups: [GroupCase; 3] = [
+        (
+            "gate/up dq",
+            Nf4Config::default(),
+            &[(14336, 4096), (4096, 4096)],
+        ),
+        (
+            "q/k/v plain",
+            plain,
+            &[(8192, 4096), (1024, 4096), (1024, 4096)],
+        ),
+        ("down dq", Nf4Config::default(), &[(4096, 14336)]),
+    ];
+    for (name, cfg, shapes) in groups {
+        let ws = shapes
+            .iter()
+            .map(|&(n, k)| {
+                Ok(
+                    nf4_variants(&mut rng, n, k, cfg, dev, &[GemvKernel::T4])?.1[0]
+                        .1
+                        .clone(),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let refs: Vec<&Arc<Nf4Weight>> = ws.iter().collect();
+        let k = shapes[0].1;
+        let mut mismatches = 0usize;
+        for (m, persistent) in (1..=4usize).flat_map(|m| [(m, false), (m, true)]) {
+            qlorad_kernels::nf4_group_cuda::set_persistent(persistent);
+            let x = rand_tensor(&mut rng, &[m, k], 1.0)?
+                .to_dtype(DType::BF16)?
+                .to_device(dev)?;
+            let singles = ws
+                .iter()
+                .map(|w| Ok(nf4_linear(&x, w)?))
+                .collect::<Result<Vec<_>>>()?;
+            poison(dev, m * shapes.iter().map(|s| s.0).sum::<usize>())?;
+            let ys = qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &refs, None)?
+                .context("the grouped GEMV declined t4 weights")?;
+            for (y, want) in ys.iter().zip(&singles) {
+                let got = y.flatten_all()?.to_vec1::<bf16>()?;
+                let want = want.flatten_all()?.to_vec1::<bf16>()?;
+                // Bits, so that a NaN (an output left unwritten) counts too.
+                mismatches += got
+                    .iter()
+                    .zip(&want)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+            }
+        }
+        qlorad_kernels::nf4_group_cuda::set_persistent(false);
+        r.add(
+            format!(
+                "grouped base GEMV (t4 and t4p, {name}, {} tiles) vs one launch per weight, 1..4 rows",
+                shapes.iter().map(|s| s.0 / 16).sum::<usize>()
+            ),
+            mismatches as f64,
+            0.0,
+            "outputs differing (same arithmetic: bitwise)".into(),
+        );
     }
     Ok(())
 }

@@ -58,6 +58,52 @@ extern "C" __global__ void nf4_dequantize_bf16(NF4_W_PARAMS, u64 numel, u16* __r
     }
 }
 
+// nf4_dequantize_bf16 for a weight in the tiled layout of the t4 GEMV (src/tiled.rs: 16-row tiles,
+// 128-column super-blocks of 1,024 contiguous bytes, the block scales in the same order; n % 16 ==
+// 0, k % 128 == 0, blocksize 64): piece c (16 bytes, 32 codes) of the tiled bytes holds row-major
+// elements [e0, e0 + 32) of row 16·tile + r from column 128·s + 32·(c % 4), with its scale at tiled
+// block index piece_block(c) and the second level at the row-major block. Same products and
+// roundings as the row-major kernel (bit for bit the CPU's dequantize).
+extern "C" __global__ void nf4_dequantize_tiled_bf16(NF4_W_PARAMS, u32 k, u64 numel,
+                                                     u16* __restrict__ out) {
+    __shared__ float s_code[16];
+    if (threadIdx.x < 16) {
+        s_code[threadIdx.x] = code16[threadIdx.x];
+    }
+    __syncthreads();
+    const u64 nchunks = numel / 32;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    const u64 nsb = k >> 7;
+    for (u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x; c < nchunks; c += stride) {
+        const u64 ts = c >> 6, r = (c & 63u) >> 2, piece = c & 3u;
+        const u64 row = (ts / nsb) * 16 + r, col = (ts % nsb) * 128 + piece * 32;
+        const u64 e0 = row * k + col;
+        const u64 tb = ts * 32 + r * 2 + (piece >> 1);
+        const uint4 w = ld_stream(reinterpret_cast<const uint4*>(packed) + c);
+        float s;
+        if (plain) {
+            s = __ldg(absmax + tb);
+        } else {
+            const float cq = __ldg(ncode + __ldg(qabs + tb));
+            s = __fadd_rn(__fmul_rn(cq, __ldg(nested + ((e0 >> 6) >> NESTED_LOG2))), offset);
+        }
+        uint4* dst = reinterpret_cast<uint4*>(out + e0);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const u32 wj = word_of(w, j);
+            u32 p[4];
+#pragma unroll
+            for (int b = 0; b < 4; ++b) {
+                const u32 byte = (wj >> (8 * b)) & 0xffu;
+                const u32 first = f32_to_bf16(__fmul_rn(s_code[byte >> 4], s));
+                const u32 second = f32_to_bf16(__fmul_rn(s_code[byte & 15u], s));
+                p[b] = first | (second << 16);
+            }
+            dst[j] = make_uint4(p[0], p[1], p[2], p[3]);
+        }
+    }
+}
+
 // Entries per half-warp copy of the byte-pair table: one copy per lane of a half-warp, so the
 // 64-bit loads of a half-warp (one shared-memory wavefront) never share a bank.
 #define PAIR_COPIES 16
@@ -448,3 +494,4 @@ NF4_GEMV_MMA_ENTRY(7)
 NF4_GEMV_MMA_ENTRY(8)
 #include "nf4_tc.cuh"
 #include "nf4_t4.cuh"
+#include "nf4_t4p.cuh"

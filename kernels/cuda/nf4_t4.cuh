@@ -18,12 +18,30 @@
 //    second-level absmax (the first block's index is even); plain (f32) absmax is a template
 //    argument instead of a branch per iteration.
 // Same precision as `tc`: codes rounded to bf16, products and sums in f32, y rounded once.
-// Needs n % 16 == 0, k % 128 == 0, blocksize 64 and n·k < 2^32.
+// Needs n % 16 == 0, k % 128 == 0, blocksize 64 and n·k < 2^32, and the weight in the tiled layout
+// (src/tiled.rs: each warp load of 8 rows' 64 bytes is 4 whole 128-byte lines, not 8 half lines).
 #pragma once
 
 #ifndef T4_STAGES
 #define T4_STAGES 2
 #endif
+
+// Where lane (g, t) of warp `warp` starts in tile `tile` of a tiled weight (src/tiled.rs): its
+// 16-byte piece of row g in the warp's first super-block, and the tiled index of that row's first
+// block scale. Warp w takes super-blocks w, w + TC_WARPS, ..: 64 · TC_WARPS pieces and 32 ·
+// TC_WARPS scales further each time.
+struct TiledCursor {
+    const uint4* p;
+    u32 q;
+};
+__device__ __forceinline__ TiledCursor tiled_cursor_of(const u8* packed, u32 tile, u32 warp, u32 g,
+                                                       u32 t, u32 k) {
+    const u64 ts = (u64)tile * (k >> 7) + warp;
+    TiledCursor c;
+    c.p = reinterpret_cast<const uint4*>(packed + ts * 1024) + 4 * g + t;
+    c.q = (u32)(ts * 32 + 2 * g);
+    return c;
+}
 
 template <bool PLAIN>
 struct T4Stage;
@@ -49,31 +67,33 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
     u32 tile, u32* lut, float* s_ncode, float& acc_a, float& acc_b, AfterWait after_wait) {
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const u32 g = lane >> 2, t = lane & 3u;
-    const u32 ra = tile * 16 + g, rb = ra + 8;
+    const u32 ra = tile * 16 + g;
     const u32 nsb = k >> 7;
     const u32 iters =
         warp < TC_WARPS && warp < nsb ? (nsb - warp + TC_WARPS - 1) / TC_WARPS : 0;
-    // The next super-block to load: 16-byte pointers into the two rows and the index of its first
-    // absmax block (blocksize 64; n·k < 2^32).
-    const uint4* pa = reinterpret_cast<const uint4*>(packed + (u64)ra * (k >> 1)) + 4 * warp + t;
-    const uint4* pb = reinterpret_cast<const uint4*>(packed + (u64)rb * (k >> 1)) + 4 * warp + t;
-    u32 ia = ((ra * k) >> 6) + 2 * warp, ib = ((rb * k) >> 6) + 2 * warp;
+    // The next super-block to load, in the tiled layout (src/tiled.rs): a pointer to row a's 16
+    // bytes (row b's are 512 bytes on: one warp load is 4 whole lines), the tiled index of row a's
+    // two block scales (row b's 16 on) and the row-major index of its first absmax block, which the
+    // second level of the double quantization is indexed by (blocksize 64; n·k < 2^32).
+    const TiledCursor c = tiled_cursor_of(packed, tile, warp, g, t, k);
+    const uint4* pa = c.p;
+    u32 qi = c.q, ia = ((ra * k) >> 6) + 2 * warp;
+    const u32 ib_off = k >> 3;  // row b: 8 rows of k / 64 blocks further, row-major
     auto load = [&](T4Stage<PLAIN>& s) {
         s.a = ld_stream(pa);
-        s.b = ld_stream(pb);
+        s.b = ld_stream(pa + 32);
         if constexpr (PLAIN) {
-            s.sa = __ldg(reinterpret_cast<const float2*>(absmax + ia));
-            s.sb = __ldg(reinterpret_cast<const float2*>(absmax + ib));
+            s.sa = __ldg(reinterpret_cast<const float2*>(absmax + qi));
+            s.sb = __ldg(reinterpret_cast<const float2*>(absmax + qi + 16));
         } else {
-            s.qa = __ldg(reinterpret_cast<const unsigned short*>(qabs + ia));
-            s.qb = __ldg(reinterpret_cast<const unsigned short*>(qabs + ib));
+            s.qa = __ldg(reinterpret_cast<const unsigned short*>(qabs + qi));
+            s.qb = __ldg(reinterpret_cast<const unsigned short*>(qabs + qi + 16));
             s.na = __ldg(nested + (ia >> NESTED_LOG2));
-            s.nb = __ldg(nested + (ib >> NESTED_LOG2));
+            s.nb = __ldg(nested + ((ia + ib_off) >> NESTED_LOG2));
         }
-        pa += 4 * TC_WARPS;
-        pb += 4 * TC_WARPS;
+        pa += 64 * TC_WARPS;
+        qi += 32 * TC_WARPS;
         ia += 2 * TC_WARPS;
-        ib += 2 * TC_WARPS;
     };
     T4Stage<PLAIN> st[STAGES];
 #pragma unroll
@@ -348,7 +368,7 @@ __device__ __forceinline__ void nf4_gemv_t4_or_tc3(
         nf4_gemv_t4<M, LORA, T4_STAGES>(x, NF4_W_ARGS, n, k, y, row_tables, slot, t_lora,
                                         t_stride, tile, grp);
     } else {
-        nf4_gemv_tc<M, LORA, 3>(x, NF4_W_ARGS,
+        nf4_gemv_tc<M, LORA, 3, true>(x, NF4_W_ARGS,
                                 n, k, y, row_tables, slot, t_lora, t_stride, tile, grp);
     }
 }

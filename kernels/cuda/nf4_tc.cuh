@@ -319,7 +319,7 @@ struct TcStage {
     float na, nb;  // double quant: the rows' second-level absmax
 };
 
-template <int M, bool LORA, int STAGES>
+template <int M, bool LORA, int STAGES, bool TILED = false>
 __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
                                             NF4_W_PARAMS, u32 n, u32 k, u16* __restrict__ y,
                                             const u64* __restrict__ row_tables, u32 slot,
@@ -347,16 +347,33 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
     const u32 iters =
         warp < TC_WARPS && warp < nkb ? (nkb - warp + TC_WARPS - 1) / TC_WARPS : 0;
     // The next k block to load, as pointers into the two rows and element indices for the scales.
+    // TILED (a t4 weight, src/tiled.rs; blocksize 64): k block kb of row g is the (kb % 2) half of
+    // row g's 64 bytes in (tile, super-block kb / 2), row b 512 bytes on; warp w's blocks keep w's
+    // parity, so each step is TC_WARPS / 2 super-blocks. Its scales: tiled index `qi` (row b 16
+    // on); the second level stays row-major (ea, eb).
     const u8* pa = packed + (u64)ra * (k >> 1) + 8 * t + 32 * warp;
     const u8* pb = packed + (u64)rb * (k >> 1) + 8 * t + 32 * warp;
+    u32 qi = 0;
+    if constexpr (TILED) {
+        const u64 ts = (u64)tile * (k >> 7) + (warp >> 1);
+        pa = packed + ts * 1024 + g * 64 + (warp & 1u) * 32 + 8 * t;
+        pb = pa + 512;
+        qi = (u32)(ts * 32 + 2 * g + (warp & 1u));
+    }
+    constexpr u32 pstep = TILED ? 512 * TC_WARPS : 32 * TC_WARPS;
     u32 ea = ra * k + 64 * warp, eb = rb * k + 64 * warp;  // n·k < 2^32
     const u16* xg = x + (u64)(g < M ? g : 0) * k + 16 * t + 64 * warp;
 
     auto load = [&](TcStage& s) {
         s.a = ld_stream8(pa);
         s.b = ld_stream8(pb);
-        const u32 ba = ea >> log2_bs, bb = eb >> log2_bs;
-        if (plain) {
+        const u32 ba = TILED ? qi : ea >> log2_bs, bb = TILED ? qi + 16 : eb >> log2_bs;
+        if (TILED && !plain) {
+            s.qa = __ldg(qabs + ba);
+            s.qb = __ldg(qabs + bb);
+            s.na = __ldg(nested + ((ea >> 6) >> NESTED_LOG2));
+            s.nb = __ldg(nested + ((eb >> 6) >> NESTED_LOG2));
+        } else if (plain) {
             s.qa = __float_as_uint(__ldg(absmax + ba));
             s.qb = __float_as_uint(__ldg(absmax + bb));
         } else {
@@ -365,8 +382,9 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
             s.na = __ldg(nested + (ba >> NESTED_LOG2));
             s.nb = __ldg(nested + (bb >> NESTED_LOG2));
         }
-        pa += 32 * TC_WARPS;
-        pb += 32 * TC_WARPS;
+        pa += pstep;
+        pb += pstep;
+        qi += 16 * TC_WARPS;
         ea += 64 * TC_WARPS;
         eb += 64 * TC_WARPS;
     };

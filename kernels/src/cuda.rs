@@ -31,133 +31,10 @@ pub const GEMV_BATCH_ROWS: usize = 32;
 /// Warps per GEMV thread block.
 pub(crate) const GEMV_WARPS: u32 = 8;
 
-/// Which fused NF4 GEMV kernel decode uses (all compute the same function; they differ in how
-/// they spend instructions, see cuda/nf4.cu). Chosen per process with `QLORAD_NF4_GEMV`
-/// (`lut16`, `pair`, `pair2`, `mma`, `tc`, `tcr`, `tc3`, `t4`, `r2`, `r4`); gpu-check measures all of
-/// them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GemvKernel {
-    /// One 16-entry shared-memory lookup per 4-bit code, one row per warp.
-    Lut16,
-    /// One lookup per byte in a replicated 256-entry table of code pairs, one row per warp.
-    Pair,
-    /// As `Pair` with two rows per warp (x loaded and converted once for both) up to 4 input
-    /// rows; `Pair` beyond (register pressure).
-    PairTwoRows,
-    /// Tensor cores: codes dequantized into mma.m16n8k16 fragments through a byte → bf16 pair
-    /// table, 16 features per block of 8 warps (needs out % 16 == 0, in % 64 == 0 and a
-    /// blocksize that is a multiple of 64; other weights keep `Lut16`).
-    Mma,
-    /// Tensor cores, second form (cuda/nf4_tc.cuh): `Mma`'s fragments with a software pipeline of
-    /// 2 k blocks per warp, ≤ 64 registers, cheaper table addressing; also has the LoRA epilogue.
-    /// Same shape limits as `Mma`, and n·k < 2^32.
-    Tc,
-    /// `Tc` with up to 85 registers (3 resident blocks per multiprocessor instead of 4).
-    TcRegs,
-    /// `Tc` with 3 k blocks in flight per warp and up to 85 registers.
-    Tc3,
-    /// Tensor cores, third form (cuda/nf4_t4.cuh): two k blocks per iteration and 16-byte loads,
-    /// the blocks kept apart in the mma's B columns, ~90 instructions per k block instead of
-    /// `Tc3`'s 132; up to 4 input rows (5..8 run `Tc3`). Needs `Tc3`'s shapes with in % 128 == 0
-    /// and blocksize 64, else the weight decodes with `Tc3`.
-    T4,
-    /// `Lut16` with two rows per warp: x is loaded and converted once for both.
-    Rows2,
-    /// `Lut16` with four rows per warp up to 2 input rows, two up to 8 (register pressure).
-    Rows4,
-}
+#[path = "gemv_kernel_cuda.rs"]
+mod gemv_kernel;
+pub use gemv_kernel::GemvKernel;
 
-impl GemvKernel {
-    pub const ALL: [GemvKernel; 10] = [
-        GemvKernel::Lut16,
-        GemvKernel::Pair,
-        GemvKernel::PairTwoRows,
-        GemvKernel::Mma,
-        GemvKernel::Tc,
-        GemvKernel::TcRegs,
-        GemvKernel::Tc3,
-        GemvKernel::T4,
-        GemvKernel::Rows2,
-        GemvKernel::Rows4,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            GemvKernel::Lut16 => "lut16",
-            GemvKernel::Pair => "pair",
-            GemvKernel::PairTwoRows => "pair2",
-            GemvKernel::Mma => "mma",
-            GemvKernel::Tc => "tc",
-            GemvKernel::TcRegs => "tcr",
-            GemvKernel::Tc3 => "tc3",
-            GemvKernel::T4 => "t4",
-            GemvKernel::Rows2 => "r2",
-            GemvKernel::Rows4 => "r4",
-        }
-    }
-
-    /// The tensor-core kernels (16 features per block of [`GEMV_WARPS`] warps).
-    fn tensor_cores(self) -> bool {
-        matches!(
-            self,
-            GemvKernel::Mma
-                | GemvKernel::Tc
-                | GemvKernel::TcRegs
-                | GemvKernel::Tc3
-                | GemvKernel::T4
-        )
-    }
-
-    /// Whether this kernel computes an (n, k) weight of `blocksize`; the others fall back to
-    /// `Lut16`.
-    fn fits(self, n: usize, k: usize, blocksize: usize) -> bool {
-        if !self.tensor_cores() {
-            return true;
-        }
-        let shape = n.is_multiple_of(16) && k.is_multiple_of(64) && blocksize.is_multiple_of(64);
-        // The second form indexes elements in 32 bits; the third takes two 64-element k blocks
-        // (one per absmax) per iteration.
-        let third = self != GemvKernel::T4 || (k.is_multiple_of(128) && blocksize == 64);
-        shape && third && (self == GemvKernel::Mma || (n as u64) * (k as u64) < (1u64 << 32))
-    }
-
-    /// The kernel a weight that does not fit this one decodes with.
-    fn fallback(self) -> Self {
-        match self {
-            GemvKernel::T4 => GemvKernel::Tc3,
-            _ => GemvKernel::Lut16,
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == s)
-    }
-
-    /// `QLORAD_NF4_GEMV` if set to a known name, else the default `t4` (the fastest in gpu-check's
-    /// per-layer timing on the H200 at 1..4 rows, `tc3` for 5..8; see BENCHMARKS.md).
-    pub fn from_env() -> Self {
-        std::env::var("QLORAD_NF4_GEMV")
-            .ok()
-            .and_then(|s| Self::parse(&s))
-            .unwrap_or(GemvKernel::T4)
-    }
-
-    /// (kernel entry point, output rows per warp) for `m` input rows.
-    fn entry(self, m: usize) -> (String, u32) {
-        match self {
-            GemvKernel::Lut16 => (format!("nf4_gemv_bf16_m{m}"), 1),
-            GemvKernel::Rows4 if m <= 2 => (format!("nf4_gemv_r4_bf16_m{m}"), 4),
-            GemvKernel::Rows2 | GemvKernel::Rows4 => (format!("nf4_gemv_r2_bf16_m{m}"), 2),
-            // 16 features per block of GEMV_WARPS = 8 warps.
-            GemvKernel::Mma => (format!("nf4_gemv_mma_bf16_m{m}"), 2),
-            GemvKernel::Tc | GemvKernel::TcRegs | GemvKernel::Tc3 | GemvKernel::T4 => {
-                (format!("nf4_gemv_{}_bf16_m{m}", self.name()), 2)
-            }
-            GemvKernel::PairTwoRows if m <= 4 => (format!("nf4_gemv3_bf16_m{m}"), 2),
-            GemvKernel::Pair | GemvKernel::PairTwoRows => (format!("nf4_gemv2_bf16_m{m}"), 1),
-        }
-    }
-}
 const DEQUANT_THREADS: u32 = 256;
 
 /// Thread blocks of `threads` threads running `func` that fit on `device` at once (multiprocessors
@@ -199,6 +76,9 @@ pub struct Nf4Gpu {
     k: usize,
     bytes: usize,
     dequant: CudaFunction,
+    /// The codes and block scales are in the t4 kernels' tiled layout (crate::tiled), which
+    /// `dequant` (nf4_dequantize_tiled_bf16) reads too.
+    tiled: bool,
     kernel: GemvKernel,
     /// The GEMV for 1..=8 input rows, with its output rows per warp.
     gemv: Vec<(CudaFunction, u32)>,
@@ -206,10 +86,35 @@ pub struct Nf4Gpu {
     gemv_lora: std::sync::OnceLock<Vec<CudaFunction>>,
     /// The grouped tensor-core GEMV for 1..=8 input rows, per [`GroupKernel`]
     /// (`nf4_group_cuda`), loaded on first use.
-    gemv_group: [std::sync::OnceLock<Vec<CudaFunction>>; 3],
+    gemv_group: [std::sync::OnceLock<Vec<CudaFunction>>; 4],
     /// The same kernels for programmatic dependent launch (`pdl_cuda`), settled on first use:
     /// `None` when the device or `QLORAD_PDL=0` rules it out.
-    gemv_group_pdl: [std::sync::OnceLock<Option<Vec<crate::pdl_cuda::RawFunction>>>; 3],
+    gemv_group_pdl: [std::sync::OnceLock<Option<Vec<crate::pdl_cuda::RawFunction>>>; 4],
+    /// The persistent grouped GEMV's grid (its resident blocks on the device), settled on first
+    /// use.
+    persistent_grid: std::sync::OnceLock<u32>,
+    /// Identifies the code table, absmax form and dynamic code: a persistent grouped launch fills
+    /// one block-wide table for all its weights, so they must agree.
+    tables_id: u64,
+}
+
+/// A fingerprint of what a persistent grouped GEMV block shares between its weights: the absmax
+/// form, the 16 NF4 codes and the double quantization's dynamic code (FNV-1a over their bits).
+fn tables_fingerprint(t: &Nf4Tensor) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut eat = |v: u32| {
+        h ^= u64::from(v);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    t.code.iter().for_each(|c| eat(c.to_bits()));
+    match &t.absmax {
+        Absmax::Plain(_) => eat(1),
+        Absmax::Double(d) => {
+            eat(0);
+            d.nested_code.iter().for_each(|c| eat(c.to_bits()));
+        }
+    }
+    h
 }
 
 /// Which grouped GEMV a launch takes.
@@ -224,6 +129,9 @@ pub(crate) enum GroupKernel {
     /// shared memory during the stream and the expand computed by all 8 warps after it
     /// (`nf4_gemv_t4g_lorae`, cuda/nf4_t4.cuh).
     LoraAllWarps,
+    /// t4 only, 1..=4 rows, the base alone as persistent blocks walking the tiles
+    /// (`nf4_gemv_t4p`, cuda/nf4_t4p.cuh).
+    BasePersistent,
 }
 
 impl GroupKernel {
@@ -232,6 +140,7 @@ impl GroupKernel {
             GroupKernel::Base => 0,
             GroupKernel::Lora => 1,
             GroupKernel::LoraAllWarps => 2,
+            GroupKernel::BasePersistent => 3,
         }
     }
 }
@@ -289,12 +198,19 @@ impl Nf4Gpu {
         } else {
             GemvKernel::Lut16
         };
+        // t4 weights go up in the tiled layout its kernels read (crate::tiled; `fits` for T4 is
+        // the layout's condition), everything else row-major.
+        let tiled = kernel == GemvKernel::T4 && crate::tiled::fits(n, k, bs);
         let dummy_f = device.clone_htod(&[0f32][..])?;
         let dummy_u = device.clone_htod(&[0u8][..])?;
         let (plain, absmax, qabs, nested, ncode, offset) = match &t.absmax {
             Absmax::Plain(a) => (
                 1u32,
-                device.clone_htod(&a[..])?,
+                if tiled {
+                    device.clone_htod(&crate::tiled::tile_blocks(a, n, k))?
+                } else {
+                    device.clone_htod(&a[..])?
+                },
                 dummy_u,
                 dummy_f.clone(),
                 dummy_f,
@@ -303,13 +219,22 @@ impl Nf4Gpu {
             Absmax::Double(d) => (
                 0u32,
                 dummy_f,
-                device.clone_htod(&d.quantized[..])?,
+                if tiled {
+                    device.clone_htod(&crate::tiled::tile_blocks(&d.quantized, n, k))?
+                } else {
+                    device.clone_htod(&d.quantized[..])?
+                },
                 device.clone_htod(&d.nested_absmax[..])?,
                 device.clone_htod(&d.nested_code[..])?,
                 d.offset,
             ),
         };
-        let packed = device.clone_htod(&t.packed[..])?;
+        let tables_id = tables_fingerprint(t);
+        let packed = if tiled {
+            device.clone_htod(&crate::tiled::tile_packed(&t.packed, n, k))?
+        } else {
+            device.clone_htod(&t.packed[..])?
+        };
         let code = device.clone_htod(&t.code[..])?;
         let bytes = packed.len()
             + code.len() * 4
@@ -342,10 +267,17 @@ impl Nf4Gpu {
             n,
             k,
             bytes,
-            dequant: load("nf4_dequantize_bf16")?,
+            dequant: load(if tiled {
+                "nf4_dequantize_tiled_bf16"
+            } else {
+                "nf4_dequantize_bf16"
+            })?,
+            tiled,
             gemv_lora: std::sync::OnceLock::new(),
             gemv_group: Default::default(),
             gemv_group_pdl: Default::default(),
+            persistent_grid: std::sync::OnceLock::new(),
+            tables_id,
             kernel,
             gemv,
         })
@@ -440,8 +372,11 @@ impl Nf4Gpu {
             (GroupKernel::Lora | GroupKernel::LoraAllWarps, false) => {
                 ("nf4_gemv_tcg_lora", lora_warp)
             }
+            (GroupKernel::BasePersistent, true) => ("nf4_gemv_t4p", GEMV_WARPS),
             (GroupKernel::Base, true) => ("nf4_gemv_t4g", GEMV_WARPS),
-            (GroupKernel::Base, false) => ("nf4_gemv_tcg", GEMV_WARPS),
+            (GroupKernel::Base | GroupKernel::BasePersistent, false) => {
+                ("nf4_gemv_tcg", GEMV_WARPS)
+            }
         }
     }
 
@@ -501,6 +436,22 @@ impl Nf4Gpu {
         Ok(funcs.as_ref().and_then(|f| f.get(m - 1)).copied())
     }
 
+    /// [`tables_fingerprint`] of the weight.
+    pub(crate) fn tables_id(&self) -> u64 {
+        self.tables_id
+    }
+
+    /// The grid of the persistent grouped GEMV (`GroupKernel::BasePersistent`): the blocks of it
+    /// that fit on the device at once, asked once.
+    pub(crate) fn persistent_grid(&self) -> candle_core::Result<u32> {
+        if let Some(g) = self.persistent_grid.get() {
+            return Ok(*g);
+        }
+        let f = self.group_function(1, GroupKernel::BasePersistent)?;
+        let grid = resident_blocks(&self.device, f, 32 * GEMV_WARPS)?;
+        Ok(*self.persistent_grid.get_or_init(|| grid))
+    }
+
     /// (offset, plain flag, log2 of the blocksize): the weight's scalar kernel arguments.
     pub(crate) fn scalars(&self) -> (f32, u32, u32) {
         (self.offset, self.plain, self.log2_bs)
@@ -533,10 +484,16 @@ impl Nf4Gpu {
             shared_mem_bytes: 0,
         };
         let numel = self.numel as u64;
+        let k = self.k as u32;
         let mut b = self.stream.launch_builder(&self.dequant);
         self.weight_args(&mut b);
+        if self.tiled {
+            b.arg(&k);
+        }
         b.arg(&numel).arg(&mut out);
-        // SAFETY: argument types and order match nf4_dequantize_bf16; buffers hold numel elements.
+        // SAFETY: argument types and order match nf4_dequantize_bf16, or with a tiled weight
+        // nf4_dequantize_tiled_bf16 (k before numel; numel = n·k with n % 16 == 0 and k % 128 ==
+        // 0, whole pieces); buffers hold numel elements.
         unsafe { b.launch(cfg) }.w()?;
         Ok(out)
     }
@@ -578,6 +535,12 @@ impl Nf4Gpu {
         resident: bool,
         x: &CudaView<'_, bf16>,
     ) -> candle_core::Result<CudaSlice<bf16>> {
+        if self.tiled {
+            return Err(msg(
+                "gemv sweep: the sweep kernels read row-major weights, this one is tiled (t4)"
+                    .into(),
+            ));
+        }
         if !self.k.is_multiple_of(32) || x.len() != self.k {
             return Err(msg(format!(
                 "gemv sweep: x has {} values, the weight is {}x{}",

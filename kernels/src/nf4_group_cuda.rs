@@ -12,6 +12,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, Storage, Tensor};
 use half::bf16;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// Weights one grouped launch takes (`TC_GROUP_MAX` in cuda/nf4_tc.cuh).
@@ -163,7 +164,7 @@ fn launch(
     }
     let mut ys = gpus
         .iter()
-        // SAFETY: every element is written by warp 0 of its tile's block.
+        // SAFETY: every element is written by warp 0 of the block that computes its tile.
         .map(|g| unsafe { device.alloc::<bf16>(m * g.shape().0) })
         .collect::<Result<Vec<_>, _>>()?;
     let mut grp = TcGroup {
@@ -198,14 +199,19 @@ fn launch(
         grp.part_stride = ls[0].part_stride;
     }
     let kind = match loras {
+        None if persistent(gpus, m, k) => GroupKernel::BasePersistent,
         None => GroupKernel::Base,
         Some(ls) if all_warps_epilogue(g0, m, &ls[0]) => GroupKernel::LoraAllWarps,
         Some(_) => GroupKernel::Lora,
     };
     let func = g0.group_function(m, kind)?;
     let warps = g0.group_warps(kind);
+    let grid = match kind {
+        GroupKernel::BasePersistent => tiles.min(g0.persistent_grid()?),
+        _ => tiles,
+    };
     let cfg = LaunchConfig {
-        grid_dim: (tiles, 1, 1),
+        grid_dim: (grid, 1, 1),
         block_dim: (32 * warps, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -231,6 +237,38 @@ fn launch(
     unsafe { b.launch(cfg) }.w()?;
     drop(guards);
     Ok(ys)
+}
+
+/// Whether a grouped base launch takes the persistent kernel (`GroupKernel::BasePersistent`,
+/// cuda/nf4_t4p.cuh): t4 weights, 1..=4 rows, k >= 1024 (every warp streams at least one
+/// super-block per tile), one set of code tables for the group (a block fills one), and the
+/// kernel switched on ([`set_persistent`], or `QLORAD_T4_PERSIST=1` for a process). Off by
+/// default: on the H200 it decoded ~3 % slower than one tile per block (BENCHMARKS.md, session 15).
+fn persistent(gpus: &[&Nf4Gpu], m: usize, k: usize) -> bool {
+    persistent_on()
+        && gpus[0].gemv_kernel() == GemvKernel::T4
+        && (1..=4).contains(&m)
+        && k >= 1024
+        && gpus.iter().all(|g| g.tables_id() == gpus[0].tables_id())
+}
+
+/// 0: not settled yet, 1: off, 2: on.
+static PERSIST: AtomicU8 = AtomicU8::new(0);
+
+fn persistent_on() -> bool {
+    match PERSIST.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var("QLORAD_T4_PERSIST").is_ok_and(|v| v == "1");
+            PERSIST.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+            on
+        }
+        v => v == 2,
+    }
+}
+
+/// Switches the persistent grouped base GEMV on or off for the process (gpu-check runs both).
+pub fn set_persistent(on: bool) {
+    PERSIST.store(if on { 2 } else { 1 }, Ordering::Relaxed);
 }
 
 /// The ranks, summed over the input rows, that the all-warps epilogue stages (T4E_RANKS in
