@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # GPU time per kernel of batch-1 decode on the Mistral-7B-shaped model (ncu, time only), on the GPU
 # machine (ncu at /usr/local/cuda/bin/ncu there): `base` takes the decode step's kernels from the
-# base runs; `adapter` only the LoRA kernels (grouped GEMVs with the LoRA epilogue, the BGMV
-# launches and the silu·mul with the down shrink), which the base runs never launch, so every
-# captured launch is an adapter step's.
+# base runs; `adapter` only the LoRA kernels (grouped GEMVs with the LoRA epilogue and the BGMV
+# launches), which the base runs never launch, so every captured launch is an adapter step's.
 # Compare an adapter step's GEMVs with the base's to see where the adapter's time goes. ncu pins
 # the SM clock near its base (~1.35 GHz on the H200) and flushes caches between kernels, so its
 # times are longer than a run's: compare kernels within one profile.
@@ -20,7 +19,7 @@ for mode in "${@:-base}"; do
       regex='nf4_gemv_t4g_bf16|nf4_gemv_tcg_bf16|decode_attention|add_rms_norm|silu_mul|attention_combine'
       args=() ;;
     adapter)
-      regex='nf4_gemv_t4g_lora|nf4_gemv_tcg_lora|lora_bgmv|silu_mul_shrink'
+      regex='nf4_gemv_t4g_lora|nf4_gemv_tcg_lora|lora_bgmv'
       args=(--adapter "$WORK/lora64") ;;
     *) echo "ncu-decode.sh: unknown mode $mode (base | adapter)" >&2; exit 2 ;;
   esac

@@ -20,9 +20,6 @@ use candle_core::{CudaStorage, DType, Device, Shape, Storage, Tensor};
 use half::bf16;
 use std::sync::Arc;
 
-#[path = "decode_shrink_cuda.rs"]
-mod shrink;
-
 // Must match cuda/decode.cu.
 const ATT_THREADS: u32 = 128;
 /// Most query heads per KV head the attention kernel takes (one instantiation per group size).
@@ -75,8 +72,6 @@ pub struct DecodeKernels {
     /// ATT_COUNTERS zeroed u32: per (row, KV head), the splits of the attention that are done
     /// (the last one merges them and zeroes its count; `QLORAD_ATT_MERGE=1` only).
     att_counters: CudaSlice<u32>,
-    /// silu·mul with the down projection's LoRA shrink, and its scratch (decode_shrink_cuda.rs).
-    silu_shrink: shrink::SiluShrink,
     /// The same kernels for programmatic dependent launch (`pdl_cuda`), when the device takes it.
     pdl: Option<PdlKernels>,
 }
@@ -85,7 +80,6 @@ pub struct DecodeKernels {
 struct PdlKernels {
     add_rms_norm: RawFunction,
     silu_mul: RawFunction,
-    silu_mul_shrink: RawFunction,
     attention: Vec<RawFunction>,
     attention_rope: Vec<RawFunction>,
     combine: RawFunction,
@@ -178,7 +172,6 @@ impl DecodeKernels {
                 .collect::<candle_core::Result<_>>()?,
             combine: load("attention_combine_bf16")?,
             att_counters: dev.alloc_zeros::<u32>(ATT_COUNTERS)?,
-            silu_shrink: shrink::SiluShrink::load(dev)?,
             pdl: if crate::pdl_cuda::enabled(dev) {
                 let raw = |name: &str| {
                     crate::pdl_cuda::raw_function(dev, &crate::module_cuda::DECODE, name)
@@ -191,7 +184,6 @@ impl DecodeKernels {
                 Some(PdlKernels {
                     add_rms_norm: raw("add_rms_norm_bf16")?,
                     silu_mul: raw("silu_mul_bf16")?,
-                    silu_mul_shrink: raw("silu_mul_shrink_bf16")?,
                     attention: group("decode_attention")?,
                     attention_rope: group("decode_attention_rope")?,
                     combine: raw("attention_combine_bf16")?,

@@ -145,9 +145,14 @@ impl Llama {
                 gate_up,
             )?;
             let [gate, up] = project_group_fused(gate_up, li, 4, &h, lora, pre)?;
-            let down = [b.mlp.down.as_ref()];
-            let (act, pre) = silu_for_down(kern, &gate, &up, lora, li, down)?;
-            let [m] = project_group_fused(down, li, 6, &act, lora, pre)?;
+            let [m] = project_group_fused(
+                [b.mlp.down.as_ref()],
+                li,
+                6,
+                &kern.silu_mul(&gate, &up)?,
+                lora,
+                None,
+            )?;
             x = xs;
             pending = Some(m);
         }
@@ -188,46 +193,6 @@ fn fused_shrink() -> bool {
 fn norm_shrink() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("QLORAD_NORM_SHRINK").map_or(true, |v| v != "0"))
-}
-
-/// Whether the silu·mul launch computes the down projection's LoRA shrink (`QLORAD_DOWN_SHRINK=1`;
-/// by default the down GEMV's launch runs it: on the H200 the silu·mul launch's longer chain of
-/// dependent steps cost more than the GEMV's in-launch shrink, BENCHMARKS.md session 15; read once
-/// per process).
-fn down_shrink() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("QLORAD_DOWN_SHRINK").is_ok_and(|v| v == "1"))
-}
-
-/// silu(gate)·up for the down projection `down` of layer `layer` (adapter slot `layer · 7 + 6`):
-/// with adapters on the BGMV path whose expand the GEMV applies, the same launch computes the
-/// down projection's shrink (`DecodeKernels::silu_mul_shrink`), and the second value is the
-/// GEMV's epilogue descriptors for [`project_group_fused`], as [`norm_for_group`] returns them.
-fn silu_for_down(
-    kern: &DecodeKernels,
-    gate: &Tensor,
-    up: &Tensor,
-    lora: &LoraBatch,
-    layer: usize,
-    down: [&dyn BaseLinear; 1],
-) -> Result<(Tensor, Option<Vec<GemvLora>>)> {
-    if let (false, Some(plan), true, true, Some(_)) = (
-        lora.is_empty(),
-        lora.bgmv_plan(),
-        lora_epilogue(),
-        down_shrink(),
-        gemv_weights(&down, gate),
-    ) {
-        let (rows, in_f) = gate.dims2()?;
-        if rows == plan.rows() {
-            if let Some((sh, epis)) = plan.norm_shrink(layer * 7 + 6, 1, in_f)? {
-                if let Some(act) = kern.silu_mul_shrink(gate, up, &sh)? {
-                    return Ok((act, Some(epis)));
-                }
-            }
-        }
-    }
-    Ok((kern.silu_mul(gate, up)?, None))
 }
 
 /// The residual add + RMSNorm before the projections `bases` of layer `at.0` from projection `at.1`
