@@ -198,9 +198,15 @@ impl Nf4Gpu {
         } else {
             GemvKernel::Lut16
         };
-        // t4 weights go up in the tiled layout its kernels read (crate::tiled; `fits` for T4 is
-        // the layout's condition), everything else row-major.
-        let tiled = kernel == GemvKernel::T4 && crate::tiled::fits(n, k, bs);
+        // t4 weights go up in the tiled layout its kernels read (crate::tiled; T4's `fits` implies
+        // the layout's, and a weight that fitted one but not the other would decode with tc3),
+        // everything else row-major.
+        let kernel = if kernel == GemvKernel::T4 && !crate::tiled::fits(n, k, bs) {
+            GemvKernel::Tc3
+        } else {
+            kernel
+        };
+        let tiled = kernel == GemvKernel::T4;
         let dummy_f = device.clone_htod(&[0f32][..])?;
         let dummy_u = device.clone_htod(&[0u8][..])?;
         let (plain, absmax, qabs, nested, ncode, offset) = match &t.absmax {
