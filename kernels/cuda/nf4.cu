@@ -18,6 +18,25 @@
 #include "nf4_common.cuh"
 #include "lora_table.cuh"
 
+// The 32 codes of a 16-byte piece `w` (first element in the high nibble of the first byte) times
+// their block's scale `s`, each product rounded to bf16, as four 16-byte stores at `dst`.
+__device__ __forceinline__ void dequant_piece(const uint4& w, float s, const float* s_code,
+                                              uint4* dst) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const u32 wj = word_of(w, j);
+        u32 p[4];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            const u32 byte = (wj >> (8 * b)) & 0xffu;
+            const u32 first = f32_to_bf16(__fmul_rn(s_code[byte >> 4], s));
+            const u32 second = f32_to_bf16(__fmul_rn(s_code[byte & 15u], s));
+            p[b] = first | (second << 16);  // little endian: first element, low half
+        }
+        dst[j] = make_uint4(p[0], p[1], p[2], p[3]);
+    }
+}
+
 // out[e] = bf16(code[nibble(e)] * absmax[e / blocksize]) for e < numel. Needs blocksize >= 32.
 extern "C" __global__ void nf4_dequantize_bf16(NF4_W_PARAMS, u64 numel, u16* __restrict__ out) {
     __shared__ float s_code[16];
@@ -32,20 +51,7 @@ extern "C" __global__ void nf4_dequantize_bf16(NF4_W_PARAMS, u64 numel, u16* __r
         if (e0 + 32 <= numel) {
             const uint4 w = ld_stream(reinterpret_cast<const uint4*>(packed) + c);
             const float s = block_scale(e0 >> log2_bs, plain, absmax, qabs, nested, ncode, offset);
-            uint4* dst = reinterpret_cast<uint4*>(out + e0);
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const u32 wj = word_of(w, j);
-                u32 p[4];
-#pragma unroll
-                for (int b = 0; b < 4; ++b) {
-                    const u32 byte = (wj >> (8 * b)) & 0xffu;
-                    const u32 first = f32_to_bf16(__fmul_rn(s_code[byte >> 4], s));
-                    const u32 second = f32_to_bf16(__fmul_rn(s_code[byte & 15u], s));
-                    p[b] = first | (second << 16);  // little endian: first element, low half
-                }
-                dst[j] = make_uint4(p[0], p[1], p[2], p[3]);
-            }
+            dequant_piece(w, s, s_code, reinterpret_cast<uint4*>(out + e0));
         } else {
             // The partial last chunk of a tensor whose size is not a multiple of 32.
             for (u64 e = e0; e < numel; ++e) {
@@ -87,20 +93,7 @@ extern "C" __global__ void nf4_dequantize_tiled_bf16(NF4_W_PARAMS, u32 k, u64 nu
             const float cq = __ldg(ncode + __ldg(qabs + tb));
             s = __fadd_rn(__fmul_rn(cq, __ldg(nested + ((e0 >> 6) >> NESTED_LOG2))), offset);
         }
-        uint4* dst = reinterpret_cast<uint4*>(out + e0);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const u32 wj = word_of(w, j);
-            u32 p[4];
-#pragma unroll
-            for (int b = 0; b < 4; ++b) {
-                const u32 byte = (wj >> (8 * b)) & 0xffu;
-                const u32 first = f32_to_bf16(__fmul_rn(s_code[byte >> 4], s));
-                const u32 second = f32_to_bf16(__fmul_rn(s_code[byte & 15u], s));
-                p[b] = first | (second << 16);
-            }
-            dst[j] = make_uint4(p[0], p[1], p[2], p[3]);
-        }
+        dequant_piece(w, s, s_code, reinterpret_cast<uint4*>(out + e0));
     }
 }
 

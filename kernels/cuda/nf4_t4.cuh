@@ -57,6 +57,82 @@ struct T4Stage<true> {
     float2 sa, sb;  // the rows' two f32 absmax
 };
 
+// One super-block of the t4 stream for this lane: its stage's 32 codes of rows a and b through the
+// lookup table (at shared address `lut_base`, this lane's column) into mma A fragments, against x's
+// B fragments (loaded here, by the `xact` lanes only: see nf4_gemv_t4_stream), the stage's block
+// scales decoded (double quant: dynamic code at `ncode_base`, then `offset`), `refill()` called
+// once the stage's registers are consumed (it loads the stage's next super-block), and the two
+// k blocks' partial dots scaled into acc_a (row a) and acc_b (row b). Shared by t4 and the
+// persistent t4p, so both compute the same bits.
+template <bool PLAIN, class Refill>
+__device__ __forceinline__ void t4_super_block(T4Stage<PLAIN>& st, const uint4* xp, bool xact,
+                                               u32 lut_base, u32 ncode_base, float offset,
+                                               float& acc_a, float& acc_b, Refill refill) {
+    auto look = [&](u32 w, int pos) -> u32 {
+        const u32 byte = __byte_perm(w, 0u, 0x4440u + pos);
+        u32 v;
+        asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(lut_base + (byte << 7)));
+        return v;
+    };
+    auto ncode_at = [&](u32 q, int pos) -> float {
+        float v;
+        asm("ld.shared.f32 %0, [%1];"
+            : "=f"(v)
+            : "r"(ncode_base + (__byte_perm(q, 0u, 0x4440u + pos) << 2)));
+        return v;
+    };
+    const uint4 xz = make_uint4(0u, 0u, 0u, 0u);
+    float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const uint4 x0 = xact ? __ldg(xp + 2 * h) : xz;
+        const uint4 x1 = xact ? __ldg(xp + 2 * h + 1) : xz;
+        const u32 xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+        // mma u (0..3 of this half) takes bytes 2u, 2u + 1 of the half's two words.
+        const u32 a0 = h == 0 ? st.a.x : st.a.z, a1 = h == 0 ? st.a.y : st.a.w;
+        const u32 b0 = h == 0 ? st.b.x : st.b.z, b1 = h == 0 ? st.b.y : st.b.w;
+        u32 f[4][4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            const u32 wa = u < 2 ? a0 : a1, wb = u < 2 ? b0 : b1;
+            const int p = (u & 1) * 2;
+            f[u][0] = look(wa, p);
+            f[u][1] = look(wb, p);
+            f[u][2] = look(wa, p + 1);
+            f[u][3] = look(wb, p + 1);
+        }
+        float sa0 = 0.f, sa1 = 0.f, sb0 = 0.f, sb1 = 0.f;
+        if (h == 1) {
+            // The stage's registers are consumed: decode its scales, refill it.
+            if constexpr (PLAIN) {
+                sa0 = st.sa.x;
+                sa1 = st.sa.y;
+                sb0 = st.sb.x;
+                sb1 = st.sb.y;
+            } else {
+                const float na = st.na, nb = st.nb;
+                sa0 = __fadd_rn(__fmul_rn(ncode_at(st.qa, 0), na), offset);
+                sa1 = __fadd_rn(__fmul_rn(ncode_at(st.qa, 1), na), offset);
+                sb0 = __fadd_rn(__fmul_rn(ncode_at(st.qb, 0), nb), offset);
+                sb1 = __fadd_rn(__fmul_rn(ncode_at(st.qb, 1), nb), offset);
+            }
+            refill();
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+            mma_bf16_16816(h == 0 ? d : e, f[u][0], f[u][1], f[u][2], f[u][3], xs[2 * u],
+                           xs[2 * u + 1]);
+        }
+        if (h == 1) {
+            // D columns 2t (first k block) and 2t + 1 (second) of input row m = t.
+            acc_a = fmaf(d[0] + e[0], sa0, acc_a);
+            acc_a = fmaf(d[1] + e[1], sa1, acc_a);
+            acc_b = fmaf(d[2] + e[2], sb0, acc_b);
+            acc_b = fmaf(d[3] + e[3], sb1, acc_b);
+        }
+    }
+}
+
 // `after_wait` runs in every thread once the previous kernel is done and the tables are filled,
 // before the stream loop (the all-warps LoRA epilogue issues its copies there).
 template <int M, int STAGES, bool PLAIN, class AfterWait>
@@ -110,12 +186,7 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
     after_wait();
 
     const u32 lut_base = (u32)__cvta_generic_to_shared(lut) + 4 * lane;
-    auto look = [&](u32 w, int pos) -> u32 {
-        const u32 byte = __byte_perm(w, 0u, 0x4440u + pos);
-        u32 v;
-        asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(lut_base + (byte << 7)));
-        return v;
-    };
+    const u32 ncode_base = (u32)__cvta_generic_to_shared(s_ncode);
     // B's column g = 2m + c carries input row m's x for the lanes of k block c (t >> 1 == c);
     // the other lanes (28 of 32 for one input row) load nothing and hold zeros. They used to read
     // a 64-byte zero buffer instead (no predicated loads): warp-wide 16-byte loads on the L1,
@@ -124,15 +195,6 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
     const bool xact = g < 2 * M && (t >> 1) == (g & 1u);
     const uint4* xp = reinterpret_cast<const uint4*>(x + (u64)(g >> 1) * k + 128 * warp + 32 * t);
     constexpr u32 xstep = 16 * TC_WARPS;  // 128 values per super-block, in uint4
-    const uint4 xz = make_uint4(0u, 0u, 0u, 0u);
-    const u32 ncode_base = (u32)__cvta_generic_to_shared(s_ncode);
-    auto ncode_at = [&](u32 q, int pos) -> float {
-        float v;
-        asm("ld.shared.f32 %0, [%1];"
-            : "=f"(v)
-            : "r"(ncode_base + (__byte_perm(q, 0u, 0x4440u + pos) << 2)));
-        return v;
-    };
     for (u32 i0 = 0; i0 < iters; i0 += STAGES) {
 #pragma unroll
         for (int s = 0; s < STAGES; ++s) {
@@ -140,57 +202,12 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
             if (i >= iters) {
                 break;
             }
-            float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const uint4 x0 = xact ? __ldg(xp + 2 * h) : xz;
-                const uint4 x1 = xact ? __ldg(xp + 2 * h + 1) : xz;
-                const u32 xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-                // mma u (0..3 of this half) takes bytes 2u, 2u + 1 of the half's two words.
-                const u32 a0 = h == 0 ? st[s].a.x : st[s].a.z, a1 = h == 0 ? st[s].a.y : st[s].a.w;
-                const u32 b0 = h == 0 ? st[s].b.x : st[s].b.z, b1 = h == 0 ? st[s].b.y : st[s].b.w;
-                u32 f[4][4];
-#pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    const u32 wa = u < 2 ? a0 : a1, wb = u < 2 ? b0 : b1;
-                    const int p = (u & 1) * 2;
-                    f[u][0] = look(wa, p);
-                    f[u][1] = look(wb, p);
-                    f[u][2] = look(wa, p + 1);
-                    f[u][3] = look(wb, p + 1);
-                }
-                float sa0 = 0.f, sa1 = 0.f, sb0 = 0.f, sb1 = 0.f;
-                if (h == 1) {
-                    // The stage's registers are consumed: decode its scales, refill it.
-                    if constexpr (PLAIN) {
-                        sa0 = st[s].sa.x;
-                        sa1 = st[s].sa.y;
-                        sb0 = st[s].sb.x;
-                        sb1 = st[s].sb.y;
-                    } else {
-                        const float na = st[s].na, nb = st[s].nb;
-                        sa0 = __fadd_rn(__fmul_rn(ncode_at(st[s].qa, 0), na), offset);
-                        sa1 = __fadd_rn(__fmul_rn(ncode_at(st[s].qa, 1), na), offset);
-                        sb0 = __fadd_rn(__fmul_rn(ncode_at(st[s].qb, 0), nb), offset);
-                        sb1 = __fadd_rn(__fmul_rn(ncode_at(st[s].qb, 1), nb), offset);
-                    }
-                    if (i + STAGES < iters) {
-                        load(st[s]);
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    mma_bf16_16816(h == 0 ? d : e, f[u][0], f[u][1], f[u][2], f[u][3], xs[2 * u],
-                                   xs[2 * u + 1]);
-                }
-                if (h == 1) {
-                    // D columns 2t (first k block) and 2t + 1 (second) of input row m = t.
-                    acc_a = fmaf(d[0] + e[0], sa0, acc_a);
-                    acc_a = fmaf(d[1] + e[1], sa1, acc_a);
-                    acc_b = fmaf(d[2] + e[2], sb0, acc_b);
-                    acc_b = fmaf(d[3] + e[3], sb1, acc_b);
-                }
-            }
+            t4_super_block<PLAIN>(st[s], xp, xact, lut_base, ncode_base, offset, acc_a, acc_b,
+                                  [&]() {
+                                      if (i + STAGES < iters) {
+                                          load(st[s]);
+                                      }
+                                  });
             xp += xstep;
         }
     }

@@ -110,27 +110,13 @@ __device__ __forceinline__ void nf4_gemv_t4p(const u16* __restrict__ x, const Tc
     __syncthreads();
 
     const u32 lut_base = (u32)__cvta_generic_to_shared(lut) + 4 * lane;
-    auto look = [&](u32 w, int pos) -> u32 {
-        const u32 byte = __byte_perm(w, 0u, 0x4440u + pos);
-        u32 v;
-        asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(lut_base + (byte << 7)));
-        return v;
-    };
     const u32 ncode_base = (u32)__cvta_generic_to_shared(s_ncode);
-    auto ncode_at = [&](u32 q, int pos) -> float {
-        float v;
-        asm("ld.shared.f32 %0, [%1];"
-            : "=f"(v)
-            : "r"(ncode_base + (__byte_perm(q, 0u, 0x4440u + pos) << 2)));
-        return v;
-    };
     // x as t4 reads it: B's column g = 2m + c holds input row m's x for the lanes of k block c.
     const bool xact = g < 2 * M && (t >> 1) == (g & 1u);
     const uint4* const x0p =
         reinterpret_cast<const uint4*>(x + (u64)(g >> 1) * k + 128 * warp + 32 * t);
     const uint4* xp = x0p;
     constexpr u32 xstep = 16 * TC_WARPS;
-    const uint4 xz = make_uint4(0u, 0u, 0u, 0u);
     float acc_a = 0.f, acc_b = 0.f;
     u32 c_i = 0, c_tile = blockIdx.x, buf = 0;
     // The offset of the computed tile's weight (double quant; loads may run a tile ahead).
@@ -142,54 +128,12 @@ __device__ __forceinline__ void nf4_gemv_t4p(const u16* __restrict__ x, const Tc
             if (f >= total) {
                 break;
             }
-            float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const uint4 x0 = xact ? __ldg(xp + 2 * h) : xz;
-                const uint4 x1 = xact ? __ldg(xp + 2 * h + 1) : xz;
-                const u32 xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-                const u32 a0 = h == 0 ? st[s].a.x : st[s].a.z, a1 = h == 0 ? st[s].a.y : st[s].a.w;
-                const u32 b0 = h == 0 ? st[s].b.x : st[s].b.z, b1 = h == 0 ? st[s].b.y : st[s].b.w;
-                u32 fr[4][4];
-#pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    const u32 wa = u < 2 ? a0 : a1, wb = u < 2 ? b0 : b1;
-                    const int p = (u & 1) * 2;
-                    fr[u][0] = look(wa, p);
-                    fr[u][1] = look(wb, p);
-                    fr[u][2] = look(wa, p + 1);
-                    fr[u][3] = look(wb, p + 1);
-                }
-                float sa0 = 0.f, sa1 = 0.f, sb0 = 0.f, sb1 = 0.f;
-                if (h == 1) {
-                    if constexpr (PLAIN) {
-                        sa0 = st[s].sa.x;
-                        sa1 = st[s].sa.y;
-                        sb0 = st[s].sb.x;
-                        sb1 = st[s].sb.y;
-                    } else {
-                        const float na = st[s].na, nb = st[s].nb, o = off;
-                        sa0 = __fadd_rn(__fmul_rn(ncode_at(st[s].qa, 0), na), o);
-                        sa1 = __fadd_rn(__fmul_rn(ncode_at(st[s].qa, 1), na), o);
-                        sb0 = __fadd_rn(__fmul_rn(ncode_at(st[s].qb, 0), nb), o);
-                        sb1 = __fadd_rn(__fmul_rn(ncode_at(st[s].qb, 1), nb), o);
-                    }
-                    if (f + STAGES < total) {
-                        load(st[s]);
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < 4; ++u) {
-                    mma_bf16_16816(h == 0 ? d : e, fr[u][0], fr[u][1], fr[u][2], fr[u][3],
-                                   xs[2 * u], xs[2 * u + 1]);
-                }
-                if (h == 1) {
-                    acc_a = fmaf(d[0] + e[0], sa0, acc_a);
-                    acc_a = fmaf(d[1] + e[1], sa1, acc_a);
-                    acc_b = fmaf(d[2] + e[2], sb0, acc_b);
-                    acc_b = fmaf(d[3] + e[3], sb1, acc_b);
-                }
-            }
+            t4_super_block<PLAIN>(st[s], xp, xact, lut_base, ncode_base, off, acc_a, acc_b,
+                                  [&]() {
+                                      if (f + STAGES < total) {
+                                          load(st[s]);
+                                      }
+                                  });
             xp += xstep;
             if (++c_i == iters) {
                 // The tile is done: partial sums to shared memory, one barrier, warp 0 sums the
