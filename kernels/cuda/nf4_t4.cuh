@@ -57,6 +57,27 @@ struct T4Stage<true> {
     float2 sa, sb;  // the rows' two f32 absmax
 };
 
+// One super-block's stage for this lane, from a tiled weight: rows a's and b's 16 bytes (b 512
+// bytes on), their two block scales each (tiled index qi, row b 16 on) and, with double quant,
+// their second-level absmax (row-major block ia, row b ib_off blocks on). Shared by t4 and t4p.
+template <bool PLAIN>
+__device__ __forceinline__ void t4_load_stage(T4Stage<PLAIN>& s, const uint4* pa, u32 qi, u32 ia,
+                                              u32 ib_off, const float* __restrict__ absmax,
+                                              const u8* __restrict__ qabs,
+                                              const float* __restrict__ nested) {
+    s.a = ld_stream(pa);
+    s.b = ld_stream(pa + 32);
+    if constexpr (PLAIN) {
+        s.sa = __ldg(reinterpret_cast<const float2*>(absmax + qi));
+        s.sb = __ldg(reinterpret_cast<const float2*>(absmax + qi + 16));
+    } else {
+        s.qa = __ldg(reinterpret_cast<const unsigned short*>(qabs + qi));
+        s.qb = __ldg(reinterpret_cast<const unsigned short*>(qabs + qi + 16));
+        s.na = __ldg(nested + (ia >> NESTED_LOG2));
+        s.nb = __ldg(nested + ((ia + ib_off) >> NESTED_LOG2));
+    }
+}
+
 // One super-block of the t4 stream for this lane: its stage's 32 codes of rows a and b through the
 // lookup table (at shared address `lut_base`, this lane's column) into mma A fragments, against x's
 // B fragments (loaded here, by the `xact` lanes only: see nf4_gemv_t4_stream), the stage's block
@@ -156,17 +177,7 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
     u32 qi = c.q, ia = ((ra * k) >> 6) + 2 * warp;
     const u32 ib_off = k >> 3;  // row b: 8 rows of k / 64 blocks further, row-major
     auto load = [&](T4Stage<PLAIN>& s) {
-        s.a = ld_stream(pa);
-        s.b = ld_stream(pa + 32);
-        if constexpr (PLAIN) {
-            s.sa = __ldg(reinterpret_cast<const float2*>(absmax + qi));
-            s.sb = __ldg(reinterpret_cast<const float2*>(absmax + qi + 16));
-        } else {
-            s.qa = __ldg(reinterpret_cast<const unsigned short*>(qabs + qi));
-            s.qb = __ldg(reinterpret_cast<const unsigned short*>(qabs + qi + 16));
-            s.na = __ldg(nested + (ia >> NESTED_LOG2));
-            s.nb = __ldg(nested + ((ia + ib_off) >> NESTED_LOG2));
-        }
+        t4_load_stage<PLAIN>(s, pa, qi, ia, ib_off, absmax, qabs, nested);
         pa += 64 * TC_WARPS;
         qi += 32 * TC_WARPS;
         ia += 2 * TC_WARPS;

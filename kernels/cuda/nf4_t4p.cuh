@@ -78,17 +78,7 @@ __device__ __forceinline__ void nf4_gemv_t4p(const u16* __restrict__ x, const Tc
     };
     aim(l_tile);
     auto load = [&](T4Stage<PLAIN>& s) {
-        s.a = ld_stream(pa);
-        s.b = ld_stream(pa + 32);
-        if constexpr (PLAIN) {
-            s.sa = __ldg(reinterpret_cast<const float2*>(absmax + qi));
-            s.sb = __ldg(reinterpret_cast<const float2*>(absmax + qi + 16));
-        } else {
-            s.qa = __ldg(reinterpret_cast<const unsigned short*>(qabs + qi));
-            s.qb = __ldg(reinterpret_cast<const unsigned short*>(qabs + qi + 16));
-            s.na = __ldg(nested + (ia >> NESTED_LOG2));
-            s.nb = __ldg(nested + ((ia + istep) >> NESTED_LOG2));
-        }
+        t4_load_stage<PLAIN>(s, pa, qi, ia, istep, absmax, qabs, nested);
         pa += 64 * TC_WARPS;
         qi += 32 * TC_WARPS;
         ia += 2 * TC_WARPS;
