@@ -89,12 +89,7 @@ template <bool PLAIN, class Refill>
 __device__ __forceinline__ void t4_super_block(T4Stage<PLAIN>& st, const uint4* xp, bool xact,
                                                u32 lut_base, u32 ncode_base, float offset,
                                                float& acc_a, float& acc_b, Refill refill) {
-    auto look = [&](u32 w, int pos) -> u32 {
-        const u32 byte = __byte_perm(w, 0u, 0x4440u + pos);
-        u32 v;
-        asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(lut_base + (byte << 7)));
-        return v;
-    };
+    auto look = [&](u32 w, int pos) -> u32 { return tc_look(lut_base, w, pos); };
     auto ncode_at = [&](u32 q, int pos) -> float {
         float v;
         asm("ld.shared.f32 %0, [%1];"

@@ -313,6 +313,17 @@ __device__ __forceinline__ void tc_fill_tables(u32* lut, float* s_ncode,
     }
 }
 
+// The code pair of byte `pos` (0..3) of `w` for this lane, from the table tc_fill_tables fills:
+// entry byte·32 + lane, at shared address lut_base (the table's, plus 4·lane) + byte·128: one
+// byte permute and one shift-add (the table's base is not a compile-time constant on sm_90, so a
+// mask-or cannot replace the add). The tc and t4 GEMVs' lookup.
+__device__ __forceinline__ u32 tc_look(u32 lut_base, u32 w, int pos) {
+    const u32 byte = __byte_perm(w, 0u, 0x4440u + pos);
+    u32 v;
+    asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(lut_base + (byte << 7)));
+    return v;
+}
+
 struct TcStage {
     uint2 a, b;  // 8 bytes (16 codes) of the lane's two rows in this k block
     u32 qa, qb;  // the rows' first-level absmax: its 8-bit code (double quant) or its f32 bits
@@ -388,15 +399,7 @@ __device__ __forceinline__ void nf4_gemv_tc(const u16* __restrict__ x,
         ea += 64 * TC_WARPS;
         eb += 64 * TC_WARPS;
     };
-    // The code pair of byte `pos` (0..3) of `w` for this lane: entry byte·32 + lane of the table,
-    // at shared address lane_base + byte·128: one byte permute and one shift-add (the table's
-    // base is not a compile-time constant on sm_90, so a mask-or cannot replace the add).
-    auto look = [&](u32 w, int pos) -> u32 {
-        const u32 byte = __byte_perm(w, 0u, 0x4440u + pos);
-        u32 v;
-        asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(lut_base + (byte << 7)));
-        return v;
-    };
+    auto look = [&](u32 w, int pos) -> u32 { return tc_look(lut_base, w, pos); };
     auto scale = [&](u32 q, float nv) -> float {
         if (plain) {
             return __uint_as_float(q);
