@@ -76,6 +76,26 @@ fn compare(
         0.0,
         String::new(),
     );
+    // The o projection's LoRA shrink in the attention launch (opt-in; one-split batches only):
+    // t summed from one partial per KV head, so within the same bound of the general path.
+    std::env::set_var("QLORAD_ATT_SHRINK", "1");
+    let three = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
+    std::env::remove_var("QLORAD_ATT_SHRINK");
+    let (worst, unexplained, ties) = forced_agreement(&want, &three?)?;
+    r.add(
+        format!("fused decode, {name}, o shrink in the attention: logits rel err vs general (max)"),
+        worst,
+        FUSED_BOUND,
+        format!("steps disagreeing beyond a near-tie {unexplained}, near-ties {ties}"),
+    );
+    r.add(
+        format!(
+            "fused decode, {name}, o shrink in the attention: steps disagreeing beyond a near-tie"
+        ),
+        unexplained as f64,
+        0.0,
+        String::new(),
+    );
     let (worst, unexplained, ties) = forced_agreement(&want, &got)?;
     r.add(
         format!("fused decode vs general path, {name}: logits rel err (max)"),

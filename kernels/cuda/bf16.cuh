@@ -65,3 +65,9 @@ __device__ __forceinline__ uint4 ld_after_wait(const uint4* p) {
                  : "memory");
     return v;
 }
+// ld_after_wait for one 16-bit value.
+__device__ __forceinline__ u16 ld_after_wait_u16(const u16* p) {
+    u16 v;
+    asm volatile("ld.global.u16 %0, [%1];" : "=h"(v) : "l"(p) : "memory");
+    return v;
+}

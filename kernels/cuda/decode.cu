@@ -295,22 +295,40 @@ __device__ __forceinline__ u16 combine_splits(const float* part_o, const float* 
 
 // Decode attention geometry: threads per block, and the largest group (query heads per KV head).
 // A K or V row of head_dim bf16 is read by DV = head_dim / 8 threads, 16 bytes each (coalesced);
-// the block's ATT_THREADS / DV position slots walk the positions independently.
-#define ATT_THREADS 128
+// the block's ATT_THREADS / DV position slots walk the positions independently, ATT_PREFETCH
+// positions per slot loaded together.
+#define ATT_THREADS 256
+#define ATT_WARPS (ATT_THREADS / 32)
 #define ATT_MAX_GROUP 8
-// Shared memory of the slot merge: P * group * head_dim = 1024 * group values, plus the maxima and
-// sums of every (slot, head).
-#define ATT_MERGE_VALUES (1024 * ATT_MAX_GROUP)
-#define ATT_MERGE_ML (2 * ATT_THREADS * ATT_MAX_GROUP)
+#define ATT_PREFETCH 8
+// Shared memory of the merge over the warps (each warp first merges its own slots with
+// shuffles): ATT_WARPS * group * head_dim values, at most 8 KB of f32 (group * head_dim <= 1024,
+// which the host checks), plus the maxima and sums of every (warp, head).
+#define ATT_MERGE_VALUES (ATT_WARPS * 1024)
+#define ATT_MERGE_ML (2 * ATT_WARPS * ATT_MAX_GROUP)
+
+// The LoRA shrink of the o projection, computed by the attention's blocks from the outputs they
+// write (one split only): block (kvh, row) holds the group's G·hd values of the row's o input
+// starting at kvh·G·hd, so it writes the partial dots t_kvh[row, j] = out[row, slice] · A_row[j,
+// slice] for j < r (the row's rank at `slot`) at t + kvh·part_stride + row·t_stride + j; the o
+// GEMV's expand sums the KV heads' partials in order (nf4_tc.cuh, t4e_issue). Null tables: off.
+struct AttShrink {
+    const u64* row_tables;
+    float* t;
+    u32 slot, t_stride, part_stride;
+};
 
 // Grid (nkv, rows, splits). Block (kvh, row, split) attends the `group` query heads of KV head kvh
 // over the split's share of the row's visible positions [first, pos]. Thread t is position slot
 // t / DV and owns dims [8 (t % DV), +8) of every head of the group: per position it loads 16
-// bytes of K and of V, finishes the group's scores with shuffles across the slot's DV threads, and
-// updates its own running max, sum and output (the online softmax of Milakov & Gimelshein 2018,
-// as in FlashAttention). The slots are merged at the end with log-sum-exp weights. With one split
-// the block writes the normalized bf16 output; with several, the unnormalized f32 output with its
-// max and sum, for attention_combine.
+// bytes of K and of V (ATT_PREFETCH positions' loads issued together, so a slot waits for memory
+// once per ATT_PREFETCH positions, not per position: at batch 1 the launch is a few blocks whose
+// time is their chain of memory round trips), finishes the group's scores with shuffles across
+// the slot's DV threads, and updates its own running max, sum and output (the online softmax of
+// Milakov & Gimelshein 2018, as in FlashAttention). The slots are merged at the end with
+// log-sum-exp weights, first within each warp (shuffles), then across the warps (shared memory).
+// With one split the block writes the normalized bf16 output; with several, the unnormalized f32
+// output with its max and sum, for attention_combine.
 //
 // ROPE (decode_attention_rope_*): q is the projection's output before RoPE, and the block applies
 // rope_kv's arithmetic itself (same roundings, so the same bits): each thread rotates its 8 dims of
@@ -323,11 +341,27 @@ __device__ __forceinline__ void decode_attention(
     const u16* __restrict__ q, const u64* __restrict__ table, u32 layers, u32 layer, u32 nh,
     u32 nkv, u32 hd, u32 window, float scale, u16* __restrict__ out,
     float* __restrict__ part_o, float* __restrict__ part_ml, u32* __restrict__ counters,
-    const u16* __restrict__ knew = nullptr, const u16* __restrict__ vnew = nullptr,
-    const u16* __restrict__ cosb = nullptr, const u16* __restrict__ sinb = nullptr) {
+    const AttShrink& sh, const u16* __restrict__ knew = nullptr,
+    const u16* __restrict__ vnew = nullptr, const u16* __restrict__ cosb = nullptr,
+    const u16* __restrict__ sinb = nullptr) {
     pdl_trigger();
-    pdl_wait();
     const u32 kvh = blockIdx.x, row = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
+    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
+    // The o shrink's module and A slice: row tables and adapter weights are written before the
+    // decode step, so the lookup and the slice's fetch into L2 overlap the previous kernel.
+    const bool shrink = sh.row_tables != nullptr && splits == 1;
+    RowLora sl;
+    sl.r = 0;
+    if (shrink) {
+        sl = lookup(sh.row_tables, row, sh.slot);
+        const u32 bytes = G * hd * 2;  // one A row's slice: 128-byte lines when G·hd % 64 == 0
+        const u8* a0 = reinterpret_cast<const u8*>(sl.a) + (u64)kvh * bytes;
+        for (u32 c = threadIdx.x; c < sl.r * (bytes >> 7); c += ATT_THREADS) {
+            const u32 j = c / (bytes >> 7), line = c % (bytes >> 7);
+            prefetch_l2(a0 + (u64)j * nh * hd * 2 + 128 * line);
+        }
+    }
+    pdl_wait();
     const u64* t = kv_row(table, layers, row);
     const u32 pos = (u32)(t[0] & 0xffffffffu);
     const u64 cap = t[0] >> 32;
@@ -343,44 +377,57 @@ __device__ __forceinline__ void decode_attention(
     const u32 slots = ATT_THREADS / dv;
     const u32 slot = threadIdx.x / dv, part = threadIdx.x % dv;
     const u16* qrow = q + ((u64)row * nh + (u64)kvh * G) * hd + part * 8;
-    // RoPE of this thread's 8 dims [8 part, +8) of a head row: cos/sin index (8 part) mod hd/2;
-    // the partner (dims ± hd/2) is the thread dv/2 lanes away in the same slot.
-    float cr[8], sr[8];
-    const bool upper = part >= (dv >> 1);
-    if (ROPE) {
-        const u32 i0 = (part * 8) % (hd >> 1);
-        const uint4 c4 = *reinterpret_cast<const uint4*>(cosb + (u64)pos * (hd >> 1) + i0);
-        const uint4 s4 = *reinterpret_cast<const uint4*>(sinb + (u64)pos * (hd >> 1) + i0);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            cr[e] = word_half(c4, e);
-            sr[e] = word_half(s4, e);
-        }
-    }
-    // rope_kv's arithmetic on 8 dims (bf16 in, bf16 bits out as floats): lower half
-    // a·c − b·s with b the partner's, upper half a'·s + b'·c with a' the partner's.
-    auto rope8 = [&](const uint4 v, float* o) {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-            const float mine = word_half(v, e);
-            const float other = __shfl_xor_sync(0xffffffffu, mine, dv >> 1, dv);
-            const float r = upper ? __fadd_rn(rbf(__fmul_rn(other, sr[e])),
-                                              rbf(__fmul_rn(mine, cr[e])))
-                                  : __fsub_rn(rbf(__fmul_rn(mine, cr[e])),
-                                              rbf(__fmul_rn(other, sr[e])));
-            o[e] = rbf(r);
-        }
-    };
+    // q, k and v come from the previous kernel: loads that stay after the wait (ld_after_wait).
     float qr[G][8];
+    if (ROPE) {
+        // RoPE once per block, rope_kv's arithmetic (same roundings, so the same bits): one
+        // (dim c, dim c + hd/2) pair of a head row per thread at a time, lower a·cos − b·sin,
+        // upper a·sin + b·cos. Every slot used to rotate its own copy of the group's q (32 values
+        // per thread with 4 heads): at batch 1 the launch is latency-bound on each warp's
+        // instruction stream, so per-block work that every warp repeats is time.
+        __shared__ __align__(16) float s_q[1024];  // the group's rotated q · scale
+        const u32 half = hd >> 1;
+        const u16* cp = cosb + (u64)pos * half;
+        const u16* sp = sinb + (u64)pos * half;
+        auto rope_pair = [&](float a, float b, u32 c, float& lo_, float& hi_) {
+            const float cv = bf16_f(cp[c]), sv = bf16_f(sp[c]);
+            lo_ = rbf(__fsub_rn(rbf(__fmul_rn(a, cv)), rbf(__fmul_rn(b, sv))));
+            hi_ = rbf(__fadd_rn(rbf(__fmul_rn(a, sv)), rbf(__fmul_rn(b, cv))));
+        };
+        const u16* qg = q + ((u64)row * nh + (u64)kvh * G) * hd;
+        for (u32 i = threadIdx.x; i < G * half; i += ATT_THREADS) {
+            const u32 g = i / half, c = i % half;
+            float lo_, hi_;
+            rope_pair(bf16_f(ld_after_wait_u16(qg + (u64)g * hd + c)),
+                      bf16_f(ld_after_wait_u16(qg + (u64)g * hd + c + half)), c, lo_, hi_);
+            s_q[g * hd + c] = lo_ * scale;
+            s_q[g * hd + c + half] = hi_ * scale;
+        }
+        if (lo <= pos && pos < hi) {
+            // This split holds the new position: its K (rotated) and V go into the caches first
+            // (the block's loads below see them after the barrier).
+            const u64 src = ((u64)row * nkv + kvh) * hd;
+            for (u32 c = threadIdx.x; c < half; c += ATT_THREADS) {
+                float lo_, hi_;
+                rope_pair(bf16_f(ld_after_wait_u16(knew + src + c)),
+                          bf16_f(ld_after_wait_u16(knew + src + c + half)), c, lo_, hi_);
+                kc[(u64)pos * hd + c] = f32_to_bf16(lo_);
+                kc[(u64)pos * hd + c + half] = f32_to_bf16(hi_);
+            }
+            for (u32 c = threadIdx.x; c < hd; c += ATT_THREADS) {
+                vc[(u64)pos * hd + c] = ld_after_wait_u16(vnew + src + c);
+            }
+        }
+        __syncthreads();
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-        const uint4 v = *reinterpret_cast<const uint4*>(qrow + (u64)g * hd);
-        if (ROPE) {
-            float o[8];
-            rope8(v, o);
+        for (int g = 0; g < G; ++g) {
 #pragma unroll
-            for (int e = 0; e < 8; ++e) qr[g][e] = o[e] * scale;
-        } else {
+            for (int e = 0; e < 8; ++e) qr[g][e] = s_q[g * hd + part * 8 + e];
+        }
+    } else {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            const uint4 v = ld_after_wait(reinterpret_cast<const uint4*>(qrow + (u64)g * hd));
             const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
             for (int b = 0; b < 4; ++b) {
@@ -388,20 +435,6 @@ __device__ __forceinline__ void decode_attention(
                 qr[g][2 * b + 1] = __uint_as_float(w[b] & 0xffff0000u) * scale;
             }
         }
-    }
-    if (ROPE && lo <= pos && pos < hi) {
-        // This split holds the new position: its K (rotated) and V go into the caches first.
-        // Every slot rotates the row (the shuffles need whole warps); slot 0 stores it.
-        const u64 src = ((u64)row * nkv + kvh) * hd + part * 8;
-        float o[8];
-        rope8(*reinterpret_cast<const uint4*>(knew + src), o);
-        if (slot == 0) {
-            *reinterpret_cast<uint4*>(kc + (u64)pos * hd + part * 8) = make_uint4(
-                pack2(o[0], o[1]), pack2(o[2], o[3]), pack2(o[4], o[5]), pack2(o[6], o[7]));
-            *reinterpret_cast<uint4*>(vc + (u64)pos * hd + part * 8) =
-                *reinterpret_cast<const uint4*>(vnew + src);
-        }
-        __syncthreads();
     }
     float m[G], l[G], acc[G][8];
 #pragma unroll
@@ -411,63 +444,92 @@ __device__ __forceinline__ void decode_attention(
 #pragma unroll
         for (int e = 0; e < 8; ++e) acc[g][e] = 0.f;
     }
-    // j0 is uniform across the block, so every lane of a warp reaches the shuffles below.
-#pragma unroll 2
-    for (u32 j0 = lo; j0 < hi; j0 += slots) {
-        const u32 j = j0 + slot;
-        const bool valid = j < hi;
-        const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
-        const uint4 kv =
-            valid ? *reinterpret_cast<const uint4*>(kc + (u64)j * hd + part * 8) : zero;
-        const uint4 vv =
-            valid ? *reinterpret_cast<const uint4*>(vc + (u64)j * hd + part * 8) : zero;
-        const u32 kw[4] = {kv.x, kv.y, kv.z, kv.w};
-        const u32 vw[4] = {vv.x, vv.y, vv.z, vv.w};
-        float kf[8], vf[8];
+    // Slot s takes positions lo + s, lo + s + slots, .. in order; j0 is uniform across the block,
+    // so every lane of a warp reaches the shuffles below.
+    const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+    for (u32 j0 = lo; j0 < hi; j0 += slots * ATT_PREFETCH) {
+        uint4 kb[ATT_PREFETCH], vb[ATT_PREFETCH];
 #pragma unroll
-        for (int b = 0; b < 4; ++b) {
-            kf[2 * b] = __uint_as_float(kw[b] << 16);
-            kf[2 * b + 1] = __uint_as_float(kw[b] & 0xffff0000u);
-            vf[2 * b] = __uint_as_float(vw[b] << 16);
-            vf[2 * b + 1] = __uint_as_float(vw[b] & 0xffff0000u);
+        for (int p = 0; p < ATT_PREFETCH; ++p) {
+            const u32 j = j0 + p * slots + slot;
+            kb[p] = j < hi ? *reinterpret_cast<const uint4*>(kc + (u64)j * hd + part * 8) : zero;
+            vb[p] = j < hi ? *reinterpret_cast<const uint4*>(vc + (u64)j * hd + part * 8) : zero;
         }
 #pragma unroll
-        for (int g = 0; g < G; ++g) {
-            float s = 0.f;
+        for (int p = 0; p < ATT_PREFETCH; ++p) {
+            if (j0 + p * slots >= hi) {
+                break;  // uniform: no slot has a position from here on
+            }
+            const bool valid = j0 + p * slots + slot < hi;
+            const u32 kw[4] = {kb[p].x, kb[p].y, kb[p].z, kb[p].w};
+            const u32 vw[4] = {vb[p].x, vb[p].y, vb[p].z, vb[p].w};
+            float kf[8], vf[8];
 #pragma unroll
-            for (int e = 0; e < 8; ++e) s = fmaf(qr[g][e], kf[e], s);
-            // The slot's dv threads are consecutive lanes of one warp (dv divides 32).
-            for (u32 o = dv >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, dv);
-            if (!valid) continue;
-            const float m_new = fmaxf(m[g], s);
-            const float corr = __expf(m[g] - m_new);  // 0 while m is -inf
-            const float p = __expf(s - m_new);
-            l[g] = fmaf(l[g], corr, p);
+            for (int b = 0; b < 4; ++b) {
+                kf[2 * b] = __uint_as_float(kw[b] << 16);
+                kf[2 * b + 1] = __uint_as_float(kw[b] & 0xffff0000u);
+                vf[2 * b] = __uint_as_float(vw[b] << 16);
+                vf[2 * b + 1] = __uint_as_float(vw[b] & 0xffff0000u);
+            }
 #pragma unroll
-            for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(acc[g][e], corr, p * vf[e]);
-            m[g] = m_new;
+            for (int g = 0; g < G; ++g) {
+                float s = 0.f;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) s = fmaf(qr[g][e], kf[e], s);
+                // The slot's dv threads are consecutive lanes of one warp (dv divides 32).
+                for (u32 o = dv >> 1; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o, dv);
+                if (!valid) continue;
+                const float m_new = fmaxf(m[g], s);
+                const float corr = __expf(m[g] - m_new);  // 0 while m is -inf
+                const float p_ = __expf(s - m_new);
+                l[g] = fmaf(l[g], corr, p_);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[g][e] = fmaf(acc[g][e], corr, p_ * vf[e]);
+                m[g] = m_new;
+            }
         }
     }
-    // Merge the slots: slot s's (m, l) per head and its output values go to shared memory.
-    __shared__ float s_o[ATT_MERGE_VALUES];
-    __shared__ float s_ml[ATT_MERGE_ML];
+    // Merge the warp's slots (lanes dv, 2 dv, .. apart hold the same dims): the warp's max, each
+    // slot's weight exp(m - max) (0 for a slot that saw no position), the weighted sums.
 #pragma unroll
     for (int g = 0; g < G; ++g) {
+        float mw = m[g];
+        for (u32 o = dv; o < 32; o <<= 1) mw = fmaxf(mw, __shfl_xor_sync(0xffffffffu, mw, o));
+        const float w = m[g] == -INFINITY ? 0.f : __expf(m[g] - mw);
+        float lw = l[g] * w;
+        for (u32 o = dv; o < 32; o <<= 1) lw += __shfl_xor_sync(0xffffffffu, lw, o);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) s_o[((u64)slot * G + g) * hd + part * 8 + e] = acc[g][e];
-        if (part == 0) {
-            s_ml[(slot * G + g) * 2] = m[g];
-            s_ml[(slot * G + g) * 2 + 1] = l[g];
+        for (int e = 0; e < 8; ++e) {
+            float v = acc[g][e] * w;
+            for (u32 o = dv; o < 32; o <<= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            acc[g][e] = v;
+        }
+        m[g] = mw;
+        l[g] = lw;
+    }
+    // Then the warps: warp w's (m, l) per head and its output values go to shared memory.
+    __shared__ float s_o[ATT_MERGE_VALUES];
+    __shared__ float s_ml[ATT_MERGE_ML];
+    __shared__ __align__(16) u16 s_out[1024];  // the block's bf16 outputs, for the o shrink
+    if (lane < dv) {
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s_o[((u64)warp * G + g) * hd + part * 8 + e] = acc[g][e];
+            if (part == 0) {
+                s_ml[(warp * G + g) * 2] = m[g];
+                s_ml[(warp * G + g) * 2 + 1] = l[g];
+            }
         }
     }
     __syncthreads();
     for (u32 e = threadIdx.x; e < G * hd; e += ATT_THREADS) {
         const u32 g = e / hd, d = e % hd;
         float mx = -INFINITY;
-        for (u32 s = 0; s < slots; ++s) mx = fmaxf(mx, s_ml[(s * G + g) * 2]);
+        for (u32 s = 0; s < ATT_WARPS; ++s) mx = fmaxf(mx, s_ml[(s * G + g) * 2]);
         float lsum = 0.f, o = 0.f;
         if (mx != -INFINITY) {
-            for (u32 s = 0; s < slots; ++s) {
+            for (u32 s = 0; s < ATT_WARPS; ++s) {
                 const float w = __expf(s_ml[(s * G + g) * 2] - mx);
                 lsum = fmaf(s_ml[(s * G + g) * 2 + 1], w, lsum);
                 o = fmaf(s_o[((u64)s * G + g) * hd + d], w, o);
@@ -475,13 +537,29 @@ __device__ __forceinline__ void decode_attention(
         }
         const u32 head = kvh * G + g;
         if (splits == 1) {
-            out[((u64)row * nh + head) * hd + d] = f32_to_bf16(o / lsum);
+            const u16 b = f32_to_bf16(o / lsum);
+            out[((u64)row * nh + head) * hd + d] = b;
+            s_out[e] = b;
         } else {
             part_o[(((u64)row * splits + split) * nh + head) * hd + d] = o;
             if (d == 0) {
                 float* ml = part_ml + (((u64)row * splits + split) * nh + head) * 2;
                 ml[0] = mx;
                 ml[1] = lsum;
+            }
+        }
+    }
+    if (shrink && sl.r != 0 && sl.r <= sh.t_stride) {
+        // The o shrink's partial dots over this block's slice, one rank per warp at a time.
+        __syncthreads();
+        const uint4* xv = reinterpret_cast<const uint4*>(s_out);
+        const u16* a0 = sl.a + (u64)kvh * G * hd;
+        for (u32 j = warp; j < sl.r; j += ATT_WARPS) {
+            const float d = warp_dot_a(
+                a0 + (u64)j * nh * hd, G * hd, lane, [&](u32 c) { return xv[c]; },
+                [&](u32 c) { return bf16_f(s_out[c]); });
+            if (lane == 0) {
+                sh.t[(u64)kvh * sh.part_stride + (u64)row * sh.t_stride + j] = d;
             }
         }
     }
@@ -515,18 +593,22 @@ __device__ __forceinline__ void decode_attention(
     extern "C" __global__ void decode_attention_g##G##_bf16(                                    \
         const u16* __restrict__ q, const u64* __restrict__ table, u32 layers, u32 layer, u32 nh, \
         u32 nkv, u32 hd, u32 window, float scale, u16* __restrict__ out,                         \
-        float* __restrict__ part_o, float* __restrict__ part_ml, u32* __restrict__ counters) {   \
+        float* __restrict__ part_o, float* __restrict__ part_ml, u32* __restrict__ counters,    \
+        const u64* sh_tables, float* sh_t, u32 sh_slot, u32 sh_t_stride, u32 sh_part_stride) {   \
+        const AttShrink sh = {sh_tables, sh_t, sh_slot, sh_t_stride, sh_part_stride};           \
         decode_attention<G, false>(q, table, layers, layer, nh, nkv, hd, window, scale, out,    \
-                                   part_o, part_ml, counters);                                   \
+                                   part_o, part_ml, counters, sh);                               \
     }                                                                                            \
     extern "C" __global__ void decode_attention_rope_g##G##_bf16(                               \
         const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,         \
         const u16* __restrict__ cosb, const u16* __restrict__ sinb,                              \
         const u64* __restrict__ table, u32 layers, u32 layer, u32 nh, u32 nkv, u32 hd,           \
         u32 window, float scale, u16* __restrict__ out, float* __restrict__ part_o,              \
-        float* __restrict__ part_ml, u32* __restrict__ counters) {                               \
+        float* __restrict__ part_ml, u32* __restrict__ counters, const u64* sh_tables,          \
+        float* sh_t, u32 sh_slot, u32 sh_t_stride, u32 sh_part_stride) {                         \
+        const AttShrink sh = {sh_tables, sh_t, sh_slot, sh_t_stride, sh_part_stride};           \
         decode_attention<G, true>(q, table, layers, layer, nh, nkv, hd, window, scale, out,     \
-                                  part_o, part_ml, counters, k, v, cosb, sinb);                  \
+                                  part_o, part_ml, counters, sh, k, v, cosb, sinb);              \
     }
 
 DECODE_ATTENTION_ENTRY(1)

@@ -257,7 +257,12 @@ __device__ __forceinline__ bool t4e_active(const RowLora& l, u32 t_stride, u32 u
 
 template <int M>
 __device__ __forceinline__ void t4e_issue(const TcLoraRefs<M>& refs, const float* t_lora,
-                                          u32 t_stride, u32 tile, T4EpiSmem& s) {
+                                          u32 t_stride, u32 tile, const TcGroup* grp,
+                                          T4EpiSmem& s) {
+    // t in `parts` partials (the attention's o shrink): summed here in order, as tc_lora_warp
+    // sums them, instead of copied.
+    const u32 parts = grp != nullptr && grp->parts > 1 ? grp->parts : 1u;
+    const u32 pstride = grp != nullptr ? grp->part_stride : 0u;
     u32 used = 0;
 #pragma unroll
     for (int m = 0; m < M; ++m) {
@@ -270,7 +275,13 @@ __device__ __forceinline__ void t4e_issue(const TcLoraRefs<M>& refs, const float
                 cp_async16(bdst + 16 * c, bsrc + 16 * c);
             }
             const float* tsrc = t_lora + (u64)m * t_stride;  // t_stride % 4 == 0 (the plan's)
-            if (((used | l.r) & 3u) == 0) {
+            if (parts > 1) {
+                for (u32 j = threadIdx.x; j < l.r; j += blockDim.x) {
+                    float v = __ldcg(tsrc + j);
+                    for (u32 p = 1; p < parts; ++p) v += __ldcg(tsrc + (u64)p * pstride + j);
+                    s.t[used + j] = v;
+                }
+            } else if (((used | l.r) & 3u) == 0) {
                 for (u32 c = threadIdx.x; c < (l.r >> 2); c += blockDim.x) {
                     cp_async16(s.t + used + 4 * c, tsrc + 4 * c);
                 }
@@ -338,7 +349,7 @@ __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
     }
     auto after_wait = [&]() {
         if constexpr (EPI_ALL) {
-            t4e_issue<M>(lrefs, t_lora, t_stride, tile, epi);
+            t4e_issue<M>(lrefs, t_lora, t_stride, tile, grp, epi);
         }
     };
     float acc_a = 0.f, acc_b = 0.f;

@@ -67,6 +67,10 @@ struct TcGroup {
     // With counters: floats between the shrink's k-chunk partials (partial c of weight i's t at
     // w[i].t + c * part_stride; the expand sums them).
     u32 part_stride;
+    // Without counters: how many partials of t at part_stride the finished shrink left (1: whole
+    // dots; the decode attention writes one per KV head for the o projection). The expand sums
+    // them in order, as it sums the in-launch shrink's.
+    u32 parts;
 };
 
 // The in-launch shrink splits each dot product over k into up to TC_SHRINK_CHUNKS chunks of at
@@ -224,11 +228,14 @@ __device__ __forceinline__ void tc_lora_warp(const u16* __restrict__ x, u32 k,
                                              const TcLoraRefs<M>& refs, float* lora_out) {
     const u32 lane = threadIdx.x & 31u;
     const bool fused = grp != nullptr && grp->counters != nullptr;
-    // t's k-chunk partials to sum (the separately launched shrink writes whole dots).
+    // t's partials to sum (the separately launched shrink writes whole dots).
     u32 nparts = 1, pstride = 0;
     if (fused) {
         tc_shrink<M>(x, k, *grp, refs);
         nparts = tc_shrink_chunks(k).x;
+        pstride = grp->part_stride;
+    } else if (grp != nullptr && grp->parts > 1) {
+        nparts = grp->parts;
         pstride = grp->part_stride;
     }
     const u32 o = lane >> 1, h = lane & 1u;

@@ -204,8 +204,13 @@ pub struct GemvLora {
     pub counters: u64,
     /// The largest rank at the group's slots over the plan's rows.
     pub max_rank: u32,
-    /// Floats between the in-launch shrink's k-chunk partials of t (`counters` set).
+    /// Floats between the partials of t: the in-launch shrink's k chunks (`counters` set), or
+    /// `parts` of them left by the shrink before the launch.
     pub part_stride: u32,
+    /// Without counters: the partials of t the expand sums (1: whole dots; the decode attention
+    /// leaves one per KV head, [`BgmvPlan::attention_shrink`]). Only the grouped tensor-core GEMV
+    /// (`nf4_group_cuda`) sums them; the one-weight kernels take 1.
+    pub parts: u32,
 }
 
 /// The largest rank over a group's slots (0: no row has a module there).
@@ -232,8 +237,26 @@ pub struct NormShrink {
     pub rows: usize,
 }
 
-/// k-chunk partials of t the in-launch shrink may write (TC_SHRINK_CHUNKS in cuda/nf4_tc.cuh).
-const SHRINK_CHUNKS: usize = 8;
+/// The o projection's shrink for the decode attention to compute from the outputs it writes
+/// ([`crate::decode_cuda::DecodeKernels::rope_attention`]): block (KV head h, row m) writes
+/// the partial dots of its slice of the row, t_h[m, j], into the plan's scratch at
+/// `t + h · part_stride`, which [`BgmvPlan::attention_shrink`]'s epilogue descriptor sums.
+#[derive(Debug, Clone, Copy)]
+pub struct AttShrink {
+    pub row_tables: u64,
+    pub t: u64,
+    pub slot: u32,
+    pub t_stride: u32,
+    pub part_stride: u32,
+    /// KV heads (partials) and the o input's features, checked against the attention's shapes.
+    pub kv_heads: usize,
+    pub in_f: usize,
+    pub rows: usize,
+}
+
+/// k-chunk partials of t the in-launch shrink may write (TC_SHRINK_CHUNKS in cuda/nf4_tc.cuh);
+/// also the most KV heads whose partials the attention's o shrink may leave.
+pub const SHRINK_CHUNKS: usize = 8;
 
 /// A projection group's input as [`BgmvPlan::group_input`] checked it.
 struct GroupInput {
@@ -410,6 +433,42 @@ impl BgmvPlan {
         Ok(Some((shrink, self.gemv_loras(slot0, n, max_rank, 0))))
     }
 
+    /// The shrink of slot `slot` (an o projection reading `in_f` = heads · head_dim attention
+    /// outputs) for the decode attention launch to compute, one partial per KV head, and the GEMV
+    /// epilogue descriptor that sums them (valid as [`BgmvPlan::norm_shrink`]'s). `None` when no
+    /// row has a module there or the partials would not fit the scratch (more than
+    /// [`SHRINK_CHUNKS`] KV heads).
+    pub fn attention_shrink(
+        &self,
+        slot: usize,
+        kv_heads: usize,
+        in_f: usize,
+    ) -> candle_core::Result<Option<(AttShrink, GemvLora)>> {
+        let group = self.group(slot, 1)?;
+        let max_rank = max_rank(group);
+        if max_rank == 0 || kv_heads == 0 || kv_heads > SHRINK_CHUNKS {
+            return Ok(None);
+        }
+        if group[0].in_f != in_f {
+            return Err(msg(format!(
+                "bgmv: the adapters' input features at slot {slot} are not {in_f}"
+            )));
+        }
+        let mut epi = self.gemv_loras(slot, 1, max_rank, 0).remove(0);
+        epi.parts = kv_heads as u32;
+        let shrink = AttShrink {
+            row_tables: epi.row_tables,
+            t: epi.t,
+            slot: slot as u32,
+            t_stride: epi.t_stride,
+            part_stride: epi.part_stride,
+            kv_heads,
+            in_f,
+            rows: self.rows,
+        };
+        Ok(Some((shrink, epi)))
+    }
+
     /// The plan's slots `slot0 .. slot0 + n`, a group of 1..=MAX_GROUP inside the tables.
     fn group(&self, slot0: usize, n: usize) -> candle_core::Result<&[SlotPlan]> {
         if n == 0 || n > MAX_GROUP || slot0 + n > self.slots.len() {
@@ -461,6 +520,7 @@ impl BgmvPlan {
                 counters,
                 max_rank,
                 part_stride: (MAX_GROUP * self.rows * self.t_stride) as u32,
+                parts: 1,
             })
             .collect()
     }

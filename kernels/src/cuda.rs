@@ -602,11 +602,12 @@ impl Nf4Gpu {
             || !x16
             || m != lora.rows
             || lora.out_f != n
+            || lora.parts > 1
         {
             return Err(msg(format!(
                 "gemv with LoRA epilogue: {m} rows of {k} -> {n} (x aligned: {x16}) do not fit \
-                 (plan: {} rows, {} outputs)",
-                lora.rows, lora.out_f
+                 (plan: {} rows, {} outputs, t in {} partials)",
+                lora.rows, lora.out_f, lora.parts
             )));
         }
         let tc = self.kernel.tensor_cores();

@@ -8,7 +8,7 @@
 //! buffers (`(kv_heads, capacity, head_dim)` bf16). `rope_kv` writes the new token's K and V into
 //! them through those addresses; `attention` reads them in place (no copy of the history).
 
-use crate::bgmv_cuda::{bf16_addr, NormShrink};
+use crate::bgmv_cuda::{bf16_addr, AttShrink, NormShrink};
 use crate::pdl_cuda::RawFunction;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -21,17 +21,19 @@ use half::bf16;
 use std::sync::Arc;
 
 // Must match cuda/decode.cu.
-const ATT_THREADS: u32 = 128;
+const ATT_THREADS: u32 = 256;
 /// Most query heads per KV head the attention kernel takes (one instantiation per group size).
 pub const ATT_MAX_GROUP: usize = 8;
 
 /// Whether the attention kernel takes these shapes: a group of at most [`ATT_MAX_GROUP`] query
-/// heads per KV head, and a head_dim whose 16-byte pieces (head_dim / 8 threads per position)
-/// divide a warp: 8, 16, 32, 64, 128 or 256.
+/// heads per KV head, a head_dim whose 16-byte pieces (head_dim / 8 threads per position)
+/// divide a warp (8, 16, 32, 64, 128 or 256), and at most 1024 values per block (group ·
+/// head_dim: the merge's shared memory).
 pub fn attention_supports(heads: usize, kv_heads: usize, head_dim: usize) -> bool {
     kv_heads > 0
         && heads.is_multiple_of(kv_heads)
         && (1..=ATT_MAX_GROUP).contains(&(heads / kv_heads))
+        && heads / kv_heads * head_dim <= 1024
         && head_dim.is_multiple_of(8)
         && head_dim / 8 > 0
         && 32usize.is_multiple_of(head_dim / 8)
@@ -508,7 +510,9 @@ impl DecodeKernels {
 
     /// Attention of each row's rotated query `q` (rows, heads·hd) over its cached keys and values
     /// of `layer` at positions `0..=position` (the last `window` of them with a sliding window):
-    /// (rows, heads·hd).
+    /// (rows, heads·hd). With `shrink`, the launch also computes the o projection's LoRA shrink
+    /// from its outputs when it runs as one split per (row, KV head) (the second value says
+    /// whether it did; if not, the caller shrinks as usual).
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -519,15 +523,17 @@ impl DecodeKernels {
         kv_heads: usize,
         head_dim: usize,
         window: Option<usize>,
-    ) -> candle_core::Result<Tensor> {
-        self.attention_with(q, None, table, layer, heads, kv_heads, head_dim, window)
+        shrink: Option<&AttShrink>,
+    ) -> candle_core::Result<(Tensor, bool)> {
+        let shape = (layer, heads, kv_heads, head_dim, window);
+        self.attention_with(q, None, table, shape, shrink)
     }
 
     /// [`Self::rope_kv`] then [`Self::attention`] in one launch (plus the split combine): `q`
     /// (rows, heads·hd) and `k`, `v` (rows, kv_heads·hd) are the projections' outputs before
     /// RoPE; the block holding each row's new position writes its rotated K and V into the caches
     /// of `layer` before attending. Same arithmetic, so the same bits as the two launches. Needs
-    /// [`rope_attention_supports`].
+    /// [`rope_attention_supports`]. `shrink` and the second value as [`Self::attention`]'s.
     #[allow(clippy::too_many_arguments)]
     pub fn rope_attention(
         &self,
@@ -542,7 +548,8 @@ impl DecodeKernels {
         kv_heads: usize,
         head_dim: usize,
         window: Option<usize>,
-    ) -> candle_core::Result<Tensor> {
+        shrink: Option<&AttShrink>,
+    ) -> candle_core::Result<(Tensor, bool)> {
         let rows = table.rows;
         if k.dims() != [rows, kv_heads * head_dim]
             || v.dims() != k.dims()
@@ -561,30 +568,20 @@ impl DecodeKernels {
             )));
         }
         let rope = RopeInputs { k, v, cos, sin };
-        self.attention_with(
-            q,
-            Some(rope),
-            table,
-            layer,
-            heads,
-            kv_heads,
-            head_dim,
-            window,
-        )
+        let shape = (layer, heads, kv_heads, head_dim, window);
+        self.attention_with(q, Some(rope), table, shape, shrink)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// `shape`: layer, heads, KV heads, head_dim, window.
     fn attention_with(
         &self,
         q: &Tensor,
         rope: Option<RopeInputs<'_>>,
         table: &KvTable,
-        layer: usize,
-        heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-        window: Option<usize>,
-    ) -> candle_core::Result<Tensor> {
+        shape: (usize, usize, usize, usize, Option<usize>),
+        shrink: Option<&AttShrink>,
+    ) -> candle_core::Result<(Tensor, bool)> {
+        let (layer, heads, kv_heads, head_dim, window) = shape;
         let rows = table.rows;
         if q.dims() != [rows, heads * head_dim]
             || !attention_supports(heads, kv_heads, head_dim)
@@ -677,6 +674,10 @@ impl DecodeKernels {
             .map_or((null, null), |((o, _), (ml, _))| (*o, *ml));
         let (cp, cg) = self.att_counters.device_ptr(st);
         let counters = if merge_in_kernel { cp } else { null };
+        // The o shrink: one split only (the blocks then hold whole outputs), shapes as planned.
+        let shrink = shrink.filter(|s| {
+            splits == 1 && s.rows == rows && s.kv_heads == kv_heads && s.in_f == heads * head_dim
+        });
         args.extend([
             KArg::U64(tp),
             KArg::U32(layers),
@@ -690,6 +691,11 @@ impl DecodeKernels {
             KArg::U64(po),
             KArg::U64(pml),
             KArg::U64(counters),
+            KArg::U64(shrink.map_or(null, |s| s.row_tables)),
+            KArg::U64(shrink.map_or(null, |s| s.t)),
+            KArg::U32(shrink.map_or(0, |s| s.slot)),
+            KArg::U32(shrink.map_or(0, |s| s.t_stride)),
+            KArg::U32(shrink.map_or(0, |s| s.part_stride)),
         ]);
         // SAFETY: argument types and order match decode_attention_g{group}_bf16 (no RoPE inputs)
         // and decode_attention_rope_g{group}_bf16 (k, v, cos, sin after q); q holds
@@ -697,7 +703,9 @@ impl DecodeKernels {
         // group and head_dim within the kernel's limits, and with RoPE k and v rows·kv_heads·hd,
         // cos and sin more than max_position rows of hd/2 (checked above / by rope_attention);
         // the counters (when passed) cover rows·kv_heads entries, zero between launches (each
-        // launch's merging blocks reset theirs; launches are ordered on this stream).
+        // launch's merging blocks reset theirs; launches are ordered on this stream). The shrink
+        // (when passed) addresses the plan's row tables for these rows and its scratch, with
+        // room for kv_heads partials of rows·t_stride (BgmvPlan::attention_shrink).
         // The caches are written through addresses taken under read guards: only this forward
         // pass uses them, in stream order.
         unsafe { self.launch(func, raw, cfg, &args) }?;
@@ -724,7 +732,10 @@ impl DecodeKernels {
             unsafe { self.launch(&self.combine, raw, cfg, &args) }?;
             drop(og);
         }
-        Ok(wrap(out, &self.device, (rows, heads * head_dim)))
+        Ok((
+            wrap(out, &self.device, (rows, heads * head_dim)),
+            shrink.is_some(),
+        ))
     }
 }
 

@@ -38,7 +38,7 @@ struct TcWeight {
     slot: u32,
 }
 
-/// Mirrors `TcGroup` of cuda/nf4_tc.cuh (304 bytes, passed by value).
+/// Mirrors `TcGroup` of cuda/nf4_tc.cuh (312 bytes, passed by value).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct TcGroup {
@@ -51,6 +51,8 @@ struct TcGroup {
     counters: u64,
     max_rank: u32,
     part_stride: u32,
+    /// Without counters: the partials of t the expand sums (1: whole dots).
+    parts: u32,
 }
 
 // SAFETY: plain data with the C layout of the kernel's parameter (repr(C), no padding the kernel
@@ -151,6 +153,8 @@ fn launch(
                 || l.counters != ls[0].counters
                 || l.max_rank != ls[0].max_rank
                 || l.part_stride != ls[0].part_stride
+                || l.parts != ls[0].parts
+                || (l.parts > 1 && l.counters != 0)
             {
                 return Err(msg(format!(
                     "grouped gemv with LoRA: plan of {} rows, {} outputs, does not fit {m} rows of \
@@ -197,6 +201,7 @@ fn launch(
         grp.counters = ls[0].counters;
         grp.max_rank = ls[0].max_rank;
         grp.part_stride = ls[0].part_stride;
+        grp.parts = ls[0].parts.max(1);
     }
     let kind = match loras {
         None if persistent(gpus, m, k) => GroupKernel::BasePersistent,
@@ -289,4 +294,4 @@ fn all_warps_epilogue(g: &Nf4Gpu, m: usize, l: &GemvLora) -> bool {
 
 // The C layouts of cuda/nf4_tc.cuh.
 const _: () = assert!(std::mem::size_of::<TcWeight>() == 88);
-const _: () = assert!(std::mem::size_of::<TcGroup>() == 304);
+const _: () = assert!(std::mem::size_of::<TcGroup>() == 312);
