@@ -31,8 +31,11 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // 16-byte chunks (8 bf16) each thread of add_rms_norm keeps in registers: rows of up to
-// NORM_VEC * 8 * blockDim values (8192 with 256 threads) take the register path.
-#define NORM_VEC 4
+// NORM_VEC * 8 * blockDim values (8192 with NORM_THREADS) take the register path. At batch 1 the
+// norm is one block whose time is each warp's chain of instructions: 512 threads with one chunk
+// each (a 4096-wide row) instead of 256 with two, of NORM_VEC = 4 unrolled (half on zeros).
+#define NORM_VEC 2
+#define NORM_THREADS 512
 
 __device__ __forceinline__ float word_half(const uint4& v, int e) {
     const u32 w = e < 2 ? v.x : (e < 4 ? v.y : (e < 6 ? v.z : v.w));
@@ -70,9 +73,13 @@ __device__ __forceinline__ void add_rms_norm_vec(const u16* __restrict__ xr,
     const uint4* x4 = reinterpret_cast<const uint4*>(xr);
     const uint4* y4 = reinterpret_cast<const uint4*>(yr);
     const uint4* w4 = reinterpret_cast<const uint4*>(w);
+    // Chunks per thread that hold any of the row (uniform): the unrolled steps past it are
+    // branched over, not computed on zeros.
+    const u32 nch = (nv + blockDim.x - 1) / blockDim.x;
     uint4 xv[NORM_VEC], yv[NORM_VEC], wv[NORM_VEC];
 #pragma unroll
     for (int j = 0; j < NORM_VEC; ++j) {
+        if ((u32)j >= nch) break;
         const u32 c = threadIdx.x + j * blockDim.x;
         const uint4 z = make_uint4(0u, 0u, 0u, 0u);
         // x and y come from earlier kernels (ld_after_wait), w is a weight.
@@ -84,6 +91,7 @@ __device__ __forceinline__ void add_rms_norm_vec(const u16* __restrict__ xr,
     float acc = 0.f;
 #pragma unroll
     for (int j = 0; j < NORM_VEC; ++j) {
+        if ((u32)j >= nch) break;
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
             const float xe = word_half(xv[j], e);
@@ -132,7 +140,7 @@ __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
                                                   const u16* __restrict__ y,
                                                   const u16* __restrict__ w, float eps, u32 n,
                                                   const NormShrink& sh, u32 m, u32 part) {
-    __shared__ __align__(16) u16 s_normed[NORM_VEC * 8 * 256];
+    __shared__ __align__(16) u16 s_normed[NORM_VEC * 8 * NORM_THREADS];
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u, nw = blockDim.x >> 5;
     const u32 units = sh.count * sh.max_rank;
     for (u32 u = part * nw + warp; u < units; u += sh.bpr * nw) {

@@ -43,9 +43,11 @@ pub fn attention_supports(heads: usize, kv_heads: usize, head_dim: usize) -> boo
 pub fn rope_attention_supports(heads: usize, kv_heads: usize, head_dim: usize) -> bool {
     attention_supports(heads, kv_heads, head_dim) && head_dim.is_multiple_of(16)
 }
-const NORM_THREADS: u32 = 256;
+/// add_rms_norm's block (NORM_THREADS in decode.cu): at batch 1 one block per row, whose time is
+/// each warp's instruction chain, so a 4096-wide row takes one 16-byte chunk per thread.
+const NORM_THREADS: u32 = 512;
 /// 16-byte chunks per thread of add_rms_norm's vectorized path (NORM_VEC in decode.cu).
-const NORM_VEC: usize = 4;
+const NORM_VEC: usize = 2;
 /// rope_kv is one block per sequence that loops over (heads + kv heads) · head_dim / 2 pairs: at
 /// batch 1 its time is its loop's chain of memory round trips (256 threads: ~10 µs per call on the
 /// H200, ncu), so it takes the largest block.
