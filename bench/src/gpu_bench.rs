@@ -92,6 +92,35 @@ fn decode_tok_s(m: &Llama, prompt: &[u32], n: usize, ad: Option<Arc<LoraAdapter>
     Ok(decode_timed(m, prompt, n, ad)?.tok_s)
 }
 
+/// The host's time per decode-step phase since the last take (`QLORAD_HOST_PROFILE=1`), per
+/// step: printed, and returned as {phase: µs per step} for the results JSON.
+fn host_profile_table() -> serde_json::Value {
+    use qlorad_model::host_profile::{take, Phase};
+    let t = take();
+    let steps = t
+        .iter()
+        .find(|p| p.phase == Phase::Setup)
+        .map_or(0, |p| p.calls)
+        .max(1) as f64;
+    let total: f64 = t.iter().map(|p| p.seconds).sum();
+    println!(
+        "host time per decode step by phase ({steps} steps, {:.1} us in all):",
+        total * 1e6 / steps
+    );
+    let mut m = serde_json::Map::new();
+    for p in &t {
+        let us = p.seconds * 1e6 / steps;
+        println!(
+            "  {:10} {us:7.1} us ({:.1} calls, {:.2} us each)",
+            p.phase.name(),
+            p.calls as f64 / steps,
+            p.seconds * 1e6 / p.calls.max(1) as f64
+        );
+        m.insert(p.phase.name().to_string(), serde_json::json!(us));
+    }
+    serde_json::Value::Object(m)
+}
+
 /// Seconds from a fresh request of `prompt` to its first token on the host.
 fn ttft_s(m: &Llama, prompt: &[u32]) -> Result<f64> {
     let t = Instant::now();
@@ -229,9 +258,14 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
     ttft_s(&model, &long)?;
     decode_tok_s(&model, &prompt[..8], 4, None)?;
     let reps = a.repeats.max(1);
+    let profile = qlorad_model::host_profile::enabled();
+    if profile {
+        qlorad_model::host_profile::take(); // the warm-up's
+    }
     let timings: Vec<DecodeTiming> = (0..reps)
         .map(|_| decode_timed(&model, &prompt, a.decode_tokens, None))
         .collect::<Result<_>>()?;
+    let host_profile = profile.then(host_profile_table);
     let dec: Vec<f64> = timings.iter().map(|t| t.tok_s).collect();
     let decode_b1 = median(dec.clone());
     let host_ms = median(timings.iter().map(|t| t.host_ms_per_tok).collect());
@@ -273,6 +307,9 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         "adapter_load_ms": null,
         "multi_adapter_32_ratio": null,
     });
+    if let Some(p) = host_profile {
+        out["decode_b1_host_profile_us_per_token"] = p;
+    }
     if let Some(dir) = &a.adapter {
         // The hot-load as the daemon's registry does it with GPUs only: the file converted into
         // pinned staging and uploaded as it converts (`LoraAdapter::load_placed`). Beside it, the

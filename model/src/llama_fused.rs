@@ -10,6 +10,7 @@
 use super::{group_outputs, project_group, Llama, SeqInput};
 use crate::device::Placement;
 use crate::error::{ModelError, Result};
+use crate::host_profile::{timed, Phase};
 use crate::linear::BaseLinear;
 use crate::lora::LoraBatch;
 use candle_core::{DType, Tensor};
@@ -65,14 +66,14 @@ impl Llama {
         let c = &self.cfg;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let layers = self.blocks.len();
-        let mut caps = Vec::with_capacity(seqs.len());
-        for s in seqs.iter_mut() {
-            caps.push(
-                s.cache
-                    .reserve(1, nkv, hd, self.placement.dtype, &self.device)?,
-            );
-        }
-        let table = {
+        let table = timed(Phase::Setup, || -> Result<_> {
+            let mut caps = Vec::with_capacity(seqs.len());
+            for s in seqs.iter_mut() {
+                caps.push(
+                    s.cache
+                        .reserve(1, nkv, hd, self.placement.dtype, &self.device)?,
+                );
+            }
             let rows = seqs
                 .iter()
                 .zip(&caps)
@@ -91,8 +92,8 @@ impl Llama {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            kern.kv_table(&rows, layers, nkv, hd)?
-        };
+            Ok(kern.kv_table(&rows, layers, nkv, hd)?)
+        })?;
         let eps = c.rms_norm_eps as f32;
         // RoPE and the KV write inside the attention launch (QLORAD_ROPE_ATTENTION=0: rope_kv
         // first, for comparison; read per step because gpu-check switches it).
@@ -106,75 +107,88 @@ impl Llama {
         let mut pending: Option<Tensor> = None;
         for (li, b) in self.blocks.iter().enumerate() {
             let qkv = [b.attn.q.as_ref(), b.attn.k.as_ref(), b.attn.v.as_ref()];
-            let (xs, h, pre) = norm_for_group(
-                kern,
-                &x,
-                pending.as_ref(),
-                &b.input_norm,
-                eps,
-                lora,
-                (li, 0),
-                qkv,
-            )?;
-            let [q, k, v] = project_group_fused(qkv, li, 0, &h, lora, pre)?;
-            // The o projection's shrink in the attention launch when it takes it (one split).
-            let o_shrink = if o_shrink_on {
-                attention_shrink_for(lora, (li, 3), b.attn.o.as_ref(), &q, nkv)?
-            } else {
-                None
+            let (xs, h, pre) = timed(Phase::Norm, || {
+                norm_for_group(
+                    kern,
+                    &x,
+                    pending.as_ref(),
+                    &b.input_norm,
+                    eps,
+                    lora,
+                    (li, 0),
+                    qkv,
+                )
+            })?;
+            let [q, k, v] = timed(Phase::QkvProjection, || {
+                project_group_fused(qkv, li, 0, &h, lora, pre)
+            })?;
+            let attention = || -> Result<_> {
+                // The o projection's shrink in the attention launch when it takes it (one split).
+                let o_shrink = if o_shrink_on {
+                    attention_shrink_for(lora, (li, 3), b.attn.o.as_ref(), &q, nkv)?
+                } else {
+                    None
+                };
+                let sh = o_shrink.as_ref().map(|(s, _)| s);
+                let (a, shrunk) = if rope_in_attention {
+                    kern.rope_attention(
+                        &q,
+                        &k,
+                        &v,
+                        &self.cos,
+                        &self.sin,
+                        &table,
+                        li,
+                        nh,
+                        nkv,
+                        hd,
+                        c.sliding_window,
+                        sh,
+                    )?
+                } else {
+                    let q =
+                        kern.rope_kv(&q, &k, &v, &self.cos, &self.sin, &table, li, nh, nkv, hd)?;
+                    kern.attention(&q, &table, li, nh, nkv, hd, c.sliding_window, sh)?
+                };
+                let pre = o_shrink.filter(|_| shrunk).map(|(_, e)| vec![e]);
+                Ok((a, pre))
             };
-            let sh = o_shrink.as_ref().map(|(s, _)| s);
-            let (a, shrunk) = if rope_in_attention {
-                kern.rope_attention(
-                    &q,
-                    &k,
-                    &v,
-                    &self.cos,
-                    &self.sin,
-                    &table,
-                    li,
-                    nh,
-                    nkv,
-                    hd,
-                    c.sliding_window,
-                    sh,
-                )?
-            } else {
-                let q = kern.rope_kv(&q, &k, &v, &self.cos, &self.sin, &table, li, nh, nkv, hd)?;
-                kern.attention(&q, &table, li, nh, nkv, hd, c.sliding_window, sh)?
-            };
-            let pre = o_shrink.filter(|_| shrunk).map(|(_, e)| vec![e]);
-            let [o] = project_group_fused([b.attn.o.as_ref()], li, 3, &a, lora, pre)?;
+            let (a, pre) = timed(Phase::Attention, attention)?;
+            let [o] = timed(Phase::OProjection, || {
+                project_group_fused([b.attn.o.as_ref()], li, 3, &a, lora, pre)
+            })?;
             let gate_up = [b.mlp.gate.as_ref(), b.mlp.up.as_ref()];
-            let (xs, h, pre) = norm_for_group(
-                kern,
-                &xs,
-                Some(&o),
-                &b.post_norm,
-                eps,
-                lora,
-                (li, 4),
-                gate_up,
-            )?;
-            let [gate, up] = project_group_fused(gate_up, li, 4, &h, lora, pre)?;
-            let [m] = project_group_fused(
-                [b.mlp.down.as_ref()],
-                li,
-                6,
-                &kern.silu_mul(&gate, &up)?,
-                lora,
-                None,
-            )?;
+            let (xs, h, pre) = timed(Phase::Norm, || {
+                norm_for_group(
+                    kern,
+                    &xs,
+                    Some(&o),
+                    &b.post_norm,
+                    eps,
+                    lora,
+                    (li, 4),
+                    gate_up,
+                )
+            })?;
+            let [gate, up] = timed(Phase::GateUpProjection, || {
+                project_group_fused(gate_up, li, 4, &h, lora, pre)
+            })?;
+            let mixed = timed(Phase::SiluMul, || kern.silu_mul(&gate, &up))?;
+            let [m] = timed(Phase::DownProjection, || {
+                project_group_fused([b.mlp.down.as_ref()], li, 6, &mixed, lora, None)
+            })?;
             x = xs;
             pending = Some(m);
         }
-        let (_, h) = kern.add_rms_norm(&x, pending.as_ref(), &self.norm, eps)?;
         for s in seqs.iter_mut() {
             s.cache.advance(1);
         }
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        let logits = crate::linear::dense_xwt(&h, head)?;
-        Ok(logits.to_dtype(DType::F32)?)
+        timed(Phase::Head, || {
+            let (_, h) = kern.add_rms_norm(&x, pending.as_ref(), &self.norm, eps)?;
+            let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+            let logits = crate::linear::dense_xwt(&h, head)?;
+            Ok(logits.to_dtype(DType::F32)?)
+        })
     }
 }
 
