@@ -310,8 +310,8 @@ __device__ __forceinline__ u16 combine_splits(const float* part_o, const float* 
 #define ATT_MAX_GROUP 8
 #define ATT_PREFETCH 8
 // Shared memory of the merge over the warps (each warp first merges its own slots with
-// shuffles): ATT_WARPS * group * head_dim values, at most 8 KB of f32 (group * head_dim <= 1024,
-// which the host checks), plus the maxima and sums of every (warp, head).
+// shuffles): ATT_WARPS * group * head_dim f32, at most 32 KB (group * head_dim <= 1024, which
+// the host checks), plus the maxima and sums of every (warp, head).
 #define ATT_MERGE_VALUES (ATT_WARPS * 1024)
 #define ATT_MERGE_ML (2 * ATT_WARPS * ATT_MAX_GROUP)
 
@@ -331,7 +331,7 @@ struct AttShrink {
 // t / DV and owns dims [8 (t % DV), +8) of every head of the group: per position it loads 16
 // bytes of K and of V (ATT_PREFETCH positions' loads issued together, so a slot waits for memory
 // once per ATT_PREFETCH positions, not per position: at batch 1 the launch is a few blocks whose
-// time is their chain of memory round trips), finishes the group's scores with shuffles across
+// time is each warp's chain of instructions and memory round trips), finishes the group's scores with shuffles across
 // the slot's DV threads, and updates its own running max, sum and output (the online softmax of
 // Milakov & Gimelshein 2018, as in FlashAttention). The slots are merged at the end with
 // log-sum-exp weights, first within each warp (shuffles), then across the warps (shared memory).
@@ -339,10 +339,10 @@ struct AttShrink {
 // output with its max and sum, for attention_combine.
 //
 // ROPE (decode_attention_rope_*): q is the projection's output before RoPE, and the block applies
-// rope_kv's arithmetic itself (same roundings, so the same bits): each thread rotates its 8 dims of
-// q with its partner's (the thread dv/2 lanes away holds dims i ± hd/2), and the block whose split
-// holds the new position first writes RoPE(k) and v there (its own loads then see them after the
-// barrier; no other block reads that position). One launch instead of two: at batch 1 rope_kv
+// rope_kv's arithmetic itself (same roundings, so the same bits), once per block into shared
+// memory, one (i, i + hd/2) pair per thread; the block whose split holds the new position first
+// writes RoPE(k) and v there (its own loads then see them after the barrier; no other block reads
+// that position). One launch instead of two: at batch 1 rope_kv
 // was a one-block kernel of ~6.5 µs per layer (ncu).
 template <int G, bool ROPE>
 __device__ __forceinline__ void decode_attention(
