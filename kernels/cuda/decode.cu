@@ -24,6 +24,15 @@
 
 __device__ __forceinline__ float rbf(float f) { return bf16_f(f32_to_bf16(f)); }
 
+// RoPE of one (i, i + hd/2) pair (a, b) of a head row with cos c and sin s, transformers' Llama
+// rotate-half form with every bf16 product rounded: (a·c − b·s, a·s + b·c), each sum unrounded.
+// rope_kv and the attention's in-launch RoPE both use it, which keeps their results bit for bit
+// equal (gpu-check compares them).
+__device__ __forceinline__ float2 rope_pair(float a, float b, float c, float s) {
+    return make_float2(__fsub_rn(rbf(__fmul_rn(a, c)), rbf(__fmul_rn(b, s))),
+                       __fadd_rn(rbf(__fmul_rn(a, s)), rbf(__fmul_rn(b, c))));
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
@@ -265,9 +274,9 @@ extern "C" __global__ void rope_kv_bf16(const u16* __restrict__ q, const u16* __
         const bool is_q = head < nh;
         const u16* src = is_q ? q + ((u64)row * nh + head) * hd
                               : k + ((u64)row * nkv + (head - nh)) * hd;
-        const float a = bf16_f(src[i]), b = bf16_f(src[i + half]);
-        const u16 lo = f32_to_bf16(__fsub_rn(rbf(__fmul_rn(a, c)), rbf(__fmul_rn(b, s))));
-        const u16 hi = f32_to_bf16(__fadd_rn(rbf(__fmul_rn(a, s)), rbf(__fmul_rn(b, c))));
+        const float2 r = rope_pair(bf16_f(src[i]), bf16_f(src[i + half]), c, s);
+        const u16 lo = f32_to_bf16(r.x);
+        const u16 hi = f32_to_bf16(r.y);
         u16* dst = is_q ? q_out + ((u64)row * nh + head) * hd
                         : kc + ((u64)(head - nh) * cap + pos) * hd;
         dst[i] = lo;
@@ -331,9 +340,9 @@ struct AttShrink {
 // t / DV and owns dims [8 (t % DV), +8) of every head of the group: per position it loads 16
 // bytes of K and of V (ATT_PREFETCH positions' loads issued together, so a slot waits for memory
 // once per ATT_PREFETCH positions, not per position: at batch 1 the launch is a few blocks whose
-// time is each warp's chain of instructions and memory round trips), finishes the group's scores with shuffles across
-// the slot's DV threads, and updates its own running max, sum and output (the online softmax of
-// Milakov & Gimelshein 2018, as in FlashAttention). The slots are merged at the end with
+// time is each warp's chain of instructions and memory round trips), finishes the group's scores
+// with shuffles across the slot's DV threads, and updates its own running max, sum and output
+// (the online softmax of Milakov & Gimelshein 2018, as in FlashAttention). The slots are merged at the end with
 // log-sum-exp weights, first within each warp (shuffles), then across the warps (shared memory).
 // With one split the block writes the normalized bf16 output; with several, the unnormalized f32
 // output with its max and sum, for attention_combine.
@@ -342,8 +351,8 @@ struct AttShrink {
 // rope_kv's arithmetic itself (same roundings, so the same bits), once per block into shared
 // memory, one (i, i + hd/2) pair per thread; the block whose split holds the new position first
 // writes RoPE(k) and v there (its own loads then see them after the barrier; no other block reads
-// that position). One launch instead of two: at batch 1 rope_kv
-// was a one-block kernel of ~6.5 µs per layer (ncu).
+// that position). One launch instead of two: at batch 1 rope_kv was a one-block kernel of ~6.5 µs
+// per layer (ncu).
 template <int G, bool ROPE>
 __device__ __forceinline__ void decode_attention(
     const u16* __restrict__ q, const u64* __restrict__ table, u32 layers, u32 layer, u32 nh,
@@ -388,39 +397,36 @@ __device__ __forceinline__ void decode_attention(
     // q, k and v come from the previous kernel: loads that stay after the wait (ld_after_wait).
     float qr[G][8];
     if (ROPE) {
-        // RoPE once per block, rope_kv's arithmetic (same roundings, so the same bits): one
-        // (dim c, dim c + hd/2) pair of a head row per thread at a time, lower a·cos − b·sin,
-        // upper a·sin + b·cos. Every slot used to rotate its own copy of the group's q (32 values
-        // per thread with 4 heads): at batch 1 the launch is latency-bound on each warp's
-        // instruction stream, so per-block work that every warp repeats is time.
+        // RoPE once per block with rope_kv's rope_pair (so the same bits), one (dim c, dim
+        // c + hd/2) pair of a head row per thread at a time. Every slot used to rotate its own
+        // copy of the group's q (32 values per thread with 4 heads): at batch 1 the launch is
+        // latency-bound on each warp's instruction stream, so per-block work that every warp
+        // repeats is time.
         __shared__ __align__(16) float s_q[1024];  // the group's rotated q · scale
         const u32 half = hd >> 1;
         const u16* cp = cosb + (u64)pos * half;
         const u16* sp = sinb + (u64)pos * half;
-        auto rope_pair = [&](float a, float b, u32 c, float& lo_, float& hi_) {
-            const float cv = bf16_f(cp[c]), sv = bf16_f(sp[c]);
-            lo_ = rbf(__fsub_rn(rbf(__fmul_rn(a, cv)), rbf(__fmul_rn(b, sv))));
-            hi_ = rbf(__fadd_rn(rbf(__fmul_rn(a, sv)), rbf(__fmul_rn(b, cv))));
+        // The pair at column c of the head row at `src` (written by the previous kernel).
+        auto rotate = [&](const u16* src, u32 c) {
+            return rope_pair(bf16_f(ld_after_wait_u16(src + c)),
+                             bf16_f(ld_after_wait_u16(src + c + half)), bf16_f(cp[c]),
+                             bf16_f(sp[c]));
         };
         const u16* qg = q + ((u64)row * nh + (u64)kvh * G) * hd;
         for (u32 i = threadIdx.x; i < G * half; i += ATT_THREADS) {
             const u32 g = i / half, c = i % half;
-            float lo_, hi_;
-            rope_pair(bf16_f(ld_after_wait_u16(qg + (u64)g * hd + c)),
-                      bf16_f(ld_after_wait_u16(qg + (u64)g * hd + c + half)), c, lo_, hi_);
-            s_q[g * hd + c] = lo_ * scale;
-            s_q[g * hd + c + half] = hi_ * scale;
+            const float2 r = rotate(qg + (u64)g * hd, c);
+            s_q[g * hd + c] = rbf(r.x) * scale;
+            s_q[g * hd + c + half] = rbf(r.y) * scale;
         }
         if (lo <= pos && pos < hi) {
             // This split holds the new position: its K (rotated) and V go into the caches first
             // (the block's loads below see them after the barrier).
             const u64 src = ((u64)row * nkv + kvh) * hd;
             for (u32 c = threadIdx.x; c < half; c += ATT_THREADS) {
-                float lo_, hi_;
-                rope_pair(bf16_f(ld_after_wait_u16(knew + src + c)),
-                          bf16_f(ld_after_wait_u16(knew + src + c + half)), c, lo_, hi_);
-                kc[(u64)pos * hd + c] = f32_to_bf16(lo_);
-                kc[(u64)pos * hd + c + half] = f32_to_bf16(hi_);
+                const float2 r = rotate(knew + src, c);
+                kc[(u64)pos * hd + c] = f32_to_bf16(r.x);
+                kc[(u64)pos * hd + c + half] = f32_to_bf16(r.y);
             }
             for (u32 c = threadIdx.x; c < hd; c += ATT_THREADS) {
                 vc[(u64)pos * hd + c] = ld_after_wait_u16(vnew + src + c);
