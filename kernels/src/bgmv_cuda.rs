@@ -444,27 +444,25 @@ impl BgmvPlan {
         kv_heads: usize,
         in_f: usize,
     ) -> candle_core::Result<Option<(AttShrink, GemvLora)>> {
-        let group = self.group(slot, 1)?;
-        let max_rank = max_rank(group);
-        if max_rank == 0 || kv_heads == 0 || kv_heads > SHRINK_CHUNKS {
+        if kv_heads == 0 || kv_heads > SHRINK_CHUNKS {
             return Ok(None);
         }
-        if group[0].in_f != in_f {
-            return Err(msg(format!(
-                "bgmv: the adapters' input features at slot {slot} are not {in_f}"
-            )));
-        }
-        let mut epi = self.gemv_loras(slot, 1, max_rank, 0).remove(0);
+        // The same slot checks and descriptor as a norm launch's shrink of one projection; the
+        // expand then sums kv_heads partials.
+        let Some((n, mut epis)) = self.norm_shrink(slot, 1, in_f)? else {
+            return Ok(None);
+        };
+        let mut epi = epis.remove(0);
         epi.parts = kv_heads as u32;
         let shrink = AttShrink {
-            row_tables: epi.row_tables,
-            t: epi.t,
-            slot: slot as u32,
-            t_stride: epi.t_stride,
+            row_tables: n.row_tables,
+            t: n.t,
+            slot: n.slot0,
+            t_stride: n.t_stride,
             part_stride: epi.part_stride,
             kv_heads,
             in_f,
-            rows: self.rows,
+            rows: n.rows,
         };
         Ok(Some((shrink, epi)))
     }

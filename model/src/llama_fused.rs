@@ -14,7 +14,7 @@ use crate::host_profile::{timed, Phase};
 use crate::linear::BaseLinear;
 use crate::lora::LoraBatch;
 use candle_core::{DType, Tensor};
-use qlorad_kernels::bgmv::{AttShrink, GemvLora};
+use qlorad_kernels::bgmv::{AttShrink, BgmvPlan, GemvLora};
 use qlorad_kernels::decode_cuda::{
     attention_supports, rope_attention_supports, DecodeKernels, KvRow,
 };
@@ -235,19 +235,26 @@ fn attention_shrink_for(
     q: &Tensor,
     kv_heads: usize,
 ) -> Result<Option<(AttShrink, GemvLora)>> {
-    let (false, Some(plan), true, Some(_)) = (
-        lora.is_empty(),
-        lora.bgmv_plan(),
-        lora_epilogue(),
-        gemv_weights(&[o], q),
-    ) else {
+    let Some(plan) = epilogue_plan(lora, &[o], q) else {
         return Ok(None);
     };
-    let (rows, in_f) = q.dims2()?;
-    if rows != plan.rows() {
-        return Ok(None);
+    Ok(plan.attention_shrink(at.0 * 7 + at.1, kv_heads, q.dim(1)?)?)
+}
+
+/// The batch's BGMV plan when the projections `bases` reading `x` (rows, in_f) will run as fused
+/// GEMVs that add the LoRA expand in their epilogue ([`gemv_weights`], the plan's rows): then a
+/// launch before them may compute their shrink ([`norm_for_group`], [`attention_shrink_for`]).
+fn epilogue_plan<'a>(
+    lora: &'a LoraBatch,
+    bases: &[&dyn BaseLinear],
+    x: &Tensor,
+) -> Option<&'a BgmvPlan> {
+    if lora.is_empty() || !lora_epilogue() {
+        return None;
     }
-    Ok(plan.attention_shrink(at.0 * 7 + at.1, kv_heads, in_f)?)
+    let plan = lora.bgmv_plan()?;
+    gemv_weights(bases, x)?;
+    (x.dim(0).ok()? == plan.rows()).then_some(plan)
 }
 
 /// The residual add + RMSNorm before the projections `bases` of layer `at.0` from projection `at.1`
@@ -269,20 +276,14 @@ fn norm_for_group<const N: usize>(
     bases: [&dyn BaseLinear; N],
 ) -> Result<(Tensor, Tensor, Option<Vec<GemvLora>>)> {
     let slot0 = at.0 * 7 + at.1;
-    if let (false, Some(plan), true, true, Some(_)) = (
-        lora.is_empty(),
-        lora.bgmv_plan(),
-        lora_epilogue(),
-        norm_shrink(),
-        gemv_weights(&bases, x),
-    ) {
-        // x (rows, in_f) has the shape of the normed rows the group reads.
-        let (rows, in_f) = x.dims2()?;
-        if rows == plan.rows() {
-            if let Some((sh, epis)) = plan.norm_shrink(slot0, N, in_f)? {
-                if let Some((xs, h)) = kern.add_rms_norm_shrink(x, y, w, eps, Some(&sh))? {
-                    return Ok((xs, h, Some(epis)));
-                }
+    // x (rows, in_f) has the shape of the normed rows the group reads.
+    if let Some(plan) = norm_shrink()
+        .then(|| epilogue_plan(lora, &bases, x))
+        .flatten()
+    {
+        if let Some((sh, epis)) = plan.norm_shrink(slot0, N, x.dim(1)?)? {
+            if let Some((xs, h)) = kern.add_rms_norm_shrink(x, y, w, eps, Some(&sh))? {
+                return Ok((xs, h, Some(epis)));
             }
         }
     }
