@@ -8,7 +8,7 @@
 //! (flash-decoding combine); a sliding window shorter than the context; sequences whose first
 //! forward is a single token (the fused step creates their caches).
 
-use super::lora::{batch_greedy, forced_agreement};
+use super::lora::{batch_greedy, forced_agreement, BatchRun};
 use super::Report;
 use crate::random_model::{self, nf4, RandomSpec};
 use anyhow::Result;
@@ -81,30 +81,42 @@ fn compare(
     std::env::set_var("QLORAD_ATT_SHRINK", "1");
     let three = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
     std::env::remove_var("QLORAD_ATT_SHRINK");
-    let (worst, unexplained, ties) = forced_agreement(&want, &three?)?;
+    let steps = format!("{} sequences x {n} steps", prompts.len());
+    agreement(
+        &format!("fused decode with the o shrink in the attention vs general path, {name}"),
+        &want,
+        &three?,
+        &steps,
+        r,
+    )?;
+    agreement(
+        &format!("fused decode vs general path, {name}"),
+        &want,
+        &got,
+        &steps,
+        r,
+    )?;
+    Ok(())
+}
+
+/// The fused run `got`, teacher-forced on `want`'s tokens, against the general path's `want`: its
+/// worst logits error within the fused bound, and no step disagreeing beyond a near-tie.
+fn agreement(
+    what: &str,
+    want: &BatchRun,
+    got: &BatchRun,
+    steps: &str,
+    r: &mut Report,
+) -> Result<()> {
+    let (worst, unexplained, ties) = forced_agreement(want, got)?;
     r.add(
-        format!("fused decode, {name}, o shrink in the attention: logits rel err vs general (max)"),
+        format!("{what}: logits rel err (max)"),
         worst,
         FUSED_BOUND,
-        format!("steps disagreeing beyond a near-tie {unexplained}, near-ties {ties}"),
+        steps.to_string(),
     );
     r.add(
-        format!(
-            "fused decode, {name}, o shrink in the attention: steps disagreeing beyond a near-tie"
-        ),
-        unexplained as f64,
-        0.0,
-        String::new(),
-    );
-    let (worst, unexplained, ties) = forced_agreement(&want, &got)?;
-    r.add(
-        format!("fused decode vs general path, {name}: logits rel err (max)"),
-        worst,
-        FUSED_BOUND,
-        format!("{} sequences x {n} steps", prompts.len()),
-    );
-    r.add(
-        format!("fused decode vs general path, {name}: steps disagreeing beyond a near-tie"),
+        format!("{what}: steps disagreeing beyond a near-tie"),
         unexplained as f64,
         0.0,
         format!("near-ties {ties}"),
