@@ -33,6 +33,7 @@ pub mod nf4_op;
 pub mod pdl_cuda;
 #[cfg(feature = "cuda")]
 pub mod staged_cuda;
+pub mod switch;
 pub mod tiled;
 #[cfg(feature = "cuda")]
 pub mod train_cuda;

@@ -6,13 +6,13 @@
 use crate::bgmv::GemvLora;
 use crate::cuda::{GemvKernel, GroupKernel, Nf4Gpu, GEMV_MAX_ROWS};
 use crate::nf4_op::Nf4Weight;
+use crate::switch::EnvSwitch;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{CudaStorage, Storage, Tensor};
 use half::bf16;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 /// Weights one grouped launch takes (`TC_GROUP_MAX` in cuda/nf4_tc.cuh).
@@ -257,23 +257,15 @@ fn persistent(gpus: &[&Nf4Gpu], m: usize, k: usize) -> bool {
         && gpus.iter().all(|g| g.tables_id() == gpus[0].tables_id())
 }
 
-/// 0: not settled yet, 1: off, 2: on.
-static PERSIST: AtomicU8 = AtomicU8::new(0);
+static PERSIST: EnvSwitch = EnvSwitch::new("QLORAD_T4_PERSIST");
 
 fn persistent_on() -> bool {
-    match PERSIST.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("QLORAD_T4_PERSIST").is_ok_and(|v| v == "1");
-            PERSIST.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-            on
-        }
-        v => v == 2,
-    }
+    PERSIST.on()
 }
 
 /// Switches the persistent grouped base GEMV on or off for the process (gpu-check runs both).
 pub fn set_persistent(on: bool) {
-    PERSIST.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    PERSIST.set(on);
 }
 
 /// The ranks, summed over the input rows, that the all-warps epilogue stages (T4E_RANKS in

@@ -4,7 +4,8 @@
 //! and queueing its launches (allocations, views, guards, the launch calls), not the GPU's.
 //! `qlorad-bench gpu-bench` prints the table after its base decode runs when it is on.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use qlorad_kernels::switch::EnvSwitch;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// The phases of one decode step, in step order.
@@ -60,24 +61,16 @@ impl Phase {
 const PHASES: usize = Phase::ALL.len();
 static NANOS: [AtomicU64; PHASES] = [const { AtomicU64::new(0) }; PHASES];
 static CALLS: [AtomicU64; PHASES] = [const { AtomicU64::new(0) }; PHASES];
-/// 0: not settled yet, 1: off, 2: on.
-static STATE: AtomicU8 = AtomicU8::new(0);
+static ENABLED: EnvSwitch = EnvSwitch::new("QLORAD_HOST_PROFILE");
 
 /// Whether phases are timed: `QLORAD_HOST_PROFILE=1`, or [`set_enabled`].
 pub fn enabled() -> bool {
-    match STATE.load(Ordering::Relaxed) {
-        0 => {
-            let on = std::env::var("QLORAD_HOST_PROFILE").is_ok_and(|v| v == "1");
-            STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
-            on
-        }
-        s => s == 2,
-    }
+    ENABLED.on()
 }
 
 /// Switches the timing on or off for the process.
 pub fn set_enabled(on: bool) {
-    STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    ENABLED.set(on);
 }
 
 /// Runs `f`, adding its wall time to `phase` when timing is on.
