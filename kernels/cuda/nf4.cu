@@ -384,7 +384,7 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, u32 a0, u32 a1, u32 a2,
 template <int M>
 __device__ __forceinline__ void nf4_gemv_mma(const u16* __restrict__ x,
                                              NF4_W_PARAMS, u32 n, u32 k, u16* __restrict__ y) {
-    __shared__ u32 lut[256 * LUT_COPIES];
+    __shared__ __align__(16) u32 lut[256 * LUT_COPIES];
     __shared__ float red[MMA_WARPS][32][4];
     // Thread `byte` (the block has 256 threads) fills its entry.
     fill_pair_lut_entry<LUT_COPIES>(lut, code16, threadIdx.x);

@@ -46,15 +46,24 @@ __device__ __forceinline__ float block_scale(u64 b, u32 plain, const float* __re
 }
 
 // Entry `byte` of the tensor-core GEMVs' byte -> bf16-pair code table (the low nibble's code in the
-// high half): COPIES equal copies, one per lane so a warp's lookups never share a bank, written in
-// an order rotated by `byte` so the 32 lanes of a warp store to 32 different banks.
+// high half): COPIES equal copies, one per lane so a warp's lookups never share a bank. Written as
+// COPIES / 4 16-byte stores in an order rotated by `byte`: a 16-byte store is served a quarter
+// warp (8 lanes, 8 consecutive entries) at a time, and the rotation puts those 8 stores on 8
+// different groups of 4 banks. ncu (session 17) put the scalar form's 32 stores and their
+// addressing at 15 % of a gate/up launch's instructions (every block fills its own table); the
+// fill overlaps the weights' first loads, though, and decode measured the same either way
+// (BENCHMARKS.md, session 17). Needs `lut` 16-byte aligned.
 template <u32 COPIES>
 __device__ __forceinline__ void fill_pair_lut_entry(u32* lut, const float* __restrict__ code16,
                                                     u32 byte) {
+    static_assert(COPIES % 4 == 0 && (COPIES & (COPIES - 1)) == 0, "whole 16-byte chunks");
+    constexpr u32 CHUNKS = COPIES / 4;
     const u32 v =
         (u32)f32_to_bf16(code16[byte >> 4]) | ((u32)f32_to_bf16(code16[byte & 15u]) << 16);
-#pragma unroll 8
-    for (u32 c = 0; c < COPIES; ++c) {
-        lut[byte * COPIES + ((c + byte) & (COPIES - 1))] = v;
+    const uint4 q = make_uint4(v, v, v, v);
+    uint4* row = reinterpret_cast<uint4*>(lut + byte * COPIES);
+#pragma unroll
+    for (u32 c = 0; c < CHUNKS; ++c) {
+        row[(c + byte) & (CHUNKS - 1)] = q;
     }
 }

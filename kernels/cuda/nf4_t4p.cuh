@@ -34,7 +34,7 @@ __device__ __forceinline__ const TcWeight& t4p_weight(const TcGroup& grp, u32 ti
 
 // Declared once in the entry: its two instantiations (plain, double quant) share it.
 struct T4PSmem {
-    u32 lut[256 * TC_COPIES];
+    alignas(16) u32 lut[256 * TC_COPIES];
     float ncode[256];
     float red[2][TC_WARPS][32][2];
 };
