@@ -53,7 +53,7 @@ __device__ __forceinline__ float block_scale(u64 b, u32 plain, const float* __re
 // addressing at 15 % of a gate/up launch's instructions (every block fills its own table); the
 // fill overlaps the weights' first loads, though, and decode measured the same either way
 // (BENCHMARKS.md, session 17). Needs `lut` 16-byte aligned.
-template <u32 COPIES, u32 STRIDE = COPIES>
+template <u32 COPIES>
 __device__ __forceinline__ void fill_pair_lut_entry(u32* lut, const float* __restrict__ code16,
                                                     u32 byte) {
     static_assert(COPIES % 4 == 0 && (COPIES & (COPIES - 1)) == 0, "whole 16-byte chunks");
@@ -61,7 +61,7 @@ __device__ __forceinline__ void fill_pair_lut_entry(u32* lut, const float* __res
     const u32 v =
         (u32)f32_to_bf16(code16[byte >> 4]) | ((u32)f32_to_bf16(code16[byte & 15u]) << 16);
     const uint4 q = make_uint4(v, v, v, v);
-    uint4* row = reinterpret_cast<uint4*>(lut + byte * STRIDE);
+    uint4* row = reinterpret_cast<uint4*>(lut + byte * COPIES);
 #pragma unroll
     for (u32 c = 0; c < CHUNKS; ++c) {
         row[(c + byte) & (CHUNKS - 1)] = q;

@@ -26,25 +26,6 @@
 #define T4_STAGES 2
 #endif
 
-// The t4 kernels' code table in 256-byte rows (T4_WIDE, the default): entry byte, lane at byte·256 +
-// 4·lane, so a lookup's shared offset is one byte permute of the weight word and 4·lane (no
-// multiply-add: 32 of the loop's ~190 instructions per super-block); the rows' upper halves are
-// unused. 64 KB, so dynamic shared memory (T4_LUT_BYTES at launch, src/cuda.rs).
-#ifndef T4_WIDE
-#define T4_WIDE 1
-#endif
-#define T4_LUT_STRIDE (T4_WIDE ? 64 : TC_COPIES)
-
-// Entry `pos` (0..3) of w's bytes from the wide table at shared address `base`: the permute puts
-// 4·lane in byte 0 and the code byte in byte 1, and ptxas adds the (uniform) base in the load's
-// address.
-__device__ __forceinline__ u32 t4_look_wide(u32 base, u32 lane4, u32 w, int pos) {
-    const u32 off = __byte_perm(w, lane4, 0x5504u + ((u32)pos << 4));
-    u32 v;
-    asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(base + off));
-    return v;
-}
-
 // Where lane (g, t) of warp `warp` starts in tile `tile` of a tiled weight (src/tiled.rs): its
 // 16-byte piece of row g in the warp's first super-block, and the tiled index of that row's first
 // block scale. Warp w takes super-blocks w, w + TC_WARPS, ..: 64 · TC_WARPS pieces and 32 ·
@@ -104,18 +85,11 @@ __device__ __forceinline__ void t4_load_stage(T4Stage<PLAIN>& s, const uint4* pa
 // once the stage's registers are consumed (it loads the stage's next super-block), and the two
 // k blocks' partial dots scaled into acc_a (row a) and acc_b (row b). Shared by t4 and the
 // persistent t4p, so both compute the same bits.
-template <bool PLAIN, bool WIDE = false, class Refill>
+template <bool PLAIN, class Refill>
 __device__ __forceinline__ void t4_super_block(T4Stage<PLAIN>& st, const uint4* xp, bool xact,
                                                u32 lut_base, u32 ncode_base, float offset,
-                                               float& acc_a, float& acc_b, Refill refill,
-                                               u32 lane4 = 0) {
-    auto look = [&](u32 w, int pos) -> u32 {
-        if constexpr (WIDE) {
-            return t4_look_wide(lut_base, lane4, w, pos);
-        } else {
-            return tc_look(lut_base, w, pos);
-        }
-    };
+                                               float& acc_a, float& acc_b, Refill refill) {
+    auto look = [&](u32 w, int pos) -> u32 { return tc_look(lut_base, w, pos); };
     auto ncode_at = [&](u32 q, int pos) -> float {
         float v;
         asm("ld.shared.f32 %0, [%1];"
@@ -212,12 +186,12 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
     }
     // Weights in flight: now the tables (their loads are L2 hits), then wait for the previous
     // kernel (programmatic dependent launch) before x is read.
-    tc_fill_tables<T4_LUT_STRIDE>(lut, s_ncode, code16, ncode, PLAIN ? 1u : 0u);
+    tc_fill_tables(lut, s_ncode, code16, ncode, PLAIN ? 1u : 0u);
     pdl_wait();
     __syncthreads();
     after_wait();
 
-    const u32 lut_base = (u32)__cvta_generic_to_shared(lut) + (T4_WIDE ? 0u : 4 * lane);
+    const u32 lut_base = (u32)__cvta_generic_to_shared(lut) + 4 * lane;
     const u32 ncode_base = (u32)__cvta_generic_to_shared(s_ncode);
     // B's column g = 2m + c carries input row m's x for the lanes of k block c (t >> 1 == c);
     // the other lanes (28 of 32 for one input row) load nothing and hold zeros. They used to read
@@ -234,14 +208,12 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
             if (i >= iters) {
                 break;
             }
-            t4_super_block<PLAIN, (bool)T4_WIDE>(st[s], xp, xact, lut_base, ncode_base, offset,
-                                                  acc_a, acc_b,
-                                                  [&]() {
-                                                      if (i + STAGES < iters) {
-                                                          load(st[s]);
-                                                      }
-                                                  },
-                                                  4 * lane);
+            t4_super_block<PLAIN>(st[s], xp, xact, lut_base, ncode_base, offset, acc_a, acc_b,
+                                  [&]() {
+                                      if (i + STAGES < iters) {
+                                          load(st[s]);
+                                      }
+                                  });
             xp += xstep;
         }
     }
@@ -260,31 +232,6 @@ struct T4EpiSmem {
     u16 b[16 * T4E_RANKS];  // per input row m: the tile's 16 rows of B_m (16 r_m bf16), in turn
     float t[T4E_RANKS];     // per input row m: t_m[0 .. r_m), in turn
 };
-#define T4E_T_AT (32 * T4E_RANKS)  // byte offset of T4EpiSmem::t
-
-// Where byte L of a T4EpiSmem layout lies. With the wide table, in the unused upper halves of its
-// 256-byte rows (the fill writes the lower halves only; the copies start after the table is
-// filled): a separate 9 KB would take the launch past three blocks per multiprocessor. 16-byte
-// pieces never straddle a row (L % 16 == 0 stays inside one 128-byte half).
-struct T4EpiAt {
-    u8* p;
-    __device__ __forceinline__ u8* at(u32 L) const {
-#if T4_WIDE
-        return p + ((L >> 7) << 8) + (L & 127u);
-#else
-        return p + L;
-#endif
-    }
-    __device__ __forceinline__ float* t(u32 i) const {
-        return reinterpret_cast<float*>(at(T4E_T_AT + 4 * i));
-    }
-    __device__ __forceinline__ const u16* b(u32 i) const {
-        return reinterpret_cast<const u16*>(at(2 * i));
-    }
-};
-#if T4_WIDE
-static_assert(sizeof(T4EpiSmem) <= 256 * 128, "the staging fits the wide table's upper halves");
-#endif
 
 template <bool C, class A, class B>
 struct t4_pick {
@@ -311,7 +258,7 @@ __device__ __forceinline__ bool t4e_active(const RowLora& l, u32 t_stride, u32 u
 template <int M>
 __device__ __forceinline__ void t4e_issue(const TcLoraRefs<M>& refs, const float* t_lora,
                                           u32 t_stride, u32 tile, const TcGroup* grp,
-                                          const T4EpiAt& s) {
+                                          T4EpiSmem& s) {
     // t in `parts` partials (the attention's o shrink): summed here in order, as tc_lora_warp
     // sums them, instead of copied.
     const u32 parts = grp != nullptr && grp->parts > 1 ? grp->parts : 1u;
@@ -323,23 +270,24 @@ __device__ __forceinline__ void t4e_issue(const TcLoraRefs<M>& refs, const float
         if (t4e_active(l, t_stride, used)) {
             // B's tile rows: 32·r contiguous bytes, 16-byte aligned (allocations are).
             const u8* bsrc = reinterpret_cast<const u8*>(l.b + (u64)tile * 16 * l.r);
+            u8* bdst = reinterpret_cast<u8*>(s.b + 16 * used);
             for (u32 c = threadIdx.x; c < 2 * l.r; c += blockDim.x) {
-                cp_async16(s.at(32 * used + 16 * c), bsrc + 16 * c);
+                cp_async16(bdst + 16 * c, bsrc + 16 * c);
             }
             const float* tsrc = t_lora + (u64)m * t_stride;  // t_stride % 4 == 0 (the plan's)
             if (parts > 1) {
                 for (u32 j = threadIdx.x; j < l.r; j += blockDim.x) {
                     float v = __ldcg(tsrc + j);
                     for (u32 p = 1; p < parts; ++p) v += __ldcg(tsrc + (u64)p * pstride + j);
-                    *s.t(used + j) = v;
+                    s.t[used + j] = v;
                 }
             } else if (((used | l.r) & 3u) == 0) {
                 for (u32 c = threadIdx.x; c < (l.r >> 2); c += blockDim.x) {
-                    cp_async16(s.t(used + 4 * c), tsrc + 4 * c);
+                    cp_async16(s.t + used + 4 * c, tsrc + 4 * c);
                 }
             } else {
                 for (u32 j = threadIdx.x; j < l.r; j += blockDim.x) {
-                    *s.t(used + j) = __ldcg(tsrc + j);
+                    s.t[used + j] = __ldcg(tsrc + j);
                 }
             }
             used += l.r;
@@ -352,7 +300,7 @@ __device__ __forceinline__ void t4e_issue(const TcLoraRefs<M>& refs, const float
 // lora_out[o * M + m], two features per warp, 16 lanes each.
 template <int M>
 __device__ __forceinline__ void t4e_expand(const TcLoraRefs<M>& refs, u32 t_stride,
-                                           const T4EpiAt& s, float* lora_out) {
+                                           const T4EpiSmem& s, float* lora_out) {
     asm volatile("cp.async.wait_all;" ::: "memory");
     __syncthreads();
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
@@ -364,9 +312,9 @@ __device__ __forceinline__ void t4e_expand(const TcLoraRefs<M>& refs, u32 t_stri
         float d = 0.f;
         const bool on = t4e_active(l, t_stride, used);
         if (on) {
-            const u32 br = 16 * used + o * l.r;
+            const u16* br = s.b + 16 * used + o * l.r;
             for (u32 j = q; j < l.r; j += 16) {
-                d = fmaf(bf16_f(*s.b(br + j)), *s.t(used + j), d);
+                d = fmaf(bf16_f(br[j]), s.t[used + j], d);
             }
             used += l.r;
         }
@@ -388,22 +336,12 @@ __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
                                             u32 tile, const TcGroup* grp = nullptr) {
     static_assert(M >= 1 && M <= 4, "t4 keeps two k blocks per input row in B's 8 columns");
     pdl_trigger();
-#if T4_WIDE
-    extern __shared__ __align__(16) u32 t4_lut[];
-    u32* lut = t4_lut;
-#else
     __shared__ __align__(16) u32 lut[256 * TC_COPIES];
-#endif
     __shared__ float s_ncode[256];
     __shared__ float red[TC_WARPS][32][2];
     __shared__ float lora_out[LORA ? 16 * M : 1];
     __shared__ TcLoraRefs<M> lrefs;  // unused (and dropped) without LORA
-#if T4_WIDE
-    const T4EpiAt epi{reinterpret_cast<u8*>(lut) + 128};
-#else
-    __shared__ __align__(16) typename t4_pick<EPI_ALL, T4EpiSmem, char>::type epi_smem;
-    const T4EpiAt epi{reinterpret_cast<u8*>(&epi_smem)};
-#endif
+    __shared__ typename t4_pick<EPI_ALL, T4EpiSmem, char>::type epi;
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     if (LORA && warp == (EPI_ALL ? 0u : (u32)TC_WARPS)) {
         // Before the stream's programmatic-launch wait: the lookups and B need nothing from it.

@@ -310,13 +310,12 @@ __device__ __forceinline__ void tc_group_finish(const TcGroup* grp) {
 // The per-lane byte -> bf16 pair table and the absmax code table: thread `byte` fills its
 // entry's TC_COPIES copies (all equal, one per lane, so a warp's lookups never share a bank),
 // rotating the copy order by its index so a warp's stores go to 32 different banks.
-template <u32 STRIDE = TC_COPIES>
 __device__ __forceinline__ void tc_fill_tables(u32* lut, float* s_ncode,
                                                const float* __restrict__ code16,
                                                const float* __restrict__ ncode, u32 plain) {
     if (threadIdx.x < 256) {
         const u32 byte = threadIdx.x;
-        fill_pair_lut_entry<TC_COPIES, STRIDE>(lut, code16, byte);
+        fill_pair_lut_entry<TC_COPIES>(lut, code16, byte);
         s_ncode[byte] = plain ? 0.f : ncode[byte];
     }
 }

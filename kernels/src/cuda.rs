@@ -81,8 +81,7 @@ pub struct Nf4Gpu {
     tiled: bool,
     kernel: GemvKernel,
     /// The GEMV for 1..=8 input rows, with its output rows per warp.
-    /// Per row count: the fused GEMV, its rows per warp and its dynamic shared memory.
-    gemv: Vec<(CudaFunction, u32, u32)>,
+    gemv: Vec<(CudaFunction, u32)>,
     /// The GEMV with the LoRA expand epilogue for 1..=8 input rows, loaded on first use.
     gemv_lora: std::sync::OnceLock<Vec<CudaFunction>>,
     /// The grouped tensor-core GEMV for 1..=8 input rows, per [`GroupKernel`]
@@ -255,8 +254,7 @@ impl Nf4Gpu {
         let gemv = (1..=GEMV_MAX_ROWS)
             .map(|m| {
                 let (name, rows) = kernel.entry(m);
-                let smem = crate::module_cuda::dynamic_smem(&crate::module_cuda::NF4, &name);
-                Ok((load(&name)?, rows, smem))
+                Ok((load(&name)?, rows))
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self {
@@ -392,11 +390,6 @@ impl Nf4Gpu {
         self.group_kernel(kind).0
     }
 
-    /// Dynamic shared memory of a launch of [`Self::group_function`]`(m, kind)`.
-    pub(crate) fn group_smem(&self, m: usize, kind: GroupKernel) -> u32 {
-        crate::module_cuda::t4_dynamic_smem(self.group_prefix(kind), m)
-    }
-
     /// Warps per block of [`Self::group_function`]`(_, kind)`.
     pub(crate) fn group_warps(&self, kind: GroupKernel) -> u32 {
         self.group_kernel(kind).1
@@ -518,11 +511,11 @@ impl Nf4Gpu {
         m: usize,
         y: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, bf16>,
     ) -> candle_core::Result<()> {
-        let (func, rows_per_warp, smem) = &self.gemv[m - 1];
+        let (func, rows_per_warp) = &self.gemv[m - 1];
         let cfg = LaunchConfig {
             grid_dim: ((self.n as u32).div_ceil(GEMV_WARPS * rows_per_warp), 1, 1),
             block_dim: (32 * GEMV_WARPS, 1, 1),
-            shared_mem_bytes: *smem,
+            shared_mem_bytes: 0,
         };
         let (n, k) = (self.n as u32, self.k as u32);
         let mut b = self.stream.launch_builder(func);
@@ -636,7 +629,7 @@ impl Nf4Gpu {
         let cfg = LaunchConfig {
             grid_dim: ((n as u32).div_ceil(rows_per_block), 1, 1),
             block_dim: (32 * warps, 1, 1),
-            shared_mem_bytes: crate::module_cuda::t4_dynamic_smem(prefix, m),
+            shared_mem_bytes: 0,
         };
         let (n32, k32) = (n as u32, k as u32);
         let mut b = self.stream.launch_builder(&funcs[m - 1]);

@@ -74,53 +74,8 @@ pub fn function(dev: &CudaDevice, image: &Image, name: &str) -> candle_core::Res
         return Ok(f.clone());
     }
     let f = loaded.module.load_function(name).w()?;
-    let smem = dynamic_smem(image, name);
-    if smem > 0 {
-        use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum as A;
-        f.set_attribute(
-            A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            smem as i32,
-        )
-        .w()?;
-    }
     loaded.funcs.insert(name.to_string(), f.clone());
     Ok(f)
-}
-
-/// Bytes of the t4 GEMVs' code table in dynamic shared memory (T4_LUT_BYTES in cuda/nf4_t4.cuh:
-/// 256 entries in 256-byte rows).
-pub(crate) const T4_LUT_BYTES: u32 = 256 * 256;
-
-/// The dynamic shared memory a launch of `{prefix}_bf16_m{rows}` from the nf4 module takes: the
-/// t4 GEMVs for 1..=4 input rows keep their code table there (5..=8 rows run tc3, whose table is
-/// static; the persistent t4p keeps its own), every other kernel none.
-pub(crate) fn t4_dynamic_smem(prefix: &str, rows: usize) -> u32 {
-    let t4 = matches!(
-        prefix,
-        "nf4_gemv_t4"
-            | "nf4_gemv_t4_lora"
-            | "nf4_gemv_t4g"
-            | "nf4_gemv_t4g_lora"
-            | "nf4_gemv_t4g_lora2"
-            | "nf4_gemv_t4g_lorae"
-    );
-    if t4 && (1..=4).contains(&rows) {
-        T4_LUT_BYTES
-    } else {
-        0
-    }
-}
-
-/// [`t4_dynamic_smem`] of kernel `name` in `image`: set as the function's limit when it is loaded
-/// (here and in pdl_cuda), above the 48 KB a launch may take without it.
-pub(crate) fn dynamic_smem(image: &Image, name: &str) -> u32 {
-    if image.name != NF4.name {
-        return 0;
-    }
-    match name.rsplit_once("_bf16_m") {
-        Some((prefix, rows)) => rows.parse().map_or(0, |r| t4_dynamic_smem(prefix, r)),
-        None => 0,
-    }
 }
 
 /// Loads a fat binary. cudarc takes binary images only from a file (`cuModuleLoad`), so the

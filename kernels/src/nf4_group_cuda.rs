@@ -218,7 +218,7 @@ fn launch(
     let cfg = LaunchConfig {
         grid_dim: (grid, 1, 1),
         block_dim: (32 * warps, 1, 1),
-        shared_mem_bytes: g0.group_smem(m, kind),
+        shared_mem_bytes: 0,
     };
     if let Some(f) = g0.group_function_pdl(m, kind)? {
         let (xp, xg) = x.device_ptr(stream);

@@ -106,20 +106,6 @@ pub fn raw_function(
         unsafe { sys::cuModuleGetFunction(&mut f, entry.0 .0, cname.as_ptr()) },
         &format!("kernel {name} of {}", image.name),
     )?;
-    let smem = crate::module_cuda::dynamic_smem(image, name);
-    if smem > 0 {
-        // SAFETY: f is a function of the loaded module; the attribute takes a byte count.
-        check(
-            unsafe {
-                sys::cuFuncSetAttribute(
-                    f,
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-            },
-            &format!("dynamic shared memory of kernel {name}"),
-        )?;
-    }
     entry.1.insert(name.to_string(), RawFunction(f));
     Ok(RawFunction(f))
 }
