@@ -623,17 +623,14 @@ impl DecodeKernels {
         let merge_in_kernel = splits > 1 && rows * kv_heads <= ATT_COUNTERS && merge_splits();
         // SAFETY: fully written, by the kernel (one split) or the combine (several).
         let mut out = unsafe { self.device.alloc::<bf16>(rows * heads * head_dim) }?;
-        // The partial outputs, maxima and sums of the splits; one split writes `out` directly and
-        // the kernel never touches the partials (null).
+        // The partial outputs, then the maxima and sums, of the splits in one allocation (each is
+        // a driver call now and another when freed); one split writes `out` directly and the
+        // kernel never touches the partials (null).
+        let part_len = rows * splits * heads * head_dim;
         let parts = if splits > 1 {
             let n = rows * splits * heads;
             // SAFETY: the partials are written by every split before the combine reads them.
-            Some(unsafe {
-                (
-                    self.device.alloc::<f32>(n * head_dim)?,
-                    self.device.alloc::<f32>(n * 2)?,
-                )
-            })
+            Some(unsafe { self.device.alloc::<f32>(part_len + n * 2)? })
         } else {
             None
         };
@@ -668,12 +665,12 @@ impl DecodeKernels {
         }
         let (tp, _tg) = table.table.device_ptr(st);
         let (op, og) = out.device_ptr_mut(st);
-        let part_ptrs = parts
-            .as_ref()
-            .map(|(o, ml)| (o.device_ptr(st), ml.device_ptr(st)));
+        let part_ptrs = parts.as_ref().map(|p| p.device_ptr(st));
+        // The maxima and sums follow the partial outputs (f32; part_len is a multiple of hd).
+        let ml_off = (part_len * std::mem::size_of::<f32>()) as u64;
         let (po, pml) = part_ptrs
             .as_ref()
-            .map_or((null, null), |((o, _), (ml, _))| (*o, *ml));
+            .map_or((null, null), |(p, _)| (*p, *p + ml_off));
         let (cp, cg) = self.att_counters.device_ptr(st);
         let counters = if merge_in_kernel { cp } else { null };
         // The o shrink: one split only (the blocks then hold whole outputs), shapes as planned.
@@ -712,14 +709,15 @@ impl DecodeKernels {
         // pass uses them, in stream order.
         unsafe { self.launch(func, raw, cfg, &args) }?;
         drop((og, cg, part_ptrs, guards));
-        if let (Some((part_o, part_ml)), false) = (&parts, merge_in_kernel) {
+        if let (Some(part), false) = (&parts, merge_in_kernel) {
             let splits32 = splits as u32;
             let cfg = LaunchConfig {
                 grid_dim: (nh, rows as u32, 1),
                 block_dim: (hd, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let ((pp, _pg), (mp, _mg)) = (part_o.device_ptr(st), part_ml.device_ptr(st));
+            let (pp, _pg) = part.device_ptr(st);
+            let mp = pp + ml_off;
             let (op, og) = out.device_ptr_mut(st);
             let args = [
                 KArg::U64(pp),
