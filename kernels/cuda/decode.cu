@@ -138,20 +138,13 @@ __device__ __forceinline__ void add_rms_norm_vec(const u16* __restrict__ xr,
 // GEMV's epilogue expand). `bpr` blocks per row, each warp one (z, j) dot at a time. Its module
 // lookups and A's DRAM reads (into L2) happen before the programmatic-launch wait, during the
 // previous kernel; after it, the block recomputes its row's norm (bit for bit what the norm blocks
-// write, same code) into shared memory and reads A from L2. For rows of up to 4096 values, the
-// first NORM_SHRINK_HELD · 256 values of a warp's first (z, j) row of A go into its registers
-// before the wait instead, and the rest are read from L2 all at once after it: the dot after the
-// norm waits on one L2 round trip instead of two. The sum runs in warp_dot_a's order, so t has
-// the same bits either way.
-#define NORM_SHRINK_HELD 8  // uint4 per lane held across the wait (more spills at 512 threads)
-#define NORM_SHRINK_ROW 16  // uint4 per lane of a row that takes the held path: 4096 values
+// write, same code) into shared memory and reads A from L2.
 struct NormShrink {
     const u64* row_tables;
     float* t;
     u32 slot0, count, max_rank, t_stride, t_zstride, bpr;
 };
 
-template <bool HOLD>
 __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
                                                   const u16* __restrict__ y,
                                                   const u16* __restrict__ w, float eps, u32 n,
@@ -159,24 +152,7 @@ __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
     __shared__ __align__(16) u16 s_normed[NORM_VEC * 8 * NORM_THREADS];
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u, nw = blockDim.x >> 5;
     const u32 units = sh.count * sh.max_rank;
-    const u32 u0 = part * nw + warp, nv = n >> 3;
-    uint4 held[NORM_SHRINK_HELD];
-    bool holds = false;
-    if (HOLD && u0 < units && (n & 7u) == 0 && nv <= 32 * NORM_SHRINK_ROW) {
-        const RowLora l = lookup(sh.row_tables, m, sh.slot0 + u0 / sh.max_rank);
-        const u32 j = u0 % sh.max_rank;
-        const u16* a = l.a + (u64)j * n;
-        if (j < l.r && l.r <= sh.t_stride && (reinterpret_cast<u64>(a) & 15ull) == 0) {
-            const uint4* av = reinterpret_cast<const uint4*>(a);
-#pragma unroll
-            for (int i = 0; i < NORM_SHRINK_HELD; ++i) {
-                const u32 q = lane + 32 * i;
-                held[i] = q < nv ? __ldg(av + q) : make_uint4(0u, 0u, 0u, 0u);
-            }
-            holds = true;
-        }
-    }
-    for (u32 u = u0 + (holds ? sh.bpr * nw : 0u); u < units; u += sh.bpr * nw) {
+    for (u32 u = part * nw + warp; u < units; u += sh.bpr * nw) {
         const RowLora l = lookup(sh.row_tables, m, sh.slot0 + u / sh.max_rank);
         const u32 j = u % sh.max_rank;
         if (j < l.r) {
@@ -196,23 +172,9 @@ __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
         if (j >= l.r || l.r > sh.t_stride) {
             continue;
         }
-        float acc = 0.f;
-        if (HOLD && holds && u == u0) {
-            const uint4* av = reinterpret_cast<const uint4*>(l.a + (u64)j * n);
-#pragma unroll
-            for (int i = 0; i < NORM_SHRINK_ROW; ++i) {
-                const u32 q = lane + 32 * i;
-                if (q < nv) {
-                    const uint4 aw = i < NORM_SHRINK_HELD ? held[i] : __ldg(av + q);
-                    acc = dot8_bf16(aw, xv[q], acc);
-                }
-            }
-            acc = warp_sum(acc);
-        } else {
-            acc = warp_dot_a(
-                l.a + (u64)j * n, n, lane, [&](u32 q) { return xv[q]; },
-                [&](u32 q) { return bf16_f(s_normed[q]); });
-        }
+        const float acc = warp_dot_a(
+            l.a + (u64)j * n, n, lane, [&](u32 q) { return xv[q]; },
+            [&](u32 q) { return bf16_f(s_normed[q]); });
         if (lane == 0) {
             sh.t[(u64)z * sh.t_zstride + (u64)m * sh.t_stride + j] = acc;
         }
@@ -227,20 +189,18 @@ __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
 // vectorized path: at batch 1 this kernel's norm is one block, whose time is its chain of memory
 // round trips (the element-by-element loop took ~17 µs per call on the H200, ncu; two calls per
 // layer).
-// Two entries: add_rms_norm_bf16 for launches without shrink blocks (42 registers, so that as a
-// programmatic dependent its block fits beside the GEMV blocks still running), and
-// add_rms_norm_shrink_bf16, whose shrink blocks hold A rows in registers across the wait (~125
-// registers at 512 threads: a whole multiprocessor's register file per block).
-template <bool HOLD>
-__device__ __forceinline__ void add_rms_norm_body(const u16* __restrict__ x,
-                                                  const u16* __restrict__ y,
-                                                  const u16* __restrict__ w, float eps, u32 rows,
-                                                  u32 n, u16* __restrict__ out,
-                                                  const NormShrink& sh) {
+extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u16* __restrict__ y,
+                                             const u16* __restrict__ w, float eps, u32 rows, u32 n,
+                                             u16* __restrict__ out,
+                                             const u64* __restrict__ sh_tables, float* sh_t,
+                                             u32 sh_slot0, u32 sh_count, u32 sh_max_rank,
+                                             u32 sh_t_stride, u32 sh_t_zstride, u32 sh_bpr) {
     pdl_trigger();
     if (blockIdx.x >= rows) {
+        const NormShrink sh = {sh_tables,   sh_t,        sh_slot0, sh_count,
+                               sh_max_rank, sh_t_stride, sh_t_zstride, sh_bpr};
         const u32 b = blockIdx.x - rows;
-        norm_shrink_block<HOLD>(x, y, w, eps, n, sh, b / sh.bpr, b % sh.bpr);
+        norm_shrink_block(x, y, w, eps, n, sh, b / sh.bpr, b % sh.bpr);
         return;
     }
     pdl_wait();
@@ -269,25 +229,6 @@ __device__ __forceinline__ void add_rms_norm_body(const u16* __restrict__ x,
     for (u32 i = threadIdx.x; i < n; i += blockDim.x) {
         normed[i] = f32_to_bf16(__fmul_rn(__fmul_rn(scale, bf16_f(sum[i])), bf16_f(w[i])));
     }
-}
-
-#define ADD_RMS_NORM_PARAMS                                                                      \
-    const u16 *__restrict__ x, const u16 *__restrict__ y, const u16 *__restrict__ w, float eps,  \
-        u32 rows, u32 n, u16 *__restrict__ out, const u64 *__restrict__ sh_tables, float *sh_t, \
-        u32 sh_slot0, u32 sh_count, u32 sh_max_rank, u32 sh_t_stride, u32 sh_t_zstride, u32 sh_bpr
-#define ADD_RMS_NORM_SHRINK                                                                     \
-    const NormShrink sh = {sh_tables,   sh_t,        sh_slot0,     sh_count,                    \
-                           sh_max_rank, sh_t_stride, sh_t_zstride, sh_bpr}
-
-extern "C" __global__ void add_rms_norm_bf16(ADD_RMS_NORM_PARAMS) {
-    ADD_RMS_NORM_SHRINK;
-    add_rms_norm_body<false>(x, y, w, eps, rows, n, out, sh);
-}
-
-extern "C" __global__ void __launch_bounds__(NORM_THREADS, 1)
-    add_rms_norm_shrink_bf16(ADD_RMS_NORM_PARAMS) {
-    ADD_RMS_NORM_SHRINK;
-    add_rms_norm_body<true>(x, y, w, eps, rows, n, out, sh);
 }
 
 // out = silu(gate) * up, elementwise over n values.

@@ -57,10 +57,6 @@ const ELEMWISE_THREADS: u32 = 256;
 /// launch attention_combine.
 const ATT_COUNTERS: usize = 16384;
 
-/// Whether a norm launch with shrink blocks takes add_rms_norm_shrink_bf16 (`QLORAD_NORM_HOLD=1`;
-/// off by default).
-static NORM_HOLD: crate::switch::EnvSwitch = crate::switch::EnvSwitch::new("QLORAD_NORM_HOLD");
-
 fn msg(s: String) -> candle_core::Error {
     candle_core::Error::Msg(s)
 }
@@ -70,7 +66,6 @@ pub struct DecodeKernels {
     device: CudaDevice,
     stream: Arc<CudaStream>,
     add_rms_norm: CudaFunction,
-    add_rms_norm_shrink: CudaFunction,
     silu_mul: CudaFunction,
     rope_kv: CudaFunction,
     /// The attention for group sizes 1..=ATT_MAX_GROUP.
@@ -88,7 +83,6 @@ pub struct DecodeKernels {
 /// [`DecodeKernels`]' kernels of the default decode step, raw-loaded for `pdl_cuda::launch`.
 struct PdlKernels {
     add_rms_norm: RawFunction,
-    add_rms_norm_shrink: RawFunction,
     silu_mul: RawFunction,
     attention: Vec<RawFunction>,
     attention_rope: Vec<RawFunction>,
@@ -172,7 +166,6 @@ impl DecodeKernels {
             device: dev.clone(),
             stream: dev.cuda_stream(),
             add_rms_norm: load("add_rms_norm_bf16")?,
-            add_rms_norm_shrink: load("add_rms_norm_shrink_bf16")?,
             silu_mul: load("silu_mul_bf16")?,
             rope_kv: load("rope_kv_bf16")?,
             attention: (1..=ATT_MAX_GROUP)
@@ -194,7 +187,6 @@ impl DecodeKernels {
                 };
                 Some(PdlKernels {
                     add_rms_norm: raw("add_rms_norm_bf16")?,
-                    add_rms_norm_shrink: raw("add_rms_norm_shrink_bf16")?,
                     silu_mul: raw("silu_mul_bf16")?,
                     attention: group("decode_attention")?,
                     attention_rope: group("decode_attention_rope")?,
@@ -399,27 +391,13 @@ impl DecodeKernels {
             KArg::U32(sh[6] as u32),
             KArg::U32(sh[7] as u32),
         ];
-        // With shrink blocks and QLORAD_NORM_HOLD=1, the entry whose blocks hold A rows in
-        // registers across the wait (else they read them from L2 after the norm).
-        let hold = sh[7] != 0 && NORM_HOLD.on();
-        let (func, raw) = if hold {
-            (
-                &self.add_rms_norm_shrink,
-                self.pdl.as_ref().map(|p| p.add_rms_norm_shrink),
-            )
-        } else {
-            (
-                &self.add_rms_norm,
-                self.pdl.as_ref().map(|p| p.add_rms_norm),
-            )
-        };
-        // SAFETY: argument types and order match add_rms_norm_bf16 and add_rms_norm_shrink_bf16
-        // (same parameters); x and y (or null) hold rows·n,
+        let raw = self.pdl.as_ref().map(|p| p.add_rms_norm);
+        // SAFETY: argument types and order match add_rms_norm_bf16; x and y (or null) hold rows·n,
         // w n and out 2·rows·n bf16 (checked above). With a shrink: its row tables, slots and
         // scratch come from a live BgmvPlan whose modules at those slots read n features and
         // whose scratch holds count · rows · t_stride f32 from `t` (BgmvPlan::norm_shrink);
         // without one the extra arguments are unused (no shrink blocks).
-        unsafe { self.launch(func, raw, cfg, &args) }?;
+        unsafe { self.launch(&self.add_rms_norm, raw, cfg, &args) }?;
         drop(og);
         let both = wrap(out, &self.device, (2, rows, n));
         Ok(Some((both.get(0)?, both.get(1)?)))
