@@ -21,6 +21,6 @@ for r in $(seq 1 "${ROUNDS:-2}"); do
     env $envs QLORAD_BENCH_ARGS="--multi 0 --batch 0" SKIP_REFERENCE=1 QLORAD_BENCH="$bin" \
       OUT=/tmp/ab-scratch timeout "${TIMEOUT:-120}" bash "$HERE/run-gpu.sh" > "$log" 2>&1
     echo "$side $r ($envs $(basename "$bin")):"
-    grep -h "decode batch 1" "$log" | sed 's/(runs.*//; s/^/  /'
+    grep -h "decode batch 1\|decode graphs" "$log" | sed 's/(runs.*//; s/^/  /'
   done
 done

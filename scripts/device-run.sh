@@ -6,7 +6,7 @@
 #   bin/*.xz (stripped CUDA builds), bnb.tar.xz, scripts/, bench/, smol.part* (SmolLM2, in parts
 #   that may arrive over two calls: parts are kept in /tmp/stash while the machine stays warm).
 #
-#   bash .devbuild/scripts/device-run.sh [check] [bench] [train] [smol]
+#   bash .devbuild/scripts/device-run.sh [check] [graph] [bench] [train] [smol]
 set -uo pipefail
 D="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/out}"
@@ -60,6 +60,16 @@ for step in "$@"; do
         log "QLORAD_NF4_GEMV=$best: greedy checks again with it"
         "$QLORAD_BENCH" gpu-check --skip-kernels --tokens "${TOKENS:-32}" --json-out /tmp/gpu-check-best.json
       fi ;;
+    graph)
+      # Captured decode steps (model/src/llama_graph.rs): every greedy, fused and training check
+      # again with the device on its own stream and graphs on, then same-call A/B of batch-1
+      # decode with graphs on and off.
+      log "gpu-check with QLORAD_DECODE_GRAPH=1"
+      QLORAD_DECODE_GRAPH=1 "$QLORAD_BENCH" gpu-check --skip-kernels --tokens "${TOKENS:-32}" \
+        --json-out "$OUT/gpu-check-graph.json" 2>&1 | tee "$OUT/gpu-check-graph.log"
+      log "A/B: QLORAD_DECODE_GRAPH=1 vs 0"
+      A="QLORAD_DECODE_GRAPH=1" B="QLORAD_DECODE_GRAPH=0" OUT=/tmp/ab-graph bash "$D/bench/ab-gpu.sh" \
+        2>&1 | tee "$OUT/ab-graph.log" ;;
     bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
     # Training tokens/s and peak memory (reuses the bench step's model when it ran first).
     train) log "run-gpu-train (${QLORAD_TRAIN_BENCH_ARGS:-default modes})"; RESULT="${TRAIN_RESULT:-h200-train.json}" bash "$D/bench/run-gpu-train.sh" ;;

@@ -274,6 +274,14 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         "decode batch 1, base: {decode_b1:.1} tok/s = {:.2} ms/token, of which {host_ms:.2} ms issuing kernels on the host; {gpu_ms:.2} ms between the step's first and last GPU event (runs {dec:.1?})",
         1e3 / decode_b1
     );
+    // Captured decode steps (QLORAD_DECODE_GRAPH=1): how many ran as replays.
+    let graphs = model.decode_graph_stats();
+    if graphs.on {
+        println!(
+            "decode graphs: {} captured, {} steps replayed, {} kept",
+            graphs.captures, graphs.replays, graphs.kept
+        );
+    }
     let tt: Vec<f64> = (0..reps)
         .map(|_| ttft_s(&model, &long))
         .collect::<Result<_>>()?;
@@ -297,6 +305,11 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         "decode_b1_runs": dec,
         "decode_b1_host_ms_per_token": host_ms,
         "decode_b1_gpu_ms_per_token": gpu_ms,
+        "decode_graphs": {
+            "on": graphs.on,
+            "captures": graphs.captures,
+            "replays": graphs.replays,
+        },
         "ttft_1k_ms": ttft * 1e3,
         "ttft_tokens": long.len(),
         "prefill_tok_s": long.len() as f64 / ttft,

@@ -24,6 +24,8 @@ use std::time::Instant;
 
 #[path = "gpu_fused.rs"]
 mod fused;
+#[path = "gpu_graph.rs"]
+mod graph;
 #[path = "gpu_greedy.rs"]
 mod greedy;
 #[path = "gpu_lora.rs"]
@@ -110,6 +112,7 @@ pub fn run(a: GpuCheckArgs) -> Result<()> {
     greedy::random_models(&gpu, a.tokens, &mut report)?;
     lora::mixed_model(&gpu, a.tokens, &mut report)?;
     fused::checks(&gpu, a.tokens, &mut report)?;
+    graph::checks(a.device, a.tokens, &mut report)?;
     if let Some(dir) = &a.model {
         greedy::real_model(&gpu, dir, a.tokens, a.prompt_file.as_deref(), &mut report)?;
     }

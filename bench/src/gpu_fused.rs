@@ -18,7 +18,7 @@ use std::sync::Arc;
 /// Fused vs general logits, both bf16 on the GPU.
 const FUSED_BOUND: f64 = 2e-2;
 
-fn model(gpu: &Placement, window: Option<usize>) -> Result<Llama> {
+pub(super) fn model(gpu: &Placement, window: Option<usize>) -> Result<Llama> {
     let spec = RandomSpec::small();
     let mut cfg = spec.config()?;
     cfg.sliding_window = window;
@@ -26,7 +26,7 @@ fn model(gpu: &Placement, window: Option<usize>) -> Result<Llama> {
     Ok(Llama::new_on(cfg, w, gpu)?)
 }
 
-fn prompts(lens: &[usize], vocab: usize) -> Vec<Vec<u32>> {
+pub(super) fn prompts(lens: &[usize], vocab: usize) -> Vec<Vec<u32>> {
     lens.iter()
         .enumerate()
         .map(|(i, &len)| {

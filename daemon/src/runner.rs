@@ -404,7 +404,15 @@ impl JobRunner {
         self.update_gauges();
         let _ = self.store.set_started(id);
         self.training.store(true, Ordering::Relaxed);
+        // The job issues GPU work from this thread for its whole run: the engine captures no
+        // decode step meanwhile (it replays those it has; qlorad_model::gpu_gate).
+        let gpu = self
+            .model
+            .device()
+            .is_cuda()
+            .then(qlorad_model::gpu_gate::gpu_work);
         let outcome = self.execute(id);
+        drop(gpu);
         self.training.store(false, Ordering::Relaxed);
         // The job's activations stay cached in the device's memory pool; hand them back.
         if let Err(e) = qlorad_model::device::trim_pool(self.model.device()) {

@@ -63,8 +63,8 @@ fn msg(s: String) -> candle_core::Error {
 
 /// The decode kernels, loaded on one device.
 pub struct DecodeKernels {
-    device: CudaDevice,
-    stream: Arc<CudaStream>,
+    pub(crate) device: CudaDevice,
+    pub(crate) stream: Arc<CudaStream>,
     add_rms_norm: CudaFunction,
     silu_mul: CudaFunction,
     rope_kv: CudaFunction,
@@ -147,10 +147,19 @@ pub struct KvRow<'a> {
 
 /// Per forward pass: every sequence's position, capacity and cache addresses, on the GPU.
 pub struct KvTable {
-    table: CudaSlice<u64>,
-    rows: usize,
-    layers: usize,
-    max_position: usize,
+    pub(crate) table: CudaSlice<u64>,
+    pub(crate) rows: usize,
+    pub(crate) layers: usize,
+    pub(crate) max_position: usize,
+}
+
+/// A [`KvTable`]'s contents on the host: the words to upload, and what they describe.
+pub struct KvWords {
+    pub(crate) words: Vec<u64>,
+    pub rows: usize,
+    pub layers: usize,
+    /// The largest new-token position of the rows (it sets the attention's split count).
+    pub max_position: usize,
 }
 
 impl DecodeKernels {
@@ -244,6 +253,18 @@ impl DecodeKernels {
         kv_heads: usize,
         head_dim: usize,
     ) -> candle_core::Result<KvTable> {
+        self.kv_table_of(&self.kv_words(rows, layers, kv_heads, head_dim)?)
+    }
+
+    /// The host words of [`DecodeKernels::kv_table`] (checked as it says), for a table that
+    /// already exists on the device (`step_graph_cuda`: a captured step reads a table it keeps).
+    pub fn kv_words(
+        &self,
+        rows: &[KvRow<'_>],
+        layers: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> candle_core::Result<KvWords> {
         let mut words = Vec::with_capacity(rows.len() * (1 + 2 * layers));
         let mut max_position = 0;
         for (i, r) in rows.iter().enumerate() {
@@ -278,8 +299,8 @@ impl DecodeKernels {
                 }
             }
         }
-        Ok(KvTable {
-            table: self.device.clone_htod(&words[..])?,
+        Ok(KvWords {
+            words,
             rows: rows.len(),
             layers,
             max_position,
@@ -612,12 +633,7 @@ impl DecodeKernels {
                 rope_views.push(s.slice(a..b));
             }
         }
-        let positions = table.max_position + 1;
-        let splits = crate::decode_split::splits_for(
-            positions,
-            rows * kv_heads,
-            crate::decode_split::min_split_positions(),
-        );
+        let splits = Self::attention_splits(rows, kv_heads, table.max_position);
         // With QLORAD_ATT_MERGE=1 the kernel merges its splits itself when the counters cover
         // the batch; by default attention_combine's launch does.
         let merge_in_kernel = splits > 1 && rows * kv_heads <= ATT_COUNTERS && merge_splits();

@@ -33,6 +33,8 @@ pub mod nf4_op;
 pub mod pdl_cuda;
 #[cfg(feature = "cuda")]
 pub mod staged_cuda;
+#[cfg(feature = "cuda")]
+pub mod step_graph_cuda;
 pub mod switch;
 pub mod tiled;
 #[cfg(feature = "cuda")]

@@ -55,12 +55,26 @@ impl Placement {
     }
 
     /// Opens the named device: the CPU in f32, a CUDA GPU in bf16. Without the `cuda` feature a
-    /// CUDA device is an error that says so.
+    /// CUDA device is an error that says so. The GPU's work goes to candle's stream (the legacy
+    /// default stream), or to a stream of its own with `QLORAD_DECODE_GRAPH=1` (what capturing
+    /// decode steps as CUDA graphs needs: see [`Placement::open_own_stream`]).
     pub fn open(spec: DeviceSpec) -> Result<Self> {
+        Self::open_with(spec, decode_graph_env())
+    }
+
+    /// [`Placement::open`] with the GPU's work on a stream of its own instead of the legacy
+    /// default stream, which CUDA cannot capture into a graph: decode steps on this placement
+    /// may be captured and replayed (model/src/llama_graph.rs). All of the device's work still
+    /// goes to one stream, in order.
+    pub fn open_own_stream(spec: DeviceSpec) -> Result<Self> {
+        Self::open_with(spec, true)
+    }
+
+    fn open_with(spec: DeviceSpec, own_stream: bool) -> Result<Self> {
         match spec {
             DeviceSpec::Cpu => Ok(Self::cpu()),
             DeviceSpec::Cuda(n) => {
-                let device = Device::new_cuda(n).map_err(|e| {
+                let device = cuda_device(n, own_stream).map_err(|e| {
                     ModelError::Invalid(format!("cannot open cuda:{n}: {}", first_line(&e)))
                 })?;
                 #[cfg(feature = "cuda")]
@@ -108,6 +122,21 @@ impl Placement {
     pub fn synchronize(&self) -> Result<()> {
         Ok(self.device.synchronize()?)
     }
+}
+
+/// Whether `QLORAD_DECODE_GRAPH=1` asks for captured decode steps (opt-in while they are new).
+pub(crate) fn decode_graph_env() -> bool {
+    std::env::var("QLORAD_DECODE_GRAPH").is_ok_and(|v| v == "1")
+}
+
+/// CUDA device `n`, on candle's default stream or (`own_stream`) on a new one.
+fn cuda_device(n: usize, own_stream: bool) -> candle_core::Result<Device> {
+    #[cfg(feature = "cuda")]
+    if own_stream {
+        return Ok(Device::Cuda(candle_core::CudaDevice::new_with_stream(n)?));
+    }
+    let _ = own_stream;
+    Device::new_cuda(n)
 }
 
 /// Makes the device's memory pool (the one cudarc's stream-ordered allocations come from) keep

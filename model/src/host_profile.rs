@@ -13,6 +13,9 @@ use std::time::Instant;
 pub enum Phase {
     /// KV reservations and the KV table (once per step).
     Setup,
+    /// A captured step's replay (model/src/llama_graph.rs): its input copies and the graph launch,
+    /// which stand for every phase below.
+    Replay,
     /// Residual add + RMSNorm (with the group's LoRA shrink when it runs there), twice per layer.
     Norm,
     QkvProjection,
@@ -27,8 +30,9 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 9] = [
+    pub const ALL: [Phase; 10] = [
         Phase::Setup,
+        Phase::Replay,
         Phase::Norm,
         Phase::QkvProjection,
         Phase::Attention,
@@ -42,6 +46,7 @@ impl Phase {
     pub fn name(self) -> &'static str {
         match self {
             Phase::Setup => "setup",
+            Phase::Replay => "replay",
             Phase::Norm => "add+norm",
             Phase::QkvProjection => "q/k/v",
             Phase::Attention => "attention",
@@ -83,6 +88,19 @@ pub fn timed<T>(phase: Phase, f: impl FnOnce() -> T) -> T {
     let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
     NANOS[phase.index()].fetch_add(ns, Ordering::Relaxed);
     CALLS[phase.index()].fetch_add(1, Ordering::Relaxed);
+    r
+}
+
+/// Runs `f`, adding its wall time to `phase` without counting a call (more of a phase already
+/// counted this step).
+pub fn timed_more<T>(phase: Phase, f: impl FnOnce() -> T) -> T {
+    if !enabled() {
+        return f();
+    }
+    let t = Instant::now();
+    let r = f();
+    let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    NANOS[phase.index()].fetch_add(ns, Ordering::Relaxed);
     r
 }
 

@@ -11,6 +11,7 @@ pub mod error;
 pub mod generate;
 pub mod gguf_import;
 mod gguf_tokenizer;
+pub mod gpu_gate;
 pub mod host_profile;
 pub mod io;
 pub mod kv_cache;

@@ -25,6 +25,11 @@ pub mod train;
 #[cfg(feature = "cuda")]
 #[path = "llama_fused.rs"]
 mod fused;
+#[cfg(feature = "cuda")]
+#[path = "llama_graph.rs"]
+mod graph;
+#[cfg(feature = "cuda")]
+pub use graph::DecodeGraphStats;
 
 #[cfg(feature = "cuda")]
 #[path = "llama_backward.rs"]
@@ -96,6 +101,9 @@ pub struct Llama {
     /// The fused decode-step kernels on a GPU in bf16 (`None`: the general path only).
     #[cfg(feature = "cuda")]
     fused: Option<Arc<qlorad_kernels::decode_cuda::DecodeKernels>>,
+    /// The fused decode step's captured CUDA graphs, by batch shape (`llama_graph.rs`).
+    #[cfg(feature = "cuda")]
+    graphs: graph::DecodeGraphs,
     /// Which attention a CPU f32 model runs (`QLORAD_CPU_ATTENTION` at construction).
     cpu_attention: CpuAttention,
     /// Which kernels the training forward runs (`QLORAD_TRAIN_FUSED` at construction).
@@ -190,6 +198,8 @@ impl Llama {
             lora_kernel: LoraKernel::from_env(),
             #[cfg(feature = "cuda")]
             fused: fused::load(p)?,
+            #[cfg(feature = "cuda")]
+            graphs: graph::DecodeGraphs::for_placement(p),
             cpu_attention: CpuAttention::from_env(),
             train_ops: train::TrainOps::for_placement(p),
         };
@@ -299,12 +309,12 @@ impl Llama {
             row_adapters.extend(std::iter::repeat_n(s.adapter.clone(), s.tokens.len()));
         }
         let lora = LoraBatch::with_kernel(&row_adapters, &self.device, self.lora_kernel)?;
-        let t = ids.len();
-        let ids = Tensor::from_vec(ids, t, &self.device)?;
         #[cfg(feature = "cuda")]
         if let Some(kern) = self.fused_for(seqs) {
             return self.forward_fused(&kern, seqs, &ids, &lora);
         }
+        let t = ids.len();
+        let ids = Tensor::from_vec(ids, t, &self.device)?;
         let pos = Tensor::from_vec(positions, t, &self.device)?;
         let cos = self.cos.index_select(&pos, 0)?; // (tokens, head_dim/2)
         let sin = self.sin.index_select(&pos, 0)?;

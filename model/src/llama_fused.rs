@@ -10,13 +10,13 @@
 use super::{group_outputs, project_group, Llama, SeqInput};
 use crate::device::Placement;
 use crate::error::{ModelError, Result};
-use crate::host_profile::{timed, Phase};
+use crate::host_profile::{timed, timed_more, Phase};
 use crate::linear::BaseLinear;
 use crate::lora::LoraBatch;
 use candle_core::{DType, Tensor};
 use qlorad_kernels::bgmv::{AttShrink, BgmvPlan, GemvLora};
 use qlorad_kernels::decode_cuda::{
-    attention_supports, rope_attention_supports, DecodeKernels, KvRow,
+    attention_supports, rope_attention_supports, DecodeKernels, KvRow, KvTable,
 };
 use std::sync::Arc;
 
@@ -42,6 +42,9 @@ impl Llama {
         } else {
             None
         };
+        // Graphs captured with the old kernels go (a later step captures with the new ones).
+        let graphs_on = self.decode_graph_stats().on;
+        self.set_decode_graphs(graphs_on);
         Ok(())
     }
 
@@ -54,19 +57,20 @@ impl Llama {
         (shapes_fit && seqs.iter().all(|s| s.tokens.len() == 1)).then(|| k.clone())
     }
 
-    /// One decode step of `seqs` (validated by the caller; `ids` their tokens on the device):
-    /// logits (rows, vocab) in f32, caches advanced by one.
+    /// One decode step of `seqs` (validated by the caller; `ids` their tokens, one per sequence):
+    /// logits (rows, vocab) in f32, caches advanced by one. A batch without adapters replays a
+    /// captured graph of the step where the model keeps one for its shape (`llama_graph.rs`).
     pub(super) fn forward_fused(
         &self,
         kern: &DecodeKernels,
         seqs: &mut [SeqInput<'_>],
-        ids: &Tensor,
+        ids: &[u32],
         lora: &LoraBatch,
     ) -> Result<Tensor> {
         let c = &self.cfg;
-        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let (nkv, hd) = (c.num_kv_heads, c.head_dim);
         let layers = self.blocks.len();
-        let table = timed(Phase::Setup, || -> Result<_> {
+        let words = timed(Phase::Setup, || -> Result<_> {
             let mut caps = Vec::with_capacity(seqs.len());
             for s in seqs.iter_mut() {
                 caps.push(
@@ -92,16 +96,52 @@ impl Llama {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            Ok(kern.kv_table(&rows, layers, nkv, hd)?)
+            Ok(kern.kv_words(&rows, layers, nkv, hd)?)
         })?;
+        let replayed = if lora.is_empty() {
+            self.graph_step(kern, ids, &words, lora)?
+        } else {
+            None
+        };
+        let logits = match replayed {
+            Some(logits) => logits,
+            None => {
+                let table = timed_more(Phase::Setup, || kern.kv_table_of(&words))?;
+                let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
+                self.fused_body(kern, &table, &ids, lora)?
+            }
+        };
+        for s in seqs.iter_mut() {
+            s.cache.advance(1);
+        }
+        Ok(logits)
+    }
+
+    /// Whether RoPE and the KV write run inside the attention launch (`QLORAD_ROPE_ATTENTION=0`:
+    /// rope_kv first, for comparison; read per step because gpu-check switches it).
+    pub(super) fn rope_in_attention(&self) -> bool {
+        let c = &self.cfg;
+        rope_attention_supports(c.num_heads, c.num_kv_heads, c.head_dim)
+            && !std::env::var("QLORAD_ROPE_ATTENTION").is_ok_and(|v| v == "0")
+    }
+
+    /// The fused step's launches for a batch whose KV table (positions, capacities, cache
+    /// addresses) is `table` and whose tokens are `ids` on the device: logits (rows, vocab) f32.
+    /// Queues GPU work only (no host reads), so a stream capture can record it.
+    pub(super) fn fused_body(
+        &self,
+        kern: &DecodeKernels,
+        table: &KvTable,
+        ids: &Tensor,
+        lora: &LoraBatch,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let eps = c.rms_norm_eps as f32;
-        // RoPE and the KV write inside the attention launch (QLORAD_ROPE_ATTENTION=0: rope_kv
-        // first, for comparison; read per step because gpu-check switches it).
         // The o projection's LoRA shrink in the attention launch (QLORAD_ATT_SHRINK=1; off by
         // default, read per step because gpu-check switches it).
         let o_shrink_on = std::env::var("QLORAD_ATT_SHRINK").is_ok_and(|v| v == "1");
-        let rope_in_attention = rope_attention_supports(nh, nkv, hd)
-            && !std::env::var("QLORAD_ROPE_ATTENTION").is_ok_and(|v| v == "0");
+        let rope_in_attention = self.rope_in_attention();
         let mut x = self.embed.index_select(ids, 0)?;
         // The MLP output of the previous layer, added to x by the next add + norm.
         let mut pending: Option<Tensor> = None;
@@ -137,7 +177,7 @@ impl Llama {
                         &v,
                         &self.cos,
                         &self.sin,
-                        &table,
+                        table,
                         li,
                         nh,
                         nkv,
@@ -147,8 +187,8 @@ impl Llama {
                     )?
                 } else {
                     let q =
-                        kern.rope_kv(&q, &k, &v, &self.cos, &self.sin, &table, li, nh, nkv, hd)?;
-                    kern.attention(&q, &table, li, nh, nkv, hd, c.sliding_window, sh)?
+                        kern.rope_kv(&q, &k, &v, &self.cos, &self.sin, table, li, nh, nkv, hd)?;
+                    kern.attention(&q, table, li, nh, nkv, hd, c.sliding_window, sh)?
                 };
                 let pre = o_shrink.filter(|_| shrunk).map(|(_, e)| vec![e]);
                 Ok((a, pre))
@@ -179,9 +219,6 @@ impl Llama {
             })?;
             x = xs;
             pending = Some(m);
-        }
-        for s in seqs.iter_mut() {
-            s.cache.advance(1);
         }
         timed(Phase::Head, || {
             let (_, h) = kern.add_rms_norm(&x, pending.as_ref(), &self.norm, eps)?;

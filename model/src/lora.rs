@@ -58,6 +58,24 @@ pub struct LoraAdapter {
     packed: Option<Arc<pack::Packed>>,
 }
 
+impl Drop for LoraAdapter {
+    /// A GPU copy frees its memory under the GPU gate: the last holder may be any thread, and a
+    /// decode-step capture on another thread must not record the frees (`crate::gpu_gate`).
+    fn drop(&mut self) {
+        let on_gpu = self
+            .modules
+            .iter()
+            .flatten()
+            .next()
+            .is_some_and(|m| m.a.device().is_cuda());
+        if on_gpu {
+            let _gpu = crate::gpu_gate::gpu_work();
+            self.modules.clear();
+            self.bgmv = None;
+        }
+    }
+}
+
 /// The BGMV table of `modules`, or `None` when they are not on a GPU in bf16. A failure to build
 /// it only costs speed (the batch takes the gather path), so it is logged, not returned.
 fn bgmv_table(name: &str, modules: &[Option<LoraModule>]) -> Option<Arc<AdapterTable>> {
@@ -273,6 +291,8 @@ impl LoraAdapter {
     /// step on the gather path, and the BGMV table is built; on the CPU the modules are kept as
     /// they are.
     pub fn to_placement(&self, p: &crate::device::Placement) -> Result<Self> {
+        // Placing issues GPU work from the caller's thread: no decode-step capture meanwhile.
+        let _gpu = p.is_cuda().then(crate::gpu_gate::gpu_work);
         if p.is_cuda() && p.dtype == DType::BF16 {
             if let Some(placed) = self.to_gpu_packed(p)? {
                 return Ok(placed);

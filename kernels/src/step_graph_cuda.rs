@@ -1,0 +1,163 @@
+//! What a decode step captured as a CUDA graph needs from the kernels crate (behind the `cuda`
+//! feature; model/src/llama_graph.rs does the capturing): the stream capture itself, the graph,
+//! and inputs that stay at one device address from step to step (a graph bakes every kernel
+//! argument in) while their contents change: the token ids and the KV table.
+//!
+//! Why a graph: the fused decode step is ~290 launches, and the host spends 4-9 µs issuing each
+//! (an allocation, candle's tensor bookkeeping, the launch): 1.4-2.7 ms per token depending on
+//! the machine the GPU comes with, against ~2.3 ms of GPU time for Mistral-7B shapes on the H200
+//! (BENCHMARKS.md, session 17). A replayed graph costs the host one launch and two small copies.
+//! vLLM and TGI capture their decode steps the same way, one graph per batch shape.
+//!
+//! CUDA cannot capture the legacy default stream, which is the stream candle's
+//! `Device::new_cuda` uses: a capturing model has to be placed on a device with a stream of its
+//! own (`CudaDevice::new_with_stream`, see `qlorad_model::device`).
+
+use crate::decode_cuda::{DecodeKernels, KvTable, KvWords};
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaGraph, DevicePtr, DriverError};
+use candle_core::cuda_backend::CudaDevice;
+use candle_core::{DType, Device, Storage, Tensor};
+
+fn msg(s: String) -> candle_core::Error {
+    candle_core::Error::Msg(s)
+}
+
+fn driver(what: &str, e: DriverError) -> candle_core::Error {
+    msg(format!("{what}: {e}"))
+}
+
+/// A captured decode step, ready to launch on the stream it was captured from.
+pub struct StepGraph {
+    graph: CudaGraph,
+}
+
+// SAFETY: CUDA graph objects are not internally synchronized (cudarc's CudaGraph is neither Send
+// nor Sync for that reason); a StepGraph is only launched or dropped by whoever holds it, and the
+// model keeps its graphs behind a mutex, so no two threads ever touch one at the same time.
+unsafe impl Send for StepGraph {}
+
+impl StepGraph {
+    /// Queues the captured step on its stream.
+    pub fn launch(&self) -> candle_core::Result<()> {
+        self.graph.launch().map_err(|e| driver("graph launch", e))
+    }
+}
+
+/// Whether work on `device` can be captured: a CUDA device whose stream is not the legacy default
+/// stream (which CUDA refuses to capture).
+pub fn capturable(device: &Device) -> bool {
+    match device {
+        Device::Cuda(d) => !d.cuda_stream().cu_stream().is_null(),
+        _ => false,
+    }
+}
+
+/// Starts capturing `dev`'s stream. Thread-local mode: a call on this thread that would not be
+/// captured (a synchronous allocation, a synchronization) fails the capture instead of running,
+/// while other threads keep their ordinary semantics.
+pub fn begin_capture(dev: &CudaDevice) -> candle_core::Result<()> {
+    dev.cuda_stream()
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(|e| driver("begin capture", e))
+}
+
+/// Ends the capture begun by [`begin_capture`] (always: the stream is usable again afterwards)
+/// and instantiates the graph. Allocations the step made and did not free (its logits) are freed
+/// by the driver at the graph's next launch and made again at the same address
+/// (`AUTO_FREE_ON_LAUNCH`), so a tensor kept from the capture reads each launch's result. When
+/// the capture failed, the error the driver left on the context is cleared, so that it does not
+/// surface later in an unrelated call.
+pub fn end_capture(dev: &CudaDevice) -> candle_core::Result<StepGraph> {
+    let stream = dev.cuda_stream();
+    let flags = sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
+    match stream.end_capture(flags) {
+        Ok(Some(graph)) => Ok(StepGraph { graph }),
+        Ok(None) => Err(msg("capture produced no graph".into())),
+        Err(e) => {
+            let _ = stream.context().check_err();
+            Err(driver("end capture", e))
+        }
+    }
+}
+
+/// Clears an error a failed capture left recorded on `dev`'s context (frees of allocations the
+/// capture made fail once it is abandoned).
+pub fn clear_capture_errors(dev: &CudaDevice) {
+    let _ = dev.cuda_stream().context().check_err();
+}
+
+/// Copies `src` into the contiguous u32 tensor `dst` on its device (stream-ordered: kernels queued
+/// before read the old contents, kernels queued after the new).
+pub fn write_u32(dst: &Tensor, src: &[u32]) -> candle_core::Result<()> {
+    if dst.dtype() != DType::U32 || dst.elem_count() != src.len() {
+        return Err(msg(format!(
+            "write_u32: {} values into a {:?} tensor of {}",
+            src.len(),
+            dst.dtype(),
+            dst.elem_count()
+        )));
+    }
+    let (storage, layout) = dst.storage_and_layout();
+    let Storage::Cuda(cs) = &*storage else {
+        return Err(msg("write_u32: the tensor is not on a GPU".into()));
+    };
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or(candle_core::Error::RequiresContiguous { op: "write_u32" })?;
+    let slice = cs.as_cuda_slice::<u32>()?;
+    let stream = cs.device().cuda_stream();
+    let view = slice.slice(a..b);
+    let (ptr, _guard) = view.device_ptr(&stream);
+    // SAFETY: `ptr` addresses b - a == src.len() u32 of `dst`'s storage on `stream`; the copy is
+    // queued on the stream every use of the tensor is ordered on (qlorad issues all work on one
+    // stream per device), and the driver stages pageable `src` before this call returns.
+    unsafe { result::memcpy_htod_async(ptr, src, stream.cu_stream()) }
+        .map_err(|e| driver("write_u32", e))
+}
+
+impl DecodeKernels {
+    /// Splits of each (row, KV head) block's context in the decode attention for `rows` rows
+    /// whose largest new-token position is `max_position`: the attention's launch shape, which a
+    /// captured step is captured for.
+    pub fn attention_splits(rows: usize, kv_heads: usize, max_position: usize) -> usize {
+        crate::decode_split::splits_for(
+            max_position + 1,
+            rows * kv_heads,
+            crate::decode_split::min_split_positions(),
+        )
+    }
+
+    /// A new KV table on the device holding `words`.
+    pub fn kv_table_of(&self, words: &KvWords) -> candle_core::Result<KvTable> {
+        Ok(KvTable {
+            table: self.device.clone_htod(&words.words[..])?,
+            rows: words.rows,
+            layers: words.layers,
+            max_position: words.max_position,
+        })
+    }
+
+    /// Rewrites `table` in place with `words` (same rows and layers): stream-ordered, at the same
+    /// device address, so a captured step reads the new contents.
+    pub fn rewrite_kv_table(
+        &self,
+        table: &mut KvTable,
+        words: &KvWords,
+    ) -> candle_core::Result<()> {
+        if words.rows != table.rows
+            || words.layers != table.layers
+            || words.words.len() != table.table.len()
+        {
+            return Err(msg(format!(
+                "rewrite_kv_table: {} rows x {} layers into a table of {} x {}",
+                words.rows, words.layers, table.rows, table.layers
+            )));
+        }
+        self.stream
+            .memcpy_htod(&words.words[..], &mut table.table)
+            .map_err(|e| driver("rewrite_kv_table", e))?;
+        table.max_position = words.max_position;
+        Ok(())
+    }
+}

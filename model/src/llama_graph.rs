@@ -1,0 +1,236 @@
+//! The fused decode step captured as CUDA graphs and replayed (`qlorad_kernels::step_graph_cuda`
+//! says why: the host's ~290 launches per step cost as much as the GPU's work).
+//!
+//! One graph per batch shape: the rows, the attention's split count (a launch dimension, set by
+//! the longest context) and whether RoPE runs in the attention launch. Everything else a step
+//! changes reaches the kernels through device memory the graph reads at fixed addresses: the
+//! token ids and the KV table (positions, capacities and the caches' addresses, so a cache that
+//! grows into a new buffer needs no new graph), both rewritten before each replay. The weights,
+//! RoPE tables and the attention's counters are the model's and never move. The step's
+//! activations are the graph's own allocations, and its logits the one it keeps: each replay is
+//! followed by a copy of them, so a caller's logits outlive the next step.
+//!
+//! Batches with adapters run eagerly (their BGMV plan is built and uploaded per step; capturing
+//! it is the next increment), as does a shape's first step (the first use of a kernel loads its
+//! module and cuBLAS its workspace, neither of which may happen during a capture) and any step
+//! while other threads issue GPU work (`crate::gpu_gate`). A failed capture turns graphs off for
+//! the model, with a warning, and the step runs eagerly: graphs can cost speed, never a result.
+//!
+//! Opt-in while new: `QLORAD_DECODE_GRAPH=1` (which also gives the device the stream of its own a
+//! capture needs, `Placement::open`), or [`Llama::set_decode_graphs`] on a model placed with
+//! `Placement::open_own_stream`.
+
+use super::Llama;
+use crate::device::Placement;
+use crate::error::Result;
+use crate::host_profile::{timed, Phase};
+use crate::lora::LoraBatch;
+use candle_core::{DType, Device, Tensor};
+use qlorad_kernels::decode_cuda::{DecodeKernels, KvTable, KvWords};
+use qlorad_kernels::step_graph_cuda::{self as sg, StepGraph};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// Most graphs a model keeps; past it the oldest capture goes. Batch 1 over a 1k context needs
+/// 32 (one per split count); each holds its step's activations (~1 MB at batch 1).
+const MAX_GRAPHS: usize = 64;
+
+/// A shape is captured the second time it runs (the first runs eagerly: see the module docs).
+const CAPTURE_AT: u32 = 2;
+
+/// What a captured step's launches depend on besides device memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct StepShape {
+    rows: usize,
+    splits: usize,
+    rope_in_attention: bool,
+}
+
+/// One captured step. Field order is drop order: the logits (the graph's allocation) are freed
+/// before the graph is destroyed.
+struct Captured {
+    logits: Tensor,
+    ids: Tensor,
+    table: KvTable,
+    graph: StepGraph,
+}
+
+struct State {
+    on: bool,
+    seen: HashMap<StepShape, u32>,
+    graphs: HashMap<StepShape, Captured>,
+    /// Captured shapes, oldest first.
+    order: VecDeque<StepShape>,
+    captures: u64,
+    replays: u64,
+}
+
+/// A model's captured decode steps.
+pub(super) struct DecodeGraphs {
+    /// Whether the placement can capture at all (a GPU in bf16 on a stream of its own).
+    capturable: bool,
+    state: Mutex<State>,
+}
+
+/// Counts of a model's decode graphs (for benchmarks and checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DecodeGraphStats {
+    pub on: bool,
+    pub kept: usize,
+    pub captures: u64,
+    pub replays: u64,
+}
+
+impl DecodeGraphs {
+    pub(super) fn for_placement(p: &Placement) -> Self {
+        let capturable = p.dtype == DType::BF16 && sg::capturable(&p.device);
+        Self {
+            capturable,
+            state: Mutex::new(State {
+                on: capturable && crate::device::decode_graph_env(),
+                seen: HashMap::new(),
+                graphs: HashMap::new(),
+                order: VecDeque::new(),
+                captures: 0,
+                replays: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Turns capturing and replaying on (where the placement can) or off, dropping what was kept
+    /// and zeroing the counts.
+    pub(super) fn set(&self, on: bool) -> bool {
+        let mut st = self.lock();
+        st.on = on && self.capturable;
+        st.graphs.clear();
+        st.order.clear();
+        st.seen.clear();
+        st.captures = 0;
+        st.replays = 0;
+        st.on
+    }
+
+    pub(super) fn stats(&self) -> DecodeGraphStats {
+        let st = self.lock();
+        DecodeGraphStats {
+            on: st.on,
+            kept: st.graphs.len(),
+            captures: st.captures,
+            replays: st.replays,
+        }
+    }
+}
+
+impl Llama {
+    /// Turns captured decode steps on or off for this model; returns whether they are on (never
+    /// on a placement that cannot capture: the CPU, or a GPU on the legacy default stream).
+    pub fn set_decode_graphs(&self, on: bool) -> bool {
+        self.graphs.set(on)
+    }
+
+    /// This model's decode graphs so far.
+    pub fn decode_graph_stats(&self) -> DecodeGraphStats {
+        self.graphs.stats()
+    }
+
+    /// The step of a batch without adapters (tokens `ids`, KV table `words`) from its captured
+    /// graph: replayed if its shape has one, captured and launched if this is the shape's
+    /// second step and no other thread is issuing GPU work; `None` when the step is to run
+    /// eagerly (the caller then does, with the same inputs).
+    pub(super) fn graph_step(
+        &self,
+        kern: &DecodeKernels,
+        ids: &[u32],
+        words: &KvWords,
+        lora: &LoraBatch,
+    ) -> Result<Option<Tensor>> {
+        if !self.graphs.capturable {
+            return Ok(None);
+        }
+        let mut st = self.graphs.lock();
+        if !st.on || !lora.is_empty() {
+            return Ok(None);
+        }
+        let shape = StepShape {
+            rows: ids.len(),
+            splits: DecodeKernels::attention_splits(
+                ids.len(),
+                self.cfg.num_kv_heads,
+                words.max_position,
+            ),
+            rope_in_attention: self.rope_in_attention(),
+        };
+        if st.graphs.contains_key(&shape) {
+            st.replays += 1;
+            let Some(g) = st.graphs.get_mut(&shape) else {
+                return Ok(None);
+            };
+            return timed(Phase::Replay, || -> Result<_> {
+                sg::write_u32(&g.ids, ids)?;
+                kern.rewrite_kv_table(&mut g.table, words)?;
+                g.graph.launch()?;
+                Ok(Some(g.logits.copy()?))
+            });
+        }
+        let seen = st.seen.entry(shape).or_insert(0);
+        *seen = seen.saturating_add(1);
+        if *seen < CAPTURE_AT {
+            return Ok(None);
+        }
+        let Device::Cuda(dev) = &self.device else {
+            return Ok(None);
+        };
+        let Some(_gate) = crate::gpu_gate::try_capture() else {
+            return Ok(None);
+        };
+        // The graph's inputs live outside it, at addresses it keeps.
+        let ids_dev = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        let table = kern.kv_table_of(words)?;
+        sg::begin_capture(dev)?;
+        // Everything the body allocates and drops becomes the graph's; only the logits survive.
+        let body = self.fused_body(kern, &table, &ids_dev, lora);
+        let graph = sg::end_capture(dev);
+        let (logits, graph) = match (body, graph) {
+            (Ok(l), Ok(g)) => (l, g),
+            (body, graph) => {
+                sg::clear_capture_errors(dev);
+                let why = match (body.err(), graph.err()) {
+                    (Some(e), _) => e.to_string(),
+                    (None, Some(e)) => e.to_string(),
+                    (None, None) => "unknown".to_string(),
+                };
+                tracing::warn!(
+                    rows = shape.rows,
+                    splits = shape.splits,
+                    "capturing a decode step failed, decode graphs are off for this model: {why}"
+                );
+                st.on = false;
+                return Ok(None);
+            }
+        };
+        graph.launch()?;
+        let out = logits.copy()?;
+        st.captures += 1;
+        st.order.push_back(shape);
+        st.graphs.insert(
+            shape,
+            Captured {
+                logits,
+                ids: ids_dev,
+                table,
+                graph,
+            },
+        );
+        while st.order.len() > MAX_GRAPHS {
+            if let Some(old) = st.order.pop_front() {
+                st.graphs.remove(&old);
+                st.seen.remove(&old);
+            }
+        }
+        Ok(Some(out))
+    }
+}
