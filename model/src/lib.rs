@@ -12,6 +12,7 @@ pub mod generate;
 pub mod gguf_import;
 mod gguf_tokenizer;
 pub mod gpu_gate;
+pub mod graph_cache;
 pub mod host_profile;
 pub mod io;
 pub mod kv_cache;

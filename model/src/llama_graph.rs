@@ -23,12 +23,12 @@
 use super::Llama;
 use crate::device::Placement;
 use crate::error::Result;
+use crate::graph_cache::{GraphCache, StepAction};
 use crate::host_profile::{timed, Phase};
 use crate::lora::LoraBatch;
 use candle_core::{DType, Device, Tensor};
 use qlorad_kernels::decode_cuda::{DecodeKernels, KvTable, KvWords};
 use qlorad_kernels::step_graph_cuda::{self as sg, StepGraph};
-use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// Most graphs a model keeps; past it the oldest capture goes. Batch 1 over a 1k context needs
@@ -57,12 +57,7 @@ struct Captured {
 
 struct State {
     on: bool,
-    seen: HashMap<StepShape, u32>,
-    graphs: HashMap<StepShape, Captured>,
-    /// Captured shapes, oldest first.
-    order: VecDeque<StepShape>,
-    captures: u64,
-    replays: u64,
+    cache: GraphCache<StepShape, Captured>,
 }
 
 /// A model's captured decode steps.
@@ -88,11 +83,7 @@ impl DecodeGraphs {
             capturable,
             state: Mutex::new(State {
                 on: capturable && crate::device::decode_graph_env(),
-                seen: HashMap::new(),
-                graphs: HashMap::new(),
-                order: VecDeque::new(),
-                captures: 0,
-                replays: 0,
+                cache: GraphCache::new(MAX_GRAPHS, CAPTURE_AT),
             }),
         }
     }
@@ -106,11 +97,7 @@ impl DecodeGraphs {
     pub(super) fn set(&self, on: bool) -> bool {
         let mut st = self.lock();
         st.on = on && self.capturable;
-        st.graphs.clear();
-        st.order.clear();
-        st.seen.clear();
-        st.captures = 0;
-        st.replays = 0;
+        st.cache.clear();
         st.on
     }
 
@@ -118,9 +105,9 @@ impl DecodeGraphs {
         let st = self.lock();
         DecodeGraphStats {
             on: st.on,
-            kept: st.graphs.len(),
-            captures: st.captures,
-            replays: st.replays,
+            kept: st.cache.len(),
+            captures: st.cache.captures,
+            replays: st.cache.replays,
         }
     }
 }
@@ -164,22 +151,20 @@ impl Llama {
             ),
             rope_in_attention: self.rope_in_attention(),
         };
-        if st.graphs.contains_key(&shape) {
-            st.replays += 1;
-            let Some(g) = st.graphs.get_mut(&shape) else {
-                return Ok(None);
-            };
-            return timed(Phase::Replay, || -> Result<_> {
-                sg::write_u32(&g.ids, ids)?;
-                kern.rewrite_kv_table(&mut g.table, words)?;
-                g.graph.launch()?;
-                Ok(Some(g.logits.copy()?))
-            });
-        }
-        let seen = st.seen.entry(shape).or_insert(0);
-        *seen = seen.saturating_add(1);
-        if *seen < CAPTURE_AT {
-            return Ok(None);
+        match st.cache.step(shape) {
+            StepAction::Eager => return Ok(None),
+            StepAction::Capture => {}
+            StepAction::Replay => {
+                let Some(g) = st.cache.get_mut(&shape) else {
+                    return Ok(None);
+                };
+                return timed(Phase::Replay, || -> Result<_> {
+                    sg::write_u32(&g.ids, ids)?;
+                    kern.rewrite_kv_table(&mut g.table, words)?;
+                    g.graph.launch()?;
+                    Ok(Some(g.logits.copy()?))
+                });
+            }
         }
         let Device::Cuda(dev) = &self.device else {
             return Ok(None);
@@ -190,7 +175,11 @@ impl Llama {
         // The graph's inputs live outside it, at addresses it keeps.
         let ids_dev = Tensor::from_slice(ids, ids.len(), &self.device)?;
         let table = kern.kv_table_of(words)?;
-        sg::begin_capture(dev)?;
+        if let Err(e) = sg::begin_capture(dev) {
+            tracing::warn!("decode graphs are off for this model: {e}");
+            st.on = false;
+            return Ok(None);
+        }
         // Everything the body allocates and drops becomes the graph's; only the logits survive.
         let body = self.fused_body(kern, &table, &ids_dev, lora);
         let graph = sg::end_capture(dev);
@@ -212,11 +201,16 @@ impl Llama {
                 return Ok(None);
             }
         };
-        graph.launch()?;
+        if let Err(e) = graph.launch() {
+            tracing::warn!("decode graphs are off for this model: launching a capture: {e}");
+            st.on = false;
+            // The logits were never allocated (the graph never ran): their free fails.
+            drop((logits, graph));
+            sg::clear_capture_errors(dev);
+            return Ok(None);
+        }
         let out = logits.copy()?;
-        st.captures += 1;
-        st.order.push_back(shape);
-        st.graphs.insert(
+        let gone = st.cache.insert(
             shape,
             Captured {
                 logits,
@@ -225,12 +219,7 @@ impl Llama {
                 graph,
             },
         );
-        while st.order.len() > MAX_GRAPHS {
-            if let Some(old) = st.order.pop_front() {
-                st.graphs.remove(&old);
-                st.seen.remove(&old);
-            }
-        }
+        drop(gone);
         Ok(Some(out))
     }
 }
