@@ -6,7 +6,7 @@
 #   bin/*.xz (stripped CUDA builds), bnb.tar.xz, scripts/, bench/, smol.part* (SmolLM2, in parts
 #   that may arrive over two calls: parts are kept in /tmp/stash while the machine stays warm).
 #
-#   bash .devbuild/scripts/device-run.sh [check] [graph] [bench] [train] [smol]
+#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [bench] [train] [smol]
 set -uo pipefail
 D="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/out}"
@@ -70,6 +70,12 @@ for step in "$@"; do
       log "A/B: QLORAD_DECODE_GRAPH=1 vs 0"
       A="QLORAD_DECODE_GRAPH=1" B="QLORAD_DECODE_GRAPH=0" OUT=/tmp/ab-graph bash "$D/bench/ab-gpu.sh" \
         2>&1 | tee "$OUT/ab-graph.log" ;;
+    cluster)
+      # The attention's splits merged in a thread-block cluster (kernels/cuda/decode.cu, CL):
+      # gpu-check's fused cases compare it with the combine launch bit for bit; here its speed.
+      log "A/B: QLORAD_ATT_CLUSTER=1 vs 0"
+      A="QLORAD_ATT_CLUSTER=1" B="QLORAD_ATT_CLUSTER=0" OUT=/tmp/ab-cluster bash "$D/bench/ab-gpu.sh" \
+        2>&1 | tee "$OUT/ab-cluster.log" ;;
     bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
     # Training tokens/s and peak memory (reuses the bench step's model when it ran first).
     train) log "run-gpu-train (${QLORAD_TRAIN_BENCH_ARGS:-default modes})"; RESULT="${TRAIN_RESULT:-h200-train.json}" bash "$D/bench/run-gpu-train.sh" ;;

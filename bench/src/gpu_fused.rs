@@ -57,24 +57,24 @@ fn compare(
     std::env::set_var("QLORAD_ROPE_ATTENTION", "0");
     let two = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
     std::env::remove_var("QLORAD_ROPE_ATTENTION");
-    let differing: usize = two?
-        .logits
-        .iter()
-        .flatten()
-        .zip(got.logits.iter().flatten())
-        .map(|(a, b)| {
-            a.len().abs_diff(b.len())
-                + a.iter()
-                    .zip(b)
-                    .filter(|(x, y)| x.to_bits() != y.to_bits())
-                    .count()
-        })
-        .sum();
+    let differing = differing_bits(&two?, &got);
     r.add(
         format!("fused decode, {name}: RoPE in the attention launch vs rope_kv, differing logits"),
         differing as f64,
         0.0,
         String::new(),
+    );
+    // The splits merged inside a thread-block cluster (opt-in, QLORAD_ATT_CLUSTER=1) against the
+    // combine launch: the same splits and the same merge arithmetic, so the same bits.
+    let was = qlorad_kernels::step_graph_cuda::cluster_merge();
+    qlorad_kernels::step_graph_cuda::set_cluster_merge(!was);
+    let cl = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
+    qlorad_kernels::step_graph_cuda::set_cluster_merge(was);
+    r.add(
+        format!("fused decode, {name}: splits merged in a cluster vs the combine launch, differing logits"),
+        differing_bits(&cl?, &got) as f64,
+        0.0,
+        format!("cluster merge {} for the compared run", if was { "off" } else { "on" }),
     );
     // The o projection's LoRA shrink in the attention launch (opt-in; one-split batches only):
     // t summed from one partial per KV head, so within the same bound of the general path.
@@ -97,6 +97,23 @@ fn compare(
         r,
     )?;
     Ok(())
+}
+
+/// Logits of `a` and `b` (same sequences and steps) whose bits differ, plus any length mismatch.
+pub(super) fn differing_bits(a: &BatchRun, b: &BatchRun) -> usize {
+    a.logits
+        .iter()
+        .flatten()
+        .zip(b.logits.iter().flatten())
+        .map(|(x, y)| {
+            x.len().abs_diff(y.len())
+                + x.iter()
+                    .zip(y)
+                    .filter(|(p, q)| p.to_bits() != q.to_bits())
+                    .count()
+        })
+        .sum::<usize>()
+        + a.logits.len().abs_diff(b.logits.len())
 }
 
 /// The fused run `got`, teacher-forced on `want`'s tokens, against the general path's `want`: its

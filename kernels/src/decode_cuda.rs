@@ -8,7 +8,8 @@
 //! buffers (`(kv_heads, capacity, head_dim)` bf16). `rope_kv` writes the new token's K and V into
 //! them through those addresses; `attention` reads them in place (no copy of the history).
 
-use crate::bgmv_cuda::{bf16_addr, AttShrink, NormShrink};
+use crate::bgmv_cuda::{AttShrink, NormShrink};
+pub use crate::kv_table_cuda::{KvRow, KvTable, KvWords};
 use crate::pdl_cuda::RawFunction;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
@@ -56,6 +57,9 @@ const ELEMWISE_THREADS: u32 = 256;
 /// (row, KV head) pairs whose splits the attention merges itself (its counters); larger batches
 /// launch attention_combine.
 const ATT_COUNTERS: usize = 16384;
+/// Most splits the cluster-merged attention takes (one cluster per (KV head, row): the portable
+/// cluster size); more splits take the combine launch.
+const ATT_CLUSTER_MAX: usize = 8;
 
 fn msg(s: String) -> candle_core::Error {
     candle_core::Error::Msg(s)
@@ -86,6 +90,9 @@ struct PdlKernels {
     silu_mul: RawFunction,
     attention: Vec<RawFunction>,
     attention_rope: Vec<RawFunction>,
+    /// The cluster-merged attention (`QLORAD_ATT_CLUSTER=1`, decode.cu's CL), same group sizes.
+    attention_cl: Vec<RawFunction>,
+    attention_rope_cl: Vec<RawFunction>,
     combine: RawFunction,
 }
 
@@ -94,6 +101,17 @@ enum KArg {
     U64(u64),
     U32(u32),
     F32(f32),
+}
+
+impl KArg {
+    /// The argument's slot for a raw launch (valid while `self` lives).
+    fn ptr(&self) -> *mut std::ffi::c_void {
+        match self {
+            KArg::U64(v) => crate::pdl_cuda::arg(v),
+            KArg::U32(v) => crate::pdl_cuda::arg(v),
+            KArg::F32(v) => crate::pdl_cuda::arg(v),
+        }
+    }
 }
 
 impl std::fmt::Debug for DecodeKernels {
@@ -135,33 +153,6 @@ fn wrap(out: CudaSlice<bf16>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tens
     )
 }
 
-/// One sequence's row of a [`KvTable`].
-pub struct KvRow<'a> {
-    /// Position of the new token (its K and V are written there; it attends to `0..=position`).
-    pub position: usize,
-    /// Positions the buffers hold (the same in every layer).
-    pub capacity: usize,
-    /// Per layer, the K and V buffers `(kv_heads, capacity, head_dim)` bf16.
-    pub layers: Vec<(&'a Tensor, &'a Tensor)>,
-}
-
-/// Per forward pass: every sequence's position, capacity and cache addresses, on the GPU.
-pub struct KvTable {
-    pub(crate) table: CudaSlice<u64>,
-    pub(crate) rows: usize,
-    pub(crate) layers: usize,
-    pub(crate) max_position: usize,
-}
-
-/// A [`KvTable`]'s contents on the host: the words to upload, and what they describe.
-pub struct KvWords {
-    pub(crate) words: Vec<u64>,
-    pub rows: usize,
-    pub layers: usize,
-    /// The largest new-token position of the rows (it sets the attention's split count).
-    pub max_position: usize,
-}
-
 impl DecodeKernels {
     /// Loads the kernels on `device` (a CUDA device).
     pub fn load(device: &Device) -> candle_core::Result<Self> {
@@ -199,6 +190,8 @@ impl DecodeKernels {
                     silu_mul: raw("silu_mul_bf16")?,
                     attention: group("decode_attention")?,
                     attention_rope: group("decode_attention_rope")?,
+                    attention_cl: group("decode_attention_cl")?,
+                    attention_rope_cl: group("decode_attention_rope_cl")?,
                     combine: raw("attention_combine_bf16")?,
                 })
             } else {
@@ -222,14 +215,7 @@ impl DecodeKernels {
         args: &[KArg],
     ) -> candle_core::Result<()> {
         if let Some(f) = raw {
-            let mut ptrs: Vec<*mut std::ffi::c_void> = args
-                .iter()
-                .map(|a| match a {
-                    KArg::U64(v) => crate::pdl_cuda::arg(v),
-                    KArg::U32(v) => crate::pdl_cuda::arg(v),
-                    KArg::F32(v) => crate::pdl_cuda::arg(v),
-                })
-                .collect();
+            let mut ptrs: Vec<*mut std::ffi::c_void> = args.iter().map(KArg::ptr).collect();
             return crate::pdl_cuda::launch(f, cfg, &self.stream, &mut ptrs);
         }
         let mut b = self.stream.launch_builder(func);
@@ -242,69 +228,6 @@ impl DecodeKernels {
         }
         b.launch(cfg).w()?;
         Ok(())
-    }
-
-    /// Uploads the KV table of one forward pass. Every row's buffers must have `capacity`
-    /// positions, more than its `position`, with `kv_heads * head_dim` values per position.
-    pub fn kv_table(
-        &self,
-        rows: &[KvRow<'_>],
-        layers: usize,
-        kv_heads: usize,
-        head_dim: usize,
-    ) -> candle_core::Result<KvTable> {
-        self.kv_table_of(&self.kv_words(rows, layers, kv_heads, head_dim)?)
-    }
-
-    /// The host words of [`DecodeKernels::kv_table`] (checked as it says), for a table that
-    /// already exists on the device (`step_graph_cuda`: a captured step reads a table it keeps).
-    pub fn kv_words(
-        &self,
-        rows: &[KvRow<'_>],
-        layers: usize,
-        kv_heads: usize,
-        head_dim: usize,
-    ) -> candle_core::Result<KvWords> {
-        let mut words = Vec::with_capacity(rows.len() * (1 + 2 * layers));
-        let mut max_position = 0;
-        for (i, r) in rows.iter().enumerate() {
-            if r.layers.len() != layers
-                || r.position >= r.capacity
-                || r.capacity > u32::MAX as usize
-            {
-                return Err(msg(format!(
-                    "decode: KV row {i} has {} layers (want {layers}), position {} and capacity {}",
-                    r.layers.len(),
-                    r.position,
-                    r.capacity
-                )));
-            }
-            max_position = max_position.max(r.position);
-            words.push(r.position as u64 | ((r.capacity as u64) << 32));
-            for (k, v) in &r.layers {
-                for t in [k, v] {
-                    if t.dims() != [kv_heads, r.capacity, head_dim] {
-                        return Err(msg(format!(
-                            "decode: KV buffer {:?} of row {i}, want ({kv_heads}, {}, {head_dim})",
-                            t.dims(),
-                            r.capacity
-                        )));
-                    }
-                    words.push(bf16_addr(t, &self.device, &self.stream).ok_or_else(|| {
-                        msg(format!(
-                            "decode: KV buffer of row {i} must be contiguous bf16 on {:?}",
-                            self.device
-                        ))
-                    })?);
-                }
-            }
-        }
-        Ok(KvWords {
-            words,
-            rows: rows.len(),
-            layers,
-            max_position,
-        })
     }
 
     /// `(x + y, rmsnorm(x + y) · w)` per row of `x` (rows, n); `y` None: `(x, rmsnorm(x) · w)`.
@@ -636,14 +559,20 @@ impl DecodeKernels {
         let splits = Self::attention_splits(rows, kv_heads, table.max_position);
         // With QLORAD_ATT_MERGE=1 the kernel merges its splits itself when the counters cover
         // the batch; by default attention_combine's launch does.
-        let merge_in_kernel = splits > 1 && rows * kv_heads <= ATT_COUNTERS && merge_splits();
+        // QLORAD_ATT_CLUSTER=1: the splits of a (KV head, row) run as one thread-block cluster
+        // and merge in distributed shared memory (no partials, no combine launch).
+        let cluster = (2..=ATT_CLUSTER_MAX).contains(&splits)
+            && crate::step_graph_cuda::cluster_merge()
+            && self.pdl.is_some();
+        let merge_in_kernel =
+            !cluster && splits > 1 && rows * kv_heads <= ATT_COUNTERS && merge_splits();
         // SAFETY: fully written, by the kernel (one split) or the combine (several).
         let mut out = unsafe { self.device.alloc::<bf16>(rows * heads * head_dim) }?;
         // The partial outputs, then the maxima and sums, of the splits in one allocation (each is
         // a driver call now and another when freed); one split writes `out` directly and the
         // kernel never touches the partials (null).
         let part_len = rows * splits * heads * head_dim;
-        let parts = if splits > 1 {
+        let parts = if splits > 1 && !cluster {
             let n = rows * splits * heads;
             // SAFETY: the partials are written by every split before the combine reads them.
             Some(unsafe { self.device.alloc::<f32>(part_len + n * 2)? })
@@ -663,12 +592,24 @@ impl DecodeKernels {
         let (func, raw) = if rope.is_some() {
             (
                 &self.attention_rope[group - 1],
-                self.pdl.as_ref().map(|p| p.attention_rope[group - 1]),
+                self.pdl.as_ref().map(|p| {
+                    if cluster {
+                        p.attention_rope_cl[group - 1]
+                    } else {
+                        p.attention_rope[group - 1]
+                    }
+                }),
             )
         } else {
             (
                 &self.attention[group - 1],
-                self.pdl.as_ref().map(|p| p.attention[group - 1]),
+                self.pdl.as_ref().map(|p| {
+                    if cluster {
+                        p.attention_cl[group - 1]
+                    } else {
+                        p.attention[group - 1]
+                    }
+                }),
             )
         };
         let st = &self.stream;
@@ -723,7 +664,17 @@ impl DecodeKernels {
         // room for kv_heads partials of rows·t_stride (BgmvPlan::attention_shrink).
         // The caches are written through addresses taken under read guards: only this forward
         // pass uses them, in stream order.
-        unsafe { self.launch(func, raw, cfg, &args) }?;
+        if let (true, Some(f)) = (cluster, raw) {
+            let mut ptrs: Vec<*mut std::ffi::c_void> = args.iter().map(KArg::ptr).collect();
+            // SAFETY: as below, for decode_attention(_rope)_cl_g{group}_bf16 (same parameters;
+            // it never touches the null partials and counters); the cluster spans the z
+            // dimension, the splits (2..=8).
+            unsafe {
+                crate::pdl_cuda::launch_cluster(f, cfg, st, &mut ptrs, (1, 1, splits as u32))
+            }?;
+        } else {
+            unsafe { self.launch(func, raw, cfg, &args) }?;
+        }
         drop((og, cg, part_ptrs, guards));
         if let (Some(part), false) = (&parts, merge_in_kernel) {
             let splits32 = splits as u32;

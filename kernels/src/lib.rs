@@ -17,6 +17,8 @@ pub mod dynamic;
 pub mod error;
 pub mod gemv;
 #[cfg(feature = "cuda")]
+mod kv_table_cuda;
+#[cfg(feature = "cuda")]
 pub mod lora_train_cuda;
 #[cfg(feature = "cuda")]
 pub mod mapped_cuda;

@@ -136,14 +136,63 @@ pub unsafe fn launch(
     stream: &CudaStream,
     args: &mut [*mut c_void],
 ) -> candle_core::Result<()> {
+    launch_with(f, cfg, stream, args, None)
+}
+
+/// [`launch`] with the grid's blocks in thread-block clusters of `cluster` (x, y, z) blocks, each
+/// dimension dividing the grid's; at most 8 blocks per cluster (the portable size).
+///
+/// # Safety
+/// As [`launch`]; the kernel may use cluster barriers and distributed shared memory.
+pub unsafe fn launch_cluster(
+    f: RawFunction,
+    cfg: LaunchConfig,
+    stream: &CudaStream,
+    args: &mut [*mut c_void],
+    cluster: (u32, u32, u32),
+) -> candle_core::Result<()> {
+    let (x, y, z) = cluster;
+    let g = cfg.grid_dim;
+    if x == 0
+        || y == 0
+        || z == 0
+        || x * y * z > 8
+        || !g.0.is_multiple_of(x)
+        || !g.1.is_multiple_of(y)
+        || !g.2.is_multiple_of(z)
+    {
+        return Err(msg(format!("cluster {cluster:?} for grid {g:?}")));
+    }
+    launch_with(f, cfg, stream, args, Some(cluster))
+}
+
+unsafe fn launch_with(
+    f: RawFunction,
+    cfg: LaunchConfig,
+    stream: &CudaStream,
+    args: &mut [*mut c_void],
+    cluster: Option<(u32, u32, u32)>,
+) -> candle_core::Result<()> {
     // SAFETY: a zeroed attribute value is a valid union; the field set is the one the id names.
     let mut value: sys::CUlaunchAttributeValue = std::mem::zeroed();
     value.programmaticStreamSerializationAllowed = 1;
-    let mut attr = sys::CUlaunchAttribute {
-        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-        pad: [0; 4],
-        value,
-    };
+    let mut attrs = [
+        sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            value,
+        },
+        sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+            pad: [0; 4],
+            value: std::mem::zeroed(),
+        },
+    ];
+    let mut num_attrs = 1;
+    if let Some((x, y, z)) = cluster {
+        attrs[1].value.clusterDim = sys::CUlaunchAttributeValue_union__bindgen_ty_1 { x, y, z };
+        num_attrs = 2;
+    }
     let config = sys::CUlaunchConfig {
         gridDimX: cfg.grid_dim.0,
         gridDimY: cfg.grid_dim.1,
@@ -153,8 +202,8 @@ pub unsafe fn launch(
         blockDimZ: cfg.block_dim.2,
         sharedMemBytes: cfg.shared_mem_bytes,
         hStream: stream.cu_stream(),
-        attrs: &mut attr,
-        numAttrs: 1,
+        attrs: attrs.as_mut_ptr(),
+        numAttrs: num_attrs,
     };
     stream
         .context()

@@ -13,7 +13,7 @@
 //! `Device::new_cuda` uses: a capturing model has to be placed on a device with a stream of its
 //! own (`CudaDevice::new_with_stream`, see `qlorad_model::device`).
 
-use crate::decode_cuda::{DecodeKernels, KvTable, KvWords};
+use crate::decode_cuda::DecodeKernels;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaGraph, DevicePtr, DriverError};
 use candle_core::cuda_backend::CudaDevice;
@@ -116,6 +116,22 @@ pub fn write_u32(dst: &Tensor, src: &[u32]) -> candle_core::Result<()> {
         .map_err(|e| driver("write_u32", e))
 }
 
+static CLUSTER_MERGE: crate::switch::EnvSwitch =
+    crate::switch::EnvSwitch::new("QLORAD_ATT_CLUSTER");
+
+/// Whether the decode attention merges its splits inside a thread-block cluster
+/// (`QLORAD_ATT_CLUSTER=1`, or [`set_cluster_merge`]) instead of attention_combine's launch:
+/// opt-in while new. A launch shape of its own (no combine), which a captured step records like
+/// any other.
+pub fn cluster_merge() -> bool {
+    CLUSTER_MERGE.on()
+}
+
+/// Switches the cluster merge on or off for the process (gpu-check runs both).
+pub fn set_cluster_merge(on: bool) {
+    CLUSTER_MERGE.set(on);
+}
+
 impl DecodeKernels {
     /// Splits of each (row, KV head) block's context in the decode attention for `rows` rows
     /// whose largest new-token position is `max_position`: the attention's launch shape, which a
@@ -126,38 +142,5 @@ impl DecodeKernels {
             rows * kv_heads,
             crate::decode_split::min_split_positions(),
         )
-    }
-
-    /// A new KV table on the device holding `words`.
-    pub fn kv_table_of(&self, words: &KvWords) -> candle_core::Result<KvTable> {
-        Ok(KvTable {
-            table: self.device.clone_htod(&words.words[..])?,
-            rows: words.rows,
-            layers: words.layers,
-            max_position: words.max_position,
-        })
-    }
-
-    /// Rewrites `table` in place with `words` (same rows and layers): stream-ordered, at the same
-    /// device address, so a captured step reads the new contents.
-    pub fn rewrite_kv_table(
-        &self,
-        table: &mut KvTable,
-        words: &KvWords,
-    ) -> candle_core::Result<()> {
-        if words.rows != table.rows
-            || words.layers != table.layers
-            || words.words.len() != table.table.len()
-        {
-            return Err(msg(format!(
-                "rewrite_kv_table: {} rows x {} layers into a table of {} x {}",
-                words.rows, words.layers, table.rows, table.layers
-            )));
-        }
-        self.stream
-            .memcpy_htod(&words.words[..], &mut table.table)
-            .map_err(|e| driver("rewrite_kv_table", e))?;
-        table.max_position = words.max_position;
-        Ok(())
     }
 }
