@@ -286,6 +286,8 @@ pub struct BgmvPlan {
     slots: Vec<SlotPlan>,
     shrink: CudaFunction,
     expand: CudaFunction,
+    /// The row addresses on the host (what `row_tables` holds).
+    row_addrs: Vec<u64>,
     /// The tables the row addresses point into, kept alive with the plan.
     _tables: Vec<Arc<AdapterTable>>,
 }
@@ -348,6 +350,7 @@ impl BgmvPlan {
             .map(|t| t.as_ref().map_or(0, |t| t.addr))
             .collect();
         let row_tables = device.clone_htod(&addrs[..])?;
+        let row_addrs = addrs;
         // SAFETY: the expand reads only the entries t_z[row, j < r_row] that the shrink of the same
         // slots wrote before it in stream order; nothing else reads the scratch.
         let scratch =
@@ -364,6 +367,7 @@ impl BgmvPlan {
             counters,
             t_stride,
             slots,
+            row_addrs,
             _tables: tables,
         }))
     }
@@ -592,6 +596,45 @@ impl BgmvPlan {
     /// Rows of the batch this plan was built for.
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// What the plan's launches depend on besides the contents of its buffers: its rows, t's
+    /// stride and each slot's largest rank and features, hashed. Two plans with the same
+    /// fingerprint launch the same kernels with the same shapes for the same input, whichever
+    /// adapters their rows use (a captured decode step keys on it, model/src/llama_graph.rs).
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (self.rows, self.t_stride).hash(&mut h);
+        for s in &self.slots {
+            (s.max_rank, s.in_f, s.out_f).hash(&mut h);
+        }
+        h.finish()
+    }
+
+    /// Makes `self` (a plan a captured step keeps) address the adapters of `current`, a plan of
+    /// the same fingerprint: its row tables are rewritten in place (stream-ordered, same device
+    /// address), and it holds no adapter of its own (`current`'s caller keeps them alive).
+    pub fn readdress(&mut self, current: &BgmvPlan) -> candle_core::Result<()> {
+        if current.fingerprint() != self.fingerprint() || current.row_addrs.len() != self.rows {
+            return Err(msg(
+                "bgmv: readdressing a plan from one of another shape".to_string()
+            ));
+        }
+        if current.row_addrs != self.row_addrs {
+            self.stream
+                .memcpy_htod(&current.row_addrs[..], &mut self.row_tables)
+                .w()?;
+            self.row_addrs.clone_from(&current.row_addrs);
+        }
+        self._tables.clear();
+        Ok(())
+    }
+
+    /// Lets go of the adapters the plan was made for (a captured step keeps the plan's buffers,
+    /// not its adapters; every replay [`BgmvPlan::readdress`]es it first).
+    pub fn detach(&mut self) {
+        self._tables.clear();
     }
 
     /// Adds every row's LoRA delta of `slot` to `y` (rows, out) in place, given the projection's

@@ -311,7 +311,7 @@ impl Llama {
         let lora = LoraBatch::with_kernel(&row_adapters, &self.device, self.lora_kernel)?;
         #[cfg(feature = "cuda")]
         if let Some(kern) = self.fused_for(seqs) {
-            return self.forward_fused(&kern, seqs, &ids, &lora);
+            return self.forward_fused(&kern, seqs, &ids, lora);
         }
         let t = ids.len();
         let ids = Tensor::from_vec(ids, t, &self.device)?;

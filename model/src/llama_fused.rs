@@ -58,14 +58,14 @@ impl Llama {
     }
 
     /// One decode step of `seqs` (validated by the caller; `ids` their tokens, one per sequence):
-    /// logits (rows, vocab) in f32, caches advanced by one. A batch without adapters replays a
-    /// captured graph of the step where the model keeps one for its shape (`llama_graph.rs`).
+    /// logits (rows, vocab) in f32, caches advanced by one. The step replays a captured graph of
+    /// itself where the model keeps one for its shape (`llama_graph.rs`).
     pub(super) fn forward_fused(
         &self,
         kern: &DecodeKernels,
         seqs: &mut [SeqInput<'_>],
         ids: &[u32],
-        lora: &LoraBatch,
+        mut lora: LoraBatch,
     ) -> Result<Tensor> {
         let c = &self.cfg;
         let (nkv, hd) = (c.num_kv_heads, c.head_dim);
@@ -98,17 +98,12 @@ impl Llama {
                 .collect::<Result<Vec<_>>>()?;
             Ok(kern.kv_words(&rows, layers, nkv, hd)?)
         })?;
-        let replayed = if lora.is_empty() {
-            self.graph_step(kern, ids, &words, lora)?
-        } else {
-            None
-        };
-        let logits = match replayed {
+        let logits = match self.graph_step(kern, ids, &words, &mut lora)? {
             Some(logits) => logits,
             None => {
                 let table = timed_more(Phase::Setup, || kern.kv_table_of(&words))?;
                 let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
-                self.fused_body(kern, &table, &ids, lora)?
+                self.fused_body(kern, &table, &ids, &lora)?
             }
         };
         for s in seqs.iter_mut() {
@@ -140,7 +135,7 @@ impl Llama {
         let eps = c.rms_norm_eps as f32;
         // The o projection's LoRA shrink in the attention launch (QLORAD_ATT_SHRINK=1; off by
         // default, read per step because gpu-check switches it).
-        let o_shrink_on = std::env::var("QLORAD_ATT_SHRINK").is_ok_and(|v| v == "1");
+        let o_shrink_on = attention_shrink_on();
         let rope_in_attention = self.rope_in_attention();
         let mut x = self.embed.index_select(ids, 0)?;
         // The MLP output of the previous layer, added to x by the next add + norm.
@@ -227,6 +222,12 @@ impl Llama {
             Ok(logits.to_dtype(DType::F32)?)
         })
     }
+}
+
+/// Whether the o projection's LoRA shrink runs in the attention launch (`QLORAD_ATT_SHRINK=1`;
+/// read per step because gpu-check switches it).
+pub(super) fn attention_shrink_on() -> bool {
+    std::env::var("QLORAD_ATT_SHRINK").is_ok_and(|v| v == "1")
 }
 
 /// Whether decode GEMVs apply LoRA expands in their epilogue (`QLORAD_LORA_EPILOGUE=0`: off, the

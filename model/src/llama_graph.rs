@@ -10,11 +10,17 @@
 //! activations are the graph's own allocations, and its logits the one it keeps: each replay is
 //! followed by a copy of them, so a caller's logits outlive the next step.
 //!
-//! Batches with adapters run eagerly (their BGMV plan is built and uploaded per step; capturing
-//! it is the next increment), as does a shape's first step (the first use of a kernel loads its
-//! module and cuBLAS its workspace, neither of which may happen during a capture) and any step
-//! while other threads issue GPU work (`crate::gpu_gate`). A failed capture turns graphs off for
-//! the model, with a warning, and the step runs eagerly: graphs can cost speed, never a result.
+//! A batch with adapters on the BGMV path is captured as well, keyed also by its plan's
+//! fingerprint (rows, t's stride, each slot's largest rank and features): the graph keeps the
+//! plan's buffers (row tables, shrink scratch and counters) but not its adapters, and each replay
+//! rewrites the row tables with the replaying batch's adapter addresses, so any adapters of the
+//! same ranks replay it. Batches on the gather path run eagerly, as do a shape's first step (the
+//! first use of a kernel loads its module and cuBLAS its workspace, neither of which may happen
+//! during a capture) and any step while other threads issue GPU work (`crate::gpu_gate`). A
+//! failed capture turns graphs off for the model, with a warning, and the step runs eagerly:
+//! graphs can cost speed, never a result. The process-wide kernel switches (`QLORAD_*`, some of
+//! which gpu-check flips) are taken as fixed while graphs are kept; [`Llama::set_decode_graphs`]
+//! drops them.
 //!
 //! Opt-in while new: `QLORAD_DECODE_GRAPH=1` (which also gives the device the stream of its own a
 //! capture needs, `Placement::open`), or [`Llama::set_decode_graphs`] on a model placed with
@@ -27,6 +33,7 @@ use crate::graph_cache::{GraphCache, StepAction};
 use crate::host_profile::{timed, Phase};
 use crate::lora::LoraBatch;
 use candle_core::{DType, Device, Tensor};
+use qlorad_kernels::bgmv::BgmvPlan;
 use qlorad_kernels::decode_cuda::{DecodeKernels, KvTable, KvWords};
 use qlorad_kernels::step_graph_cuda::{self as sg, StepGraph};
 use std::sync::{Mutex, MutexGuard, PoisonError};
@@ -44,6 +51,10 @@ struct StepShape {
     rows: usize,
     splits: usize,
     rope_in_attention: bool,
+    /// The o shrink in the attention launch (`QLORAD_ATT_SHRINK=1`, read per step).
+    o_shrink: bool,
+    /// The batch's BGMV plan's fingerprint (`BgmvPlan::fingerprint`); 0 without adapters.
+    lora: u64,
 }
 
 /// One captured step. Field order is drop order: the logits (the graph's allocation) are freed
@@ -52,6 +63,9 @@ struct Captured {
     logits: Tensor,
     ids: Tensor,
     table: KvTable,
+    /// The BGMV plan the step was captured with (its row tables, scratch and counters; no
+    /// adapters), readdressed to each replay's adapters.
+    plan: Option<BgmvPlan>,
     graph: StepGraph,
 }
 
@@ -133,13 +147,20 @@ impl Llama {
         kern: &DecodeKernels,
         ids: &[u32],
         words: &KvWords,
-        lora: &LoraBatch,
+        lora: &mut LoraBatch,
     ) -> Result<Option<Tensor>> {
         if !self.graphs.capturable {
             return Ok(None);
         }
         let mut st = self.graphs.lock();
-        if !st.on || !lora.is_empty() {
+        // Adapters only on the BGMV path: its plan's buffers can be kept and readdressed (the
+        // gather path uploads host data inside the step).
+        let plan_print = match lora.bgmv_plan() {
+            Some(p) => p.fingerprint(),
+            None if lora.is_empty() => 0,
+            None => return Ok(None),
+        };
+        if !st.on {
             return Ok(None);
         }
         let shape = StepShape {
@@ -150,6 +171,13 @@ impl Llama {
                 words.max_position,
             ),
             rope_in_attention: self.rope_in_attention(),
+            o_shrink: super::fused::attention_shrink_on(),
+            // A fingerprint of 0 would stand for "no adapters".
+            lora: if lora.is_empty() {
+                0
+            } else {
+                plan_print.max(1)
+            },
         };
         match st.cache.step(shape) {
             StepAction::Eager => return Ok(None),
@@ -161,6 +189,9 @@ impl Llama {
                 return timed(Phase::Replay, || -> Result<_> {
                     sg::write_u32(&g.ids, ids)?;
                     kern.rewrite_kv_table(&mut g.table, words)?;
+                    if let (Some(kept), Some(now)) = (g.plan.as_mut(), lora.bgmv_plan()) {
+                        kept.readdress(now)?;
+                    }
                     g.graph.launch()?;
                     Ok(Some(g.logits.copy()?))
                 });
@@ -181,25 +212,32 @@ impl Llama {
             return Ok(None);
         }
         // Everything the body allocates and drops becomes the graph's; only the logits survive.
-        let body = self.fused_body(kern, &table, &ids_dev, lora);
+        let body = self.fused_body(kern, &table, &ids_dev, &*lora);
         let graph = sg::end_capture(dev);
-        let (logits, graph) = match (body, graph) {
-            (Ok(l), Ok(g)) => (l, g),
-            (body, graph) => {
-                sg::clear_capture_errors(dev);
-                let why = match (body.err(), graph.err()) {
-                    (Some(e), _) => e.to_string(),
-                    (None, Some(e)) => e.to_string(),
-                    (None, None) => "unknown".to_string(),
-                };
-                tracing::warn!(
-                    rows = shape.rows,
-                    splits = shape.splits,
-                    "capturing a decode step failed, decode graphs are off for this model: {why}"
-                );
-                st.on = false;
-                return Ok(None);
-            }
+        // A projection that fell back to the gather path uploaded its row index inside the
+        // capture: such a graph would replay stale host data, so it counts as a failure.
+        let failure = match (&body, &graph) {
+            (Err(e), _) => Some(e.to_string()),
+            (_, Err(e)) => Some(e.to_string()),
+            _ if lora.gathered() => Some("a projection took the LoRA gather path".to_string()),
+            _ => None,
+        };
+        if let Some(why) = failure {
+            // The capture's allocations were never real: free them, then clear the errors
+            // those frees leave, and let the next gather build its row index again.
+            drop((body, graph));
+            lora.forget_gather();
+            sg::clear_capture_errors(dev);
+            tracing::warn!(
+                rows = shape.rows,
+                splits = shape.splits,
+                "capturing a decode step failed, decode graphs are off for this model: {why}"
+            );
+            st.on = false;
+            return Ok(None);
+        }
+        let (Ok(logits), Ok(graph)) = (body, graph) else {
+            return Ok(None);
         };
         if let Err(e) = graph.launch() {
             tracing::warn!("decode graphs are off for this model: launching a capture: {e}");
@@ -210,12 +248,18 @@ impl Llama {
             return Ok(None);
         }
         let out = logits.copy()?;
+        // The plan's buffers now belong to the graph; this step's adapters stay with the batch.
+        let plan = lora.take_bgmv().map(|mut p| {
+            p.detach();
+            p
+        });
         let gone = st.cache.insert(
             shape,
             Captured {
                 logits,
                 ids: ids_dev,
                 table,
+                plan,
                 graph,
             },
         );

@@ -562,6 +562,27 @@ impl LoraBatch {
         self.bgmv.as_ref()
     }
 
+    /// Takes the BGMV plan out of the batch (a captured decode step keeps it; the batch then
+    /// runs as a base batch would, which the caller must not do).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn take_bgmv(&mut self) -> Option<BgmvPlan> {
+        self.bgmv.take()
+    }
+
+    /// Whether a projection took the gather path (built the row index tensors) since the batch
+    /// was made: a captured decode step must not have (its index uploads are host data).
+    #[cfg(feature = "cuda")]
+    pub(crate) fn gathered(&self) -> bool {
+        self.row_index.get().is_some()
+    }
+
+    /// Drops the row index tensors a projection built (inside an abandoned capture their memory
+    /// was never real), so that the next gather builds them again.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn forget_gather(&mut self) {
+        self.row_index.take();
+    }
+
     /// Whether this batch's projections run the BGMV kernels.
     pub fn uses_bgmv(&self) -> bool {
         self.bgmv.is_some()
