@@ -115,6 +115,7 @@ impl EngineHandle {
                     waiting: VecDeque::new(),
                     running: Vec::new(),
                     published: (0, 0),
+                    graphs: Default::default(),
                 }
                 .run(rx);
                 s.alive.store(false, Ordering::SeqCst);
@@ -182,6 +183,8 @@ struct Engine {
     running: Vec<Seq>,
     /// The (waiting, running) counts this engine last added to the shared gauges.
     published: (i64, i64),
+    /// The model's decode-graph counts when last added to the metrics.
+    graphs: qlorad_model::llama::DecodeGraphStats,
 }
 
 impl Engine {
@@ -292,6 +295,7 @@ impl Engine {
             .forward(&mut inputs, Logits::Last)
             .and_then(|l| Ok(l.to_vec2::<f32>()?));
         drop(inputs);
+        self.publish_graph_steps();
         let rows = match logits {
             Ok(rows) => rows,
             Err(e) => {
@@ -331,6 +335,21 @@ impl Engine {
             i += 1;
             keep
         });
+    }
+}
+
+impl Engine {
+    /// Adds the model's decode-graph steps since the last call to the metrics (its counts restart
+    /// from zero when graphs are switched on again).
+    fn publish_graph_steps(&mut self) {
+        let now = self.model.decode_graph_stats();
+        let last = std::mem::replace(&mut self.graphs, now);
+        let delta = |n: u64, l: u64| if n >= l { n - l } else { n };
+        let m = &self.metrics.decode_graph_steps;
+        m.with_label_values(&["replayed"])
+            .inc_by(delta(now.replays, last.replays));
+        m.with_label_values(&["captured"])
+            .inc_by(delta(now.captures, last.captures));
     }
 }
 

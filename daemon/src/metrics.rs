@@ -22,6 +22,9 @@ pub struct Metrics {
     pub model_weight_bytes: IntGauge,
     /// Requests submitted to each engine (label `engine`: the shard's index).
     pub engine_requests: IntCounterVec,
+    /// Decode steps replayed from a captured CUDA graph, and steps captured
+    /// (`QLORAD_DECODE_GRAPH=1`; zero otherwise).
+    pub decode_graph_steps: IntCounterVec,
     pub adapter_requests: IntCounterVec,
     pub adapters: crate::adapters::AdapterCounters,
     pub training: TrainingMetrics,
@@ -137,6 +140,17 @@ impl Metrics {
             ),
             &["engine"],
         )?;
+        let decode_graph_steps = IntCounterVec::new(
+            Opts::new(
+                "qlorad_decode_graph_steps_total",
+                "Decode steps run from a captured CUDA graph (kind=replayed) and steps captured \
+                 (kind=captured); QLORAD_DECODE_GRAPH=1 on a GPU, zero otherwise",
+            ),
+            &["kind"],
+        )?;
+        for kind in ["replayed", "captured"] {
+            decode_graph_steps.with_label_values(&[kind]);
+        }
         let adapter_requests = IntCounterVec::new(
             Opts::new(
                 "qlorad_adapter_requests_total",
@@ -271,6 +285,7 @@ impl Metrics {
         registry.register(Box::new(batch_running.clone()))?;
         registry.register(Box::new(model_weight_bytes.clone()))?;
         registry.register(Box::new(engine_requests.clone()))?;
+        registry.register(Box::new(decode_graph_steps.clone()))?;
         registry.register(Box::new(adapter_requests.clone()))?;
         registry.register(Box::new(adapters.hits.clone()))?;
         registry.register(Box::new(adapters.misses.clone()))?;
@@ -292,6 +307,7 @@ impl Metrics {
             batch_running,
             model_weight_bytes,
             engine_requests,
+            decode_graph_steps,
             adapter_requests,
             adapters,
             training,

@@ -368,6 +368,11 @@ async fn completions_and_metrics() {
         text.contains(r#"route="/v1/completions",status="200""#),
         "{text}"
     );
+    // A CPU model captures no decode steps: both kinds exported, at zero.
+    for kind in ["replayed", "captured"] {
+        let line = format!("qlorad_decode_graph_steps_total{{kind=\"{kind}\"}} 0");
+        assert!(text.contains(&line), "metrics lack {line}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

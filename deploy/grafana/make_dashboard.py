@@ -129,6 +129,11 @@ def serving(b):
             "reqps", "Generation requests routed to each engine of a daemon (one per --device "
             "entry, by index): the spread of least-loaded routing. Engine 0 gets less while a "
             "fine-tuning job trains on its device.", stack=True)
+    b.panel("Decode steps from CUDA graphs",
+            [(f"sum by (kind) (rate({sel('qlorad_decode_graph_steps_total')}[{W}]))", "{{kind}}")],
+            "short", "Decode steps replayed from a captured graph and steps captured "
+            "(QLORAD_DECODE_GRAPH=1 on a GPU; zero otherwise). Replays cost the host one launch "
+            "instead of ~290; a capture is one slow step per new batch shape.")
 
 
 def adapters(b):

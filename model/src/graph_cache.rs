@@ -5,6 +5,17 @@
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 
+/// Counts of a model's decode graphs (benchmarks, checks, the daemon's metrics); all zero where
+/// steps are not captured (the CPU, or graphs off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DecodeGraphStats {
+    pub on: bool,
+    pub kept: usize,
+    /// Since graphs were last switched on (`Llama::set_decode_graphs` zeroes them).
+    pub captures: u64,
+    pub replays: u64,
+}
+
 /// What to do with a step of some shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StepAction {

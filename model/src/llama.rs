@@ -28,8 +28,7 @@ mod fused;
 #[cfg(feature = "cuda")]
 #[path = "llama_graph.rs"]
 mod graph;
-#[cfg(feature = "cuda")]
-pub use graph::DecodeGraphStats;
+pub use crate::graph_cache::DecodeGraphStats;
 
 #[cfg(feature = "cuda")]
 #[path = "llama_backward.rs"]
@@ -246,6 +245,12 @@ impl Llama {
     }
 
     /// An adapter loaded on the host, placed where this model computes (device and dtype).
+    /// This model's decode graphs so far (none without the `cuda` feature).
+    #[cfg(not(feature = "cuda"))]
+    pub fn decode_graph_stats(&self) -> DecodeGraphStats {
+        DecodeGraphStats::default()
+    }
+
     pub fn place_adapter(&self, a: LoraAdapter) -> Result<LoraAdapter> {
         a.to_placement(&self.placement)
     }

@@ -29,7 +29,7 @@
 use super::Llama;
 use crate::device::Placement;
 use crate::error::Result;
-use crate::graph_cache::{GraphCache, StepAction};
+use crate::graph_cache::{DecodeGraphStats, GraphCache, StepAction};
 use crate::host_profile::{timed, Phase};
 use crate::lora::LoraBatch;
 use candle_core::{DType, Device, Tensor};
@@ -79,15 +79,6 @@ pub(super) struct DecodeGraphs {
     /// Whether the placement can capture at all (a GPU in bf16 on a stream of its own).
     capturable: bool,
     state: Mutex<State>,
-}
-
-/// Counts of a model's decode graphs (for benchmarks and checks).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct DecodeGraphStats {
-    pub on: bool,
-    pub kept: usize,
-    pub captures: u64,
-    pub replays: u64,
 }
 
 impl DecodeGraphs {
