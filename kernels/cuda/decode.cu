@@ -661,17 +661,20 @@ __device__ __forceinline__ void decode_attention(
     }
 }
 
-#define DECODE_ATTENTION_ENTRY(G)                                                                \
-    extern "C" __global__ void decode_attention_g##G##_bf16(                                    \
+// Entries of group size G: decode_attention{NAME}_g{G}_bf16 and decode_attention_rope{NAME}_g{G}_bf16,
+// with NAME empty (splits merged by attention_combine or the last block) or _cl (CL: merged in
+// the cluster; part_o, part_ml and counters unused).
+#define DECODE_ATTENTION_ENTRY(G, NAME, CL)                                                      \
+    extern "C" __global__ void decode_attention##NAME##_g##G##_bf16(                            \
         const u16* __restrict__ q, const u64* __restrict__ table, u32 layers, u32 layer, u32 nh, \
         u32 nkv, u32 hd, u32 window, float scale, u16* __restrict__ out,                         \
         float* __restrict__ part_o, float* __restrict__ part_ml, u32* __restrict__ counters,    \
         const u64* sh_tables, float* sh_t, u32 sh_slot, u32 sh_t_stride, u32 sh_part_stride) {   \
         const AttShrink sh = {sh_tables, sh_t, sh_slot, sh_t_stride, sh_part_stride};           \
-        decode_attention<G, false>(q, table, layers, layer, nh, nkv, hd, window, scale, out,    \
-                                   part_o, part_ml, counters, sh);                               \
+        decode_attention<G, false, CL>(q, table, layers, layer, nh, nkv, hd, window, scale, out, \
+                                       part_o, part_ml, counters, sh);                           \
     }                                                                                            \
-    extern "C" __global__ void decode_attention_rope_g##G##_bf16(                               \
+    extern "C" __global__ void decode_attention_rope##NAME##_g##G##_bf16(                       \
         const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,         \
         const u16* __restrict__ cosb, const u16* __restrict__ sinb,                              \
         const u64* __restrict__ table, u32 layers, u32 layer, u32 nh, u32 nkv, u32 hd,           \
@@ -679,50 +682,21 @@ __device__ __forceinline__ void decode_attention(
         float* __restrict__ part_ml, u32* __restrict__ counters, const u64* sh_tables,          \
         float* sh_t, u32 sh_slot, u32 sh_t_stride, u32 sh_part_stride) {                         \
         const AttShrink sh = {sh_tables, sh_t, sh_slot, sh_t_stride, sh_part_stride};           \
-        decode_attention<G, true>(q, table, layers, layer, nh, nkv, hd, window, scale, out,     \
-                                  part_o, part_ml, counters, sh, k, v, cosb, sinb);              \
+        decode_attention<G, true, CL>(q, table, layers, layer, nh, nkv, hd, window, scale, out,  \
+                                      part_o, part_ml, counters, sh, k, v, cosb, sinb);          \
     }
+#define DECODE_ATTENTION_ENTRIES(G)      \
+    DECODE_ATTENTION_ENTRY(G, , false)   \
+    DECODE_ATTENTION_ENTRY(G, _cl, true)
 
-// The cluster-merged forms (CL above): same parameters; part_o, part_ml and counters unused.
-#define DECODE_ATTENTION_CL_ENTRY(G)                                                             \
-    extern "C" __global__ void decode_attention_cl_g##G##_bf16(                                 \
-        const u16* __restrict__ q, const u64* __restrict__ table, u32 layers, u32 layer, u32 nh, \
-        u32 nkv, u32 hd, u32 window, float scale, u16* __restrict__ out,                         \
-        float* __restrict__ part_o, float* __restrict__ part_ml, u32* __restrict__ counters,    \
-        const u64* sh_tables, float* sh_t, u32 sh_slot, u32 sh_t_stride, u32 sh_part_stride) {   \
-        const AttShrink sh = {sh_tables, sh_t, sh_slot, sh_t_stride, sh_part_stride};           \
-        decode_attention<G, false, true>(q, table, layers, layer, nh, nkv, hd, window, scale,   \
-                                         out, part_o, part_ml, counters, sh);                    \
-    }                                                                                            \
-    extern "C" __global__ void decode_attention_rope_cl_g##G##_bf16(                            \
-        const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,         \
-        const u16* __restrict__ cosb, const u16* __restrict__ sinb,                              \
-        const u64* __restrict__ table, u32 layers, u32 layer, u32 nh, u32 nkv, u32 hd,           \
-        u32 window, float scale, u16* __restrict__ out, float* __restrict__ part_o,              \
-        float* __restrict__ part_ml, u32* __restrict__ counters, const u64* sh_tables,          \
-        float* sh_t, u32 sh_slot, u32 sh_t_stride, u32 sh_part_stride) {                         \
-        const AttShrink sh = {sh_tables, sh_t, sh_slot, sh_t_stride, sh_part_stride};           \
-        decode_attention<G, true, true>(q, table, layers, layer, nh, nkv, hd, window, scale,    \
-                                        out, part_o, part_ml, counters, sh, k, v, cosb, sinb);   \
-    }
-
-DECODE_ATTENTION_CL_ENTRY(1)
-DECODE_ATTENTION_CL_ENTRY(2)
-DECODE_ATTENTION_CL_ENTRY(3)
-DECODE_ATTENTION_CL_ENTRY(4)
-DECODE_ATTENTION_CL_ENTRY(5)
-DECODE_ATTENTION_CL_ENTRY(6)
-DECODE_ATTENTION_CL_ENTRY(7)
-DECODE_ATTENTION_CL_ENTRY(8)
-
-DECODE_ATTENTION_ENTRY(1)
-DECODE_ATTENTION_ENTRY(2)
-DECODE_ATTENTION_ENTRY(3)
-DECODE_ATTENTION_ENTRY(4)
-DECODE_ATTENTION_ENTRY(5)
-DECODE_ATTENTION_ENTRY(6)
-DECODE_ATTENTION_ENTRY(7)
-DECODE_ATTENTION_ENTRY(8)
+DECODE_ATTENTION_ENTRIES(1)
+DECODE_ATTENTION_ENTRIES(2)
+DECODE_ATTENTION_ENTRIES(3)
+DECODE_ATTENTION_ENTRIES(4)
+DECODE_ATTENTION_ENTRIES(5)
+DECODE_ATTENTION_ENTRIES(6)
+DECODE_ATTENTION_ENTRIES(7)
+DECODE_ATTENTION_ENTRIES(8)
 
 // Grid (nh, rows), hd threads: merges the splits' partial outputs of one head (log-sum-exp
 // weights; an empty split has max -inf and weight 0).

@@ -80,20 +80,16 @@ pub fn set_enabled(on: bool) {
 
 /// Runs `f`, adding its wall time to `phase` when timing is on.
 pub fn timed<T>(phase: Phase, f: impl FnOnce() -> T) -> T {
-    if !enabled() {
-        return f();
-    }
-    let t = Instant::now();
-    let r = f();
-    let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-    NANOS[phase.index()].fetch_add(ns, Ordering::Relaxed);
-    CALLS[phase.index()].fetch_add(1, Ordering::Relaxed);
-    r
+    time(phase, true, f)
 }
 
 /// Runs `f`, adding its wall time to `phase` without counting a call (more of a phase already
 /// counted this step).
 pub fn timed_more<T>(phase: Phase, f: impl FnOnce() -> T) -> T {
+    time(phase, false, f)
+}
+
+fn time<T>(phase: Phase, count: bool, f: impl FnOnce() -> T) -> T {
     if !enabled() {
         return f();
     }
@@ -101,6 +97,9 @@ pub fn timed_more<T>(phase: Phase, f: impl FnOnce() -> T) -> T {
     let r = f();
     let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
     NANOS[phase.index()].fetch_add(ns, Ordering::Relaxed);
+    if count {
+        CALLS[phase.index()].fetch_add(1, Ordering::Relaxed);
+    }
     r
 }
 
