@@ -93,11 +93,16 @@ impl<K: Copy + Eq + Hash, V> GraphCache<K, V> {
 
     /// Forgets everything (graphs, sightings, counts).
     pub fn clear(&mut self) {
+        self.drop_graphs();
+        self.captures = 0;
+        self.replays = 0;
+    }
+
+    /// Forgets the graphs and sightings, keeping the counts.
+    pub fn drop_graphs(&mut self) {
         self.seen.clear();
         self.kept.clear();
         self.order.clear();
-        self.captures = 0;
-        self.replays = 0;
     }
 
     pub fn len(&self) -> usize {
@@ -151,9 +156,11 @@ mod tests {
         assert_eq!(c.step(2), StepAction::Replay);
         assert_eq!(c.step(3), StepAction::Replay);
         assert_eq!((c.len(), c.captures, c.replays), (2, 3, 2));
-        c.clear();
+        c.drop_graphs();
         assert!(c.is_empty());
-        assert_eq!((c.captures, c.replays), (0, 0));
+        assert_eq!((c.captures, c.replays), (3, 2), "counts kept");
         assert_eq!(c.step(2), StepAction::Eager);
+        c.clear();
+        assert_eq!((c.captures, c.replays), (0, 0));
     }
 }

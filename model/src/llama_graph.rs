@@ -72,6 +72,9 @@ struct Captured {
 struct State {
     on: bool,
     cache: GraphCache<StepShape, Captured>,
+    /// `qlorad_kernels::switch::epoch()` when the kept graphs were captured: a kernel switch
+    /// flipped since (gpu-check flips them) makes them stale.
+    epoch: u64,
 }
 
 /// A model's captured decode steps.
@@ -89,6 +92,7 @@ impl DecodeGraphs {
             state: Mutex::new(State {
                 on: capturable && crate::device::decode_graph_env(),
                 cache: GraphCache::new(MAX_GRAPHS, CAPTURE_AT),
+                epoch: qlorad_kernels::switch::epoch(),
             }),
         }
     }
@@ -153,6 +157,11 @@ impl Llama {
         };
         if !st.on {
             return Ok(None);
+        }
+        let epoch = qlorad_kernels::switch::epoch();
+        if st.epoch != epoch {
+            st.cache.drop_graphs();
+            st.epoch = epoch;
         }
         let shape = StepShape {
             rows: ids.len(),
