@@ -133,10 +133,11 @@ impl Llama {
         self.graphs.stats()
     }
 
-    /// The step of a batch without adapters (tokens `ids`, KV table `words`) from its captured
-    /// graph: replayed if its shape has one, captured and launched if this is the shape's
-    /// second step and no other thread is issuing GPU work; `None` when the step is to run
-    /// eagerly (the caller then does, with the same inputs).
+    /// The step of a batch (tokens `ids`, KV table `words`, adapters `lora`: none, or all on the
+    /// BGMV path) from its captured graph: replayed if its shape has one, captured and launched
+    /// if this is the shape's second step and no other thread is issuing GPU work; `None` when
+    /// the step is to run eagerly (the caller then does, with the same inputs). A capture takes
+    /// `lora`'s BGMV plan for the graph: the batch must not run again after `Some`.
     pub(super) fn graph_step(
         &self,
         kern: &DecodeKernels,
