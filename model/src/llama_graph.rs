@@ -14,11 +14,11 @@
 //! fingerprint (rows, t's stride, each slot's largest rank and features): the graph keeps the
 //! plan's buffers (row tables, shrink scratch and counters) but not its adapters, and each replay
 //! rewrites the row tables with the replaying batch's adapter addresses, so any adapters of the
-//! same ranks replay it. Batches on the gather path run eagerly, as do a shape's first step (the
-//! first use of a kernel loads its module and cuBLAS its workspace, neither of which may happen
-//! during a capture) and any step while other threads issue GPU work (`crate::gpu_gate`). A
-//! failed capture turns graphs off for the model, with a warning, and the step runs eagerly:
-//! graphs can cost speed, never a result. The process-wide kernel switches (`QLORAD_*`, some of
+//! same ranks replay it. Batches on the gather path or of more than 8 rows (past the fused
+//! GEMVs) run eagerly, as do a shape's first step (the first use of a kernel loads its module and
+//! cuBLAS its workspace, neither of which may happen during a capture) and any step while other
+//! threads issue GPU work (`crate::gpu_gate`). A failed capture turns graphs off for the model,
+//! with a warning, and the step runs eagerly: graphs can cost speed, never a result. The process-wide kernel switches (`QLORAD_*`, some of
 //! which gpu-check flips) are taken as fixed while graphs are kept; [`Llama::set_decode_graphs`]
 //! drops them.
 //!
@@ -39,7 +39,8 @@ use qlorad_kernels::step_graph_cuda::{self as sg, StepGraph};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 /// Most graphs a model keeps; past it the oldest capture goes. Batch 1 over a 1k context needs
-/// 32 (one per split count); each holds its step's activations (~1 MB at batch 1).
+/// 32 (one per split count); each holds its step's activations (~1 MB at batch 1) and keeps its
+/// logits (at most 8 rows: 1 MB for a 32k vocabulary).
 const MAX_GRAPHS: usize = 64;
 
 /// A shape is captured the second time it runs (the first runs eagerly: see the module docs).
@@ -145,7 +146,11 @@ impl Llama {
         words: &KvWords,
         lora: &mut LoraBatch,
     ) -> Result<Option<Tensor>> {
-        if !self.graphs.capturable {
+        // Batches of up to GEMV_MAX_ROWS rows, whose projections are the fused NF4 GEMVs: a
+        // larger batch dequantizes each weight into a temporary (a graph would hold those
+        // allocations), keeps more logits per graph, and spreads the host's launches over more
+        // tokens anyway.
+        if !self.graphs.capturable || ids.len() > qlorad_kernels::cuda::GEMV_MAX_ROWS {
             return Ok(None);
         }
         let mut st = self.graphs.lock();
