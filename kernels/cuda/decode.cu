@@ -315,6 +315,7 @@ __device__ __forceinline__ u16 combine_splits(const float* part_o, const float* 
 // a load of the f32 at `local`'s offset in the shared memory of the cluster's block `rank`.
 __device__ __forceinline__ void cluster_sync_all() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    __syncwarp();  // .aligned: every lane of the warp executes the barrier together
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::
                      : "memory");
 #endif
