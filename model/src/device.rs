@@ -118,8 +118,10 @@ impl Placement {
         None
     }
 
-    /// Waits until the device has finished all queued work (timing; a no-op on the CPU).
+    /// Waits until the device has finished all queued work (timing; a no-op on the CPU). Under
+    /// the GPU gate: a synchronization would break a decode-step capture on another thread.
     pub fn synchronize(&self) -> Result<()> {
+        let _gpu = self.device.is_cuda().then(crate::gpu_gate::gpu_work);
         Ok(self.device.synchronize()?)
     }
 }
@@ -181,6 +183,8 @@ pub fn trim_pool(device: &Device) -> Result<()> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
         use candle_core::cuda_backend::cudarc::driver::sys;
+        // A synchronization and a trim would break a decode-step capture on another thread.
+        let _gpu = crate::gpu_gate::gpu_work();
         let fail = |e: String| ModelError::Invalid(format!("trimming the memory pool: {e}"));
         d.cuda_stream()
             .synchronize()
