@@ -772,9 +772,13 @@ impl Yielder {
             self.uninterrupted.observe(worked.as_secs_f64());
             let budget = worked.mul_f64((1.0 - self.share) / self.share);
             let started = Instant::now();
-            while started.elapsed() < budget && self.engine.inflight() > 0 {
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            // The job's hold of the GPU gate is let go for the pause: the engine may capture
+            // decode steps meanwhile (qlorad_model::gpu_gate).
+            qlorad_model::gpu_gate::released(|| {
+                while started.elapsed() < budget && self.engine.inflight() > 0 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            });
             self.yielded_ms.inc_by(started.elapsed().as_millis() as u64);
         }
         *last = Instant::now();
