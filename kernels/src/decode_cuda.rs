@@ -214,9 +214,33 @@ impl DecodeKernels {
         cfg: LaunchConfig,
         args: &[KArg],
     ) -> candle_core::Result<()> {
+        self.launch_in(func, raw, cfg, args, None)
+    }
+
+    /// [`DecodeKernels::launch`], the grid in thread-block clusters of `clusters` blocks when
+    /// given (then the raw twin must be: only programmatic launches take clusters here).
+    ///
+    /// # Safety
+    /// As [`DecodeKernels::launch`]; the cluster shape divides the grid.
+    unsafe fn launch_in(
+        &self,
+        func: &CudaFunction,
+        raw: Option<RawFunction>,
+        cfg: LaunchConfig,
+        args: &[KArg],
+        clusters: Option<(u32, u32, u32)>,
+    ) -> candle_core::Result<()> {
         if let Some(f) = raw {
             let mut ptrs: Vec<*mut std::ffi::c_void> = args.iter().map(KArg::ptr).collect();
-            return crate::pdl_cuda::launch(f, cfg, &self.stream, &mut ptrs);
+            return match clusters {
+                Some(c) => crate::pdl_cuda::launch_cluster(f, cfg, &self.stream, &mut ptrs, c),
+                None => crate::pdl_cuda::launch(f, cfg, &self.stream, &mut ptrs),
+            };
+        }
+        if clusters.is_some() {
+            return Err(msg(
+                "decode: cluster launches need programmatic launch".into()
+            ));
         }
         let mut b = self.stream.launch_builder(func);
         for a in args {
@@ -589,29 +613,20 @@ impl DecodeKernels {
             block_dim: (ATT_THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (func, raw) = if rope.is_some() {
-            (
-                &self.attention_rope[group - 1],
-                self.pdl.as_ref().map(|p| {
-                    if cluster {
-                        p.attention_rope_cl[group - 1]
-                    } else {
-                        p.attention_rope[group - 1]
-                    }
-                }),
-            )
+        let func = if rope.is_some() {
+            &self.attention_rope[group - 1]
         } else {
-            (
-                &self.attention[group - 1],
-                self.pdl.as_ref().map(|p| {
-                    if cluster {
-                        p.attention_cl[group - 1]
-                    } else {
-                        p.attention[group - 1]
-                    }
-                }),
-            )
+            &self.attention[group - 1]
         };
+        let raw = self.pdl.as_ref().map(|p| {
+            let set = match (rope.is_some(), cluster) {
+                (true, true) => &p.attention_rope_cl,
+                (true, false) => &p.attention_rope,
+                (false, true) => &p.attention_cl,
+                (false, false) => &p.attention,
+            };
+            set[group - 1]
+        });
         let st = &self.stream;
         let mut guards = Vec::new();
         let mut args = Vec::new();
@@ -653,6 +668,8 @@ impl DecodeKernels {
             KArg::U32(shrink.map_or(0, |s| s.t_stride)),
             KArg::U32(shrink.map_or(0, |s| s.part_stride)),
         ]);
+        // One cluster per (KV head, row) spans its splits, the z dimension.
+        let clusters = cluster.then_some((1, 1, splits as u32));
         // SAFETY: argument types and order match decode_attention_g{group}_bf16 (no RoPE inputs)
         // and decode_attention_rope_g{group}_bf16 (k, v, cos, sin after q); q holds
         // rows·heads·hd, out the same, the partials rows·splits·heads·(hd | 2) f32 when splits > 1;
@@ -664,17 +681,9 @@ impl DecodeKernels {
         // room for kv_heads partials of rows·t_stride (BgmvPlan::attention_shrink).
         // The caches are written through addresses taken under read guards: only this forward
         // pass uses them, in stream order.
-        if let (true, Some(f)) = (cluster, raw) {
-            let mut ptrs: Vec<*mut std::ffi::c_void> = args.iter().map(KArg::ptr).collect();
-            // SAFETY: as below, for decode_attention(_rope)_cl_g{group}_bf16 (same parameters;
-            // it never touches the null partials and counters); the cluster spans the z
-            // dimension, the splits (2..=8).
-            unsafe {
-                crate::pdl_cuda::launch_cluster(f, cfg, st, &mut ptrs, (1, 1, splits as u32))
-            }?;
-        } else {
-            unsafe { self.launch(func, raw, cfg, &args) }?;
-        }
+        // The cluster form (`cluster`: 2..=8 splits, PDL on) has the same parameters and never
+        // touches the null partials and counters.
+        unsafe { self.launch_in(func, raw, cfg, &args, clusters) }?;
         drop((og, cg, part_ptrs, guards));
         if let (Some(part), false) = (&parts, merge_in_kernel) {
             let splits32 = splits as u32;

@@ -41,20 +41,10 @@ pub struct KvWords {
 }
 
 impl DecodeKernels {
-    /// Uploads the KV table of one forward pass. Every row's buffers must have `capacity`
-    /// positions, more than its `position`, with `kv_heads * head_dim` values per position.
-    pub fn kv_table(
-        &self,
-        rows: &[KvRow<'_>],
-        layers: usize,
-        kv_heads: usize,
-        head_dim: usize,
-    ) -> candle_core::Result<KvTable> {
-        self.kv_table_of(&self.kv_words(rows, layers, kv_heads, head_dim)?)
-    }
-
-    /// The host words of [`DecodeKernels::kv_table`] (checked as it says), for a table that
-    /// already exists on the device (`step_graph_cuda`: a captured step reads a table it keeps).
+    /// The host words of one forward pass's KV table ([`DecodeKernels::kv_table_of`] uploads
+    /// them; a captured step rewrites the table it keeps, [`DecodeKernels::rewrite_kv_table`]).
+    /// Every row's buffers must have `capacity` positions, more than its `position`, with
+    /// `kv_heads * head_dim` values per position.
     pub fn kv_words(
         &self,
         rows: &[KvRow<'_>],

@@ -15,7 +15,7 @@
 
 use crate::decode_cuda::DecodeKernels;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaGraph, DevicePtr, DriverError};
+use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaGraph, DriverError};
 use candle_core::cuda_backend::CudaDevice;
 use candle_core::{DType, Device, Storage, Tensor};
 
@@ -65,19 +65,15 @@ pub fn begin_capture(dev: &CudaDevice) -> candle_core::Result<()> {
 /// Ends the capture begun by [`begin_capture`] (always: the stream is usable again afterwards)
 /// and instantiates the graph. Allocations the step made and did not free (its logits) are freed
 /// by the driver at the graph's next launch and made again at the same address
-/// (`AUTO_FREE_ON_LAUNCH`), so a tensor kept from the capture reads each launch's result. When
-/// the capture failed, the error the driver left on the context is cleared, so that it does not
-/// surface later in an unrelated call.
+/// (`AUTO_FREE_ON_LAUNCH`), so a tensor kept from the capture reads each launch's result. When it
+/// fails, the caller frees what the capture allocated and then calls [`clear_capture_errors`].
 pub fn end_capture(dev: &CudaDevice) -> candle_core::Result<StepGraph> {
     let stream = dev.cuda_stream();
     let flags = sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
     match stream.end_capture(flags) {
         Ok(Some(graph)) => Ok(StepGraph { graph }),
         Ok(None) => Err(msg("capture produced no graph".into())),
-        Err(e) => {
-            let _ = stream.context().check_err();
-            Err(driver("end capture", e))
-        }
+        Err(e) => Err(driver("end capture", e)),
     }
 }
 
@@ -90,11 +86,10 @@ pub fn clear_capture_errors(dev: &CudaDevice) {
 /// Copies `src` into the contiguous u32 tensor `dst` on its device (stream-ordered: kernels queued
 /// before read the old contents, kernels queued after the new).
 pub fn write_u32(dst: &Tensor, src: &[u32]) -> candle_core::Result<()> {
-    if dst.dtype() != DType::U32 || dst.elem_count() != src.len() {
+    if dst.elem_count() != src.len() {
         return Err(msg(format!(
-            "write_u32: {} values into a {:?} tensor of {}",
+            "write_u32: {} values into a tensor of {}",
             src.len(),
-            dst.dtype(),
             dst.elem_count()
         )));
     }
@@ -102,17 +97,12 @@ pub fn write_u32(dst: &Tensor, src: &[u32]) -> candle_core::Result<()> {
     let Storage::Cuda(cs) = &*storage else {
         return Err(msg("write_u32: the tensor is not on a GPU".into()));
     };
-    let (a, b) = layout
-        .contiguous_offsets()
-        .ok_or(candle_core::Error::RequiresContiguous { op: "write_u32" })?;
-    let slice = cs.as_cuda_slice::<u32>()?;
-    let stream = cs.device().cuda_stream();
-    let view = slice.slice(a..b);
-    let (ptr, _guard) = view.device_ptr(&stream);
-    // SAFETY: `ptr` addresses b - a == src.len() u32 of `dst`'s storage on `stream`; the copy is
-    // queued on the stream every use of the tensor is ordered on (qlorad issues all work on one
-    // stream per device), and the driver stages pageable `src` before this call returns.
-    unsafe { result::memcpy_htod_async(ptr, src, stream.cu_stream()) }
+    let ptr = crate::train_cuda::storage_addr("write_u32", cs, layout, DType::U32)?;
+    // SAFETY: `ptr` addresses src.len() contiguous u32 of `dst`'s storage (checked above and by
+    // storage_addr); the copy is queued on the stream every use of the tensor is ordered on
+    // (qlorad issues all work on one stream per device), and the driver stages pageable `src`
+    // before this call returns.
+    unsafe { result::memcpy_htod_async(ptr, src, cs.device().cuda_stream().cu_stream()) }
         .map_err(|e| driver("write_u32", e))
 }
 

@@ -244,13 +244,13 @@ impl Llama {
         &self.placement
     }
 
-    /// An adapter loaded on the host, placed where this model computes (device and dtype).
     /// This model's decode graphs so far (none without the `cuda` feature).
     #[cfg(not(feature = "cuda"))]
     pub fn decode_graph_stats(&self) -> DecodeGraphStats {
         DecodeGraphStats::default()
     }
 
+    /// An adapter loaded on the host, placed where this model computes (device and dtype).
     pub fn place_adapter(&self, a: LoraAdapter) -> Result<LoraAdapter> {
         a.to_placement(&self.placement)
     }
