@@ -186,7 +186,10 @@ def main():
                "base_weight_bytes": metric(base, "qlorad_model_weight_bytes"),
                "idle": idle, "during_training": busy,
                "ratios": {k: ratio(k) for k in ["ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms"]},
-               "rss_growth_bytes": busy["rss_bytes"] - idle["rss_bytes"]}
+               "rss_growth_bytes": busy["rss_bytes"] - idle["rss_bytes"],
+               # Captured decode steps (QLORAD_DECODE_GRAPH=1; zero otherwise) over the whole run.
+               "decode_graph_steps": {k: metric(base, f'qlorad_decode_graph_steps_total{{kind="{k}"}}')
+                                      for k in ["captured", "replayed"]}}
         print(json.dumps(out, indent=1))
         if a.out:
             with open(a.out, "w") as f:

@@ -61,18 +61,19 @@ for step in "$@"; do
         "$QLORAD_BENCH" gpu-check --skip-kernels --tokens "${TOKENS:-32}" --json-out /tmp/gpu-check-best.json
       fi ;;
     graph)
-      # Captured decode steps (model/src/llama_graph.rs): every greedy, fused and training check
-      # again with the device on its own stream and graphs on, then same-call A/B of batch-1
-      # decode with graphs on and off.
-      log "gpu-check with QLORAD_DECODE_GRAPH=1"
-      QLORAD_DECODE_GRAPH=1 "$QLORAD_BENCH" gpu-check --skip-kernels --tokens "${TOKENS:-32}" \
-        --json-out "$OUT/gpu-check-graph.json" 2>&1 | tee "$OUT/gpu-check-graph.log"
+      # Captured decode steps (model/src/llama_graph.rs, on by default): every greedy, fused and
+      # training check again on the legacy default stream with graphs off (QLORAD_DECODE_GRAPH=0,
+      # the opt-out), then same-call A/B of batch-1 decode with graphs on and off.
+      log "gpu-check with QLORAD_DECODE_GRAPH=0"
+      QLORAD_DECODE_GRAPH=0 timeout "${CHECK_TIMEOUT:-240}" "$QLORAD_BENCH" gpu-check --skip-kernels --tokens "${TOKENS:-32}" \
+        --json-out "$OUT/gpu-check-eager.json" 2>&1 | tee "$OUT/gpu-check-eager.log"
       log "A/B: QLORAD_DECODE_GRAPH=1 vs 0"
       A="QLORAD_DECODE_GRAPH=1" B="QLORAD_DECODE_GRAPH=0" OUT=/tmp/ab-graph bash "$D/bench/ab-gpu.sh" \
         2>&1 | tee "$OUT/ab-graph.log" ;;
     cluster)
-      # The attention's splits merged in a thread-block cluster (kernels/cuda/decode.cu, CL):
-      # gpu-check's fused cases compare it with the combine launch bit for bit; here its speed.
+      # The attention's splits merged in a thread-block cluster (kernels/cuda/decode.cu, CL; the
+      # default): gpu-check's fused cases compare it with the combine launch bit for bit; here
+      # its speed.
       log "A/B: QLORAD_ATT_CLUSTER=1 vs 0"
       A="QLORAD_ATT_CLUSTER=1" B="QLORAD_ATT_CLUSTER=0" OUT=/tmp/ab-cluster bash "$D/bench/ab-gpu.sh" \
         2>&1 | tee "$OUT/ab-cluster.log" ;;

@@ -274,7 +274,7 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         "decode batch 1, base: {decode_b1:.1} tok/s = {:.2} ms/token, of which {host_ms:.2} ms issuing kernels on the host; {gpu_ms:.2} ms between the step's first and last GPU event (runs {dec:.1?})",
         1e3 / decode_b1
     );
-    // Captured decode steps (QLORAD_DECODE_GRAPH=1): how many ran as replays.
+    // Captured decode steps (on unless QLORAD_DECODE_GRAPH=0): how many ran as replays.
     let graphs = model.decode_graph_stats();
     if graphs.on {
         println!(

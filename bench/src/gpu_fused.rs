@@ -64,8 +64,8 @@ fn compare(
         0.0,
         String::new(),
     );
-    // The splits merged inside a thread-block cluster (opt-in, QLORAD_ATT_CLUSTER=1) against the
-    // combine launch: the same splits and the same merge arithmetic, so the same bits.
+    // The splits merged inside a thread-block cluster (the default; QLORAD_ATT_CLUSTER=0 turns it
+    // off) against the combine launch: the same splits and merge arithmetic, so the same bits.
     let was = qlorad_kernels::step_graph_cuda::cluster_merge();
     qlorad_kernels::step_graph_cuda::set_cluster_merge(!was);
     let cl = batch_greedy(m, prompts, ads, n, Some(&want.tokens));

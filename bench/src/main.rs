@@ -302,6 +302,15 @@ fn no_cuda() -> Result<()> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // The model's warnings (a decode graph that could not be captured, a kernel that fell back)
+    // belong in a check's log: `QLORAD_LOG` as for the daemon, warnings by default.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("QLORAD_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     match cli.cmd {
         None => cpu_bench(cli.cpu),
         Some(Cmd::WriteAdapter(a)) => adapter_gen::run(a),

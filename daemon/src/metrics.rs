@@ -23,7 +23,7 @@ pub struct Metrics {
     /// Requests submitted to each engine (label `engine`: the shard's index).
     pub engine_requests: IntCounterVec,
     /// Decode steps replayed from a captured CUDA graph, and steps captured
-    /// (`QLORAD_DECODE_GRAPH=1`; zero otherwise).
+    /// (on a GPU unless `QLORAD_DECODE_GRAPH=0`; zero otherwise).
     pub decode_graph_steps: IntCounterVec,
     pub adapter_requests: IntCounterVec,
     pub adapters: crate::adapters::AdapterCounters,
@@ -144,7 +144,7 @@ impl Metrics {
             Opts::new(
                 "qlorad_decode_graph_steps_total",
                 "Decode steps run from a captured CUDA graph (kind=replayed) and steps captured \
-                 (kind=captured); QLORAD_DECODE_GRAPH=1 on a GPU, zero otherwise",
+                 (kind=captured); on a GPU unless QLORAD_DECODE_GRAPH=0, zero otherwise",
             ),
             &["kind"],
         )?;

@@ -132,7 +132,7 @@ def serving(b):
     b.panel("Decode steps from CUDA graphs",
             [(f"sum by (kind) (rate({sel('qlorad_decode_graph_steps_total')}[{W}]))", "{{kind}}")],
             "short", "Decode steps replayed from a captured graph and steps captured "
-            "(QLORAD_DECODE_GRAPH=1 on a GPU; zero otherwise). Replays cost the host one launch "
+            "(on a GPU unless QLORAD_DECODE_GRAPH=0; zero otherwise). Replays cost the host one launch "
             "instead of ~290; a capture is one slow step per new batch shape.")
 
 

@@ -10,7 +10,8 @@
 //    sharing each K/V load, the softmax online in chunks (Milakov & Gimelshein 2018; the
 //    FlashAttention recurrence, Dao et al. 2022), split over the context for long sequences
 //    (flash-decoding) and merged by attention_combine;
-//  - silu_mul: SwiGLU's silu(gate) * up.
+//  - silu_mul: SwiGLU's silu(gate) * up;
+//  - embed_rows: the rows' token embeddings, gathered by ids read on the device.
 // Rounding follows candle's kernels where the general path uses them (rmsnorm: bf16(scale*x*w);
 // rope: every bf16 product and sum rounded; silu then the product each rounded), so the fused and
 // general paths differ only inside attention, which here accumulates in f32 throughout.
@@ -229,6 +230,25 @@ extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u1
     for (u32 i = threadIdx.x; i < n; i += blockDim.x) {
         normed[i] = f32_to_bf16(__fmul_rn(__fmul_rn(scale, bf16_f(sum[i])), bf16_f(w[i])));
     }
+}
+
+// out[r] = table[ids[r]]: the token embeddings of a decode step's rows, one block per row. The
+// ids are read on the device, so a captured step (step_graph_cuda) gathers each replay's tokens
+// from the buffer the host rewrites (candle's index_select uploads its shape from host memory at
+// every call, which a graph would replay stale). An id past the vocabulary gives a zero row
+// instead of a read outside the table (the host validates ids before a step).
+extern "C" __global__ void embed_rows_bf16(const u16* __restrict__ table, const u32* __restrict__ ids,
+                                           u32 vocab, u32 hidden, u16* __restrict__ out) {
+    pdl_trigger();
+    pdl_wait();
+    const u32 id = ids[blockIdx.x];
+    u16* o = out + (u64)blockIdx.x * hidden;
+    if (id >= vocab) {
+        for (u32 i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = 0;
+        return;
+    }
+    const u16* src = table + (u64)id * hidden;
+    for (u32 i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = src[i];
 }
 
 // out = silu(gate) * up, elementwise over n values.

@@ -71,6 +71,7 @@ pub struct DecodeKernels {
     pub(crate) stream: Arc<CudaStream>,
     add_rms_norm: CudaFunction,
     silu_mul: CudaFunction,
+    embed_rows: CudaFunction,
     rope_kv: CudaFunction,
     /// The attention for group sizes 1..=ATT_MAX_GROUP.
     attention: Vec<CudaFunction>,
@@ -88,6 +89,7 @@ pub struct DecodeKernels {
 struct PdlKernels {
     add_rms_norm: RawFunction,
     silu_mul: RawFunction,
+    embed_rows: RawFunction,
     attention: Vec<RawFunction>,
     attention_rope: Vec<RawFunction>,
     /// The cluster-merged attention (`QLORAD_ATT_CLUSTER=1`, decode.cu's CL), same group sizes.
@@ -167,6 +169,7 @@ impl DecodeKernels {
             stream: dev.cuda_stream(),
             add_rms_norm: load("add_rms_norm_bf16")?,
             silu_mul: load("silu_mul_bf16")?,
+            embed_rows: load("embed_rows_bf16")?,
             rope_kv: load("rope_kv_bf16")?,
             attention: (1..=ATT_MAX_GROUP)
                 .map(|g| load(&format!("decode_attention_g{g}_bf16")))
@@ -188,6 +191,7 @@ impl DecodeKernels {
                 Some(PdlKernels {
                     add_rms_norm: raw("add_rms_norm_bf16")?,
                     silu_mul: raw("silu_mul_bf16")?,
+                    embed_rows: raw("embed_rows_bf16")?,
                     attention: group("decode_attention")?,
                     attention_rope: group("decode_attention_rope")?,
                     attention_cl: group("decode_attention_cl")?,
@@ -404,6 +408,54 @@ impl DecodeKernels {
         unsafe { self.launch(&self.silu_mul, raw, cfg, &args) }?;
         drop(og);
         Ok(wrap(out, &self.device, gate.shape().clone()))
+    }
+
+    /// The token embeddings of `ids` (rows, u32 on this device): rows of `table` (vocab, hidden)
+    /// bf16, as `table.index_select(ids, 0)` gives them, gathered by ids read on the device (a
+    /// captured step replays it on each step's ids; an id past the vocabulary gives zeros).
+    pub fn embed_rows(&self, table: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (vocab, hidden) = table.dims2()?;
+        let rows = ids.elem_count();
+        if ids.rank() != 1 || rows == 0 || vocab > u32::MAX as usize || hidden > u32::MAX as usize {
+            return Err(msg(format!(
+                "embed_rows: table {:?}, ids {:?}",
+                table.dims(),
+                ids.dims()
+            )));
+        }
+        let (ts, _) = table.storage_and_layout();
+        let (tv, ta, tb) = bf16_view(&ts, table, &self.device, "embedding table")?;
+        let (is, il) = ids.storage_and_layout();
+        let Storage::Cuda(ic) = &*is else {
+            return Err(msg("embed_rows: ids are not on a GPU".into()));
+        };
+        if ic.device().id() != self.device.id() {
+            return Err(msg("embed_rows: ids on another device".into()));
+        }
+        let ip = crate::train_cuda::storage_addr("embed_rows", ic, il, DType::U32)?;
+        // SAFETY: one block per row writes all `hidden` values of its row.
+        let mut out = unsafe { self.device.alloc::<bf16>(rows * hidden) }?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (ELEMWISE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let tview = tv.slice(ta..tb);
+        let (tp, _tg) = tview.device_ptr(&self.stream);
+        let (op, og) = out.device_ptr_mut(&self.stream);
+        let args = [
+            KArg::U64(tp),
+            KArg::U64(ip),
+            KArg::U32(vocab as u32),
+            KArg::U32(hidden as u32),
+            KArg::U64(op),
+        ];
+        let raw = self.pdl.as_ref().map(|p| p.embed_rows);
+        // SAFETY: argument types and order match embed_rows_bf16; the table holds vocab·hidden
+        // bf16, ids `rows` u32 and out rows·hidden bf16; ids past the vocabulary are not read.
+        unsafe { self.launch(&self.embed_rows, raw, cfg, &args) }?;
+        drop(og);
+        Ok(wrap(out, &self.device, (rows, hidden)))
     }
 
     /// RoPE on `q` (rows, heads·hd) and `k` (rows, kv_heads·hd) at each row's position (tables

@@ -42,6 +42,64 @@ impl StepGraph {
     pub fn launch(&self) -> candle_core::Result<()> {
         self.graph.launch().map_err(|e| driver("graph launch", e))
     }
+
+    /// The graph's copies whose source is host memory. A copy from host memory made inside a
+    /// capture (candle's ops upload their shapes from a temporary Vec at each call, e.g.
+    /// `index_select`) becomes a node that reads that host address at every replay, long after
+    /// the Vec is gone: garbage shapes, and kernels that fault. A step is only kept if it has
+    /// none; its inputs come from device buffers rewritten before each replay instead.
+    pub fn host_copies(&self) -> candle_core::Result<usize> {
+        use sys::{CUgraphNodeType, CUmemorytype};
+        let g = self.graph.cu_graph();
+        let mut n = 0usize;
+        // SAFETY: `g` is this graph's; a null array asks for the node count.
+        unsafe { sys::cuGraphGetNodes(g, std::ptr::null_mut(), &mut n) }
+            .result()
+            .map_err(|e| driver("graph nodes", e))?;
+        let mut nodes = vec![std::ptr::null_mut(); n];
+        // SAFETY: `nodes` has room for the n nodes the graph holds.
+        unsafe { sys::cuGraphGetNodes(g, nodes.as_mut_ptr(), &mut n) }
+            .result()
+            .map_err(|e| driver("graph nodes", e))?;
+        let mut host = 0;
+        for &node in &nodes[..n] {
+            let mut kind = CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+            // SAFETY: `node` is a node of the live graph.
+            unsafe { sys::cuGraphNodeGetType(node, &mut kind) }
+                .result()
+                .map_err(|e| driver("graph node type", e))?;
+            if kind != CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY {
+                continue;
+            }
+            // SAFETY: a zeroed CUDA_MEMCPY3D is valid (integers, null pointers, enums whose
+            // zero the driver overwrites); `node` is a memcpy node.
+            let mut p: sys::CUDA_MEMCPY3D = unsafe { std::mem::zeroed() };
+            unsafe { sys::cuGraphMemcpyNodeGetParams(node, &mut p) }
+                .result()
+                .map_err(|e| driver("graph copy node", e))?;
+            host += usize::from(match p.srcMemoryType {
+                CUmemorytype::CU_MEMORYTYPE_HOST => true,
+                // A unified address is host memory unless the driver knows it as device memory.
+                CUmemorytype::CU_MEMORYTYPE_UNIFIED => !is_device_memory(p.srcDevice),
+                _ => false,
+            });
+        }
+        Ok(host)
+    }
+}
+
+/// Whether the driver knows `ptr` as device memory (pageable host memory it does not know).
+fn is_device_memory(ptr: sys::CUdeviceptr) -> bool {
+    let mut kind = 0u32;
+    // SAFETY: the attribute is an unsigned int; an unknown pointer is an error, not a fault.
+    let r = unsafe {
+        sys::cuPointerGetAttribute(
+            (&mut kind as *mut u32).cast(),
+            sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            ptr,
+        )
+    };
+    r == sys::CUresult::CUDA_SUCCESS && kind == sys::CUmemorytype::CU_MEMORYTYPE_DEVICE as u32
 }
 
 /// Whether work on `device` can be captured: a CUDA device whose stream is not the legacy default
@@ -71,7 +129,16 @@ pub fn end_capture(dev: &CudaDevice) -> candle_core::Result<StepGraph> {
     let stream = dev.cuda_stream();
     let flags = sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH;
     match stream.end_capture(flags) {
-        Ok(Some(graph)) => Ok(StepGraph { graph }),
+        Ok(Some(graph)) => {
+            let g = StepGraph { graph };
+            match g.host_copies()? {
+                0 => Ok(g),
+                n => Err(msg(format!(
+                    "the captured step copies from host memory ({n} copies): a replay would \
+                     read host data the step has since freed"
+                ))),
+            }
+        }
         Ok(None) => Err(msg("capture produced no graph".into())),
         Err(e) => Err(driver("end capture", e)),
     }
@@ -107,12 +174,13 @@ pub fn write_u32(dst: &Tensor, src: &[u32]) -> candle_core::Result<()> {
 }
 
 static CLUSTER_MERGE: crate::switch::EnvSwitch =
-    crate::switch::EnvSwitch::new("QLORAD_ATT_CLUSTER");
+    crate::switch::EnvSwitch::new_on("QLORAD_ATT_CLUSTER");
 
-/// Whether the decode attention merges its splits inside a thread-block cluster
-/// (`QLORAD_ATT_CLUSTER=1`, or [`set_cluster_merge`]) instead of attention_combine's launch:
-/// opt-in while new. A launch shape of its own (no combine), which a captured step records like
-/// any other.
+/// Whether the decode attention merges its splits inside a thread-block cluster (the default;
+/// `QLORAD_ATT_CLUSTER=0` or [`set_cluster_merge`] turns it off) instead of attention_combine's
+/// launch: bit for bit the same logits (gpu-check), 1-2 % faster at batch 1 on the H200
+/// (BENCHMARKS.md, session 19). A launch shape of its own (no combine), which a captured step
+/// records like any other.
 pub fn cluster_merge() -> bool {
     CLUSTER_MERGE.on()
 }

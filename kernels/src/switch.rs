@@ -1,5 +1,5 @@
-//! A process-wide on/off switch that an environment variable sets on first use (on when it is
-//! `1`) and code may also set (gpu-check runs both settings; tests switch it): for options read
+//! A process-wide on/off switch that an environment variable sets on first use (an opt-in switch
+//! is on when it is `1`, a default-on one off when it is `0`) and code may also set (gpu-check runs both settings; tests switch it): for options read
 //! on hot paths, where one relaxed load per use is all it may cost.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -16,14 +16,27 @@ pub fn epoch() -> u64 {
 /// See the module docs. `const`-constructible, for statics.
 pub struct EnvSwitch {
     var: &'static str,
+    /// Whether the switch is on when the variable is unset (then only `0` turns it off).
+    default_on: bool,
     /// 0: not settled yet, 1: off, 2: on.
     state: AtomicU8,
 }
 
 impl EnvSwitch {
+    /// Off unless the variable is `1`.
     pub const fn new(var: &'static str) -> Self {
         Self {
             var,
+            default_on: false,
+            state: AtomicU8::new(0),
+        }
+    }
+
+    /// On unless the variable is `0`.
+    pub const fn new_on(var: &'static str) -> Self {
+        Self {
+            var,
+            default_on: true,
             state: AtomicU8::new(0),
         }
     }
@@ -32,7 +45,11 @@ impl EnvSwitch {
     pub fn on(&self) -> bool {
         match self.state.load(Ordering::Relaxed) {
             0 => {
-                let on = std::env::var(self.var).is_ok_and(|v| v == "1");
+                let on = match std::env::var(self.var) {
+                    Ok(v) if self.default_on => v != "0",
+                    Ok(v) => v == "1",
+                    Err(_) => self.default_on,
+                };
                 self.set(on);
                 on
             }
@@ -63,6 +80,14 @@ mod tests {
         let e = super::epoch();
         S.set(true);
         assert_eq!(super::epoch(), e, "setting the same value changes nothing");
+        S.set(false);
+        assert!(!S.on());
+    }
+
+    #[test]
+    fn a_default_on_switch_is_on_until_set_off() {
+        static S: EnvSwitch = EnvSwitch::new_on("QLORAD_SWITCH_TEST_UNSET_VARIABLE_ON");
+        assert!(S.on());
         S.set(false);
         assert!(!S.on());
     }

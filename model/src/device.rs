@@ -55,9 +55,9 @@ impl Placement {
     }
 
     /// Opens the named device: the CPU in f32, a CUDA GPU in bf16. Without the `cuda` feature a
-    /// CUDA device is an error that says so. The GPU's work goes to candle's stream (the legacy
-    /// default stream), or to a stream of its own with `QLORAD_DECODE_GRAPH=1` (what capturing
-    /// decode steps as CUDA graphs needs: see [`Placement::open_own_stream`]).
+    /// CUDA device is an error that says so. The GPU's work goes to a stream of its own (what
+    /// capturing decode steps as CUDA graphs needs: see [`Placement::open_own_stream`]), or with
+    /// `QLORAD_DECODE_GRAPH=0` to candle's stream (the legacy default stream, no graphs).
     pub fn open(spec: DeviceSpec) -> Result<Self> {
         Self::open_with(spec, decode_graph_env())
     }
@@ -126,9 +126,10 @@ impl Placement {
     }
 }
 
-/// Whether `QLORAD_DECODE_GRAPH=1` asks for captured decode steps (opt-in while they are new).
+/// Whether decode steps are captured as CUDA graphs (and the GPU gets a stream of its own): the
+/// default, `QLORAD_DECODE_GRAPH=0` turns it off (the legacy default stream, eager steps).
 pub(crate) fn decode_graph_env() -> bool {
-    std::env::var("QLORAD_DECODE_GRAPH").is_ok_and(|v| v == "1")
+    std::env::var("QLORAD_DECODE_GRAPH").map_or(true, |v| v != "0")
 }
 
 /// CUDA device `n`, on candle's default stream or (`own_stream`) on a new one.

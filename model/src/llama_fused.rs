@@ -103,7 +103,10 @@ impl Llama {
             None => {
                 let table = timed_more(Phase::Setup, || kern.kv_table_of(&words))?;
                 let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
-                self.fused_body(kern, &table, &ids, &lora)?
+                super::graph::debug_sync(&self.device, "an eager step's inputs")?;
+                let out = self.fused_body(kern, &table, &ids, &lora)?;
+                super::graph::debug_sync(&self.device, "an eager step")?;
+                out
             }
         };
         for s in seqs.iter_mut() {
@@ -137,7 +140,9 @@ impl Llama {
         // default, read per step because gpu-check switches it).
         let o_shrink_on = attention_shrink_on();
         let rope_in_attention = self.rope_in_attention();
-        let mut x = self.embed.index_select(ids, 0)?;
+        // The embeddings gathered on the device (candle's index_select would upload its shape
+        // from host memory, which a captured step cannot replay).
+        let mut x = kern.embed_rows(&self.embed, ids)?;
         // The MLP output of the previous layer, added to x by the next add + norm.
         let mut pending: Option<Tensor> = None;
         for (li, b) in self.blocks.iter().enumerate() {

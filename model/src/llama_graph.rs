@@ -18,13 +18,17 @@
 //! GEMVs) run eagerly, as do a shape's first step (the first use of a kernel loads its module and
 //! cuBLAS its workspace, neither of which may happen during a capture) and any step while other
 //! threads issue GPU work (`crate::gpu_gate`). A failed capture turns graphs off for the model,
-//! with a warning, and the step runs eagerly: graphs can cost speed, never a result. The process-wide kernel switches (`QLORAD_*`, some of
-//! which gpu-check flips) are taken as fixed while graphs are kept; [`Llama::set_decode_graphs`]
-//! drops them.
+//! with a warning, and the step runs eagerly: graphs can cost speed, never a result. So does a
+//! captured step that copies from host memory (`StepGraph::host_copies`: candle ops that upload
+//! their shapes at each call, which a replay would read stale; the step's embedding gather is
+//! ours for that reason). The process-wide kernel switches (`QLORAD_*`, some of which gpu-check
+//! flips) are taken as fixed while graphs are kept; [`Llama::set_decode_graphs`] drops them.
 //!
-//! Opt-in while new: `QLORAD_DECODE_GRAPH=1` (which also gives the device the stream of its own a
-//! capture needs, `Placement::open`), or [`Llama::set_decode_graphs`] on a model placed with
-//! `Placement::open_own_stream`.
+//! On by default (`Placement::open` gives the device the stream of its own a capture needs);
+//! `QLORAD_DECODE_GRAPH=0` runs every step eagerly on the legacy default stream. Measured in
+//! session 19 (BENCHMARKS.md): the host's time per token 1.6-2.3 ms -> 0.03 ms, batch-1 decode
+//! the same on a host fast enough to keep up with the GPU, and serving's latency during a
+//! fine-tuning job back to its idle figures.
 
 use super::Llama;
 use crate::device::Placement;
@@ -198,7 +202,9 @@ impl Llama {
                     if let (Some(kept), Some(now)) = (g.plan.as_mut(), lora.bgmv_plan()) {
                         kept.readdress(now)?;
                     }
+                    debug_sync(&self.device, "replay inputs written")?;
                     g.graph.launch()?;
+                    debug_sync(&self.device, "replay")?;
                     Ok(Some(g.logits.copy()?))
                 });
             }
@@ -212,6 +218,7 @@ impl Llama {
         // The graph's inputs live outside it, at addresses it keeps.
         let ids_dev = Tensor::from_slice(ids, ids.len(), &self.device)?;
         let table = kern.kv_table_of(words)?;
+        debug_sync(&self.device, "before the capture")?;
         if let Err(e) = sg::begin_capture(dev) {
             tracing::warn!("decode graphs are off for this model: {e}");
             st.on = false;
@@ -253,7 +260,9 @@ impl Llama {
             sg::clear_capture_errors(dev);
             return Ok(None);
         }
+        debug_sync(&self.device, "the capture's first launch")?;
         let out = logits.copy()?;
+        debug_sync(&self.device, "copying the capture's logits")?;
         // The plan's buffers now belong to the graph; this step's adapters stay with the batch.
         let plan = lora.take_bgmv().map(|mut p| {
             p.detach();
@@ -272,4 +281,16 @@ impl Llama {
         drop(gone);
         Ok(Some(out))
     }
+}
+
+/// With `QLORAD_GRAPH_DEBUG=1`, waits for the device after each stage of a capture or replay and
+/// names the stage whose work failed (device errors are otherwise reported by a later call).
+pub(super) fn debug_sync(device: &Device, stage: &str) -> Result<()> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if !*ON.get_or_init(|| std::env::var("QLORAD_GRAPH_DEBUG").is_ok_and(|v| v == "1")) {
+        return Ok(());
+    }
+    device.synchronize().map_err(|e| {
+        crate::error::ModelError::Invalid(format!("decode graph debug: after {stage}: {e}"))
+    })
 }
