@@ -179,6 +179,8 @@ def main():
             busy["train_pieces"] = total
             busy["train_pieces_over_2ms"] = total - max((c for le, c in h if le <= 0.002), default=0)
             busy["train_piece_max_le_ms"] = next((le * 1e3 for le, c in h if c >= total), None)
+        # Of those pieces, the time spent waiting for the GPU at the preemption points (a GPU only).
+        busy["train_device_wait_s"] = metric(base, "qlorad_fine_tuning_device_wait_seconds_sum")
         busy["job_lora_bytes"] = metric(base, 'qlorad_fine_tuning_memory_bytes{kind="lora"}')
         req(base, f"/v1/fine_tuning/jobs/{job['id']}/cancel", {}, method="POST")
         ratio = lambda k: None if not idle[k] or busy[k] is None else round(busy[k] / idle[k], 2)

@@ -230,6 +230,7 @@ fn upload_round_trip(gpu: &Placement, r: &mut Report) -> Result<()> {
 pub fn checks(gpu: &Placement, n: usize, r: &mut Report) -> Result<()> {
     let vocab = RandomSpec::small().vocab;
     let mut m = model(gpu, None)?;
+    embed_rows(gpu, r)?;
     upload_round_trip(gpu, r)?;
     packed_placement(&m, gpu, r)?;
     let mut ads: Vec<Option<Arc<LoraAdapter>>> = [8usize, 16, 64, 32]
@@ -268,5 +269,51 @@ pub fn checks(gpu: &Placement, n: usize, r: &mut Report) -> Result<()> {
         "sliding window 40",
         r,
     )?;
+    Ok(())
+}
+
+/// The fused step's embedding gather (decode.cu embed_rows_bf16, ids read on the device so that a
+/// captured step replays it) against candle's index_select on the same table: the same rows bit
+/// for bit, and zeros for an id past the vocabulary (which index_select would not take).
+fn embed_rows(gpu: &Placement, r: &mut Report) -> Result<()> {
+    use candle_core::{DType, Tensor};
+    let (vocab, hidden) = (1000usize, 576usize);
+    let table = Tensor::randn(0f32, 1.0, (vocab, hidden), &gpu.device)?.to_dtype(DType::BF16)?;
+    let kern = qlorad_kernels::decode_cuda::DecodeKernels::load(&gpu.device)?;
+    let good = [3u32, 999, 0, 17, 3];
+    let ids = Tensor::new(&good[..], &gpu.device)?;
+    let got = kern.embed_rows(&table, &ids)?;
+    let want = table.index_select(&ids, 0)?;
+    let differing = got
+        .ne(&want)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    r.add(
+        "embed_rows vs index_select (5 rows of a 1000 x 576 bf16 table), differing values".into(),
+        f64::from(differing),
+        0.0,
+        String::new(),
+    );
+    let past = Tensor::new(&[5u32, vocab as u32, u32::MAX][..], &gpu.device)?;
+    let rows = kern.embed_rows(&table, &past)?;
+    let nonzero = rows
+        .narrow(0, 1, 2)?
+        .to_dtype(DType::F32)?
+        .abs()?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    let first = rows
+        .narrow(0, 0, 1)?
+        .ne(&table.narrow(0, 5, 1)?)?
+        .to_dtype(DType::F32)?
+        .sum_all()?
+        .to_scalar::<f32>()?;
+    r.add(
+        "embed_rows: ids past the vocabulary give zero rows (sum |x| of 2 rows + differing values of a valid one)".into(),
+        f64::from(nonzero + first),
+        0.0,
+        String::new(),
+    );
     Ok(())
 }

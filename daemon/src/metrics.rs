@@ -49,6 +49,9 @@ pub struct TrainingMetrics {
     /// training work in between plus, on a GPU, whatever serving queued on the same device stream
     /// meanwhile (the yielder waits for the device before it measures).
     pub uninterrupted_seconds: Histogram,
+    /// At each of those points on a GPU, how long the job waited for the device to finish what
+    /// was queued (its own layer and any serving work in between) before it yielded.
+    pub device_wait_seconds: Histogram,
     /// Bytes of trainable LoRA weights and of optimizer state of the running job.
     pub job_bytes: IntGaugeVec,
     pub process_rss: IntGauge,
@@ -227,6 +230,13 @@ impl Metrics {
                 )
                 .buckets(buckets(0.0005, 2.0, 12)),
             )?,
+            device_wait_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "qlorad_fine_tuning_device_wait_seconds",
+                    "Time training waited for the GPU to finish queued work (its own and serving's) at a preemption point before yielding, while requests were in flight",
+                )
+                .buckets(buckets(0.0005, 2.0, 12)),
+            )?,
             job_bytes: IntGaugeVec::new(
                 Opts::new(
                     "qlorad_fine_tuning_memory_bytes",
@@ -248,6 +258,7 @@ impl Metrics {
         registry.register(Box::new(training.step_seconds.clone()))?;
         registry.register(Box::new(training.yielded_seconds.clone()))?;
         registry.register(Box::new(training.uninterrupted_seconds.clone()))?;
+        registry.register(Box::new(training.device_wait_seconds.clone()))?;
         registry.register(Box::new(training.job_bytes.clone()))?;
         registry.register(Box::new(training.process_rss.clone()))?;
         let exports = IntCounterVec::new(

@@ -740,6 +740,7 @@ struct Yielder {
     last: Mutex<Instant>,
     yielded_ms: prometheus::IntCounter,
     uninterrupted: prometheus::Histogram,
+    device_wait: prometheus::Histogram,
     device: candle_core::Device,
 }
 
@@ -756,6 +757,7 @@ impl Yielder {
             last: Mutex::new(Instant::now()),
             yielded_ms: m.yielded_seconds.clone(),
             uninterrupted: m.uninterrupted_seconds.clone(),
+            device_wait: m.device_wait_seconds.clone(),
             device,
         }
     }
@@ -766,7 +768,9 @@ impl Yielder {
             if !self.device.is_cpu() {
                 // Best effort: a failed wait only makes the share less exact; the step's own
                 // error handling sees a broken device at its next operation.
+                let waited = Instant::now();
                 let _ = self.device.synchronize();
+                self.device_wait.observe(waited.elapsed().as_secs_f64());
             }
             let worked = last.elapsed();
             self.uninterrupted.observe(worked.as_secs_f64());

@@ -183,6 +183,10 @@ def jobs(b):
                                                   qs=(0.5, 0.99)), "s",
             "Wall time between two preemption points of training while requests are in flight "
             "(on a GPU including serving work queued in between): how long a token may wait.")
+    b.panel("Training's wait for the GPU at a yield", quantiles("qlorad_fine_tuning_device_wait_seconds",
+                                                                qs=(0.5, 0.99)), "s",
+            "On a GPU, how long training waited at a preemption point for the device to finish "
+            "what was queued (its layer and serving's steps) before yielding to serving.")
     b.panel("Exports (promotions) in the last hour",
             [(f"sum by (status) (increase({sel('qlorad_exports_total')}[1h]))", "{{status}}")],
             "short", "Promote jobs (merge an adapter, export an HF folder) by transition: queued, "
