@@ -304,11 +304,12 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     // The model's warnings (a decode graph that could not be captured, a kernel that fell back)
     // belong in a check's log: `QLORAD_LOG` as for the daemon, warnings by default.
+    let filter = tracing_subscriber::EnvFilter::builder()
+        .with_default_directive(tracing_subscriber::filter::LevelFilter::WARN.into())
+        .with_env_var("QLORAD_LOG")
+        .from_env_lossy();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("QLORAD_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     match cli.cmd {
