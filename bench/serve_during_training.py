@@ -189,7 +189,7 @@ def main():
                "idle": idle, "during_training": busy,
                "ratios": {k: ratio(k) for k in ["ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "e2e_p50_ms"]},
                "rss_growth_bytes": busy["rss_bytes"] - idle["rss_bytes"],
-               # Captured decode steps (QLORAD_DECODE_GRAPH=1; zero otherwise) over the whole run.
+               # Captured decode steps (on a GPU unless QLORAD_DECODE_GRAPH=0) over the whole run.
                "decode_graph_steps": {k: metric(base, f'qlorad_decode_graph_steps_total{{kind="{k}"}}')
                                       for k in ["captured", "replayed"]}}
         print(json.dumps(out, indent=1))

@@ -92,7 +92,7 @@ struct PdlKernels {
     embed_rows: RawFunction,
     attention: Vec<RawFunction>,
     attention_rope: Vec<RawFunction>,
-    /// The cluster-merged attention (`QLORAD_ATT_CLUSTER=1`, decode.cu's CL), same group sizes.
+    /// The cluster-merged attention (decode.cu's CL; `QLORAD_ATT_CLUSTER=0` off), same group sizes.
     attention_cl: Vec<RawFunction>,
     attention_rope_cl: Vec<RawFunction>,
     combine: RawFunction,
@@ -635,8 +635,9 @@ impl DecodeKernels {
         let splits = Self::attention_splits(rows, kv_heads, table.max_position);
         // With QLORAD_ATT_MERGE=1 the kernel merges its splits itself when the counters cover
         // the batch; by default attention_combine's launch does.
-        // QLORAD_ATT_CLUSTER=1: the splits of a (KV head, row) run as one thread-block cluster
-        // and merge in distributed shared memory (no partials, no combine launch).
+        // The cluster merge (the default; QLORAD_ATT_CLUSTER=0 off; programmatic launches only):
+        // the splits of a (KV head, row) run as one thread-block cluster and merge in
+        // distributed shared memory (no partials, no combine launch).
         let cluster = (2..=ATT_CLUSTER_MAX).contains(&splits)
             && crate::step_graph_cuda::cluster_merge()
             && self.pdl.is_some();
