@@ -8,7 +8,8 @@
 #   A_BIN=/tmp/stash/qlorad-bench B_BIN=/tmp/stash/qlorad-bench-main bash bench/ab-gpu.sh
 #
 # A, B: environment assignments (space-separated) for each side; A_BIN, B_BIN: the qlorad-bench
-# binaries (default $QLORAD_BENCH); OUT: where the logs go (ab_{a,b}_<round>.log); ROUNDS (2).
+# binaries (default $QLORAD_BENCH); OUT: where the logs go (ab_{a,b}_<round>.log); ROUNDS (2);
+# AB_ARGS: more gpu-bench arguments for both sides (e.g. "--prompt-tokens 1024").
 set -uo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
 OUT="${OUT:-/tmp/out}"
@@ -18,7 +19,7 @@ for r in $(seq 1 "${ROUNDS:-2}"); do
   for side in a b; do
     if [[ $side == a ]]; then envs="${A:-}" bin="${A_BIN:-$BIN}"; else envs="${B:-}" bin="${B_BIN:-$BIN}"; fi
     log="$OUT/ab_${side}_$r.log"
-    env $envs QLORAD_BENCH_ARGS="--multi 0 --batch 0" SKIP_REFERENCE=1 QLORAD_BENCH="$bin" \
+    env $envs QLORAD_BENCH_ARGS="--multi 0 --batch 0 ${AB_ARGS:-}" SKIP_REFERENCE=1 QLORAD_BENCH="$bin" \
       OUT=/tmp/ab-scratch timeout "${TIMEOUT:-120}" bash "$HERE/run-gpu.sh" > "$log" 2>&1
     echo "$side $r ($envs $(basename "$bin")):"
     grep -h "decode batch 1\|decode graphs" "$log" | sed 's/(runs.*//; s/^/  /'

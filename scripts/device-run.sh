@@ -6,7 +6,7 @@
 #   bin/*.xz (stripped CUDA builds), bnb.tar.xz, scripts/, bench/, smol.part* (SmolLM2, in parts
 #   that may arrive over two calls: parts are kept in /tmp/stash while the machine stays warm).
 #
-#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [bench] [train] [smol]
+#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [clustercap] [bench] [train] [smol]
 set -uo pipefail
 D="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/out}"
@@ -77,6 +77,12 @@ for step in "$@"; do
       log "A/B: QLORAD_ATT_CLUSTER=1 vs 0"
       A="QLORAD_ATT_CLUSTER=1" B="QLORAD_ATT_CLUSTER=0" OUT=/tmp/ab-cluster bash "$D/bench/ab-gpu.sh" \
         2>&1 | tee "$OUT/ab-cluster.log" ;;
+    clustercap)
+      # Long contexts' splits capped at one cluster (QLORAD_ATT_CLUSTER_CAP=1, opt-in): batch-1
+      # decode after a 1,024-token prompt, where the default takes 32 splits and a combine launch.
+      log "A/B at a 1,024-token context: QLORAD_ATT_CLUSTER_CAP=1 vs 0"
+      A="QLORAD_ATT_CLUSTER_CAP=1" B="QLORAD_ATT_CLUSTER_CAP=0" AB_ARGS="--prompt-tokens 1024" \
+        OUT=/tmp/ab-cap bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/ab-clustercap.log" ;;
     bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
     # Training tokens/s and peak memory (reuses the bench step's model when it ran first).
     train) log "run-gpu-train (${QLORAD_TRAIN_BENCH_ARGS:-default modes})"; RESULT="${TRAIN_RESULT:-h200-train.json}" bash "$D/bench/run-gpu-train.sh" ;;

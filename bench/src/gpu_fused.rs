@@ -97,6 +97,19 @@ fn compare(
         &steps,
         r,
     )?;
+    // Contexts past 8 splits capped at 8 so the cluster merges them (opt-in,
+    // QLORAD_ATT_CLUSTER_CAP=1): other splits, so other rounding; within the general path's bound.
+    let cap_was = qlorad_kernels::step_graph_cuda::cluster_cap();
+    qlorad_kernels::step_graph_cuda::set_cluster_cap(true);
+    let capped = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
+    qlorad_kernels::step_graph_cuda::set_cluster_cap(cap_was);
+    agreement(
+        &format!("fused decode with splits capped at one cluster vs general path, {name}"),
+        &want,
+        &capped?,
+        &steps,
+        r,
+    )?;
     agreement(
         &format!("fused decode vs general path, {name}"),
         &want,

@@ -59,7 +59,7 @@ const ELEMWISE_THREADS: u32 = 256;
 const ATT_COUNTERS: usize = 16384;
 /// Most splits the cluster-merged attention takes (one cluster per (KV head, row): the portable
 /// cluster size); more splits take the combine launch.
-const ATT_CLUSTER_MAX: usize = 8;
+pub(crate) const ATT_CLUSTER_MAX: usize = 8;
 
 fn msg(s: String) -> candle_core::Error {
     candle_core::Error::Msg(s)

@@ -190,15 +190,38 @@ pub fn set_cluster_merge(on: bool) {
     CLUSTER_MERGE.set(on);
 }
 
+static CLUSTER_CAP: crate::switch::EnvSwitch =
+    crate::switch::EnvSwitch::new("QLORAD_ATT_CLUSTER_CAP");
+
+/// Whether a context that would take more splits than one cluster holds takes only as many as
+/// it holds (8), so that the cluster merges them, instead of more splits merged by the combine
+/// launch (`QLORAD_ATT_CLUSTER_CAP=1`, or [`set_cluster_cap`]; opt-in until measured). At batch
+/// 1 from 257 positions on, Mistral's 8 KV heads then run 64 blocks of longer splits instead of
+/// up to 256 plus a combine launch (3.9 µs per layer): fewer blocks than SMs, against one launch
+/// and the partials' round trip less. Only with the cluster merge on.
+pub fn cluster_cap() -> bool {
+    CLUSTER_CAP.on() && cluster_merge()
+}
+
+/// Switches [`cluster_cap`] on or off for the process (gpu-check runs both).
+pub fn set_cluster_cap(on: bool) {
+    CLUSTER_CAP.set(on);
+}
+
 impl DecodeKernels {
     /// Splits of each (row, KV head) block's context in the decode attention for `rows` rows
     /// whose largest new-token position is `max_position`: the attention's launch shape, which a
     /// captured step is captured for.
     pub fn attention_splits(rows: usize, kv_heads: usize, max_position: usize) -> usize {
-        crate::decode_split::splits_for(
+        let splits = crate::decode_split::splits_for(
             max_position + 1,
             rows * kv_heads,
             crate::decode_split::min_split_positions(),
-        )
+        );
+        if cluster_cap() {
+            splits.min(crate::decode_cuda::ATT_CLUSTER_MAX)
+        } else {
+            splits
+        }
     }
 }
