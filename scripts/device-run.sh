@@ -6,7 +6,7 @@
 #   bin/*.xz (stripped CUDA builds), bnb.tar.xz, scripts/, bench/, smol.part* (SmolLM2, in parts
 #   that may arrive over two calls: parts are kept in /tmp/stash while the machine stays warm).
 #
-#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [clustercap] [bench] [train] [smol]
+#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [clustercap] [lora] [bench] [train] [smol]
 set -uo pipefail
 D="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/out}"
@@ -83,6 +83,12 @@ for step in "$@"; do
       log "A/B at a 1,024-token context: QLORAD_ATT_CLUSTER_CAP=1 vs 0"
       A="QLORAD_ATT_CLUSTER_CAP=1" B="QLORAD_ATT_CLUSTER_CAP=0" AB_ARGS="--prompt-tokens 1024" \
         OUT=/tmp/ab-cap bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/ab-clustercap.log" ;;
+    lora)
+      # The adapter path's switches again now that decode steps replay as graphs (their extra
+      # launches no longer cost host time): the shrinks' placements and the expand's.
+      log "sweep of the LoRA switches"
+      CONFIGS="QLORAD_X=default QLORAD_FUSED_SHRINK=0 QLORAD_NORM_SHRINK=0 QLORAD_ATT_SHRINK=1 QLORAD_LORA_EPILOGUE=0 QLORAD_LORA_ALL_WARPS=0" \
+        OUT=/tmp/sweep-lora bash "$D/bench/sweep-gpu.sh" 2>&1 | tee "$OUT/sweep-lora.log" ;;
     bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
     # Training tokens/s and peak memory (reuses the bench step's model when it ran first).
     train) log "run-gpu-train (${QLORAD_TRAIN_BENCH_ARGS:-default modes})"; RESULT="${TRAIN_RESULT:-h200-train.json}" bash "$D/bench/run-gpu-train.sh" ;;
