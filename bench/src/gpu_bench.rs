@@ -276,9 +276,10 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
     );
     // Captured decode steps (on unless QLORAD_DECODE_GRAPH=0): how many ran as replays.
     let graphs = model.decode_graph_stats();
+    let graph_gb = p.graph_memory().unwrap_or(0) as f64 / 1e9;
     if graphs.on {
         println!(
-            "decode graphs: {} captured, {} steps replayed, {} kept",
+            "decode graphs: {} captured, {} steps replayed, {} kept, {graph_gb:.3} GB of graph memory",
             graphs.captures, graphs.replays, graphs.kept
         );
     }
@@ -309,6 +310,7 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
             "on": graphs.on,
             "captures": graphs.captures,
             "replays": graphs.replays,
+            "memory_gb": graph_gb,
         },
         "ttft_1k_ms": ttft * 1e3,
         "ttft_tokens": long.len(),

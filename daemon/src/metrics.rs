@@ -278,8 +278,9 @@ impl Metrics {
             Opts::new(
                 "qlorad_device_memory_bytes",
                 "Memory of each device a shard computes on (kind used|total): on a GPU the driver's \
-                 view (CUDA context and caching pool included); on the CPU the process RSS and the \
-                 machine's physical memory",
+                 view (CUDA context and caching pool included), and of it the captured decode \
+                 steps' graph memory (kind graphs); on the CPU the process RSS and the machine's \
+                 physical memory",
             ),
             &["device", "kind"],
         )?;
@@ -356,6 +357,10 @@ impl Metrics {
             let g = &self.device_memory;
             g.with_label_values(&[name.as_str(), "used"]).set(used);
             g.with_label_values(&[name.as_str(), "total"]).set(total);
+            if let Some(graphs) = p.graph_memory() {
+                g.with_label_values(&[name.as_str(), "graphs"])
+                    .set(graphs as i64);
+            }
             seen.push(name);
         }
     }

@@ -202,8 +202,8 @@ def memory(b):
             "bytes", "RSS of the daemon: base weights, KV caches, adapters and the running job.")
     b.panel("Device memory", [(sel("qlorad_device_memory_bytes"), "{{instance}} {{device}} {{kind}}")],
             "bytes", "Used and total memory of each compute device: the GPU as the driver sees it "
-            "(context and caching pool included), or the process RSS and the machine's memory on a "
-            "CPU model.")
+            "(context and caching pool included; kind graphs: the captured decode steps' part of "
+            "it), or the process RSS and the machine's memory on a CPU model.")
     b.panel("Model weights", [(sel("qlorad_model_weight_bytes"), "{{instance}}")], "bytes",
             "Bytes of the resident base weights (NF4 projections plus full-precision embeddings), "
             "summed over the devices of a multi-device daemon (one copy each).")

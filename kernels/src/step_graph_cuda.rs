@@ -144,6 +144,35 @@ pub fn end_capture(dev: &CudaDevice) -> candle_core::Result<StepGraph> {
     }
 }
 
+/// Bytes of device memory the driver holds for graph allocations on `dev`'s GPU: the captured
+/// steps' activations and logits (each graph's own, kept between its launches), outside the
+/// stream-ordered pool. A process-wide figure of the device.
+pub fn graph_memory(dev: &CudaDevice) -> candle_core::Result<u64> {
+    let device = dev.cuda_stream().context().cu_device();
+    let mut v = 0u64;
+    // SAFETY: the attribute's value is a cuuint64_t; `device` is the context's device.
+    unsafe {
+        sys::cuDeviceGetGraphMemAttribute(
+            device,
+            sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT,
+            (&mut v as *mut u64).cast(),
+        )
+    }
+    .result()
+    .map_err(|e| driver("graph memory", e))?;
+    Ok(v)
+}
+
+/// Hands the graph allocations' memory that no graph holds now (dropped graphs', or graphs' that
+/// are not running) back to the driver; a kept graph maps its memory again at its next launch.
+pub fn trim_graph_memory(dev: &CudaDevice) -> candle_core::Result<()> {
+    let device = dev.cuda_stream().context().cu_device();
+    // SAFETY: `device` is the context's device; trimming frees only unused graph memory.
+    unsafe { sys::cuDeviceGraphMemTrim(device) }
+        .result()
+        .map_err(|e| driver("graph memory trim", e))
+}
+
 /// Clears an error a failed capture left recorded on `dev`'s context (frees of allocations the
 /// capture made fail once it is abandoned).
 pub fn clear_capture_errors(dev: &CudaDevice) {

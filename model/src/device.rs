@@ -118,6 +118,16 @@ impl Placement {
         None
     }
 
+    /// Bytes the driver holds for CUDA graphs' allocations on this GPU (the captured decode
+    /// steps' activations and logits, outside the caching pool); `None` on the CPU.
+    pub fn graph_memory(&self) -> Option<u64> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = &self.device {
+            return qlorad_kernels::step_graph_cuda::graph_memory(d).ok();
+        }
+        None
+    }
+
     /// Waits until the device has finished all queued work (timing; a no-op on the CPU). Under
     /// the GPU gate: a synchronization would break a decode-step capture on another thread.
     pub fn synchronize(&self) -> Result<()> {
@@ -195,6 +205,8 @@ pub fn trim_pool(device: &Device) -> Result<()> {
         unsafe { sys::cuMemPoolTrimTo(pool, 0) }
             .result()
             .map_err(|e| fail(e.to_string()))?;
+        // The captured decode steps' memory lives outside that pool.
+        qlorad_kernels::step_graph_cuda::trim_graph_memory(d).map_err(|e| fail(e.to_string()))?;
     }
     let _ = device;
     Ok(())
