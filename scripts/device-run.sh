@@ -88,7 +88,7 @@ for step in "$@"; do
       # launches no longer cost host time): the shrinks' placements and the expand's.
       log "sweep of the LoRA switches"
       CONFIGS="QLORAD_X=default QLORAD_FUSED_SHRINK=0 QLORAD_NORM_SHRINK=0 QLORAD_ATT_SHRINK=1 QLORAD_LORA_EPILOGUE=0 QLORAD_LORA_ALL_WARPS=0" \
-        OUT=/tmp/sweep-lora bash "$D/bench/sweep-gpu.sh" 2>&1 | tee "$OUT/sweep-lora.log" ;;
+        OUT=/tmp/sweep-lora bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/sweep-lora.log" ;;
     bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
     # Training tokens/s and peak memory (reuses the bench step's model when it ran first).
     train) log "run-gpu-train (${QLORAD_TRAIN_BENCH_ARGS:-default modes})"; RESULT="${TRAIN_RESULT:-h200-train.json}" bash "$D/bench/run-gpu-train.sh" ;;
