@@ -244,6 +244,7 @@ pub fn checks(gpu: &Placement, n: usize, r: &mut Report) -> Result<()> {
     let vocab = RandomSpec::small().vocab;
     let mut m = model(gpu, None)?;
     embed_rows(gpu, r)?;
+    readback(gpu, r)?;
     upload_round_trip(gpu, r)?;
     packed_placement(&m, gpu, r)?;
     let mut ads: Vec<Option<Arc<LoraAdapter>>> = [8usize, 16, 64, 32]
@@ -327,6 +328,36 @@ fn embed_rows(gpu: &Placement, r: &mut Report) -> Result<()> {
         f64::from(nonzero + first),
         0.0,
         String::new(),
+    );
+    Ok(())
+}
+
+/// The pinned logits readback (kernels/src/readback_cuda.rs, `QLORAD_PINNED_LOGITS=1`) against
+/// candle's copy: the same values bit for bit, through a buffer that grows, is reused, and reads a
+/// tensor that starts inside its storage.
+fn readback(gpu: &Placement, r: &mut Report) -> Result<()> {
+    use candle_core::{DType, Tensor};
+    let mut rb = qlorad_kernels::readback_cuda::HostReadback::new();
+    let mut differing = 0usize;
+    let mut total = 0usize;
+    for (rows, cols) in [(1usize, 1000usize), (5, 4099), (3, 300)] {
+        let t = Tensor::randn(0f32, 1.0, (rows + 1, cols), &gpu.device)?.to_dtype(DType::F32)?;
+        let part = t.narrow(0, 1, rows)?;
+        let got = rb.read_f32(&part)?;
+        let want: Vec<f32> = part.flatten_all()?.to_vec1()?;
+        total += want.len();
+        differing += got.len().abs_diff(want.len())
+            + got
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+    }
+    r.add(
+        "pinned logits readback vs candle's copy, differing values".into(),
+        differing as f64,
+        0.0,
+        format!("{total} values over 3 reads (growing, reused, offset)"),
     );
     Ok(())
 }

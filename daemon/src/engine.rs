@@ -116,6 +116,7 @@ impl EngineHandle {
                     running: Vec::new(),
                     published: (0, 0),
                     graphs: Default::default(),
+                    logits: Default::default(),
                 }
                 .run(rx);
                 s.alive.store(false, Ordering::SeqCst);
@@ -185,6 +186,8 @@ struct Engine {
     published: (i64, i64),
     /// The model's decode-graph counts when last added to the metrics.
     graphs: qlorad_model::llama::DecodeGraphStats,
+    /// Reads each step's logits back (`QLORAD_PINNED_LOGITS=1`: through pinned memory).
+    logits: qlorad_model::device::LogitsReader,
 }
 
 impl Engine {
@@ -293,7 +296,7 @@ impl Engine {
         let logits = self
             .model
             .forward(&mut inputs, Logits::Last)
-            .and_then(|l| Ok(l.to_vec2::<f32>()?));
+            .and_then(|l| self.logits.rows(&l));
         drop(inputs);
         self.publish_graph_steps();
         let rows = match logits {

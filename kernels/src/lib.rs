@@ -34,6 +34,8 @@ pub mod nf4_op;
 #[cfg(feature = "cuda")]
 pub mod pdl_cuda;
 #[cfg(feature = "cuda")]
+pub mod readback_cuda;
+#[cfg(feature = "cuda")]
 pub mod staged_cuda;
 #[cfg(feature = "cuda")]
 pub mod step_graph_cuda;

@@ -212,6 +212,39 @@ pub fn trim_pool(device: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Reads a step's logits `(rows, vocab)` f32 back to the host, for one thread (the engine's).
+/// On a GPU with `QLORAD_PINNED_LOGITS=1` (opt-in while unmeasured) through a kept page-locked
+/// buffer and an event (`qlorad_kernels::readback_cuda` says why); otherwise candle's copy.
+#[derive(Default)]
+pub struct LogitsReader {
+    #[cfg(feature = "cuda")]
+    pinned: Option<qlorad_kernels::readback_cuda::HostReadback>,
+}
+
+impl LogitsReader {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn rows(&mut self, logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
+        #[cfg(feature = "cuda")]
+        if logits.device().is_cuda() && pinned_logits() {
+            let (_, vocab) = logits.dims2()?;
+            let r = self.pinned.get_or_insert_with(Default::default);
+            let flat = r.read_f32(&logits.contiguous()?)?;
+            return Ok(flat.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect());
+        }
+        Ok(logits.to_vec2::<f32>()?)
+    }
+}
+
+/// `QLORAD_PINNED_LOGITS=1` (read once).
+#[cfg(feature = "cuda")]
+fn pinned_logits() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("QLORAD_PINNED_LOGITS").is_ok_and(|v| v == "1"))
+}
+
 fn first_line(e: &candle_core::Error) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
 }
