@@ -288,6 +288,9 @@ pub struct BgmvPlan {
     expand: CudaFunction,
     /// The row addresses on the host (what `row_tables` holds).
     row_addrs: Vec<u64>,
+    /// [`BgmvPlan::fingerprint`], hashed on first use (a replayed decode step asks for it up to
+    /// three times; the shape it hashes never changes).
+    print: std::sync::OnceLock<u64>,
     /// The tables the row addresses point into, kept alive with the plan.
     _tables: Vec<Arc<AdapterTable>>,
 }
@@ -368,6 +371,7 @@ impl BgmvPlan {
             t_stride,
             slots,
             row_addrs,
+            print: std::sync::OnceLock::new(),
             _tables: tables,
         }))
     }
@@ -603,13 +607,15 @@ impl BgmvPlan {
     /// fingerprint launch the same kernels with the same shapes for the same input, whichever
     /// adapters their rows use (a captured decode step keys on it, model/src/llama_graph.rs).
     pub fn fingerprint(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        (self.rows, self.t_stride).hash(&mut h);
-        for s in &self.slots {
-            (s.max_rank, s.in_f, s.out_f).hash(&mut h);
-        }
-        h.finish()
+        *self.print.get_or_init(|| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            (self.rows, self.t_stride).hash(&mut h);
+            for s in &self.slots {
+                (s.max_rank, s.in_f, s.out_f).hash(&mut h);
+            }
+            h.finish()
+        })
     }
 
     /// Makes `self` (a plan a captured step keeps) address the adapters of `current`, a plan of
