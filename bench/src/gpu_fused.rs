@@ -126,15 +126,18 @@ pub(super) fn differing_bits(a: &BatchRun, b: &BatchRun) -> usize {
         .iter()
         .flatten()
         .zip(b.logits.iter().flatten())
-        .map(|(x, y)| {
-            x.len().abs_diff(y.len())
-                + x.iter()
-                    .zip(y)
-                    .filter(|(p, q)| p.to_bits() != q.to_bits())
-                    .count()
-        })
+        .map(|(x, y)| differing_values(x, y))
         .sum::<usize>()
         + a.logits.len().abs_diff(b.logits.len())
+}
+
+/// Values of `a` and `b` whose bits differ (so a NaN counts), plus any length mismatch.
+fn differing_values(a: &[f32], b: &[f32]) -> usize {
+    a.len().abs_diff(b.len())
+        + a.iter()
+            .zip(b)
+            .filter(|(p, q)| p.to_bits() != q.to_bits())
+            .count()
 }
 
 /// The fused run `got`, teacher-forced on `want`'s tokens, against the general path's `want`: its
@@ -182,12 +185,7 @@ fn packed_placement(m: &Llama, gpu: &Placement, r: &mut Report) -> Result<()> {
                         .to_dtype(candle_core::DType::F32)?
                         .flatten_all()?
                         .to_vec1::<f32>()?;
-                    differing += x
-                        .iter()
-                        .zip(&y)
-                        .filter(|(p, q)| p.to_bits() != q.to_bits())
-                        .count();
-                    differing += x.len().abs_diff(y.len());
+                    differing += differing_values(&x, &y);
                 }
             }
             (None, None) => {}
@@ -333,8 +331,8 @@ fn embed_rows(gpu: &Placement, r: &mut Report) -> Result<()> {
 }
 
 /// The pinned logits readback (kernels/src/readback_cuda.rs, `QLORAD_PINNED_LOGITS=1`) against
-/// candle's copy: the same values bit for bit, through a buffer that grows, is reused, and reads a
-/// tensor that starts inside its storage.
+/// candle's copy: the same values bit for bit, flat and as rows (the engine's form), through a
+/// buffer that grows, is reused, and reads a tensor that starts inside its storage.
 fn readback(gpu: &Placement, r: &mut Report) -> Result<()> {
     use candle_core::{DType, Tensor};
     let mut rb = qlorad_kernels::readback_cuda::HostReadback::new();
@@ -346,18 +344,20 @@ fn readback(gpu: &Placement, r: &mut Report) -> Result<()> {
         let got = rb.read_f32(&part)?;
         let want: Vec<f32> = part.flatten_all()?.to_vec1()?;
         total += want.len();
-        differing += got.len().abs_diff(want.len())
-            + got
-                .iter()
-                .zip(&want)
-                .filter(|(a, b)| a.to_bits() != b.to_bits())
-                .count();
+        differing += differing_values(&got, &want);
+        // The engine's form: rows.
+        let rows_got = rb.read_f32_rows(&part)?;
+        let rows_want = part.to_vec2::<f32>()?;
+        differing += rows_got.len().abs_diff(rows_want.len());
+        for (g, w) in rows_got.iter().zip(&rows_want) {
+            differing += differing_values(g, w);
+        }
     }
     r.add(
         "pinned logits readback vs candle's copy, differing values".into(),
         differing as f64,
         0.0,
-        format!("{total} values over 3 reads (growing, reused, offset)"),
+        format!("{total} values over 3 reads (growing, reused, offset), flat and as rows"),
     );
     Ok(())
 }

@@ -11,9 +11,7 @@
 //! read by the model crate's `LogitsReader`).
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    result, sys, CudaEvent, DevicePtr, PinnedHostSlice,
-};
+use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaEvent, PinnedHostSlice};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{DType, Storage, Tensor};
 
@@ -35,19 +33,32 @@ impl HostReadback {
     /// The values of the contiguous f32 tensor `t` on a GPU, in order, once every kernel queued
     /// before this call has finished with them.
     pub fn read_f32(&mut self, t: &Tensor) -> candle_core::Result<Vec<f32>> {
-        if t.dtype() != DType::F32 {
-            return Err(msg(format!("readback: want f32, got {:?}", t.dtype())));
-        }
+        Ok(self.copy_in(t)?.to_vec())
+    }
+
+    /// [`HostReadback::read_f32`] of a `(rows, cols)` tensor as its rows, copied out of the
+    /// page-locked buffer once.
+    pub fn read_f32_rows(&mut self, t: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+        let (_, cols) = t.dims2()?;
+        Ok(self
+            .copy_in(t)?
+            .chunks(cols.max(1))
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+
+    /// Copies `t` into the page-locked buffer (grown as needed) and waits for the copy: the
+    /// buffer's first `t.elem_count()` values.
+    fn copy_in(&mut self, t: &Tensor) -> candle_core::Result<&[f32]> {
         let (storage, layout) = t.storage_and_layout();
         let Storage::Cuda(cs) = &*storage else {
             return Err(msg("readback: the tensor is not on a GPU".into()));
         };
-        let (start, end) = layout
-            .contiguous_offsets()
-            .ok_or_else(|| msg("readback: the tensor must be contiguous".into()))?;
-        let n = end - start;
+        // f32 and contiguous, or an error; the address of its first value.
+        let src = crate::train_cuda::storage_addr("readback", cs, layout, DType::F32)?;
+        let n = layout.shape().elem_count();
         if n == 0 {
-            return Ok(Vec::new());
+            return Ok(&[]);
         }
         let stream = cs.device().cuda_stream();
         let ctx = stream.context();
@@ -71,13 +82,11 @@ impl HostReadback {
         // The slice's own event is never recorded (the copy below is queued by hand): this
         // returns at once. The previous read waited for its copy, so the buffer is free.
         let host = buf.as_mut_slice().w()?;
-        let view = cs.as_cuda_slice::<f32>()?.slice(start..end);
-        let (src, _guard) = view.device_ptr(&stream);
         // SAFETY: `host[..n]` is page-locked memory of this context that nothing else uses until
         // `done` says the copy finished; `src` holds n f32 (the tensor's contiguous range).
         unsafe { result::memcpy_dtoh_async(&mut host[..n], src, stream.cu_stream()) }.w()?;
         done.record(&stream).w()?;
         done.synchronize().w()?;
-        Ok(host[..n].to_vec())
+        Ok(&host[..n])
     }
 }

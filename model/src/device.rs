@@ -229,10 +229,8 @@ impl LogitsReader {
     pub fn rows(&mut self, logits: &candle_core::Tensor) -> Result<Vec<Vec<f32>>> {
         #[cfg(feature = "cuda")]
         if logits.device().is_cuda() && pinned_logits() {
-            let (_, vocab) = logits.dims2()?;
             let r = self.pinned.get_or_insert_with(Default::default);
-            let flat = r.read_f32(&logits.contiguous()?)?;
-            return Ok(flat.chunks(vocab.max(1)).map(<[f32]>::to_vec).collect());
+            return Ok(r.read_f32_rows(&logits.contiguous()?)?);
         }
         Ok(logits.to_vec2::<f32>()?)
     }
