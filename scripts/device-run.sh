@@ -78,7 +78,7 @@ for step in "$@"; do
       A="QLORAD_ATT_CLUSTER=1" B="QLORAD_ATT_CLUSTER=0" OUT=/tmp/ab-cluster bash "$D/bench/ab-gpu.sh" \
         2>&1 | tee "$OUT/ab-cluster.log" ;;
     clustercap)
-      # Long contexts' splits capped at one cluster (QLORAD_ATT_CLUSTER_CAP=1, opt-in): batch-1
+      # Long contexts' splits capped at one cluster (QLORAD_ATT_CLUSTER_CAP, the default): batch-1
       # decode after a 1,024-token prompt, where the default takes 32 splits and a combine launch.
       log "A/B at a 1,024-token context: QLORAD_ATT_CLUSTER_CAP=1 vs 0"
       A="QLORAD_ATT_CLUSTER_CAP=1" B="QLORAD_ATT_CLUSTER_CAP=0" AB_ARGS="--prompt-tokens 1024" \
@@ -87,7 +87,7 @@ for step in "$@"; do
       # The adapter path's switches again now that decode steps replay as graphs (their extra
       # launches no longer cost host time): the shrinks' placements and the expand's.
       log "sweep of the LoRA switches"
-      CONFIGS="QLORAD_X=default QLORAD_FUSED_SHRINK=0 QLORAD_NORM_SHRINK=0 QLORAD_ATT_SHRINK=1 QLORAD_LORA_EPILOGUE=0 QLORAD_LORA_ALL_WARPS=0" \
+      CONFIGS="QLORAD_X=default QLORAD_FUSED_SHRINK=0 QLORAD_NORM_SHRINK=0 QLORAD_ATT_SHRINK=1 QLORAD_LORA_EPILOGUE=0 QLORAD_LORA_ALL_WARPS=1" \
         OUT=/tmp/sweep-lora bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/sweep-lora.log" ;;
     bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
     # Training tokens/s and peak memory (reuses the bench step's model when it ran first).

@@ -186,7 +186,7 @@ struct Engine {
     published: (i64, i64),
     /// The model's decode-graph counts when last added to the metrics.
     graphs: qlorad_model::llama::DecodeGraphStats,
-    /// Reads each step's logits back (`QLORAD_PINNED_LOGITS=1`: through pinned memory).
+    /// Reads each step's logits back (on a GPU through pinned memory; `QLORAD_PINNED_LOGITS=0` off).
     logits: qlorad_model::device::LogitsReader,
 }
 

@@ -272,13 +272,26 @@ pub fn set_persistent(on: bool) {
 /// cuda/nf4_t4.cuh).
 const T4E_RANKS: u32 = 256;
 
+static ALL_WARPS: crate::switch::EnvSwitch = crate::switch::EnvSwitch::new("QLORAD_LORA_ALL_WARPS");
+
+/// Whether the all-warps epilogue is on for the process (see [`all_warps_epilogue`]).
+pub fn all_warps() -> bool {
+    ALL_WARPS.on()
+}
+
+/// Switches the all-warps epilogue on or off for the process (gpu-check runs both).
+pub fn set_all_warps(on: bool) {
+    ALL_WARPS.set(on);
+}
+
 /// Whether a grouped LoRA launch takes the all-warps epilogue (`GroupKernel::LoraAllWarps`): t4
 /// weights, 1..=4 rows, the shrink finished before the launch (no counters), every row's rank
-/// within the staging, and `QLORAD_LORA_ALL_WARPS` not 0 (read once per process).
+/// within the staging, and `QLORAD_LORA_ALL_WARPS=1` (or [`set_all_warps`]). Opt-in since session
+/// 20: with decode steps replayed as graphs, the LoRA-warp epilogue decodes one r=64 adapter
+/// ~3.5 % faster (same call: 341.7 / 339.7 against 325.5 / 330.3 tok/s; BENCHMARKS.md).
 fn all_warps_epilogue(g: &Nf4Gpu, m: usize, l: &GemvLora) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let on = *ON.get_or_init(|| std::env::var("QLORAD_LORA_ALL_WARPS").map_or(true, |v| v != "0"));
-    on && g.gemv_kernel() == GemvKernel::T4
+    ALL_WARPS.on()
+        && g.gemv_kernel() == GemvKernel::T4
         && (1..=4).contains(&m)
         && l.counters == 0
         && (m as u32) * l.max_rank <= T4E_RANKS

@@ -4,11 +4,12 @@
 //! candle's `to_vec*` copies into pageable memory: the driver then runs the copy synchronously,
 //! waiting for everything queued before it on the stream, and during that wait (the whole GPU
 //! step when the step is a replayed graph) work another thread queues on the same stream can be
-//! held back, as a fine-tuning job's layers were in session 19's serving-during-training run
-//! (BENCHMARKS.md; not yet confirmed to be the cause). Here the copy is queued asynchronously into
-//! pinned memory, an event recorded after it, and only the event is waited for, as PyTorch's
-//! `non_blocking` copies to pinned memory do. Opt-in while unmeasured (`QLORAD_PINNED_LOGITS=1`,
-//! read by the model crate's `LogitsReader`).
+//! held back, as a fine-tuning job's layers were in session 19's serving-during-training run.
+//! Here the copy is queued asynchronously into pinned memory, an event recorded after it, and only
+//! the event is waited for, as PyTorch's `non_blocking` copies to pinned memory do. Session 20
+//! (same call, share 0.5): the job made 2 optimizer steps and 498 pieces while requests streamed,
+//! against 0 and 63 with candle's copy (BENCHMARKS.md). The default (`QLORAD_PINNED_LOGITS=0`
+//! turns it off; read by the model crate's `LogitsReader`).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{result, sys, CudaEvent, PinnedHostSlice};

@@ -220,14 +220,15 @@ pub fn set_cluster_merge(on: bool) {
 }
 
 static CLUSTER_CAP: crate::switch::EnvSwitch =
-    crate::switch::EnvSwitch::new("QLORAD_ATT_CLUSTER_CAP");
+    crate::switch::EnvSwitch::new_on("QLORAD_ATT_CLUSTER_CAP");
 
 /// Whether a context that would take more splits than one cluster holds takes only as many as
 /// it holds (8), so that the cluster merges them, instead of more splits merged by the combine
-/// launch (`QLORAD_ATT_CLUSTER_CAP=1`, or [`set_cluster_cap`]; opt-in until measured). At batch
-/// 1 from 257 positions on, Mistral's 8 KV heads then run 64 blocks of longer splits instead of
-/// up to 256 plus a combine launch (3.9 µs per layer): fewer blocks than SMs, against one launch
-/// and the partials' round trip less. Only with the cluster merge on.
+/// launch (the default; `QLORAD_ATT_CLUSTER_CAP=0`, or [`set_cluster_cap`], turns it off). At
+/// batch 1 from 257 positions on, Mistral's 8 KV heads then run 64 blocks of longer splits
+/// instead of up to 256 plus a combine launch (3.9 µs per layer): fewer blocks than SMs, against
+/// one launch and the partials' round trip less. Session 20, after a 1,024-token prompt: 389.5 /
+/// 390.6 tok/s against 348.7 / 347.8 (same call; BENCHMARKS.md). Only with the cluster merge on.
 pub fn cluster_cap() -> bool {
     CLUSTER_CAP.on() && cluster_merge()
 }

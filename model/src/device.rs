@@ -213,8 +213,8 @@ pub fn trim_pool(device: &Device) -> Result<()> {
 }
 
 /// Reads a step's logits `(rows, vocab)` f32 back to the host, for one thread (the engine's).
-/// On a GPU with `QLORAD_PINNED_LOGITS=1` (opt-in while unmeasured) through a kept page-locked
-/// buffer and an event (`qlorad_kernels::readback_cuda` says why); otherwise candle's copy.
+/// On a GPU through a kept page-locked buffer and an event (`qlorad_kernels::readback_cuda` says
+/// why; `QLORAD_PINNED_LOGITS=0`: candle's synchronous copy); otherwise candle's copy.
 #[derive(Default)]
 pub struct LogitsReader {
     #[cfg(feature = "cuda")]
@@ -236,11 +236,11 @@ impl LogitsReader {
     }
 }
 
-/// `QLORAD_PINNED_LOGITS=1` (read once).
+/// `QLORAD_PINNED_LOGITS` not 0 (read once).
 #[cfg(feature = "cuda")]
 fn pinned_logits() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("QLORAD_PINNED_LOGITS").is_ok_and(|v| v == "1"))
+    *ON.get_or_init(|| std::env::var("QLORAD_PINNED_LOGITS").map_or(true, |v| v != "0"))
 }
 
 fn first_line(e: &candle_core::Error) -> String {
