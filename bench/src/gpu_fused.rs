@@ -64,26 +64,6 @@ fn compare(
         0.0,
         String::new(),
     );
-    // The add + RMSNorm inside the base GEMV's launch (QLORAD_NORM_GEMV=1; batches without
-    // adapters, else the setting changes nothing): the norm launch's roundings and order of
-    // summation, so the same logits bit for bit.
-    let norm_was = qlorad_kernels::nf4_group_cuda::norm_gemv();
-    qlorad_kernels::nf4_group_cuda::set_norm_gemv(!norm_was);
-    let ng = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
-    qlorad_kernels::nf4_group_cuda::set_norm_gemv(norm_was);
-    let (differing, note) = match &ng {
-        Ok(c) => (differing_bits(c, &got) as f64, String::new()),
-        Err(e) => (f64::NAN, format!("run failed: {e}")),
-    };
-    r.add(
-        format!("fused decode, {name}: add + RMSNorm in the GEMV launch vs its own launch, differing logits"),
-        differing,
-        0.0,
-        format!(
-            "norm in the GEMV {} for the compared run{note}",
-            if norm_was { "off" } else { "on" }
-        ),
-    );
     // The splits merged inside a thread-block cluster (the default; QLORAD_ATT_CLUSTER=0 turns it
     // off) against the combine launch: the same splits and merge arithmetic, so the same bits.
     // Both runs with long contexts' splits not capped at one cluster (a cap the combine launch

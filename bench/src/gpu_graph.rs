@@ -84,50 +84,7 @@ pub fn checks(device: DeviceSpec, n: usize, r: &mut Report) -> Result<()> {
         }
     }
     qlorad_kernels::step_graph_cuda::set_cluster_merge(cluster_was);
-    norm_in_gemv(&m, vocab, &cases, n, r);
     adapters(&m, vocab, n, r)
-}
-
-/// The base cases replayed with the add + RMSNorm inside the q/k/v and gate/up GEMV launches
-/// (`QLORAD_NORM_GEMV=1`) against eager steps with the norm's own launch: the same bits.
-fn norm_in_gemv(
-    m: &qlorad_model::Llama,
-    vocab: usize,
-    cases: &[(&str, &[usize])],
-    n: usize,
-    r: &mut Report,
-) {
-    let was = qlorad_kernels::nf4_group_cuda::norm_gemv();
-    for (name, lens) in cases {
-        let p = prompts(lens, vocab);
-        let none: Vec<Option<Arc<LoraAdapter>>> = vec![None; p.len()];
-        let run = || -> Result<(usize, qlorad_model::llama::DecodeGraphStats)> {
-            m.set_decode_graphs(false);
-            qlorad_kernels::nf4_group_cuda::set_norm_gemv(false);
-            let want = batch_greedy(m, &p, &none, n, None)?;
-            qlorad_kernels::nf4_group_cuda::set_norm_gemv(true);
-            m.set_decode_graphs(true);
-            let got = batch_greedy(m, &p, &none, n, Some(&want.tokens));
-            let stats = m.decode_graph_stats();
-            m.set_decode_graphs(false);
-            Ok((differing_bits(&want, &got?), stats))
-        };
-        let out = run();
-        qlorad_kernels::nf4_group_cuda::set_norm_gemv(was);
-        let (differing, note) = match out {
-            Ok((d, s)) => (
-                d as f64,
-                format!("{} captures, {} replays", s.captures, s.replays),
-            ),
-            Err(e) => (f64::NAN, format!("failed: {e}")),
-        };
-        r.add(
-            format!("decode graphs, {name}: norm in the GEMV launch (replayed) vs its own launch (eager), differing logits"),
-            differing,
-            0.0,
-            note,
-        );
-    }
 }
 
 /// Rows with adapters of ranks 8 and 64 and a base row: graphs captured with one pair of adapters

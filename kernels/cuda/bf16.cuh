@@ -22,18 +22,6 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
     return (u16)(u >> 16);
 }
 
-// f32 rounded to bf16 and back (an intermediate the reference rounds).
-__device__ __forceinline__ float rbf(float f) { return bf16_f(f32_to_bf16(f)); }
-
-// Element e (0..7) of 8 bf16 in a 16-byte chunk, as f32; two f32 rounded into one word.
-__device__ __forceinline__ float word_half(const uint4& v, int e) {
-    const u32 w = e < 2 ? v.x : (e < 4 ? v.y : (e < 6 ? v.z : v.w));
-    return (e & 1) ? bf16_hi(w) : bf16_lo(w);
-}
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
-}
-
 // Sum over the 32 lanes of a warp (all lanes must be active).
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

@@ -23,6 +23,8 @@
 #include "bf16.cuh"
 #include "lora_table.cuh"
 
+__device__ __forceinline__ float rbf(float f) { return bf16_f(f32_to_bf16(f)); }
+
 // RoPE of one (i, i + hd/2) pair (a, b) of a head row with cos c and sin s, transformers' Llama
 // rotate-half form with every bf16 product rounded: (a·c − b·s, a·s + b·c), each sum unrounded.
 // rope_kv and the attention's in-launch RoPE both use it, which keeps their results bit for bit
@@ -44,6 +46,15 @@ __device__ __forceinline__ float warp_max(float v) {
 // each (a 4096-wide row) instead of 256 with two, of NORM_VEC = 4 unrolled (half on zeros).
 #define NORM_VEC 2
 #define NORM_THREADS 512
+
+__device__ __forceinline__ float word_half(const uint4& v, int e) {
+    const u32 w = e < 2 ? v.x : (e < 4 ? v.y : (e < 6 ? v.z : v.w));
+    return (e & 1) ? bf16_hi(w) : bf16_lo(w);
+}
+
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+}
 
 // The block's sum of `acc` (every thread must call it).
 __device__ __forceinline__ float block_sum(float acc) {

@@ -85,7 +85,7 @@ __device__ __forceinline__ void t4_load_stage(T4Stage<PLAIN>& s, const uint4* pa
 // once the stage's registers are consumed (it loads the stage's next super-block), and the two
 // k blocks' partial dots scaled into acc_a (row a) and acc_b (row b). Shared by t4 and the
 // persistent t4p, so both compute the same bits.
-template <bool PLAIN, class Refill, bool XS = false>
+template <bool PLAIN, class Refill>
 __device__ __forceinline__ void t4_super_block(T4Stage<PLAIN>& st, const uint4* xp, bool xact,
                                                u32 lut_base, u32 ncode_base, float offset,
                                                float& acc_a, float& acc_b, Refill refill) {
@@ -101,9 +101,8 @@ __device__ __forceinline__ void t4_super_block(T4Stage<PLAIN>& st, const uint4* 
     float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        // XS: x is in shared memory (the norm computed in the launch, t4n_norm_rows).
-        const uint4 x0 = xact ? (XS ? xp[2 * h] : __ldg(xp + 2 * h)) : xz;
-        const uint4 x1 = xact ? (XS ? xp[2 * h + 1] : __ldg(xp + 2 * h + 1)) : xz;
+        const uint4 x0 = xact ? __ldg(xp + 2 * h) : xz;
+        const uint4 x1 = xact ? __ldg(xp + 2 * h + 1) : xz;
         const u32 xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
         // mma u (0..3 of this half) takes bytes 2u, 2u + 1 of the half's two words.
         const u32 a0 = h == 0 ? st.a.x : st.a.z, a1 = h == 0 ? st.a.y : st.a.w;
@@ -152,7 +151,7 @@ __device__ __forceinline__ void t4_super_block(T4Stage<PLAIN>& st, const uint4* 
 
 // `after_wait` runs in every thread once the previous kernel is done and the tables are filled,
 // before the stream loop (the all-warps LoRA epilogue issues its copies there).
-template <int M, int STAGES, bool PLAIN, class AfterWait, bool XS = false>
+template <int M, int STAGES, bool PLAIN, class AfterWait>
 __device__ __forceinline__ void nf4_gemv_t4_stream(
     const u16* __restrict__ x, const u8* __restrict__ packed, const float* __restrict__ code16,
     const float* __restrict__ absmax, const u8* __restrict__ qabs,
@@ -209,13 +208,12 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
             if (i >= iters) {
                 break;
             }
-            auto refill = [&]() {
-                if (i + STAGES < iters) {
-                    load(st[s]);
-                }
-            };
-            t4_super_block<PLAIN, decltype(refill), XS>(st[s], xp, xact, lut_base, ncode_base,
-                                                        offset, acc_a, acc_b, refill);
+            t4_super_block<PLAIN>(st[s], xp, xact, lut_base, ncode_base, offset, acc_a, acc_b,
+                                  [&]() {
+                                      if (i + STAGES < iters) {
+                                          load(st[s]);
+                                      }
+                                  });
             xp += xstep;
         }
     }
@@ -330,106 +328,13 @@ __device__ __forceinline__ void t4e_expand(const TcLoraRefs<M>& refs, u32 t_stri
     }
 }
 
-// The residual add + RMSNorm before a grouped base GEMV, computed by every block of the GEMV
-// itself (`nf4_gemv_t4gn`, QLORAD_NORM_GEMV=1) instead of a one-block launch before it: at batch 1
-// that launch is a chain of memory round trips and a kernel boundary on the critical path of each
-// layer, twice (session 20's what-if run: 5.6 us per layer for the two). Each block reads the M
-// rows of x and y (L2 hits: the previous kernels just wrote them), normalizes them into shared
-// memory, and streams its weights against that copy; block 0 also writes x + y for the residual.
-// Bit for bit decode.cu's add_rms_norm_bf16 on its vectorized path: the same roundings, and its
-// sum of squares in its order, that of a 512-thread block (T4N_THREADS = NORM_THREADS, T4N_VEC =
-// NORM_VEC there) whose thread v sums chunks v, v + 512 (16-byte chunks) and whose warps' sums
-// block_sum adds; here each of the 256 threads plays virtual threads t and t + 256, so real warp w
-// holds virtual warps w and w + 8 (gpu-check compares the two paths' logits bit for bit).
-#define T4N_THREADS 512
-#define T4N_VEC 2
-// Values (M · k) the block's copy of the normed rows holds: 8 KB beside the code table's 32 KB
-// keeps the kernel's static shared memory under 48 KB (batch 1 of a 4096-wide model).
-#define T4N_MAX_VALUES 4096
-
-struct T4Norm {
-    const u16* y;  // x's summand (M, k), or null (then the norm of x)
-    const u16* w;  // the norm's weight (k)
-    u16* sum;      // x + y (M, k), written by block 0 (null: not written)
-    float eps;
-};
-
-template <int M>
-__device__ __forceinline__ void t4n_norm_rows(const u16* __restrict__ x, const T4Norm& nm, u32 k,
-                                              u16* s_h) {
-    __shared__ float part[M][T4N_THREADS / 32];
-    __shared__ float s_scale[M];
-    const u32 nv = k >> 3, lane = threadIdx.x & 31u, warp = threadIdx.x >> 5;
-    const bool writer = blockIdx.x == 0 && nm.sum != nullptr;
-    const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-        const uint4* x4 = reinterpret_cast<const uint4*>(x + (u64)m * k);
-        const uint4* y4 = nm.y != nullptr ? reinterpret_cast<const uint4*>(nm.y + (u64)m * k)
-                                          : nullptr;
-        uint4* h4 = reinterpret_cast<uint4*>(s_h + (u64)m * k);
-        uint4* o4 = writer ? reinterpret_cast<uint4*>(nm.sum + (u64)m * k) : nullptr;
-        // Uniform trip count (blockDim divides T4N_THREADS): every lane reaches warp_sum.
-        for (u32 v = threadIdx.x; v < T4N_THREADS; v += blockDim.x) {
-            float acc = 0.f;
-            // Chunks past the row add nothing in add_rms_norm_vec (zeros into a sum >= +0).
-            for (u32 c = v; c < nv; c += T4N_THREADS) {
-                const uint4 xv = ld_after_wait(x4 + c);
-                const uint4 yv = y4 != nullptr ? ld_after_wait(y4 + c) : z;
-                float sv[8];
-#pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    const float xe = word_half(xv, e);
-                    sv[e] = y4 != nullptr ? rbf(__fadd_rn(xe, word_half(yv, e))) : xe;
-                    acc = fmaf(sv[e], sv[e], acc);
-                }
-                const uint4 packed = make_uint4(pack2(sv[0], sv[1]), pack2(sv[2], sv[3]),
-                                                pack2(sv[4], sv[5]), pack2(sv[6], sv[7]));
-                h4[c] = packed;  // the sums for now (exact in bf16); normed below
-                if (o4 != nullptr) o4[c] = packed;
-            }
-            const float ws = warp_sum(acc);
-            if (lane == 0) part[m][v >> 5] = ws;
-        }
-    }
-    __syncthreads();
-    if (warp < (u32)M) {
-        float v = lane < T4N_THREADS / 32 ? part[warp][lane] : 0.f;
-        v = warp_sum(v);
-        if (lane == 0) s_scale[warp] = rsqrtf(v / (float)k + nm.eps);
-    }
-    __syncthreads();
-    const uint4* w4 = reinterpret_cast<const uint4*>(nm.w);
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-        const float scale = s_scale[m];
-        uint4* h4 = reinterpret_cast<uint4*>(s_h + (u64)m * k);
-        // Each thread rewrites only the chunks it wrote above.
-        for (u32 v = threadIdx.x; v < T4N_THREADS; v += blockDim.x) {
-            for (u32 c = v; c < nv; c += T4N_THREADS) {
-                const uint4 sv = h4[c], wv = __ldg(w4 + c);
-                float o[8];
-#pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    o[e] = __fmul_rn(__fmul_rn(scale, word_half(sv, e)), word_half(wv, e));
-                }
-                h4[c] = make_uint4(pack2(o[0], o[1]), pack2(o[2], o[3]), pack2(o[4], o[5]),
-                                   pack2(o[6], o[7]));
-            }
-        }
-    }
-    __syncthreads();
-}
-
-template <int M, bool LORA, int STAGES, bool EPI_ALL = false, bool NORM = false>
+template <int M, bool LORA, int STAGES, bool EPI_ALL = false>
 __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
                                             NF4_W_PARAMS, u32 n, u32 k, u16* __restrict__ y,
                                             const u64* __restrict__ row_tables, u32 slot,
                                             const float* __restrict__ t_lora, u32 t_stride,
-                                            u32 tile, const TcGroup* grp = nullptr,
-                                            const T4Norm* nm = nullptr) {
+                                            u32 tile, const TcGroup* grp = nullptr) {
     static_assert(M >= 1 && M <= 4, "t4 keeps two k blocks per input row in B's 8 columns");
-    static_assert(!(NORM && LORA), "the norm in the launch is for the base GEMV");
     pdl_trigger();
     __shared__ __align__(16) u32 lut[256 * TC_COPIES];
     __shared__ float s_ncode[256];
@@ -437,7 +342,6 @@ __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
     __shared__ float lora_out[LORA ? 16 * M : 1];
     __shared__ TcLoraRefs<M> lrefs;  // unused (and dropped) without LORA
     __shared__ typename t4_pick<EPI_ALL, T4EpiSmem, char>::type epi;
-    __shared__ __align__(16) u16 s_h[NORM ? T4N_MAX_VALUES : 8];  // the normed rows (NORM)
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     if (LORA && warp == (EPI_ALL ? 0u : (u32)TC_WARPS)) {
         // Before the stream's programmatic-launch wait: the lookups and B need nothing from it.
@@ -447,21 +351,15 @@ __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
         if constexpr (EPI_ALL) {
             t4e_issue<M>(lrefs, t_lora, t_stride, tile, grp, epi);
         }
-        if constexpr (NORM) {
-            t4n_norm_rows<M>(x, *nm, k, s_h);
-        }
     };
-    // With NORM the stream reads the normed rows from shared memory, not x.
-    const u16* xs = NORM ? s_h : x;
     float acc_a = 0.f, acc_b = 0.f;
     if (plain) {
-        nf4_gemv_t4_stream<M, STAGES, true, decltype(after_wait), NORM>(
-            xs, packed, code16, absmax, qabs, nested, ncode, offset, k, tile, lut, s_ncode, acc_a,
-            acc_b, after_wait);
+        nf4_gemv_t4_stream<M, STAGES, true>(x, packed, code16, absmax, qabs, nested, ncode, offset,
+                                            k, tile, lut, s_ncode, acc_a, acc_b, after_wait);
     } else {
-        nf4_gemv_t4_stream<M, STAGES, false, decltype(after_wait), NORM>(
-            xs, packed, code16, absmax, qabs, nested, ncode, offset, k, tile, lut, s_ncode, acc_a,
-            acc_b, after_wait);
+        nf4_gemv_t4_stream<M, STAGES, false>(x, packed, code16, absmax, qabs, nested, ncode,
+                                             offset, k, tile, lut, s_ncode, acc_a, acc_b,
+                                             after_wait);
     }
     const u32 g = lane >> 2, t = lane & 3u;
     const u32 ra = tile * 16 + g, rb = ra + 8;
@@ -562,32 +460,6 @@ __device__ __forceinline__ void nf4_gemv_t4_group(const u16* __restrict__ x, con
             __trap();                                                                            \
         }                                                                                        \
     }
-// The base GEMV with the add + RMSNorm of its input in the launch (t4n_norm_rows): x is the
-// residual stream's (M, k), nm the rest of the norm. The host picks it for 1..4 rows with
-// M · k <= T4N_MAX_VALUES; the 5..8-row names exist because the host loads every row count of a
-// kernel name, and stop the kernel if ever launched.
-#define NF4_GEMV_T4GN_ENTRY(M)                                                                   \
-    extern "C" __global__ void TC_BOUNDS(TC_CFG_tc3)                                             \
-        nf4_gemv_t4gn_bf16_m##M(const u16* __restrict__ x, const TcGroup grp, const T4Norm nm) { \
-        if constexpr (M <= 4) {                                                                  \
-            const TcWeight& w = tc_group_weight(grp);                                            \
-            nf4_gemv_t4<M <= 4 ? M : 1, false, T4_STAGES, false, true>(                          \
-                x, w.packed, w.code16, w.plain, w.absmax, w.qabs, w.nested, w.ncode, w.offset,   \
-                w.log2_bs, w.n, grp.k, w.y, nullptr, 0, nullptr, 0, blockIdx.x - w.tile0, &grp,  \
-                &nm);                                                                            \
-        } else {                                                                                 \
-            __trap();                                                                            \
-        }                                                                                        \
-    }
-NF4_GEMV_T4GN_ENTRY(1)
-NF4_GEMV_T4GN_ENTRY(2)
-NF4_GEMV_T4GN_ENTRY(3)
-NF4_GEMV_T4GN_ENTRY(4)
-NF4_GEMV_T4GN_ENTRY(5)
-NF4_GEMV_T4GN_ENTRY(6)
-NF4_GEMV_T4GN_ENTRY(7)
-NF4_GEMV_T4GN_ENTRY(8)
-
 NF4_GEMV_T4E_ENTRY(1)
 NF4_GEMV_T4E_ENTRY(2)
 NF4_GEMV_T4E_ENTRY(3)

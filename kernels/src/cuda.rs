@@ -86,10 +86,10 @@ pub struct Nf4Gpu {
     gemv_lora: std::sync::OnceLock<Vec<CudaFunction>>,
     /// The grouped tensor-core GEMV for 1..=8 input rows, per [`GroupKernel`]
     /// (`nf4_group_cuda`), loaded on first use.
-    gemv_group: [std::sync::OnceLock<Vec<CudaFunction>>; 5],
+    gemv_group: [std::sync::OnceLock<Vec<CudaFunction>>; 4],
     /// The same kernels for programmatic dependent launch (`pdl_cuda`), settled on first use:
     /// `None` when the device or `QLORAD_PDL=0` rules it out.
-    gemv_group_pdl: [std::sync::OnceLock<Option<Vec<crate::pdl_cuda::RawFunction>>>; 5],
+    gemv_group_pdl: [std::sync::OnceLock<Option<Vec<crate::pdl_cuda::RawFunction>>>; 4],
     /// The persistent grouped GEMV's grid (its resident blocks on the device), settled on first
     /// use.
     persistent_grid: std::sync::OnceLock<u32>,
@@ -132,9 +132,6 @@ pub(crate) enum GroupKernel {
     /// t4 only, 1..=4 rows, the base alone as persistent blocks walking the tiles
     /// (`nf4_gemv_t4p`, cuda/nf4_t4p.cuh).
     BasePersistent,
-    /// t4 only, 1..=4 rows, the base with the residual add + RMSNorm of its input computed in
-    /// the launch (`nf4_gemv_t4gn`, cuda/nf4_t4.cuh t4n_norm_rows).
-    BaseNorm,
 }
 
 impl GroupKernel {
@@ -144,7 +141,6 @@ impl GroupKernel {
             GroupKernel::Lora => 1,
             GroupKernel::LoraAllWarps => 2,
             GroupKernel::BasePersistent => 3,
-            GroupKernel::BaseNorm => 4,
         }
     }
 }
@@ -383,8 +379,6 @@ impl Nf4Gpu {
                 ("nf4_gemv_tcg_lora", lora_warp)
             }
             (GroupKernel::BasePersistent, true) => ("nf4_gemv_t4p", GEMV_WARPS),
-            // t4 only (nf4_group_cuda::nf4_linear_group_norm declines other weights).
-            (GroupKernel::BaseNorm, _) => ("nf4_gemv_t4gn", GEMV_WARPS),
             (GroupKernel::Base, true) => ("nf4_gemv_t4g", GEMV_WARPS),
             (GroupKernel::Base | GroupKernel::BasePersistent, false) => {
                 ("nf4_gemv_tcg", GEMV_WARPS)

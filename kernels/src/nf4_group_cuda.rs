@@ -59,39 +59,6 @@ struct TcGroup {
 // reads, no host pointers).
 unsafe impl DeviceRepr for TcGroup {}
 
-/// Mirrors `T4Norm` of cuda/nf4_t4.cuh (passed by value after the group).
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct T4Norm {
-    y: u64,
-    w: u64,
-    sum: u64,
-    eps: f32,
-    _pad: u32,
-}
-
-// SAFETY: as TcGroup's.
-unsafe impl DeviceRepr for T4Norm {}
-
-/// Values (rows · k) the norm-in-the-GEMV kernel's shared copy holds (T4N_MAX_VALUES).
-const T4N_MAX_VALUES: usize = 4096;
-/// The 16-byte chunks per row decode.cu's vectorized add_rms_norm takes (NORM_VEC ·
-/// NORM_THREADS), whose order of summation the kernel repeats.
-const T4N_MAX_CHUNKS: usize = 1024;
-
-static NORM_GEMV: EnvSwitch = EnvSwitch::new("QLORAD_NORM_GEMV");
-
-/// Whether decode's base q/k/v and gate/up GEMVs compute the residual add + RMSNorm of their input
-/// in their own launch ([`nf4_linear_group_norm`]; `QLORAD_NORM_GEMV=1`, opt-in until measured).
-pub fn norm_gemv() -> bool {
-    NORM_GEMV.on()
-}
-
-/// Switches [`norm_gemv`] on or off for the process (gpu-check runs both).
-pub fn set_norm_gemv(on: bool) {
-    NORM_GEMV.set(on);
-}
-
 fn msg(s: String) -> candle_core::Error {
     candle_core::Error::Msg(s)
 }
@@ -145,129 +112,21 @@ pub fn nf4_linear_group(
     }
     let slice = cs.as_cuda_slice::<bf16>()?;
     let xv = slice.slice(a..b);
-    let ys = launch(&gpus, &xv, m, loras, None)?;
+    let ys = launch(&gpus, &xv, m, loras)?;
     drop(storage);
-    Ok(Some(wrap_outputs(ys, &gpus, m)))
-}
-
-fn wrap_outputs(ys: Vec<CudaSlice<bf16>>, gpus: &[&Nf4Gpu], m: usize) -> Vec<Tensor> {
-    ys.into_iter()
-        .zip(gpus)
-        .map(|(y, g)| wrap(y, g, (m, g.shape().0)))
-        .collect()
-}
-
-fn wrap(y: CudaSlice<bf16>, g: &Nf4Gpu, shape: (usize, usize)) -> Tensor {
-    Tensor::from_storage(
-        Storage::Cuda(CudaStorage::wrap_cuda_slice(y, g.device().clone())),
-        shape,
-        candle_core::op::BackpropOp::none(),
-        false,
-    )
-}
-
-/// A bf16 tensor's contiguous view on `dev`'s device, 16-byte aligned, with `len` values: its
-/// storage guard and (start, end) element offsets; `None` otherwise.
-fn aligned_bf16<'a>(
-    t: &'a Tensor,
-    len: usize,
-    dev: &Nf4Gpu,
-) -> Option<(std::sync::RwLockReadGuard<'a, Storage>, usize, usize)> {
-    if t.dtype() != candle_core::DType::BF16 || t.elem_count() != len {
-        return None;
-    }
-    let (storage, layout) = t.storage_and_layout();
-    let (a, b) = layout.contiguous_offsets()?;
-    match &*storage {
-        // Allocations are 256-byte aligned: the element offset decides the 16-byte alignment.
-        Storage::Cuda(cs) if cs.device.id() == dev.device().id() && a % 8 == 0 => {}
-        _ => return None,
-    }
-    Some((storage, a, b))
-}
-
-/// Elements `a..b` of a bf16 GPU storage.
-fn view(s: &Storage, a: usize, b: usize) -> candle_core::Result<CudaView<'_, bf16>> {
-    match s {
-        Storage::Cuda(cs) => Ok(cs.as_cuda_slice::<bf16>()?.slice(a..b)),
-        _ => Err(msg("grouped gemv with norm: not on a GPU".into())),
-    }
-}
-
-/// `(x + y, [rmsnorm(x + y) · w · W_iᵀ])`: the residual add and RMSNorm of decode.cu's
-/// add_rms_norm (bit for bit, its vectorized path) computed by every block of the grouped base
-/// GEMV of the weights (`nf4_gemv_t4gn`, cuda/nf4_t4.cuh) instead of a launch of its own, so the
-/// normed rows never leave the blocks. `y` None: the norm of x, and x itself as the sum. `None`
-/// when the launch does not take these (t4 weights only, 1..=4 rows, rows · k within the kernel's
-/// shared copy, contiguous 16-byte-aligned bf16 on the weights' device): then the caller runs the
-/// norm and the GEMV as two launches.
-pub fn nf4_linear_group_norm(
-    x: &Tensor,
-    y: Option<&Tensor>,
-    w: &Tensor,
-    eps: f32,
-    weights: &[&Arc<Nf4Weight>],
-) -> candle_core::Result<Option<(Tensor, Vec<Tensor>)>> {
-    let Some(gpus) = weights
-        .iter()
-        .map(|w| w.gpu().filter(|g| g.gemv_kernel() == GemvKernel::T4))
-        .collect::<Option<Vec<&Nf4Gpu>>>()
-    else {
-        return Ok(None);
-    };
-    if gpus.is_empty() || gpus.len() > GROUP_MAX {
-        return Ok(None);
-    }
-    let (m, k) = x.dims2()?;
-    let g0 = gpus[0];
-    if !(1..=4).contains(&m)
-        || m * k > T4N_MAX_VALUES
-        || !k.is_multiple_of(8)
-        || k / 8 > T4N_MAX_CHUNKS
-        || w.dims() != [k]
-        || y.is_some_and(|y| y.dims() != [m, k])
-        || gpus
-            .iter()
-            .any(|g| g.shape().1 != k || g.device().id() != g0.device().id())
-    {
-        return Ok(None);
-    }
-    let Some((xs, xa, xb)) = aligned_bf16(x, m * k, g0) else {
-        return Ok(None);
-    };
-    let Some((ws, wa, wb)) = aligned_bf16(w, k, g0) else {
-        return Ok(None);
-    };
-    let ys = match y {
-        Some(y) => match aligned_bf16(y, m * k, g0) {
-            Some(v) => Some(v),
-            None => return Ok(None),
-        },
-        None => None,
-    };
-    let stream = g0.stream();
-    let xv = view(&xs, xa, xb)?;
-    let wv = view(&ws, wa, wb)?;
-    let yv = match &ys {
-        Some((s, a, b)) => Some(view(s, *a, *b)?),
-        None => None,
-    };
-    // SAFETY: block 0 of the launch writes every element (all m rows of k).
-    let mut sum = unsafe { g0.device().alloc::<bf16>(m * k) }?;
-    let (wp, _wg) = wv.device_ptr(stream);
-    let yg = yv.as_ref().map(|v| v.device_ptr(stream));
-    let (sp, sg) = sum.device_ptr_mut(stream);
-    let norm = T4Norm {
-        y: yg.as_ref().map_or(0, |(p, _)| *p),
-        w: wp,
-        sum: sp,
-        eps,
-        _pad: 0,
-    };
-    let outs = launch(&gpus, &xv, m, None, Some(&norm))?;
-    drop((sg, yg, _wg));
-    drop((xs, ws, ys));
-    Ok(Some((wrap(sum, g0, (m, k)), wrap_outputs(outs, &gpus, m))))
+    Ok(Some(
+        ys.into_iter()
+            .zip(&gpus)
+            .map(|(y, g)| {
+                Tensor::from_storage(
+                    Storage::Cuda(CudaStorage::wrap_cuda_slice(y, g.device().clone())),
+                    (m, g.shape().0),
+                    candle_core::op::BackpropOp::none(),
+                    false,
+                )
+            })
+            .collect(),
+    ))
 }
 
 fn launch(
@@ -275,7 +134,6 @@ fn launch(
     x: &CudaView<'_, bf16>,
     m: usize,
     loras: Option<&[GemvLora]>,
-    norm: Option<&T4Norm>,
 ) -> candle_core::Result<Vec<CudaSlice<bf16>>> {
     let g0 = gpus[0];
     let (device, stream) = (g0.device(), g0.stream());
@@ -346,7 +204,6 @@ fn launch(
         grp.parts = ls[0].parts.max(1);
     }
     let kind = match loras {
-        None if norm.is_some() => GroupKernel::BaseNorm,
         None if persistent(gpus, m, k) => GroupKernel::BasePersistent,
         None => GroupKernel::Base,
         Some(ls) if all_warps_epilogue(g0, m, &ls[0]) => GroupKernel::LoraAllWarps,
@@ -363,34 +220,22 @@ fn launch(
         block_dim: (32 * warps, 1, 1),
         shared_mem_bytes: 0,
     };
-    let nm = norm.copied().unwrap_or_default();
     if let Some(f) = g0.group_function_pdl(m, kind)? {
         let (xp, xg) = x.device_ptr(stream);
-        let mut args = [
-            crate::pdl_cuda::arg(&xp),
-            crate::pdl_cuda::arg(&grp),
-            crate::pdl_cuda::arg(&nm),
-        ];
-        let n = if norm.is_some() { 3 } else { 2 };
-        // SAFETY: as the launch below (same kernel, same arguments: x's address, TcGroup by value
-        // and, for the norm kernel only, T4Norm by value); every block of the kernel calls
-        // pdl_wait before it reads x, y, the LoRA tables or the counters and before it writes y,
-        // t or the sum.
-        unsafe { crate::pdl_cuda::launch(f, cfg, stream, &mut args[..n]) }?;
+        let mut args = [crate::pdl_cuda::arg(&xp), crate::pdl_cuda::arg(&grp)];
+        // SAFETY: as the launch below (same kernel, same arguments: x's address and TcGroup by
+        // value); every block of the kernel calls pdl_wait before it reads x, the LoRA tables or
+        // the counters and before it writes y or t.
+        unsafe { crate::pdl_cuda::launch(f, cfg, stream, &mut args) }?;
         drop(xg);
         drop(guards);
         return Ok(ys);
     }
     let mut b = stream.launch_builder(func);
     b.arg(x).arg(&grp);
-    if norm.is_some() {
-        b.arg(&nm);
-    }
     // SAFETY: the kernel takes (x, TcGroup by value); x holds m·k bf16 (checked), each y_i m·n_i;
     // every weight passed `fits` for the tensor-core kernels (n % 16 == 0, k % 64 == 0, blocksize
-    // a multiple of 64, n·k < 2^32) and lives on this stream's device; with a norm (t4
-    // weights, 1..=4 rows, m·k within T4N_MAX_VALUES: nf4_linear_group_norm checked), y holds
-    // m·k and w k bf16 (or y is null) and the sum m·k; the LoRA tables were
+    // a multiple of 64, n·k < 2^32) and lives on this stream's device; the LoRA tables were
     // written earlier on this stream for m rows (checked against the plan), and the shrink output
     // too unless the counters are set, in which case the launch writes it (each plan's counters
     // are used by one launch at a time: its launches are ordered on this stream).

@@ -147,30 +147,21 @@ impl Llama {
         let mut pending: Option<Tensor> = None;
         for (li, b) in self.blocks.iter().enumerate() {
             let qkv = [b.attn.q.as_ref(), b.attn.k.as_ref(), b.attn.v.as_ref()];
-            let in_launch = timed(Phase::QkvProjection, || {
-                norm_project_base(&x, pending.as_ref(), &b.input_norm, eps, lora, qkv)
+            let (xs, h, pre) = timed(Phase::Norm, || {
+                norm_for_group(
+                    kern,
+                    &x,
+                    pending.as_ref(),
+                    &b.input_norm,
+                    eps,
+                    lora,
+                    (li, 0),
+                    qkv,
+                )
             })?;
-            let (xs, [q, k, v]) = match in_launch {
-                Some(done) => done,
-                None => {
-                    let (xs, h, pre) = timed(Phase::Norm, || {
-                        norm_for_group(
-                            kern,
-                            &x,
-                            pending.as_ref(),
-                            &b.input_norm,
-                            eps,
-                            lora,
-                            (li, 0),
-                            qkv,
-                        )
-                    })?;
-                    let qkv = timed(Phase::QkvProjection, || {
-                        project_group_fused(qkv, li, 0, &h, lora, pre)
-                    })?;
-                    (xs, qkv)
-                }
-            };
+            let [q, k, v] = timed(Phase::QkvProjection, || {
+                project_group_fused(qkv, li, 0, &h, lora, pre)
+            })?;
             let attention = || -> Result<_> {
                 // The o projection's shrink in the attention launch when it takes it (one split).
                 let o_shrink = if o_shrink_on {
@@ -207,30 +198,21 @@ impl Llama {
                 project_group_fused([b.attn.o.as_ref()], li, 3, &a, lora, pre)
             })?;
             let gate_up = [b.mlp.gate.as_ref(), b.mlp.up.as_ref()];
-            let in_launch = timed(Phase::GateUpProjection, || {
-                norm_project_base(&xs, Some(&o), &b.post_norm, eps, lora, gate_up)
+            let (xs, h, pre) = timed(Phase::Norm, || {
+                norm_for_group(
+                    kern,
+                    &xs,
+                    Some(&o),
+                    &b.post_norm,
+                    eps,
+                    lora,
+                    (li, 4),
+                    gate_up,
+                )
             })?;
-            let (xs, [gate, up]) = match in_launch {
-                Some(done) => done,
-                None => {
-                    let (xs, h, pre) = timed(Phase::Norm, || {
-                        norm_for_group(
-                            kern,
-                            &xs,
-                            Some(&o),
-                            &b.post_norm,
-                            eps,
-                            lora,
-                            (li, 4),
-                            gate_up,
-                        )
-                    })?;
-                    let gate_up = timed(Phase::GateUpProjection, || {
-                        project_group_fused(gate_up, li, 4, &h, lora, pre)
-                    })?;
-                    (xs, gate_up)
-                }
-            };
+            let [gate, up] = timed(Phase::GateUpProjection, || {
+                project_group_fused(gate_up, li, 4, &h, lora, pre)
+            })?;
             let mixed = timed(Phase::SiluMul, || kern.silu_mul(&gate, &up))?;
             let [m] = timed(Phase::DownProjection, || {
                 project_group_fused([b.mlp.down.as_ref()], li, 6, &mixed, lora, None)
@@ -350,32 +332,6 @@ fn norm_for_group<const N: usize>(
     }
     let (xs, h) = kern.add_rms_norm(x, y, w, eps)?;
     Ok((xs, h, None))
-}
-
-/// The residual add + RMSNorm (`x + y`, normed with `w`) and the base GEMVs of `bases` on the
-/// normed rows in one launch, for a batch without adapters when `QLORAD_NORM_GEMV=1`
-/// (`qlorad_kernels::nf4_group_cuda::nf4_linear_group_norm`: the same bits as the norm launch
-/// then the grouped GEMV): `(x + y, outputs)`, or `None` when the launch does not take them (then
-/// [`norm_for_group`] and [`project_group_fused`]).
-fn norm_project_base<const N: usize>(
-    x: &Tensor,
-    y: Option<&Tensor>,
-    w: &Tensor,
-    eps: f32,
-    lora: &LoraBatch,
-    bases: [&dyn BaseLinear; N],
-) -> Result<Option<(Tensor, [Tensor; N])>> {
-    use qlorad_kernels::nf4_group_cuda::{nf4_linear_group_norm, norm_gemv};
-    if !lora.is_empty() || !norm_gemv() || !gemv_group() {
-        return Ok(None);
-    }
-    let Some(weights) = gemv_weights(&bases, x) else {
-        return Ok(None);
-    };
-    match nf4_linear_group_norm(x, y, w, eps, &weights)? {
-        Some((xs, ys)) => Ok(Some((xs, group_outputs(ys)?))),
-        None => Ok(None),
-    }
 }
 
 /// The bases' NF4 weights when the group can run as fused GEMVs on `x` (rows, k): every base NF4,
