@@ -105,6 +105,20 @@ fn compare(
         &steps,
         r,
     )?;
+    // The down projection's shrink in the silu launch (opt-in, QLORAD_SILU_SHRINK=1): t in k-chunk
+    // partials summed by the expand, so other rounding; within the general path's bound.
+    let silu_was = qlorad_kernels::decode_cuda::silu_shrink();
+    qlorad_kernels::decode_cuda::set_silu_shrink(!silu_was);
+    let silu = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
+    qlorad_kernels::decode_cuda::set_silu_shrink(silu_was);
+    let silu_on = if silu_was { "off" } else { "on" };
+    agreement(
+        &format!("fused decode with the down shrink in the silu launch {silu_on} vs general path, {name}"),
+        &want,
+        &silu?,
+        &steps,
+        r,
+    )?;
     // Contexts past 8 splits capped at 8 so the cluster merges them (the default;
     // QLORAD_ATT_CLUSTER_CAP=0 off) or not: other splits, so other rounding; both within the
     // general path's bound (`got` runs as set, `uncapped` without the cap).
