@@ -6,7 +6,7 @@
 #   bin/*.xz (stripped CUDA builds), bnb.tar.xz, scripts/, bench/, smol.part* (SmolLM2, in parts
 #   that may arrive over two calls: parts are kept in /tmp/stash while the machine stays warm).
 #
-#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [clustercap] [lora] [silu] [bench] [train] [smol]
+#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [clustercap] [lora] [silu] [l2] [bench] [train] [smol]
 set -uo pipefail
 D="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/out}"
@@ -95,6 +95,12 @@ for step in "$@"; do
       log "A/B: QLORAD_SILU_SHRINK=1 vs 0"
       A="QLORAD_SILU_SHRINK=1" B="QLORAD_SILU_SHRINK=0" OUT=/tmp/ab-silu bash "$D/bench/ab-gpu.sh" \
         2>&1 | tee "$OUT/ab-silu.log" ;;
+    l2)
+      # One-wave grouped GEMVs prefetching their weights into L2 before the wait
+      # (QLORAD_GEMV_L2_AHEAD=1, opt-in; gpu-check compares the logits bit for bit).
+      log "A/B: QLORAD_GEMV_L2_AHEAD=1 vs 0"
+      A="QLORAD_GEMV_L2_AHEAD=1" B="QLORAD_GEMV_L2_AHEAD=0" OUT=/tmp/ab-l2 bash "$D/bench/ab-gpu.sh" \
+        2>&1 | tee "$OUT/ab-l2.log" ;;
     bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
     # Training tokens/s and peak memory (reuses the bench step's model when it ran first).
     train) log "run-gpu-train (${QLORAD_TRAIN_BENCH_ARGS:-default modes})"; RESULT="${TRAIN_RESULT:-h200-train.json}" bash "$D/bench/run-gpu-train.sh" ;;

@@ -64,6 +64,25 @@ fn compare(
         0.0,
         String::new(),
     );
+    // The grouped GEMVs' weights prefetched into L2 before their wait (opt-in,
+    // QLORAD_GEMV_L2_AHEAD=1): the same loads and arithmetic, so the same logits bit for bit.
+    let ahead_was = qlorad_kernels::nf4_group_cuda::l2_ahead();
+    qlorad_kernels::nf4_group_cuda::set_l2_ahead(!ahead_was);
+    let ahead = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
+    qlorad_kernels::nf4_group_cuda::set_l2_ahead(ahead_was);
+    let (differing, note) = match &ahead {
+        Ok(c) => (differing_bits(c, &got) as f64, String::new()),
+        Err(e) => (f64::NAN, format!("run failed: {e}")),
+    };
+    r.add(
+        format!("fused decode, {name}: weights prefetched into L2 before the wait vs not, differing logits"),
+        differing,
+        0.0,
+        format!(
+            "L2 prefetch {} for the compared run{note}",
+            if ahead_was { "off" } else { "on" }
+        ),
+    );
     // The splits merged inside a thread-block cluster (the default; QLORAD_ATT_CLUSTER=0 turns it
     // off) against the combine launch: the same splits and merge arithmetic, so the same bits.
     // Both runs with long contexts' splits not capped at one cluster (a cap the combine launch
