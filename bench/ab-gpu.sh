@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Same-call A/B of batch-1 decode on the GPU machine: runs bench/run-gpu.sh (qlorad only, no batch
-# or multi-adapter runs) alternately under two settings, ROUNDS times each, and prints each run's
-# batch-1 lines. Lent machines differ by up to ~10 % from call to call, so a change is measured
-# against its baseline inside one call (BENCHMARKS.md). With CONFIGS, a sweep instead: each of
-# several settings in turn, round robin.
+# Same-call A/B of batch-1 decode on the GPU machine: runs bench/run-gpu.sh (qlorad only, no batch,
+# multi-adapter, gather or general-path runs: gpu-bench --quick) alternately under two settings,
+# ROUNDS times each, and prints each run's batch-1 lines. Lent machines differ by up to ~10 % from
+# call to call, so a change is measured against its baseline inside one call (BENCHMARKS.md). With
+# CONFIGS, a sweep instead: each of several settings in turn, round robin.
 #
 #   A="QLORAD_NORM_SHRINK=1" B="QLORAD_NORM_SHRINK=0" bash bench/ab-gpu.sh
 #   A_BIN=/tmp/stash/qlorad-bench B_BIN=/tmp/stash/qlorad-bench-main bash bench/ab-gpu.sh
@@ -32,7 +32,7 @@ for r in $(seq 1 "${ROUNDS:-2}"); do
       *) envs="$side" bin="$BIN" name="${side//[^A-Za-z0-9_.-]/_}" ;;
     esac
     log="$OUT/ab_${name}_$r.log"
-    env $envs QLORAD_BENCH_ARGS="--multi 0 --batch 0 ${AB_ARGS:-}" SKIP_REFERENCE=1 QLORAD_BENCH="$bin" \
+    env $envs QLORAD_BENCH_ARGS="--multi 0 --batch 0 --quick ${AB_ARGS:-}" SKIP_REFERENCE=1 QLORAD_BENCH="$bin" \
       OUT=/tmp/ab-scratch timeout "${TIMEOUT:-120}" bash "$HERE/run-gpu.sh" > "$log" 2>&1
     echo "$name $r ($envs $(basename "$bin")):"
     grep -h "decode batch 1\|decode graphs" "$log" | sed 's/(runs.*//; s/^/  /'

@@ -366,7 +366,10 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
         // The adapter figures with the configured LoRA path (plain keys), then with the other one
         // (keys suffixed with its name), so one run compares BGMV and gather.
         let primary = model.lora_kernel();
-        let other = LoraKernel::ALL.into_iter().find(|k| *k != primary);
+        let other = LoraKernel::ALL
+            .into_iter()
+            .find(|k| *k != primary)
+            .filter(|_| !a.quick);
         for kernel in std::iter::once(primary).chain(other) {
             model.set_lora_kernel(kernel);
             let suffix = if kernel == primary {
@@ -388,7 +391,7 @@ pub fn run(a: GpuBenchArgs) -> Result<()> {
     // The same decode figures through the general (unfused) path, side by side in this run.
     let fused = model.fused_decode();
     out["fused_decode"] = serde_json::json!(fused);
-    if fused {
+    if fused && !a.quick {
         model.set_fused_decode(false)?;
         let runs: Vec<f64> = (0..reps)
             .map(|_| decode_tok_s(&model, &prompt, a.decode_tokens, None))

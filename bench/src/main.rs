@@ -120,6 +120,10 @@ pub struct GpuBenchArgs {
     /// Write the results as JSON here (also printed).
     #[arg(long)]
     pub json_out: Option<PathBuf>,
+    /// For same-call A/Bs (bench/ab-gpu.sh): leave out the runs that only compare paths — the
+    /// other LoRA kernel (gather) and the general (unfused) decode path — about a fifth of a run.
+    #[arg(long)]
+    pub quick: bool,
 }
 
 #[derive(clap::Args)]
