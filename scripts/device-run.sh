@@ -13,6 +13,12 @@ OUT="${OUT:-/tmp/out}"
 S=/tmp/stash
 mkdir -p "$OUT" "$S" /tmp/site
 log() { echo "== $(date +%T) $*"; }
+# Same-call A/B of switch VAR (=1 against =0) into $OUT/ab-NAME.log; more gpu-bench arguments in
+# AB_ARGS.
+ab() {
+  log "A/B${AB_ARGS:+ ($AB_ARGS)}: $2=1 vs 0"
+  A="$2=1" B="$2=0" OUT="/tmp/ab-$1" bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/ab-$1.log"
+}
 unxz_py() { python3 -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$1" "$2"; }
 for f in "$D"/bin/*.xz; do
   [[ -f "$f" ]] || continue
@@ -67,22 +73,16 @@ for step in "$@"; do
       log "gpu-check with QLORAD_DECODE_GRAPH=0"
       QLORAD_DECODE_GRAPH=0 timeout "${CHECK_TIMEOUT:-240}" "$QLORAD_BENCH" gpu-check --skip-kernels --tokens "${TOKENS:-32}" \
         --json-out "$OUT/gpu-check-eager.json" 2>&1 | tee "$OUT/gpu-check-eager.log"
-      log "A/B: QLORAD_DECODE_GRAPH=1 vs 0"
-      A="QLORAD_DECODE_GRAPH=1" B="QLORAD_DECODE_GRAPH=0" OUT=/tmp/ab-graph bash "$D/bench/ab-gpu.sh" \
-        2>&1 | tee "$OUT/ab-graph.log" ;;
+      ab graph QLORAD_DECODE_GRAPH ;;
     cluster)
       # The attention's splits merged in a thread-block cluster (kernels/cuda/decode.cu, CL; the
       # default): gpu-check's fused cases compare it with the combine launch bit for bit; here
       # its speed.
-      log "A/B: QLORAD_ATT_CLUSTER=1 vs 0"
-      A="QLORAD_ATT_CLUSTER=1" B="QLORAD_ATT_CLUSTER=0" OUT=/tmp/ab-cluster bash "$D/bench/ab-gpu.sh" \
-        2>&1 | tee "$OUT/ab-cluster.log" ;;
+      ab cluster QLORAD_ATT_CLUSTER ;;
     clustercap)
       # Long contexts' splits capped at one cluster (QLORAD_ATT_CLUSTER_CAP, the default): batch-1
       # decode after a 1,024-token prompt, where the default takes 32 splits and a combine launch.
-      log "A/B at a 1,024-token context: QLORAD_ATT_CLUSTER_CAP=1 vs 0"
-      A="QLORAD_ATT_CLUSTER_CAP=1" B="QLORAD_ATT_CLUSTER_CAP=0" AB_ARGS="--prompt-tokens 1024" \
-        OUT=/tmp/ab-cap bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/ab-clustercap.log" ;;
+      AB_ARGS="--prompt-tokens 1024" ab clustercap QLORAD_ATT_CLUSTER_CAP ;;
     lora)
       # The adapter path's switches again now that decode steps replay as graphs (their extra
       # launches no longer cost host time): the shrinks' placements and the expand's.
@@ -92,15 +92,11 @@ for step in "$@"; do
     silu)
       # The down projection's LoRA shrink in the silu launch (QLORAD_SILU_SHRINK=1, opt-in; gpu-check
       # compares it with the general path and replays it from graphs): its speed with one adapter.
-      log "A/B: QLORAD_SILU_SHRINK=1 vs 0"
-      A="QLORAD_SILU_SHRINK=1" B="QLORAD_SILU_SHRINK=0" OUT=/tmp/ab-silu bash "$D/bench/ab-gpu.sh" \
-        2>&1 | tee "$OUT/ab-silu.log" ;;
+      ab silu QLORAD_SILU_SHRINK ;;
     l2)
       # One-wave grouped GEMVs prefetching their weights into L2 before the wait
       # (QLORAD_GEMV_L2_AHEAD=1, opt-in; gpu-check compares the logits bit for bit).
-      log "A/B: QLORAD_GEMV_L2_AHEAD=1 vs 0"
-      A="QLORAD_GEMV_L2_AHEAD=1" B="QLORAD_GEMV_L2_AHEAD=0" OUT=/tmp/ab-l2 bash "$D/bench/ab-gpu.sh" \
-        2>&1 | tee "$OUT/ab-l2.log" ;;
+      ab l2 QLORAD_GEMV_L2_AHEAD ;;
     bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
     # Training tokens/s and peak memory (reuses the bench step's model when it ran first).
     train) log "run-gpu-train (${QLORAD_TRAIN_BENCH_ARGS:-default modes})"; RESULT="${TRAIN_RESULT:-h200-train.json}" bash "$D/bench/run-gpu-train.sh" ;;

@@ -70,18 +70,12 @@ fn compare(
     qlorad_kernels::nf4_group_cuda::set_l2_ahead(!ahead_was);
     let ahead = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
     qlorad_kernels::nf4_group_cuda::set_l2_ahead(ahead_was);
-    let (differing, note) = match &ahead {
-        Ok(c) => (differing_bits(c, &got) as f64, String::new()),
-        Err(e) => (f64::NAN, format!("run failed: {e}")),
-    };
-    r.add(
+    same_bits(
+        r,
         format!("fused decode, {name}: weights prefetched into L2 before the wait vs not, differing logits"),
-        differing,
-        0.0,
-        format!(
-            "L2 prefetch {} for the compared run{note}",
-            if ahead_was { "off" } else { "on" }
-        ),
+        &ahead,
+        &got,
+        format!("L2 prefetch {} for the compared run", on_off(!ahead_was)),
     );
     // The splits merged inside a thread-block cluster (the default; QLORAD_ATT_CLUSTER=0 turns it
     // off) against the combine launch: the same splits and merge arithmetic, so the same bits.
@@ -97,19 +91,12 @@ fn compare(
     qlorad_kernels::step_graph_cuda::set_cluster_merge(was);
     qlorad_kernels::step_graph_cuda::set_cluster_cap(cap_was);
     let uncapped = uncapped?;
-    // A failing run is a failed check, not the end of gpu-check.
-    let (differing, note) = match &cl {
-        Ok(c) => (differing_bits(c, &uncapped) as f64, String::new()),
-        Err(e) => (f64::NAN, format!("run failed: {e}")),
-    };
-    r.add(
+    same_bits(
+        r,
         format!("fused decode, {name}: splits merged in a cluster vs the combine launch, differing logits"),
-        differing,
-        0.0,
-        format!(
-            "cluster merge {} for the compared run, splits not capped{note}",
-            if was { "off" } else { "on" }
-        ),
+        &cl,
+        &uncapped,
+        format!("cluster merge {} for the compared run, splits not capped", on_off(!was)),
     );
     // The o projection's LoRA shrink in the attention launch (opt-in; one-split batches only):
     // t summed from one partial per KV head, so within the same bound of the general path.
@@ -159,6 +146,24 @@ fn compare(
 }
 
 /// Logits of `a` and `b` (same sequences and steps) whose bits differ, plus any length mismatch.
+/// A bit-for-bit check of `run` against `base`: a failed run is a failed check (NaN), not the end
+/// of gpu-check.
+fn same_bits(r: &mut Report, check: String, run: &Result<BatchRun>, base: &BatchRun, note: String) {
+    let (differing, note) = match run {
+        Ok(c) => (differing_bits(c, base) as f64, note),
+        Err(e) => (f64::NAN, format!("{note}; run failed: {e}")),
+    };
+    r.add(check, differing, 0.0, note);
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
+    }
+}
+
 pub(super) fn differing_bits(a: &BatchRun, b: &BatchRun) -> usize {
     a.logits
         .iter()
