@@ -95,13 +95,6 @@ impl DecodeKernels {
         let (gv, ga, gb) = bf16_view(&gs, gate, &self.device, "gate")?;
         let (us, _) = up.storage_and_layout();
         let (uv, ua, ub) = bf16_view(&us, up, &self.device, "up")?;
-        // SAFETY: the grid-stride loop of the eb elementwise blocks writes all n elements.
-        let mut out = unsafe { self.device.alloc::<bf16>(n) }?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (ELEMWISE_THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let (gview, uview) = (gv.slice(ga..gb), uv.slice(ua..ub));
         let st = &self.stream;
         let ((gp, _gg), (upp, _ug)) = (gview.device_ptr(st), uview.device_ptr(st));
@@ -109,6 +102,13 @@ impl DecodeKernels {
         if shrink.is_some() && (gp | upp) % 16 != 0 {
             return Ok(None);
         }
+        // SAFETY: the grid-stride loop of the eb elementwise blocks writes all n elements.
+        let mut out = unsafe { self.device.alloc::<bf16>(n) }?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (ELEMWISE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let (op, og) = out.device_ptr_mut(st);
         let args = [
             KArg::U64(gp),

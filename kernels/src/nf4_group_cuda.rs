@@ -295,7 +295,7 @@ pub fn set_persistent(on: bool) {
 /// cuda/nf4_t4.cuh).
 const T4E_RANKS: u32 = 256;
 
-static ALL_WARPS: crate::switch::EnvSwitch = crate::switch::EnvSwitch::new("QLORAD_LORA_ALL_WARPS");
+static ALL_WARPS: EnvSwitch = EnvSwitch::new("QLORAD_LORA_ALL_WARPS");
 
 /// Whether the all-warps epilogue is on for the process (see [`all_warps_epilogue`]).
 pub fn all_warps() -> bool {

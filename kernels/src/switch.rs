@@ -1,6 +1,7 @@
 //! A process-wide on/off switch that an environment variable sets on first use (an opt-in switch
-//! is on when it is `1`, a default-on one off when it is `0`) and code may also set (gpu-check runs both settings; tests switch it): for options read
-//! on hot paths, where one relaxed load per use is all it may cost.
+//! is on when it is `1`, a default-on one off when it is `0`) and code may also set (gpu-check
+//! runs both settings; tests switch it): for options read on hot paths, where one relaxed load
+//! per use is all it may cost.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 

@@ -239,8 +239,9 @@ impl LogitsReader {
 /// `QLORAD_PINNED_LOGITS` not 0 (read once).
 #[cfg(feature = "cuda")]
 fn pinned_logits() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("QLORAD_PINNED_LOGITS").map_or(true, |v| v != "0"))
+    static ON: qlorad_kernels::switch::EnvSwitch =
+        qlorad_kernels::switch::EnvSwitch::new_on("QLORAD_PINNED_LOGITS");
+    ON.on()
 }
 
 fn first_line(e: &candle_core::Error) -> String {

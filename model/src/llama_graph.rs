@@ -286,8 +286,9 @@ impl Llama {
 /// With `QLORAD_GRAPH_DEBUG=1`, waits for the device after each stage of a capture or replay and
 /// names the stage whose work failed (device errors are otherwise reported by a later call).
 pub(super) fn debug_sync(device: &Device, stage: &str) -> Result<()> {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if !*ON.get_or_init(|| std::env::var("QLORAD_GRAPH_DEBUG").is_ok_and(|v| v == "1")) {
+    static ON: qlorad_kernels::switch::EnvSwitch =
+        qlorad_kernels::switch::EnvSwitch::new("QLORAD_GRAPH_DEBUG");
+    if !ON.on() {
         return Ok(());
     }
     device.synchronize().map_err(|e| {
