@@ -6,7 +6,7 @@
 #   bin/*.xz (stripped CUDA builds), bnb.tar.xz, scripts/, bench/, smol.part* (SmolLM2, in parts
 #   that may arrive over two calls: parts are kept in /tmp/stash while the machine stays warm).
 #
-#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [clustercap] [lora] [silu] [l2] [bench] [train] [smol]
+#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [clustercap] [lora] [bench] [train] [smol]
 set -uo pipefail
 D="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/out}"
@@ -89,14 +89,6 @@ for step in "$@"; do
       log "sweep of the LoRA switches"
       CONFIGS="QLORAD_X=default QLORAD_FUSED_SHRINK=0 QLORAD_NORM_SHRINK=0 QLORAD_ATT_SHRINK=1 QLORAD_LORA_EPILOGUE=0 QLORAD_LORA_ALL_WARPS=1" \
         OUT=/tmp/sweep-lora bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/sweep-lora.log" ;;
-    silu)
-      # The down projection's LoRA shrink in the silu launch (QLORAD_SILU_SHRINK=1, opt-in; gpu-check
-      # compares it with the general path and replays it from graphs): its speed with one adapter.
-      ab silu QLORAD_SILU_SHRINK ;;
-    l2)
-      # One-wave grouped GEMVs prefetching their weights into L2 before the wait
-      # (QLORAD_GEMV_L2_AHEAD=1, opt-in; gpu-check compares the logits bit for bit).
-      ab l2 QLORAD_GEMV_L2_AHEAD ;;
     bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
     # Training tokens/s and peak memory (reuses the bench step's model when it ran first).
     train) log "run-gpu-train (${QLORAD_TRAIN_BENCH_ARGS:-default modes})"; RESULT="${TRAIN_RESULT:-h200-train.json}" bash "$D/bench/run-gpu-train.sh" ;;

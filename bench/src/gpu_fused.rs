@@ -64,19 +64,6 @@ fn compare(
         0.0,
         String::new(),
     );
-    // The grouped GEMVs' weights prefetched into L2 before their wait (opt-in,
-    // QLORAD_GEMV_L2_AHEAD=1): the same loads and arithmetic, so the same logits bit for bit.
-    let ahead_was = qlorad_kernels::nf4_group_cuda::l2_ahead();
-    qlorad_kernels::nf4_group_cuda::set_l2_ahead(!ahead_was);
-    let ahead = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
-    qlorad_kernels::nf4_group_cuda::set_l2_ahead(ahead_was);
-    same_bits(
-        r,
-        format!("fused decode, {name}: weights prefetched into L2 before the wait vs not, differing logits"),
-        &ahead,
-        &got,
-        format!("L2 prefetch {} for the compared run", on_off(!ahead_was)),
-    );
     // The splits merged inside a thread-block cluster (the default; QLORAD_ATT_CLUSTER=0 turns it
     // off) against the combine launch: the same splits and merge arithmetic, so the same bits.
     // Both runs with long contexts' splits not capped at one cluster (a cap the combine launch
@@ -108,20 +95,6 @@ fn compare(
         &format!("fused decode with the o shrink in the attention vs general path, {name}"),
         &want,
         &three?,
-        &steps,
-        r,
-    )?;
-    // The down projection's shrink in the silu launch (opt-in, QLORAD_SILU_SHRINK=1): t in k-chunk
-    // partials summed by the expand, so other rounding; within the general path's bound.
-    let silu_was = qlorad_kernels::decode_cuda::silu_shrink();
-    qlorad_kernels::decode_cuda::set_silu_shrink(!silu_was);
-    let silu = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
-    qlorad_kernels::decode_cuda::set_silu_shrink(silu_was);
-    let silu_on = if silu_was { "off" } else { "on" };
-    agreement(
-        &format!("fused decode with the down shrink in the silu launch {silu_on} vs general path, {name}"),
-        &want,
-        &silu?,
         &steps,
         r,
     )?;

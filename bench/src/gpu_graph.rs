@@ -84,35 +84,12 @@ pub fn checks(device: DeviceSpec, n: usize, r: &mut Report) -> Result<()> {
         }
     }
     qlorad_kernels::step_graph_cuda::set_cluster_merge(cluster_was);
-    adapters(&m, vocab, n, "", r)?;
-    // Again with the down projection's shrink in the silu launch flipped (opt-in): its
-    // arguments (the plan's tables and scratch) are what a replay must find rewritten.
-    let silu_was = qlorad_kernels::decode_cuda::silu_shrink();
-    qlorad_kernels::decode_cuda::set_silu_shrink(!silu_was);
-    let flipped = adapters(
-        &m,
-        vocab,
-        n,
-        if silu_was {
-            ", down shrink not in the silu launch"
-        } else {
-            ", down shrink in the silu launch"
-        },
-        r,
-    );
-    qlorad_kernels::decode_cuda::set_silu_shrink(silu_was);
-    flipped
+    adapters(&m, vocab, n, r)
 }
 
 /// Rows with adapters of ranks 8 and 64 and a base row: graphs captured with one pair of adapters
 /// replayed for a second pair of the same ranks (same fingerprint, other addresses).
-fn adapters(
-    m: &qlorad_model::Llama,
-    vocab: usize,
-    n: usize,
-    variant: &str,
-    r: &mut Report,
-) -> Result<()> {
+fn adapters(m: &qlorad_model::Llama, vocab: usize, n: usize, r: &mut Report) -> Result<()> {
     let make = |rank: usize, seed: u64| -> Result<Option<Arc<LoraAdapter>>> {
         let modules = random_model::lora_modules(m.config(), rank, seed)?;
         let name = format!("graph-{rank}-{seed}");
@@ -138,7 +115,7 @@ fn adapters(
         Ok(v) => v,
         Err(e) => {
             r.add(
-                format!("decode graphs, 2 adapters (r 8, 64) + a base row{variant}: run"),
+                "decode graphs, 2 adapters (r 8, 64) + a base row: run".into(),
                 f64::NAN,
                 0.0,
                 format!("failed: {e}"),
@@ -146,7 +123,7 @@ fn adapters(
             return Ok(());
         }
     };
-    let what = format!("decode graphs, 2 adapters (r 8, 64) + a base row{variant}");
+    let what = "decode graphs, 2 adapters (r 8, 64) + a base row";
     r.add(
         format!("{what}: replayed vs eager, differing logits"),
         (differing_bits(&want1, &got1) + differing_bits(&want2, &got2)) as f64,

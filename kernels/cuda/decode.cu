@@ -10,7 +10,7 @@
 //    sharing each K/V load, the softmax online in chunks (Milakov & Gimelshein 2018; the
 //    FlashAttention recurrence, Dao et al. 2022), split over the context for long sequences
 //    (flash-decoding) and merged by attention_combine;
-//  - silu_mul: SwiGLU's silu(gate) * up (decode_silu.cuh, with the down projection's LoRA shrink);
+//  - silu_mul: SwiGLU's silu(gate) * up;
 //  - embed_rows: the rows' token embeddings, gathered by ids read on the device.
 // Rounding follows candle's kernels where the general path uses them (rmsnorm: bf16(scale*x*w);
 // rope: every bf16 product and sum rounded; silu then the product each rounded), so the fused and
@@ -251,7 +251,18 @@ extern "C" __global__ void embed_rows_bf16(const u16* __restrict__ table, const 
     for (u32 i = threadIdx.x; i < hidden; i += blockDim.x) o[i] = src[i];
 }
 
-#include "decode_silu.cuh"
+// out = silu(gate) * up, elementwise over n values.
+extern "C" __global__ void silu_mul_bf16(const u16* __restrict__ gate, const u16* __restrict__ up,
+                                         u64 n, u16* __restrict__ out) {
+    pdl_trigger();
+    pdl_wait();
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (u64)gridDim.x * blockDim.x) {
+        const float g = bf16_f(gate[i]);
+        const float s = rbf(__fdiv_rn(g, __fadd_rn(1.f, __expf(-g))));
+        out[i] = f32_to_bf16(__fmul_rn(s, bf16_f(up[i])));
+    }
+}
 
 // The KV table's words per sequence: position | capacity << 32, then K and V per layer.
 __device__ __forceinline__ const u64* kv_row(const u64* table, u32 layers, u32 row) {

@@ -156,8 +156,7 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
     const u16* __restrict__ x, const u8* __restrict__ packed, const float* __restrict__ code16,
     const float* __restrict__ absmax, const u8* __restrict__ qabs,
     const float* __restrict__ nested, const float* __restrict__ ncode, float offset, u32 k,
-    u32 tile, u32* lut, float* s_ncode, float& acc_a, float& acc_b, AfterWait after_wait,
-    bool l2_ahead = false) {
+    u32 tile, u32* lut, float* s_ncode, float& acc_a, float& acc_b, AfterWait after_wait) {
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const u32 g = lane >> 2, t = lane & 3u;
     const u32 ra = tile * 16 + g;
@@ -183,27 +182,6 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
     for (int s = 0; s < STAGES; ++s) {
         if ((u32)s < iters) {
             load(st[s]);
-        }
-    }
-    if (l2_ahead) {
-        // The warp's later super-blocks into L2 while the previous kernel still runs: at batch 1
-        // the norms, the attention and silu are latency-bound launches during which HBM idles
-        // (session 20's what-if run: ~17 us per layer), and a GEMV of one wave has all its blocks
-        // resident, waiting, meanwhile. Super-block i of this warp is 1 KB of codes at tiled index
-        // ts0 + i · TC_WARPS (8 lines: lane L takes line L % 8 of super-block i0 + L / 8) and its
-        // 16 rows' block scales (32 bytes of qabs or 128 of f32 absmax: one line, lane L of
-        // super-block i0 + L).
-        const u64 ts0 = (u64)tile * nsb + warp;
-        for (u32 i = STAGES + (lane >> 3); i < iters; i += 4) {
-            prefetch_l2(packed + (ts0 + (u64)i * TC_WARPS) * 1024 + (lane & 7u) * 128);
-        }
-        for (u32 i = STAGES + lane; i < iters; i += 32) {
-            const u64 ts = ts0 + (u64)i * TC_WARPS;
-            if (PLAIN) {
-                prefetch_l2(absmax + ts * 32);
-            } else {
-                prefetch_l2(qabs + ts * 32);
-            }
         }
     }
     // Weights in flight: now the tables (their loads are L2 hits), then wait for the previous
@@ -375,15 +353,13 @@ __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
         }
     };
     float acc_a = 0.f, acc_b = 0.f;
-    const bool l2_ahead = grp != nullptr && grp->l2_ahead != 0;
     if (plain) {
         nf4_gemv_t4_stream<M, STAGES, true>(x, packed, code16, absmax, qabs, nested, ncode, offset,
-                                            k, tile, lut, s_ncode, acc_a, acc_b, after_wait,
-                                            l2_ahead);
+                                            k, tile, lut, s_ncode, acc_a, acc_b, after_wait);
     } else {
         nf4_gemv_t4_stream<M, STAGES, false>(x, packed, code16, absmax, qabs, nested, ncode,
                                              offset, k, tile, lut, s_ncode, acc_a, acc_b,
-                                             after_wait, l2_ahead);
+                                             after_wait);
     }
     const u32 g = lane >> 2, t = lane & 3u;
     const u32 ra = tile * 16 + g, rb = ra + 8;

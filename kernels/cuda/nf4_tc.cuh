@@ -71,9 +71,6 @@ struct TcGroup {
     // dots; the decode attention writes one per KV head for the o projection). The expand sums
     // them in order, as it sums the in-launch shrink's.
     u32 parts;
-    // 1: t4 blocks issue the rest of their weights as L2 prefetches before the programmatic-launch
-    // wait (QLORAD_GEMV_L2_AHEAD=1; nf4_gemv_t4_stream), for launches of at most one wave.
-    u32 l2_ahead;
 };
 
 // The in-launch shrink splits each dot product over k into up to TC_SHRINK_CHUNKS chunks of at

@@ -445,9 +445,7 @@ impl BgmvPlan {
     /// outputs) for the decode attention launch to compute, one partial per KV head, and the GEMV
     /// epilogue descriptor that sums them (valid as [`BgmvPlan::norm_shrink`]'s). `None` when no
     /// row has a module there or the partials would not fit the scratch (more than
-    /// [`SHRINK_CHUNKS`] KV heads). The silu launch's shrink of the down projection takes the
-    /// same descriptor with its k-chunk partials as the "heads"
-    /// (`crate::decode_cuda::DecodeKernels::silu_mul_shrink`).
+    /// [`SHRINK_CHUNKS`] KV heads).
     pub fn attention_shrink(
         &self,
         slot: usize,

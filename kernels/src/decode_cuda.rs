@@ -21,10 +21,6 @@ use candle_core::{CudaStorage, DType, Device, Shape, Storage, Tensor};
 use half::bf16;
 use std::sync::Arc;
 
-#[path = "decode_silu_cuda.rs"]
-mod silu;
-pub use silu::{set_silu_shrink, silu_shrink, SILU_SHRINK_PARTS};
-
 // Must match cuda/decode.cu.
 const ATT_THREADS: u32 = 256;
 /// Most query heads per KV head the attention kernel takes (one instantiation per group size).
@@ -377,6 +373,41 @@ impl DecodeKernels {
         drop(og);
         let both = wrap(out, &self.device, (2, rows, n));
         Ok(Some((both.get(0)?, both.get(1)?)))
+    }
+
+    /// `silu(gate) · up`, elementwise (same shapes).
+    pub fn silu_mul(&self, gate: &Tensor, up: &Tensor) -> candle_core::Result<Tensor> {
+        if gate.dims() != up.dims() {
+            return Err(msg(format!(
+                "silu_mul: gate {:?} vs up {:?}",
+                gate.dims(),
+                up.dims()
+            )));
+        }
+        let n = gate.elem_count();
+        let (gs, _) = gate.storage_and_layout();
+        let (gv, ga, gb) = bf16_view(&gs, gate, &self.device, "gate")?;
+        let (us, _) = up.storage_and_layout();
+        let (uv, ua, ub) = bf16_view(&us, up, &self.device, "up")?;
+        // SAFETY: the grid-stride loop writes all n elements.
+        let mut out = unsafe { self.device.alloc::<bf16>(n) }?;
+        let blocks = (n as u32).div_ceil(ELEMWISE_THREADS).clamp(1, 4096);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (ELEMWISE_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n64 = n as u64;
+        let (gview, uview) = (gv.slice(ga..gb), uv.slice(ua..ub));
+        let st = &self.stream;
+        let ((gp, _gg), (up, _ug)) = (gview.device_ptr(st), uview.device_ptr(st));
+        let (op, og) = out.device_ptr_mut(st);
+        let args = [KArg::U64(gp), KArg::U64(up), KArg::U64(n64), KArg::U64(op)];
+        let raw = self.pdl.as_ref().map(|p| p.silu_mul);
+        // SAFETY: argument types and order match silu_mul_bf16; all three hold n bf16.
+        unsafe { self.launch(&self.silu_mul, raw, cfg, &args) }?;
+        drop(og);
+        Ok(wrap(out, &self.device, gate.shape().clone()))
     }
 
     /// The token embeddings of `ids` (rows, u32 on this device): rows of `table` (vocab, hidden)

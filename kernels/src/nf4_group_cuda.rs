@@ -53,8 +53,6 @@ struct TcGroup {
     part_stride: u32,
     /// Without counters: the partials of t the expand sums (1: whole dots).
     parts: u32,
-    /// 1: t4 blocks prefetch the rest of their weights into L2 before the wait ([`l2_ahead`]).
-    l2_ahead: u32,
 }
 
 // SAFETY: plain data with the C layout of the kernel's parameter (repr(C), no padding the kernel
@@ -211,11 +209,6 @@ fn launch(
         Some(ls) if all_warps_epilogue(g0, m, &ls[0]) => GroupKernel::LoraAllWarps,
         Some(_) => GroupKernel::Lora,
     };
-    // Multi-wave launches (gate/up: ~4.5 waves at batch 1) leave it off: their later blocks start
-    // after the wait, with nothing to overlap.
-    if l2_ahead() && g0.gemv_kernel() == GemvKernel::T4 && tiles <= g0.persistent_grid()? {
-        grp.l2_ahead = 1;
-    }
     let func = g0.group_function(m, kind)?;
     let warps = g0.group_warps(kind);
     let grid = match kind {
@@ -265,22 +258,6 @@ fn persistent(gpus: &[&Nf4Gpu], m: usize, k: usize) -> bool {
 }
 
 static PERSIST: EnvSwitch = EnvSwitch::new("QLORAD_T4_PERSIST");
-
-static L2_AHEAD: EnvSwitch = EnvSwitch::new("QLORAD_GEMV_L2_AHEAD");
-
-/// Whether a grouped t4 GEMV of at most one wave of blocks (every block resident at once) issues
-/// the rest of each block's weights as L2 prefetches before its programmatic-launch wait, so that
-/// HBM streams them while the previous, latency-bound kernel (norm, attention, silu) still runs
-/// (`QLORAD_GEMV_L2_AHEAD=1`, or [`set_l2_ahead`]; opt-in until measured on a GPU). The same loads
-/// follow, now L2 hits: the same arithmetic, the same bits.
-pub fn l2_ahead() -> bool {
-    L2_AHEAD.on()
-}
-
-/// Switches [`l2_ahead`] on or off for the process (gpu-check runs both).
-pub fn set_l2_ahead(on: bool) {
-    L2_AHEAD.set(on);
-}
 
 fn persistent_on() -> bool {
     PERSIST.on()

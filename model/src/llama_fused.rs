@@ -213,11 +213,9 @@ impl Llama {
             let [gate, up] = timed(Phase::GateUpProjection, || {
                 project_group_fused(gate_up, li, 4, &h, lora, pre)
             })?;
-            let (mixed, pre) = timed(Phase::SiluMul, || {
-                silu_for_down(kern, &gate, &up, lora, li, b.mlp.down.as_ref())
-            })?;
+            let mixed = timed(Phase::SiluMul, || kern.silu_mul(&gate, &up))?;
             let [m] = timed(Phase::DownProjection, || {
-                project_group_fused([b.mlp.down.as_ref()], li, 6, &mixed, lora, pre)
+                project_group_fused([b.mlp.down.as_ref()], li, 6, &mixed, lora, None)
             })?;
             x = xs;
             pending = Some(m);
@@ -334,34 +332,6 @@ fn norm_for_group<const N: usize>(
     }
     let (xs, h) = kern.add_rms_norm(x, y, w, eps)?;
     Ok((xs, h, None))
-}
-
-/// SwiGLU's `silu(gate) · up` before the down projection of layer `layer`; with adapters on the
-/// BGMV path whose expand the down GEMV applies and `QLORAD_SILU_SHRINK=1`, the same launch also
-/// computes down's shrink (in k-chunk partials, which the GEMV's expand sums), and the second
-/// value is the epilogue descriptor for [`project_group_fused`].
-fn silu_for_down(
-    kern: &DecodeKernels,
-    gate: &Tensor,
-    up: &Tensor,
-    lora: &LoraBatch,
-    layer: usize,
-    down: &dyn BaseLinear,
-) -> Result<(Tensor, Option<Vec<GemvLora>>)> {
-    use qlorad_kernels::decode_cuda::{silu_shrink, SILU_SHRINK_PARTS};
-    // gate (rows, intermediate) has the shape of down's input.
-    if let Some(plan) = silu_shrink()
-        .then(|| epilogue_plan(lora, &[down], gate))
-        .flatten()
-    {
-        let slot = layer * 7 + 6;
-        if let Some((sh, epi)) = plan.attention_shrink(slot, SILU_SHRINK_PARTS, gate.dim(1)?)? {
-            if let Some(mixed) = kern.silu_mul_shrink(gate, up, Some(&sh))? {
-                return Ok((mixed, Some(vec![epi])));
-            }
-        }
-    }
-    Ok((kern.silu_mul(gate, up)?, None))
 }
 
 /// The bases' NF4 weights when the group can run as fused GEMVs on `x` (rows, k): every base NF4,
