@@ -6,7 +6,7 @@
 #   bin/*.xz (stripped CUDA builds), bnb.tar.xz, scripts/, bench/, smol.part* (SmolLM2, in parts
 #   that may arrive over two calls: parts are kept in /tmp/stash while the machine stays warm).
 #
-#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [clustercap] [lora] [bench] [train] [smol]
+#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [clustercap] [lora] [chunks] [bench] [train] [smol]
 set -uo pipefail
 D="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/out}"
@@ -89,6 +89,13 @@ for step in "$@"; do
       log "sweep of the LoRA switches"
       CONFIGS="QLORAD_X=default QLORAD_FUSED_SHRINK=0 QLORAD_NORM_SHRINK=0 QLORAD_ATT_SHRINK=1 QLORAD_LORA_EPILOGUE=0 QLORAD_LORA_ALL_WARPS=1" \
         OUT=/tmp/sweep-lora bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/sweep-lora.log" ;;
+    chunks)
+      # The adapter path's shrink chunking: the norm launches' dots in k-chunk partials
+      # (QLORAD_NORM_SHRINK_PARTS, default 4) and the o / down GEMVs' in-launch shrink units
+      # (QLORAD_SHRINK_CHUNK values each, default 2048).
+      log "sweep of the shrink chunking"
+      CONFIGS="QLORAD_X=default QLORAD_NORM_SHRINK_PARTS=1 QLORAD_NORM_SHRINK_PARTS=2 QLORAD_NORM_SHRINK_PARTS=8 QLORAD_SHRINK_CHUNK=1024 QLORAD_SHRINK_CHUNK=512" \
+        OUT=/tmp/sweep-chunks bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/sweep-chunks.log" ;;
     bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
     # Training tokens/s and peak memory (reuses the bench step's model when it ran first).
     train) log "run-gpu-train (${QLORAD_TRAIN_BENCH_ARGS:-default modes})"; RESULT="${TRAIN_RESULT:-h200-train.json}" bash "$D/bench/run-gpu-train.sh" ;;

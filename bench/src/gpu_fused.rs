@@ -98,6 +98,22 @@ fn compare(
         &steps,
         r,
     )?;
+    // The norm launches' shrink dots in k-chunk partials (the default, 4) or whole (1): other
+    // summation orders, both within the general path's bound.
+    let parts_was = qlorad_kernels::bgmv::norm_shrink_parts();
+    let parts = if parts_was == 1 { 4 } else { 1 };
+    qlorad_kernels::bgmv::set_norm_shrink_parts(parts);
+    let four = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
+    qlorad_kernels::bgmv::set_norm_shrink_parts(parts_was);
+    agreement(
+        &format!(
+            "fused decode with the norm shrink in {parts} k-chunk partials vs general path, {name}"
+        ),
+        &want,
+        &four?,
+        &steps,
+        r,
+    )?;
     // Contexts past 8 splits capped at 8 so the cluster merges them (the default;
     // QLORAD_ATT_CLUSTER_CAP=0 off) or not: other splits, so other rounding; both within the
     // general path's bound (`got` runs as set, `uncapped` without the cap).

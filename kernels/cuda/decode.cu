@@ -135,15 +135,22 @@ __device__ __forceinline__ void add_rms_norm_vec(const u16* __restrict__ xr,
 // The LoRA shrink of the projections that read the normed rows (q/k/v, or gate/up), computed by
 // extra blocks of the add + RMSNorm launch instead of a launch of its own or inside the GEMV:
 // t_z[m, j] = normed[m, :] · A_{m, slot0 + z}[j, :] for z < count, j < r (the rows' ranks at that
-// slot), written to t + z * t_zstride + m * t_stride + j (BgmvPlan's scratch layout, read by the
-// GEMV's epilogue expand). `bpr` blocks per row, each warp one (z, j) dot at a time. Its module
+// slot), each dot split over k into `parts` chunks written as partials t + c * part_stride +
+// z * t_zstride + m * t_stride + j (BgmvPlan's scratch layout), which the GEMV's epilogue expand
+// sums in order. `bpr` blocks per row, each warp one (z, j, chunk) unit at a time. Its module
 // lookups and A's DRAM reads (into L2) happen before the programmatic-launch wait, during the
 // previous kernel; after it, the block recomputes its row's norm (bit for bit what the norm blocks
-// write, same code) into shared memory and reads A from L2.
+// write, same code) into shared memory and reads A from L2. The split is for the critical path:
+// the GEMV after this launch waits for its slowest block, and on the H200 (session 21) the whole
+// dots (8 KB of A per warp, 128 KB per block at q/k/v's 12 blocks) cost 5.3 us per layer of
+// batch-1 decode with an adapter over the norm alone; chunks spread A over `parts` times the
+// blocks and shorten each warp's chain of loads, but every block also recomputes the norm and
+// needs room beside the previous GEMV's: 2 parts ran 347 tok/s against 340 for 1, 335 for 3, 337
+// for 4 and 310 for 8 (the host's default, BgmvPlan::norm_shrink).
 struct NormShrink {
     const u64* row_tables;
     float* t;
-    u32 slot0, count, max_rank, t_stride, t_zstride, bpr;
+    u32 slot0, count, max_rank, t_stride, t_zstride, bpr, parts, part_stride;
 };
 
 __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
@@ -152,13 +159,17 @@ __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
                                                   const NormShrink& sh, u32 m, u32 part) {
     __shared__ __align__(16) u16 s_normed[NORM_VEC * 8 * NORM_THREADS];
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u, nw = blockDim.x >> 5;
-    const u32 units = sh.count * sh.max_rank;
+    // Unit u: (slot z, rank j) = u / parts, chunk c = u % parts of `len` values (a multiple of 8,
+    // so every chunk starts on a 16-byte boundary of A's row and of the normed row).
+    const u32 units = sh.count * sh.max_rank * sh.parts;
+    const u32 len = ((n + sh.parts - 1) / sh.parts + 7u) & ~7u;
     for (u32 u = part * nw + warp; u < units; u += sh.bpr * nw) {
-        const RowLora l = lookup(sh.row_tables, m, sh.slot0 + u / sh.max_rank);
-        const u32 j = u % sh.max_rank;
+        const u32 zj = u / sh.parts, c = u % sh.parts;
+        const RowLora l = lookup(sh.row_tables, m, sh.slot0 + zj / sh.max_rank);
+        const u32 j = zj % sh.max_rank, k0 = min(n, c * len), k1 = min(n, k0 + len);
         if (j < l.r) {
-            const u8* a = reinterpret_cast<const u8*>(l.a + (u64)j * n);
-            for (u32 off = 128 * lane; off < 2 * n; off += 32 * 128) {
+            const u8* a = reinterpret_cast<const u8*>(l.a + (u64)j * n + k0);
+            for (u32 off = 128 * lane; off < 2 * (k1 - k0); off += 32 * 128) {
                 prefetch_l2(a + off);
             }
         }
@@ -168,16 +179,18 @@ __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
     __syncthreads();
     const uint4* xv = reinterpret_cast<const uint4*>(s_normed);
     for (u32 u = part * nw + warp; u < units; u += sh.bpr * nw) {
-        const u32 z = u / sh.max_rank, j = u % sh.max_rank;
+        const u32 zj = u / sh.parts, c = u % sh.parts;
+        const u32 z = zj / sh.max_rank, j = zj % sh.max_rank;
         const RowLora l = lookup(sh.row_tables, m, sh.slot0 + z);
         if (j >= l.r || l.r > sh.t_stride) {
             continue;
         }
+        const u32 k0 = min(n, c * len), k1 = min(n, k0 + len);
         const float acc = warp_dot_a(
-            l.a + (u64)j * n, n, lane, [&](u32 q) { return xv[q]; },
-            [&](u32 q) { return bf16_f(s_normed[q]); });
+            l.a + (u64)j * n + k0, k1 - k0, lane, [&](u32 q) { return xv[(k0 >> 3) + q]; },
+            [&](u32 q) { return bf16_f(s_normed[k0 + q]); });
         if (lane == 0) {
-            sh.t[(u64)z * sh.t_zstride + (u64)m * sh.t_stride + j] = acc;
+            sh.t[(u64)c * sh.part_stride + (u64)z * sh.t_zstride + (u64)m * sh.t_stride + j] = acc;
         }
     }
 }
@@ -195,11 +208,12 @@ extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u1
                                              u16* __restrict__ out,
                                              const u64* __restrict__ sh_tables, float* sh_t,
                                              u32 sh_slot0, u32 sh_count, u32 sh_max_rank,
-                                             u32 sh_t_stride, u32 sh_t_zstride, u32 sh_bpr) {
+                                             u32 sh_t_stride, u32 sh_t_zstride, u32 sh_bpr,
+                                             u32 sh_parts, u32 sh_part_stride) {
     pdl_trigger();
     if (blockIdx.x >= rows) {
-        const NormShrink sh = {sh_tables,   sh_t,        sh_slot0, sh_count,
-                               sh_max_rank, sh_t_stride, sh_t_zstride, sh_bpr};
+        const NormShrink sh = {sh_tables,    sh_t,   sh_slot0,      sh_count, sh_max_rank,
+                               sh_t_stride, sh_t_zstride, sh_bpr, sh_parts, sh_part_stride};
         const u32 b = blockIdx.x - rows;
         norm_shrink_block(x, y, w, eps, n, sh, b / sh.bpr, b % sh.bpr);
         return;

@@ -71,18 +71,25 @@ struct TcGroup {
     // dots; the decode attention writes one per KV head for the o projection). The expand sums
     // them in order, as it sums the in-launch shrink's.
     u32 parts;
+    // With counters: the in-launch shrink's values per k chunk (0: TC_SHRINK_CHUNK).
+    u32 shrink_chunk;
 };
 
 // The in-launch shrink splits each dot product over k into up to TC_SHRINK_CHUNKS chunks of at
-// least TC_SHRINK_CHUNK values, one unit each, so a unit is one memory round trip per lane: on the
-// H200 a down projection's unit (k = 14336) was 14 dependent round trips of one warp, and every
-// block's expand waits for the last unit. The host sizes the partials for TC_SHRINK_CHUNKS.
+// least TC_SHRINK_CHUNK values (the host's TcGroup.shrink_chunk), one unit each: every block's
+// expand waits for the last unit. Shorter units shorten a warp's chain of loads but cost claims
+// (atomics on one counter) and partials to sum: on the H200 with decode steps replayed as graphs
+// (session 21), batch-1 decode with an r=64 adapter ran 316 / 327 / 346 / 351 / 352 tok/s at 512 /
+// 1024 / 2048 / 4096 / 8192 values per chunk (o: 1 chunk at 8192, down: 2). The host sizes the
+// partials for TC_SHRINK_CHUNKS.
 #define TC_SHRINK_CHUNKS 8
-#define TC_SHRINK_CHUNK 2048
+#define TC_SHRINK_CHUNK 8192
 
-// (chunks, values per chunk, a multiple of 8) of a k-long dot product.
-__device__ __forceinline__ uint2 tc_shrink_chunks(u32 k) {
-    const u32 nch = min((u32)TC_SHRINK_CHUNKS, (k + TC_SHRINK_CHUNK - 1) / TC_SHRINK_CHUNK);
+// (chunks, values per chunk, a multiple of 8) of a k-long dot product in chunks of about `chunk`
+// values (0: TC_SHRINK_CHUNK).
+__device__ __forceinline__ uint2 tc_shrink_chunks(u32 k, u32 chunk) {
+    chunk = chunk != 0 ? chunk : TC_SHRINK_CHUNK;
+    const u32 nch = min((u32)TC_SHRINK_CHUNKS, (k + chunk - 1) / chunk);
     const u32 len = ((k + nch - 1) / nch + 7u) & ~7u;
     return make_uint2(nch, len);
 }
@@ -172,7 +179,7 @@ template <int M>
 __device__ __forceinline__ void tc_shrink(const u16* __restrict__ x, u32 k, const TcGroup& grp,
                                           const TcLoraRefs<M>& refs) {
     const u32 lane = threadIdx.x & 31u;
-    const uint2 ch = tc_shrink_chunks(k);
+    const uint2 ch = tc_shrink_chunks(k, grp.shrink_chunk);
     const u32 per_w = (u32)M * grp.max_rank * ch.x;
     const u32 units = grp.count * per_w;
     u32* c = grp.counters;
@@ -232,7 +239,7 @@ __device__ __forceinline__ void tc_lora_warp(const u16* __restrict__ x, u32 k,
     u32 nparts = 1, pstride = 0;
     if (fused) {
         tc_shrink<M>(x, k, *grp, refs);
-        nparts = tc_shrink_chunks(k).x;
+        nparts = tc_shrink_chunks(k, grp->shrink_chunk).x;
         pstride = grp->part_stride;
     } else if (grp != nullptr && grp->parts > 1) {
         nparts = grp->parts;

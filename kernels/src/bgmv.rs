@@ -77,7 +77,10 @@ pub fn bgmv_reference(
 }
 
 #[cfg(feature = "cuda")]
-pub use crate::bgmv_cuda::{AdapterTable, AttShrink, BgmvPlan, GemvLora, NormShrink, MAX_GROUP};
+pub use crate::bgmv_cuda::{
+    norm_shrink_parts, set_norm_shrink_parts, AdapterTable, AttShrink, BgmvPlan, GemvLora,
+    NormShrink, MAX_GROUP,
+};
 
 /// Most projections one launch pair serves (q, k and v, which read the same input).
 #[cfg(not(feature = "cuda"))]

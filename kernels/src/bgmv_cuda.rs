@@ -20,6 +20,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Device, Storage, Tensor};
 use half::bf16;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// u64 words per slot of an adapter table: A's address, B's address, rank | scale bits << 32.
@@ -232,9 +233,48 @@ pub struct NormShrink {
     pub t_stride: u32,
     /// Floats between consecutive slots' t.
     pub t_zstride: u32,
+    /// k-chunk partials each dot is split into ([`norm_shrink_parts`]), `part_stride` floats
+    /// apart; the epilogue descriptors sum them.
+    pub parts: u32,
+    pub part_stride: u32,
     /// Input features of the group's modules (the normed rows' length).
     pub in_f: usize,
     pub rows: usize,
+}
+
+/// 0: not set, [`norm_shrink_parts`] reads `QLORAD_NORM_SHRINK_PARTS`.
+static NORM_PARTS: AtomicUsize = AtomicUsize::new(0);
+/// [`norm_shrink_parts`]'s default, from a same-call sweep on the H200 (BENCHMARKS.md, session 21).
+const NORM_PARTS_DEFAULT: usize = 2;
+/// The fewest values per chunk: below it a chunk is less than one 16-byte load per lane.
+const NORM_PART_MIN: usize = 256;
+
+/// The k-chunks each dot of the add + RMSNorm launch's shrink is split into, 1..=[`SHRINK_CHUNKS`]
+/// (`QLORAD_NORM_SHRINK_PARTS`, or [`set_norm_shrink_parts`]): more chunks spread A's rows over
+/// more blocks, so the launch the next GEMV waits on ends sooner.
+pub fn norm_shrink_parts() -> usize {
+    match NORM_PARTS.load(Ordering::Relaxed) {
+        0 => {
+            let p = std::env::var("QLORAD_NORM_SHRINK_PARTS")
+                .ok()
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(NORM_PARTS_DEFAULT)
+                .clamp(1, SHRINK_CHUNKS);
+            NORM_PARTS.store(p, Ordering::Relaxed);
+            p
+        }
+        p => p,
+    }
+}
+
+/// Sets [`norm_shrink_parts`] for the process (clamped to 1..=[`SHRINK_CHUNKS`]; gpu-check runs
+/// more than one).
+pub fn set_norm_shrink_parts(parts: usize) {
+    let old = NORM_PARTS.swap(parts.clamp(1, SHRINK_CHUNKS), Ordering::Relaxed);
+    if old != 0 && old != parts.clamp(1, SHRINK_CHUNKS) {
+        // Captured decode steps chose their launches under the old count.
+        crate::switch::bump_epoch();
+    }
 }
 
 /// The o projection's shrink for the decode attention to compute from the outputs it writes
@@ -405,14 +445,16 @@ impl BgmvPlan {
     }
 
     /// The shrink of slots `slot0 .. slot0 + n` for the add + RMSNorm launch that produces their
-    /// input (rows, `in_f`) to run, and the GEMV epilogue descriptors that read its result (valid
-    /// until the plan's next launch, as [`BgmvPlan::shrink_for_gemv`]'s). `None` when no row has a
-    /// module at these slots.
+    /// input (rows, `in_f`) to run, each dot in up to `parts` k-chunk partials (1..=
+    /// [`SHRINK_CHUNKS`]; only the grouped GEMV sums more than one), and the GEMV epilogue
+    /// descriptors that read its result (valid until the plan's next launch, as
+    /// [`BgmvPlan::shrink_for_gemv`]'s). `None` when no row has a module at these slots.
     pub fn norm_shrink(
         &self,
         slot0: usize,
         n: usize,
         in_f: usize,
+        parts: usize,
     ) -> candle_core::Result<Option<(NormShrink, Vec<GemvLora>)>> {
         let group = self.group(slot0, n)?;
         let max_rank = max_rank(group);
@@ -427,6 +469,11 @@ impl BgmvPlan {
         }
         let (row_tables, _g) = self.row_tables.device_ptr(&self.stream);
         let (t, _g2) = self.scratch.device_ptr(&self.stream);
+        let parts = parts.min(SHRINK_CHUNKS).min(in_f / NORM_PART_MIN).max(1);
+        let mut epis = self.gemv_loras(slot0, n, max_rank, 0);
+        for e in &mut epis {
+            e.parts = parts as u32;
+        }
         let shrink = NormShrink {
             row_tables,
             t,
@@ -435,10 +482,12 @@ impl BgmvPlan {
             max_rank,
             t_stride: self.t_stride as u32,
             t_zstride: (self.rows * self.t_stride) as u32,
+            parts: parts as u32,
+            part_stride: epis[0].part_stride,
             in_f,
             rows: self.rows,
         };
-        Ok(Some((shrink, self.gemv_loras(slot0, n, max_rank, 0))))
+        Ok(Some((shrink, epis)))
     }
 
     /// The shrink of slot `slot` (an o projection reading `in_f` = heads · head_dim attention
@@ -457,7 +506,7 @@ impl BgmvPlan {
         }
         // The same slot checks and descriptor as a norm launch's shrink of one projection; the
         // expand then sums kv_heads partials.
-        let Some((n, mut epis)) = self.norm_shrink(slot, 1, in_f)? else {
+        let Some((n, mut epis)) = self.norm_shrink(slot, 1, in_f, 1)? else {
             return Ok(None);
         };
         let mut epi = epis.remove(0);

@@ -53,6 +53,8 @@ struct TcGroup {
     part_stride: u32,
     /// Without counters: the partials of t the expand sums (1: whole dots).
     parts: u32,
+    /// With counters: the in-launch shrink's values per k chunk ([`shrink_chunk`]).
+    shrink_chunk: u32,
 }
 
 // SAFETY: plain data with the C layout of the kernel's parameter (repr(C), no padding the kernel
@@ -202,6 +204,7 @@ fn launch(
         grp.max_rank = ls[0].max_rank;
         grp.part_stride = ls[0].part_stride;
         grp.parts = ls[0].parts.max(1);
+        grp.shrink_chunk = shrink_chunk();
     }
     let kind = match loras {
         None if persistent(gpus, m, k) => GroupKernel::BasePersistent,
@@ -256,6 +259,22 @@ fn persistent(gpus: &[&Nf4Gpu], m: usize, k: usize) -> bool {
         && k >= 1024
         && gpus.iter().all(|g| g.tables_id() == gpus[0].tables_id())
 }
+
+/// The in-launch shrink's values per k chunk (`QLORAD_SHRINK_CHUNK`, a multiple of 8 from 256 to
+/// 8192; read once per process): each chunk is one claimable unit of a LoRA warp; at most
+/// TC_SHRINK_CHUNKS chunks per dot (cuda/nf4_tc.cuh, with the H200 sweep behind the default).
+fn shrink_chunk() -> u32 {
+    static CHUNK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *CHUNK.get_or_init(|| {
+        std::env::var("QLORAD_SHRINK_CHUNK")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .map_or(SHRINK_CHUNK_DEFAULT, |c| c.clamp(256, 8192) & !7)
+    })
+}
+
+/// TC_SHRINK_CHUNK of cuda/nf4_tc.cuh.
+const SHRINK_CHUNK_DEFAULT: u32 = 8192;
 
 static PERSIST: EnvSwitch = EnvSwitch::new("QLORAD_T4_PERSIST");
 

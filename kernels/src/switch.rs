@@ -14,6 +14,11 @@ pub fn epoch() -> u64 {
     EPOCH.load(Ordering::Relaxed)
 }
 
+/// Marks a change of a setting that is not an [`EnvSwitch`] (a number, say) after it settled.
+pub(crate) fn bump_epoch() {
+    EPOCH.fetch_add(1, Ordering::Relaxed);
+}
+
 /// See the module docs. `const`-constructible, for statics.
 pub struct EnvSwitch {
     var: &'static str,

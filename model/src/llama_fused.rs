@@ -324,7 +324,13 @@ fn norm_for_group<const N: usize>(
         .then(|| epilogue_plan(lora, &bases, x))
         .flatten()
     {
-        if let Some((sh, epis)) = plan.norm_shrink(slot0, N, x.dim(1)?)? {
+        // Dots in k-chunk partials only for the grouped GEMV, the one launch that sums them.
+        let parts = if gemv_group() {
+            qlorad_kernels::bgmv::norm_shrink_parts()
+        } else {
+            1
+        };
+        if let Some((sh, epis)) = plan.norm_shrink(slot0, N, x.dim(1)?, parts)? {
             if let Some((xs, h)) = kern.add_rms_norm_shrink(x, y, w, eps, Some(&sh))? {
                 return Ok((xs, h, Some(epis)));
             }
