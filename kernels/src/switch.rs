@@ -15,6 +15,7 @@ pub fn epoch() -> u64 {
 }
 
 /// Marks a change of a setting that is not an [`EnvSwitch`] (a number, say) after it settled.
+#[cfg(feature = "cuda")]
 pub(crate) fn bump_epoch() {
     EPOCH.fetch_add(1, Ordering::Relaxed);
 }
