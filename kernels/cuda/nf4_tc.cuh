@@ -73,6 +73,9 @@ struct TcGroup {
     u32 parts;
     // With counters: the in-launch shrink's values per k chunk (0: TC_SHRINK_CHUNK).
     u32 shrink_chunk;
+    // With counters: nanoseconds a LoRA warp sleeps between polls of the done count (0: 100).
+    u32 spin_ns;
+    u32 unused;
 };
 
 // The in-launch shrink splits each dot product over k into up to TC_SHRINK_CHUNKS chunks of at
@@ -216,8 +219,11 @@ __device__ __forceinline__ void tc_shrink(const u16* __restrict__ x, u32 k, cons
         }
     }
     if (lane == 0 && done < units) {
+        // Every waiting warp polls the word the working warps' releases add to (one L2 line):
+        // the sleep sets how hard those polls compete with the releases.
+        const u32 ns = grp.spin_ns != 0 ? grp.spin_ns : 100u;
         while (tc_done_count(c) < units) {
-            __nanosleep(100);
+            __nanosleep(ns);
         }
     }
     // Lane 0's acquire, then the warp barrier, orders every lane's reads of t after the units.

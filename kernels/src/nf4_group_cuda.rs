@@ -38,7 +38,7 @@ struct TcWeight {
     slot: u32,
 }
 
-/// Mirrors `TcGroup` of cuda/nf4_tc.cuh (312 bytes, passed by value).
+/// Mirrors `TcGroup` of cuda/nf4_tc.cuh (320 bytes, passed by value).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct TcGroup {
@@ -55,6 +55,9 @@ struct TcGroup {
     parts: u32,
     /// With counters: the in-launch shrink's values per k chunk ([`shrink_chunk`]).
     shrink_chunk: u32,
+    /// With counters: the waiting LoRA warps' sleep between polls ([`shrink_spin_ns`]).
+    spin_ns: u32,
+    unused: u32,
 }
 
 // SAFETY: plain data with the C layout of the kernel's parameter (repr(C), no padding the kernel
@@ -205,6 +208,7 @@ fn launch(
         grp.part_stride = ls[0].part_stride;
         grp.parts = ls[0].parts.max(1);
         grp.shrink_chunk = shrink_chunk();
+        grp.spin_ns = shrink_spin_ns();
     }
     let kind = match loras {
         None if persistent(gpus, m, k) => GroupKernel::BasePersistent,
@@ -273,6 +277,20 @@ fn shrink_chunk() -> u32 {
     })
 }
 
+/// Nanoseconds a LoRA warp that found every in-launch shrink unit claimed sleeps between polls
+/// of the done count (`QLORAD_SHRINK_SPIN_NS`, 20..=2000, default 100; read once per process):
+/// at batch 1 most of o's 256 and down's 256 LoRA warps wait on the 64 or 128 that hold units,
+/// polling the word those add their releases to.
+fn shrink_spin_ns() -> u32 {
+    static NS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *NS.get_or_init(|| {
+        std::env::var("QLORAD_SHRINK_SPIN_NS")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .map_or(100, |n| n.clamp(20, 2000))
+    })
+}
+
 /// TC_SHRINK_CHUNK of cuda/nf4_tc.cuh.
 const SHRINK_CHUNK_DEFAULT: u32 = 8192;
 
@@ -318,4 +336,4 @@ fn all_warps_epilogue(g: &Nf4Gpu, m: usize, l: &GemvLora) -> bool {
 
 // The C layouts of cuda/nf4_tc.cuh.
 const _: () = assert!(std::mem::size_of::<TcWeight>() == 88);
-const _: () = assert!(std::mem::size_of::<TcGroup>() == 312);
+const _: () = assert!(std::mem::size_of::<TcGroup>() == 320);
