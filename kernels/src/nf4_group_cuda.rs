@@ -79,6 +79,12 @@ pub fn nf4_linear_group(
     weights: &[&Arc<Nf4Weight>],
     loras: Option<&[GemvLora]>,
 ) -> candle_core::Result<Option<Vec<Tensor>>> {
+    // A diagnostic build may leave every grouped GEMV's LoRA work out.
+    let loras = if crate::switch::whatif("noexpand") {
+        None
+    } else {
+        loras
+    };
     let Some(gpus) = weights
         .iter()
         .map(|w| w.gpu().filter(|g| g.tensor_cores()))
@@ -203,7 +209,12 @@ fn launch(
     if let Some(ls) = loras {
         grp.row_tables = ls[0].row_tables;
         grp.t_stride = ls[0].t_stride;
-        grp.counters = ls[0].counters;
+        // A diagnostic build may leave the in-launch shrink out (the expands read stale t).
+        grp.counters = if crate::switch::whatif("inshrink") {
+            0
+        } else {
+            ls[0].counters
+        };
         grp.max_rank = ls[0].max_rank;
         grp.part_stride = ls[0].part_stride;
         grp.parts = ls[0].parts.max(1);

@@ -72,6 +72,23 @@ impl EnvSwitch {
     }
 }
 
+/// Whether a diagnostic build (`--features qlorad-kernels/whatif`) was asked to leave `part` out
+/// of the decode step (`QLORAD_WHATIF=part,part`: `normshrink`, the norm launches' shrink dots;
+/// `inshrink`, the grouped GEMVs' in-launch shrink; `noexpand`, every grouped GEMV's LoRA work).
+/// The results are wrong by design; BENCHMARKS.md's what-if tables come from such builds. Always
+/// false in every other build.
+#[cfg(feature = "whatif")]
+pub fn whatif(part: &str) -> bool {
+    std::env::var("QLORAD_WHATIF").is_ok_and(|v| v.split(',').any(|s| s == part))
+}
+
+/// See the `whatif` build's docs: off outside diagnostic builds.
+#[cfg(not(feature = "whatif"))]
+#[inline(always)]
+pub fn whatif(_part: &str) -> bool {
+    false
+}
+
 #[cfg(test)]
 mod tests {
     use super::EnvSwitch;
