@@ -97,12 +97,14 @@ for step in "$@"; do
       CONFIGS="QLORAD_X=default QLORAD_NORM_SHRINK_PARTS=1 QLORAD_NORM_SHRINK_PARTS=2 QLORAD_NORM_SHRINK_PARTS=8 QLORAD_SHRINK_CHUNK=1024 QLORAD_SHRINK_CHUNK=512" \
         OUT=/tmp/sweep-chunks bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/sweep-chunks.log" ;;
     envs)
-      # Switches last measured before decode steps replayed as graphs, and the in-launch shrink's
-      # polling: the LoRA GEMV with two resident blocks (QLORAD_T4_LORA=2), the persistent base
+      # The norm shrink's A preloaded into shared memory before the wait
+      # (QLORAD_NORM_SHRINK_PRELOAD=1; gpu-check compares it bit for bit), switches last measured
+      # before decode steps replayed as graphs, and the in-launch shrink's polling: the LoRA GEMV
+      # with two resident blocks (QLORAD_T4_LORA=2), the persistent base
       # GEMV (QLORAD_T4_PERSIST=1), the waiting LoRA warps' sleep between polls
       # (QLORAD_SHRINK_SPIN_NS, default 100).
       log "sweep of older switches and the shrink's polling"
-      CONFIGS="QLORAD_X=default QLORAD_T4_LORA=2 QLORAD_T4_PERSIST=1 QLORAD_SHRINK_SPIN_NS=400 QLORAD_SHRINK_SPIN_NS=1000 QLORAD_SHRINK_SPIN_NS=30" \
+      CONFIGS="QLORAD_X=default QLORAD_NORM_SHRINK_PRELOAD=1 QLORAD_T4_LORA=2 QLORAD_T4_PERSIST=1 QLORAD_SHRINK_SPIN_NS=400 QLORAD_SHRINK_SPIN_NS=1000 QLORAD_SHRINK_SPIN_NS=30" \
         OUT=/tmp/sweep-envs bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/sweep-envs.log" ;;
     bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
     # Training tokens/s and peak memory (reuses the bench step's model when it ran first).

@@ -20,7 +20,6 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Device, Storage, Tensor};
 use half::bf16;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// u64 words per slot of an adapter table: A's address, B's address, rank | scale bits << 32.
@@ -233,48 +232,13 @@ pub struct NormShrink {
     pub t_stride: u32,
     /// Floats between consecutive slots' t.
     pub t_zstride: u32,
-    /// k-chunk partials each dot is split into ([`norm_shrink_parts`]), `part_stride` floats
+    /// k-chunk partials each dot is split into ([`crate::bgmv::norm_shrink_parts`]), `part_stride` floats
     /// apart; the epilogue descriptors sum them.
     pub parts: u32,
     pub part_stride: u32,
     /// Input features of the group's modules (the normed rows' length).
     pub in_f: usize,
     pub rows: usize,
-}
-
-/// 0: not set, [`norm_shrink_parts`] reads `QLORAD_NORM_SHRINK_PARTS`.
-static NORM_PARTS: AtomicUsize = AtomicUsize::new(0);
-/// [`norm_shrink_parts`]'s default, from a same-call sweep on the H200 (BENCHMARKS.md, session 21).
-const NORM_PARTS_DEFAULT: usize = 2;
-/// The fewest values per chunk: below it a chunk is less than one 16-byte load per lane.
-const NORM_PART_MIN: usize = 256;
-
-/// The k-chunks each dot of the add + RMSNorm launch's shrink is split into, 1..=[`SHRINK_CHUNKS`]
-/// (`QLORAD_NORM_SHRINK_PARTS`, or [`set_norm_shrink_parts`]): more chunks spread A's rows over
-/// more blocks, so the launch the next GEMV waits on ends sooner.
-pub fn norm_shrink_parts() -> usize {
-    match NORM_PARTS.load(Ordering::Relaxed) {
-        0 => {
-            let p = std::env::var("QLORAD_NORM_SHRINK_PARTS")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(NORM_PARTS_DEFAULT)
-                .clamp(1, SHRINK_CHUNKS);
-            NORM_PARTS.store(p, Ordering::Relaxed);
-            p
-        }
-        p => p,
-    }
-}
-
-/// Sets [`norm_shrink_parts`] for the process (clamped to 1..=[`SHRINK_CHUNKS`]; gpu-check runs
-/// more than one).
-pub fn set_norm_shrink_parts(parts: usize) {
-    let old = NORM_PARTS.swap(parts.clamp(1, SHRINK_CHUNKS), Ordering::Relaxed);
-    if old != 0 && old != parts.clamp(1, SHRINK_CHUNKS) {
-        // Captured decode steps chose their launches under the old count.
-        crate::switch::bump_epoch();
-    }
 }
 
 /// The o projection's shrink for the decode attention to compute from the outputs it writes
@@ -469,7 +433,10 @@ impl BgmvPlan {
         }
         let (row_tables, _g) = self.row_tables.device_ptr(&self.stream);
         let (t, _g2) = self.scratch.device_ptr(&self.stream);
-        let parts = parts.min(SHRINK_CHUNKS).min(in_f / NORM_PART_MIN).max(1);
+        let parts = parts
+            .min(SHRINK_CHUNKS)
+            .min(in_f / crate::norm_shrink_cuda::NORM_PART_MIN)
+            .max(1);
         let mut epis = self.gemv_loras(slot0, n, max_rank, 0);
         for e in &mut epis {
             e.parts = parts as u32;

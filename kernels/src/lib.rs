@@ -32,6 +32,8 @@ pub mod nf4_group_cuda;
 pub mod nf4_matmul;
 pub mod nf4_op;
 #[cfg(feature = "cuda")]
+mod norm_shrink_cuda;
+#[cfg(feature = "cuda")]
 pub mod pdl_cuda;
 #[cfg(feature = "cuda")]
 pub mod readback_cuda;
