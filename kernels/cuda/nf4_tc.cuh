@@ -76,6 +76,15 @@ struct TcGroup {
     // With counters: nanoseconds a LoRA warp sleeps between polls of the done count (0: 100).
     u32 spin_ns;
     u32 unused;
+    // The base t4 kernel's last-block norm (`nf4_gemv_t4g_tail`, one weight, QLORAD_NORM_TAIL=1):
+    // the last block to finish writes tail_out = (tail_res + y, rmsnorm(tail_res + y) · tail_w),
+    // (2, rows, n) bf16, counting finished blocks in tail_counter (zero between launches).
+    const u16* tail_res;
+    const u16* tail_w;
+    u16* tail_out;
+    u32* tail_counter;
+    float tail_eps;
+    u32 unused2;
 };
 
 // The in-launch shrink splits each dot product over k into up to TC_SHRINK_CHUNKS chunks of at
