@@ -98,19 +98,19 @@ fn compare(
         &steps,
         r,
     )?;
-    // The norm launches' shrink dots in k-chunk partials (the default, 4) or whole (1): other
-    // summation orders, both within the general path's bound.
+    // The norm launches' shrink dots in k-chunk partials (the default, 2) or whole (1; 4 when the
+    // process runs 1): other summation orders, both within the general path's bound.
     let parts_was = qlorad_kernels::bgmv::norm_shrink_parts();
     let parts = if parts_was == 1 { 4 } else { 1 };
     qlorad_kernels::bgmv::set_norm_shrink_parts(parts);
-    let four = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
+    let split = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
     qlorad_kernels::bgmv::set_norm_shrink_parts(parts_was);
     agreement(
         &format!(
             "fused decode with the norm shrink in {parts} k-chunk partials vs general path, {name}"
         ),
         &want,
-        &four?,
+        &split?,
         &steps,
         r,
     )?;

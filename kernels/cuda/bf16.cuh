@@ -22,6 +22,15 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
     return (u16)(u >> 16);
 }
 
+// 16 bytes global -> shared, asynchronously (cp.async; L2 only); completed by the issuing thread's
+// cp.async.wait_* (the t4 LoRA epilogue's staging, the norm shrink's preload).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
+                     (u32)__cvta_generic_to_shared(smem)),
+                 "l"(gmem)
+                 : "memory");
+}
+
 // Sum over the 32 lanes of a warp (all lanes must be active).
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll

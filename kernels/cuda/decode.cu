@@ -157,13 +157,6 @@ struct NormShrink {
     u32 slot0, count, max_rank, t_stride, t_zstride, bpr, parts, part_stride, preload;
 };
 
-__device__ __forceinline__ void cp_async16_shared(void* smem, const void* gmem) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
-                     (u32)__cvta_generic_to_shared(smem)),
-                 "l"(gmem)
-                 : "memory");
-}
-
 __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
                                                   const u16* __restrict__ y,
                                                   const u16* __restrict__ w, float eps, u32 n,
@@ -192,7 +185,7 @@ __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
             if (l.r <= sh.t_stride && preloaded(u, a16, k1 - k0)) {
                 const uint4* a4 = reinterpret_cast<const uint4*>(a16);
                 for (u32 q = lane; q < ((k1 - k0) >> 3); q += 32) {
-                    cp_async16_shared(slot + q, a4 + q);
+                    cp_async16(slot + q, a4 + q);
                 }
             } else {
                 const u8* a = reinterpret_cast<const u8*>(a16);

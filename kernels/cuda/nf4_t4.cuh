@@ -242,13 +242,6 @@ struct t4_pick<false, A, B> {
     typedef B type;
 };
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(
-                     (u32)__cvta_generic_to_shared(smem)),
-                 "l"(gmem)
-                 : "memory");
-}
-
 // Whether row m's module takes part: what the copies and the expand both test (the host keeps the
 // rows' ranks within T4E_RANKS; a module beyond it would be skipped by both, never half-read).
 __device__ __forceinline__ bool t4e_active(const RowLora& l, u32 t_stride, u32 used) {
@@ -364,11 +357,12 @@ __device__ __forceinline__ void t4_norm_tail(const TcGroup& grp, const u16* y, u
             u32 sw[4];
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const float lo = bf16_f(f32_to_bf16(__fadd_rn(bf16_lo(rw[e]), bf16_lo(yw[e]))));
-                const float hi = bf16_f(f32_to_bf16(__fadd_rn(bf16_hi(rw[e]), bf16_hi(yw[e]))));
+                const u16 lo16 = f32_to_bf16(__fadd_rn(bf16_lo(rw[e]), bf16_lo(yw[e])));
+                const u16 hi16 = f32_to_bf16(__fadd_rn(bf16_hi(rw[e]), bf16_hi(yw[e])));
+                const float lo = bf16_f(lo16), hi = bf16_f(hi16);
                 acc = fmaf(lo, lo, acc);
                 acc = fmaf(hi, hi, acc);
-                sw[e] = (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+                sw[e] = (u32)lo16 | ((u32)hi16 << 16);
             }
             s4[c] = make_uint4(sw[0], sw[1], sw[2], sw[3]);
         }

@@ -150,7 +150,8 @@ fn bf16_view<'a>(
     Ok((cs.as_cuda_slice::<bf16>()?, a, b))
 }
 
-fn wrap(out: CudaSlice<bf16>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+/// `out` as a bf16 tensor of `shape` on `dev` (no autograd).
+pub(crate) fn wrap(out: CudaSlice<bf16>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
     Tensor::from_storage(
         Storage::Cuda(CudaStorage::wrap_cuda_slice(out, dev.clone())),
         shape,

@@ -11,7 +11,7 @@ use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CudaStorage, Storage, Tensor};
+use candle_core::{Storage, Tensor};
 use half::bf16;
 use std::sync::Arc;
 
@@ -133,6 +133,9 @@ pub fn nf4_linear_norm_tail(
     let (Storage::Cuda(rc), Storage::Cuda(wc)) = (&*rs, &*ws) else {
         return Ok(None);
     };
+    if rc.device.id() != g.device().id() || wc.device.id() != g.device().id() {
+        return Ok(None);
+    }
     let (Some((ra, rb)), Some((wa, wb))) = (rl.contiguous_offsets(), wl.contiguous_offsets())
     else {
         return Ok(None);
@@ -159,12 +162,7 @@ pub fn nf4_linear_norm_tail(
         return Ok(None);
     }
     drop(og);
-    let both = Tensor::from_storage(
-        Storage::Cuda(CudaStorage::wrap_cuda_slice(out, g.device().clone())),
-        (2, m, n),
-        candle_core::op::BackpropOp::none(),
-        false,
-    );
+    let both = crate::decode_cuda::wrap(out, g.device(), (2, m, n));
     Ok(Some((both.get(0)?, both.get(1)?)))
 }
 
@@ -223,14 +221,7 @@ fn grouped(
     Ok(Some(
         ys.into_iter()
             .zip(&gpus)
-            .map(|(y, g)| {
-                Tensor::from_storage(
-                    Storage::Cuda(CudaStorage::wrap_cuda_slice(y, g.device().clone())),
-                    (m, g.shape().0),
-                    candle_core::op::BackpropOp::none(),
-                    false,
-                )
-            })
+            .map(|(y, g)| crate::decode_cuda::wrap(y, g.device(), (m, g.shape().0)))
             .collect(),
     ))
 }
@@ -389,9 +380,7 @@ fn persistent(gpus: &[&Nf4Gpu], m: usize, k: usize) -> bool {
 fn shrink_chunk() -> u32 {
     static CHUNK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     *CHUNK.get_or_init(|| {
-        std::env::var("QLORAD_SHRINK_CHUNK")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
+        crate::switch::env_number::<u32>("QLORAD_SHRINK_CHUNK")
             .map_or(SHRINK_CHUNK_DEFAULT, |c| c.clamp(256, 8192) & !7)
     })
 }
@@ -403,10 +392,7 @@ fn shrink_chunk() -> u32 {
 fn shrink_spin_ns() -> u32 {
     static NS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
     *NS.get_or_init(|| {
-        std::env::var("QLORAD_SHRINK_SPIN_NS")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .map_or(100, |n| n.clamp(20, 2000))
+        crate::switch::env_number::<u32>("QLORAD_SHRINK_SPIN_NS").map_or(100, |n| n.clamp(20, 2000))
     })
 }
 

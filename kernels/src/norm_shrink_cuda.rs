@@ -18,9 +18,7 @@ pub(crate) const NORM_PART_MIN: usize = 256;
 pub fn norm_shrink_parts() -> usize {
     match NORM_PARTS.load(Ordering::Relaxed) {
         0 => {
-            let p = std::env::var("QLORAD_NORM_SHRINK_PARTS")
-                .ok()
-                .and_then(|v| v.parse::<usize>().ok())
+            let p = crate::switch::env_number::<usize>("QLORAD_NORM_SHRINK_PARTS")
                 .unwrap_or(NORM_PARTS_DEFAULT)
                 .clamp(1, SHRINK_CHUNKS);
             NORM_PARTS.store(p, Ordering::Relaxed);
@@ -33,8 +31,9 @@ pub fn norm_shrink_parts() -> usize {
 /// Sets [`norm_shrink_parts`] for the process (clamped to 1..=[`SHRINK_CHUNKS`]; gpu-check runs
 /// more than one).
 pub fn set_norm_shrink_parts(parts: usize) {
-    let old = NORM_PARTS.swap(parts.clamp(1, SHRINK_CHUNKS), Ordering::Relaxed);
-    if old != 0 && old != parts.clamp(1, SHRINK_CHUNKS) {
+    let parts = parts.clamp(1, SHRINK_CHUNKS);
+    let old = NORM_PARTS.swap(parts, Ordering::Relaxed);
+    if old != 0 && old != parts {
         // Captured decode steps chose their launches under the old count.
         crate::switch::bump_epoch();
     }

@@ -14,6 +14,12 @@ pub fn epoch() -> u64 {
     EPOCH.load(Ordering::Relaxed)
 }
 
+/// The value of the environment variable `var` parsed as a `T` (`None` when unset or unparsable):
+/// the numeric settings' common read (each keeps its own default and bounds).
+pub fn env_number<T: std::str::FromStr>(var: &str) -> Option<T> {
+    std::env::var(var).ok().and_then(|v| v.parse().ok())
+}
+
 /// Marks a change of a setting that is not an [`EnvSwitch`] (a number, say) after it settled.
 #[cfg(feature = "cuda")]
 pub(crate) fn bump_epoch() {
