@@ -6,7 +6,7 @@
 #   bin/*.xz (stripped CUDA builds), bnb.tar.xz, scripts/, bench/, smol.part* (SmolLM2, in parts
 #   that may arrive over two calls: parts are kept in /tmp/stash while the machine stays warm).
 #
-#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [clustercap] [lora] [chunks] [envs] [tail] [bench] [train] [smol]
+#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [clustercap] [lora] [chunks] [bench] [train] [smol]
 set -uo pipefail
 D="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/out}"
@@ -96,21 +96,6 @@ for step in "$@"; do
       log "sweep of the shrink chunking"
       CONFIGS="QLORAD_X=default QLORAD_NORM_SHRINK_PARTS=1 QLORAD_NORM_SHRINK_PARTS=2 QLORAD_NORM_SHRINK_PARTS=8 QLORAD_SHRINK_CHUNK=1024 QLORAD_SHRINK_CHUNK=512" \
         OUT=/tmp/sweep-chunks bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/sweep-chunks.log" ;;
-    envs)
-      # The norm shrink's A preloaded into shared memory before the wait
-      # (QLORAD_NORM_SHRINK_PRELOAD=1; gpu-check compares it bit for bit), switches last measured
-      # before decode steps replayed as graphs, and the in-launch shrink's polling: the LoRA GEMV
-      # with two resident blocks (QLORAD_T4_LORA=2), the persistent base
-      # GEMV (QLORAD_T4_PERSIST=1), the waiting LoRA warps' sleep between polls
-      # (QLORAD_SHRINK_SPIN_NS, default 100).
-      log "sweep of older switches and the shrink's polling"
-      CONFIGS="QLORAD_X=default QLORAD_NORM_SHRINK_PRELOAD=1 QLORAD_T4_LORA=2 QLORAD_T4_PERSIST=1 QLORAD_SHRINK_SPIN_NS=400 QLORAD_SHRINK_SPIN_NS=1000 QLORAD_SHRINK_SPIN_NS=30" \
-        OUT=/tmp/sweep-envs bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/sweep-envs.log" ;;
-    tail)
-      # The residual add + RMSNorm after o and down in those GEMVs' last block (QLORAD_NORM_TAIL=1,
-      # opt-in, batches without adapters; gpu-check compares it with the general path and replays
-      # it from graphs): batch-1 base decode.
-      ab tail QLORAD_NORM_TAIL ;;
     bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
     # Training tokens/s and peak memory (reuses the bench step's model when it ran first).
     train) log "run-gpu-train (${QLORAD_TRAIN_BENCH_ARGS:-default modes})"; RESULT="${TRAIN_RESULT:-h200-train.json}" bash "$D/bench/run-gpu-train.sh" ;;

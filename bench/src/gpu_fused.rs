@@ -114,38 +114,6 @@ fn compare(
         &steps,
         r,
     )?;
-    // The norm shrink's A chunks preloaded into shared memory before the wait (opt-in,
-    // QLORAD_NORM_SHRINK_PRELOAD=1): the same dots in the same order, so the same bits.
-    let pre_was = qlorad_kernels::bgmv::norm_shrink_preload();
-    qlorad_kernels::bgmv::set_norm_shrink_preload(!pre_was);
-    let pre = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
-    qlorad_kernels::bgmv::set_norm_shrink_preload(pre_was);
-    same_bits(
-        r,
-        format!(
-            "fused decode, {name}: norm shrink with A preloaded vs prefetched, differing logits"
-        ),
-        &pre,
-        &got,
-        format!("preload {} for the compared run", on_off(!pre_was)),
-    );
-    // The norms after o and down in those GEMVs' last block (opt-in, QLORAD_NORM_TAIL=1; batches
-    // without adapters only, so only the sliding-window case takes it): other summation order of
-    // the norm's squares, within the general path's bound.
-    let tail_was = qlorad_kernels::nf4_group_cuda::norm_tail();
-    qlorad_kernels::nf4_group_cuda::set_norm_tail(!tail_was);
-    let tl = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
-    qlorad_kernels::nf4_group_cuda::set_norm_tail(tail_was);
-    agreement(
-        &format!(
-            "fused decode with the norm in the o/down GEMVs' last block {} vs general path, {name}",
-            on_off(!tail_was)
-        ),
-        &want,
-        &tl?,
-        &steps,
-        r,
-    )?;
     // Contexts past 8 splits capped at 8 so the cluster merges them (the default;
     // QLORAD_ATT_CLUSTER_CAP=0 off) or not: other splits, so other rounding; both within the
     // general path's bound (`got` runs as set, `uncapped` without the cap).

@@ -45,17 +45,13 @@ pub fn checks(device: DeviceSpec, n: usize, r: &mut Report) -> Result<()> {
         ("2 rows, one-token prompts", &[1, 1]),
     ];
     let cluster_was = qlorad_kernels::step_graph_cuda::cluster_merge();
-    let tail_was = qlorad_kernels::nf4_group_cuda::norm_tail();
-    // The last setting adds the o/down GEMVs' last-block norm (opt-in; these rows have no
-    // adapters, so it applies).
-    let settings = [
-        (false, false, "combine launch"),
-        (true, false, "cluster merge"),
-        (true, true, "cluster merge, norm in the GEMV's last block"),
-    ];
-    for (cluster, tail, merge) in settings {
+    for cluster in [false, true] {
         qlorad_kernels::step_graph_cuda::set_cluster_merge(cluster);
-        qlorad_kernels::nf4_group_cuda::set_norm_tail(tail);
+        let merge = if cluster {
+            "cluster merge"
+        } else {
+            "combine launch"
+        };
         for (name, lens) in cases {
             // A failing run is a failed check, not the end of gpu-check (graphs are new).
             let (differing, on, stats) = match one_case(&m, &prompts(lens, vocab), n) {
@@ -88,7 +84,6 @@ pub fn checks(device: DeviceSpec, n: usize, r: &mut Report) -> Result<()> {
         }
     }
     qlorad_kernels::step_graph_cuda::set_cluster_merge(cluster_was);
-    qlorad_kernels::nf4_group_cuda::set_norm_tail(tail_was);
     adapters(&m, vocab, n, r)
 }
 

@@ -147,14 +147,10 @@ __device__ __forceinline__ void add_rms_norm_vec(const u16* __restrict__ xr,
 // blocks and shorten each warp's chain of loads, but every block also recomputes the norm and
 // needs room beside the previous GEMV's: 2 parts ran 347 tok/s against 340 for 1, 335 for 3, 337
 // for 4 and 310 for 8 (the host's default, BgmvPlan::norm_shrink).
-// With `preload` > 0 (QLORAD_NORM_SHRINK_PRELOAD=1), each warp's first unit copies its chunk of A
-// (at most `preload` 16-byte pieces) into the launch's dynamic shared memory before the wait
-// instead of prefetching it into L2, and dots it from there in the same order (the same t, bit
-// for bit), so that after the wait the blocks' chain is the norm and a dot from shared memory.
 struct NormShrink {
     const u64* row_tables;
     float* t;
-    u32 slot0, count, max_rank, t_stride, t_zstride, bpr, parts, part_stride, preload;
+    u32 slot0, count, max_rank, t_stride, t_zstride, bpr, parts, part_stride;
 };
 
 __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
@@ -162,46 +158,27 @@ __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
                                                   const u16* __restrict__ w, float eps, u32 n,
                                                   const NormShrink& sh, u32 m, u32 part) {
     __shared__ __align__(16) u16 s_normed[NORM_VEC * 8 * NORM_THREADS];
-    extern __shared__ __align__(16) uint4 s_apre[];  // preload: sh.preload pieces per warp
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u, nw = blockDim.x >> 5;
     // Unit u: (slot z, rank j) = u / parts, chunk c = u % parts of `len` values (a multiple of 8,
     // so every chunk starts on a 16-byte boundary of A's row and of the normed row).
     const u32 units = sh.count * sh.max_rank * sh.parts;
     const u32 len = ((n + sh.parts - 1) / sh.parts + 7u) & ~7u;
-    // Whether unit u's chunk `a` of `cnt` values is (or was) copied into the warp's shared slot:
-    // only the warp's first unit, whole 16-byte pieces that fit.
-    const u32 first = part * nw + warp;
-    auto preloaded = [&](u32 u, const u16* a, u32 cnt) {
-        return sh.preload != 0 && u == first && ((reinterpret_cast<u64>(a) & 15ull) == 0) &&
-               (cnt & 7u) == 0 && (cnt >> 3) <= sh.preload;
-    };
-    uint4* slot = s_apre + (u64)warp * sh.preload;
-    for (u32 u = first; u < units; u += sh.bpr * nw) {
+    for (u32 u = part * nw + warp; u < units; u += sh.bpr * nw) {
         const u32 zj = u / sh.parts, c = u % sh.parts;
         const RowLora l = lookup(sh.row_tables, m, sh.slot0 + zj / sh.max_rank);
         const u32 j = zj % sh.max_rank, k0 = min(n, c * len), k1 = min(n, k0 + len);
         if (j < l.r) {
-            const u16* a16 = l.a + (u64)j * n + k0;
-            if (l.r <= sh.t_stride && preloaded(u, a16, k1 - k0)) {
-                const uint4* a4 = reinterpret_cast<const uint4*>(a16);
-                for (u32 q = lane; q < ((k1 - k0) >> 3); q += 32) {
-                    cp_async16(slot + q, a4 + q);
-                }
-            } else {
-                const u8* a = reinterpret_cast<const u8*>(a16);
-                for (u32 off = 128 * lane; off < 2 * (k1 - k0); off += 32 * 128) {
-                    prefetch_l2(a + off);
-                }
+            const u8* a = reinterpret_cast<const u8*>(l.a + (u64)j * n + k0);
+            for (u32 off = 128 * lane; off < 2 * (k1 - k0); off += 32 * 128) {
+                prefetch_l2(a + off);
             }
         }
     }
-    asm volatile("cp.async.commit_group;" ::: "memory");
     pdl_wait();
     add_rms_norm_vec(x + (u64)m * n, y ? y + (u64)m * n : nullptr, w, eps, n, nullptr, s_normed);
-    asm volatile("cp.async.wait_all;" ::: "memory");
     __syncthreads();
     const uint4* xv = reinterpret_cast<const uint4*>(s_normed);
-    for (u32 u = first; u < units; u += sh.bpr * nw) {
+    for (u32 u = part * nw + warp; u < units; u += sh.bpr * nw) {
         const u32 zj = u / sh.parts, c = u % sh.parts;
         const u32 z = zj / sh.max_rank, j = zj % sh.max_rank;
         const RowLora l = lookup(sh.row_tables, m, sh.slot0 + z);
@@ -209,20 +186,9 @@ __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
             continue;
         }
         const u32 k0 = min(n, c * len), k1 = min(n, k0 + len);
-        const u16* a16 = l.a + (u64)j * n + k0;
-        float acc;
-        if (preloaded(u, a16, k1 - k0)) {
-            // warp_dot_a's aligned order: lane q, q + 32, ... then the warp's sum.
-            float d = 0.f;
-            for (u32 q = lane; q < ((k1 - k0) >> 3); q += 32) {
-                d = dot8_bf16(slot[q], xv[(k0 >> 3) + q], d);
-            }
-            acc = warp_sum(d);
-        } else {
-            acc = warp_dot_a(
-                a16, k1 - k0, lane, [&](u32 q) { return xv[(k0 >> 3) + q]; },
-                [&](u32 q) { return bf16_f(s_normed[k0 + q]); });
-        }
+        const float acc = warp_dot_a(
+            l.a + (u64)j * n + k0, k1 - k0, lane, [&](u32 q) { return xv[(k0 >> 3) + q]; },
+            [&](u32 q) { return bf16_f(s_normed[k0 + q]); });
         if (lane == 0) {
             sh.t[(u64)c * sh.part_stride + (u64)z * sh.t_zstride + (u64)m * sh.t_stride + j] = acc;
         }
@@ -243,13 +209,11 @@ extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u1
                                              const u64* __restrict__ sh_tables, float* sh_t,
                                              u32 sh_slot0, u32 sh_count, u32 sh_max_rank,
                                              u32 sh_t_stride, u32 sh_t_zstride, u32 sh_bpr,
-                                             u32 sh_parts, u32 sh_part_stride,
-                                             u32 sh_preload) {
+                                             u32 sh_parts, u32 sh_part_stride) {
     pdl_trigger();
     if (blockIdx.x >= rows) {
-        const NormShrink sh = {sh_tables,   sh_t,         sh_slot0, sh_count,
-                               sh_max_rank, sh_t_stride,  sh_t_zstride, sh_bpr,
-                               sh_parts,    sh_part_stride, sh_preload};
+        const NormShrink sh = {sh_tables,    sh_t,   sh_slot0,      sh_count, sh_max_rank,
+                               sh_t_stride, sh_t_zstride, sh_bpr, sh_parts, sh_part_stride};
         const u32 b = blockIdx.x - rows;
         norm_shrink_block(x, y, w, eps, n, sh, b / sh.bpr, b % sh.bpr);
         return;

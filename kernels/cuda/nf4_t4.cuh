@@ -321,83 +321,7 @@ __device__ __forceinline__ void t4e_expand(const TcLoraRefs<M>& refs, u32 t_stri
     }
 }
 
-// The last-block norm of a base launch of one weight (TcGroup's tail fields): once every block
-// has written its y tiles, the last one to finish computes, per row m, s = bf16(res + y) (candle's
-// add) and bf16(scale · s · w) with scale = rsqrt(mean(s²) + eps), the rounding of decode.cu's
-// add_rms_norm (its sum of squares in another order, so the scale may differ in the last bit).
-// That takes the norm's own launch, and its kernel boundary, off batch-1 decode's chain (session
-// 20's what-if: both norm launches cost 5.6 us per layer). The threadFenceReduction pattern (CUDA
-// samples): every thread's y stores, a fence, one counter per launch; y read through L2. Needs
-// n % 8 == 0 and 16-byte aligned rows (the host checks).
-template <int M>
-__device__ __forceinline__ void t4_norm_tail(const TcGroup& grp, const u16* y, u32 n) {
-    __shared__ u32 s_last;
-    __shared__ float s_part[TC_WARPS];
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        s_last = atomicAdd(grp.tail_counter, 1u) == gridDim.x - 1 ? 1u : 0u;
-    }
-    __syncthreads();
-    if (s_last == 0) {
-        return;
-    }
-    __threadfence();
-    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u, nv = n >> 3;
-    for (int m = 0; m < M; ++m) {
-        const uint4* r4 = reinterpret_cast<const uint4*>(grp.tail_res + (u64)m * n);
-        const uint4* y4 = reinterpret_cast<const uint4*>(y + (u64)m * n);
-        const uint4* w4 = reinterpret_cast<const uint4*>(grp.tail_w);
-        uint4* s4 = reinterpret_cast<uint4*>(grp.tail_out + (u64)m * n);
-        uint4* o4 = reinterpret_cast<uint4*>(grp.tail_out + (u64)(M + m) * n);
-        float acc = 0.f;
-        for (u32 c = threadIdx.x; c < nv; c += blockDim.x) {
-            const uint4 rv = __ldcg(r4 + c), yv = __ldcg(y4 + c);
-            const u32 rw[4] = {rv.x, rv.y, rv.z, rv.w}, yw[4] = {yv.x, yv.y, yv.z, yv.w};
-            u32 sw[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const u16 lo16 = f32_to_bf16(__fadd_rn(bf16_lo(rw[e]), bf16_lo(yw[e])));
-                const u16 hi16 = f32_to_bf16(__fadd_rn(bf16_hi(rw[e]), bf16_hi(yw[e])));
-                const float lo = bf16_f(lo16), hi = bf16_f(hi16);
-                acc = fmaf(lo, lo, acc);
-                acc = fmaf(hi, hi, acc);
-                sw[e] = (u32)lo16 | ((u32)hi16 << 16);
-            }
-            s4[c] = make_uint4(sw[0], sw[1], sw[2], sw[3]);
-        }
-        acc = warp_sum(acc);
-        if (lane == 0) {
-            s_part[warp] = acc;
-        }
-        __syncthreads();
-        float tot = 0.f;
-#pragma unroll
-        for (int w = 0; w < TC_WARPS; ++w) {
-            tot += s_part[w];
-        }
-        const float scale = rsqrtf(tot / (float)n + grp.tail_eps);
-        // Each thread re-reads only the sums it wrote itself.
-        for (u32 c = threadIdx.x; c < nv; c += blockDim.x) {
-            const uint4 sv = s4[c], wv = __ldg(w4 + c);
-            const u32 sw[4] = {sv.x, sv.y, sv.z, sv.w}, ww[4] = {wv.x, wv.y, wv.z, wv.w};
-            u32 ow[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float lo = __fmul_rn(__fmul_rn(scale, bf16_lo(sw[e])), bf16_lo(ww[e]));
-                const float hi = __fmul_rn(__fmul_rn(scale, bf16_hi(sw[e])), bf16_hi(ww[e]));
-                ow[e] = (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
-            }
-            o4[c] = make_uint4(ow[0], ow[1], ow[2], ow[3]);
-        }
-        __syncthreads();  // s_part is reused by the next row
-    }
-    if (threadIdx.x == 0) {
-        *grp.tail_counter = 0u;
-    }
-}
-
-template <int M, bool LORA, int STAGES, bool EPI_ALL = false, bool TAIL = false>
+template <int M, bool LORA, int STAGES, bool EPI_ALL = false>
 __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
                                             NF4_W_PARAMS, u32 n, u32 k, u16* __restrict__ y,
                                             const u64* __restrict__ row_tables, u32 slot,
@@ -458,9 +382,6 @@ __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
     }
     if (LORA) {
         tc_group_finish(grp);
-    }
-    if constexpr (TAIL) {
-        t4_norm_tail<M>(*grp, y, n);
     }
 }
 
@@ -532,29 +453,6 @@ __device__ __forceinline__ void nf4_gemv_t4_group(const u16* __restrict__ x, con
             __trap();                                                                            \
         }                                                                                        \
     }
-// The base t4 GEMV of one weight with the last-block norm (t4_norm_tail; 1..4 rows, the host picks
-// it only then: the 5..8-row names exist because the host loads every row count of a name).
-#define NF4_GEMV_T4_TAIL_ENTRY(M)                                                                \
-    extern "C" __global__ void TC_BOUNDS(TC_CFG_tc3)                                             \
-        nf4_gemv_t4g_tail_bf16_m##M(const u16* __restrict__ x, const TcGroup grp) {              \
-        if constexpr (M <= 4) {                                                                  \
-            const TcWeight& w = tc_group_weight(grp);                                            \
-            nf4_gemv_t4<M <= 4 ? M : 1, false, T4_STAGES, false, true>(                          \
-                x, w.packed, w.code16, w.plain, w.absmax, w.qabs, w.nested, w.ncode, w.offset,   \
-                w.log2_bs, w.n, grp.k, w.y, nullptr, 0, nullptr, 0, blockIdx.x - w.tile0, &grp); \
-        } else {                                                                                 \
-            __trap();                                                                            \
-        }                                                                                        \
-    }
-NF4_GEMV_T4_TAIL_ENTRY(1)
-NF4_GEMV_T4_TAIL_ENTRY(2)
-NF4_GEMV_T4_TAIL_ENTRY(3)
-NF4_GEMV_T4_TAIL_ENTRY(4)
-NF4_GEMV_T4_TAIL_ENTRY(5)
-NF4_GEMV_T4_TAIL_ENTRY(6)
-NF4_GEMV_T4_TAIL_ENTRY(7)
-NF4_GEMV_T4_TAIL_ENTRY(8)
-
 NF4_GEMV_T4E_ENTRY(1)
 NF4_GEMV_T4E_ENTRY(2)
 NF4_GEMV_T4E_ENTRY(3)

@@ -73,18 +73,6 @@ struct TcGroup {
     u32 parts;
     // With counters: the in-launch shrink's values per k chunk (0: TC_SHRINK_CHUNK).
     u32 shrink_chunk;
-    // With counters: nanoseconds a LoRA warp sleeps between polls of the done count (0: 100).
-    u32 spin_ns;
-    u32 unused;
-    // The base t4 kernel's last-block norm (`nf4_gemv_t4g_tail`, one weight, QLORAD_NORM_TAIL=1):
-    // the last block to finish writes tail_out = (tail_res + y, rmsnorm(tail_res + y) · tail_w),
-    // (2, rows, n) bf16, counting finished blocks in tail_counter (zero between launches).
-    const u16* tail_res;
-    const u16* tail_w;
-    u16* tail_out;
-    u32* tail_counter;
-    float tail_eps;
-    u32 unused2;
 };
 
 // The in-launch shrink splits each dot product over k into up to TC_SHRINK_CHUNKS chunks of at
@@ -228,11 +216,8 @@ __device__ __forceinline__ void tc_shrink(const u16* __restrict__ x, u32 k, cons
         }
     }
     if (lane == 0 && done < units) {
-        // Every waiting warp polls the word the working warps' releases add to (one L2 line):
-        // the sleep sets how hard those polls compete with the releases.
-        const u32 ns = grp.spin_ns != 0 ? grp.spin_ns : 100u;
         while (tc_done_count(c) < units) {
-            __nanosleep(ns);
+            __nanosleep(100);
         }
     }
     // Lane 0's acquire, then the warp barrier, orders every lane's reads of t after the units.

@@ -79,9 +79,7 @@ pub fn bgmv_reference(
 #[cfg(feature = "cuda")]
 pub use crate::bgmv_cuda::{AdapterTable, AttShrink, BgmvPlan, GemvLora, NormShrink, MAX_GROUP};
 #[cfg(feature = "cuda")]
-pub use crate::norm_shrink_cuda::{
-    norm_shrink_parts, norm_shrink_preload, set_norm_shrink_parts, set_norm_shrink_preload,
-};
+pub use crate::norm_shrink_cuda::{norm_shrink_parts, set_norm_shrink_parts};
 
 /// Most projections one launch pair serves (q, k and v, which read the same input).
 #[cfg(not(feature = "cuda"))]

@@ -82,17 +82,14 @@ pub struct Nf4Gpu {
     kernel: GemvKernel,
     /// The GEMV for 1..=8 input rows, with its output rows per warp.
     gemv: Vec<(CudaFunction, u32)>,
-    /// The last-block norm's count of finished blocks (`GroupKernel::BaseTail`), zero between
-    /// launches.
-    tail_counter: CudaSlice<u32>,
     /// The GEMV with the LoRA expand epilogue for 1..=8 input rows, loaded on first use.
     gemv_lora: std::sync::OnceLock<Vec<CudaFunction>>,
     /// The grouped tensor-core GEMV for 1..=8 input rows, per [`GroupKernel`]
     /// (`nf4_group_cuda`), loaded on first use.
-    gemv_group: [std::sync::OnceLock<Vec<CudaFunction>>; 5],
+    gemv_group: [std::sync::OnceLock<Vec<CudaFunction>>; 4],
     /// The same kernels for programmatic dependent launch (`pdl_cuda`), settled on first use:
     /// `None` when the device or `QLORAD_PDL=0` rules it out.
-    gemv_group_pdl: [std::sync::OnceLock<Option<Vec<crate::pdl_cuda::RawFunction>>>; 5],
+    gemv_group_pdl: [std::sync::OnceLock<Option<Vec<crate::pdl_cuda::RawFunction>>>; 4],
     /// The persistent grouped GEMV's grid (its resident blocks on the device), settled on first
     /// use.
     persistent_grid: std::sync::OnceLock<u32>,
@@ -135,9 +132,6 @@ pub(crate) enum GroupKernel {
     /// t4 only, 1..=4 rows, the base alone as persistent blocks walking the tiles
     /// (`nf4_gemv_t4p`, cuda/nf4_t4p.cuh).
     BasePersistent,
-    /// t4 only, 1..=4 rows, one weight: the base with the last-block residual add + RMSNorm
-    /// (`nf4_gemv_t4g_tail`, cuda/nf4_t4.cuh).
-    BaseTail,
 }
 
 impl GroupKernel {
@@ -147,7 +141,6 @@ impl GroupKernel {
             GroupKernel::Lora => 1,
             GroupKernel::LoraAllWarps => 2,
             GroupKernel::BasePersistent => 3,
-            GroupKernel::BaseTail => 4,
         }
     }
 }
@@ -293,7 +286,6 @@ impl Nf4Gpu {
             tables_id,
             kernel,
             gemv,
-            tail_counter: device.alloc_zeros::<u32>(1)?,
         })
     }
 
@@ -319,10 +311,6 @@ impl Nf4Gpu {
     /// Whether this weight decodes with a tensor-core kernel (and so fits the grouped one).
     pub(crate) fn tensor_cores(&self) -> bool {
         self.kernel.tensor_cores()
-    }
-
-    pub(crate) fn tail_counter(&self) -> &CudaSlice<u32> {
-        &self.tail_counter
     }
 
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
@@ -392,8 +380,6 @@ impl Nf4Gpu {
             }
             (GroupKernel::BasePersistent, true) => ("nf4_gemv_t4p", GEMV_WARPS),
             (GroupKernel::Base, true) => ("nf4_gemv_t4g", GEMV_WARPS),
-            // The host launches the tail kernel for t4 weights only (nf4_linear_norm_tail).
-            (GroupKernel::BaseTail, _) => ("nf4_gemv_t4g_tail", GEMV_WARPS),
             (GroupKernel::Base | GroupKernel::BasePersistent, false) => {
                 ("nf4_gemv_tcg", GEMV_WARPS)
             }

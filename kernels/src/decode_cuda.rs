@@ -12,7 +12,6 @@ use crate::bgmv_cuda::AttShrink;
 pub use crate::kv_table_cuda::{KvRow, KvTable, KvWords};
 use crate::pdl_cuda::RawFunction;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYNAMIC_SHARED_SIZE_BYTES;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
@@ -169,16 +168,10 @@ impl DecodeKernels {
         let load = |name: &str| -> candle_core::Result<CudaFunction> {
             crate::module_cuda::function(dev, &crate::module_cuda::DECODE, name)
         };
-        // The shrink blocks' preload takes up to 64 KB of dynamic shared memory (decode.cu).
-        let max_smem = crate::norm_shrink_cuda::PRELOAD_MAX_BYTES as i32;
-        let add_rms_norm = load("add_rms_norm_bf16")?;
-        add_rms_norm
-            .set_attribute(MAX_DYNAMIC_SHARED_SIZE_BYTES, max_smem)
-            .map_err(|e| msg(format!("add_rms_norm's shared memory: {e:?}")))?;
         Ok(Self {
             device: dev.clone(),
             stream: dev.cuda_stream(),
-            add_rms_norm,
+            add_rms_norm: load("add_rms_norm_bf16")?,
             silu_mul: load("silu_mul_bf16")?,
             embed_rows: load("embed_rows_bf16")?,
             rope_kv: load("rope_kv_bf16")?,
@@ -199,10 +192,8 @@ impl DecodeKernels {
                         .map(|g| raw(&format!("{prefix}_g{g}_bf16")))
                         .collect::<candle_core::Result<Vec<_>>>()
                 };
-                let add_rms_norm = raw("add_rms_norm_bf16")?;
-                add_rms_norm.set_max_dynamic_smem(max_smem)?;
                 Some(PdlKernels {
-                    add_rms_norm,
+                    add_rms_norm: raw("add_rms_norm_bf16")?,
                     silu_mul: raw("silu_mul_bf16")?,
                     embed_rows: raw("embed_rows_bf16")?,
                     attention: group("decode_attention")?,

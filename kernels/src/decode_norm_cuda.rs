@@ -73,7 +73,7 @@ impl DecodeKernels {
         // The shrink blocks take the vectorized norm only: the norm blocks must take it too, or
         // the rows they normalize would not be the ones the shrink read.
         let mut cfg = cfg;
-        let mut sh = [0u64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut sh = [0u64, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         if let Some(s) = shrink {
             let vec = n.is_multiple_of(8)
                 && n / 8 <= NORM_VEC * NORM_THREADS as usize
@@ -100,9 +100,7 @@ impl DecodeKernels {
                 bpr.into(),
                 s.parts.max(1).into(),
                 s.part_stride.into(),
-                crate::norm_shrink_cuda::preload_pieces(n, s.parts as usize).into(),
             ];
-            cfg.shared_mem_bytes = 16 * (NORM_THREADS / 32) * sh[10] as u32;
         }
         let (op, og) = out.device_ptr_mut(st);
         let args = [
@@ -123,7 +121,6 @@ impl DecodeKernels {
             KArg::U32(sh[7] as u32),
             KArg::U32(sh[8] as u32),
             KArg::U32(sh[9] as u32),
-            KArg::U32(sh[10] as u32),
         ];
         let raw = self.pdl.as_ref().map(|p| p.add_rms_norm);
         // SAFETY: argument types and order match add_rms_norm_bf16; x and y (or null) hold rows·n,

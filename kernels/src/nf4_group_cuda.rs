@@ -38,7 +38,7 @@ struct TcWeight {
     slot: u32,
 }
 
-/// Mirrors `TcGroup` of cuda/nf4_tc.cuh (360 bytes, passed by value).
+/// Mirrors `TcGroup` of cuda/nf4_tc.cuh (312 bytes, passed by value).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct TcGroup {
@@ -55,26 +55,6 @@ struct TcGroup {
     parts: u32,
     /// With counters: the in-launch shrink's values per k chunk ([`shrink_chunk`]).
     shrink_chunk: u32,
-    /// With counters: the waiting LoRA warps' sleep between polls ([`shrink_spin_ns`]).
-    spin_ns: u32,
-    unused: u32,
-    /// `GroupKernel::BaseTail` only: the last-block norm's rows, weight, output and counter.
-    tail_res: u64,
-    tail_w: u64,
-    tail_out: u64,
-    tail_counter: u64,
-    tail_eps: f32,
-    unused2: u32,
-}
-
-/// The last-block residual add + RMSNorm of a base launch of one weight (TcGroup's tail fields):
-/// device addresses of the residual rows, the norm weight and the (2, rows, n) output.
-#[derive(Clone, Copy)]
-struct NormTail {
-    res: u64,
-    w: u64,
-    out: u64,
-    eps: f32,
 }
 
 // SAFETY: plain data with the C layout of the kernel's parameter (repr(C), no padding the kernel
@@ -95,82 +75,6 @@ pub fn nf4_linear_group(
     x: &Tensor,
     weights: &[&Arc<Nf4Weight>],
     loras: Option<&[GemvLora]>,
-) -> candle_core::Result<Option<Vec<Tensor>>> {
-    grouped(x, weights, loras, None)
-}
-
-/// `x · Wᵀ` for one NF4 weight whose outputs are the residual stream's width, and in the same
-/// launch the residual add + RMSNorm of the next layer part: `(res + y, rmsnorm(res + y) · w)`,
-/// both (rows, n) views of one fresh buffer, computed by the launch's last block to finish
-/// (cuda/nf4_t4.cuh t4_norm_tail), which takes the norm launch off batch-1 decode's chain.
-/// `Ok(None)` when it does not fit: not a t4 weight, more than 4 rows, shapes, dtypes or
-/// alignment (the caller then runs the GEMV and the norm launch).
-pub fn nf4_linear_norm_tail(
-    x: &Tensor,
-    weight: &Arc<Nf4Weight>,
-    res: &Tensor,
-    w: &Tensor,
-    eps: f32,
-) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-    let Some(g) = weight.gpu() else {
-        return Ok(None);
-    };
-    let (m, n) = (x.dim(0)?, g.shape().0);
-    if g.gemv_kernel() != GemvKernel::T4
-        || m == 0
-        || m > 4
-        || !n.is_multiple_of(8)
-        || res.dims() != [m, n]
-        || w.dims() != [n]
-        || res.dtype() != candle_core::DType::BF16
-        || w.dtype() != candle_core::DType::BF16
-    {
-        return Ok(None);
-    }
-    let stream = g.stream();
-    let (rs, rl) = res.storage_and_layout();
-    let (ws, wl) = w.storage_and_layout();
-    let (Storage::Cuda(rc), Storage::Cuda(wc)) = (&*rs, &*ws) else {
-        return Ok(None);
-    };
-    if rc.device.id() != g.device().id() || wc.device.id() != g.device().id() {
-        return Ok(None);
-    }
-    let (Some((ra, rb)), Some((wa, wb))) = (rl.contiguous_offsets(), wl.contiguous_offsets())
-    else {
-        return Ok(None);
-    };
-    // Allocations are 256-byte aligned: the element offsets decide the 16-byte alignment.
-    if ra % 8 != 0 || wa % 8 != 0 {
-        return Ok(None);
-    }
-    let (rv, wv) = (
-        rc.as_cuda_slice::<bf16>()?.slice(ra..rb),
-        wc.as_cuda_slice::<bf16>()?.slice(wa..wb),
-    );
-    // SAFETY: the tail block writes both halves, every element (n % 8 == 0, 16-byte pieces).
-    let mut out = unsafe { g.device().alloc::<bf16>(2 * m * n) }?;
-    let ((rp, _rg), (wp, _wg)) = (rv.device_ptr(stream), wv.device_ptr(stream));
-    let (op, og) = out.device_ptr_mut(stream);
-    let tail = NormTail {
-        res: rp,
-        w: wp,
-        out: op,
-        eps,
-    };
-    if grouped(x, &[weight], None, Some(tail))?.is_none() {
-        return Ok(None);
-    }
-    drop(og);
-    let both = crate::decode_cuda::wrap(out, g.device(), (2, m, n));
-    Ok(Some((both.get(0)?, both.get(1)?)))
-}
-
-fn grouped(
-    x: &Tensor,
-    weights: &[&Arc<Nf4Weight>],
-    loras: Option<&[GemvLora]>,
-    tail: Option<NormTail>,
 ) -> candle_core::Result<Option<Vec<Tensor>>> {
     // A diagnostic build may leave every grouped GEMV's LoRA work out.
     let loras = if crate::switch::whatif("noexpand") {
@@ -216,7 +120,7 @@ fn grouped(
     }
     let slice = cs.as_cuda_slice::<bf16>()?;
     let xv = slice.slice(a..b);
-    let ys = launch(&gpus, &xv, m, loras, tail)?;
+    let ys = launch(&gpus, &xv, m, loras)?;
     drop(storage);
     Ok(Some(
         ys.into_iter()
@@ -231,7 +135,6 @@ fn launch(
     x: &CudaView<'_, bf16>,
     m: usize,
     loras: Option<&[GemvLora]>,
-    tail: Option<NormTail>,
 ) -> candle_core::Result<Vec<CudaSlice<bf16>>> {
     let g0 = gpus[0];
     let (device, stream) = (g0.device(), g0.stream());
@@ -306,21 +209,8 @@ fn launch(
         grp.part_stride = ls[0].part_stride;
         grp.parts = ls[0].parts.max(1);
         grp.shrink_chunk = shrink_chunk();
-        grp.spin_ns = shrink_spin_ns();
-    }
-    if let Some(t) = tail {
-        if gpus.len() != 1 || loras.is_some() || m > 4 || g0.gemv_kernel() != GemvKernel::T4 {
-            return Err(msg(
-                "grouped gemv: the norm tail takes one t4 weight, 1..=4 rows".into(),
-            ));
-        }
-        let (cp, cg) = g0.tail_counter().device_ptr(stream);
-        guards.push(cg);
-        (grp.tail_res, grp.tail_w, grp.tail_out, grp.tail_counter) = (t.res, t.w, t.out, cp);
-        grp.tail_eps = t.eps;
     }
     let kind = match loras {
-        None if tail.is_some() => GroupKernel::BaseTail,
         None if persistent(gpus, m, k) => GroupKernel::BasePersistent,
         None => GroupKernel::Base,
         Some(ls) if all_warps_epilogue(g0, m, &ls[0]) => GroupKernel::LoraAllWarps,
@@ -385,33 +275,8 @@ fn shrink_chunk() -> u32 {
     })
 }
 
-/// Nanoseconds a LoRA warp that found every in-launch shrink unit claimed sleeps between polls
-/// of the done count (`QLORAD_SHRINK_SPIN_NS`, 20..=2000, default 100; read once per process):
-/// at batch 1 most of o's 256 and down's 256 LoRA warps wait on the 64 or 128 that hold units,
-/// polling the word those add their releases to.
-fn shrink_spin_ns() -> u32 {
-    static NS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    *NS.get_or_init(|| {
-        crate::switch::env_number::<u32>("QLORAD_SHRINK_SPIN_NS").map_or(100, |n| n.clamp(20, 2000))
-    })
-}
-
 /// TC_SHRINK_CHUNK of cuda/nf4_tc.cuh.
 const SHRINK_CHUNK_DEFAULT: u32 = 8192;
-
-static NORM_TAIL: EnvSwitch = EnvSwitch::new("QLORAD_NORM_TAIL");
-
-/// Whether batch-1..4 decode steps without adapters compute the residual add + RMSNorm after the
-/// o and down projections in their GEMV's last block ([`nf4_linear_norm_tail`]) instead of a
-/// launch of its own (`QLORAD_NORM_TAIL=1`, or [`set_norm_tail`]; opt-in until measured).
-pub fn norm_tail() -> bool {
-    NORM_TAIL.on()
-}
-
-/// Switches [`norm_tail`] on or off for the process (gpu-check runs both).
-pub fn set_norm_tail(on: bool) {
-    NORM_TAIL.set(on);
-}
 
 static PERSIST: EnvSwitch = EnvSwitch::new("QLORAD_T4_PERSIST");
 
@@ -455,4 +320,4 @@ fn all_warps_epilogue(g: &Nf4Gpu, m: usize, l: &GemvLora) -> bool {
 
 // The C layouts of cuda/nf4_tc.cuh.
 const _: () = assert!(std::mem::size_of::<TcWeight>() == 88);
-const _: () = assert!(std::mem::size_of::<TcGroup>() == 360);
+const _: () = assert!(std::mem::size_of::<TcGroup>() == 312);

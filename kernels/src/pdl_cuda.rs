@@ -110,24 +110,6 @@ pub fn raw_function(
     Ok(RawFunction(f))
 }
 
-impl RawFunction {
-    /// Allows launches of this function `bytes` of dynamic shared memory (the driver's default
-    /// cap is 48 KB).
-    pub fn set_max_dynamic_smem(&self, bytes: i32) -> candle_core::Result<()> {
-        // SAFETY: a function handle of a module loaded in this process and never unloaded.
-        check(
-            unsafe {
-                sys::cuFuncSetAttribute(
-                    self.0,
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    bytes,
-                )
-            },
-            "setting a kernel's dynamic shared memory",
-        )
-    }
-}
-
 /// Whether `dev` launches decode kernels as programmatic dependents (compute capability ≥ 9.0
 /// and not turned off).
 pub fn enabled(dev: &CudaDevice) -> bool {

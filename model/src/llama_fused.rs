@@ -145,28 +145,20 @@ impl Llama {
         let mut x = kern.embed_rows(&self.embed, ids)?;
         // The MLP output of the previous layer, added to x by the next add + norm.
         let mut pending: Option<Tensor> = None;
-        // Without adapters and with QLORAD_NORM_TAIL=1, the o and down GEMVs' last blocks compute
-        // the add + norm after them; `normed` then holds the down tail's (x, rmsnorm) for the
-        // next layer (or the head).
-        let tail = qlorad_kernels::nf4_group_cuda::norm_tail() && lora.is_empty();
-        let mut normed: Option<(Tensor, Tensor)> = None;
         for (li, b) in self.blocks.iter().enumerate() {
             let qkv = [b.attn.q.as_ref(), b.attn.k.as_ref(), b.attn.v.as_ref()];
-            let (xs, h, pre) = match normed.take() {
-                Some((xs, h)) => (xs, h, None),
-                None => timed(Phase::Norm, || {
-                    norm_for_group(
-                        kern,
-                        &x,
-                        pending.as_ref(),
-                        &b.input_norm,
-                        eps,
-                        lora,
-                        (li, 0),
-                        qkv,
-                    )
-                })?,
-            };
+            let (xs, h, pre) = timed(Phase::Norm, || {
+                norm_for_group(
+                    kern,
+                    &x,
+                    pending.as_ref(),
+                    &b.input_norm,
+                    eps,
+                    lora,
+                    (li, 0),
+                    qkv,
+                )
+            })?;
             let [q, k, v] = timed(Phase::QkvProjection, || {
                 project_group_fused(qkv, li, 0, &h, lora, pre)
             })?;
@@ -202,51 +194,26 @@ impl Llama {
                 Ok((a, pre))
             };
             let (a, pre) = timed(Phase::Attention, attention)?;
+            let [o] = timed(Phase::OProjection, || {
+                project_group_fused([b.attn.o.as_ref()], li, 3, &a, lora, pre)
+            })?;
             let gate_up = [b.mlp.gate.as_ref(), b.mlp.up.as_ref()];
-            let o_tail = if tail {
-                timed(Phase::OProjection, || {
-                    norm_tail_for(b.attn.o.as_ref(), &a, &xs, &b.post_norm, eps)
-                })?
-            } else {
-                None
-            };
-            let (xs, h, pre) = match o_tail {
-                Some((xs, h)) => (xs, h, None),
-                None => {
-                    let [o] = timed(Phase::OProjection, || {
-                        project_group_fused([b.attn.o.as_ref()], li, 3, &a, lora, pre)
-                    })?;
-                    timed(Phase::Norm, || {
-                        norm_for_group(
-                            kern,
-                            &xs,
-                            Some(&o),
-                            &b.post_norm,
-                            eps,
-                            lora,
-                            (li, 4),
-                            gate_up,
-                        )
-                    })?
-                }
-            };
+            let (xs, h, pre) = timed(Phase::Norm, || {
+                norm_for_group(
+                    kern,
+                    &xs,
+                    Some(&o),
+                    &b.post_norm,
+                    eps,
+                    lora,
+                    (li, 4),
+                    gate_up,
+                )
+            })?;
             let [gate, up] = timed(Phase::GateUpProjection, || {
                 project_group_fused(gate_up, li, 4, &h, lora, pre)
             })?;
             let mixed = timed(Phase::SiluMul, || kern.silu_mul(&gate, &up))?;
-            if tail {
-                // The next part's norm: the next layer's input norm, or the final one.
-                let next = self
-                    .blocks
-                    .get(li + 1)
-                    .map_or(&self.norm, |n| &n.input_norm);
-                normed = timed(Phase::DownProjection, || {
-                    norm_tail_for(b.mlp.down.as_ref(), &mixed, &xs, next, eps)
-                })?;
-                if normed.is_some() {
-                    continue;
-                }
-            }
             let [m] = timed(Phase::DownProjection, || {
                 project_group_fused([b.mlp.down.as_ref()], li, 6, &mixed, lora, None)
             })?;
@@ -254,10 +221,7 @@ impl Llama {
             pending = Some(m);
         }
         timed(Phase::Head, || {
-            let h = match normed {
-                Some((_, h)) => h,
-                None => kern.add_rms_norm(&x, pending.as_ref(), &self.norm, eps)?.1,
-            };
+            let (_, h) = kern.add_rms_norm(&x, pending.as_ref(), &self.norm, eps)?;
             let head = self.lm_head.as_ref().unwrap_or(&self.embed);
             let logits = crate::linear::dense_xwt(&h, head)?;
             Ok(logits.to_dtype(DType::F32)?)
@@ -374,25 +338,6 @@ fn norm_for_group<const N: usize>(
     }
     let (xs, h) = kern.add_rms_norm(x, y, w, eps)?;
     Ok((xs, h, None))
-}
-
-/// `base` on `x` with the residual add + RMSNorm (`res`, norm weight `w`) in the GEMV's last block
-/// (`QLORAD_NORM_TAIL=1`, base rows only): `(res + base(x), rmsnorm(..) · w)`, or `None` when the
-/// weight or shapes do not take it (then the caller launches the GEMV and the norm).
-fn norm_tail_for(
-    base: &dyn BaseLinear,
-    x: &Tensor,
-    res: &Tensor,
-    w: &Tensor,
-    eps: f32,
-) -> Result<Option<(Tensor, Tensor)>> {
-    let Some(ws) = gemv_weights(&[base], x) else {
-        return Ok(None);
-    };
-    let x = x.contiguous()?;
-    Ok(qlorad_kernels::nf4_group_cuda::nf4_linear_norm_tail(
-        &x, ws[0], res, w, eps,
-    )?)
 }
 
 /// The bases' NF4 weights when the group can run as fused GEMVs on `x` (rows, k): every base NF4,
