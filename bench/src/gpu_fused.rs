@@ -114,6 +114,26 @@ fn compare(
         &steps,
         r,
     )?;
+    // The gate/up expands in the silu·mul launch (QLORAD_SILU_EXPAND) or in the GEMV's epilogue:
+    // other roundings (two instead of one), both within the general path's bound.
+    let silu_was = qlorad_kernels::decode_cuda::silu_expand();
+    qlorad_kernels::decode_cuda::set_silu_expand(!silu_was);
+    let silu = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
+    qlorad_kernels::decode_cuda::set_silu_expand(silu_was);
+    agreement(
+        &format!(
+            "fused decode with the gate/up expands {} vs general path, {name}",
+            if silu_was {
+                "in the GEMV epilogue"
+            } else {
+                "in the silu launch"
+            }
+        ),
+        &want,
+        &silu?,
+        &steps,
+        r,
+    )?;
     // Contexts past 8 splits capped at 8 so the cluster merges them (the default;
     // QLORAD_ATT_CLUSTER_CAP=0 off) or not: other splits, so other rounding; both within the
     // general path's bound (`got` runs as set, `uncapped` without the cap).
@@ -296,12 +316,15 @@ pub fn checks(gpu: &Placement, n: usize, r: &mut Report) -> Result<()> {
         "4 adapters + base, contexts up to 300 (split attention)",
         r,
     )?;
+    // A rank that is not a multiple of 8: the kernels' element-by-element paths.
+    let odd = random_model::lora_modules(m.config(), 12, 11)?;
+    let odd = Arc::new(m.place_adapter(LoraAdapter::from_modules("fused-12", odd))?);
     compare(
         &mut m,
         &prompts(&[1, 1, 1], vocab),
-        &[None, ads[0].clone(), None],
+        &[None, ads[0].clone(), Some(odd)],
         n,
-        "one-token prompts (caches created by the fused step)",
+        "one-token prompts (caches created by the fused step), ranks 8 and 12",
         r,
     )?;
     let mut w = model(gpu, Some(40))?;

@@ -197,3 +197,101 @@ extern "C" __global__ void __launch_bounds__(EXPAND_THREADS)
     u16* yp = y + (u64)row * out_f + o;
     *yp = f32_to_bf16(fmaf(l.scale, acc, bf16_f(*yp)));
 }
+
+// silu·mul with the gate and up projections' LoRA expands (decode, `QLORAD_SILU_EXPAND`): the
+// gate/up GEMV runs as the base kernel (no LoRA warp, whose 72-register cap spills in its stream
+// loop) and this launch, which reads gate and up anyway, adds the expands first. Per row m and
+// output j, with t_g, t_u the shrink the norm launch left (in `parts` k-chunk partials,
+// part_stride floats apart, summed in order):
+//   g = bf16(gate[m, j] + scale_g · t_g[m] · B_g[j]),  u likewise,
+//   out[m, j] = bf16(bf16(silu(g)) · u)
+// The roundings of the general path (lora_bgmv_expand in place on y, then decode.cu's
+// silu_mul_bf16); the GEMV epilogue instead rounds base + delta once. Eight lanes per output j:
+// lane s takes ranks 8s .. 8s + 7 (+ 64 each further round), so a warp's loads are 4 whole B rows
+// at r = 64; each lane's first 16 bytes of B are loaded before the programmatic-launch wait
+// (adapter weights: no earlier kernel writes them). Grid (ceil(n / 32), rows);
+// t_stride <= SILU_LORA_MAX_RANK (the host checks).
+#define SILU_LORA_THREADS 256
+#define SILU_LORA_MAX_RANK 256
+
+__device__ __forceinline__ float rbf_lora(float f) { return bf16_f(f32_to_bf16(f)); }
+
+// One projection's part of silu_mul_lora_bf16: row m's module, whether it applies, its B row j.
+struct SiluLoraSide {
+    RowLora l;
+    bool on, vec;
+    uint4 b0;  // the lane's first 16 bytes of B's row j (vec only)
+};
+
+__device__ __forceinline__ SiluLoraSide silu_lora_side(const u64* row_tables, u32 m, u32 slot,
+                                                       u32 t_stride, u32 j, bool jin, u32 sub) {
+    SiluLoraSide s;
+    s.l = lookup(row_tables, m, slot);
+    s.on = s.l.r != 0 && s.l.r <= t_stride;
+    s.vec = s.on && (s.l.r & 7u) == 0 && (reinterpret_cast<u64>(s.l.b) & 15ull) == 0;
+    s.b0 = make_uint4(0u, 0u, 0u, 0u);
+    if (s.vec && jin && 8 * sub < s.l.r) {
+        s.b0 = __ldg(reinterpret_cast<const uint4*>(s.l.b + (u64)j * s.l.r + 8 * sub));
+    }
+    return s;
+}
+
+// t (row m's, `parts` partials summed in order) into shared memory.
+__device__ __forceinline__ void silu_lora_stage_t(const SiluLoraSide& s, const float* t, u32 m,
+                                                  u32 t_stride, u32 parts, u32 part_stride,
+                                                  float* st) {
+    if (s.on) {
+        const float* tz = t + (u64)m * t_stride;
+        for (u32 i = threadIdx.x; i < s.l.r; i += blockDim.x) {
+            float v = __ldcg(tz + i);
+            for (u32 p = 1; p < parts; ++p) v += __ldcg(tz + (u64)p * part_stride + i);
+            st[i] = v;
+        }
+    }
+}
+
+// The expand's dot for output j, summed over its 8 lanes (every lane of the warp takes part).
+__device__ __forceinline__ float silu_lora_dot(const SiluLoraSide& s, const float* st, u32 j,
+                                               bool jin, u32 sub) {
+    float acc = 0.f;
+    if (s.vec && jin) {
+        const u16* br = s.l.b + (u64)j * s.l.r;
+        acc = dot8(s.b0, st + 8 * sub, acc);
+        for (u32 q = 8 * sub + 64; q < s.l.r; q += 64) {
+            acc = dot8(__ldg(reinterpret_cast<const uint4*>(br + q)), st + q, acc);
+        }
+    } else if (s.on && jin) {
+        const u16* br = s.l.b + (u64)j * s.l.r;
+        for (u32 q = sub; q < s.l.r; q += 8) acc = fmaf(bf16_f(br[q]), st[q], acc);
+    }
+    acc += __shfl_xor_sync(0xffffffffu, acc, 4);
+    acc += __shfl_xor_sync(0xffffffffu, acc, 2);
+    return acc + __shfl_xor_sync(0xffffffffu, acc, 1);
+}
+
+extern "C" __global__ void __launch_bounds__(SILU_LORA_THREADS)
+    silu_mul_lora_bf16(const u16* gate, const u16* up, u32 n, u16* __restrict__ out,
+                       const u64* __restrict__ row_tables, u32 slot_g, const float* t_g,
+                       const float* t_u, u32 t_stride, u32 parts, u32 part_stride) {
+    pdl_trigger();
+    __shared__ __align__(16) float s_tg[SILU_LORA_MAX_RANK], s_tu[SILU_LORA_MAX_RANK];
+    const u32 m = blockIdx.y, sub = threadIdx.x & 7u;
+    const u32 j = blockIdx.x * (SILU_LORA_THREADS / 8) + (threadIdx.x >> 3);
+    const bool jin = j < n;
+    const SiluLoraSide sg = silu_lora_side(row_tables, m, slot_g, t_stride, j, jin, sub);
+    const SiluLoraSide su = silu_lora_side(row_tables, m, slot_g + 1, t_stride, j, jin, sub);
+    pdl_wait();
+    silu_lora_stage_t(sg, t_g, m, t_stride, parts, part_stride, s_tg);
+    silu_lora_stage_t(su, t_u, m, t_stride, parts, part_stride, s_tu);
+    __syncthreads();
+    const float dg = silu_lora_dot(sg, s_tg, j, jin, sub);
+    const float du = silu_lora_dot(su, s_tu, j, jin, sub);
+    if (sub == 0 && jin) {
+        const u64 i = (u64)m * n + j;
+        float g = bf16_f(ld_after_wait_u16(gate + i)), u = bf16_f(ld_after_wait_u16(up + i));
+        if (sg.on) g = rbf_lora(fmaf(sg.l.scale, dg, g));
+        if (su.on) u = rbf_lora(fmaf(su.l.scale, du, u));
+        const float s = rbf_lora(__fdiv_rn(g, __fadd_rn(1.f, __expf(-g))));
+        out[i] = f32_to_bf16(__fmul_rn(s, u));
+    }
+}

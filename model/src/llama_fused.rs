@@ -210,10 +210,7 @@ impl Llama {
                     gate_up,
                 )
             })?;
-            let [gate, up] = timed(Phase::GateUpProjection, || {
-                project_group_fused(gate_up, li, 4, &h, lora, pre)
-            })?;
-            let mixed = timed(Phase::SiluMul, || kern.silu_mul(&gate, &up))?;
+            let mixed = gate_up_silu(kern, gate_up, li, &h, lora, pre)?;
             let [m] = timed(Phase::DownProjection, || {
                 project_group_fused([b.mlp.down.as_ref()], li, 6, &mixed, lora, None)
             })?;
@@ -227,6 +224,48 @@ impl Llama {
             Ok(logits.to_dtype(DType::F32)?)
         })
     }
+}
+
+/// The gate and up projections of layer `layer` on `h` (slots 4 and 5) and silu(gate) · up. With
+/// `QLORAD_SILU_EXPAND=1` and the shrink the norm launch ran (`pre`), the GEMVs run as the base
+/// kernel and the silu·mul launch adds the two expands (`DecodeKernels::silu_mul_lora`): no LoRA
+/// warp in the gate/up launch, whose register cap spills in its stream loop.
+fn gate_up_silu(
+    kern: &DecodeKernels,
+    bases: [&dyn BaseLinear; 2],
+    layer: usize,
+    h: &Tensor,
+    lora: &LoraBatch,
+    pre: Option<Vec<GemvLora>>,
+) -> Result<Tensor> {
+    if let (Some(epis), Some(weights)) = (pre.as_ref(), gemv_weights(&bases, h)) {
+        let n = weights[0].out_features();
+        let fits = weights[1].out_features() == n
+            && qlorad_kernels::decode_cuda::silu_expand()
+            && qlorad_kernels::decode_cuda::silu_lora_supports(epis, n)
+            && epis[0].rows == h.dim(0)?;
+        if fits {
+            let x = h.contiguous()?;
+            let [gate, up] = timed(Phase::GateUpProjection, || -> Result<[Tensor; 2]> {
+                if gemv_group() {
+                    if let Some(ys) =
+                        qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &weights, None)?
+                    {
+                        return group_outputs(ys);
+                    }
+                }
+                Ok([
+                    qlorad_kernels::nf4_linear(&x, weights[0])?,
+                    qlorad_kernels::nf4_linear(&x, weights[1])?,
+                ])
+            })?;
+            return timed(Phase::SiluMul, || Ok(kern.silu_mul_lora(&gate, &up, epis)?));
+        }
+    }
+    let [gate, up] = timed(Phase::GateUpProjection, || {
+        project_group_fused(bases, layer, 4, h, lora, pre)
+    })?;
+    timed(Phase::SiluMul, || Ok(kern.silu_mul(&gate, &up)?))
 }
 
 /// Whether the o projection's LoRA shrink runs in the attention launch (`QLORAD_ATT_SHRINK=1`;
