@@ -211,6 +211,10 @@ pub struct GemvLora {
     /// leaves one per KV head, [`BgmvPlan::attention_shrink`]). Only the grouped tensor-core GEMV
     /// (`nf4_group_cuda`) sums them; the one-weight kernels take 1.
     pub parts: u32,
+    /// With counters: the shrink blocks of the add + RMSNorm launch before the GEMV, which counts
+    /// its blocks there (the ready protocol, [`BgmvPlan::norm_ready`]; the grouped t4 GEMV only);
+    /// 0: the counters are the in-launch shrink's.
+    pub ready: u32,
 }
 
 /// The largest rank over a group's slots (0: no row has a module there).
@@ -239,6 +243,17 @@ pub struct NormShrink {
     /// Input features of the group's modules (the normed rows' length).
     pub in_f: usize,
     pub rows: usize,
+    /// Device address of the plan's counters when the launch counts its finished blocks there for
+    /// the next GEMV (the ready protocol, [`BgmvPlan::norm_ready`]); 0: it does not.
+    pub ready: u64,
+}
+
+impl NormShrink {
+    /// Shrink blocks per row of the add + RMSNorm launch: one warp per (slot, rank, k chunk) unit.
+    pub fn blocks_per_row(&self) -> u32 {
+        (self.count * self.max_rank * self.parts.max(1))
+            .div_ceil(crate::decode_cuda::NORM_THREADS / 32)
+    }
 }
 
 /// The o projection's shrink for the decode attention to compute from the outputs it writes
@@ -453,6 +468,7 @@ impl BgmvPlan {
             part_stride: epis[0].part_stride,
             in_f,
             rows: self.rows,
+            ready: 0,
         };
         Ok(Some((shrink, epis)))
     }
@@ -543,8 +559,40 @@ impl BgmvPlan {
                 max_rank,
                 part_stride: (MAX_GROUP * self.rows * self.t_stride) as u32,
                 parts: 1,
+                ready: 0,
             })
             .collect()
+    }
+
+    /// Switches a norm launch's shrink `sh` and the GEMV descriptors `epis` that read it
+    /// ([`BgmvPlan::norm_shrink`]'s) to the ready protocol: the launch counts its finished norm
+    /// and shrink blocks in the plan's counters, and the grouped t4 GEMV polls them instead of
+    /// waiting for the whole launch (its LoRA warp for the shrink blocks only). The GEMV resets
+    /// the counters; a caller that does not launch it must [`BgmvPlan::reset_counters`].
+    pub fn norm_ready(&self, sh: &mut NormShrink, epis: &mut [GemvLora]) {
+        let counters = self.counters.device_ptr(&self.stream).0;
+        sh.ready = counters;
+        for e in epis {
+            e.counters = counters;
+            e.ready = sh.rows as u32 * sh.blocks_per_row();
+        }
+    }
+
+    /// Zeroes the plan's counters (after a norm launch with the ready protocol whose GEMV did not
+    /// run; every launch that uses them otherwise leaves them zeroed).
+    pub fn reset_counters(&self) -> candle_core::Result<()> {
+        let (ptr, _g) = self.counters.device_ptr(&self.stream);
+        let bytes = self.counters.len() * 4;
+        // SAFETY: the plan's live counters (`bytes` long), zeroed in this stream's order.
+        unsafe {
+            candle_core::cuda_backend::cudarc::driver::result::memset_d8_async(
+                ptr,
+                0,
+                bytes,
+                self.stream.cu_stream(),
+            )
+        }
+        .w()
     }
 
     /// The input `x` (rows, in) of the projections at slots `slot0 .. slot0 + n` (inside the
