@@ -248,14 +248,6 @@ pub struct NormShrink {
     pub ready: u64,
 }
 
-impl NormShrink {
-    /// Shrink blocks per row of the add + RMSNorm launch: one warp per (slot, rank, k chunk) unit.
-    pub fn blocks_per_row(&self) -> u32 {
-        (self.count * self.max_rank * self.parts.max(1))
-            .div_ceil(crate::decode_cuda::NORM_THREADS / 32)
-    }
-}
-
 /// The o projection's shrink for the decode attention to compute from the outputs it writes
 /// ([`crate::decode_cuda::DecodeKernels::rope_attention`]): block (KV head h, row m) writes
 /// the partial dots of its slice of the row, t_h[m, j], into the plan's scratch at
@@ -292,15 +284,16 @@ struct GroupInput {
 /// One forward pass's row → adapter mapping on the GPU, with the shrink's f32 scratch.
 pub struct BgmvPlan {
     device: CudaDevice,
-    stream: Arc<CudaStream>,
+    pub(crate) stream: Arc<CudaStream>,
     rows: usize,
     /// (rows,): each row's adapter table address, 0 for none.
     row_tables: CudaSlice<u64>,
     /// (SHRINK_CHUNKS, MAX_GROUP, rows, t_stride) f32, reused by every launch in stream order:
     /// the separately launched shrink writes chunk 0, the in-launch shrink k-chunk partials.
     scratch: CudaSlice<f32>,
-    /// The grouped GEMV's in-launch shrink counters (4 u32, zero between launches).
-    counters: CudaSlice<u32>,
+    /// The grouped GEMV's in-launch shrink counters (4 u32), then the norm launches' ready
+    /// protocol's (4 u32, `norm_shrink_cuda`), all zero between launches.
+    pub(crate) counters: CudaSlice<u32>,
     t_stride: usize,
     slots: Vec<SlotPlan>,
     shrink: CudaFunction,
@@ -377,7 +370,7 @@ impl BgmvPlan {
         // slots wrote before it in stream order; nothing else reads the scratch.
         let scratch =
             unsafe { device.alloc::<f32>(SHRINK_CHUNKS * MAX_GROUP * per_row.len() * t_stride) }?;
-        let counters = device.clone_htod(&[0u32; 4][..])?;
+        let counters = device.clone_htod(&[0u32; 8][..])?;
         Ok(Some(Self {
             stream: first.stream.clone(),
             shrink: first.shrink.clone(),
@@ -562,37 +555,6 @@ impl BgmvPlan {
                 ready: 0,
             })
             .collect()
-    }
-
-    /// Switches a norm launch's shrink `sh` and the GEMV descriptors `epis` that read it
-    /// ([`BgmvPlan::norm_shrink`]'s) to the ready protocol: the launch counts its finished norm
-    /// and shrink blocks in the plan's counters, and the grouped t4 GEMV polls them instead of
-    /// waiting for the whole launch (its LoRA warp for the shrink blocks only). The GEMV resets
-    /// the counters; a caller that does not launch it must [`BgmvPlan::reset_counters`].
-    pub fn norm_ready(&self, sh: &mut NormShrink, epis: &mut [GemvLora]) {
-        let counters = self.counters.device_ptr(&self.stream).0;
-        sh.ready = counters;
-        for e in epis {
-            e.counters = counters;
-            e.ready = sh.rows as u32 * sh.blocks_per_row();
-        }
-    }
-
-    /// Zeroes the plan's counters (after a norm launch with the ready protocol whose GEMV did not
-    /// run; every launch that uses them otherwise leaves them zeroed).
-    pub fn reset_counters(&self) -> candle_core::Result<()> {
-        let (ptr, _g) = self.counters.device_ptr(&self.stream);
-        let bytes = self.counters.len() * 4;
-        // SAFETY: the plan's live counters (`bytes` long), zeroed in this stream's order.
-        unsafe {
-            candle_core::cuda_backend::cudarc::driver::result::memset_d8_async(
-                ptr,
-                0,
-                bytes,
-                self.stream.cu_stream(),
-            )
-        }
-        .w()
     }
 
     /// The input `x` (rows, in) of the projections at slots `slot0 .. slot0 + n` (inside the
