@@ -114,39 +114,6 @@ fn compare(
         &steps,
         r,
     )?;
-    // The norm launches' ready protocol (QLORAD_NORM_READY; batches of 1..4 rows with adapters):
-    // the same arithmetic, only the GEMV's wait differs, so the same bits.
-    let ready_was = qlorad_kernels::nf4_group_cuda::norm_ready();
-    qlorad_kernels::nf4_group_cuda::set_norm_ready(!ready_was);
-    let ready = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
-    qlorad_kernels::nf4_group_cuda::set_norm_ready(ready_was);
-    same_bits(
-        r,
-        format!("fused decode, {name}: norm launch ready protocol vs not, differing logits"),
-        &ready,
-        &got,
-        format!("ready protocol {} for the compared run", on_off(!ready_was)),
-    );
-    // The gate/up expands in the silu·mul launch (QLORAD_SILU_EXPAND) or in the GEMV's epilogue:
-    // other roundings (two instead of one), both within the general path's bound.
-    let silu_was = qlorad_kernels::decode_cuda::silu_expand();
-    qlorad_kernels::decode_cuda::set_silu_expand(!silu_was);
-    let silu = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
-    qlorad_kernels::decode_cuda::set_silu_expand(silu_was);
-    agreement(
-        &format!(
-            "fused decode with the gate/up expands {} vs general path, {name}",
-            if silu_was {
-                "in the GEMV epilogue"
-            } else {
-                "in the silu launch"
-            }
-        ),
-        &want,
-        &silu?,
-        &steps,
-        r,
-    )?;
     // Contexts past 8 splits capped at 8 so the cluster merges them (the default;
     // QLORAD_ATT_CLUSTER_CAP=0 off) or not: other splits, so other rounding; both within the
     // general path's bound (`got` runs as set, `uncapped` without the cap).

@@ -23,9 +23,6 @@ use std::sync::Arc;
 
 #[path = "decode_norm_cuda.rs"]
 mod norm;
-#[path = "decode_silu_cuda.rs"]
-mod silu;
-pub use silu::{set_silu_expand, silu_expand, silu_lora_supports};
 
 // Must match cuda/decode.cu.
 const ATT_THREADS: u32 = 256;
@@ -52,7 +49,7 @@ pub fn rope_attention_supports(heads: usize, kv_heads: usize, head_dim: usize) -
 }
 /// add_rms_norm's block (NORM_THREADS in decode.cu): at batch 1 one block per row, whose time is
 /// each warp's instruction chain, so a 4096-wide row takes one 16-byte chunk per thread.
-pub(crate) const NORM_THREADS: u32 = 512;
+const NORM_THREADS: u32 = 512;
 /// 16-byte chunks per thread of add_rms_norm's vectorized path (NORM_VEC in decode.cu).
 const NORM_VEC: usize = 2;
 /// rope_kv is one block per sequence that loops over (heads + kv heads) · head_dim / 2 pairs: at
@@ -77,8 +74,6 @@ pub struct DecodeKernels {
     pub(crate) stream: Arc<CudaStream>,
     add_rms_norm: CudaFunction,
     silu_mul: CudaFunction,
-    /// silu·mul with the gate/up LoRA expands (cuda/lora.cu).
-    silu_mul_lora: CudaFunction,
     embed_rows: CudaFunction,
     rope_kv: CudaFunction,
     /// The attention for group sizes 1..=ATT_MAX_GROUP.
@@ -97,7 +92,6 @@ pub struct DecodeKernels {
 struct PdlKernels {
     add_rms_norm: RawFunction,
     silu_mul: RawFunction,
-    silu_mul_lora: RawFunction,
     embed_rows: RawFunction,
     attention: Vec<RawFunction>,
     attention_rope: Vec<RawFunction>,
@@ -179,11 +173,6 @@ impl DecodeKernels {
             stream: dev.cuda_stream(),
             add_rms_norm: load("add_rms_norm_bf16")?,
             silu_mul: load("silu_mul_bf16")?,
-            silu_mul_lora: crate::module_cuda::function(
-                dev,
-                &crate::module_cuda::LORA,
-                "silu_mul_lora_bf16",
-            )?,
             embed_rows: load("embed_rows_bf16")?,
             rope_kv: load("rope_kv_bf16")?,
             attention: (1..=ATT_MAX_GROUP)
@@ -206,11 +195,6 @@ impl DecodeKernels {
                 Some(PdlKernels {
                     add_rms_norm: raw("add_rms_norm_bf16")?,
                     silu_mul: raw("silu_mul_bf16")?,
-                    silu_mul_lora: crate::pdl_cuda::raw_function(
-                        dev,
-                        &crate::module_cuda::LORA,
-                        "silu_mul_lora_bf16",
-                    )?,
                     embed_rows: raw("embed_rows_bf16")?,
                     attention: group("decode_attention")?,
                     attention_rope: group("decode_attention_rope")?,

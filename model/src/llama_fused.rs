@@ -210,7 +210,10 @@ impl Llama {
                     gate_up,
                 )
             })?;
-            let mixed = gate_up_silu(kern, gate_up, li, &h, lora, pre)?;
+            let [gate, up] = timed(Phase::GateUpProjection, || {
+                project_group_fused(gate_up, li, 4, &h, lora, pre)
+            })?;
+            let mixed = timed(Phase::SiluMul, || kern.silu_mul(&gate, &up))?;
             let [m] = timed(Phase::DownProjection, || {
                 project_group_fused([b.mlp.down.as_ref()], li, 6, &mixed, lora, None)
             })?;
@@ -224,48 +227,6 @@ impl Llama {
             Ok(logits.to_dtype(DType::F32)?)
         })
     }
-}
-
-/// The gate and up projections of layer `layer` on `h` (slots 4 and 5) and silu(gate) · up. With
-/// `QLORAD_SILU_EXPAND=1` and the shrink the norm launch ran (`pre`), the GEMVs run as the base
-/// kernel and the silu·mul launch adds the two expands (`DecodeKernels::silu_mul_lora`): no LoRA
-/// warp in the gate/up launch, whose register cap spills in its stream loop.
-fn gate_up_silu(
-    kern: &DecodeKernels,
-    bases: [&dyn BaseLinear; 2],
-    layer: usize,
-    h: &Tensor,
-    lora: &LoraBatch,
-    pre: Option<Vec<GemvLora>>,
-) -> Result<Tensor> {
-    if let (Some(epis), Some(weights)) = (pre.as_ref(), gemv_weights(&bases, h)) {
-        let n = weights[0].out_features();
-        let fits = weights[1].out_features() == n
-            && qlorad_kernels::decode_cuda::silu_expand()
-            && qlorad_kernels::decode_cuda::silu_lora_supports(epis, n)
-            && epis[0].rows == h.dim(0)?;
-        if fits {
-            let x = h.contiguous()?;
-            let [gate, up] = timed(Phase::GateUpProjection, || -> Result<[Tensor; 2]> {
-                if gemv_group() {
-                    if let Some(ys) =
-                        qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &weights, None)?
-                    {
-                        return group_outputs(ys);
-                    }
-                }
-                Ok([
-                    qlorad_kernels::nf4_linear(&x, weights[0])?,
-                    qlorad_kernels::nf4_linear(&x, weights[1])?,
-                ])
-            })?;
-            return timed(Phase::SiluMul, || Ok(kern.silu_mul_lora(&gate, &up, epis)?));
-        }
-    }
-    let [gate, up] = timed(Phase::GateUpProjection, || {
-        project_group_fused(bases, layer, 4, h, lora, pre)
-    })?;
-    timed(Phase::SiluMul, || Ok(kern.silu_mul(&gate, &up)?))
 }
 
 /// Whether the o projection's LoRA shrink runs in the attention launch (`QLORAD_ATT_SHRINK=1`;
@@ -369,18 +330,7 @@ fn norm_for_group<const N: usize>(
         } else {
             1
         };
-        if let Some((mut sh, mut epis)) = plan.norm_shrink(slot0, N, x.dim(1)?, parts)? {
-            // The ready protocol only for a group the grouped t4 GEMV will take (else
-            // project_group_fused resets the counters).
-            let ready = qlorad_kernels::nf4_group_cuda::norm_ready()
-                && gemv_group()
-                && !qlorad_kernels::decode_cuda::silu_expand()
-                && gemv_weights(&bases, x).is_some_and(|ws| {
-                    qlorad_kernels::nf4_group_cuda::ready_supported(&ws, plan.rows())
-                });
-            if ready {
-                plan.norm_ready(&mut sh, &mut epis);
-            }
+        if let Some((sh, epis)) = plan.norm_shrink(slot0, N, x.dim(1)?, parts)? {
             if let Some((xs, h)) = kern.add_rms_norm_shrink(x, y, w, eps, Some(&sh))? {
                 return Ok((xs, h, Some(epis)));
             }
@@ -442,20 +392,7 @@ fn project_group_fused<const N: usize>(
     let x = x.contiguous()?;
     let slot0 = layer * 7 + proj0;
     let mut grouped = gemv_group();
-    if let Some(mut epis) = pre {
-        if epis.first().is_some_and(|e| e.ready > 0) {
-            // The norm launch counted its blocks for this launch (the ready protocol): only the
-            // grouped t4 GEMV reads and resets those counts.
-            if let Some(ys) =
-                qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &weights, Some(&epis))?
-            {
-                return group_outputs(ys);
-            }
-            plan.reset_counters()?;
-            for e in &mut epis {
-                (e.counters, e.ready) = (0, 0);
-            }
-        }
+    if let Some(epis) = pre {
         if epis.iter().all(|e| e.parts <= 1) {
             return project_with_epilogues(&weights, &x, &epis, grouped);
         }
