@@ -114,6 +114,19 @@ fn compare(
         &steps,
         r,
     )?;
+    // The norm launches' ready protocol (QLORAD_NORM_READY; batches of 1..4 rows with adapters):
+    // the same arithmetic, only the GEMV's wait differs, so the same bits.
+    let ready_was = qlorad_kernels::nf4_group_cuda::norm_ready();
+    qlorad_kernels::nf4_group_cuda::set_norm_ready(!ready_was);
+    let ready = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
+    qlorad_kernels::nf4_group_cuda::set_norm_ready(ready_was);
+    same_bits(
+        r,
+        format!("fused decode, {name}: norm launch ready protocol vs not, differing logits"),
+        &ready,
+        &got,
+        format!("ready protocol {} for the compared run", on_off(!ready_was)),
+    );
     // Contexts past 8 splits capped at 8 so the cluster merges them (the default;
     // QLORAD_ATT_CLUSTER_CAP=0 off) or not: other splits, so other rounding; both within the
     // general path's bound (`got` runs as set, `uncapped` without the cap).

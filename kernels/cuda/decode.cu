@@ -195,6 +195,22 @@ __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
     }
 }
 
+// The ready counts (`ready` non-null, QLORAD_NORM_READY): once all of a block's writes are done,
+// one count at ready[0] (a norm block: its row's sum and normed row) or ready[1] (a shrink block:
+// its t), which the next grouped GEMV polls (nf4_tc.cuh, TcGroup.ready_norm) instead of waiting
+// for the whole launch: its weights stream once the norm blocks are done, its LoRA warp waits
+// for the shrink blocks. The fence-then-count of the CUDA samples' threadFenceReduction.
+__device__ __forceinline__ void norm_ready_count(u32* ready) {
+    if (ready == nullptr) {
+        return;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        atomicAdd(ready, 1u);
+    }
+}
+
 // Blocks 0 .. rows: one per row. out (2, rows, n): out[0] = x + y (bf16, as candle's add), out[1]
 // = rmsnorm(out[0]) * w. y may be null (then out[0] = x). With sh_bpr > 0 the grid has rows ·
 // sh_bpr more blocks, which compute the LoRA shrink of the normed rows (norm_shrink_block; the
@@ -209,13 +225,14 @@ extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u1
                                              const u64* __restrict__ sh_tables, float* sh_t,
                                              u32 sh_slot0, u32 sh_count, u32 sh_max_rank,
                                              u32 sh_t_stride, u32 sh_t_zstride, u32 sh_bpr,
-                                             u32 sh_parts, u32 sh_part_stride) {
+                                             u32 sh_parts, u32 sh_part_stride, u32* ready) {
     pdl_trigger();
     if (blockIdx.x >= rows) {
         const NormShrink sh = {sh_tables,    sh_t,   sh_slot0,      sh_count, sh_max_rank,
                                sh_t_stride, sh_t_zstride, sh_bpr, sh_parts, sh_part_stride};
         const u32 b = blockIdx.x - rows;
         norm_shrink_block(x, y, w, eps, n, sh, b / sh.bpr, b % sh.bpr);
+        norm_ready_count(ready ? ready + 1 : nullptr);
         return;
     }
     pdl_wait();
@@ -231,6 +248,7 @@ extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u1
                        reinterpret_cast<u64>(normed)) & 15ull) == 0;
     if (vec) {
         add_rms_norm_vec(xr, yr, w, eps, n, sum, normed);
+        norm_ready_count(ready);
         return;
     }
     float acc = 0.f;
@@ -244,6 +262,7 @@ extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u1
     for (u32 i = threadIdx.x; i < n; i += blockDim.x) {
         normed[i] = f32_to_bf16(__fmul_rn(__fmul_rn(scale, bf16_f(sum[i])), bf16_f(w[i])));
     }
+    norm_ready_count(ready);
 }
 
 // out[r] = table[ids[r]]: the token embeddings of a decode step's rows, one block per row. The

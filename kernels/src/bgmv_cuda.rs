@@ -211,6 +211,10 @@ pub struct GemvLora {
     /// leaves one per KV head, [`BgmvPlan::attention_shrink`]). Only the grouped tensor-core GEMV
     /// (`nf4_group_cuda`) sums them; the one-weight kernels take 1.
     pub parts: u32,
+    /// With counters: the shrink blocks of the add + RMSNorm launch before the GEMV, which counts
+    /// its blocks there (the ready protocol, [`BgmvPlan::norm_ready`]; the grouped t4 GEMV only);
+    /// 0: the counters are the in-launch shrink's.
+    pub ready: u32,
 }
 
 /// The largest rank over a group's slots (0: no row has a module there).
@@ -239,6 +243,9 @@ pub struct NormShrink {
     /// Input features of the group's modules (the normed rows' length).
     pub in_f: usize,
     pub rows: usize,
+    /// Device address of the plan's counters when the launch counts its finished blocks there for
+    /// the next GEMV (the ready protocol, [`BgmvPlan::norm_ready`]); 0: it does not.
+    pub ready: u64,
 }
 
 /// The o projection's shrink for the decode attention to compute from the outputs it writes
@@ -277,15 +284,16 @@ struct GroupInput {
 /// One forward pass's row → adapter mapping on the GPU, with the shrink's f32 scratch.
 pub struct BgmvPlan {
     device: CudaDevice,
-    stream: Arc<CudaStream>,
+    pub(crate) stream: Arc<CudaStream>,
     rows: usize,
     /// (rows,): each row's adapter table address, 0 for none.
     row_tables: CudaSlice<u64>,
     /// (SHRINK_CHUNKS, MAX_GROUP, rows, t_stride) f32, reused by every launch in stream order:
     /// the separately launched shrink writes chunk 0, the in-launch shrink k-chunk partials.
     scratch: CudaSlice<f32>,
-    /// The grouped GEMV's in-launch shrink counters (4 u32, zero between launches).
-    counters: CudaSlice<u32>,
+    /// The grouped GEMV's in-launch shrink counters (4 u32), then the norm launches' ready
+    /// protocol's, 4 u32 per slot (`norm_shrink_cuda`), all zero between launches.
+    pub(crate) counters: CudaSlice<u32>,
     t_stride: usize,
     slots: Vec<SlotPlan>,
     shrink: CudaFunction,
@@ -362,7 +370,7 @@ impl BgmvPlan {
         // slots wrote before it in stream order; nothing else reads the scratch.
         let scratch =
             unsafe { device.alloc::<f32>(SHRINK_CHUNKS * MAX_GROUP * per_row.len() * t_stride) }?;
-        let counters = device.clone_htod(&[0u32; 4][..])?;
+        let counters = device.clone_htod(&vec![0u32; 4 * (1 + slots.len())][..])?;
         Ok(Some(Self {
             stream: first.stream.clone(),
             shrink: first.shrink.clone(),
@@ -453,6 +461,7 @@ impl BgmvPlan {
             part_stride: epis[0].part_stride,
             in_f,
             rows: self.rows,
+            ready: 0,
         };
         Ok(Some((shrink, epis)))
     }
@@ -543,6 +552,7 @@ impl BgmvPlan {
                 max_rank,
                 part_stride: (MAX_GROUP * self.rows * self.t_stride) as u32,
                 parts: 1,
+                ready: 0,
             })
             .collect()
     }

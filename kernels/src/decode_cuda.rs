@@ -49,7 +49,7 @@ pub fn rope_attention_supports(heads: usize, kv_heads: usize, head_dim: usize) -
 }
 /// add_rms_norm's block (NORM_THREADS in decode.cu): at batch 1 one block per row, whose time is
 /// each warp's instruction chain, so a 4096-wide row takes one 16-byte chunk per thread.
-const NORM_THREADS: u32 = 512;
+pub(crate) const NORM_THREADS: u32 = 512;
 /// 16-byte chunks per thread of add_rms_norm's vectorized path (NORM_VEC in decode.cu).
 const NORM_VEC: usize = 2;
 /// rope_kv is one block per sequence that loops over (heads + kv heads) · head_dim / 2 pairs: at

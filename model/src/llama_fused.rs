@@ -330,7 +330,17 @@ fn norm_for_group<const N: usize>(
         } else {
             1
         };
-        if let Some((sh, epis)) = plan.norm_shrink(slot0, N, x.dim(1)?, parts)? {
+        if let Some((mut sh, mut epis)) = plan.norm_shrink(slot0, N, x.dim(1)?, parts)? {
+            // The ready protocol only for a group the grouped t4 GEMV will take (else
+            // project_group_fused resets the counters).
+            let ready = qlorad_kernels::nf4_group_cuda::norm_ready()
+                && gemv_group()
+                && gemv_weights(&bases, x).is_some_and(|ws| {
+                    qlorad_kernels::nf4_group_cuda::ready_supported(&ws, plan.rows())
+                });
+            if ready {
+                plan.norm_ready(&mut sh, &mut epis);
+            }
             if let Some((xs, h)) = kern.add_rms_norm_shrink(x, y, w, eps, Some(&sh))? {
                 return Ok((xs, h, Some(epis)));
             }
@@ -392,7 +402,20 @@ fn project_group_fused<const N: usize>(
     let x = x.contiguous()?;
     let slot0 = layer * 7 + proj0;
     let mut grouped = gemv_group();
-    if let Some(epis) = pre {
+    if let Some(mut epis) = pre {
+        if epis.first().is_some_and(|e| e.ready > 0) {
+            // The norm launch counted its blocks for this launch (the ready protocol): only the
+            // grouped t4 GEMV reads and resets those counts.
+            if let Some(ys) =
+                qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &weights, Some(&epis))?
+            {
+                return group_outputs(ys);
+            }
+            plan.reset_counters()?;
+            for e in &mut epis {
+                (e.counters, e.ready) = (0, 0);
+            }
+        }
         if epis.iter().all(|e| e.parts <= 1) {
             return project_with_epilogues(&weights, &x, &epis, grouped);
         }
