@@ -78,16 +78,9 @@ __device__ __forceinline__ void t4_load_stage(T4Stage<PLAIN>& s, const uint4* pa
     }
 }
 
-// One super-block of the t4 stream for this lane: its stage's 32 codes of rows a and b through the
-// lookup table (at shared address `lut_base`, this lane's column) into mma A fragments, against x's
-// B fragments (loaded here, by the `xact` lanes only: see nf4_gemv_t4_stream), the stage's block
-// scales decoded (double quant: dynamic code at `ncode_base`, then `offset`), `refill()` called
-// once the stage's registers are consumed (it loads the stage's next super-block), and the two
-// k blocks' partial dots scaled into acc_a (row a) and acc_b (row b). Shared by t4 and the
-// persistent t4p, so both compute the same bits.
 // x's 16 bytes at p: through the non-coherent path, or (COH: x written by a kernel that may still
-// run, published by the ready protocol) an ordinary load, which the acquire that preceded it
-// orders (the non-coherent path is outside the memory model).
+// run, published by the ready protocol) an ordinary load, which the poll's fence (and the block
+// barrier after it) orders; the non-coherent path is outside the memory model.
 template <bool COH>
 __device__ __forceinline__ uint4 t4_ld_x(const uint4* p) {
     if constexpr (COH) {
@@ -101,6 +94,13 @@ __device__ __forceinline__ uint4 t4_ld_x(const uint4* p) {
     }
 }
 
+// One super-block of the t4 stream for this lane: its stage's 32 codes of rows a and b through the
+// lookup table (at shared address `lut_base`, this lane's column) into mma A fragments, against x's
+// B fragments (loaded here, by the `xact` lanes only: see nf4_gemv_t4_stream), the stage's block
+// scales decoded (double quant: dynamic code at `ncode_base`, then `offset`), `refill()` called
+// once the stage's registers are consumed (it loads the stage's next super-block), and the two
+// k blocks' partial dots scaled into acc_a (row a) and acc_b (row b). Shared by t4 and the
+// persistent t4p, so both compute the same bits.
 template <bool PLAIN, bool COH = false, class Refill>
 __device__ __forceinline__ void t4_super_block(T4Stage<PLAIN>& st, const uint4* xp, bool xact,
                                                u32 lut_base, u32 ncode_base, float offset,

@@ -406,10 +406,15 @@ fn project_group_fused<const N: usize>(
         if epis.first().is_some_and(|e| e.ready > 0) {
             // The norm launch counted its blocks for this launch (the ready protocol): only the
             // grouped t4 GEMV reads and resets those counts.
-            if let Some(ys) =
-                qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &weights, Some(&epis))?
-            {
-                return group_outputs(ys);
+            // Declined or failed, the counts must not outlive this launch: a kept plan's next
+            // step would find them.
+            match qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &weights, Some(&epis)) {
+                Ok(Some(ys)) => return group_outputs(ys),
+                Ok(None) => {}
+                Err(e) => {
+                    let _ = plan.reset_counters();
+                    return Err(e.into());
+                }
             }
             plan.reset_counters()?;
             for e in &mut epis {
