@@ -11,7 +11,7 @@
 #
 # A, B: environment assignments (space-separated) for each side; A_BIN, B_BIN: the qlorad-bench
 # binaries (default $QLORAD_BENCH); CONFIGS: space-separated VAR=VALUE settings, one per side
-# (QLORAD_X=default: the defaults), all with $QLORAD_BENCH; OUT: where the logs go
+# (QLORAD_X=default: the defaults; A=1,B=2: two settings on one side), all with $QLORAD_BENCH; OUT: where the logs go
 # (ab_<side>_<round>.log); ROUNDS (2); AB_ARGS: more gpu-bench arguments for every side (e.g.
 # "--prompt-tokens 1024"); TIMEOUT per run (120 s).
 set -uo pipefail
@@ -29,7 +29,7 @@ for r in $(seq 1 "${ROUNDS:-2}"); do
     case "$side" in
       a) envs="${A:-}" bin="${A_BIN:-$BIN}" name=a ;;
       b) envs="${B:-}" bin="${B_BIN:-$BIN}" name=b ;;
-      *) envs="$side" bin="$BIN" name="${side//[^A-Za-z0-9_.-]/_}" ;;
+      *) envs="${side//,/ }" bin="$BIN" name="${side//[^A-Za-z0-9_.-]/_}" ;;
     esac
     log="$OUT/ab_${name}_$r.log"
     env $envs QLORAD_BENCH_ARGS="--multi 0 --batch 0 --quick ${AB_ARGS:-}" SKIP_REFERENCE=1 QLORAD_BENCH="$bin" \

@@ -98,8 +98,14 @@ for step in "$@"; do
         OUT=/tmp/sweep-chunks bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/sweep-chunks.log" ;;
     ready)
       # The norm launches' ready protocol (QLORAD_NORM_READY=1, opt-in): the grouped q/k/v and
-      # gate/up GEMVs stream once the norm blocks are done, not once the shrink blocks are.
-      ab ready QLORAD_NORM_READY ;;
+      # gate/up GEMVs stream once the norm blocks are done, not once the shrink blocks are; with
+      # the shrink blocks off the GEMV's start, other k-chunk partial counts may now win.
+      if grep -q "^FAIL.*ready protocol" "$OUT/gpu-check.log" 2>/dev/null; then
+        log "ready protocol failed gpu-check: sweep skipped"; continue
+      fi
+      log "sweep of the ready protocol"
+      TIMEOUT=${TIMEOUT:-75} CONFIGS="QLORAD_X=default QLORAD_NORM_READY=1 QLORAD_NORM_READY=1,QLORAD_NORM_SHRINK_PARTS=1 QLORAD_NORM_READY=1,QLORAD_NORM_SHRINK_PARTS=4" \
+        OUT=/tmp/sweep-ready bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/sweep-ready.log" ;;
     bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
     # Training tokens/s and peak memory (reuses the bench step's model when it ran first).
     train) log "run-gpu-train (${QLORAD_TRAIN_BENCH_ARGS:-default modes})"; RESULT="${TRAIN_RESULT:-h200-train.json}" bash "$D/bench/run-gpu-train.sh" ;;
