@@ -6,7 +6,7 @@
 #   bin/*.xz (stripped CUDA builds), bnb.tar.xz, scripts/, bench/, smol.part* (SmolLM2, in parts
 #   that may arrive over two calls: parts are kept in /tmp/stash while the machine stays warm).
 #
-#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [clustercap] [lora] [chunks] [ready] [bench] [train] [smol]
+#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [clustercap] [lora] [chunks] [ready] [attshrink] [bench] [train] [smol]
 set -uo pipefail
 D="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/out}"
@@ -106,6 +106,10 @@ for step in "$@"; do
       log "sweep of the ready protocol"
       TIMEOUT=${TIMEOUT:-75} CONFIGS="QLORAD_X=default QLORAD_NORM_READY=1 QLORAD_NORM_READY=1,QLORAD_NORM_SHRINK_PARTS=1 QLORAD_NORM_READY=1,QLORAD_NORM_SHRINK_PARTS=4" \
         OUT=/tmp/sweep-ready bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/sweep-ready.log" ;;
+    attshrink)
+      # The o projection's LoRA shrink in the attention launch (QLORAD_ATT_SHRINK=1, opt-in),
+      # now also when a thread-block cluster merges the splits (~140 positions take 5).
+      ab attshrink QLORAD_ATT_SHRINK ;;
     bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
     # Training tokens/s and peak memory (reuses the bench step's model when it ran first).
     train) log "run-gpu-train (${QLORAD_TRAIN_BENCH_ARGS:-default modes})"; RESULT="${TRAIN_RESULT:-h200-train.json}" bash "$D/bench/run-gpu-train.sh" ;;

@@ -80,3 +80,36 @@ __device__ __forceinline__ u16 ld_after_wait_u16(const u16* p) {
     asm volatile("ld.global.u16 %0, [%1];" : "=h"(v) : "l"(p) : "memory");
     return v;
 }
+
+// Thread-block clusters (sm_90): a barrier over every thread of the cluster, whose release /
+// acquire makes each block's shared-memory writes before it visible to the others after it; and
+// loads of the value at `local`'s offset in the shared memory of the cluster's block `rank`.
+__device__ __forceinline__ void cluster_sync_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    __syncwarp();  // .aligned: every lane of the warp executes the barrier together
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::
+                     : "memory");
+#endif
+}
+__device__ __forceinline__ u16 ld_cluster_u16(const u16* local, u32 rank) {
+    u16 v = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+                 : "=r"(remote)
+                 : "r"((u32)__cvta_generic_to_shared(local)), "r"(rank));
+    asm volatile("ld.shared::cluster.u16 %0, [%1];" : "=h"(v) : "r"(remote) : "memory");
+#endif
+    return v;
+}
+__device__ __forceinline__ float ld_cluster_f32(const float* local, u32 rank) {
+    float v = 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    u32 remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
+                 : "=r"(remote)
+                 : "r"((u32)__cvta_generic_to_shared(local)), "r"(rank));
+    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+#endif
+    return v;
+}

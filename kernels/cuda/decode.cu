@@ -363,28 +363,6 @@ __device__ __forceinline__ u16 combine_splits(const float* part_o, const float* 
     return f32_to_bf16(o / l);
 }
 
-// Thread-block clusters (sm_90): a barrier over every thread of the cluster, whose release /
-// acquire makes each block's shared-memory writes before it visible to the others after it; and
-// a load of the f32 at `local`'s offset in the shared memory of the cluster's block `rank`.
-__device__ __forceinline__ void cluster_sync_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    __syncwarp();  // .aligned: every lane of the warp executes the barrier together
-    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::
-                     : "memory");
-#endif
-}
-__device__ __forceinline__ float ld_cluster_f32(const float* local, u32 rank) {
-    float v = 0.f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    u32 remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
-                 : "=r"(remote)
-                 : "r"((u32)__cvta_generic_to_shared(local)), "r"(rank));
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-#endif
-    return v;
-}
-
 // Decode attention geometry: threads per block, and the largest group (query heads per KV head).
 // A K or V row of head_dim bf16 is read by DV = head_dim / 8 threads, 16 bytes each (coalesced);
 // the block's ATT_THREADS / DV position slots walk the positions independently, ATT_PREFETCH
@@ -450,8 +428,10 @@ __device__ __forceinline__ void decode_attention(
     const u32 kvh = blockIdx.x, row = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     // The o shrink's module and A slice: row tables and adapter weights are written before the
-    // decode step, so the lookup and the slice's fetch into L2 overlap the previous kernel.
-    const bool shrink = sh.row_tables != nullptr && splits == 1;
+    // decode step, so the lookup and the slice's fetch into L2 overlap the previous kernel. With
+    // one split the block holds its heads' whole outputs; with a cluster's splits (CL) each block
+    // takes ranks split · ATT_WARPS + warp, + splits · ATT_WARPS, .. over the merged outputs.
+    const bool shrink = sh.row_tables != nullptr && (splits == 1 || CL);
     RowLora sl;
     sl.r = 0;
     if (shrink) {
@@ -460,6 +440,9 @@ __device__ __forceinline__ void decode_attention(
         const u8* a0 = reinterpret_cast<const u8*>(sl.a) + (u64)kvh * bytes;
         for (u32 c = threadIdx.x; c < sl.r * (bytes >> 7); c += ATT_THREADS) {
             const u32 j = c / (bytes >> 7), line = c % (bytes >> 7);
+            if (splits > 1 && (j / ATT_WARPS) % splits != split) {
+                continue;
+            }
             prefetch_l2(a0 + (u64)j * nh * hd * 2 + 128 * line);
         }
     }
@@ -610,6 +593,8 @@ __device__ __forceinline__ void decode_attention(
     __shared__ float s_o[ATT_MERGE_VALUES];
     __shared__ float s_ml[ATT_MERGE_ML];
     __shared__ __align__(16) u16 s_out[1024];  // the block's bf16 outputs, for the o shrink
+    // CL with the o shrink: this block's share of the merged outputs (element e at index e).
+    __shared__ __align__(16) u16 s_mo[CL ? 1024 : 1];
     // CL: the block's merged partials (unnormalized output, then (max, sum) per head).
     __shared__ float s_po[CL ? 1024 : 1];
     __shared__ float s_pml[CL ? 2 * ATT_MAX_GROUP : 1];
@@ -657,12 +642,11 @@ __device__ __forceinline__ void decode_attention(
             }
         }
     }
-    if (shrink && sl.r != 0 && sl.r <= sh.t_stride) {
-        // The o shrink's partial dots over this block's slice, one rank per warp at a time.
-        __syncthreads();
+    // Ranks of the o shrink this block computes, over the (row, KV head)'s outputs in s_out.
+    auto o_shrink = [&](u32 j0, u32 jstep) {
         const uint4* xv = reinterpret_cast<const uint4*>(s_out);
         const u16* a0 = sl.a + (u64)kvh * G * hd;
-        for (u32 j = warp; j < sl.r; j += ATT_WARPS) {
+        for (u32 j = j0; j < sl.r; j += jstep) {
             const float d = warp_dot_a(
                 a0 + (u64)j * nh * hd, G * hd, lane, [&](u32 c) { return xv[c]; },
                 [&](u32 c) { return bf16_f(s_out[c]); });
@@ -670,6 +654,12 @@ __device__ __forceinline__ void decode_attention(
                 sh.t[(u64)kvh * sh.part_stride + (u64)row * sh.t_stride + j] = d;
             }
         }
+    };
+    const bool o_shrink_on = shrink && sl.r != 0 && sl.r <= sh.t_stride;
+    if (splits == 1 && o_shrink_on) {
+        // The o shrink's partial dots over this block's slice, one rank per warp at a time.
+        __syncthreads();
+        o_shrink(warp, ATT_WARPS);
     }
     if (CL && splits > 1) {
         cluster_sync_all();
@@ -685,9 +675,21 @@ __device__ __forceinline__ void decode_attention(
                 lc = fmaf(ld_cluster_f32(s_pml + g * 2 + 1, s), w, lc);
                 oc = fmaf(ld_cluster_f32(s_po + e, s), w, oc);
             }
-            out[((u64)row * nh + kvh * G + g) * hd + d] = f32_to_bf16(oc / lc);
+            const u16 b = f32_to_bf16(oc / lc);
+            out[((u64)row * nh + kvh * G + g) * hd + d] = b;
+            s_mo[e] = b;
         }
         cluster_sync_all();
+        if (o_shrink_on) {
+            // Every merged output from the block that merged it (the same for every block of the
+            // cluster: one row, one slot), then a barrier before any block may leave, then this
+            // block's ranks.
+            for (u32 e = threadIdx.x; e < G * hd; e += ATT_THREADS) {
+                s_out[e] = ld_cluster_u16(s_mo + e, (e / ATT_THREADS) % splits);
+            }
+            cluster_sync_all();
+            o_shrink(split * ATT_WARPS + warp, splits * ATT_WARPS);
+        }
     }
     if (!CL && splits > 1 && counters != nullptr) {
         // The last of the (row, kvh) splits to finish merges them all, as attention_combine does

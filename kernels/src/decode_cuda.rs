@@ -420,8 +420,8 @@ impl DecodeKernels {
     /// Attention of each row's rotated query `q` (rows, heads·hd) over its cached keys and values
     /// of `layer` at positions `0..=position` (the last `window` of them with a sliding window):
     /// (rows, heads·hd). With `shrink`, the launch also computes the o projection's LoRA shrink
-    /// from its outputs when it runs as one split per (row, KV head) (the second value says
-    /// whether it did; if not, the caller shrinks as usual).
+    /// from its outputs when it runs as one split per (row, KV head) or merges its splits in a
+    /// cluster (the second value says whether it did; if not, the caller shrinks as usual).
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -585,9 +585,13 @@ impl DecodeKernels {
             .map_or((null, null), |(p, _)| (*p, *p + ml_off));
         let (cp, cg) = self.att_counters.device_ptr(st);
         let counters = if merge_in_kernel { cp } else { null };
-        // The o shrink: one split only (the blocks then hold whole outputs), shapes as planned.
+        // The o shrink: one split (the blocks then hold whole outputs) or a cluster's splits
+        // (which share the merged outputs through the cluster's shared memory), shapes as planned.
         let shrink = shrink.filter(|s| {
-            splits == 1 && s.rows == rows && s.kv_heads == kv_heads && s.in_f == heads * head_dim
+            (splits == 1 || cluster)
+                && s.rows == rows
+                && s.kv_heads == kv_heads
+                && s.in_f == heads * head_dim
         });
         args.extend([
             KArg::U64(tp),

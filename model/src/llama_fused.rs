@@ -163,7 +163,8 @@ impl Llama {
                 project_group_fused(qkv, li, 0, &h, lora, pre)
             })?;
             let attention = || -> Result<_> {
-                // The o projection's shrink in the attention launch when it takes it (one split).
+                // The o projection's shrink in the attention launch when it takes it (one split, or
+                // a cluster's splits).
                 let o_shrink = if o_shrink_on {
                     attention_shrink_for(lora, (li, 3), b.attn.o.as_ref(), &q, nkv)?
                 } else {
@@ -267,10 +268,13 @@ fn norm_shrink() -> bool {
 /// The o projection's shrink for the attention launch of layer `at.0` (slot `at.0 · 7 + at.1`) to
 /// compute, and the GEMV epilogue descriptor that reads it, when adapters on the BGMV path have a
 /// module there and o will run as a fused GEMV on the attention's output (shaped as `q`). The
-/// attention does it only as one split per (row, KV head), each block one partial of t over its
-/// heads' outputs, which the grouped o GEMV sums. Opt-in (`QLORAD_ATT_SHRINK=1`): on the H200,
-/// batch-1 Mistral decode over ~140 positions in one split ran 275 tok/s with it against 283
-/// without (the attention's 8 blocks took +6.4 µs for the shrink, the o GEMV -10 µs, ncu).
+/// attention does it as one split per (row, KV head), or as the splits of one thread-block
+/// cluster (which share the merged outputs and divide the ranks), one partial of t per KV head
+/// over its heads' outputs, which the grouped o GEMV sums. Opt-in (`QLORAD_ATT_SHRINK=1`): on the
+/// H200, batch-1 Mistral decode over ~140 positions in one split ran 275 tok/s with it against 283
+/// without (the attention's 8 blocks took +6.4 µs for the shrink, the o GEMV -10 µs, ncu); later
+/// runs at ~140 positions took 5 splits, where only the cluster form computes it (staged in
+/// session 22, not yet measured).
 fn attention_shrink_for(
     lora: &LoraBatch,
     at: (usize, usize),
