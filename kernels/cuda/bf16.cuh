@@ -91,25 +91,26 @@ __device__ __forceinline__ void cluster_sync_all() {
                      : "memory");
 #endif
 }
-__device__ __forceinline__ u16 ld_cluster_u16(const u16* local, u32 rank) {
-    u16 v = 0;
+// The cluster-shared address of `local`'s offset in block `rank`'s shared memory.
+__device__ __forceinline__ u32 cluster_addr(const void* local, u32 rank) {
+    u32 remote = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    u32 remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
                  : "=r"(remote)
                  : "r"((u32)__cvta_generic_to_shared(local)), "r"(rank));
-    asm volatile("ld.shared::cluster.u16 %0, [%1];" : "=h"(v) : "r"(remote) : "memory");
+#endif
+    return remote;
+}
+__device__ __forceinline__ u32 ld_cluster_b32(const void* local, u32 rank) {
+    u32 v = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("ld.shared::cluster.b32 %0, [%1];"
+                 : "=r"(v)
+                 : "r"(cluster_addr(local, rank))
+                 : "memory");
 #endif
     return v;
 }
 __device__ __forceinline__ float ld_cluster_f32(const float* local, u32 rank) {
-    float v = 0.f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    u32 remote;
-    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
-                 : "=r"(remote)
-                 : "r"((u32)__cvta_generic_to_shared(local)), "r"(rank));
-    asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
-#endif
-    return v;
+    return __uint_as_float(ld_cluster_b32(local, rank));
 }

@@ -684,8 +684,11 @@ __device__ __forceinline__ void decode_attention(
             // Every merged output from the block that merged it (the same for every block of the
             // cluster: one row, one slot), then a barrier before any block may leave, then this
             // block's ranks.
-            for (u32 e = threadIdx.x; e < G * hd; e += ATT_THREADS) {
-                s_out[e] = ld_cluster_u16(s_mo + e, (e / ATT_THREADS) % splits);
+            // Two values per 32-bit load (G·hd is even; both lie in one ATT_THREADS run).
+            u32* o32 = reinterpret_cast<u32*>(s_out);
+            const u32* m32 = reinterpret_cast<const u32*>(s_mo);
+            for (u32 c = threadIdx.x; c < (G * hd) / 2; c += ATT_THREADS) {
+                o32[c] = ld_cluster_b32(m32 + c, (2 * c / ATT_THREADS) % splits);
             }
             cluster_sync_all();
             o_shrink(split * ATT_WARPS + warp, splits * ATT_WARPS);
