@@ -471,37 +471,35 @@ __device__ __forceinline__ void nf4_gemv_t4_group(const u16* __restrict__ x, con
         nf4_gemv_t4_group<M, true>(x, grp);                                                      \
     }
 
-// The all-warps LoRA epilogue for 1..4 rows (t finished before the launch). The host picks it only
-// for 1..4 rows; the 5..8-row names exist because the host loads every row count of a kernel name,
-// and stop the kernel if ever launched.
+// The grouped t4 LoRA kernels that exist for 1..4 rows only: the host picks them only for 1..4
+// rows; the 5..8-row names exist because the host loads every row count of a kernel name, and
+// stop the kernel if ever launched.
+template <int M, bool EPI_ALL, bool READY>
+__device__ __forceinline__ void nf4_gemv_t4_group_small(const u16* __restrict__ x,
+                                                        const TcGroup& grp) {
+    if constexpr (M <= 4) {
+        const TcWeight& w = tc_group_weight(grp);
+        nf4_gemv_t4<M, true, T4_STAGES, EPI_ALL, READY>(
+            x, w.packed, w.code16, w.plain, w.absmax, w.qabs, w.nested, w.ncode, w.offset,
+            w.log2_bs, w.n, grp.k, w.y, grp.row_tables, w.slot, w.t, grp.t_stride,
+            blockIdx.x - w.tile0, &grp);
+    } else {
+        __trap();
+    }
+}
+
+// The all-warps LoRA epilogue (t finished before the launch).
 #define NF4_GEMV_T4E_ENTRY(M)                                                                    \
     extern "C" __global__ void TC_BOUNDS(TC_CFG_tc3)                                             \
         nf4_gemv_t4g_lorae_bf16_m##M(const u16* __restrict__ x, const TcGroup grp) {             \
-        if constexpr (M <= 4) {                                                                  \
-            const TcWeight& w = tc_group_weight(grp);                                            \
-            nf4_gemv_t4<M <= 4 ? M : 1, true, T4_STAGES, true>(                                  \
-                x, w.packed, w.code16, w.plain, w.absmax, w.qabs, w.nested, w.ncode, w.offset,   \
-                w.log2_bs, w.n, grp.k, w.y, grp.row_tables, w.slot, w.t, grp.t_stride,           \
-                blockIdx.x - w.tile0, &grp);                                                     \
-        } else {                                                                                 \
-            __trap();                                                                            \
-        }                                                                                        \
+        nf4_gemv_t4_group_small<M, true, false>(x, grp);                                         \
     }
 // The LoRA warp's kernel after a norm launch with the ready protocol (TcGroup.ready_norm): the
-// weights stream once the norm blocks are done, the LoRA warp waits for the shrink blocks. 1..4
-// rows only, as the all-warps epilogue.
+// weights stream once the norm blocks are done, the LoRA warp waits for the shrink blocks.
 #define NF4_GEMV_T4R_ENTRY(M)                                                                    \
     extern "C" __global__ void __launch_bounds__((TC_WARPS + 1) * 32, 3)                         \
         nf4_gemv_t4g_lorar_bf16_m##M(const u16* __restrict__ x, const TcGroup grp) {             \
-        if constexpr (M <= 4) {                                                                  \
-            const TcWeight& w = tc_group_weight(grp);                                            \
-            nf4_gemv_t4<M <= 4 ? M : 1, true, T4_STAGES, false, true>(                           \
-                x, w.packed, w.code16, w.plain, w.absmax, w.qabs, w.nested, w.ncode, w.offset,   \
-                w.log2_bs, w.n, grp.k, w.y, grp.row_tables, w.slot, w.t, grp.t_stride,           \
-                blockIdx.x - w.tile0, &grp);                                                     \
-        } else {                                                                                 \
-            __trap();                                                                            \
-        }                                                                                        \
+        nf4_gemv_t4_group_small<M, false, true>(x, grp);                                         \
     }
 NF4_GEMV_T4R_ENTRY(1)
 NF4_GEMV_T4R_ENTRY(2)
