@@ -86,26 +86,19 @@ pub fn nf4_linear_group(
     } else {
         loras
     };
-    let Some(gpus) = weights
-        .iter()
-        .map(|w| w.gpu().filter(|g| g.tensor_cores()))
-        .collect::<Option<Vec<&Nf4Gpu>>>()
-    else {
+    let Some(gpus) = group_gpus(weights) else {
         return Ok(None);
     };
-    if gpus.is_empty() || gpus.len() > GROUP_MAX || loras.is_some_and(|l| l.len() != gpus.len()) {
+    if loras.is_some_and(|l| l.len() != gpus.len()) {
         return Ok(None);
     }
     let (m, k) = x.dims2()?;
-    let k0 = gpus[0].shape().1;
-    if m == 0 || m > GEMV_MAX_ROWS || k != k0 || x.dtype() != candle_core::DType::BF16 {
-        return Ok(None);
-    }
     let dev0 = gpus[0].device();
-    // One kernel for the whole grid: every weight must decode with the first one's.
-    if gpus.iter().any(|g| {
-        g.shape().1 != k || g.device().id() != dev0.id() || g.gemv_kernel() != gpus[0].gemv_kernel()
-    }) {
+    if m == 0
+        || m > GEMV_MAX_ROWS
+        || k != gpus[0].shape().1
+        || x.dtype() != candle_core::DType::BF16
+    {
         return Ok(None);
     }
     let (storage, layout) = x.storage_and_layout();
@@ -358,19 +351,23 @@ fn ready_fits(gpus: &[&Nf4Gpu], m: usize) -> bool {
 /// (the weights on one GPU, decoding with t4, with one k; 1..=4 rows). The caller still resets the
 /// counters if the launch declines (say, for x's alignment).
 pub fn ready_supported(weights: &[&Arc<Nf4Weight>], rows: usize) -> bool {
-    let Some(gpus) = weights
+    group_gpus(weights).is_some_and(|gpus| ready_fits(&gpus, rows))
+}
+
+/// The weights' GPU forms when they can share one grouped launch: 1..=[`GROUP_MAX`] weights
+/// decoding on tensor cores, on one device, with one k and one kernel for the whole grid.
+fn group_gpus<'a>(weights: &[&'a Arc<Nf4Weight>]) -> Option<Vec<&'a Nf4Gpu>> {
+    let gpus = weights
         .iter()
         .map(|w| w.gpu().filter(|g| g.tensor_cores()))
-        .collect::<Option<Vec<&Nf4Gpu>>>()
-    else {
-        return false;
-    };
-    !gpus.is_empty()
-        && gpus.len() <= GROUP_MAX
-        && ready_fits(&gpus, rows)
-        && gpus
-            .iter()
-            .all(|g| g.shape().1 == gpus[0].shape().1 && g.device().id() == gpus[0].device().id())
+        .collect::<Option<Vec<&Nf4Gpu>>>()?;
+    let g0 = gpus.first()?;
+    let one = gpus.iter().all(|g| {
+        g.shape().1 == g0.shape().1
+            && g.device().id() == g0.device().id()
+            && g.gemv_kernel() == g0.gemv_kernel()
+    });
+    (gpus.len() <= GROUP_MAX && one).then_some(gpus)
 }
 
 // The C layouts of cuda/nf4_tc.cuh.
