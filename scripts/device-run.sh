@@ -6,7 +6,7 @@
 #   bin/*.xz (stripped CUDA builds), bnb.tar.xz, scripts/, bench/, smol.part* (SmolLM2, in parts
 #   that may arrive over two calls: parts are kept in /tmp/stash while the machine stays warm).
 #
-#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [clustercap] [lora] [chunks] [ready] [attshrink] [bench] [train] [smol]
+#   bash .devbuild/scripts/device-run.sh [check] [graph] [cluster] [clustercap] [lora] [chunks] [bench] [train] [smol]
 set -uo pipefail
 D="$(cd "$(dirname "$0")/.." && pwd)"
 OUT="${OUT:-/tmp/out}"
@@ -87,7 +87,7 @@ for step in "$@"; do
       # The adapter path's switches again now that decode steps replay as graphs (their extra
       # launches no longer cost host time): the shrinks' placements and the expand's.
       log "sweep of the LoRA switches"
-      CONFIGS="QLORAD_X=default QLORAD_FUSED_SHRINK=0 QLORAD_NORM_SHRINK=0 QLORAD_ATT_SHRINK=1 QLORAD_LORA_EPILOGUE=0 QLORAD_LORA_ALL_WARPS=1" \
+      CONFIGS="QLORAD_X=default QLORAD_FUSED_SHRINK=0 QLORAD_NORM_SHRINK=0 QLORAD_LORA_EPILOGUE=0 QLORAD_LORA_ALL_WARPS=1" \
         OUT=/tmp/sweep-lora bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/sweep-lora.log" ;;
     chunks)
       # The adapter path's shrink chunking: the norm launches' dots in k-chunk partials
@@ -96,20 +96,6 @@ for step in "$@"; do
       log "sweep of the shrink chunking"
       CONFIGS="QLORAD_X=default QLORAD_NORM_SHRINK_PARTS=1 QLORAD_NORM_SHRINK_PARTS=2 QLORAD_NORM_SHRINK_PARTS=8 QLORAD_SHRINK_CHUNK=1024 QLORAD_SHRINK_CHUNK=512" \
         OUT=/tmp/sweep-chunks bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/sweep-chunks.log" ;;
-    ready)
-      # The norm launches' ready protocol (QLORAD_NORM_READY=1, opt-in): the grouped q/k/v and
-      # gate/up GEMVs stream once the norm blocks are done, not once the shrink blocks are; with
-      # the shrink blocks off the GEMV's start, other k-chunk partial counts may now win.
-      if grep -q "^FAIL.*ready protocol" "$OUT/gpu-check.log" 2>/dev/null; then
-        log "ready protocol failed gpu-check: sweep skipped"; continue
-      fi
-      log "sweep of the ready protocol"
-      TIMEOUT=${TIMEOUT:-75} CONFIGS="QLORAD_X=default QLORAD_NORM_READY=1 QLORAD_NORM_READY=1,QLORAD_NORM_SHRINK_PARTS=1 QLORAD_NORM_READY=1,QLORAD_NORM_SHRINK_PARTS=4" \
-        OUT=/tmp/sweep-ready bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/sweep-ready.log" ;;
-    attshrink)
-      # The o projection's LoRA shrink in the attention launch (QLORAD_ATT_SHRINK=1, opt-in),
-      # now also when a thread-block cluster merges the splits (~140 positions take 5).
-      ab attshrink QLORAD_ATT_SHRINK ;;
     bench) log "run-gpu (QLORAD_NF4_GEMV=${QLORAD_NF4_GEMV:-default})"; bash "$D/bench/run-gpu.sh" ;;
     # Training tokens/s and peak memory (reuses the bench step's model when it ran first).
     train) log "run-gpu-train (${QLORAD_TRAIN_BENCH_ARGS:-default modes})"; RESULT="${TRAIN_RESULT:-h200-train.json}" bash "$D/bench/run-gpu-train.sh" ;;

@@ -85,19 +85,7 @@ fn compare(
         &uncapped,
         format!("cluster merge {} for the compared run, splits not capped", on_off(!was)),
     );
-    // The o projection's LoRA shrink in the attention launch (opt-in; one-split batches only):
-    // t summed from one partial per KV head, so within the same bound of the general path.
-    std::env::set_var("QLORAD_ATT_SHRINK", "1");
-    let three = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
-    std::env::remove_var("QLORAD_ATT_SHRINK");
     let steps = format!("{} sequences x {n} steps", prompts.len());
-    agreement(
-        &format!("fused decode with the o shrink in the attention vs general path, {name}"),
-        &want,
-        &three?,
-        &steps,
-        r,
-    )?;
     // The norm launches' shrink dots in k-chunk partials (the default, 2) or whole (1; 4 when the
     // process runs 1): other summation orders, both within the general path's bound.
     let parts_was = qlorad_kernels::bgmv::norm_shrink_parts();
@@ -114,19 +102,6 @@ fn compare(
         &steps,
         r,
     )?;
-    // The norm launches' ready protocol (QLORAD_NORM_READY; batches of 1..4 rows with adapters):
-    // the same arithmetic, only the GEMV's wait differs, so the same bits.
-    let ready_was = qlorad_kernels::nf4_group_cuda::norm_ready();
-    qlorad_kernels::nf4_group_cuda::set_norm_ready(!ready_was);
-    let ready = batch_greedy(m, prompts, ads, n, Some(&want.tokens));
-    qlorad_kernels::nf4_group_cuda::set_norm_ready(ready_was);
-    same_bits(
-        r,
-        format!("fused decode, {name}: norm launch ready protocol vs not, differing logits"),
-        &ready,
-        &got,
-        format!("ready protocol {} for the compared run", on_off(!ready_was)),
-    );
     // Contexts past 8 splits capped at 8 so the cluster merges them (the default;
     // QLORAD_ATT_CLUSTER_CAP=0 off) or not: other splits, so other rounding; both within the
     // general path's bound (`got` runs as set, `uncapped` without the cap).

@@ -84,34 +84,12 @@ pub fn checks(device: DeviceSpec, n: usize, r: &mut Report) -> Result<()> {
         }
     }
     qlorad_kernels::step_graph_cuda::set_cluster_merge(cluster_was);
-    // With and without the norm launches' ready protocol (QLORAD_NORM_READY), whose counters
-    // each replay must leave zeroed for the next.
-    let ready_was = qlorad_kernels::nf4_group_cuda::norm_ready();
-    let mut res = Ok(());
-    for ready in [false, true] {
-        qlorad_kernels::nf4_group_cuda::set_norm_ready(ready);
-        res = adapters(&m, vocab, n, r, ready);
-        if res.is_err() {
-            break;
-        }
-    }
-    qlorad_kernels::nf4_group_cuda::set_norm_ready(ready_was);
-    res
+    adapters(&m, vocab, n, r)
 }
 
 /// Rows with adapters of ranks 8 and 64 and a base row: graphs captured with one pair of adapters
 /// replayed for a second pair of the same ranks (same fingerprint, other addresses).
-fn adapters(
-    m: &qlorad_model::Llama,
-    vocab: usize,
-    n: usize,
-    r: &mut Report,
-    ready: bool,
-) -> Result<()> {
-    let what = format!(
-        "decode graphs, 2 adapters (r 8, 64) + a base row{}",
-        if ready { ", norm ready protocol" } else { "" }
-    );
+fn adapters(m: &qlorad_model::Llama, vocab: usize, n: usize, r: &mut Report) -> Result<()> {
     let make = |rank: usize, seed: u64| -> Result<Option<Arc<LoraAdapter>>> {
         let modules = random_model::lora_modules(m.config(), rank, seed)?;
         let name = format!("graph-{rank}-{seed}");
@@ -137,7 +115,7 @@ fn adapters(
         Ok(v) => v,
         Err(e) => {
             r.add(
-                format!("{what}: run"),
+                "decode graphs, 2 adapters (r 8, 64) + a base row: run".into(),
                 f64::NAN,
                 0.0,
                 format!("failed: {e}"),
@@ -145,6 +123,7 @@ fn adapters(
             return Ok(());
         }
     };
+    let what = "decode graphs, 2 adapters (r 8, 64) + a base row";
     r.add(
         format!("{what}: replayed vs eager, differing logits"),
         (differing_bits(&want1, &got1) + differing_bits(&want2, &got2)) as f64,

@@ -195,22 +195,6 @@ __device__ __forceinline__ void norm_shrink_block(const u16* __restrict__ x,
     }
 }
 
-// The ready counts (`ready` non-null, QLORAD_NORM_READY): once all of a block's writes are done,
-// one count at ready[0] (a norm block: its row's sum and normed row) or ready[1] (a shrink block:
-// its t), which the next grouped GEMV polls (nf4_tc.cuh, TcGroup.ready_norm) instead of waiting
-// for the whole launch: its weights stream once the norm blocks are done, its LoRA warp waits
-// for the shrink blocks. The fence-then-count of the CUDA samples' threadFenceReduction.
-__device__ __forceinline__ void norm_ready_count(u32* ready) {
-    if (ready == nullptr) {
-        return;
-    }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        atomicAdd(ready, 1u);
-    }
-}
-
 // Blocks 0 .. rows: one per row. out (2, rows, n): out[0] = x + y (bf16, as candle's add), out[1]
 // = rmsnorm(out[0]) * w. y may be null (then out[0] = x). With sh_bpr > 0 the grid has rows ·
 // sh_bpr more blocks, which compute the LoRA shrink of the normed rows (norm_shrink_block; the
@@ -225,14 +209,13 @@ extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u1
                                              const u64* __restrict__ sh_tables, float* sh_t,
                                              u32 sh_slot0, u32 sh_count, u32 sh_max_rank,
                                              u32 sh_t_stride, u32 sh_t_zstride, u32 sh_bpr,
-                                             u32 sh_parts, u32 sh_part_stride, u32* ready) {
+                                             u32 sh_parts, u32 sh_part_stride) {
     pdl_trigger();
     if (blockIdx.x >= rows) {
         const NormShrink sh = {sh_tables,    sh_t,   sh_slot0,      sh_count, sh_max_rank,
                                sh_t_stride, sh_t_zstride, sh_bpr, sh_parts, sh_part_stride};
         const u32 b = blockIdx.x - rows;
         norm_shrink_block(x, y, w, eps, n, sh, b / sh.bpr, b % sh.bpr);
-        norm_ready_count(ready ? ready + 1 : nullptr);
         return;
     }
     pdl_wait();
@@ -248,7 +231,6 @@ extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u1
                        reinterpret_cast<u64>(normed)) & 15ull) == 0;
     if (vec) {
         add_rms_norm_vec(xr, yr, w, eps, n, sum, normed);
-        norm_ready_count(ready);
         return;
     }
     float acc = 0.f;
@@ -262,7 +244,6 @@ extern "C" __global__ void add_rms_norm_bf16(const u16* __restrict__ x, const u1
     for (u32 i = threadIdx.x; i < n; i += blockDim.x) {
         normed[i] = f32_to_bf16(__fmul_rn(__fmul_rn(scale, bf16_f(sum[i])), bf16_f(w[i])));
     }
-    norm_ready_count(ready);
 }
 
 // out[r] = table[ids[r]]: the token embeddings of a decode step's rows, one block per row. The
@@ -377,17 +358,6 @@ __device__ __forceinline__ u16 combine_splits(const float* part_o, const float* 
 #define ATT_MERGE_VALUES (ATT_WARPS * 1024)
 #define ATT_MERGE_ML (2 * ATT_WARPS * ATT_MAX_GROUP)
 
-// The LoRA shrink of the o projection, computed by the attention's blocks from the outputs they
-// write (one split only): block (kvh, row) holds the group's G·hd values of the row's o input
-// starting at kvh·G·hd, so it writes the partial dots t_kvh[row, j] = out[row, slice] · A_row[j,
-// slice] for j < r (the row's rank at `slot`) at t + kvh·part_stride + row·t_stride + j; the o
-// GEMV's expand sums the KV heads' partials in order (nf4_tc.cuh, t4e_issue). Null tables: off.
-struct AttShrink {
-    const u64* row_tables;
-    float* t;
-    u32 slot, t_stride, part_stride;
-};
-
 // Grid (nkv, rows, splits). Block (kvh, row, split) attends the `group` query heads of KV head kvh
 // over the split's share of the row's visible positions [first, pos]. Thread t is position slot
 // t / DV and owns dims [8 (t % DV), +8) of every head of the group: per position it loads 16
@@ -421,31 +391,12 @@ __device__ __forceinline__ void decode_attention(
     const u16* __restrict__ q, const u64* __restrict__ table, u32 layers, u32 layer, u32 nh,
     u32 nkv, u32 hd, u32 window, float scale, u16* __restrict__ out,
     float* __restrict__ part_o, float* __restrict__ part_ml, u32* __restrict__ counters,
-    const AttShrink& sh, const u16* __restrict__ knew = nullptr,
+    const u16* __restrict__ knew = nullptr,
     const u16* __restrict__ vnew = nullptr, const u16* __restrict__ cosb = nullptr,
     const u16* __restrict__ sinb = nullptr) {
     pdl_trigger();
     const u32 kvh = blockIdx.x, row = blockIdx.y, split = blockIdx.z, splits = gridDim.z;
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
-    // The o shrink's module and A slice: row tables and adapter weights are written before the
-    // decode step, so the lookup and the slice's fetch into L2 overlap the previous kernel. With
-    // one split the block holds its heads' whole outputs; with a cluster's splits (CL) each block
-    // takes ranks split · ATT_WARPS + warp, + splits · ATT_WARPS, .. over the merged outputs.
-    const bool shrink = sh.row_tables != nullptr && (splits == 1 || CL);
-    RowLora sl;
-    sl.r = 0;
-    if (shrink) {
-        sl = lookup(sh.row_tables, row, sh.slot);
-        const u32 bytes = G * hd * 2;  // one A row's slice: 128-byte lines when G·hd % 64 == 0
-        const u8* a0 = reinterpret_cast<const u8*>(sl.a) + (u64)kvh * bytes;
-        for (u32 c = threadIdx.x; c < sl.r * (bytes >> 7); c += ATT_THREADS) {
-            const u32 j = c / (bytes >> 7), line = c % (bytes >> 7);
-            if (splits > 1 && (j / ATT_WARPS) % splits != split) {
-                continue;
-            }
-            prefetch_l2(a0 + (u64)j * nh * hd * 2 + 128 * line);
-        }
-    }
     pdl_wait();
     const u64* t = kv_row(table, layers, row);
     const u32 pos = (u32)(t[0] & 0xffffffffu);
@@ -592,9 +543,6 @@ __device__ __forceinline__ void decode_attention(
     // Then the warps: warp w's (m, l) per head and its output values go to shared memory.
     __shared__ float s_o[ATT_MERGE_VALUES];
     __shared__ float s_ml[ATT_MERGE_ML];
-    __shared__ __align__(16) u16 s_out[1024];  // the block's bf16 outputs, for the o shrink
-    // CL with the o shrink: this block's share of the merged outputs (element e at index e).
-    __shared__ __align__(16) u16 s_mo[CL ? 1024 : 1];
     // CL: the block's merged partials (unnormalized output, then (max, sum) per head).
     __shared__ float s_po[CL ? 1024 : 1];
     __shared__ float s_pml[CL ? 2 * ATT_MAX_GROUP : 1];
@@ -624,9 +572,7 @@ __device__ __forceinline__ void decode_attention(
         }
         const u32 head = kvh * G + g;
         if (splits == 1) {
-            const u16 b = f32_to_bf16(o / lsum);
-            out[((u64)row * nh + head) * hd + d] = b;
-            s_out[e] = b;
+            out[((u64)row * nh + head) * hd + d] = f32_to_bf16(o / lsum);
         } else if (CL) {
             s_po[e] = o;
             if (d == 0) {
@@ -642,25 +588,6 @@ __device__ __forceinline__ void decode_attention(
             }
         }
     }
-    // Ranks of the o shrink this block computes, over the (row, KV head)'s outputs in s_out.
-    auto o_shrink = [&](u32 j0, u32 jstep) {
-        const uint4* xv = reinterpret_cast<const uint4*>(s_out);
-        const u16* a0 = sl.a + (u64)kvh * G * hd;
-        for (u32 j = j0; j < sl.r; j += jstep) {
-            const float d = warp_dot_a(
-                a0 + (u64)j * nh * hd, G * hd, lane, [&](u32 c) { return xv[c]; },
-                [&](u32 c) { return bf16_f(s_out[c]); });
-            if (lane == 0) {
-                sh.t[(u64)kvh * sh.part_stride + (u64)row * sh.t_stride + j] = d;
-            }
-        }
-    };
-    const bool o_shrink_on = shrink && sl.r != 0 && sl.r <= sh.t_stride;
-    if (splits == 1 && o_shrink_on) {
-        // The o shrink's partial dots over this block's slice, one rank per warp at a time.
-        __syncthreads();
-        o_shrink(warp, ATT_WARPS);
-    }
     if (CL && splits > 1) {
         cluster_sync_all();
         for (u32 e = split * ATT_THREADS + threadIdx.x; e < G * hd; e += splits * ATT_THREADS) {
@@ -675,24 +602,9 @@ __device__ __forceinline__ void decode_attention(
                 lc = fmaf(ld_cluster_f32(s_pml + g * 2 + 1, s), w, lc);
                 oc = fmaf(ld_cluster_f32(s_po + e, s), w, oc);
             }
-            const u16 b = f32_to_bf16(oc / lc);
-            out[((u64)row * nh + kvh * G + g) * hd + d] = b;
-            s_mo[e] = b;
+            out[((u64)row * nh + kvh * G + g) * hd + d] = f32_to_bf16(oc / lc);
         }
         cluster_sync_all();
-        if (o_shrink_on) {
-            // Every merged output from the block that merged it (the same for every block of the
-            // cluster: one row, one slot), then a barrier before any block may leave, then this
-            // block's ranks.
-            // Two values per 32-bit load (G·hd is even; both lie in one ATT_THREADS run).
-            u32* o32 = reinterpret_cast<u32*>(s_out);
-            const u32* m32 = reinterpret_cast<const u32*>(s_mo);
-            for (u32 c = threadIdx.x; c < (G * hd) / 2; c += ATT_THREADS) {
-                o32[c] = ld_cluster_b32(m32 + c, (2 * c / ATT_THREADS) % splits);
-            }
-            cluster_sync_all();
-            o_shrink(split * ATT_WARPS + warp, splits * ATT_WARPS);
-        }
     }
     if (!CL && splits > 1 && counters != nullptr) {
         // The last of the (row, kvh) splits to finish merges them all, as attention_combine does
@@ -727,22 +639,18 @@ __device__ __forceinline__ void decode_attention(
     extern "C" __global__ void decode_attention##NAME##_g##G##_bf16(                            \
         const u16* __restrict__ q, const u64* __restrict__ table, u32 layers, u32 layer, u32 nh, \
         u32 nkv, u32 hd, u32 window, float scale, u16* __restrict__ out,                         \
-        float* __restrict__ part_o, float* __restrict__ part_ml, u32* __restrict__ counters,    \
-        const u64* sh_tables, float* sh_t, u32 sh_slot, u32 sh_t_stride, u32 sh_part_stride) {   \
-        const AttShrink sh = {sh_tables, sh_t, sh_slot, sh_t_stride, sh_part_stride};           \
+        float* __restrict__ part_o, float* __restrict__ part_ml, u32* __restrict__ counters) {  \
         decode_attention<G, false, CL>(q, table, layers, layer, nh, nkv, hd, window, scale, out, \
-                                       part_o, part_ml, counters, sh);                           \
+                                       part_o, part_ml, counters);                               \
     }                                                                                            \
     extern "C" __global__ void decode_attention_rope##NAME##_g##G##_bf16(                       \
         const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,         \
         const u16* __restrict__ cosb, const u16* __restrict__ sinb,                              \
         const u64* __restrict__ table, u32 layers, u32 layer, u32 nh, u32 nkv, u32 hd,           \
         u32 window, float scale, u16* __restrict__ out, float* __restrict__ part_o,              \
-        float* __restrict__ part_ml, u32* __restrict__ counters, const u64* sh_tables,          \
-        float* sh_t, u32 sh_slot, u32 sh_t_stride, u32 sh_part_stride) {                         \
-        const AttShrink sh = {sh_tables, sh_t, sh_slot, sh_t_stride, sh_part_stride};           \
+        float* __restrict__ part_ml, u32* __restrict__ counters) {                               \
         decode_attention<G, true, CL>(q, table, layers, layer, nh, nkv, hd, window, scale, out,  \
-                                      part_o, part_ml, counters, sh, k, v, cosb, sinb);          \
+                                      part_o, part_ml, counters, k, v, cosb, sinb);              \
     }
 #define DECODE_ATTENTION_ENTRIES(G)      \
     DECODE_ATTENTION_ENTRY(G, , false)   \

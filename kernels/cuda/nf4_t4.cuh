@@ -78,22 +78,6 @@ __device__ __forceinline__ void t4_load_stage(T4Stage<PLAIN>& s, const uint4* pa
     }
 }
 
-// x's 16 bytes at p: through the non-coherent path, or (COH: x written by a kernel that may still
-// run, published by the ready protocol) an ordinary load, which the poll's fence (and the block
-// barrier after it) orders; the non-coherent path is outside the memory model.
-template <bool COH>
-__device__ __forceinline__ uint4 t4_ld_x(const uint4* p) {
-    if constexpr (COH) {
-        uint4 r;
-        asm("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
-            : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-            : "l"(p));
-        return r;
-    } else {
-        return __ldg(p);
-    }
-}
-
 // One super-block of the t4 stream for this lane: its stage's 32 codes of rows a and b through the
 // lookup table (at shared address `lut_base`, this lane's column) into mma A fragments, against x's
 // B fragments (loaded here, by the `xact` lanes only: see nf4_gemv_t4_stream), the stage's block
@@ -101,7 +85,7 @@ __device__ __forceinline__ uint4 t4_ld_x(const uint4* p) {
 // once the stage's registers are consumed (it loads the stage's next super-block), and the two
 // k blocks' partial dots scaled into acc_a (row a) and acc_b (row b). Shared by t4 and the
 // persistent t4p, so both compute the same bits.
-template <bool PLAIN, bool COH = false, class Refill>
+template <bool PLAIN, class Refill>
 __device__ __forceinline__ void t4_super_block(T4Stage<PLAIN>& st, const uint4* xp, bool xact,
                                                u32 lut_base, u32 ncode_base, float offset,
                                                float& acc_a, float& acc_b, Refill refill) {
@@ -117,8 +101,8 @@ __device__ __forceinline__ void t4_super_block(T4Stage<PLAIN>& st, const uint4* 
     float d[4] = {0.f, 0.f, 0.f, 0.f}, e[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-        const uint4 x0 = xact ? t4_ld_x<COH>(xp + 2 * h) : xz;
-        const uint4 x1 = xact ? t4_ld_x<COH>(xp + 2 * h + 1) : xz;
+        const uint4 x0 = xact ? __ldg(xp + 2 * h) : xz;
+        const uint4 x1 = xact ? __ldg(xp + 2 * h + 1) : xz;
         const u32 xs[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
         // mma u (0..3 of this half) takes bytes 2u, 2u + 1 of the half's two words.
         const u32 a0 = h == 0 ? st.a.x : st.a.z, a1 = h == 0 ? st.a.y : st.a.w;
@@ -167,16 +151,12 @@ __device__ __forceinline__ void t4_super_block(T4Stage<PLAIN>& st, const uint4* 
 
 // `after_wait` runs in every thread once the previous kernel is done and the tables are filled,
 // before the stream loop (the all-warps LoRA epilogue issues its copies there).
-// READY: instead of the programmatic-launch wait, thread 0 polls the norm launch's ready count
-// (TcGroup.ready_norm, `grp`), and x is read with ordinary loads through a pointer that exists
-// only after that poll (so no load of it can be hoisted above it).
-template <int M, int STAGES, bool PLAIN, bool READY = false, class AfterWait>
+template <int M, int STAGES, bool PLAIN, class AfterWait>
 __device__ __forceinline__ void nf4_gemv_t4_stream(
     const u16* __restrict__ x, const u8* __restrict__ packed, const float* __restrict__ code16,
     const float* __restrict__ absmax, const u8* __restrict__ qabs,
     const float* __restrict__ nested, const float* __restrict__ ncode, float offset, u32 k,
-    u32 tile, u32* lut, float* s_ncode, float& acc_a, float& acc_b, AfterWait after_wait,
-    const TcGroup* grp = nullptr) {
+    u32 tile, u32* lut, float* s_ncode, float& acc_a, float& acc_b, AfterWait after_wait) {
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const u32 g = lane >> 2, t = lane & 3u;
     const u32 ra = tile * 16 + g;
@@ -207,20 +187,8 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
     // Weights in flight: now the tables (their loads are L2 hits), then wait for the previous
     // kernel (programmatic dependent launch) before x is read.
     tc_fill_tables(lut, s_ncode, code16, ncode, PLAIN ? 1u : 0u);
-    if constexpr (READY) {
-        if (threadIdx.x == 0) {
-            while (tc_ready_count(grp->counters) < grp->ready_norm) {
-                __nanosleep(100);
-            }
-            __threadfence();
-        }
-    } else {
-        pdl_wait();
-    }
+    pdl_wait();
     __syncthreads();
-    if constexpr (READY) {
-        asm volatile("mov.b64 %0, %0;" : "+l"(x));
-    }
     after_wait();
 
     const u32 lut_base = (u32)__cvta_generic_to_shared(lut) + 4 * lane;
@@ -240,8 +208,7 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
             if (i >= iters) {
                 break;
             }
-            t4_super_block<PLAIN, READY>(st[s], xp, xact, lut_base, ncode_base, offset, acc_a,
-                                         acc_b,
+            t4_super_block<PLAIN>(st[s], xp, xact, lut_base, ncode_base, offset, acc_a, acc_b,
                                   [&]() {
                                       if (i + STAGES < iters) {
                                           load(st[s]);
@@ -285,7 +252,7 @@ template <int M>
 __device__ __forceinline__ void t4e_issue(const TcLoraRefs<M>& refs, const float* t_lora,
                                           u32 t_stride, u32 tile, const TcGroup* grp,
                                           T4EpiSmem& s) {
-    // t in `parts` partials (the attention's o shrink): summed here in order, as tc_lora_warp
+    // t in `parts` partials (the norm launch's k chunks): summed here in order, as tc_lora_warp
     // sums them, instead of copied.
     const u32 parts = grp != nullptr && grp->parts > 1 ? grp->parts : 1u;
     const u32 pstride = grp != nullptr ? grp->part_stride : 0u;
@@ -354,7 +321,7 @@ __device__ __forceinline__ void t4e_expand(const TcLoraRefs<M>& refs, u32 t_stri
     }
 }
 
-template <int M, bool LORA, int STAGES, bool EPI_ALL = false, bool READY = false>
+template <int M, bool LORA, int STAGES, bool EPI_ALL = false>
 __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
                                             NF4_W_PARAMS, u32 n, u32 k, u16* __restrict__ y,
                                             const u64* __restrict__ row_tables, u32 slot,
@@ -380,13 +347,12 @@ __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
     };
     float acc_a = 0.f, acc_b = 0.f;
     if (plain) {
-        nf4_gemv_t4_stream<M, STAGES, true, READY>(x, packed, code16, absmax, qabs, nested, ncode,
-                                                   offset, k, tile, lut, s_ncode, acc_a, acc_b,
-                                                   after_wait, grp);
+        nf4_gemv_t4_stream<M, STAGES, true>(x, packed, code16, absmax, qabs, nested, ncode, offset,
+                                            k, tile, lut, s_ncode, acc_a, acc_b, after_wait);
     } else {
-        nf4_gemv_t4_stream<M, STAGES, false, READY>(x, packed, code16, absmax, qabs, nested,
-                                                    ncode, offset, k, tile, lut, s_ncode, acc_a,
-                                                    acc_b, after_wait, grp);
+        nf4_gemv_t4_stream<M, STAGES, false>(x, packed, code16, absmax, qabs, nested, ncode,
+                                             offset, k, tile, lut, s_ncode, acc_a, acc_b,
+                                             after_wait);
     }
     const u32 g = lane >> 2, t = lane & 3u;
     const u32 ra = tile * 16 + g, rb = ra + 8;
@@ -471,45 +437,22 @@ __device__ __forceinline__ void nf4_gemv_t4_group(const u16* __restrict__ x, con
         nf4_gemv_t4_group<M, true>(x, grp);                                                      \
     }
 
-// The grouped t4 LoRA kernels that exist for 1..4 rows only: the host picks them only for 1..4
-// rows; the 5..8-row names exist because the host loads every row count of a kernel name, and
-// stop the kernel if ever launched.
-template <int M, bool EPI_ALL, bool READY>
-__device__ __forceinline__ void nf4_gemv_t4_group_small(const u16* __restrict__ x,
-                                                        const TcGroup& grp) {
-    if constexpr (M <= 4) {
-        const TcWeight& w = tc_group_weight(grp);
-        nf4_gemv_t4<M, true, T4_STAGES, EPI_ALL, READY>(
-            x, w.packed, w.code16, w.plain, w.absmax, w.qabs, w.nested, w.ncode, w.offset,
-            w.log2_bs, w.n, grp.k, w.y, grp.row_tables, w.slot, w.t, grp.t_stride,
-            blockIdx.x - w.tile0, &grp);
-    } else {
-        __trap();
-    }
-}
-
-// The all-warps LoRA epilogue (t finished before the launch).
+// The all-warps LoRA epilogue for 1..4 rows (t finished before the launch). The host picks it only
+// for 1..4 rows; the 5..8-row names exist because the host loads every row count of a kernel name,
+// and stop the kernel if ever launched.
 #define NF4_GEMV_T4E_ENTRY(M)                                                                    \
     extern "C" __global__ void TC_BOUNDS(TC_CFG_tc3)                                             \
         nf4_gemv_t4g_lorae_bf16_m##M(const u16* __restrict__ x, const TcGroup grp) {             \
-        nf4_gemv_t4_group_small<M, true, false>(x, grp);                                         \
+        if constexpr (M <= 4) {                                                                  \
+            const TcWeight& w = tc_group_weight(grp);                                            \
+            nf4_gemv_t4<M <= 4 ? M : 1, true, T4_STAGES, true>(                                  \
+                x, w.packed, w.code16, w.plain, w.absmax, w.qabs, w.nested, w.ncode, w.offset,   \
+                w.log2_bs, w.n, grp.k, w.y, grp.row_tables, w.slot, w.t, grp.t_stride,           \
+                blockIdx.x - w.tile0, &grp);                                                     \
+        } else {                                                                                 \
+            __trap();                                                                            \
+        }                                                                                        \
     }
-// The LoRA warp's kernel after a norm launch with the ready protocol (TcGroup.ready_norm): the
-// weights stream once the norm blocks are done, the LoRA warp waits for the shrink blocks.
-#define NF4_GEMV_T4R_ENTRY(M)                                                                    \
-    extern "C" __global__ void __launch_bounds__((TC_WARPS + 1) * 32, 3)                         \
-        nf4_gemv_t4g_lorar_bf16_m##M(const u16* __restrict__ x, const TcGroup grp) {             \
-        nf4_gemv_t4_group_small<M, false, true>(x, grp);                                         \
-    }
-NF4_GEMV_T4R_ENTRY(1)
-NF4_GEMV_T4R_ENTRY(2)
-NF4_GEMV_T4R_ENTRY(3)
-NF4_GEMV_T4R_ENTRY(4)
-NF4_GEMV_T4R_ENTRY(5)
-NF4_GEMV_T4R_ENTRY(6)
-NF4_GEMV_T4R_ENTRY(7)
-NF4_GEMV_T4R_ENTRY(8)
-
 NF4_GEMV_T4E_ENTRY(1)
 NF4_GEMV_T4E_ENTRY(2)
 NF4_GEMV_T4E_ENTRY(3)

@@ -73,20 +73,7 @@ struct TcGroup {
     u32 parts;
     // With counters: the in-launch shrink's values per k chunk (0: TC_SHRINK_CHUNK).
     u32 shrink_chunk;
-    // Non-zero: the ready protocol of the add + RMSNorm launch before this one (decode.cu
-    // norm_ready_count; the `ready` kernels only): counters[0] reaches ready_norm once x is
-    // written (the weights stream from then on, without the programmatic-launch wait) and
-    // counters[1] ready_shrink once t is (the LoRA warp waits for it); counters[2] counts this
-    // launch's finished blocks, as with the in-launch shrink, and the last resets all three.
-    u32 ready_norm;
-    u32 ready_shrink;
 };
-
-// Whether the LoRA warps run the group's shrink in this launch (counters without the ready
-// protocol).
-__device__ __forceinline__ bool tc_in_launch_shrink(const TcGroup* grp) {
-    return grp != nullptr && grp->counters != nullptr && grp->ready_norm == 0;
-}
 
 // The in-launch shrink splits each dot product over k into up to TC_SHRINK_CHUNKS chunks of at
 // least TC_SHRINK_CHUNK values (the host's TcGroup.shrink_chunk), one unit each: every block's
@@ -132,14 +119,6 @@ __device__ __forceinline__ void tc_unit_done(u32* c) {
     asm volatile("red.release.gpu.global.add.u64 [%0], %1;" ::"l"(c), "l"(1ull << 32)
                  : "memory");
 }
-// A ready count (TcGroup.ready_norm), polled with relaxed loads; the poller fences once after
-// the last (with the producer's fence-then-count, an acquire): an acquire load per poll may
-// invalidate the multiprocessor's L1 at every poll, under the other blocks' x reads.
-__device__ __forceinline__ u32 tc_ready_count(const u32* c) {
-    u32 v;
-    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(c) : "memory");
-    return v;
-}
 __device__ __forceinline__ u32 tc_done_count(u32* c) {
     u64 v;
     asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(c) : "memory");
@@ -157,7 +136,7 @@ __device__ __forceinline__ void tc_lora_prologue(const u64* __restrict__ row_tab
                                                  u32 k, u32 tile, const TcGroup* grp,
                                                  TcLoraRefs<M>& refs) {
     const u32 lane = threadIdx.x & 31u;
-    const bool fused = tc_in_launch_shrink(grp);
+    const bool fused = grp != nullptr && grp->counters != nullptr;
     if (lane < (u32)M) {
         refs.own[lane] = lookup(row_tables, lane, slot);
     } else if (fused && lane - M < grp->count * M) {
@@ -255,17 +234,7 @@ __device__ __forceinline__ void tc_lora_warp(const u16* __restrict__ x, u32 k,
                                              u32 tile, const TcGroup* grp,
                                              const TcLoraRefs<M>& refs, float* lora_out) {
     const u32 lane = threadIdx.x & 31u;
-    const bool fused = tc_in_launch_shrink(grp);
-    if (grp != nullptr && grp->ready_norm != 0) {
-        // The norm launch's shrink blocks may still run: wait for their counts.
-        if (lane == 0) {
-            while (tc_ready_count(grp->counters + 1) < grp->ready_shrink) {
-                __nanosleep(100);
-            }
-            __threadfence();
-        }
-        __syncwarp();
-    }
+    const bool fused = grp != nullptr && grp->counters != nullptr;
     // t's partials to sum (the separately launched shrink writes whole dots).
     u32 nparts = 1, pstride = 0;
     if (fused) {

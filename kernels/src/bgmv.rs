@@ -77,7 +77,7 @@ pub fn bgmv_reference(
 }
 
 #[cfg(feature = "cuda")]
-pub use crate::bgmv_cuda::{AdapterTable, AttShrink, BgmvPlan, GemvLora, NormShrink, MAX_GROUP};
+pub use crate::bgmv_cuda::{AdapterTable, BgmvPlan, GemvLora, NormShrink, MAX_GROUP};
 #[cfg(feature = "cuda")]
 pub use crate::norm_shrink_cuda::{norm_shrink_parts, set_norm_shrink_parts};
 

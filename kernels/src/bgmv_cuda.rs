@@ -207,14 +207,10 @@ pub struct GemvLora {
     /// Floats between the partials of t: the in-launch shrink's k chunks (`counters` set), or
     /// `parts` of them left by the shrink before the launch.
     pub part_stride: u32,
-    /// Without counters: the partials of t the expand sums (1: whole dots; the decode attention
-    /// leaves one per KV head, [`BgmvPlan::attention_shrink`]). Only the grouped tensor-core GEMV
+    /// Without counters: the partials of t the expand sums (1: whole dots; the norm launch's
+    /// shrink leaves [`NormShrink::parts`]). Only the grouped tensor-core GEMV
     /// (`nf4_group_cuda`) sums them; the one-weight kernels take 1.
     pub parts: u32,
-    /// With counters: the shrink blocks of the add + RMSNorm launch before the GEMV, which counts
-    /// its blocks there (the ready protocol, [`BgmvPlan::norm_ready`]; the grouped t4 GEMV only);
-    /// 0: the counters are the in-launch shrink's.
-    pub ready: u32,
 }
 
 /// The largest rank over a group's slots (0: no row has a module there).
@@ -243,30 +239,10 @@ pub struct NormShrink {
     /// Input features of the group's modules (the normed rows' length).
     pub in_f: usize,
     pub rows: usize,
-    /// Device address of the plan's counters when the launch counts its finished blocks there for
-    /// the next GEMV (the ready protocol, [`BgmvPlan::norm_ready`]); 0: it does not.
-    pub ready: u64,
 }
 
-/// The o projection's shrink for the decode attention to compute from the outputs it writes
-/// ([`crate::decode_cuda::DecodeKernels::rope_attention`]): block (KV head h, row m) writes
-/// the partial dots of its slice of the row, t_h[m, j], into the plan's scratch at
-/// `t + h · part_stride`, which [`BgmvPlan::attention_shrink`]'s epilogue descriptor sums.
-#[derive(Debug, Clone, Copy)]
-pub struct AttShrink {
-    pub row_tables: u64,
-    pub t: u64,
-    pub slot: u32,
-    pub t_stride: u32,
-    pub part_stride: u32,
-    /// KV heads (partials) and the o input's features, checked against the attention's shapes.
-    pub kv_heads: usize,
-    pub in_f: usize,
-    pub rows: usize,
-}
-
-/// k-chunk partials of t the in-launch shrink may write (TC_SHRINK_CHUNKS in cuda/nf4_tc.cuh);
-/// also the most KV heads whose partials the attention's o shrink may leave.
+/// k-chunk partials of t the in-launch shrink, or the norm launch's shrink, may write
+/// (TC_SHRINK_CHUNKS in cuda/nf4_tc.cuh).
 pub const SHRINK_CHUNKS: usize = 8;
 
 /// A projection group's input as [`BgmvPlan::group_input`] checked it.
@@ -284,16 +260,15 @@ struct GroupInput {
 /// One forward pass's row → adapter mapping on the GPU, with the shrink's f32 scratch.
 pub struct BgmvPlan {
     device: CudaDevice,
-    pub(crate) stream: Arc<CudaStream>,
+    stream: Arc<CudaStream>,
     rows: usize,
     /// (rows,): each row's adapter table address, 0 for none.
     row_tables: CudaSlice<u64>,
     /// (SHRINK_CHUNKS, MAX_GROUP, rows, t_stride) f32, reused by every launch in stream order:
     /// the separately launched shrink writes chunk 0, the in-launch shrink k-chunk partials.
     scratch: CudaSlice<f32>,
-    /// The grouped GEMV's in-launch shrink counters (4 u32), then the norm launches' ready
-    /// protocol's, 4 u32 per slot (`norm_shrink_cuda`), all zero between launches.
-    pub(crate) counters: CudaSlice<u32>,
+    /// The grouped GEMV's in-launch shrink counters (4 u32, zero between launches).
+    counters: CudaSlice<u32>,
     t_stride: usize,
     slots: Vec<SlotPlan>,
     shrink: CudaFunction,
@@ -370,7 +345,7 @@ impl BgmvPlan {
         // slots wrote before it in stream order; nothing else reads the scratch.
         let scratch =
             unsafe { device.alloc::<f32>(SHRINK_CHUNKS * MAX_GROUP * per_row.len() * t_stride) }?;
-        let counters = device.clone_htod(&vec![0u32; 4 * (1 + slots.len())][..])?;
+        let counters = device.clone_htod(&[0u32; 4][..])?;
         Ok(Some(Self {
             stream: first.stream.clone(),
             shrink: first.shrink.clone(),
@@ -461,43 +436,8 @@ impl BgmvPlan {
             part_stride: epis[0].part_stride,
             in_f,
             rows: self.rows,
-            ready: 0,
         };
         Ok(Some((shrink, epis)))
-    }
-
-    /// The shrink of slot `slot` (an o projection reading `in_f` = heads · head_dim attention
-    /// outputs) for the decode attention launch to compute, one partial per KV head, and the GEMV
-    /// epilogue descriptor that sums them (valid as [`BgmvPlan::norm_shrink`]'s). `None` when no
-    /// row has a module there or the partials would not fit the scratch (more than
-    /// [`SHRINK_CHUNKS`] KV heads).
-    pub fn attention_shrink(
-        &self,
-        slot: usize,
-        kv_heads: usize,
-        in_f: usize,
-    ) -> candle_core::Result<Option<(AttShrink, GemvLora)>> {
-        if kv_heads == 0 || kv_heads > SHRINK_CHUNKS {
-            return Ok(None);
-        }
-        // The same slot checks and descriptor as a norm launch's shrink of one projection; the
-        // expand then sums kv_heads partials.
-        let Some((n, mut epis)) = self.norm_shrink(slot, 1, in_f, 1)? else {
-            return Ok(None);
-        };
-        let mut epi = epis.remove(0);
-        epi.parts = kv_heads as u32;
-        let shrink = AttShrink {
-            row_tables: n.row_tables,
-            t: n.t,
-            slot: n.slot0,
-            t_stride: n.t_stride,
-            part_stride: epi.part_stride,
-            kv_heads,
-            in_f,
-            rows: n.rows,
-        };
-        Ok(Some((shrink, epi)))
     }
 
     /// The plan's slots `slot0 .. slot0 + n`, a group of 1..=MAX_GROUP inside the tables.
@@ -552,7 +492,6 @@ impl BgmvPlan {
                 max_rank,
                 part_stride: (MAX_GROUP * self.rows * self.t_stride) as u32,
                 parts: 1,
-                ready: 0,
             })
             .collect()
     }

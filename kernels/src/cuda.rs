@@ -86,10 +86,10 @@ pub struct Nf4Gpu {
     gemv_lora: std::sync::OnceLock<Vec<CudaFunction>>,
     /// The grouped tensor-core GEMV for 1..=8 input rows, per [`GroupKernel`]
     /// (`nf4_group_cuda`), loaded on first use.
-    gemv_group: [std::sync::OnceLock<Vec<CudaFunction>>; 5],
+    gemv_group: [std::sync::OnceLock<Vec<CudaFunction>>; 4],
     /// The same kernels for programmatic dependent launch (`pdl_cuda`), settled on first use:
     /// `None` when the device or `QLORAD_PDL=0` rules it out.
-    gemv_group_pdl: [std::sync::OnceLock<Option<Vec<crate::pdl_cuda::RawFunction>>>; 5],
+    gemv_group_pdl: [std::sync::OnceLock<Option<Vec<crate::pdl_cuda::RawFunction>>>; 4],
     /// The persistent grouped GEMV's grid (its resident blocks on the device), settled on first
     /// use.
     persistent_grid: std::sync::OnceLock<u32>,
@@ -132,9 +132,6 @@ pub(crate) enum GroupKernel {
     /// t4 only, 1..=4 rows, the base alone as persistent blocks walking the tiles
     /// (`nf4_gemv_t4p`, cuda/nf4_t4p.cuh).
     BasePersistent,
-    /// t4 only, 1..=4 rows: [`GroupKernel::Lora`] after a norm launch with the ready protocol
-    /// (`nf4_gemv_t4g_lorar`; TcGroup.ready_norm in cuda/nf4_tc.cuh).
-    LoraReady,
 }
 
 impl GroupKernel {
@@ -144,7 +141,6 @@ impl GroupKernel {
             GroupKernel::Lora => 1,
             GroupKernel::LoraAllWarps => 2,
             GroupKernel::BasePersistent => 3,
-            GroupKernel::LoraReady => 4,
         }
     }
 }
@@ -379,7 +375,6 @@ impl Nf4Gpu {
         match (kind, self.kernel == GemvKernel::T4) {
             (GroupKernel::LoraAllWarps, true) => ("nf4_gemv_t4g_lorae", GEMV_WARPS),
             (GroupKernel::Lora, true) => (t4_lora_group(), lora_warp),
-            (GroupKernel::LoraReady, _) => ("nf4_gemv_t4g_lorar", lora_warp),
             (GroupKernel::Lora | GroupKernel::LoraAllWarps, false) => {
                 ("nf4_gemv_tcg_lora", lora_warp)
             }

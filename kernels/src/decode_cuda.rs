@@ -8,7 +8,6 @@
 //! buffers (`(kv_heads, capacity, head_dim)` bf16). `rope_kv` writes the new token's K and V into
 //! them through those addresses; `attention` reads them in place (no copy of the history).
 
-use crate::bgmv_cuda::AttShrink;
 pub use crate::kv_table_cuda::{KvRow, KvTable, KvWords};
 use crate::pdl_cuda::RawFunction;
 use candle_core::backend::BackendStorage;
@@ -49,7 +48,7 @@ pub fn rope_attention_supports(heads: usize, kv_heads: usize, head_dim: usize) -
 }
 /// add_rms_norm's block (NORM_THREADS in decode.cu): at batch 1 one block per row, whose time is
 /// each warp's instruction chain, so a 4096-wide row takes one 16-byte chunk per thread.
-pub(crate) const NORM_THREADS: u32 = 512;
+const NORM_THREADS: u32 = 512;
 /// 16-byte chunks per thread of add_rms_norm's vectorized path (NORM_VEC in decode.cu).
 const NORM_VEC: usize = 2;
 /// rope_kv is one block per sequence that loops over (heads + kv heads) · head_dim / 2 pairs: at
@@ -419,9 +418,7 @@ impl DecodeKernels {
 
     /// Attention of each row's rotated query `q` (rows, heads·hd) over its cached keys and values
     /// of `layer` at positions `0..=position` (the last `window` of them with a sliding window):
-    /// (rows, heads·hd). With `shrink`, the launch also computes the o projection's LoRA shrink
-    /// from its outputs when it runs as one split per (row, KV head) or merges its splits in a
-    /// cluster (the second value says whether it did; if not, the caller shrinks as usual).
+    /// (rows, heads·hd).
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -432,17 +429,16 @@ impl DecodeKernels {
         kv_heads: usize,
         head_dim: usize,
         window: Option<usize>,
-        shrink: Option<&AttShrink>,
-    ) -> candle_core::Result<(Tensor, bool)> {
+    ) -> candle_core::Result<Tensor> {
         let shape = (layer, heads, kv_heads, head_dim, window);
-        self.attention_with(q, None, table, shape, shrink)
+        self.attention_with(q, None, table, shape)
     }
 
     /// [`Self::rope_kv`] then [`Self::attention`] in one launch (plus the split combine): `q`
     /// (rows, heads·hd) and `k`, `v` (rows, kv_heads·hd) are the projections' outputs before
     /// RoPE; the block holding each row's new position writes its rotated K and V into the caches
     /// of `layer` before attending. Same arithmetic, so the same bits as the two launches. Needs
-    /// [`rope_attention_supports`]. `shrink` and the second value as [`Self::attention`]'s.
+    /// [`rope_attention_supports`].
     #[allow(clippy::too_many_arguments)]
     pub fn rope_attention(
         &self,
@@ -457,8 +453,7 @@ impl DecodeKernels {
         kv_heads: usize,
         head_dim: usize,
         window: Option<usize>,
-        shrink: Option<&AttShrink>,
-    ) -> candle_core::Result<(Tensor, bool)> {
+    ) -> candle_core::Result<Tensor> {
         let rows = table.rows;
         if k.dims() != [rows, kv_heads * head_dim]
             || v.dims() != k.dims()
@@ -478,7 +473,7 @@ impl DecodeKernels {
         }
         let rope = RopeInputs { k, v, cos, sin };
         let shape = (layer, heads, kv_heads, head_dim, window);
-        self.attention_with(q, Some(rope), table, shape, shrink)
+        self.attention_with(q, Some(rope), table, shape)
     }
 
     /// `shape`: layer, heads, KV heads, head_dim, window.
@@ -488,8 +483,7 @@ impl DecodeKernels {
         rope: Option<RopeInputs<'_>>,
         table: &KvTable,
         shape: (usize, usize, usize, usize, Option<usize>),
-        shrink: Option<&AttShrink>,
-    ) -> candle_core::Result<(Tensor, bool)> {
+    ) -> candle_core::Result<Tensor> {
         let (layer, heads, kv_heads, head_dim, window) = shape;
         let rows = table.rows;
         if q.dims() != [rows, heads * head_dim]
@@ -585,14 +579,6 @@ impl DecodeKernels {
             .map_or((null, null), |(p, _)| (*p, *p + ml_off));
         let (cp, cg) = self.att_counters.device_ptr(st);
         let counters = if merge_in_kernel { cp } else { null };
-        // The o shrink: one split (the blocks then hold whole outputs) or a cluster's splits
-        // (which share the merged outputs through the cluster's shared memory), shapes as planned.
-        let shrink = shrink.filter(|s| {
-            (splits == 1 || cluster)
-                && s.rows == rows
-                && s.kv_heads == kv_heads
-                && s.in_f == heads * head_dim
-        });
         args.extend([
             KArg::U64(tp),
             KArg::U32(layers),
@@ -606,11 +592,6 @@ impl DecodeKernels {
             KArg::U64(po),
             KArg::U64(pml),
             KArg::U64(counters),
-            KArg::U64(shrink.map_or(null, |s| s.row_tables)),
-            KArg::U64(shrink.map_or(null, |s| s.t)),
-            KArg::U32(shrink.map_or(0, |s| s.slot)),
-            KArg::U32(shrink.map_or(0, |s| s.t_stride)),
-            KArg::U32(shrink.map_or(0, |s| s.part_stride)),
         ]);
         // One cluster per (KV head, row) spans its splits, the z dimension.
         let clusters = cluster.then_some((1, 1, splits as u32));
@@ -620,9 +601,7 @@ impl DecodeKernels {
         // group and head_dim within the kernel's limits, and with RoPE k and v rows·kv_heads·hd,
         // cos and sin more than max_position rows of hd/2 (checked above / by rope_attention);
         // the counters (when passed) cover rows·kv_heads entries, zero between launches (each
-        // launch's merging blocks reset theirs; launches are ordered on this stream). The shrink
-        // (when passed) addresses the plan's row tables for these rows and its scratch, with
-        // room for kv_heads partials of rows·t_stride (BgmvPlan::attention_shrink).
+        // launch's merging blocks reset theirs; launches are ordered on this stream).
         // The caches are written through addresses taken under read guards: only this forward
         // pass uses them, in stream order.
         // The cluster form (`cluster`: 2..=8 splits, PDL on) has the same parameters and never
@@ -652,10 +631,7 @@ impl DecodeKernels {
             unsafe { self.launch(&self.combine, raw, cfg, &args) }?;
             drop(og);
         }
-        Ok((
-            wrap(out, &self.device, (rows, heads * head_dim)),
-            shrink.is_some(),
-        ))
+        Ok(wrap(out, &self.device, (rows, heads * head_dim)))
     }
 }
 

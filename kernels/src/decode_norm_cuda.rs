@@ -73,7 +73,7 @@ impl DecodeKernels {
         // The shrink blocks take the vectorized norm only: the norm blocks must take it too, or
         // the rows they normalize would not be the ones the shrink read.
         let mut cfg = cfg;
-        let mut sh = [0u64, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let mut sh = [0u64, 0, 0, 0, 0, 0, 0, 0, 0, 0];
         if let Some(s) = shrink {
             let vec = n.is_multiple_of(8)
                 && n / 8 <= NORM_VEC * NORM_THREADS as usize
@@ -82,7 +82,7 @@ impl DecodeKernels {
                 return Ok(None);
             }
             // One warp per (slot, rank, k chunk) unit: blocks per row to cover them once.
-            let bpr = s.blocks_per_row();
+            let bpr = (s.count * s.max_rank * s.parts.max(1)).div_ceil(NORM_THREADS / 32);
             cfg.grid_dim.0 = rows32 * (1 + bpr);
             sh = [
                 s.row_tables,
@@ -100,7 +100,6 @@ impl DecodeKernels {
                 bpr.into(),
                 s.parts.max(1).into(),
                 s.part_stride.into(),
-                s.ready,
             ];
         }
         let (op, og) = out.device_ptr_mut(st);
@@ -122,16 +121,14 @@ impl DecodeKernels {
             KArg::U32(sh[7] as u32),
             KArg::U32(sh[8] as u32),
             KArg::U32(sh[9] as u32),
-            KArg::U64(sh[10]),
         ];
         let raw = self.pdl.as_ref().map(|p| p.add_rms_norm);
         // SAFETY: argument types and order match add_rms_norm_bf16; x and y (or null) hold rows·n,
         // w n and out 2·rows·n bf16 (checked above). With a shrink: its row tables, slots and
         // scratch come from a live BgmvPlan whose modules at those slots read n features and
         // whose scratch holds `parts` partials of count · rows · t_stride f32, part_stride apart,
-        // from `t` (BgmvPlan::norm_shrink), and with `ready` set its counters (4 u32, zero before
-        // the launch; the grouped GEMV after it, or BgmvPlan::reset_counters, zeroes them again);
-        // without one the extra arguments are unused (no shrink blocks, no counts).
+        // from `t` (BgmvPlan::norm_shrink); without one the extra arguments are unused (no shrink
+        // blocks).
         unsafe { self.launch(&self.add_rms_norm, raw, cfg, &args) }?;
         drop(og);
         let both = wrap(out, &self.device, (2, rows, n));

@@ -38,7 +38,7 @@ struct TcWeight {
     slot: u32,
 }
 
-/// Mirrors `TcGroup` of cuda/nf4_tc.cuh (320 bytes, passed by value).
+/// Mirrors `TcGroup` of cuda/nf4_tc.cuh (312 bytes, passed by value).
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 struct TcGroup {
@@ -55,10 +55,6 @@ struct TcGroup {
     parts: u32,
     /// With counters: the in-launch shrink's values per k chunk ([`shrink_chunk`]).
     shrink_chunk: u32,
-    /// Non-zero: the ready protocol (the norm launch's blocks counted in `counters`): its norm
-    /// blocks (the rows) and shrink blocks.
-    ready_norm: u32,
-    ready_shrink: u32,
 }
 
 // SAFETY: plain data with the C layout of the kernel's parameter (repr(C), no padding the kernel
@@ -86,19 +82,26 @@ pub fn nf4_linear_group(
     } else {
         loras
     };
-    let Some(gpus) = group_gpus(weights) else {
+    let Some(gpus) = weights
+        .iter()
+        .map(|w| w.gpu().filter(|g| g.tensor_cores()))
+        .collect::<Option<Vec<&Nf4Gpu>>>()
+    else {
         return Ok(None);
     };
-    if loras.is_some_and(|l| l.len() != gpus.len()) {
+    if gpus.is_empty() || gpus.len() > GROUP_MAX || loras.is_some_and(|l| l.len() != gpus.len()) {
         return Ok(None);
     }
     let (m, k) = x.dims2()?;
+    let k0 = gpus[0].shape().1;
+    if m == 0 || m > GEMV_MAX_ROWS || k != k0 || x.dtype() != candle_core::DType::BF16 {
+        return Ok(None);
+    }
     let dev0 = gpus[0].device();
-    if m == 0
-        || m > GEMV_MAX_ROWS
-        || k != gpus[0].shape().1
-        || x.dtype() != candle_core::DType::BF16
-    {
+    // One kernel for the whole grid: every weight must decode with the first one's.
+    if gpus.iter().any(|g| {
+        g.shape().1 != k || g.device().id() != dev0.id() || g.gemv_kernel() != gpus[0].gemv_kernel()
+    }) {
         return Ok(None);
     }
     let (storage, layout) = x.storage_and_layout();
@@ -152,8 +155,7 @@ fn launch(
                 || l.max_rank != ls[0].max_rank
                 || l.part_stride != ls[0].part_stride
                 || l.parts != ls[0].parts
-                || l.ready != ls[0].ready
-                || (l.parts > 1 && l.counters != 0 && l.ready == 0)
+                || (l.parts > 1 && l.counters != 0)
             {
                 return Err(msg(format!(
                     "grouped gemv with LoRA: plan of {} rows, {} outputs, does not fit {m} rows of \
@@ -197,13 +199,8 @@ fn launch(
     if let Some(ls) = loras {
         grp.row_tables = ls[0].row_tables;
         grp.t_stride = ls[0].t_stride;
-        if ls[0].ready > 0 && !ready_fits(gpus, m) {
-            return Err(msg(format!(
-                "grouped gemv: the ready protocol needs t4 weights and 1..=4 rows, not {m}"
-            )));
-        }
         // A diagnostic build may leave the in-launch shrink out (the expands read stale t).
-        grp.counters = if crate::switch::whatif("inshrink") && ls[0].ready == 0 {
+        grp.counters = if crate::switch::whatif("inshrink") {
             0
         } else {
             ls[0].counters
@@ -212,15 +209,10 @@ fn launch(
         grp.part_stride = ls[0].part_stride;
         grp.parts = ls[0].parts.max(1);
         grp.shrink_chunk = shrink_chunk();
-        if ls[0].ready > 0 {
-            grp.ready_norm = m as u32;
-            grp.ready_shrink = ls[0].ready;
-        }
     }
     let kind = match loras {
         None if persistent(gpus, m, k) => GroupKernel::BasePersistent,
         None => GroupKernel::Base,
-        Some(ls) if ls[0].ready > 0 => GroupKernel::LoraReady,
         Some(ls) if all_warps_epilogue(g0, m, &ls[0]) => GroupKernel::LoraAllWarps,
         Some(_) => GroupKernel::Lora,
     };
@@ -326,50 +318,6 @@ fn all_warps_epilogue(g: &Nf4Gpu, m: usize, l: &GemvLora) -> bool {
         && (m as u32) * l.max_rank <= T4E_RANKS
 }
 
-static NORM_READY: EnvSwitch = EnvSwitch::new("QLORAD_NORM_READY");
-
-/// Whether decode's add + RMSNorm launches that compute a LoRA shrink count their finished blocks
-/// for the grouped GEMV after them (the ready protocol: `BgmvPlan::norm_ready`), so that its
-/// weights stream once the norm blocks are done instead of once the whole launch is
-/// (`QLORAD_NORM_READY=1`, or [`set_norm_ready`]; opt-in until measured).
-pub fn norm_ready() -> bool {
-    NORM_READY.on()
-}
-
-/// Switches [`norm_ready`] for the process (gpu-check runs both).
-pub fn set_norm_ready(on: bool) {
-    NORM_READY.set(on);
-}
-
-/// Whether a grouped launch of these weights on `m` rows takes the ready protocol's kernel
-/// (`nf4_gemv_t4g_lorar`): t4 weights, 1..=4 rows.
-fn ready_fits(gpus: &[&Nf4Gpu], m: usize) -> bool {
-    (1..=4).contains(&m) && gpus.iter().all(|g| g.gemv_kernel() == GemvKernel::T4)
-}
-
-/// Whether [`nf4_linear_group`] would take these weights on `rows` rows with the ready protocol
-/// (the weights on one GPU, decoding with t4, with one k; 1..=4 rows). The caller still resets the
-/// counters if the launch declines (say, for x's alignment).
-pub fn ready_supported(weights: &[&Arc<Nf4Weight>], rows: usize) -> bool {
-    group_gpus(weights).is_some_and(|gpus| ready_fits(&gpus, rows))
-}
-
-/// The weights' GPU forms when they can share one grouped launch: 1..=[`GROUP_MAX`] weights
-/// decoding on tensor cores, on one device, with one k and one kernel for the whole grid.
-fn group_gpus<'a>(weights: &[&'a Arc<Nf4Weight>]) -> Option<Vec<&'a Nf4Gpu>> {
-    let gpus = weights
-        .iter()
-        .map(|w| w.gpu().filter(|g| g.tensor_cores()))
-        .collect::<Option<Vec<&Nf4Gpu>>>()?;
-    let g0 = gpus.first()?;
-    let one = gpus.iter().all(|g| {
-        g.shape().1 == g0.shape().1
-            && g.device().id() == g0.device().id()
-            && g.gemv_kernel() == g0.gemv_kernel()
-    });
-    (gpus.len() <= GROUP_MAX && one).then_some(gpus)
-}
-
 // The C layouts of cuda/nf4_tc.cuh.
 const _: () = assert!(std::mem::size_of::<TcWeight>() == 88);
-const _: () = assert!(std::mem::size_of::<TcGroup>() == 320);
+const _: () = assert!(std::mem::size_of::<TcGroup>() == 312);

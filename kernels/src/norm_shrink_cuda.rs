@@ -1,9 +1,7 @@
 //! Settings of the add + RMSNorm launch's LoRA shrink blocks (cuda/decode.cu, NormShrink), read
 //! by `BgmvPlan::norm_shrink` and the launch (`DecodeKernels::add_rms_norm_shrink`).
 
-use crate::bgmv_cuda::{BgmvPlan, GemvLora, NormShrink, SHRINK_CHUNKS};
-use candle_core::cuda_backend::cudarc::driver::DevicePtr;
-use candle_core::cuda_backend::WrapErr;
+use crate::bgmv_cuda::SHRINK_CHUNKS;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// 0: not set, [`norm_shrink_parts`] reads `QLORAD_NORM_SHRINK_PARTS`.
@@ -37,53 +35,5 @@ pub fn set_norm_shrink_parts(parts: usize) {
     if old != 0 && old != parts {
         // Captured decode steps chose their launches under the old count.
         crate::switch::bump_epoch();
-    }
-}
-
-impl NormShrink {
-    /// Shrink blocks per row of the add + RMSNorm launch: one warp per (slot, rank, k chunk) unit.
-    pub fn blocks_per_row(&self) -> u32 {
-        (self.count * self.max_rank * self.parts.max(1))
-            .div_ceil(crate::decode_cuda::NORM_THREADS / 32)
-    }
-}
-
-impl BgmvPlan {
-    /// Switches a norm launch's shrink `sh` and the GEMV descriptors `epis` that read it
-    /// ([`BgmvPlan::norm_shrink`]'s) to the ready protocol: the launch counts its finished norm
-    /// and shrink blocks in the plan's counters, and the grouped t4 GEMV polls them instead of
-    /// waiting for the whole launch (its LoRA warp for the shrink blocks only). The GEMV resets
-    /// the counters; a caller that does not launch it must [`BgmvPlan::reset_counters`].
-    pub fn norm_ready(&self, sh: &mut NormShrink, epis: &mut [GemvLora]) {
-        // Four words of the group's own (its first slot's): never the in-launch shrink's, which
-        // the GEMV before this launch may still be using, nor another norm launch's. A launch's
-        // blocks may start once the previous one's have all started, so a chain of launches can
-        // reach this launch's GEMV while the GEMV that read the previous norm launch's counts is
-        // still running and has not reset them: shared words would pass its poll early (what
-        // session 22's graph replays showed). Each slot's words serve one launch per step, and
-        // the host reads each step's logits before the next step starts.
-        let counters = self.counters.device_ptr(&self.stream).0 + 16 * (1 + sh.slot0 as u64);
-        sh.ready = counters;
-        for e in epis {
-            e.counters = counters;
-            e.ready = sh.rows as u32 * sh.blocks_per_row();
-        }
-    }
-
-    /// Zeroes the plan's counters (after a norm launch with the ready protocol whose GEMV did not
-    /// run; every launch that uses them otherwise leaves them zeroed).
-    pub fn reset_counters(&self) -> candle_core::Result<()> {
-        let (ptr, _g) = self.counters.device_ptr(&self.stream);
-        let bytes = self.counters.len() * 4;
-        // SAFETY: the plan's live counters (`bytes` long), zeroed in this stream's order.
-        unsafe {
-            candle_core::cuda_backend::cudarc::driver::result::memset_d8_async(
-                ptr,
-                0,
-                bytes,
-                self.stream.cu_stream(),
-            )
-        }
-        .w()
     }
 }

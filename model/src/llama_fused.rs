@@ -14,7 +14,7 @@ use crate::host_profile::{timed, timed_more, Phase};
 use crate::linear::BaseLinear;
 use crate::lora::LoraBatch;
 use candle_core::{DType, Tensor};
-use qlorad_kernels::bgmv::{AttShrink, BgmvPlan, GemvLora};
+use qlorad_kernels::bgmv::{BgmvPlan, GemvLora};
 use qlorad_kernels::decode_cuda::{
     attention_supports, rope_attention_supports, DecodeKernels, KvRow, KvTable,
 };
@@ -136,9 +136,6 @@ impl Llama {
         let c = &self.cfg;
         let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let eps = c.rms_norm_eps as f32;
-        // The o projection's LoRA shrink in the attention launch (QLORAD_ATT_SHRINK=1; off by
-        // default, read per step because gpu-check switches it).
-        let o_shrink_on = attention_shrink_on();
         let rope_in_attention = self.rope_in_attention();
         // The embeddings gathered on the device (candle's index_select would upload its shape
         // from host memory, which a captured step cannot replay).
@@ -163,16 +160,8 @@ impl Llama {
                 project_group_fused(qkv, li, 0, &h, lora, pre)
             })?;
             let attention = || -> Result<_> {
-                // The o projection's shrink in the attention launch when it takes it (one split, or
-                // a cluster's splits).
-                let o_shrink = if o_shrink_on {
-                    attention_shrink_for(lora, (li, 3), b.attn.o.as_ref(), &q, nkv)?
-                } else {
-                    None
-                };
-                let sh = o_shrink.as_ref().map(|(s, _)| s);
-                let (a, shrunk) = if rope_in_attention {
-                    kern.rope_attention(
+                if rope_in_attention {
+                    Ok(kern.rope_attention(
                         &q,
                         &k,
                         &v,
@@ -184,19 +173,16 @@ impl Llama {
                         nkv,
                         hd,
                         c.sliding_window,
-                        sh,
-                    )?
+                    )?)
                 } else {
                     let q =
                         kern.rope_kv(&q, &k, &v, &self.cos, &self.sin, table, li, nh, nkv, hd)?;
-                    kern.attention(&q, table, li, nh, nkv, hd, c.sliding_window, sh)?
-                };
-                let pre = o_shrink.filter(|_| shrunk).map(|(_, e)| vec![e]);
-                Ok((a, pre))
+                    Ok(kern.attention(&q, table, li, nh, nkv, hd, c.sliding_window)?)
+                }
             };
-            let (a, pre) = timed(Phase::Attention, attention)?;
+            let a = timed(Phase::Attention, attention)?;
             let [o] = timed(Phase::OProjection, || {
-                project_group_fused([b.attn.o.as_ref()], li, 3, &a, lora, pre)
+                project_group_fused([b.attn.o.as_ref()], li, 3, &a, lora, None)
             })?;
             let gate_up = [b.mlp.gate.as_ref(), b.mlp.up.as_ref()];
             let (xs, h, pre) = timed(Phase::Norm, || {
@@ -230,12 +216,6 @@ impl Llama {
     }
 }
 
-/// Whether the o projection's LoRA shrink runs in the attention launch (`QLORAD_ATT_SHRINK=1`;
-/// read per step because gpu-check switches it).
-pub(super) fn attention_shrink_on() -> bool {
-    std::env::var("QLORAD_ATT_SHRINK").is_ok_and(|v| v == "1")
-}
-
 /// Whether decode GEMVs apply LoRA expands in their epilogue (`QLORAD_LORA_EPILOGUE=0`: off, the
 /// BGMV expand launches instead; read once per process).
 fn lora_epilogue() -> bool {
@@ -265,32 +245,9 @@ fn norm_shrink() -> bool {
     *ON.get_or_init(|| std::env::var("QLORAD_NORM_SHRINK").map_or(true, |v| v != "0"))
 }
 
-/// The o projection's shrink for the attention launch of layer `at.0` (slot `at.0 · 7 + at.1`) to
-/// compute, and the GEMV epilogue descriptor that reads it, when adapters on the BGMV path have a
-/// module there and o will run as a fused GEMV on the attention's output (shaped as `q`). The
-/// attention does it as one split per (row, KV head), or as the splits of one thread-block
-/// cluster (which share the merged outputs and divide the ranks), one partial of t per KV head
-/// over its heads' outputs, which the grouped o GEMV sums. Opt-in (`QLORAD_ATT_SHRINK=1`): on the
-/// H200, batch-1 Mistral decode over ~140 positions in one split ran 275 tok/s with it against 283
-/// without (the attention's 8 blocks took +6.4 µs for the shrink, the o GEMV -10 µs, ncu); later
-/// runs at ~140 positions took 5 splits, where only the cluster form computes it (staged in
-/// session 22, not yet measured).
-fn attention_shrink_for(
-    lora: &LoraBatch,
-    at: (usize, usize),
-    o: &dyn BaseLinear,
-    q: &Tensor,
-    kv_heads: usize,
-) -> Result<Option<(AttShrink, GemvLora)>> {
-    let Some(plan) = epilogue_plan(lora, &[o], q) else {
-        return Ok(None);
-    };
-    Ok(plan.attention_shrink(at.0 * 7 + at.1, kv_heads, q.dim(1)?)?)
-}
-
 /// The batch's BGMV plan when the projections `bases` reading `x` (rows, in_f) will run as fused
 /// GEMVs that add the LoRA expand in their epilogue ([`gemv_weights`], the plan's rows): then a
-/// launch before them may compute their shrink ([`norm_for_group`], [`attention_shrink_for`]).
+/// launch before them may compute their shrink ([`norm_for_group`]).
 fn epilogue_plan<'a>(
     lora: &'a LoraBatch,
     bases: &[&dyn BaseLinear],
@@ -334,17 +291,7 @@ fn norm_for_group<const N: usize>(
         } else {
             1
         };
-        if let Some((mut sh, mut epis)) = plan.norm_shrink(slot0, N, x.dim(1)?, parts)? {
-            // The ready protocol only for a group the grouped t4 GEMV will take (else
-            // project_group_fused resets the counters).
-            let ready = qlorad_kernels::nf4_group_cuda::norm_ready()
-                && gemv_group()
-                && gemv_weights(&bases, x).is_some_and(|ws| {
-                    qlorad_kernels::nf4_group_cuda::ready_supported(&ws, plan.rows())
-                });
-            if ready {
-                plan.norm_ready(&mut sh, &mut epis);
-            }
+        if let Some((sh, epis)) = plan.norm_shrink(slot0, N, x.dim(1)?, parts)? {
             if let Some((xs, h)) = kern.add_rms_norm_shrink(x, y, w, eps, Some(&sh))? {
                 return Ok((xs, h, Some(epis)));
             }
@@ -406,29 +353,11 @@ fn project_group_fused<const N: usize>(
     let x = x.contiguous()?;
     let slot0 = layer * 7 + proj0;
     let mut grouped = gemv_group();
-    if let Some(mut epis) = pre {
-        if epis.first().is_some_and(|e| e.ready > 0) {
-            // The norm launch counted its blocks for this launch (the ready protocol): only the
-            // grouped t4 GEMV reads and resets those counts.
-            // Declined or failed, the counts must not outlive this launch: a kept plan's next
-            // step would find them.
-            match qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &weights, Some(&epis)) {
-                Ok(Some(ys)) => return group_outputs(ys),
-                Ok(None) => {}
-                Err(e) => {
-                    let _ = plan.reset_counters();
-                    return Err(e.into());
-                }
-            }
-            plan.reset_counters()?;
-            for e in &mut epis {
-                (e.counters, e.ready) = (0, 0);
-            }
-        }
+    if let Some(epis) = pre {
         if epis.iter().all(|e| e.parts <= 1) {
             return project_with_epilogues(&weights, &x, &epis, grouped);
         }
-        // t in partials (the attention's o shrink): only the grouped launch sums them; if it
+        // t in partials (the norm launch's k chunks): only the grouped launch sums them; if it
         // declines, the shrink runs again as whole dots for the one-weight kernels.
         if grouped {
             if let Some(ys) =

@@ -56,8 +56,6 @@ struct StepShape {
     rows: usize,
     splits: usize,
     rope_in_attention: bool,
-    /// The o shrink in the attention launch (`QLORAD_ATT_SHRINK=1`, read per step).
-    o_shrink: bool,
     /// The batch's BGMV plan's fingerprint (`BgmvPlan::fingerprint`); 0 without adapters.
     lora: u64,
 }
@@ -181,7 +179,6 @@ impl Llama {
                 words.max_position,
             ),
             rope_in_attention: self.rope_in_attention(),
-            o_shrink: super::fused::attention_shrink_on(),
             // A fingerprint of 0 would stand for "no adapters".
             lora: if lora.is_empty() {
                 0
