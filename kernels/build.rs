@@ -25,7 +25,6 @@ fn main() {
     println!("cargo:rerun-if-changed=cuda/lora_table.cuh");
     println!("cargo:rerun-if-changed=cuda/nf4_tc.cuh");
     println!("cargo:rerun-if-changed=cuda/nf4_t4.cuh");
-    println!("cargo:rerun-if-changed=cuda/nf4_t4p.cuh");
     for name in ["nf4", "nf4_sweep", "lora", "decode", "train"] {
         let src = format!("cuda/{name}.cu");
         println!("cargo:rerun-if-changed={src}");

@@ -87,7 +87,7 @@ for step in "$@"; do
       # The adapter path's switches again now that decode steps replay as graphs (their extra
       # launches no longer cost host time): the shrinks' placements and the expand's.
       log "sweep of the LoRA switches"
-      CONFIGS="QLORAD_X=default QLORAD_FUSED_SHRINK=0 QLORAD_NORM_SHRINK=0 QLORAD_LORA_EPILOGUE=0 QLORAD_LORA_ALL_WARPS=1" \
+      CONFIGS="QLORAD_X=default QLORAD_FUSED_SHRINK=0 QLORAD_NORM_SHRINK=0 QLORAD_LORA_EPILOGUE=0" \
         OUT=/tmp/sweep-lora bash "$D/bench/ab-gpu.sh" 2>&1 | tee "$OUT/sweep-lora.log" ;;
     chunks)
       # The adapter path's shrink chunking: the norm launches' dots in k-chunk partials

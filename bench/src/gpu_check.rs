@@ -337,8 +337,7 @@ fn kernel_checks(dev: &Device, r: &mut Report) -> Result<()> {
 type GroupCase = (&'static str, Nf4Config, &'static [(usize, usize)]);
 
 /// The grouped base GEMV on decode shapes against one launch per weight, bit for bit (same
-/// arithmetic per tile): gate/up-like groups have more tiles than the device holds blocks at once,
-/// so the persistent t4 kernel (cuda/nf4_t4p.cuh) walks several tiles per block, across the
+/// arithmetic per tile): groups of more tiles than the device holds blocks at once, across the
 /// group's weights, with double-quantized (per-weight offsets) and plain absmax.
 fn grouped_checks(dev: &Device, r: &mut Report) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(0x6e0f);
@@ -374,8 +373,7 @@ fn grouped_checks(dev: &Device, r: &mut Report) -> Result<()> {
         let refs: Vec<&Arc<Nf4Weight>> = ws.iter().collect();
         let k = shapes[0].1;
         let mut mismatches = 0usize;
-        for (m, persistent) in (1..=4usize).flat_map(|m| [(m, false), (m, true)]) {
-            qlorad_kernels::nf4_group_cuda::set_persistent(persistent);
+        for m in 1..=4usize {
             let x = rand_tensor(&mut rng, &[m, k], 1.0)?
                 .to_dtype(DType::BF16)?
                 .to_device(dev)?;
@@ -397,10 +395,9 @@ fn grouped_checks(dev: &Device, r: &mut Report) -> Result<()> {
                     .count();
             }
         }
-        qlorad_kernels::nf4_group_cuda::set_persistent(false);
         r.add(
             format!(
-                "grouped base GEMV (t4 and t4p, {name}, {} tiles) vs one launch per weight, 1..4 rows",
+                "grouped base GEMV (t4, {name}, {} tiles) vs one launch per weight, 1..4 rows",
                 shapes.iter().map(|s| s.0 / 16).sum::<usize>()
             ),
             mismatches as f64,

@@ -312,17 +312,11 @@ fn gemv_epilogue_with(
             singles.push((got, nf4_linear(&x, w)?));
         }
         // The grouped launch (tensor-core kernels only) against the weights one by one: the same
-        // arithmetic per tile, so the same bits.
-        // With the LoRA expand, both epilogues (the LoRA warps' and, QLORAD_LORA_ALL_WARPS=1,
-        // every warp's).
+        // arithmetic per tile, so the same bits; with the LoRA expand and without.
         let refs: Vec<&Arc<Nf4Weight>> = ws.iter().collect();
-        let all_warps_was = qlorad_kernels::nf4_group_cuda::all_warps();
-        for (with_lora, all_warps) in [(true, false), (true, true), (false, false)] {
+        for with_lora in [true, false] {
             let loras = with_lora.then_some(&epis[..]);
-            qlorad_kernels::nf4_group_cuda::set_all_warps(all_warps);
-            let got = qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &refs, loras);
-            qlorad_kernels::nf4_group_cuda::set_all_warps(all_warps_was);
-            match got? {
+            match qlorad_kernels::nf4_group_cuda::nf4_linear_group(&x, &refs, loras)? {
                 Some(ys) => {
                     for (y, (lo, base)) in ys.iter().zip(&singles) {
                         let want = if with_lora { lo } else { base };
@@ -372,7 +366,7 @@ fn gemv_epilogue_with(
     if grouped {
         r.add(
             format!(
-                "grouped GEMV ({}, q/k/v in one launch, without LoRA and with either epilogue) vs one launch per weight, 1/3/8 rows",
+                "grouped GEMV ({}, q/k/v in one launch, with and without LoRA) vs one launch per weight, 1/3/8 rows",
                 kernel.name()
             ),
             grouped_worst,

@@ -487,4 +487,3 @@ NF4_GEMV_MMA_ENTRY(7)
 NF4_GEMV_MMA_ENTRY(8)
 #include "nf4_tc.cuh"
 #include "nf4_t4.cuh"
-#include "nf4_t4p.cuh"

@@ -59,7 +59,7 @@ struct T4Stage<true> {
 
 // One super-block's stage for this lane, from a tiled weight: rows a's and b's 16 bytes (b 512
 // bytes on), their two block scales each (tiled index qi, row b 16 on) and, with double quant,
-// their second-level absmax (row-major block ia, row b ib_off blocks on). Shared by t4 and t4p.
+// their second-level absmax (row-major block ia, row b ib_off blocks on).
 template <bool PLAIN>
 __device__ __forceinline__ void t4_load_stage(T4Stage<PLAIN>& s, const uint4* pa, u32 qi, u32 ia,
                                               u32 ib_off, const float* __restrict__ absmax,
@@ -83,8 +83,7 @@ __device__ __forceinline__ void t4_load_stage(T4Stage<PLAIN>& s, const uint4* pa
 // B fragments (loaded here, by the `xact` lanes only: see nf4_gemv_t4_stream), the stage's block
 // scales decoded (double quant: dynamic code at `ncode_base`, then `offset`), `refill()` called
 // once the stage's registers are consumed (it loads the stage's next super-block), and the two
-// k blocks' partial dots scaled into acc_a (row a) and acc_b (row b). Shared by t4 and the
-// persistent t4p, so both compute the same bits.
+// k blocks' partial dots scaled into acc_a (row a) and acc_b (row b).
 template <bool PLAIN, class Refill>
 __device__ __forceinline__ void t4_super_block(T4Stage<PLAIN>& st, const uint4* xp, bool xact,
                                                u32 lut_base, u32 ncode_base, float offset,
@@ -149,14 +148,14 @@ __device__ __forceinline__ void t4_super_block(T4Stage<PLAIN>& st, const uint4* 
     }
 }
 
-// `after_wait` runs in every thread once the previous kernel is done and the tables are filled,
-// before the stream loop (the all-warps LoRA epilogue issues its copies there).
-template <int M, int STAGES, bool PLAIN, class AfterWait>
+// This lane's share of tile `tile`'s dot products (acc_a: row a, acc_b: row b) over the super-blocks
+// of its warp, after filling the block's tables and waiting for the previous kernel.
+template <int M, int STAGES, bool PLAIN>
 __device__ __forceinline__ void nf4_gemv_t4_stream(
     const u16* __restrict__ x, const u8* __restrict__ packed, const float* __restrict__ code16,
     const float* __restrict__ absmax, const u8* __restrict__ qabs,
     const float* __restrict__ nested, const float* __restrict__ ncode, float offset, u32 k,
-    u32 tile, u32* lut, float* s_ncode, float& acc_a, float& acc_b, AfterWait after_wait) {
+    u32 tile, u32* lut, float* s_ncode, float& acc_a, float& acc_b) {
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
     const u32 g = lane >> 2, t = lane & 3u;
     const u32 ra = tile * 16 + g;
@@ -189,7 +188,6 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
     tc_fill_tables(lut, s_ncode, code16, ncode, PLAIN ? 1u : 0u);
     pdl_wait();
     __syncthreads();
-    after_wait();
 
     const u32 lut_base = (u32)__cvta_generic_to_shared(lut) + 4 * lane;
     const u32 ncode_base = (u32)__cvta_generic_to_shared(s_ncode);
@@ -219,109 +217,7 @@ __device__ __forceinline__ void nf4_gemv_t4_stream(
     }
 }
 
-// The all-warps LoRA epilogue (`EPI_ALL`, 1..4 rows, t finished before the launch: the shrink ran
-// in the add + RMSNorm launch): no ninth warp. The LoRA warp's kernel is capped at 72 registers
-// (9 warps, 3 blocks per multiprocessor) and spills in the stream loop (ncu: 200k spill requests
-// per gate/up launch; gate/up 50.0 us against the base's 43.1). Here the expand's inputs, the
-// tile's B rows and every input row's t, are copied to shared memory with cp.async right after
-// the wait, while the weights stream, and after the stream all 8 warps compute the expand from
-// shared memory: the block keeps the base kernel's 8 warps and register budget.
-#define T4E_RANKS 256  // sum over the input rows of their ranks that the staging holds
-
-struct T4EpiSmem {
-    u16 b[16 * T4E_RANKS];  // per input row m: the tile's 16 rows of B_m (16 r_m bf16), in turn
-    float t[T4E_RANKS];     // per input row m: t_m[0 .. r_m), in turn
-};
-
-template <bool C, class A, class B>
-struct t4_pick {
-    typedef A type;
-};
-template <class A, class B>
-struct t4_pick<false, A, B> {
-    typedef B type;
-};
-
-// Whether row m's module takes part: what the copies and the expand both test (the host keeps the
-// rows' ranks within T4E_RANKS; a module beyond it would be skipped by both, never half-read).
-__device__ __forceinline__ bool t4e_active(const RowLora& l, u32 t_stride, u32 used) {
-    return l.r != 0 && l.r <= t_stride && used + l.r <= T4E_RANKS;
-}
-
-template <int M>
-__device__ __forceinline__ void t4e_issue(const TcLoraRefs<M>& refs, const float* t_lora,
-                                          u32 t_stride, u32 tile, const TcGroup* grp,
-                                          T4EpiSmem& s) {
-    // t in `parts` partials (the norm launch's k chunks): summed here in order, as tc_lora_warp
-    // sums them, instead of copied.
-    const u32 parts = grp != nullptr && grp->parts > 1 ? grp->parts : 1u;
-    const u32 pstride = grp != nullptr ? grp->part_stride : 0u;
-    u32 used = 0;
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-        const RowLora l = refs.own[m];
-        if (t4e_active(l, t_stride, used)) {
-            // B's tile rows: 32·r contiguous bytes, 16-byte aligned (allocations are).
-            const u8* bsrc = reinterpret_cast<const u8*>(l.b + (u64)tile * 16 * l.r);
-            u8* bdst = reinterpret_cast<u8*>(s.b + 16 * used);
-            for (u32 c = threadIdx.x; c < 2 * l.r; c += blockDim.x) {
-                cp_async16(bdst + 16 * c, bsrc + 16 * c);
-            }
-            const float* tsrc = t_lora + (u64)m * t_stride;  // t_stride % 4 == 0 (the plan's)
-            if (parts > 1) {
-                for (u32 j = threadIdx.x; j < l.r; j += blockDim.x) {
-                    float v = __ldcg(tsrc + j);
-                    for (u32 p = 1; p < parts; ++p) v += __ldcg(tsrc + (u64)p * pstride + j);
-                    s.t[used + j] = v;
-                }
-            } else if (((used | l.r) & 3u) == 0) {
-                for (u32 c = threadIdx.x; c < (l.r >> 2); c += blockDim.x) {
-                    cp_async16(s.t + used + 4 * c, tsrc + 4 * c);
-                }
-            } else {
-                for (u32 j = threadIdx.x; j < l.r; j += blockDim.x) {
-                    s.t[used + j] = __ldcg(tsrc + j);
-                }
-            }
-            used += l.r;
-        }
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-}
-
-// After the stream: scale_m · t_m · B_m[o, :r_m] for the tile's 16 features o into
-// lora_out[o * M + m], two features per warp, 16 lanes each.
-template <int M>
-__device__ __forceinline__ void t4e_expand(const TcLoraRefs<M>& refs, u32 t_stride,
-                                           const T4EpiSmem& s, float* lora_out) {
-    asm volatile("cp.async.wait_all;" ::: "memory");
-    __syncthreads();
-    const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
-    const u32 o = 2 * warp + (lane >> 4), q = lane & 15u;
-    u32 used = 0;
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-        const RowLora l = refs.own[m];
-        float d = 0.f;
-        const bool on = t4e_active(l, t_stride, used);
-        if (on) {
-            const u16* br = s.b + 16 * used + o * l.r;
-            for (u32 j = q; j < l.r; j += 16) {
-                d = fmaf(bf16_f(br[j]), s.t[used + j], d);
-            }
-            used += l.r;
-        }
-#pragma unroll
-        for (int off = 8; off > 0; off >>= 1) {
-            d += __shfl_xor_sync(0xffffffffu, d, off);
-        }
-        if (q == 0) {
-            lora_out[o * M + m] = on ? d * l.scale : 0.f;
-        }
-    }
-}
-
-template <int M, bool LORA, int STAGES, bool EPI_ALL = false>
+template <int M, bool LORA, int STAGES>
 __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
                                             NF4_W_PARAMS, u32 n, u32 k, u16* __restrict__ y,
                                             const u64* __restrict__ row_tables, u32 slot,
@@ -334,31 +230,22 @@ __device__ __forceinline__ void nf4_gemv_t4(const u16* __restrict__ x,
     __shared__ float red[TC_WARPS][32][2];
     __shared__ float lora_out[LORA ? 16 * M : 1];
     __shared__ TcLoraRefs<M> lrefs;  // unused (and dropped) without LORA
-    __shared__ typename t4_pick<EPI_ALL, T4EpiSmem, char>::type epi;
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31u;
-    if (LORA && warp == (EPI_ALL ? 0u : (u32)TC_WARPS)) {
+    if (LORA && warp == TC_WARPS) {
         // Before the stream's programmatic-launch wait: the lookups and B need nothing from it.
         tc_lora_prologue<M>(row_tables, slot, k, tile, grp, lrefs);
     }
-    auto after_wait = [&]() {
-        if constexpr (EPI_ALL) {
-            t4e_issue<M>(lrefs, t_lora, t_stride, tile, grp, epi);
-        }
-    };
     float acc_a = 0.f, acc_b = 0.f;
     if (plain) {
         nf4_gemv_t4_stream<M, STAGES, true>(x, packed, code16, absmax, qabs, nested, ncode, offset,
-                                            k, tile, lut, s_ncode, acc_a, acc_b, after_wait);
+                                            k, tile, lut, s_ncode, acc_a, acc_b);
     } else {
         nf4_gemv_t4_stream<M, STAGES, false>(x, packed, code16, absmax, qabs, nested, ncode,
-                                             offset, k, tile, lut, s_ncode, acc_a, acc_b,
-                                             after_wait);
+                                             offset, k, tile, lut, s_ncode, acc_a, acc_b);
     }
     const u32 g = lane >> 2, t = lane & 3u;
     const u32 ra = tile * 16 + g, rb = ra + 8;
-    if constexpr (EPI_ALL) {
-        t4e_expand<M>(lrefs, t_stride, epi, lora_out);
-    } else if (LORA && warp == TC_WARPS) {
+    if (LORA && warp == TC_WARPS) {
         tc_lora_warp<M>(x, k, t_lora, t_stride, tile, grp, lrefs, lora_out);
     }
     if (warp < TC_WARPS) {
@@ -430,37 +317,8 @@ __device__ __forceinline__ void nf4_gemv_t4_group(const u16* __restrict__ x, con
     extern "C" __global__ void __launch_bounds__((TC_WARPS + 1) * 32, 3)                         \
         nf4_gemv_t4g_lora_bf16_m##M(const u16* __restrict__ x, const TcGroup grp) {              \
         nf4_gemv_t4_group<M, true>(x, grp);                                                      \
-    }                                                                                            \
-    /* Two resident blocks: registers for the stream loop without spills (QLORAD_T4_LORA=2). */  \
-    extern "C" __global__ void __launch_bounds__((TC_WARPS + 1) * 32, 2)                         \
-        nf4_gemv_t4g_lora2_bf16_m##M(const u16* __restrict__ x, const TcGroup grp) {             \
-        nf4_gemv_t4_group<M, true>(x, grp);                                                      \
     }
 
-// The all-warps LoRA epilogue for 1..4 rows (t finished before the launch). The host picks it only
-// for 1..4 rows; the 5..8-row names exist because the host loads every row count of a kernel name,
-// and stop the kernel if ever launched.
-#define NF4_GEMV_T4E_ENTRY(M)                                                                    \
-    extern "C" __global__ void TC_BOUNDS(TC_CFG_tc3)                                             \
-        nf4_gemv_t4g_lorae_bf16_m##M(const u16* __restrict__ x, const TcGroup grp) {             \
-        if constexpr (M <= 4) {                                                                  \
-            const TcWeight& w = tc_group_weight(grp);                                            \
-            nf4_gemv_t4<M <= 4 ? M : 1, true, T4_STAGES, true>(                                  \
-                x, w.packed, w.code16, w.plain, w.absmax, w.qabs, w.nested, w.ncode, w.offset,   \
-                w.log2_bs, w.n, grp.k, w.y, grp.row_tables, w.slot, w.t, grp.t_stride,           \
-                blockIdx.x - w.tile0, &grp);                                                     \
-        } else {                                                                                 \
-            __trap();                                                                            \
-        }                                                                                        \
-    }
-NF4_GEMV_T4E_ENTRY(1)
-NF4_GEMV_T4E_ENTRY(2)
-NF4_GEMV_T4E_ENTRY(3)
-NF4_GEMV_T4E_ENTRY(4)
-NF4_GEMV_T4E_ENTRY(5)
-NF4_GEMV_T4E_ENTRY(6)
-NF4_GEMV_T4E_ENTRY(7)
-NF4_GEMV_T4E_ENTRY(8)
 
 NF4_GEMV_T4_ENTRIES(1)
 NF4_GEMV_T4_ENTRIES(2)

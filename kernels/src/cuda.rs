@@ -86,35 +86,10 @@ pub struct Nf4Gpu {
     gemv_lora: std::sync::OnceLock<Vec<CudaFunction>>,
     /// The grouped tensor-core GEMV for 1..=8 input rows, per [`GroupKernel`]
     /// (`nf4_group_cuda`), loaded on first use.
-    gemv_group: [std::sync::OnceLock<Vec<CudaFunction>>; 4],
+    gemv_group: [std::sync::OnceLock<Vec<CudaFunction>>; 2],
     /// The same kernels for programmatic dependent launch (`pdl_cuda`), settled on first use:
     /// `None` when the device or `QLORAD_PDL=0` rules it out.
-    gemv_group_pdl: [std::sync::OnceLock<Option<Vec<crate::pdl_cuda::RawFunction>>>; 4],
-    /// The persistent grouped GEMV's grid (its resident blocks on the device), settled on first
-    /// use.
-    persistent_grid: std::sync::OnceLock<u32>,
-    /// Identifies the code table, absmax form and dynamic code: a persistent grouped launch fills
-    /// one block-wide table for all its weights, so they must agree.
-    tables_id: u64,
-}
-
-/// A fingerprint of what a persistent grouped GEMV block shares between its weights: the absmax
-/// form, the 16 NF4 codes and the double quantization's dynamic code (FNV-1a over their bits).
-fn tables_fingerprint(t: &Nf4Tensor) -> u64 {
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    let mut eat = |v: u32| {
-        h ^= u64::from(v);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    };
-    t.code.iter().for_each(|c| eat(c.to_bits()));
-    match &t.absmax {
-        Absmax::Plain(_) => eat(1),
-        Absmax::Double(d) => {
-            eat(0);
-            d.nested_code.iter().for_each(|c| eat(c.to_bits()));
-        }
-    }
-    h
+    gemv_group_pdl: [std::sync::OnceLock<Option<Vec<crate::pdl_cuda::RawFunction>>>; 2],
 }
 
 /// Which grouped GEMV a launch takes.
@@ -125,13 +100,6 @@ pub(crate) enum GroupKernel {
     /// With the LoRA epilogue computed by a ninth warp per block (which also runs the group's
     /// shrink when the launch carries its counters).
     Lora,
-    /// t4 only, 1..=4 rows, the shrink finished before the launch: the expand's inputs staged in
-    /// shared memory during the stream and the expand computed by all 8 warps after it
-    /// (`nf4_gemv_t4g_lorae`, cuda/nf4_t4.cuh).
-    LoraAllWarps,
-    /// t4 only, 1..=4 rows, the base alone as persistent blocks walking the tiles
-    /// (`nf4_gemv_t4p`, cuda/nf4_t4p.cuh).
-    BasePersistent,
 }
 
 impl GroupKernel {
@@ -139,8 +107,6 @@ impl GroupKernel {
         match self {
             GroupKernel::Base => 0,
             GroupKernel::Lora => 1,
-            GroupKernel::LoraAllWarps => 2,
-            GroupKernel::BasePersistent => 3,
         }
     }
 }
@@ -161,19 +127,6 @@ impl std::fmt::Debug for Nf4Gpu {
 
 fn msg(s: String) -> candle_core::Error {
     candle_core::Error::Msg(s)
-}
-
-/// The grouped t4 GEMV with the LoRA epilogue: three resident blocks per multiprocessor (the
-/// stream loop spills a few registers at that bound) or, with `QLORAD_T4_LORA=2`, two (no spills).
-fn t4_lora_group() -> &'static str {
-    static P: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
-    P.get_or_init(|| {
-        if std::env::var("QLORAD_T4_LORA").is_ok_and(|v| v == "2") {
-            "nf4_gemv_t4g_lora2"
-        } else {
-            "nf4_gemv_t4g_lora"
-        }
-    })
 }
 
 impl Nf4Gpu {
@@ -235,7 +188,6 @@ impl Nf4Gpu {
                 d.offset,
             ),
         };
-        let tables_id = tables_fingerprint(t);
         let packed = if tiled {
             device.clone_htod(&crate::tiled::tile_packed(&t.packed, n, k))?
         } else {
@@ -282,8 +234,6 @@ impl Nf4Gpu {
             gemv_lora: std::sync::OnceLock::new(),
             gemv_group: Default::default(),
             gemv_group_pdl: Default::default(),
-            persistent_grid: std::sync::OnceLock::new(),
-            tables_id,
             kernel,
             gemv,
         })
@@ -367,22 +317,16 @@ impl Nf4Gpu {
     }
 
     /// The grouped tensor-core GEMV this weight decodes with for `kind`: its name prefix
-    /// (`{prefix}_bf16_m{rows}`) and warps per block, one mapping so the two always agree (the
-    /// all-warps epilogue exists for t4 only: tc weights take the LoRA warp's kernel, with its
-    /// ninth warp, which computes the epilogue and its share of an in-launch shrink).
+    /// (`{prefix}_bf16_m{rows}`) and warps per block, one mapping so the two always agree (the LoRA
+    /// kernels have a ninth warp, which computes the epilogue and its share of an in-launch
+    /// shrink).
     fn group_kernel(&self, kind: GroupKernel) -> (&'static str, u32) {
         let lora_warp = GEMV_WARPS + 1;
         match (kind, self.kernel == GemvKernel::T4) {
-            (GroupKernel::LoraAllWarps, true) => ("nf4_gemv_t4g_lorae", GEMV_WARPS),
-            (GroupKernel::Lora, true) => (t4_lora_group(), lora_warp),
-            (GroupKernel::Lora | GroupKernel::LoraAllWarps, false) => {
-                ("nf4_gemv_tcg_lora", lora_warp)
-            }
-            (GroupKernel::BasePersistent, true) => ("nf4_gemv_t4p", GEMV_WARPS),
+            (GroupKernel::Lora, true) => ("nf4_gemv_t4g_lora", lora_warp),
+            (GroupKernel::Lora, false) => ("nf4_gemv_tcg_lora", lora_warp),
             (GroupKernel::Base, true) => ("nf4_gemv_t4g", GEMV_WARPS),
-            (GroupKernel::Base | GroupKernel::BasePersistent, false) => {
-                ("nf4_gemv_tcg", GEMV_WARPS)
-            }
+            (GroupKernel::Base, false) => ("nf4_gemv_tcg", GEMV_WARPS),
         }
     }
 
@@ -440,22 +384,6 @@ impl Nf4Gpu {
         };
         let funcs = cell.get_or_init(|| loaded);
         Ok(funcs.as_ref().and_then(|f| f.get(m - 1)).copied())
-    }
-
-    /// [`tables_fingerprint`] of the weight.
-    pub(crate) fn tables_id(&self) -> u64 {
-        self.tables_id
-    }
-
-    /// The grid of the persistent grouped GEMV (`GroupKernel::BasePersistent`): the blocks of it
-    /// that fit on the device at once, asked once.
-    pub(crate) fn persistent_grid(&self) -> candle_core::Result<u32> {
-        if let Some(g) = self.persistent_grid.get() {
-            return Ok(*g);
-        }
-        let f = self.group_function(1, GroupKernel::BasePersistent)?;
-        let grid = resident_blocks(&self.device, f, 32 * GEMV_WARPS)?;
-        Ok(*self.persistent_grid.get_or_init(|| grid))
     }
 
     /// (offset, plain flag, log2 of the blocksize): the weight's scalar kernel arguments.

@@ -4,9 +4,8 @@
 //! H200's multiprocessors, and each launch pays its own ramp-up and tail.
 
 use crate::bgmv::GemvLora;
-use crate::cuda::{GemvKernel, GroupKernel, Nf4Gpu, GEMV_MAX_ROWS};
+use crate::cuda::{GroupKernel, Nf4Gpu, GEMV_MAX_ROWS};
 use crate::nf4_op::Nf4Weight;
-use crate::switch::EnvSwitch;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
@@ -211,17 +210,12 @@ fn launch(
         grp.shrink_chunk = shrink_chunk();
     }
     let kind = match loras {
-        None if persistent(gpus, m, k) => GroupKernel::BasePersistent,
         None => GroupKernel::Base,
-        Some(ls) if all_warps_epilogue(g0, m, &ls[0]) => GroupKernel::LoraAllWarps,
         Some(_) => GroupKernel::Lora,
     };
     let func = g0.group_function(m, kind)?;
     let warps = g0.group_warps(kind);
-    let grid = match kind {
-        GroupKernel::BasePersistent => tiles.min(g0.persistent_grid()?),
-        _ => tiles,
-    };
+    let grid = tiles;
     let cfg = LaunchConfig {
         grid_dim: (grid, 1, 1),
         block_dim: (32 * warps, 1, 1),
@@ -251,19 +245,6 @@ fn launch(
     Ok(ys)
 }
 
-/// Whether a grouped base launch takes the persistent kernel (`GroupKernel::BasePersistent`,
-/// cuda/nf4_t4p.cuh): t4 weights, 1..=4 rows, k >= 1024 (every warp streams at least one
-/// super-block per tile), one set of code tables for the group (a block fills one), and the
-/// kernel switched on ([`set_persistent`], or `QLORAD_T4_PERSIST=1` for a process). Off by
-/// default: on the H200 it decoded ~3 % slower than one tile per block (BENCHMARKS.md, session 15).
-fn persistent(gpus: &[&Nf4Gpu], m: usize, k: usize) -> bool {
-    persistent_on()
-        && gpus[0].gemv_kernel() == GemvKernel::T4
-        && (1..=4).contains(&m)
-        && k >= 1024
-        && gpus.iter().all(|g| g.tables_id() == gpus[0].tables_id())
-}
-
 /// The in-launch shrink's values per k chunk (`QLORAD_SHRINK_CHUNK`, a multiple of 8 from 256 to
 /// 8192; read once per process): each chunk is one claimable unit of a LoRA warp; at most
 /// TC_SHRINK_CHUNKS chunks per dot (cuda/nf4_tc.cuh, with the H200 sweep behind the default).
@@ -277,46 +258,6 @@ fn shrink_chunk() -> u32 {
 
 /// TC_SHRINK_CHUNK of cuda/nf4_tc.cuh.
 const SHRINK_CHUNK_DEFAULT: u32 = 8192;
-
-static PERSIST: EnvSwitch = EnvSwitch::new("QLORAD_T4_PERSIST");
-
-fn persistent_on() -> bool {
-    PERSIST.on()
-}
-
-/// Switches the persistent grouped base GEMV on or off for the process (gpu-check runs both).
-pub fn set_persistent(on: bool) {
-    PERSIST.set(on);
-}
-
-/// The ranks, summed over the input rows, that the all-warps epilogue stages (T4E_RANKS in
-/// cuda/nf4_t4.cuh).
-const T4E_RANKS: u32 = 256;
-
-static ALL_WARPS: EnvSwitch = EnvSwitch::new("QLORAD_LORA_ALL_WARPS");
-
-/// Whether the all-warps epilogue is on for the process (see [`all_warps_epilogue`]).
-pub fn all_warps() -> bool {
-    ALL_WARPS.on()
-}
-
-/// Switches the all-warps epilogue on or off for the process (gpu-check runs both).
-pub fn set_all_warps(on: bool) {
-    ALL_WARPS.set(on);
-}
-
-/// Whether a grouped LoRA launch takes the all-warps epilogue (`GroupKernel::LoraAllWarps`): t4
-/// weights, 1..=4 rows, the shrink finished before the launch (no counters), every row's rank
-/// within the staging, and `QLORAD_LORA_ALL_WARPS=1` (or [`set_all_warps`]). Opt-in since session
-/// 20: with decode steps replayed as graphs, the LoRA-warp epilogue decodes one r=64 adapter
-/// ~3.5 % faster (same call: 341.7 / 339.7 against 325.5 / 330.3 tok/s; BENCHMARKS.md).
-fn all_warps_epilogue(g: &Nf4Gpu, m: usize, l: &GemvLora) -> bool {
-    ALL_WARPS.on()
-        && g.gemv_kernel() == GemvKernel::T4
-        && (1..=4).contains(&m)
-        && l.counters == 0
-        && (m as u32) * l.max_rank <= T4E_RANKS
-}
 
 // The C layouts of cuda/nf4_tc.cuh.
 const _: () = assert!(std::mem::size_of::<TcWeight>() == 88);

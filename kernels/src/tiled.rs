@@ -1,5 +1,5 @@
 //! The tiled layout of an NF4 weight that decodes with the `t4` GEMV on a GPU (host-side
-//! permutation at upload; the kernels of cuda/nf4_t4.cuh, nf4_t4p.cuh and nf4_tc.cuh's `tc3` for
+//! permutation at upload; the kernels of cuda/nf4_t4.cuh and nf4_tc.cuh's `tc3` for
 //! 5..8 rows read it, and nf4_dequantize_tiled_bf16 turns it back into row-major bf16).
 //!
 //! Why: the t4 GEMV's warp loads the 64 bytes (128 codes) of one super-block of 8 rows at a time,
