@@ -390,7 +390,7 @@ template <int G, bool ROPE, bool CL = false>
 __device__ __forceinline__ void decode_attention(
     const u16* __restrict__ q, const u64* __restrict__ table, u32 layers, u32 layer, u32 nh,
     u32 nkv, u32 hd, u32 window, float scale, u16* __restrict__ out,
-    float* __restrict__ part_o, float* __restrict__ part_ml, u32* __restrict__ counters,
+    float* __restrict__ part_o, float* __restrict__ part_ml,
     const u16* __restrict__ knew = nullptr,
     const u16* __restrict__ vnew = nullptr, const u16* __restrict__ cosb = nullptr,
     const u16* __restrict__ sinb = nullptr) {
@@ -606,51 +606,27 @@ __device__ __forceinline__ void decode_attention(
         }
         cluster_sync_all();
     }
-    if (!CL && splits > 1 && counters != nullptr) {
-        // The last of the (row, kvh) splits to finish merges them all, as attention_combine does
-        // (same order, same bits), instead of a launch of its own: each block publishes its
-        // partials, then counts itself; the count's last one reads the others' through L2.
-        __shared__ u32 s_last;
-        __threadfence();
-        __syncthreads();
-        u32* count = counters + (u64)row * nkv + kvh;
-        if (threadIdx.x == 0) {
-            s_last = atomicAdd(count, 1u) == splits - 1 ? 1u : 0u;
-        }
-        __syncthreads();
-        if (s_last) {
-            __threadfence();
-            for (u32 e = threadIdx.x; e < G * hd; e += ATT_THREADS) {
-                const u32 g = e / hd, d = e % hd, head = kvh * G + g;
-                out[((u64)row * nh + head) * hd + d] =
-                    combine_splits(part_o, part_ml, splits, nh, hd, row, head, d);
-            }
-            if (threadIdx.x == 0) {
-                *count = 0u;  // for the next launch, which runs after this one in stream order
-            }
-        }
-    }
 }
 
 // Entries of group size G: decode_attention{NAME}_g{G}_bf16 and decode_attention_rope{NAME}_g{G}_bf16,
-// with NAME empty (splits merged by attention_combine or the last block) or _cl (CL: merged in
-// the cluster; part_o, part_ml and counters unused).
+// with NAME empty (splits merged by attention_combine) or _cl (CL: merged in the cluster; part_o
+// and part_ml unused).
 #define DECODE_ATTENTION_ENTRY(G, NAME, CL)                                                      \
     extern "C" __global__ void decode_attention##NAME##_g##G##_bf16(                            \
         const u16* __restrict__ q, const u64* __restrict__ table, u32 layers, u32 layer, u32 nh, \
         u32 nkv, u32 hd, u32 window, float scale, u16* __restrict__ out,                         \
-        float* __restrict__ part_o, float* __restrict__ part_ml, u32* __restrict__ counters) {  \
+        float* __restrict__ part_o, float* __restrict__ part_ml) {                               \
         decode_attention<G, false, CL>(q, table, layers, layer, nh, nkv, hd, window, scale, out, \
-                                       part_o, part_ml, counters);                               \
+                                       part_o, part_ml);                                         \
     }                                                                                            \
     extern "C" __global__ void decode_attention_rope##NAME##_g##G##_bf16(                       \
         const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,         \
         const u16* __restrict__ cosb, const u16* __restrict__ sinb,                              \
         const u64* __restrict__ table, u32 layers, u32 layer, u32 nh, u32 nkv, u32 hd,           \
         u32 window, float scale, u16* __restrict__ out, float* __restrict__ part_o,              \
-        float* __restrict__ part_ml, u32* __restrict__ counters) {                               \
+        float* __restrict__ part_ml) {                                                           \
         decode_attention<G, true, CL>(q, table, layers, layer, nh, nkv, hd, window, scale, out,  \
-                                      part_o, part_ml, counters, k, v, cosb, sinb);              \
+                                      part_o, part_ml, k, v, cosb, sinb);                        \
     }
 #define DECODE_ATTENTION_ENTRIES(G)      \
     DECODE_ATTENTION_ENTRY(G, , false)   \

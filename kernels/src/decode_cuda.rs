@@ -56,9 +56,6 @@ const NORM_VEC: usize = 2;
 /// H200, ncu), so it takes the largest block.
 const ROPE_THREADS: u32 = 1024;
 const ELEMWISE_THREADS: u32 = 256;
-/// (row, KV head) pairs whose splits the attention merges itself (its counters); larger batches
-/// launch attention_combine.
-const ATT_COUNTERS: usize = 16384;
 /// Most splits the cluster-merged attention takes (one cluster per (KV head, row): the portable
 /// cluster size); more splits take the combine launch.
 pub(crate) const ATT_CLUSTER_MAX: usize = 8;
@@ -80,9 +77,6 @@ pub struct DecodeKernels {
     /// The attention that applies RoPE and writes the new K and V itself, same group sizes.
     attention_rope: Vec<CudaFunction>,
     combine: CudaFunction,
-    /// ATT_COUNTERS zeroed u32: per (row, KV head), the splits of the attention that are done
-    /// (the last one merges them and zeroes its count; `QLORAD_ATT_MERGE=1` only).
-    att_counters: CudaSlice<u32>,
     /// The same kernels for programmatic dependent launch (`pdl_cuda`), when the device takes it.
     pdl: Option<PdlKernels>,
 }
@@ -181,7 +175,6 @@ impl DecodeKernels {
                 .map(|g| load(&format!("decode_attention_rope_g{g}_bf16")))
                 .collect::<candle_core::Result<_>>()?,
             combine: load("attention_combine_bf16")?,
-            att_counters: dev.alloc_zeros::<u32>(ATT_COUNTERS)?,
             pdl: if crate::pdl_cuda::enabled(dev) {
                 let raw = |name: &str| {
                     crate::pdl_cuda::raw_function(dev, &crate::module_cuda::DECODE, name)
@@ -514,16 +507,13 @@ impl DecodeKernels {
             }
         }
         let splits = Self::attention_splits(rows, kv_heads, table.max_position);
-        // With QLORAD_ATT_MERGE=1 the kernel merges its splits itself when the counters cover
-        // the batch; by default attention_combine's launch does.
-        // The cluster merge (the default; QLORAD_ATT_CLUSTER=0 off; programmatic launches only):
-        // the splits of a (KV head, row) run as one thread-block cluster and merge in
-        // distributed shared memory (no partials, no combine launch).
+        // Several splits merge in attention_combine's launch or, with the cluster merge (the
+        // default; QLORAD_ATT_CLUSTER=0 off; programmatic launches only), the splits of a (KV
+        // head, row) run as one thread-block cluster and merge in distributed shared memory (no
+        // partials, no combine launch).
         let cluster = (2..=ATT_CLUSTER_MAX).contains(&splits)
             && crate::step_graph_cuda::cluster_merge()
             && self.pdl.is_some();
-        let merge_in_kernel =
-            !cluster && splits > 1 && rows * kv_heads <= ATT_COUNTERS && merge_splits();
         // SAFETY: fully written, by the kernel (one split) or the combine (several).
         let mut out = unsafe { self.device.alloc::<bf16>(rows * heads * head_dim) }?;
         // The partial outputs, then the maxima and sums, of the splits in one allocation (each is
@@ -577,8 +567,6 @@ impl DecodeKernels {
         let (po, pml) = part_ptrs
             .as_ref()
             .map_or((null, null), |(p, _)| (*p, *p + ml_off));
-        let (cp, cg) = self.att_counters.device_ptr(st);
-        let counters = if merge_in_kernel { cp } else { null };
         args.extend([
             KArg::U64(tp),
             KArg::U32(layers),
@@ -591,7 +579,6 @@ impl DecodeKernels {
             KArg::U64(op),
             KArg::U64(po),
             KArg::U64(pml),
-            KArg::U64(counters),
         ]);
         // One cluster per (KV head, row) spans its splits, the z dimension.
         let clusters = cluster.then_some((1, 1, splits as u32));
@@ -599,16 +586,14 @@ impl DecodeKernels {
         // and decode_attention_rope_g{group}_bf16 (k, v, cos, sin after q); q holds
         // rows·heads·hd, out the same, the partials rows·splits·heads·(hd | 2) f32 when splits > 1;
         // group and head_dim within the kernel's limits, and with RoPE k and v rows·kv_heads·hd,
-        // cos and sin more than max_position rows of hd/2 (checked above / by rope_attention);
-        // the counters (when passed) cover rows·kv_heads entries, zero between launches (each
-        // launch's merging blocks reset theirs; launches are ordered on this stream).
+        // cos and sin more than max_position rows of hd/2 (checked above / by rope_attention).
         // The caches are written through addresses taken under read guards: only this forward
         // pass uses them, in stream order.
         // The cluster form (`cluster`: 2..=8 splits, PDL on) has the same parameters and never
-        // touches the null partials and counters.
+        // touches the null partials.
         unsafe { self.launch_in(func, raw, cfg, &args, clusters) }?;
-        drop((og, cg, part_ptrs, guards));
-        if let (Some(part), false) = (&parts, merge_in_kernel) {
+        drop((og, part_ptrs, guards));
+        if let Some(part) = &parts {
             let splits32 = splits as u32;
             let cfg = LaunchConfig {
                 grid_dim: (nh, rows as u32, 1),
@@ -641,14 +626,4 @@ struct RopeInputs<'a> {
     v: &'a Tensor,
     cos: &'a Tensor,
     sin: &'a Tensor,
-}
-
-/// Whether the attention merges its splits in its last block instead of attention_combine's
-/// launch (`QLORAD_ATT_MERGE=1`; read once). Off by default: on the H200, same call, batch-1
-/// Mistral decode ran 282.7 tok/s with it against 291.1 with the combine launch (which, launched
-/// as a programmatic dependent, overlaps the attention's tail, while the merge serializes one
-/// block per KV head after every split).
-fn merge_splits() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("QLORAD_ATT_MERGE").is_ok_and(|v| v == "1"))
 }
