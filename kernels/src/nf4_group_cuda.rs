@@ -215,9 +215,8 @@ fn launch(
     };
     let func = g0.group_function(m, kind)?;
     let warps = g0.group_warps(kind);
-    let grid = tiles;
     let cfg = LaunchConfig {
-        grid_dim: (grid, 1, 1),
+        grid_dim: (tiles, 1, 1),
         block_dim: (32 * warps, 1, 1),
         shared_mem_bytes: 0,
     };
